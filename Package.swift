@@ -1,0 +1,31 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+// Layers (docs/ARCHITECTURE.md): each target imports only the ones below it.
+//   X86Paging -> GuestMemory -> (KVMMMU -> VirtualMachine -> Workloads) -> VirtMMUCommands -> virtmmu
+let package = Package(
+    name: "VirtMMU",
+    products: [
+        .library(name: "X86Paging", targets: ["X86Paging"]),
+        .library(name: "GuestMemory", targets: ["GuestMemory"]),
+        .executable(name: "virtmmu", targets: ["virtmmu"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        .target(name: "X86Paging"),
+        .target(name: "GuestMemory", dependencies: ["X86Paging"]),
+        .target(
+            name: "VirtMMUCommands",
+            dependencies: [
+                "X86Paging", "GuestMemory",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .executableTarget(name: "virtmmu", dependencies: ["VirtMMUCommands"]),
+        .testTarget(name: "X86PagingTests", dependencies: ["X86Paging"]),
+        .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory", "X86Paging"]),
+        .testTarget(name: "VirtMMUCommandsTests", dependencies: ["VirtMMUCommands", "GuestMemory", "X86Paging"]),
+    ]
+)

@@ -1,0 +1,286 @@
+import X86Paging
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Errors of the guest-memory layer, each with the address or size that caused it.
+public enum GuestMemoryError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// The range does not fit in the 52-bit guest-physical address space.
+    case beyondPhysicalAddressSpace(GuestPhysicalAddress, size: UInt64)
+    /// Backing the range would take the memory past its size limit.
+    case sizeLimitExceeded(requested: UInt64, limit: UInt64)
+    /// Some byte of the range has no memory behind it.
+    case unbacked(GuestPhysicalAddress)
+    case allocationFailed(bytes: UInt64)
+
+    public var description: String {
+        switch self {
+        case .beyondPhysicalAddressSpace(let address, let size):
+            "range \(address)+\(hex(size)) lies beyond the 52-bit guest-physical address space"
+        case .sizeLimitExceeded(let requested, let limit):
+            "backing \(requested) more bytes would exceed the guest memory limit of \(limit) bytes"
+        case .unbacked(let address): "no guest memory at \(address)"
+        case .allocationFailed(let bytes): "could not allocate \(bytes) bytes of host memory"
+        }
+    }
+}
+
+/// Sparse, page-granular guest-physical memory: each 4 KiB guest frame either has a host page
+/// behind it or does not. Lookups go through a fixed three-level radix tree over the 40-bit frame
+/// number (three dependent loads, no hashing, no allocation), so a page walk reading four or five
+/// entries stays in the tens of nanoseconds.
+///
+/// Thread safety: lookups and reads/writes of guest bytes may run concurrently with each other;
+/// adding memory must not run concurrently with anything else.
+public final class GuestPhysicalMemory: PhysicalMemory, @unchecked Sendable {
+    /// Guest-physical addresses have at most 52 bits, so frame numbers have at most 40.
+    public static let maxPhysicalAddressBits = 52
+    static let frameBits = 40
+    static let leafBits = 13
+    static let middleBits = 13
+    static let topBits = frameBits - leafBits - middleBits  // 14
+
+    /// Entries of the leaf level: a page pointer whose bit 0 is set when the page is read-only
+    /// (pages are 4 KiB aligned, so the low bits of the pointer are free).
+    @usableFromInline typealias Leaf = UnsafeMutablePointer<UInt>
+    @usableFromInline typealias Middle = UnsafeMutablePointer<Leaf?>
+    @usableFromInline let top: UnsafeMutablePointer<Middle?>
+    /// Host allocations to free: page blocks and radix nodes.
+    private var allocations: [UnsafeMutableRawPointer] = []
+    public private(set) var backedPageCount: UInt64 = 0
+    /// The most bytes this memory will back; loaders of hostile files rely on it.
+    public let sizeLimit: UInt64
+
+    /// - Parameter sizeLimit: the most guest memory to back (default 64 GiB; host pages are
+    ///   allocated lazily by the OS, so untouched guest memory costs little).
+    public init(sizeLimit: UInt64 = 64 << 30) {
+        self.sizeLimit = sizeLimit
+        let count = 1 << Self.topBits
+        top = UnsafeMutablePointer<Middle?>.allocate(capacity: count)
+        top.initialize(repeating: nil, count: count)
+    }
+
+    deinit {
+        for allocation in allocations { free(allocation) }
+        let count = 1 << Self.topBits
+        for index in 0..<count { top[index].map { $0.deallocate() } }
+        top.deallocate()
+    }
+
+    // MARK: Lookup (the hot path)
+
+    @inlinable
+    public func hostPage(_ frame: GuestFrameNumber) -> HostPage? {
+        guard let entry = leafEntry(frame.rawValue), entry != 0 else { return nil }
+        return HostPage(bytes: UnsafeMutableRawPointer(bitPattern: entry & ~1)!, isWritable: entry & 1 == 0)
+    }
+
+    /// The radix walk, with the geometry as literals (40-bit frames: 14 top, 13 middle, 13 leaf
+    /// bits) because static constants read from inlined code cost an accessor call each.
+    @inlinable
+    func leafEntry(_ frame: UInt64) -> UInt? {
+        guard frame >> 40 == 0 else { return nil }
+        guard let middle = top[Int(frame >> 26)] else { return nil }
+        guard let leaf = middle[Int((frame >> 13) & 0x1FFF)] else { return nil }
+        return leaf[Int(frame & 0x1FFF)]
+    }
+
+    /// Whether the frame has memory behind it.
+    public func isBacked(_ frame: GuestFrameNumber) -> Bool { hostPage(frame) != nil }
+
+    // MARK: Adding memory
+
+    /// Backs every frame of `[address, address + size)` that has no memory yet with zeroed host
+    /// pages. `readOnly` applies to the newly backed frames.
+    public func back(_ address: GuestPhysicalAddress, size: UInt64, readOnly: Bool = false) throws(GuestMemoryError) {
+        guard size > 0 else { return }
+        let (end, overflow) = address.rawValue.addingReportingOverflow(size)
+        guard !overflow, end <= 1 << UInt64(Self.maxPhysicalAddressBits) else {
+            throw .beyondPhysicalAddressSpace(address, size: size)
+        }
+        let firstFrame = address.rawValue >> UInt64(pageShift)
+        let endFrame = (end + pageOffsetMask) >> UInt64(pageShift)
+        var missing: UInt64 = 0
+        for frame in firstFrame..<endFrame where leafEntry(frame) ?? 0 == 0 { missing += 1 }
+        guard missing > 0 else { return }
+        let bytes = missing << UInt64(pageShift)
+        guard backedPageCount << UInt64(pageShift) + bytes <= sizeLimit else {
+            throw .sizeLimitExceeded(requested: bytes, limit: sizeLimit)
+        }
+        // One block for the whole run; calloc of a large block maps fresh zero pages lazily.
+        var block: UnsafeMutableRawPointer? = nil
+        guard posix_memalign(&block, Int(pageSize), Int(bytes)) == 0, let block else {
+            throw .allocationFailed(bytes: bytes)
+        }
+        memset(block, 0, Int(bytes))
+        allocations.append(block)
+        var next = block
+        for frame in firstFrame..<endFrame where leafEntry(frame) ?? 0 == 0 {
+            setLeafEntry(frame, UInt(bitPattern: next) | (readOnly ? 1 : 0))
+            next += Int(pageSize)
+        }
+        backedPageCount += missing
+    }
+
+    private func setLeafEntry(_ frame: UInt64, _ value: UInt) {
+        let topIndex = Int(frame >> UInt64(Self.leafBits + Self.middleBits))
+        let middle: Middle
+        if let existing = top[topIndex] {
+            middle = existing
+        } else {
+            middle = Middle.allocate(capacity: 1 << Self.middleBits)
+            middle.initialize(repeating: nil, count: 1 << Self.middleBits)
+            top[topIndex] = middle
+        }
+        let middleIndex = Int((frame >> UInt64(Self.leafBits)) & ((1 << UInt64(Self.middleBits)) - 1))
+        let leaf: Leaf
+        if let existing = middle[middleIndex] {
+            leaf = existing
+        } else {
+            leaf = Leaf.allocate(capacity: 1 << Self.leafBits)
+            leaf.initialize(repeating: 0, count: 1 << Self.leafBits)
+            middle[middleIndex] = leaf
+            allocations.append(UnsafeMutableRawPointer(leaf))
+        }
+        leaf[Int(frame & ((1 << UInt64(Self.leafBits)) - 1))] = value
+    }
+
+    /// Marks already-backed frames of the range read-only or writable.
+    public func setReadOnly(_ address: GuestPhysicalAddress, size: UInt64, _ readOnly: Bool) throws(GuestMemoryError) {
+        for frame in try frames(address, size: size) {
+            guard let entry = leafEntry(frame), entry != 0 else { throw .unbacked(GuestFrameNumber(frame).address) }
+            setLeafEntry(frame, (entry & ~1) | (readOnly ? 1 : 0))
+        }
+    }
+
+    private func frames(_ address: GuestPhysicalAddress, size: UInt64) throws(GuestMemoryError) -> Range<UInt64> {
+        guard size > 0 else { return 0..<0 }
+        let (end, overflow) = address.rawValue.addingReportingOverflow(size)
+        guard !overflow else { throw .beyondPhysicalAddressSpace(address, size: size) }
+        return (address.rawValue >> UInt64(pageShift))..<((end + pageOffsetMask) >> UInt64(pageShift))
+    }
+
+    // MARK: Reading and writing guest bytes
+
+    /// Copies bytes out of guest memory; every byte must be backed.
+    public func read(_ address: GuestPhysicalAddress, into buffer: UnsafeMutableRawBufferPointer) throws(GuestMemoryError) {
+        try forEachChunk(address, count: UInt64(buffer.count)) { page, offset, done, length in
+            buffer.baseAddress!.advanced(by: done).copyMemory(from: page + offset, byteCount: length)
+        }
+    }
+
+    public func read(_ address: GuestPhysicalAddress, count: Int) throws(GuestMemoryError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        var failure: GuestMemoryError?
+        bytes.withUnsafeMutableBytes { buffer in
+            do throws(GuestMemoryError) { try read(address, into: buffer) } catch { failure = error }
+        }
+        if let failure { throw failure }
+        return bytes
+    }
+
+    /// Copies bytes into guest memory, ignoring read-only marks (this is the host writing, as a
+    /// loader or a test does, not the guest); every byte must be backed.
+    public func write(_ address: GuestPhysicalAddress, from buffer: UnsafeRawBufferPointer) throws(GuestMemoryError) {
+        try forEachChunk(address, count: UInt64(buffer.count)) { page, offset, done, length in
+            (page + offset).copyMemory(from: buffer.baseAddress!.advanced(by: done), byteCount: length)
+        }
+    }
+
+    public func write(_ address: GuestPhysicalAddress, bytes: [UInt8]) throws(GuestMemoryError) {
+        var failure: GuestMemoryError?
+        bytes.withUnsafeBytes { buffer in
+            do throws(GuestMemoryError) { try write(address, from: buffer) } catch { failure = error }
+        }
+        if let failure { throw failure }
+    }
+
+    public func load64(_ address: GuestPhysicalAddress) throws(GuestMemoryError) -> UInt64 {
+        try loadInteger(address, as: UInt64.self)
+    }
+
+    public func store64(_ value: UInt64, at address: GuestPhysicalAddress) throws(GuestMemoryError) {
+        try storeInteger(value, at: address)
+    }
+
+    public func load32(_ address: GuestPhysicalAddress) throws(GuestMemoryError) -> UInt32 {
+        try loadInteger(address, as: UInt32.self)
+    }
+
+    public func store32(_ value: UInt32, at address: GuestPhysicalAddress) throws(GuestMemoryError) {
+        try storeInteger(value, at: address)
+    }
+
+    private func loadInteger<T: FixedWidthInteger>(_ address: GuestPhysicalAddress, as _: T.Type) throws(GuestMemoryError) -> T {
+        var value: T = 0
+        var failure: GuestMemoryError?
+        withUnsafeMutableBytes(of: &value) { buffer in
+            do throws(GuestMemoryError) { try read(address, into: buffer) } catch { failure = error }
+        }
+        if let failure { throw failure }
+        return T(littleEndian: value)
+    }
+
+    private func storeInteger<T: FixedWidthInteger>(_ value: T, at address: GuestPhysicalAddress) throws(GuestMemoryError) {
+        var failure: GuestMemoryError?
+        withUnsafeBytes(of: value.littleEndian) { buffer in
+            do throws(GuestMemoryError) { try write(address, from: buffer) } catch { failure = error }
+        }
+        if let failure { throw failure }
+    }
+
+    private func forEachChunk(
+        _ address: GuestPhysicalAddress, count: UInt64,
+        _ body: (UnsafeMutableRawPointer, Int, Int, Int) -> Void
+    ) throws(GuestMemoryError) {
+        guard count > 0 else { return }
+        let (_, overflow) = address.rawValue.addingReportingOverflow(count)
+        guard !overflow else { throw .beyondPhysicalAddressSpace(address, size: count) }
+        // Check the whole range first so a failed copy changes nothing.
+        var cursor = address.rawValue & ~pageOffsetMask
+        while cursor < address.rawValue + count {
+            guard hostPage(GuestPhysicalAddress(cursor).frame) != nil else {
+                throw .unbacked(GuestPhysicalAddress(max(cursor, address.rawValue)))
+            }
+            cursor += pageSize
+        }
+        var done: UInt64 = 0
+        while done < count {
+            let current = GuestPhysicalAddress(address.rawValue + done)
+            let page = hostPage(current.frame)!
+            let length = min(count - done, pageSize - current.pageOffset)
+            body(page.bytes, Int(current.pageOffset), Int(done), Int(length))
+            done += length
+        }
+    }
+
+    // MARK: Layout
+
+    /// The backed memory as maximal runs of consecutive frames, ascending.
+    public var backedRanges: [(start: GuestPhysicalAddress, size: UInt64)] {
+        var ranges: [(start: GuestPhysicalAddress, size: UInt64)] = []
+        let middleCount = 1 << Self.middleBits, leafCount = 1 << Self.leafBits
+        for topIndex in 0..<(1 << Self.topBits) {
+            guard let middle = top[topIndex] else { continue }
+            for middleIndex in 0..<middleCount {
+                guard let leaf = middle[middleIndex] else { continue }
+                for leafIndex in 0..<leafCount where leaf[leafIndex] != 0 {
+                    let frame = UInt64(topIndex) << UInt64(Self.leafBits + Self.middleBits)
+                        | UInt64(middleIndex) << UInt64(Self.leafBits) | UInt64(leafIndex)
+                    let address = frame << UInt64(pageShift)
+                    if let last = ranges.last, last.start.rawValue + last.size == address {
+                        ranges[ranges.count - 1].size += pageSize
+                    } else {
+                        ranges.append((GuestPhysicalAddress(address), pageSize))
+                    }
+                }
+            }
+        }
+        return ranges
+    }
+}

@@ -1,0 +1,259 @@
+// The EPT walker (SDM vol. 3, 29.3): guest-physical -> the EPT's output physical address, over the
+// same generic level loop as the x86 walkers.
+
+/// What the processor's EPT supports (IA32_VMX_EPT_VPID_CAP).
+public struct EPTCapabilities: Hashable, Sendable {
+    /// Bit 0: execute-only translations (X=1, R=W=0) are allowed.
+    public var executeOnly: Bool
+    /// Bit 7: 5-level EPT (page-walk length 5).
+    public var fiveLevel: Bool
+    /// Bit 16: 2 MiB pages.
+    public var pages2MiB: Bool
+    /// Bit 17: 1 GiB pages.
+    public var pages1GiB: Bool
+    /// Bit 21: accessed and dirty flags.
+    public var accessedDirty: Bool
+    public var maxPhysicalAddressBits: Int
+
+    public init(executeOnly: Bool = true, fiveLevel: Bool = true, pages2MiB: Bool = true, pages1GiB: Bool = true,
+                accessedDirty: Bool = true, maxPhysicalAddressBits: Int = 46) {
+        self.executeOnly = executeOnly
+        self.fiveLevel = fiveLevel
+        self.pages2MiB = pages2MiB
+        self.pages1GiB = pages1GiB
+        self.accessedDirty = accessedDirty
+        self.maxPhysicalAddressBits = min(max(maxPhysicalAddressBits, 36), 52)
+    }
+}
+
+/// The EPT pointer (SDM 25.6.11).
+@frozen
+public struct EPTPointer: RawRepresentable, Hashable, Sendable {
+    public var rawValue: UInt64
+    @inlinable public init(rawValue: UInt64) { self.rawValue = rawValue }
+    @inlinable public init(_ rawValue: UInt64) { self.rawValue = rawValue }
+
+    /// Builds an EPTP with write-back paging-structure memory type.
+    public init(root: UInt64, levels: Int, accessedDirty: Bool) {
+        rawValue = (root & bitRange(12, 51)) | UInt64(levels - 1) << 3 | (accessedDirty ? 1 << 6 : 0) | 6
+    }
+
+    /// Bits 2:0: memory type of the paging structures (0 UC or 6 WB).
+    @inlinable public var memoryType: Int { Int(rawValue & 7) }
+    /// Bits 5:3 plus one: 4 or 5.
+    @inlinable public var levels: Int { Int((rawValue >> 3) & 7) + 1 }
+    /// Bit 6: accessed and dirty flags enabled.
+    @inlinable public var accessedDirtyEnabled: Bool { rawValue & (1 << 6) != 0 }
+    @inlinable public var rootAddress: UInt64 { rawValue & bitRange(12, 51) }
+}
+
+/// An EPTP that VM entry would reject.
+public enum EPTPointerError: Error, Equatable, Sendable, CustomStringConvertible {
+    case badMemoryType(Int)
+    case badWalkLength(Int)
+    case accessedDirtyUnsupported
+    case reservedBits(UInt64)
+
+    public var description: String {
+        switch self {
+        case .badMemoryType(let type): "EPTP memory type \(type) is not UC (0) or WB (6)"
+        case .badWalkLength(let levels): "EPTP page-walk length \(levels) is not supported"
+        case .accessedDirtyUnsupported: "EPTP enables accessed/dirty flags the CPU does not support"
+        case .reservedBits(let bits): "EPTP has reserved bits set (\(hex(bits)))"
+        }
+    }
+}
+
+/// The EPT table format with its reserved-bit and misconfiguration rules.
+@frozen
+public struct EPTFormat: PagingFormat {
+    public typealias Entry = EPTEntry
+    public let reserved: ReservedBitMasks
+    public let executeOnly: Bool
+    public let accessedDirty: Bool
+
+    public init(capabilities: EPTCapabilities, accessedDirty: Bool) {
+        executeOnly = capabilities.executeOnly
+        self.accessedDirty = accessedDirty
+        let high = bitRange(capabilities.maxPhysicalAddressBits, 51)
+        let no1GiB: UInt64 = capabilities.pages1GiB ? 0 : 1 << 7
+        let no2MiB: UInt64 = capabilities.pages2MiB ? 0 : 1 << 7
+        var masks = ReservedBitMasks()
+        // SDM Tables 29-1..29-6: bits 7:3 of a PML5E/PML4E, 6:3 of a non-leaf PDPTE/PDE, and the
+        // alignment bits of a large leaf are reserved; bit 7 of a PTE is ignored.
+        masks.set(level: 5, table: high | bitRange(3, 7), page: high | bitRange(3, 7))
+        masks.set(level: 4, table: high | bitRange(3, 7), page: high | bitRange(3, 7))
+        masks.set(level: 3, table: high | bitRange(3, 6) | no1GiB, page: high | bitRange(12, 29) | no1GiB)
+        masks.set(level: 2, table: high | bitRange(3, 6) | no2MiB, page: high | bitRange(12, 20) | no2MiB)
+        masks.set(level: 1, table: high, page: high)
+        reserved = masks
+    }
+
+    @inlinable public func isPresent(_ entry: Entry) -> Bool { entry.isPresent }
+
+    /// Misconfigured: reserved bits, write without read, execute-only without the capability, or
+    /// a leaf memory type of 2, 3 or 7 (SDM 29.3.3.1).
+    @inlinable public func hasReservedBits(_ entry: Entry, level: Int) -> Bool {
+        let bits = entry.rawValue
+        if bits & reserved.mask(pageSize: level > 1 && entry.isPageSize, level: level) != 0 { return true }
+        let xwr = bits & 7
+        if xwr == 0b010 || xwr == 0b110 { return true }
+        if xwr == 0b100 && !executeOnly { return true }
+        if isLeaf(entry, level: level) {
+            let type = entry.memoryType
+            if type == 2 || type == 3 || type == 7 { return true }
+        }
+        return false
+    }
+    @inlinable public func isLeaf(_ entry: Entry, level: Int) -> Bool { level == 1 || entry.isPageSize }
+    /// ACC bits: 1 execute, 2 write, 4 read (KVM's "user means readable" for EPT).
+    @inlinable public func permissions(_ entry: Entry) -> UInt8 {
+        let bits = UInt8(truncatingIfNeeded: entry.rawValue & 7)
+        return (bits & 1) << 2 | (bits & 2) | (bits >> 2) & 1
+    }
+    @inlinable public func nextTableAddress(_ entry: Entry) -> UInt64 { entry.frameAddress }
+    @inlinable public func pageBase(_ entry: Entry, level: Int) -> UInt64 {
+        entry.rawValue & bitRange(pageShift + (level - 1) * 9, 51)
+    }
+    @inlinable public var accessedBit: UInt64 { accessedDirty ? 1 << 8 : 0 }
+    @inlinable public var dirtyBit: UInt64 { accessedDirty ? 1 << 9 : 0 }
+}
+
+/// A successful EPT translation.
+public struct EPTTranslation: Sendable, Equatable {
+    public var guestPhysicalAddress: GuestPhysicalAddress
+    /// The EPT's output address (L1 guest-physical when the tables are an L1 hypervisor's).
+    public var outputAddress: GuestPhysicalAddress
+    public var level: Int
+    public var pageSize: UInt64
+    /// Combined permissions, ACC-encoded (1 execute, 2 write, 4 read).
+    public var permissions: UInt8
+    public var memoryType: Int
+    public var ignoresPAT: Bool
+    public var path: WalkPath
+
+    @inlinable
+    public init(guestPhysicalAddress: GuestPhysicalAddress, outputAddress: GuestPhysicalAddress, level: Int,
+                pageSize: UInt64, permissions: UInt8, memoryType: Int, ignoresPAT: Bool, path: WalkPath) {
+        self.guestPhysicalAddress = guestPhysicalAddress
+        self.outputAddress = outputAddress
+        self.level = level
+        self.pageSize = pageSize
+        self.permissions = permissions
+        self.memoryType = memoryType
+        self.ignoresPAT = ignoresPAT
+        self.path = path
+    }
+
+    public var isReadable: Bool { permissions & accessUser != 0 }
+    public var isWritable: Bool { permissions & accessWrite != 0 }
+    public var isExecutable: Bool { permissions & accessExecute != 0 }
+}
+
+/// The exit qualification of an EPT violation (SDM 28.2.1, Table 28-7).
+@frozen
+public struct EPTViolationQualification: OptionSet, Hashable, Sendable {
+    public var rawValue: UInt64
+    @inlinable public init(rawValue: UInt64) { self.rawValue = rawValue }
+
+    @inlinable public static var dataRead: Self { Self(rawValue: 1 << 0) }
+    @inlinable public static var dataWrite: Self { Self(rawValue: 1 << 1) }
+    @inlinable public static var instructionFetch: Self { Self(rawValue: 1 << 2) }
+    /// Bits 3-5: the AND over every entry used of its R, W and X bits.
+    @inlinable public static var readable: Self { Self(rawValue: 1 << 3) }
+    @inlinable public static var writable: Self { Self(rawValue: 1 << 4) }
+    @inlinable public static var executable: Self { Self(rawValue: 1 << 5) }
+    /// Bit 7: the guest linear-address field is valid.
+    @inlinable public static var linearAddressValid: Self { Self(rawValue: 1 << 7) }
+    /// Bit 8 (with bit 7): the access was to the final translation, not a guest paging structure.
+    @inlinable public static var finalTranslation: Self { Self(rawValue: 1 << 8) }
+}
+
+/// Why an EPT walk gave no translation.
+public enum EPTWalkFault: Error, Sendable, Equatable {
+    case violation(GuestPhysicalAddress, qualification: EPTViolationQualification, level: Int, path: WalkPath)
+    case misconfiguration(GuestPhysicalAddress, level: Int, path: WalkPath)
+    case noMemory(GuestPhysicalAddress, level: Int, path: WalkPath)
+    /// An address wider than 52 bits: not a guest-physical address.
+    case addressTooWide(GuestPhysicalAddress)
+}
+
+/// Walks EPT tables: the second walker over the generic level loop.
+public struct EPTWalker: Sendable {
+    public let pointer: EPTPointer
+    public let capabilities: EPTCapabilities
+    public let format: EPTFormat
+
+    public init(pointer: EPTPointer, capabilities: EPTCapabilities = EPTCapabilities()) throws(EPTPointerError) {
+        let type = pointer.memoryType
+        guard type == 0 || type == 6 else { throw .badMemoryType(type) }
+        guard pointer.levels == 4 || (pointer.levels == 5 && capabilities.fiveLevel) else {
+            throw .badWalkLength(pointer.levels)
+        }
+        if pointer.accessedDirtyEnabled && !capabilities.accessedDirty { throw .accessedDirtyUnsupported }
+        let reserved = pointer.rawValue & (bitRange(7, 11) | bitRange(capabilities.maxPhysicalAddressBits, 63))
+        guard reserved == 0 else { throw .reservedBits(reserved) }
+        self.pointer = pointer
+        self.capabilities = capabilities
+        format = EPTFormat(capabilities: capabilities, accessedDirty: pointer.accessedDirtyEnabled)
+    }
+
+    /// Translates `address` for an access of `kind`. A/D handling is as in `PageWalker.walk`.
+    @inlinable
+    public func walk<Memory: PhysicalMemory>(
+        _ address: GuestPhysicalAddress, _ kind: AccessKind, in memory: Memory, setAccessedDirty: Bool = true
+    ) throws(EPTWalkFault) -> EPTTranslation {
+        guard address.rawValue >> 52 == 0 else { throw .addressTooWide(address) }
+        var restartsLeft = 16
+        while true {
+            var path = WalkPath()
+            var permissions = accessAll
+            let stop = walkTables(format, table: pointer.rootAddress, level: pointer.levels, address: address.rawValue,
+                                  memory: memory, path: &path, permissions: &permissions)
+            let leafLevel: Int
+            switch stop {
+            case .leaf(let level):
+                leafLevel = level
+            case .notPresent(let level):
+                throw .violation(address, qualification: qualification(kind, permissions), level: level, path: path)
+            case .reservedBits(let level):
+                throw .misconfiguration(address, level: level, path: path)
+            case .noMemory(let entryAddress, let level):
+                throw .noMemory(GuestPhysicalAddress(entryAddress), level: level, path: path)
+            }
+            let needed: UInt8 = switch kind {
+            case .read: accessUser
+            case .write: accessWrite
+            case .fetch: accessExecute
+            }
+            guard permissions & needed != 0 else {
+                throw .violation(address, qualification: qualification(kind, permissions), level: leafLevel, path: path)
+            }
+            if setAccessedDirty && !X86Paging.setAccessedDirty(format, path: &path, isWrite: kind == .write, memory: memory)
+                && restartsLeft > 0 {
+                restartsLeft -= 1
+                continue
+            }
+            let leaf = EPTEntry(rawValue: path.entryValue(level: leafLevel))
+            let size = EPTFormat.pageSize(level: leafLevel)
+            let base = format.pageBase(leaf, level: leafLevel)
+            return EPTTranslation(guestPhysicalAddress: address,
+                                  outputAddress: GuestPhysicalAddress(base | (address.rawValue & (size - 1))),
+                                  level: leafLevel, pageSize: size, permissions: permissions,
+                                  memoryType: leaf.memoryType, ignoresPAT: leaf.ignoresPAT, path: path)
+        }
+    }
+
+    @inlinable
+    func qualification(_ kind: AccessKind, _ permissions: UInt8) -> EPTViolationQualification {
+        var result: EPTViolationQualification = switch kind {
+        case .read: .dataRead
+        case .write: .dataWrite
+        case .fetch: .instructionFetch
+        }
+        if permissions & accessUser != 0 { result.insert(.readable) }
+        if permissions & accessWrite != 0 { result.insert(.writable) }
+        if permissions & accessExecute != 0 { result.insert(.executable) }
+        return result
+    }
+}

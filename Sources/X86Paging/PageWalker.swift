@@ -1,0 +1,317 @@
+// The reference walker: the architecture's answer for one linear-address access in any paging mode.
+
+/// The register state a page walk depends on.
+public struct PagingRegisters: Hashable, Sendable {
+    public var cr0: CR0
+    /// The raw CR3: the root table plus, depending on mode, PCID or PWT/PCD bits.
+    public var cr3: UInt64
+    public var cr4: CR4
+    public var efer: EFER
+    public var pkru: PKRU
+    /// IA32_PKRS, used with CR4.PKS.
+    public var pkrs: PKRS
+    public var rflags: RFLAGS
+
+    public init(cr0: CR0 = [], cr3: UInt64 = 0, cr4: CR4 = [], efer: EFER = [],
+                pkru: PKRU = .allowAll, pkrs: PKRS = .allowAll, rflags: RFLAGS = []) {
+        self.cr0 = cr0
+        self.cr3 = cr3
+        self.cr4 = cr4
+        self.efer = efer
+        self.pkru = pkru
+        self.pkrs = pkrs
+        self.rflags = rflags
+    }
+
+    /// Long mode is active when paging is on with EFER.LME set (the processor then sets LMA).
+    public var isLongModeActive: Bool { cr0.contains(.paging) && efer.contains(.longModeEnable) }
+
+    public var mode: PagingMode {
+        guard cr0.contains(.paging) else { return .disabled }
+        guard cr4.contains(.physicalAddressExtension) else { return .legacy32 }
+        guard isLongModeActive else { return .pae }
+        return cr4.contains(.la57) ? .fiveLevel : .fourLevel
+    }
+}
+
+/// A register state the processor would refuse (a #GP on the MOV that made it).
+public enum ControlStateError: Error, Equatable, Sendable, CustomStringConvertible {
+    case pagingWithoutProtection
+    case longModeWithoutPAE
+    case inconsistentLongModeActive
+    case la57Unsupported
+    case noExecuteUnsupported
+    case cr3ReservedBits(UInt64)
+    /// A present PAE PDPTE with reserved bits: MOV CR3 raises #GP.
+    case pdpteReservedBits(index: Int, value: UInt64)
+    /// The PDPT that CR3 names has no memory behind it.
+    case pdpteUnreadable(GuestPhysicalAddress)
+
+    public var description: String {
+        switch self {
+        case .pagingWithoutProtection: "CR0.PG=1 requires CR0.PE=1"
+        case .longModeWithoutPAE: "EFER.LME with CR0.PG=1 requires CR4.PAE=1"
+        case .inconsistentLongModeActive: "EFER.LMA is set but EFER.LME and CR0.PG are not both set"
+        case .la57Unsupported: "CR4.LA57 is set but the CPU model has no 5-level paging"
+        case .noExecuteUnsupported: "EFER.NXE is set but the CPU model has no NX"
+        case .cr3ReservedBits(let bits): "CR3 has reserved bits set (\(hex(bits))) beyond MAXPHYADDR"
+        case .pdpteReservedBits(let index, let value):
+            "PDPTE \(index) (\(hex(value))) is present with reserved bits set; MOV CR3 would #GP"
+        case .pdpteUnreadable(let address): "the PAE PDPT at \(address) has no memory behind it"
+        }
+    }
+}
+
+/// A successful translation.
+public struct Translation: Sendable, Equatable {
+    public var linearAddress: GuestVirtualAddress
+    public var physicalAddress: GuestPhysicalAddress
+    /// The leaf's level (1 = PTE, 2 = PDE, 3 = PDPTE); 0 with paging disabled.
+    public var level: Int
+    public var pageSize: UInt64
+    /// Combined ACC bits over every level (1 execute, 2 write, 4 user).
+    public var permissions: UInt8
+    /// The leaf's protection key (IA-32e paging; 0 otherwise).
+    public var protectionKey: Int
+    /// The leaf's G bit with CR4.PGE set.
+    public var isGlobal: Bool
+    public var path: WalkPath
+
+    @inlinable
+    public init(linearAddress: GuestVirtualAddress, physicalAddress: GuestPhysicalAddress, level: Int, pageSize: UInt64,
+                permissions: UInt8, protectionKey: Int, isGlobal: Bool, path: WalkPath) {
+        self.linearAddress = linearAddress
+        self.physicalAddress = physicalAddress
+        self.level = level
+        self.pageSize = pageSize
+        self.permissions = permissions
+        self.protectionKey = protectionKey
+        self.isGlobal = isGlobal
+        self.path = path
+    }
+
+    public var isWritable: Bool { permissions & accessWrite != 0 }
+    public var isUser: Bool { permissions & accessUser != 0 }
+    public var isExecutable: Bool { permissions & accessExecute != 0 }
+}
+
+/// A #PF the walk raises.
+public struct PageFault: Error, Sendable, Equatable {
+    public var linearAddress: GuestVirtualAddress
+    public var errorCode: PageFaultErrorCode
+    /// The level whose entry faulted (not present or reserved bits), or the leaf's level for a
+    /// permission fault.
+    public var level: Int
+    /// For a permission fault, every rule the access broke.
+    public var violations: PermissionViolation
+    public var path: WalkPath
+
+    @inlinable
+    public init(linearAddress: GuestVirtualAddress, errorCode: PageFaultErrorCode, level: Int,
+                violations: PermissionViolation, path: WalkPath) {
+        self.linearAddress = linearAddress
+        self.errorCode = errorCode
+        self.level = level
+        self.violations = violations
+        self.path = path
+    }
+}
+
+/// Why a walk gave no translation.
+public enum WalkFault: Error, Sendable, Equatable {
+    case pageFault(PageFault)
+    /// A non-canonical linear address: #GP (or #SS), not #PF.
+    case generalProtection(GuestVirtualAddress)
+    /// A paging-structure entry lives at a guest-physical address with no memory behind it.
+    case noMemory(GuestPhysicalAddress, level: Int, path: WalkPath)
+    /// The address does not fit the mode's linear-address width (wider than 32 bits outside
+    /// IA-32e mode): no instruction can produce it, so it is a bad query rather than a fault.
+    case addressTooWide(GuestVirtualAddress, width: Int)
+}
+
+/// Walks guest page tables as the architecture does. Build one per register state (the masks and
+/// permission table are computed once, like KVM's MMU context) and walk many addresses with it.
+public struct PageWalker: Sendable {
+    public let registers: PagingRegisters
+    public let cpu: CPUModel
+    public let mode: PagingMode
+    public let rules: PermissionRules
+    @usableFromInline let legacy32: Legacy32Format
+    @usableFromInline let long64: Long64Format
+    @usableFromInline let rootTable: UInt64
+    /// The four PAE PDPTE registers, loaded when CR3 was.
+    public let pdptes: (Entry64, Entry64, Entry64, Entry64)
+    @usableFromInline let pdptBase: UInt64
+    @usableFromInline let reportsFetch: Bool
+    @usableFromInline let alignmentCheck: Bool
+    @usableFromInline let globalPagesEnabled: Bool
+
+    /// Validates the register state and, with PAE paging, loads the PDPTE registers from
+    /// `memory` (or takes `pdpteValues` when given: the registers can differ from memory after the
+    /// guest rewrites its PDPT without reloading CR3).
+    public init<Memory: PhysicalMemory>(registers: PagingRegisters, cpu: CPUModel = CPUModel(),
+                                        memory: Memory, pdpteValues: [UInt64]? = nil) throws(ControlStateError) {
+        let regs = registers
+        if regs.cr0.contains(.paging) && !regs.cr0.contains(.protectionEnable) { throw .pagingWithoutProtection }
+        if regs.isLongModeActive && !regs.cr4.contains(.physicalAddressExtension) { throw .longModeWithoutPAE }
+        if regs.efer.contains(.longModeActive) && !regs.isLongModeActive { throw .inconsistentLongModeActive }
+        if regs.cr4.contains(.la57) && regs.isLongModeActive && !cpu.supportsLA57 { throw .la57Unsupported }
+        if regs.efer.contains(.noExecuteEnable) && !cpu.supportsNX { throw .noExecuteUnsupported }
+        let mode = regs.mode
+        self.registers = regs
+        self.cpu = cpu
+        self.mode = mode
+        rules = PermissionRules(cr0: regs.cr0, cr4: regs.cr4, efer: regs.efer, mode: mode)
+        legacy32 = Legacy32Format(cr4: regs.cr4, cpu: cpu)
+        long64 = Long64Format(mode: mode, efer: regs.efer, cpu: cpu)
+        // SDM 4.7: I/D is reported only with SMEP, or with NXE under PAE-based paging. (KVM also
+        // reports it for 32-bit paging with EFER.NXE=1; the SDM says otherwise and wins.)
+        reportsFetch = regs.cr4.contains(.smep)
+            || (regs.efer.contains(.noExecuteEnable) && mode != .legacy32 && mode != .disabled)
+        alignmentCheck = regs.rflags.contains(.alignmentCheck)
+        globalPagesEnabled = regs.cr4.contains(.globalPages)
+
+        switch mode {
+        case .disabled, .legacy32:
+            rootTable = regs.cr3 & 0xFFFF_F000
+            pdptBase = 0
+            pdptes = (Entry64(rawValue: 0), Entry64(rawValue: 0), Entry64(rawValue: 0), Entry64(rawValue: 0))
+        case .pae:
+            // CR3 bits 31:5 locate the 32-byte-aligned PDPT.
+            let base = regs.cr3 & 0xFFFF_FFE0
+            pdptBase = base
+            rootTable = base
+            var loaded: [UInt64] = []
+            if let pdpteValues {
+                loaded = Array(pdpteValues.prefix(4)) + Array(repeating: 0, count: max(0, 4 - pdpteValues.count))
+            } else {
+                for index in 0..<4 {
+                    let address = GuestPhysicalAddress(base + UInt64(index) * 8)
+                    guard let entry = memory.readEntry(Entry64.self, at: address) else { throw .pdpteUnreadable(address) }
+                    loaded.append(entry.rawValue)
+                }
+            }
+            let reserved = Long64Format.pdpteReservedBits(cpu: cpu)
+            for (index, value) in loaded.enumerated() where value & x86PresentBit != 0 && value & reserved != 0 {
+                throw .pdpteReservedBits(index: index, value: value)
+            }
+            pdptes = (Entry64(rawValue: loaded[0]), Entry64(rawValue: loaded[1]),
+                      Entry64(rawValue: loaded[2]), Entry64(rawValue: loaded[3]))
+        case .fourLevel, .fiveLevel:
+            let reserved = regs.cr3 & cpu.reservedPhysicalAddressBits
+            if reserved != 0 { throw .cr3ReservedBits(reserved) }
+            rootTable = regs.cr3 & bitRange(pageShift, 51)
+            pdptBase = 0
+            pdptes = (Entry64(rawValue: 0), Entry64(rawValue: 0), Entry64(rawValue: 0), Entry64(rawValue: 0))
+        }
+    }
+
+    /// The PDPTE register selected by bits 31:30 of a PAE linear address.
+    @inlinable
+    public func pdpte(_ index: Int) -> Entry64 {
+        switch index & 3 {
+        case 0: pdptes.0
+        case 1: pdptes.1
+        case 2: pdptes.2
+        default: pdptes.3
+        }
+    }
+
+    /// Translates `address` for `access`. With `setAccessedDirty` (the default), a successful
+    /// walk sets A in every entry it used and D in the leaf of a write, as KVM's walker does; a
+    /// faulting walk changes nothing. Pass false for a probe that never writes.
+    @inlinable
+    public func walk<Memory: PhysicalMemory>(
+        _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool = true
+    ) throws(WalkFault) -> Translation {
+        switch mode {
+        case .disabled:
+            guard address.rawValue >> 32 == 0 else { throw .addressTooWide(address, width: 32) }
+            return Translation(linearAddress: address, physicalAddress: GuestPhysicalAddress(address.rawValue),
+                               level: 0, pageSize: pageSize, permissions: accessAll, protectionKey: 0,
+                               isGlobal: false, path: WalkPath())
+        case .legacy32:
+            guard address.rawValue >> 32 == 0 else { throw .addressTooWide(address, width: 32) }
+            return try walk(format: legacy32, table: rootTable, level: 2, address: address, access: access,
+                            memory: memory, path: WalkPath(), setAccessedDirty: setAccessedDirty)
+        case .pae:
+            guard address.rawValue >> 32 == 0 else { throw .addressTooWide(address, width: 32) }
+            let index = Int(address.rawValue >> 30) & 3
+            let pdpte = pdpte(index)
+            var path = WalkPath()
+            path.record(level: 3, address: pdptBase + UInt64(index) * 8, value: pdpte.rawValue)
+            path.topFromRegister = true
+            guard pdpte.isPresent else {
+                throw .pageFault(PageFault(linearAddress: address, errorCode: errorCode(access, []), level: 3,
+                                           violations: [], path: path))
+            }
+            return try walk(format: long64, table: pdpte.frameAddress, level: 2, address: address, access: access,
+                            memory: memory, path: path, setAccessedDirty: setAccessedDirty)
+        case .fourLevel, .fiveLevel:
+            guard address.isCanonical(width: mode.linearAddressWidth) else { throw .generalProtection(address) }
+            return try walk(format: long64, table: rootTable, level: mode.rootLevel, address: address,
+                            access: access, memory: memory, path: WalkPath(), setAccessedDirty: setAccessedDirty)
+        }
+    }
+
+    @inlinable
+    func errorCode(_ access: Access, _ base: PageFaultErrorCode) -> PageFaultErrorCode {
+        var code = base
+        if access.kind == .write { code.insert(.write) }
+        if access.privilege == .user { code.insert(.user) }
+        if access.kind == .fetch && reportsFetch { code.insert(.fetch) }
+        return code
+    }
+
+    @inlinable
+    func walk<Format: PagingFormat, Memory: PhysicalMemory>(
+        format: Format, table: UInt64, level: Int, address: GuestVirtualAddress, access: Access,
+        memory: Memory, path startPath: WalkPath, setAccessedDirty: Bool
+    ) throws(WalkFault) -> Translation {
+        // A/D updates only ever set bits, so an entry can change under the walk only a bounded
+        // number of times (tables aliasing themselves); the bound keeps a hostile guest from
+        // spinning the walker regardless.
+        var restartsLeft = 16
+        while true {
+            var path = startPath
+            var permissions = accessAll
+            let stop = walkTables(format, table: table, level: level, address: address.rawValue,
+                                  memory: memory, path: &path, permissions: &permissions)
+            let leafLevel: Int
+            switch stop {
+            case .leaf(let level):
+                leafLevel = level
+            case .notPresent(let level):
+                throw .pageFault(PageFault(linearAddress: address, errorCode: errorCode(access, []), level: level,
+                                           violations: [], path: path))
+            case .reservedBits(let level):
+                throw .pageFault(PageFault(linearAddress: address, errorCode: errorCode(access, [.present, .reservedBit]),
+                                           level: level, violations: [], path: path))
+            case .noMemory(let entryAddress, let level):
+                throw .noMemory(GuestPhysicalAddress(entryAddress), level: level, path: path)
+            }
+            let leafBits = path.entryValue(level: leafLevel)
+            let key = mode.isLongMode ? Int((leafBits >> 59) & 0xF) : 0
+            let refused = rules.isRefused(access, pagePermissions: permissions, alignmentCheck: alignmentCheck)
+            let keyRefused = rules.isRefusedByKey(access, pagePermissions: permissions, key: key,
+                                                  pkru: registers.pkru, pkrs: registers.pkrs)
+            if refused || keyRefused {
+                let violations = rules.violations(access, pagePermissions: permissions, alignmentCheck: alignmentCheck,
+                                                  key: key, pkru: registers.pkru, pkrs: registers.pkrs)
+                throw .pageFault(PageFault(linearAddress: address,
+                                           errorCode: errorCode(access, keyRefused ? [.present, .protectionKey] : [.present]),
+                                           level: leafLevel, violations: violations, path: path))
+            }
+            if setAccessedDirty && !X86Paging.setAccessedDirty(format, path: &path, isWrite: access.kind == .write,
+                                                               memory: memory) && restartsLeft > 0 {
+                restartsLeft -= 1
+                continue
+            }
+            let size = Format.pageSize(level: leafLevel)
+            let base = format.pageBase(Format.Entry(bits: leafBits), level: leafLevel)
+            return Translation(linearAddress: address, physicalAddress: GuestPhysicalAddress(base | (address.rawValue & (size - 1))),
+                               level: leafLevel, pageSize: size, permissions: permissions, protectionKey: key,
+                               isGlobal: globalPagesEnabled && leafBits & x86GlobalBit != 0, path: path)
+        }
+    }
+}

@@ -1,0 +1,49 @@
+/// One 4 KiB page of host memory that backs a guest frame.
+@frozen
+public struct HostPage {
+    /// The page's first byte; 4096 bytes are readable from here.
+    public var bytes: UnsafeMutableRawPointer
+    /// False for memory the guest cannot write (a read-only memslot, ROM): the walker reads such
+    /// tables but, like KVM, leaves their accessed and dirty bits alone.
+    public var isWritable: Bool
+
+    @inlinable
+    public init(bytes: UnsafeMutableRawPointer, isWritable: Bool) {
+        self.bytes = bytes
+        self.isWritable = isWritable
+    }
+}
+
+/// Physical memory as a page walker sees it: guest frame -> host page. The lookup is the walker's
+/// innermost operation, so conformers keep it allocation-free and O(1).
+public protocol PhysicalMemory {
+    /// The host page behind `frame`, or nil when no memory is there.
+    func hostPage(_ frame: GuestFrameNumber) -> HostPage?
+}
+
+extension PhysicalMemory {
+    /// Reads the little-endian entry at `address`, which must be aligned to the entry's size
+    /// (table bases are 4 KiB aligned and indices scale by the entry size, so walks always are).
+    @inlinable
+    public func readEntry<E: PageTableEntry>(_: E.Type, at address: GuestPhysicalAddress) -> E? {
+        guard let page = hostPage(address.frame) else { return nil }
+        let raw = page.bytes.load(fromByteOffset: Int(address.pageOffset), as: E.RawValue.self)
+        return E(rawValue: E.RawValue(littleEndian: raw))
+    }
+
+    /// Replaces the entry at `address` with `desired` if it still holds `expected`. Returns false
+    /// when the entry changed under the walker (the walk must restart, as KVM's cmpxchg path
+    /// does) and nil when there is no writable memory there (the update is skipped, as KVM does
+    /// for tables in read-only memslots).
+    @inlinable
+    public func compareExchangeEntry<E: PageTableEntry>(
+        at address: GuestPhysicalAddress, expected: E, desired: E
+    ) -> Bool? {
+        guard let page = hostPage(address.frame), page.isWritable else { return nil }
+        let offset = Int(address.pageOffset)
+        let current = E.RawValue(littleEndian: page.bytes.load(fromByteOffset: offset, as: E.RawValue.self))
+        guard current == expected.rawValue else { return false }
+        page.bytes.storeBytes(of: desired.rawValue.littleEndian, toByteOffset: offset, as: E.RawValue.self)
+        return true
+    }
+}
