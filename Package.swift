@@ -24,7 +24,7 @@ let package = Package(
             ]
         ),
         .executableTarget(name: "virtmmu", dependencies: ["VirtMMUCommands"]),
-        .testTarget(name: "X86PagingTests", dependencies: ["X86Paging"]),
+        .testTarget(name: "X86PagingTests", dependencies: ["X86Paging", "GuestMemory"]),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory", "X86Paging"]),
         .testTarget(name: "VirtMMUCommandsTests", dependencies: ["VirtMMUCommands", "GuestMemory", "X86Paging"]),
     ]
