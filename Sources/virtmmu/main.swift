@@ -1,1 +1,3 @@
 import VirtMMUCommands
+
+VirtMMU.main()
