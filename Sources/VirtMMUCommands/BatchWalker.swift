@@ -40,8 +40,8 @@ final class BatchWalker {
     let defaultImplicit: Bool
     private var output: ByteWriter
     private var lastRegisters: PagingRegisters?
-    private var lastWalker: Result<PageWalker, ControlStateError>?
-    private var walkers: [PagingRegisters: Result<PageWalker, ControlStateError>] = [:]
+    private var lastWalker: Result<WalkerBox, ControlStateError>?
+    private var walkers: [PagingRegisters: Result<WalkerBox, ControlStateError>] = [:]
     private static let walkerCacheLimit = 4096
 
     init(memory: GuestPhysicalMemory, registers: PagingRegisters, cpu: CPUModel, updateAccessedDirty: Bool,
@@ -153,16 +153,16 @@ final class BatchWalker {
         if let value = query.efer { registers.efer = EFER(rawValue: value) }
         if let value = query.pkru { registers.pkru = PKRU(UInt32(truncatingIfNeeded: value)) }
         if query.alignmentCheck { registers.rflags.insert(.alignmentCheck) } else { registers.rflags.remove(.alignmentCheck) }
-        let walker: PageWalker
+        let box: WalkerBox
         switch walkerFor(registers) {
-        case .success(let cached): walker = cached
+        case .success(let cached): box = cached
         case .failure(let error):
             writeError(lineNumber: lineNumber, gva: query.gva, message: "impossible register state: \(error)")
             return false
         }
         let address = GuestVirtualAddress(query.gva)
         do {
-            let translation = try walker.walk(address, Access(query.access, query.privilege), in: memory,
+            let translation = try box.walker.walk(address, Access(query.access, query.privilege), in: memory,
                                               setAccessedDirty: updateAccessedDirty)
             output.append("{\"gva\":\"")
             output.appendHex(query.gva)
@@ -191,21 +191,21 @@ final class BatchWalker {
                 output.append("}\n")
             case .addressTooWide(_, let width):
                 writeError(lineNumber: lineNumber, gva: query.gva,
-                           message: "address wider than the \(width)-bit linear addresses of \(walker.mode.displayName)")
+                           message: "address wider than the \(width)-bit linear addresses of \(box.walker.mode.displayName)")
                 return false
             }
         }
         return true
     }
 
-    private func walkerFor(_ registers: PagingRegisters) -> Result<PageWalker, ControlStateError> {
+    private func walkerFor(_ registers: PagingRegisters) -> Result<WalkerBox, ControlStateError> {
         if let lastRegisters, lastRegisters == registers, let lastWalker { return lastWalker }
-        let result: Result<PageWalker, ControlStateError>
+        let result: Result<WalkerBox, ControlStateError>
         if let cached = walkers[registers] {
             result = cached
         } else {
             do {
-                result = .success(try PageWalker(registers: registers, cpu: cpu, memory: memory))
+                result = .success(WalkerBox(try PageWalker(registers: registers, cpu: cpu, memory: memory)))
             } catch {
                 result = .failure(error)
             }
@@ -240,6 +240,13 @@ final class BatchWalker {
         output.append(quoted(message))
         output.append("}\n")
     }
+}
+
+/// A walker shared by reference: `PageWalker` is a large value, and copying it per query showed
+/// up in profiles of the batch command.
+final class WalkerBox {
+    let walker: PageWalker
+    init(_ walker: PageWalker) { self.walker = walker }
 }
 
 /// Buffered output straight to a file descriptor.
