@@ -2,7 +2,7 @@ import ArgumentParser
 import GuestMemory
 import X86Paging
 
-struct MapsCommand: ParsableCommand {
+struct MapsCommand: FailureReportingCommand {
     static let configuration = CommandConfiguration(
         commandName: "maps",
         abstract: "List every present mapping of the guest's address space, coalesced into runs.",
@@ -22,16 +22,6 @@ struct MapsCommand: ParsableCommand {
 
     func validate() throws {
         guard maxRuns > 0 else { throw ValidationError("--max-runs must be positive") }
-    }
-
-    func run() throws {
-        do {
-            try execute()
-        } catch let failure as CommandFailure {
-            var standardError = StandardError()
-            print(failure.message, to: &standardError)
-            throw ExitCode(failure.code)
-        }
     }
 
     func execute() throws {

@@ -62,6 +62,24 @@ struct CommandFailure: Error, CustomStringConvertible {
     var description: String { message }
 }
 
+/// A subcommand whose `execute` reports expected failures as one line on standard error and an
+/// exit code, instead of ArgumentParser's generic error output.
+protocol FailureReportingCommand: ParsableCommand {
+    func execute() throws
+}
+
+extension FailureReportingCommand {
+    func run() throws {
+        do {
+            try execute()
+        } catch let failure as CommandFailure {
+            var standardError = StandardError()
+            print(failure.message, to: &standardError)
+            throw ExitCode(failure.code)
+        }
+    }
+}
+
 /// Where the guest comes from and the register state to walk with: shared by `walk` and `maps`.
 struct MachineOptions: ParsableArguments {
     @Option(help: "A guest memory image: a raw flat file or a QEMU dump-guest-memory ELF core. Without it, the built-in sample guest.")

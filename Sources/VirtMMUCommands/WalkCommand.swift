@@ -8,7 +8,7 @@ import Glibc
 import Darwin
 #endif
 
-struct WalkCommand: ParsableCommand {
+struct WalkCommand: FailureReportingCommand {
     static let configuration = CommandConfiguration(
         commandName: "walk",
         abstract: "Walk guest page tables for one access and explain every level, or many accesses as JSON Lines.",
@@ -43,16 +43,6 @@ struct WalkCommand: ParsableCommand {
         if batch != nil && gva != nil { throw ValidationError("--batch takes its addresses from the input; drop --gva") }
         if machine.image != nil && gva == nil && batch == nil {
             throw ValidationError("give --gva (or --batch) with --image")
-        }
-    }
-
-    func run() throws {
-        do {
-            try execute()
-        } catch let failure as CommandFailure {
-            var standardError = StandardError()
-            print(failure.message, to: &standardError)
-            throw ExitCode(failure.code)
         }
     }
 
