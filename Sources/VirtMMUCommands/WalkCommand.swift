@@ -103,8 +103,12 @@ struct WalkCommand: FailureReportingCommand {
         } catch {
             result = .failure(error)
         }
-        return WalkExplanation(walker: walker, address: address, access: access, result: result,
-                               accessedDirtyApplied: updateAccessedDirty)
+        var explanation = WalkExplanation(walker: walker, address: address, access: access, result: result,
+                                          accessedDirtyApplied: updateAccessedDirty)
+        if case .success(let translation) = result {
+            explanation.finalPageBacked = memory.isBacked(translation.physicalAddress.frame)
+        }
+        return explanation
     }
 }
 

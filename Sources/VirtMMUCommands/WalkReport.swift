@@ -41,6 +41,8 @@ struct WalkExplanation {
     let result: Result<Translation, WalkFault>
     /// Whether A/D bits were written (false: a probe; the report says what a real walk would set).
     let accessedDirtyApplied: Bool
+    /// Whether the translated address has memory behind it in the image (a dump may omit it).
+    var finalPageBacked = true
 
     var mode: PagingMode { walker.mode }
 
@@ -102,6 +104,7 @@ struct WalkExplanation {
             text += "; \(permissionsDescription(translation.permissions))"
             if mode.isLongMode { text += ", pkey \(translation.protectionKey)" }
             if translation.isGlobal { text += ", global" }
+            if !finalPageBacked { text += "; the image holds no memory at \(translation.physicalAddress)" }
             return text
         case .failure(let fault):
             return "fault: " + Self.describe(fault, walker: walker, access: access)
@@ -209,6 +212,7 @@ struct WalkExplanation {
             object.add("nx", !translation.isExecutable)
             object.add("pkey", translation.protectionKey)
             object.add("global", translation.isGlobal)
+            object.add("gpa_in_image", finalPageBacked)
         case .failure(let fault):
             object.add("ok", false)
             switch fault {
