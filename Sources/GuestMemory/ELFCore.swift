@@ -13,7 +13,11 @@ struct ELFCoreReader {
     static let extendedNumbering = 0xFFFF
     /// No real core has more segments; a larger count is a hostile header, not a guest.
     static let maxSegments = 1 << 16
+    /// Bounds on the notes over all note segments together, so headers that point many note
+    /// segments at the same bytes cannot multiply the work.
     static let maxNoteBytes: UInt64 = 16 << 20
+    /// KVM's KVM_MAX_VCPUS on x86.
+    static let maxCPUStates = 4096
 
     /// The layout of QEMUCPUState (QEMU target/i386/arch_dump.c): version, size, 16 GPRs, RIP,
     /// RFLAGS, ten 24-byte segments (CS first, GDT eighth, IDT ninth), CR0-CR4, KERNEL_GS_BASE.
@@ -139,10 +143,16 @@ struct ELFCoreReader {
 
     /// Every "QEMU" note of type 0, in file order (QEMU writes one per vCPU, in vCPU order).
     func cpuStates(_ notes: [Segment]) throws(ImageLoadError) -> [GuestCPUState] {
+        let sortedNotes = notes.filter { $0.fileSize > 0 }.sorted { $0.offset < $1.offset }
+        for (previous, next) in zip(sortedNotes, sortedNotes.dropFirst()) where previous.offset + previous.fileSize > next.offset {
+            throw malformed("note segments \(previous.index) and \(next.index) overlap in the file at offset \(hex(next.offset))")
+        }
         var states: [GuestCPUState] = []
+        var noteBytes: UInt64 = 0
         for segment in notes {
-            guard segment.fileSize <= Self.maxNoteBytes else {
-                throw malformed("note segment \(segment.index) is \(segment.fileSize) bytes; refusing more than \(Self.maxNoteBytes)")
+            noteBytes += segment.fileSize
+            guard noteBytes <= Self.maxNoteBytes else {
+                throw malformed("note segments total more than \(Self.maxNoteBytes) bytes (at segment \(segment.index))")
             }
             let bytes = try file.bytes(at: segment.offset, count: Int(segment.fileSize))
             var cursor = 0
@@ -158,6 +168,9 @@ struct ELFCoreReader {
                 let name = bytes[nameStart..<nameStart + nameSize].prefix { $0 != 0 }
                 if Array(name) == Array("QEMU".utf8) && type == 0 {
                     let description = Array(bytes[descriptionStart..<descriptionStart + descriptionSize])
+                    guard states.count < Self.maxCPUStates else {
+                        throw malformed("more than \(Self.maxCPUStates) QEMU CPU-state notes")
+                    }
                     states.append(try cpuState(description, at: segment.offset + UInt64(descriptionStart)))
                 }
                 cursor = next

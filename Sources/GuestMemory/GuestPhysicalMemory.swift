@@ -50,8 +50,8 @@ public final class GuestPhysicalMemory: PhysicalMemory, @unchecked Sendable {
     @usableFromInline typealias Leaf = UnsafeMutablePointer<UInt>
     @usableFromInline typealias Middle = UnsafeMutablePointer<Leaf?>
     @usableFromInline let top: UnsafeMutablePointer<Middle?>
-    /// Host allocations to free: page blocks and radix nodes.
-    private var allocations: [UnsafeMutableRawPointer] = []
+    /// Host mappings to unmap: page blocks and radix nodes.
+    private var allocations: [(pointer: UnsafeMutableRawPointer, bytes: Int)] = []
     public private(set) var backedPageCount: UInt64 = 0
     /// The most bytes this memory will back; loaders of hostile files rely on it.
     public let sizeLimit: UInt64
@@ -66,10 +66,17 @@ public final class GuestPhysicalMemory: PhysicalMemory, @unchecked Sendable {
     }
 
     deinit {
-        for allocation in allocations { free(allocation) }
-        let count = 1 << Self.topBits
-        for index in 0..<count { top[index].map { $0.deallocate() } }
+        for allocation in allocations { munmap(allocation.pointer, allocation.bytes) }
         top.deallocate()
+    }
+
+    /// Zeroed host memory from an anonymous mapping: the kernel supplies zero pages on first touch,
+    /// so backing a large guest (or a hostile core's sparse segments) costs only what is used.
+    private func mapZeroed(_ bytes: Int) throws(GuestMemoryError) -> UnsafeMutableRawPointer {
+        let pointer = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        guard let pointer, pointer != MAP_FAILED else { throw .allocationFailed(bytes: UInt64(bytes)) }
+        allocations.append((pointer, bytes))
+        return pointer
     }
 
     // MARK: Lookup (the hot path)
@@ -105,36 +112,39 @@ public final class GuestPhysicalMemory: PhysicalMemory, @unchecked Sendable {
         }
         let firstFrame = address.rawValue >> UInt64(pageShift)
         let endFrame = (end + pageOffsetMask) >> UInt64(pageShift)
+        // Count what is missing. A huge range gives up as soon as it exceeds the budget (reporting
+        // the whole range), so that an absurd request fails at once instead of after counting 2^40
+        // frames; a modest one is counted through to report exactly how much it lacked.
+        let budget = (sizeLimit >> UInt64(pageShift)) &- min(backedPageCount, sizeLimit >> UInt64(pageShift))
+        let countsExactly = endFrame - firstFrame <= 1 << 21
         var missing: UInt64 = 0
-        for frame in firstFrame..<endFrame where leafEntry(frame) ?? 0 == 0 { missing += 1 }
+        for frame in firstFrame..<endFrame where leafEntry(frame) ?? 0 == 0 {
+            missing += 1
+            if missing > budget && !countsExactly {
+                throw .sizeLimitExceeded(requested: (endFrame - firstFrame) << UInt64(pageShift), limit: sizeLimit)
+            }
+        }
+        guard missing <= budget else { throw .sizeLimitExceeded(requested: missing << UInt64(pageShift), limit: sizeLimit) }
         guard missing > 0 else { return }
-        let bytes = missing << UInt64(pageShift)
-        guard backedPageCount << UInt64(pageShift) + bytes <= sizeLimit else {
-            throw .sizeLimitExceeded(requested: bytes, limit: sizeLimit)
-        }
-        // One block for the whole run; calloc of a large block maps fresh zero pages lazily.
-        var block: UnsafeMutableRawPointer? = nil
-        guard posix_memalign(&block, Int(pageSize), Int(bytes)) == 0, let block else {
-            throw .allocationFailed(bytes: bytes)
-        }
-        memset(block, 0, Int(bytes))
-        allocations.append(block)
+        let block = try mapZeroed(Int(missing << UInt64(pageShift)))
         var next = block
         for frame in firstFrame..<endFrame where leafEntry(frame) ?? 0 == 0 {
-            setLeafEntry(frame, UInt(bitPattern: next) | (readOnly ? 1 : 0))
+            try setLeafEntry(frame, UInt(bitPattern: next) | (readOnly ? 1 : 0))
             next += Int(pageSize)
         }
         backedPageCount += missing
     }
 
-    private func setLeafEntry(_ frame: UInt64, _ value: UInt) {
+    /// Radix nodes come from anonymous mappings too (all-zero bits are nil pointers and empty
+    /// entries), so a sparse layout makes resident only the node pages it touches.
+    private func setLeafEntry(_ frame: UInt64, _ value: UInt) throws(GuestMemoryError) {
         let topIndex = Int(frame >> UInt64(Self.leafBits + Self.middleBits))
         let middle: Middle
         if let existing = top[topIndex] {
             middle = existing
         } else {
-            middle = Middle.allocate(capacity: 1 << Self.middleBits)
-            middle.initialize(repeating: nil, count: 1 << Self.middleBits)
+            middle = try mapZeroed(MemoryLayout<Leaf?>.stride << Self.middleBits).bindMemory(
+                to: Leaf?.self, capacity: 1 << Self.middleBits)
             top[topIndex] = middle
         }
         let middleIndex = Int((frame >> UInt64(Self.leafBits)) & ((1 << UInt64(Self.middleBits)) - 1))
@@ -142,19 +152,22 @@ public final class GuestPhysicalMemory: PhysicalMemory, @unchecked Sendable {
         if let existing = middle[middleIndex] {
             leaf = existing
         } else {
-            leaf = Leaf.allocate(capacity: 1 << Self.leafBits)
-            leaf.initialize(repeating: 0, count: 1 << Self.leafBits)
+            leaf = try mapZeroed(MemoryLayout<UInt>.stride << Self.leafBits).bindMemory(to: UInt.self, capacity: 1 << Self.leafBits)
             middle[middleIndex] = leaf
-            allocations.append(UnsafeMutableRawPointer(leaf))
         }
         leaf[Int(frame & ((1 << UInt64(Self.leafBits)) - 1))] = value
     }
 
-    /// Marks already-backed frames of the range read-only or writable.
+    /// Marks already-backed frames of the range read-only or writable: all of them, or (when some
+    /// frame is not backed) none.
     public func setReadOnly(_ address: GuestPhysicalAddress, size: UInt64, _ readOnly: Bool) throws(GuestMemoryError) {
-        for frame in try frames(address, size: size) {
-            guard let entry = leafEntry(frame), entry != 0 else { throw .unbacked(GuestFrameNumber(frame).address) }
-            setLeafEntry(frame, (entry & ~1) | (readOnly ? 1 : 0))
+        let range = try frames(address, size: size)
+        for frame in range where leafEntry(frame) ?? 0 == 0 {
+            throw .unbacked(GuestPhysicalAddress(max(frame << UInt64(pageShift), address.rawValue)))
+        }
+        for frame in range {
+            let entry = leafEntry(frame)!
+            try setLeafEntry(frame, (entry & ~1) | (readOnly ? 1 : 0))
         }
     }
 

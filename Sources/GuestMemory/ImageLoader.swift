@@ -194,7 +194,9 @@ final class ImageFile {
 
     init(path: String) throws(ImageLoadError) {
         self.path = path
-        let descriptor = open(path, O_RDONLY)
+        // O_NONBLOCK so that a FIFO or device cannot block the open; the type check below refuses
+        // them, and the flag means nothing for the regular files that pass it.
+        let descriptor = open(path, O_RDONLY | O_NONBLOCK)
         guard descriptor >= 0 else { throw ImageLoadError(path: path, reason: .cannotOpen(errno: errno)) }
         var info = stat()
         guard fstat(descriptor, &info) == 0 else {
