@@ -1,0 +1,39 @@
+// swift-tools-version: 6.1
+// Benchmarks for VirtMMU's page walkers: a nested package so that the benchmark dependencies never
+// reach the root package. Run from this folder:
+//   swift package --scratch-path .build-bench benchmark
+// or, for a quick number without the harness:
+//   swift run -c release --scratch-path .build-bench walk-timer
+import PackageDescription
+
+let package = Package(
+    name: "VirtMMUBenchmarks",
+    platforms: [.macOS(.v13)],
+    dependencies: [
+        .package(path: ".."),
+        // The MallocInterposer trait only (not RuntimeInterposer) keeps the dependency graph to
+        // packages that resolve offline.
+        .package(url: "https://github.com/ordo-one/benchmark", from: "1.38.1", traits: ["MallocInterposer"]),
+    ],
+    targets: [
+        // Table fixtures and the measured loops, shared by the harness and the quick timer.
+        .target(
+            name: "PagingFixtures",
+            dependencies: [
+                .product(name: "X86Paging", package: "main"),
+                .product(name: "GuestMemory", package: "main"),
+            ]
+        ),
+        .executableTarget(
+            name: "PageWalk",
+            dependencies: [
+                "PagingFixtures",
+                .product(name: "Benchmark", package: "benchmark"),
+            ],
+            path: "Benchmarks/PageWalk",
+            plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]
+        ),
+        // A harness-free timer for quick iteration and for profiling under callgrind/perf.
+        .executableTarget(name: "walk-timer", dependencies: ["PagingFixtures"]),
+    ]
+)
