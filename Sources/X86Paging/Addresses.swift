@@ -27,7 +27,7 @@ public struct GuestVirtualAddress: RawRepresentable, Hashable, Comparable, Senda
 
     /// Whether bits 63:`width` all equal bit `width`-1 (the x86 canonical-address rule for a
     /// `width`-bit linear address space: 48 with 4-level paging, 57 with 5-level paging).
-    @inlinable
+    @inlinable @inline(__always)
     public func isCanonical(width: Int) -> Bool {
         let shift = UInt64(64 - width)
         return UInt64(bitPattern: Int64(bitPattern: rawValue << shift) >> shift) == rawValue
@@ -110,7 +110,7 @@ public func hex<T: BinaryInteger>(_ value: T) -> String {
 }
 
 /// The mask of bits `low` through `high` inclusive (KVM's `rsvd_bits`); 0 when `high < low`.
-@inlinable
+@inlinable @inline(__always)
 public func bitRange(_ low: Int, _ high: Int) -> UInt64 {
     guard high >= low else { return 0 }
     let width = high - low + 1

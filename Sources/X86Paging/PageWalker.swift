@@ -64,18 +64,30 @@ public enum ControlStateError: Error, Equatable, Sendable, CustomStringConvertib
 
 /// A successful translation.
 public struct Translation: Sendable, Equatable {
+    // Word-sized fields first and the bytes last, with no padding between them: copying a result
+    // with interior padding out of the walk stalled on store forwarding (measured: a third of a
+    // 4-level walk).
+    public var path: WalkPath
     public var linearAddress: GuestVirtualAddress
     public var physicalAddress: GuestPhysicalAddress
     /// The leaf's level (1 = PTE, 2 = PDE, 3 = PDPTE); 0 with paging disabled.
     public var level: Int
     public var pageSize: UInt64
-    /// Combined ACC bits over every level (1 execute, 2 write, 4 user).
-    public var permissions: UInt8
     /// The leaf's protection key (IA-32e paging; 0 otherwise).
     public var protectionKey: Int
+    /// `permissions` in bits 7:0 and `isGlobal` in bit 8: one word, for the same reason.
+    @usableFromInline var attributes: UInt64
+
+    /// Combined ACC bits over every level (1 execute, 2 write, 4 user).
+    @inlinable public var permissions: UInt8 {
+        get { UInt8(truncatingIfNeeded: attributes) }
+        set { attributes = attributes & ~0xFF | UInt64(newValue) }
+    }
     /// The leaf's G bit with CR4.PGE set.
-    public var isGlobal: Bool
-    public var path: WalkPath
+    @inlinable public var isGlobal: Bool {
+        get { attributes & 0x100 != 0 }
+        set { attributes = attributes & ~0x100 | (newValue ? 0x100 : 0) }
+    }
 
     @inlinable
     public init(linearAddress: GuestVirtualAddress, physicalAddress: GuestPhysicalAddress, level: Int, pageSize: UInt64,
@@ -84,9 +96,8 @@ public struct Translation: Sendable, Equatable {
         self.physicalAddress = physicalAddress
         self.level = level
         self.pageSize = pageSize
-        self.permissions = permissions
         self.protectionKey = protectionKey
-        self.isGlobal = isGlobal
+        self.attributes = UInt64(permissions) | (isGlobal ? 0x100 : 0)
         self.path = path
     }
 
@@ -254,7 +265,7 @@ public struct PageWalker: Sendable {
         }
     }
 
-    @inlinable
+    @inlinable @inline(__always)
     func errorCode(_ access: Access, _ base: PageFaultErrorCode) -> PageFaultErrorCode {
         var code = base
         if access.kind == .write { code.insert(.write) }
@@ -263,7 +274,10 @@ public struct PageWalker: Sendable {
         return code
     }
 
-    @inlinable
+    // Inlined into `walk(_:_:in:)` so the result is built in place: returned through a second
+    // frame, its fields were written 8 bytes at a time and read back 16 at a time, stalling on
+    // store forwarding.
+    @inlinable @inline(__always)
     func walk<Format: PagingFormat, Memory: PhysicalMemory>(
         format: Format, table: UInt64, level: Int, address: GuestVirtualAddress, access: Access,
         memory: Memory, path startPath: WalkPath, setAccessedDirty: Bool
@@ -272,8 +286,8 @@ public struct PageWalker: Sendable {
         // number of times (tables aliasing themselves); the bound keeps a hostile guest from
         // spinning the walker regardless.
         var restartsLeft = 16
+        var path = startPath
         while true {
-            var path = startPath
             var permissions = accessAll
             let stop = walkTables(format, table: table, level: level, address: address.rawValue,
                                   memory: memory, path: &path, permissions: &permissions)
@@ -305,6 +319,7 @@ public struct PageWalker: Sendable {
             if setAccessedDirty && !X86Paging.setAccessedDirty(format, path: &path, isWrite: access.kind == .write,
                                                                memory: memory) && restartsLeft > 0 {
                 restartsLeft -= 1
+                path = startPath
                 continue
             }
             let size = Format.pageSize(level: leafLevel)

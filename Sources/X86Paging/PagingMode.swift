@@ -32,7 +32,7 @@ public enum PagingMode: String, Sendable, Hashable, CaseIterable {
     }
 
     /// IA-32e paging (4- or 5-level): the only modes with protection keys and canonical addresses.
-    @inlinable public var isLongMode: Bool { self == .fourLevel || self == .fiveLevel }
+    @inlinable @inline(__always) public var isLongMode: Bool { self == .fourLevel || self == .fiveLevel }
 
     public var displayName: String {
         switch self {

@@ -70,7 +70,7 @@ public struct PermissionRules: Sendable, Equatable {
     }
 
     /// The table index of an access (KVM: `(pfec + (not_smap << 3)) >> 1`).
-    @inlinable
+    @inlinable @inline(__always)
     static func index(_ access: Access, alignmentCheck: Bool) -> Int {
         var index = 0
         if access.kind == .write { index |= 1 }
@@ -82,7 +82,7 @@ public struct PermissionRules: Sendable, Equatable {
 
     /// Whether an access to a page with combined ACC bits `acc` is refused by the U/S, R/W, XD,
     /// SMEP and SMAP rules.
-    @inlinable
+    @inlinable @inline(__always)
     public func isRefused(_ access: Access, pagePermissions acc: UInt8, alignmentCheck: Bool) -> Bool {
         let index = Self.index(access, alignmentCheck: alignmentCheck)
         return (faults >> UInt128(8 * index + Int(acc))) & 1 != 0

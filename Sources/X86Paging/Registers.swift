@@ -79,7 +79,7 @@ public struct ProtectionKeyRights: RawRepresentable, Hashable, Sendable {
     @inlinable public static var allowAll: ProtectionKeyRights { ProtectionKeyRights(0) }
 
     /// The two rights bits of `key` (bit 0 AD, bit 1 WD).
-    @inlinable public func rights(forKey key: Int) -> UInt32 { (rawValue >> UInt32(2 * (key & 15))) & 3 }
+    @inlinable @inline(__always) public func rights(forKey key: Int) -> UInt32 { (rawValue >> UInt32(2 * (key & 15))) & 3 }
     @inlinable public func accessDisabled(key: Int) -> Bool { rights(forKey: key) & 1 != 0 }
     @inlinable public func writeDisabled(key: Int) -> Bool { rights(forKey: key) & 2 != 0 }
 }

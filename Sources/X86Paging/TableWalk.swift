@@ -5,11 +5,19 @@
 /// The entries a walk read, by level, in flat inline storage (a walk allocates nothing).
 @frozen
 public struct WalkPath: Sendable, Equatable {
-    @usableFromInline var addresses: (UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0)
-    @usableFromInline var values: (UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0)
+    @usableFromInline var addresses = InlineArray<5, UInt64>(repeating: 0)
+    @usableFromInline var values = InlineArray<5, UInt64>(repeating: 0)
     @usableFromInline var top: Int = 0
     @usableFromInline var bottom: Int = 0
-    @usableFromInline var topFromRegister: Bool = false
+    /// Nonzero when the top entry is a register. A full word rather than a Bool: a struct with a
+    /// one-byte tail gets its neighbours packed into the tail padding, and copying such results
+    /// out of a walk stalled on store forwarding.
+    @usableFromInline var registerTop: Int = 0
+
+    @inlinable var topFromRegister: Bool {
+        get { registerTop != 0 }
+        set { registerTop = newValue ? 1 : 0 }
+    }
 
     /// The level of the first entry read (the root table's level), 0 when nothing was read.
     @inlinable public var topLevel: Int { top }
@@ -27,18 +35,17 @@ public struct WalkPath: Sendable, Equatable {
             && a.entryValue(level: $0) == b.entryValue(level: $0) }
     }
 
-    @inlinable
+    @inlinable @inline(__always)
     mutating func record(level: Int, address: UInt64, value: UInt64) {
-        precondition(level >= 1 && level <= 5, "paging levels are 1...5")
         if top == 0 { top = level }
         bottom = level
-        withUnsafeMutableBytes(of: &addresses) { $0.storeBytes(of: address, toByteOffset: (level - 1) * 8, as: UInt64.self) }
-        withUnsafeMutableBytes(of: &values) { $0.storeBytes(of: value, toByteOffset: (level - 1) * 8, as: UInt64.self) }
+        addresses[level - 1] = address
+        values[level - 1] = value
     }
 
     @inlinable
     mutating func updateValue(level: Int, _ value: UInt64) {
-        withUnsafeMutableBytes(of: &values) { $0.storeBytes(of: value, toByteOffset: (level - 1) * 8, as: UInt64.self) }
+        values[level - 1] = value
     }
 
     /// The levels read, top first.
@@ -49,13 +56,13 @@ public struct WalkPath: Sendable, Equatable {
     /// Where the entry at `level` was read from (for a PDPTE register: where it was loaded from).
     @inlinable
     public func entryAddress(level: Int) -> GuestPhysicalAddress {
-        GuestPhysicalAddress(withUnsafeBytes(of: addresses) { $0.load(fromByteOffset: (level - 1) * 8, as: UInt64.self) })
+        GuestPhysicalAddress(addresses[level - 1])
     }
 
     /// The raw entry at `level`, widened to 64 bits.
     @inlinable
     public func entryValue(level: Int) -> UInt64 {
-        withUnsafeBytes(of: values) { $0.load(fromByteOffset: (level - 1) * 8, as: UInt64.self) }
+        values[level - 1]
     }
 }
 
@@ -99,7 +106,7 @@ enum TableWalkStop: Equatable {
 
 /// Walks from the table at `table` (level `level`) down to a leaf, recording every entry read in
 /// `path` and ANDing the entries' permissions into `permissions`.
-@inlinable
+@inlinable @inline(__always)
 func walkTables<Format: PagingFormat, Memory: PhysicalMemory>(
     _ format: Format, table rootTable: UInt64, level startLevel: Int, address: UInt64,
     memory: Memory, path: inout WalkPath, permissions: inout UInt8

@@ -2,28 +2,50 @@
 // control-register state (KVM's `rsvd_bits_mask[2][5]`, indexed by bit 7 and level).
 
 /// Reserved-bit masks indexed by (bit 7 of the entry, level 1...5).
+///
+/// The table lives in a class instance that owns a flat buffer: an element is then one load,
+/// while a table stored inline in a struct (a tuple or an `InlineArray`) was copied onto the stack
+/// at every level of a walk before being indexed (measured: an 80-byte copy per level).
 @frozen
-public struct ReservedBitMasks: Sendable, Equatable {
-    @usableFromInline var masks: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64)
-        = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+public struct ReservedBitMasks: @unchecked Sendable, Equatable {
+    @usableFromInline
+    final class Table: @unchecked Sendable {
+        /// Ten masks: bit 7 clear at levels 1...5, then bit 7 set at levels 1...5. Written only
+        /// while the owning `ReservedBitMasks` is being built (copy on write), then immutable.
+        @usableFromInline let masks: UnsafeMutablePointer<UInt64>
 
-    public init() {}
+        @usableFromInline init(copying source: UnsafePointer<UInt64>?) {
+            masks = .allocate(capacity: 10)
+            if let source { masks.initialize(from: source, count: 10) } else { masks.initialize(repeating: 0, count: 10) }
+        }
 
-    public static func == (a: Self, b: Self) -> Bool {
-        (0..<2).allSatisfy { ps in (1...5).allSatisfy { a.mask(pageSize: ps == 1, level: $0) == b.mask(pageSize: ps == 1, level: $0) } }
+        deinit { masks.deallocate() }
     }
 
-    @inlinable
+    @usableFromInline var table = Table(copying: nil)
+    /// `table.masks`, kept beside the reference so a lookup is one dependent load, not two.
+    /// (Unchecked Sendable: the buffer is immutable once built, and owned by `table`.)
+    @usableFromInline var masks: UnsafePointer<UInt64>
+
+    public init() { masks = UnsafePointer(table.masks) }
+
+    public static func == (a: Self, b: Self) -> Bool {
+        (0..<10).allSatisfy { a.masks[$0] == b.masks[$0] }
+    }
+
+    @inlinable @inline(__always)
     public func mask(pageSize: Bool, level: Int) -> UInt64 {
-        withUnsafeBytes(of: masks) { $0.load(fromByteOffset: ((pageSize ? 5 : 0) + level - 1) * 8, as: UInt64.self) }
+        masks[(pageSize ? 5 : 0) &+ level &- 1]
     }
 
     /// The mask for an entry with bit 7 clear and one with bit 7 set.
-    public mutating func set(level: Int, table: UInt64, page: UInt64) {
-        withUnsafeMutableBytes(of: &masks) {
-            $0.storeBytes(of: table, toByteOffset: (level - 1) * 8, as: UInt64.self)
-            $0.storeBytes(of: page, toByteOffset: (5 + level - 1) * 8, as: UInt64.self)
+    public mutating func set(level: Int, table tableMask: UInt64, page pageMask: UInt64) {
+        if !isKnownUniquelyReferenced(&table) {
+            table = Table(copying: table.masks)
+            masks = UnsafePointer(table.masks)
         }
+        table.masks[level - 1] = tableMask
+        table.masks[5 + level - 1] = pageMask
     }
 
     /// The mask that applies to `bits` at `level`.
