@@ -15,11 +15,24 @@ public struct Mapping: Sendable, Equatable {
     public var protectionKey: Int
     public var isGlobal: Bool
 
+    @inlinable
+    public init(linearAddress: GuestVirtualAddress, physicalAddress: GuestPhysicalAddress, size: UInt64, pageSize: UInt64,
+                permissions: UInt8, protectionKey: Int, isGlobal: Bool) {
+        self.linearAddress = linearAddress
+        self.physicalAddress = physicalAddress
+        self.size = size
+        self.pageSize = pageSize
+        self.permissions = permissions
+        self.protectionKey = protectionKey
+        self.isGlobal = isGlobal
+    }
+
     public var isWritable: Bool { permissions & accessWrite != 0 }
     public var isUser: Bool { permissions & accessUser != 0 }
     public var isExecutable: Bool { permissions & accessExecute != 0 }
 
     /// Whether `next` continues this run.
+    @inlinable
     func isContinued(by next: Mapping) -> Bool {
         linearAddress.rawValue &+ size == next.linearAddress.rawValue
             && physicalAddress.rawValue &+ size == next.physicalAddress.rawValue
@@ -44,6 +57,7 @@ extension PageWalker {
     /// Every present mapping, coalesced, in ascending linear-address order (the upper canonical
     /// half after the lower). Stops after `maxRuns` runs or `maxEntries` entries examined, so a
     /// hostile table layout (every entry aliasing the same tables) cannot make it run for hours.
+    @inlinable
     public func mappings<Memory: PhysicalMemory>(in memory: Memory, maxRuns: Int = 1_000_000,
                                                  maxEntries: UInt64 = 1 << 31) -> (runs: [Mapping], summary: AddressSpaceSummary) {
         var enumerator = MappingEnumerator(walker: self, memory: memory, maxRuns: maxRuns, maxEntries: maxEntries)
@@ -53,29 +67,30 @@ extension PageWalker {
     }
 }
 
+@usableFromInline
 struct MappingEnumerator<Memory: PhysicalMemory> {
-    let walker: PageWalker
-    let memory: Memory
-    let maxRuns: Int
-    let maxEntries: UInt64
-    var runs: [Mapping] = []
-    var pending: Mapping?
-    var summary = AddressSpaceSummary()
-    var entriesExamined: UInt64 = 0
+    @usableFromInline let walker: PageWalker
+    @usableFromInline let memory: Memory
+    @usableFromInline let maxRuns: Int
+    @usableFromInline let maxEntries: UInt64
+    @usableFromInline var runs: [Mapping] = []
+    @usableFromInline var pending: Mapping?
+    @usableFromInline var summary = AddressSpaceSummary()
+    @usableFromInline var entriesExamined: UInt64 = 0
     /// Tables (address and level) already found to hold no reachable leaf: aliases of them are
     /// skipped, which keeps aliased empty tables from costing 512^levels steps.
-    var emptyTables = Set<UInt64>()
+    @usableFromInline var emptyTables = Set<UInt64>()
 
-    init(walker: PageWalker, memory: Memory, maxRuns: Int, maxEntries: UInt64) {
+    @inlinable init(walker: PageWalker, memory: Memory, maxRuns: Int, maxEntries: UInt64) {
         self.walker = walker
         self.memory = memory
         self.maxRuns = maxRuns
         self.maxEntries = maxEntries
     }
 
-    var isStopped: Bool { summary.truncated }
+    @usableFromInline var isStopped: Bool { summary.truncated }
 
-    mutating func run() {
+    @inlinable mutating func run() {
         switch walker.mode {
         case .disabled:
             emit(Mapping(linearAddress: GuestVirtualAddress(0), physicalAddress: GuestPhysicalAddress(0), size: 1 << 32,
@@ -96,7 +111,7 @@ struct MappingEnumerator<Memory: PhysicalMemory> {
     }
 
     /// Visits one table; returns whether it holds any reachable leaf.
-    mutating func visit<Format: PagingFormat>(_ format: Format, table: UInt64, level: Int, base: UInt64,
+    @inlinable mutating func visit<Format: PagingFormat>(_ format: Format, table: UInt64, level: Int, base: UInt64,
                                               permissions: UInt8) -> Bool {
         let key = table << 3 | UInt64(level)
         if emptyTables.contains(key) { return false }
@@ -134,13 +149,13 @@ struct MappingEnumerator<Memory: PhysicalMemory> {
         return found
     }
 
-    func canonical(_ linear: UInt64) -> UInt64 {
+    @inlinable func canonical(_ linear: UInt64) -> UInt64 {
         guard walker.mode.isLongMode else { return linear }
         let shift = UInt64(64 - walker.mode.linearAddressWidth)
         return UInt64(bitPattern: Int64(bitPattern: linear << shift) >> shift)
     }
 
-    mutating func emit(_ mapping: Mapping) {
+    @inlinable mutating func emit(_ mapping: Mapping) {
         if var current = pending, current.isContinued(by: mapping) {
             current.size += mapping.size
             pending = current
@@ -151,7 +166,7 @@ struct MappingEnumerator<Memory: PhysicalMemory> {
         pending = mapping
     }
 
-    mutating func flush() {
+    @inlinable mutating func flush() {
         if let current = pending { runs.append(current) }
         pending = nil
     }
