@@ -161,9 +161,9 @@ final class BatchWalker {
             return false
         }
         let address = GuestVirtualAddress(query.gva)
-        do {
-            let translation = try box.walker.walk(address, Access(query.access, query.privilege), in: memory,
-                                              setAccessedDirty: updateAccessedDirty)
+        switch box.walker.translate(address, Access(query.access, query.privilege), in: memory,
+                                    setAccessedDirty: updateAccessedDirty) {
+        case .success(let translation):
             output.append("{\"gva\":\"")
             output.appendHex(query.gva)
             output.append("\",\"ok\":true,\"gpa\":\"")
@@ -173,7 +173,7 @@ final class BatchWalker {
             output.append(",\"page_size\":")
             output.appendDecimal(translation.pageSize)
             output.append("}\n")
-        } catch {
+        case .failure(let error):
             switch error {
             case .pageFault(let fault):
                 writeFault("pf", gva: query.gva, errorCode: UInt64(fault.errorCode.architectural))

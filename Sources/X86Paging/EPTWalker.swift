@@ -203,7 +203,15 @@ public struct EPTWalker: Sendable {
     public func walk<Memory: PhysicalMemory>(
         _ address: GuestPhysicalAddress, _ kind: AccessKind, in memory: Memory, setAccessedDirty: Bool = true
     ) throws(EPTWalkFault) -> EPTTranslation {
-        guard address.rawValue >> 52 == 0 else { throw .addressTooWide(address) }
+        try translate(address, kind, in: memory, setAccessedDirty: setAccessedDirty).get()
+    }
+
+    /// `walk` without throwing (see `PageWalker.translate`).
+    @inlinable
+    public func translate<Memory: PhysicalMemory>(
+        _ address: GuestPhysicalAddress, _ kind: AccessKind, in memory: Memory, setAccessedDirty: Bool = true
+    ) -> Result<EPTTranslation, EPTWalkFault> {
+        guard address.rawValue >> 52 == 0 else { return .failure(.addressTooWide(address)) }
         var restartsLeft = 16
         while true {
             var path = WalkPath()
@@ -215,11 +223,11 @@ public struct EPTWalker: Sendable {
             case .leaf(let level):
                 leafLevel = level
             case .notPresent(let level):
-                throw .violation(address, qualification: qualification(kind, permissions), level: level, path: path)
+                return .failure(.violation(address, qualification: qualification(kind, permissions), level: level, path: path))
             case .reservedBits(let level):
-                throw .misconfiguration(address, level: level, path: path)
+                return .failure(.misconfiguration(address, level: level, path: path))
             case .noMemory(let entryAddress, let level):
-                throw .noMemory(GuestPhysicalAddress(entryAddress), level: level, path: path)
+                return .failure(.noMemory(GuestPhysicalAddress(entryAddress), level: level, path: path))
             }
             let needed: UInt8 = switch kind {
             case .read: accessUser
@@ -227,7 +235,8 @@ public struct EPTWalker: Sendable {
             case .fetch: accessExecute
             }
             guard permissions & needed != 0 else {
-                throw .violation(address, qualification: qualification(kind, permissions), level: leafLevel, path: path)
+                return .failure(.violation(address, qualification: qualification(kind, permissions), level: leafLevel,
+                                           path: path))
             }
             if setAccessedDirty && !X86Paging.setAccessedDirty(format, path: &path, isWrite: kind == .write, memory: memory)
                 && restartsLeft > 0 {
@@ -237,10 +246,10 @@ public struct EPTWalker: Sendable {
             let leaf = EPTEntry(rawValue: path.entryValue(level: leafLevel))
             let size = EPTFormat.pageSize(level: leafLevel)
             let base = format.pageBase(leaf, level: leafLevel)
-            return EPTTranslation(guestPhysicalAddress: address,
-                                  outputAddress: GuestPhysicalAddress(base | (address.rawValue & (size - 1))),
-                                  level: leafLevel, pageSize: size, permissions: permissions,
-                                  memoryType: leaf.memoryType, ignoresPAT: leaf.ignoresPAT, path: path)
+            return .success(EPTTranslation(guestPhysicalAddress: address,
+                                           outputAddress: GuestPhysicalAddress(base | (address.rawValue & (size - 1))),
+                                           level: leafLevel, pageSize: size, permissions: permissions,
+                                           memoryType: leaf.memoryType, ignoresPAT: leaf.ignoresPAT, path: path))
         }
     }
 

@@ -235,33 +235,43 @@ public struct PageWalker: Sendable {
     public func walk<Memory: PhysicalMemory>(
         _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool = true
     ) throws(WalkFault) -> Translation {
+        try translate(address, access, in: memory, setAccessedDirty: setAccessedDirty).get()
+    }
+
+    /// `walk` without throwing: the outcome as a value. Callers that expect many faults (batch
+    /// queries, exhaustive tests) use this; a thrown error costs a runtime hook call, and test
+    /// harnesses hook it to record a backtrace per throw.
+    @inlinable
+    public func translate<Memory: PhysicalMemory>(
+        _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool = true
+    ) -> Result<Translation, WalkFault> {
         switch mode {
         case .disabled:
-            guard address.rawValue >> 32 == 0 else { throw .addressTooWide(address, width: 32) }
-            return Translation(linearAddress: address, physicalAddress: GuestPhysicalAddress(address.rawValue),
-                               level: 0, pageSize: pageSize, permissions: accessAll, protectionKey: 0,
-                               isGlobal: false, path: WalkPath())
+            guard address.rawValue >> 32 == 0 else { return .failure(.addressTooWide(address, width: 32)) }
+            return .success(Translation(linearAddress: address, physicalAddress: GuestPhysicalAddress(address.rawValue),
+                                        level: 0, pageSize: pageSize, permissions: accessAll, protectionKey: 0,
+                                        isGlobal: false, path: WalkPath()))
         case .legacy32:
-            guard address.rawValue >> 32 == 0 else { throw .addressTooWide(address, width: 32) }
-            return try walk(format: legacy32, table: rootTable, level: 2, address: address, access: access,
-                            memory: memory, path: WalkPath(), setAccessedDirty: setAccessedDirty)
+            guard address.rawValue >> 32 == 0 else { return .failure(.addressTooWide(address, width: 32)) }
+            return translate(format: legacy32, table: rootTable, level: 2, address: address, access: access,
+                             memory: memory, path: WalkPath(), setAccessedDirty: setAccessedDirty)
         case .pae:
-            guard address.rawValue >> 32 == 0 else { throw .addressTooWide(address, width: 32) }
+            guard address.rawValue >> 32 == 0 else { return .failure(.addressTooWide(address, width: 32)) }
             let index = Int(address.rawValue >> 30) & 3
             let pdpte = pdpte(index)
             var path = WalkPath()
             path.record(level: 3, address: pdptBase + UInt64(index) * 8, value: pdpte.rawValue)
             path.topFromRegister = true
             guard pdpte.isPresent else {
-                throw .pageFault(PageFault(linearAddress: address, errorCode: errorCode(access, []), level: 3,
-                                           violations: [], path: path))
+                return .failure(.pageFault(PageFault(linearAddress: address, errorCode: errorCode(access, []), level: 3,
+                                                     violations: [], path: path)))
             }
-            return try walk(format: long64, table: pdpte.frameAddress, level: 2, address: address, access: access,
-                            memory: memory, path: path, setAccessedDirty: setAccessedDirty)
+            return translate(format: long64, table: pdpte.frameAddress, level: 2, address: address, access: access,
+                             memory: memory, path: path, setAccessedDirty: setAccessedDirty)
         case .fourLevel, .fiveLevel:
-            guard address.isCanonical(width: mode.linearAddressWidth) else { throw .generalProtection(address) }
-            return try walk(format: long64, table: rootTable, level: mode.rootLevel, address: address,
-                            access: access, memory: memory, path: WalkPath(), setAccessedDirty: setAccessedDirty)
+            guard address.isCanonical(width: mode.linearAddressWidth) else { return .failure(.generalProtection(address)) }
+            return translate(format: long64, table: rootTable, level: mode.rootLevel, address: address,
+                             access: access, memory: memory, path: WalkPath(), setAccessedDirty: setAccessedDirty)
         }
     }
 
@@ -274,14 +284,14 @@ public struct PageWalker: Sendable {
         return code
     }
 
-    // Inlined into `walk(_:_:in:)` so the result is built in place: returned through a second
+    // Inlined into `translate(_:_:in:)` so the result is built in place: returned through a second
     // frame, its fields were written 8 bytes at a time and read back 16 at a time, stalling on
     // store forwarding.
     @inlinable @inline(__always)
-    func walk<Format: PagingFormat, Memory: PhysicalMemory>(
+    func translate<Format: PagingFormat, Memory: PhysicalMemory>(
         format: Format, table: UInt64, level: Int, address: GuestVirtualAddress, access: Access,
         memory: Memory, path startPath: WalkPath, setAccessedDirty: Bool
-    ) throws(WalkFault) -> Translation {
+    ) -> Result<Translation, WalkFault> {
         // A/D updates only ever set bits, so an entry can change under the walk only a bounded
         // number of times (tables aliasing themselves); the bound keeps a hostile guest from
         // spinning the walker regardless.
@@ -296,13 +306,13 @@ public struct PageWalker: Sendable {
             case .leaf(let level):
                 leafLevel = level
             case .notPresent(let level):
-                throw .pageFault(PageFault(linearAddress: address, errorCode: errorCode(access, []), level: level,
-                                           violations: [], path: path))
+                return .failure(.pageFault(PageFault(linearAddress: address, errorCode: errorCode(access, []), level: level,
+                                                     violations: [], path: path)))
             case .reservedBits(let level):
-                throw .pageFault(PageFault(linearAddress: address, errorCode: errorCode(access, [.present, .reservedBit]),
-                                           level: level, violations: [], path: path))
+                return .failure(.pageFault(PageFault(linearAddress: address, errorCode: errorCode(access, [.present, .reservedBit]),
+                                                     level: level, violations: [], path: path)))
             case .noMemory(let entryAddress, let level):
-                throw .noMemory(GuestPhysicalAddress(entryAddress), level: level, path: path)
+                return .failure(.noMemory(GuestPhysicalAddress(entryAddress), level: level, path: path))
             }
             let leafBits = path.entryValue(level: leafLevel)
             let key = mode.isLongMode ? Int((leafBits >> 59) & 0xF) : 0
@@ -312,9 +322,9 @@ public struct PageWalker: Sendable {
             if refused || keyRefused {
                 let violations = rules.violations(access, pagePermissions: permissions, alignmentCheck: alignmentCheck,
                                                   key: key, pkru: registers.pkru, pkrs: registers.pkrs)
-                throw .pageFault(PageFault(linearAddress: address,
-                                           errorCode: errorCode(access, keyRefused ? [.present, .protectionKey] : [.present]),
-                                           level: leafLevel, violations: violations, path: path))
+                return .failure(.pageFault(PageFault(linearAddress: address,
+                                                     errorCode: errorCode(access, keyRefused ? [.present, .protectionKey] : [.present]),
+                                                     level: leafLevel, violations: violations, path: path)))
             }
             if setAccessedDirty && !X86Paging.setAccessedDirty(format, path: &path, isWrite: access.kind == .write,
                                                                memory: memory) && restartsLeft > 0 {
@@ -324,9 +334,10 @@ public struct PageWalker: Sendable {
             }
             let size = Format.pageSize(level: leafLevel)
             let base = format.pageBase(Format.Entry(bits: leafBits), level: leafLevel)
-            return Translation(linearAddress: address, physicalAddress: GuestPhysicalAddress(base | (address.rawValue & (size - 1))),
-                               level: leafLevel, pageSize: size, permissions: permissions, protectionKey: key,
-                               isGlobal: globalPagesEnabled && leafBits & x86GlobalBit != 0, path: path)
+            return .success(Translation(linearAddress: address,
+                                        physicalAddress: GuestPhysicalAddress(base | (address.rawValue & (size - 1))),
+                                        level: leafLevel, pageSize: size, permissions: permissions, protectionKey: key,
+                                        isGlobal: globalPagesEnabled && leafBits & x86GlobalBit != 0, path: path))
         }
     }
 }
