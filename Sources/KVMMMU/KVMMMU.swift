@@ -1,0 +1,1 @@
+// KVMMMU: what KVM decides — roles, SPTEs, the shadow and TDP MMUs, nested MMUs, SPP, stats.

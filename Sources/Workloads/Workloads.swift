@@ -1,0 +1,1 @@
+// Workloads: scenarios, the guest-kernel model, built-in workloads.
