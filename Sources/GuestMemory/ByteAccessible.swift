@@ -1,0 +1,63 @@
+import X86Paging
+
+/// Guest-physical memory that copies bytes in and out; everything else a caller wants (whole
+/// arrays, little-endian integers) is built on those two copies, once, here.
+public protocol ByteAccessibleMemory {
+    associatedtype AccessFailure: Error
+    func read(_ address: GuestPhysicalAddress, into buffer: UnsafeMutableRawBufferPointer) throws(AccessFailure)
+    func write(_ address: GuestPhysicalAddress, from buffer: UnsafeRawBufferPointer) throws(AccessFailure)
+}
+
+extension ByteAccessibleMemory {
+    public func read(_ address: GuestPhysicalAddress, count: Int) throws(AccessFailure) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        var failure: AccessFailure?
+        bytes.withUnsafeMutableBytes { buffer in
+            do throws(AccessFailure) { try read(address, into: buffer) } catch { failure = error }
+        }
+        if let failure { throw failure }
+        return bytes
+    }
+
+    public func write(_ address: GuestPhysicalAddress, bytes: [UInt8]) throws(AccessFailure) {
+        var failure: AccessFailure?
+        bytes.withUnsafeBytes { buffer in
+            do throws(AccessFailure) { try write(address, from: buffer) } catch { failure = error }
+        }
+        if let failure { throw failure }
+    }
+
+    public func load64(_ address: GuestPhysicalAddress) throws(AccessFailure) -> UInt64 {
+        try loadInteger(address, as: UInt64.self)
+    }
+
+    public func store64(_ value: UInt64, at address: GuestPhysicalAddress) throws(AccessFailure) {
+        try storeInteger(value, at: address)
+    }
+
+    public func load32(_ address: GuestPhysicalAddress) throws(AccessFailure) -> UInt32 {
+        try loadInteger(address, as: UInt32.self)
+    }
+
+    public func store32(_ value: UInt32, at address: GuestPhysicalAddress) throws(AccessFailure) {
+        try storeInteger(value, at: address)
+    }
+
+    public func loadInteger<T: FixedWidthInteger>(_ address: GuestPhysicalAddress, as _: T.Type) throws(AccessFailure) -> T {
+        var value: T = 0
+        var failure: AccessFailure?
+        withUnsafeMutableBytes(of: &value) { buffer in
+            do throws(AccessFailure) { try read(address, into: buffer) } catch { failure = error }
+        }
+        if let failure { throw failure }
+        return T(littleEndian: value)
+    }
+
+    public func storeInteger<T: FixedWidthInteger>(_ value: T, at address: GuestPhysicalAddress) throws(AccessFailure) {
+        var failure: AccessFailure?
+        withUnsafeBytes(of: value.littleEndian) { buffer in
+            do throws(AccessFailure) { try write(address, from: buffer) } catch { failure = error }
+        }
+        if let failure { throw failure }
+    }
+}
