@@ -1,0 +1,385 @@
+// The scenario language's data model: a parsed scenario, its directives with typed payloads, and
+// the settings they resolve to. The grammar is described in ScenarioParser.swift; the canonical text
+// form in ScenarioRender.swift.
+
+import X86Paging
+
+/// A parsed scenario: its directives in order, each with where it came from, and the machine they
+/// describe (memory size, CPU model, control registers before the first guest operation).
+public struct Scenario: Hashable, Sendable {
+    /// Where the scenario came from: a file path or a name the caller chose.
+    public var name: String
+    /// Every directive, in source order, with its line number and text.
+    public var directives: [ScenarioStatement]
+    /// Guest memory in bytes: the `mem` directive's, or `defaultMemorySize`.
+    public var memorySize: UInt64
+    /// The CPU model: `defaultCPUModel` with every `cpu` directive applied.
+    public var cpuModel: CPUModel
+    /// The control settings the guest starts with: `ControlState.defaults` with every `set` that comes
+    /// before the first guest operation applied. Later `set` directives change them as the scenario
+    /// runs (and applying the early ones again is harmless: `set` assigns absolute values).
+    public var initialControls: ControlState
+
+    /// 64 MiB.
+    public static let defaultMemorySize: UInt64 = 64 << 20
+    /// The largest `mem` accepted, 64 GiB.
+    public static let maximumMemorySize: UInt64 = 64 << 30
+    /// MAXPHYADDR 46, 1 GiB pages and LA57 supported, Intel.
+    public static var defaultCPUModel: CPUModel {
+        CPUModel(maxPhysicalAddressBits: 46, supports1GiBPages: true, supportsLA57: true, vendor: .intel)
+    }
+
+    /// The paging mode the scenario runs in (fixed before the first guest operation).
+    public var pagingMode: PagingMode { initialControls.pagingMode }
+
+    public init(name: String, directives: [ScenarioStatement], memorySize: UInt64, cpuModel: CPUModel,
+                initialControls: ControlState) {
+        self.name = name
+        self.directives = directives
+        self.memorySize = memorySize
+        self.cpuModel = cpuModel
+        self.initialControls = initialControls
+    }
+
+    /// A scenario made of `directives`, validated exactly as the parser validates text: each
+    /// statement gets its canonical text (`ScenarioDirective.rendered`) and line `index + 1`, so
+    /// `Scenario.parse(s.render(), name: s.name) == s`.
+    public init(name: String, directives: [ScenarioDirective]) throws(ScenarioError) {
+        self = try Scenario.parse(directives.map(\.rendered).joined(separator: "\n"), name: name)
+    }
+}
+
+/// One directive at its place in the source.
+public struct ScenarioStatement: Hashable, Sendable {
+    /// 1-based line number.
+    public var line: Int
+    /// The line as written (without its line terminator, comment included).
+    public var text: String
+    public var directive: ScenarioDirective
+
+    public init(line: Int, text: String, directive: ScenarioDirective) {
+        self.line = line
+        self.text = text
+        self.directive = directive
+    }
+}
+
+/// One directive with its typed payload.
+public enum ScenarioDirective: Hashable, Sendable {
+    /// `mem SIZE`: guest memory in bytes.
+    case mem(bytes: UInt64)
+    /// `set KEY=VALUE...`: control-register changes; only the keys given are set.
+    case set(ControlSettings)
+    /// `cpu KEY=VALUE...`: CPU-model changes; only the keys given are set.
+    case cpu(CPUSettings)
+    /// `map GVA GPA SIZE FLAGS [lN=FLAGS]... [pkey=N]`: the guest maps a page.
+    case map(MapDirective)
+    /// `access read|write|exec GVA [cpl=N] [value=V]`: the guest touches memory.
+    case access(kind: AccessKind, gva: GuestVirtualAddress, cpl: Int, value: UInt64?)
+    /// `pte GVA LEVEL FLAGS|raw=VALUE [cpl=N]`: the guest rewrites its own level-`level` entry for `gva`.
+    case pte(gva: GuestVirtualAddress, level: Int, value: EntryValue, cpl: Int)
+    /// `invlpg GVA`.
+    case invlpg(GuestVirtualAddress)
+    /// `reload-cr3`: the guest writes CR3 with its current value (flushing non-global translations).
+    case reloadCR3
+
+    /// The directive's keyword.
+    public var name: String {
+        switch self {
+        case .mem: "mem"
+        case .set: "set"
+        case .cpu: "cpu"
+        case .map: "map"
+        case .access: "access"
+        case .pte: "pte"
+        case .invlpg: "invlpg"
+        case .reloadCR3: "reload-cr3"
+        }
+    }
+
+    /// Whether this directive is a guest operation (it needs the machine built). `mem`, `cpu` and the
+    /// paging mode must come before the first one.
+    public var isGuestOperation: Bool {
+        switch self {
+        case .mem, .set, .cpu: false
+        case .map, .access, .pte, .invlpg, .reloadCR3: true
+        }
+    }
+}
+
+/// A page size a `map` directive can use.
+public enum PageSize: UInt64, Hashable, Sendable, CaseIterable {
+    case size4K = 0x1000
+    /// 2 MiB: a PDE with PS in PAE, 4-level and 5-level paging.
+    case size2M = 0x20_0000
+    /// 1 GiB: a PDPTE with PS in 4-level and 5-level paging.
+    case size1G = 0x4000_0000
+    /// 4 MiB: a PDE with PS in 32-bit paging (extension: `4m`, only with `set paging=32`).
+    case size4M = 0x40_0000
+
+    /// The size in bytes.
+    @inlinable public var bytes: UInt64 { rawValue }
+
+    /// The level of the leaf entry that maps a page of this size.
+    public var leafLevel: Int {
+        switch self {
+        case .size4K: 1
+        case .size2M, .size4M: 2
+        case .size1G: 3
+        }
+    }
+
+    /// The spelling used in scenario text: `4k`, `2m`, `1g`, `4m`.
+    public var name: String {
+        switch self {
+        case .size4K: "4k"
+        case .size2M: "2m"
+        case .size1G: "1g"
+        case .size4M: "4m"
+        }
+    }
+
+    /// The page sizes a paging mode can map.
+    public static func sizes(for mode: PagingMode) -> [PageSize] {
+        switch mode {
+        case .disabled: []
+        case .legacy32: [.size4K, .size4M]
+        case .pae: [.size4K, .size2M]
+        case .fourLevel, .fiveLevel: [.size4K, .size2M, .size1G]
+        }
+    }
+}
+
+/// The payload of `map`.
+public struct MapDirective: Hashable, Sendable {
+    public var gva: GuestVirtualAddress
+    public var gpa: GuestPhysicalAddress
+    public var pageSize: PageSize
+    /// The leaf entry's flag bits as written (`EntryFlags` bit mask). The address, and PS for a large
+    /// page, are not part of it: whoever builds the entry adds them.
+    public var leafFlags: UInt64
+    /// Flags for the table entries above the leaf that were given explicitly (`l2=`, `l3=`, `l4=`,
+    /// `l5=`), by level. Levels not listed use `defaultUpperFlags`.
+    public var upperFlags: [Int: UInt64]
+    /// The protection key (bits 62:59 of the leaf), 0...15, when given.
+    public var pkey: Int?
+
+    /// P, RW, US.
+    public static let defaultUpperFlags: UInt64 = EntryFlags.present.rawValue | EntryFlags.writable.rawValue
+        | EntryFlags.user.rawValue
+
+    public init(gva: GuestVirtualAddress, gpa: GuestPhysicalAddress, pageSize: PageSize, leafFlags: UInt64,
+                upperFlags: [Int: UInt64] = [:], pkey: Int? = nil) {
+        self.gva = gva
+        self.gpa = gpa
+        self.pageSize = pageSize
+        self.leafFlags = leafFlags
+        self.upperFlags = upperFlags
+        self.pkey = pkey
+    }
+
+    /// The flags of the table entry at `level` (above the leaf): the explicit ones or the default.
+    public func tableFlags(level: Int) -> UInt64 { upperFlags[level] ?? Self.defaultUpperFlags }
+
+    /// The leaf's flags with the protection key placed in bits 62:59.
+    public var leafFlagsWithKey: UInt64 {
+        guard let pkey else { return leafFlags }
+        return (leafFlags & ~bitRange(59, 62)) | UInt64(pkey & 15) << 59
+    }
+}
+
+/// What a `pte` directive writes.
+public enum EntryValue: Hashable, Sendable {
+    /// The entry's flag bits (an `EntryFlags` mask); the runner keeps the entry's address.
+    case flags(UInt64)
+    /// The whole entry, exactly.
+    case raw(UInt64)
+}
+
+/// Changes made by one `set` directive: nil means "not given, leave as is".
+public struct ControlSettings: Hashable, Sendable {
+    /// `wp=`: CR0.WP.
+    public var writeProtect: Bool?
+    /// `nx=`: EFER.NXE.
+    public var noExecuteEnable: Bool?
+    /// `smep=`: CR4.SMEP.
+    public var smep: Bool?
+    /// `smap=`: CR4.SMAP.
+    public var smap: Bool?
+    /// `pke=`: CR4.PKE.
+    public var protectionKeys: Bool?
+    /// `ac=`: RFLAGS.AC.
+    public var alignmentCheck: Bool?
+    /// `pkru=`: PKRU.
+    public var pkru: UInt32?
+    /// `la57=0|1` (4- or 5-level paging) or, as an extension, `paging=32|pae|4|5`.
+    public var pagingMode: PagingMode?
+
+    public init(writeProtect: Bool? = nil, noExecuteEnable: Bool? = nil, smep: Bool? = nil, smap: Bool? = nil,
+                protectionKeys: Bool? = nil, alignmentCheck: Bool? = nil, pkru: UInt32? = nil,
+                pagingMode: PagingMode? = nil) {
+        self.writeProtect = writeProtect
+        self.noExecuteEnable = noExecuteEnable
+        self.smep = smep
+        self.smap = smap
+        self.protectionKeys = protectionKeys
+        self.alignmentCheck = alignmentCheck
+        self.pkru = pkru
+        self.pagingMode = pagingMode
+    }
+
+    /// Nothing is changed.
+    public var isEmpty: Bool { self == ControlSettings() }
+}
+
+/// The control settings in force: what `set` directives change.
+public struct ControlState: Hashable, Sendable {
+    public var pagingMode: PagingMode
+    /// CR0.WP.
+    public var writeProtect: Bool
+    /// EFER.NXE.
+    public var noExecuteEnable: Bool
+    /// CR4.SMEP.
+    public var smep: Bool
+    /// CR4.SMAP.
+    public var smap: Bool
+    /// CR4.PKE.
+    public var protectionKeys: Bool
+    /// RFLAGS.AC.
+    public var alignmentCheck: Bool
+    public var pkru: PKRU
+
+    public init(pagingMode: PagingMode = .fourLevel, writeProtect: Bool = true, noExecuteEnable: Bool = true,
+                smep: Bool = false, smap: Bool = false, protectionKeys: Bool = false, alignmentCheck: Bool = false,
+                pkru: PKRU = .allowAll) {
+        self.pagingMode = pagingMode
+        self.writeProtect = writeProtect
+        self.noExecuteEnable = noExecuteEnable
+        self.smep = smep
+        self.smap = smap
+        self.protectionKeys = protectionKeys
+        self.alignmentCheck = alignmentCheck
+        self.pkru = pkru
+    }
+
+    /// 4-level paging, CR0.WP=1, EFER.NXE=1, SMEP/SMAP/PKE off, RFLAGS.AC=0, PKRU=0.
+    public static var defaults: ControlState { ControlState() }
+
+    /// These settings with `changes` applied.
+    public func applying(_ changes: ControlSettings) -> ControlState {
+        var state = self
+        if let value = changes.pagingMode { state.pagingMode = value }
+        if let value = changes.writeProtect { state.writeProtect = value }
+        if let value = changes.noExecuteEnable { state.noExecuteEnable = value }
+        if let value = changes.smep { state.smep = value }
+        if let value = changes.smap { state.smap = value }
+        if let value = changes.protectionKeys { state.protectionKeys = value }
+        if let value = changes.alignmentCheck { state.alignmentCheck = value }
+        if let value = changes.pkru { state.pkru = PKRU(value) }
+        return state
+    }
+
+    /// CR0: PE and PG, plus WP when set.
+    public var cr0: CR0 {
+        var value: CR0 = [.protectionEnable, .paging]
+        if writeProtect { value.insert(.writeProtect) }
+        return value
+    }
+
+    /// CR4: PSE with 32-bit paging (so 4 MiB pages work), PAE with PAE/4/5-level paging, LA57 with
+    /// 5-level paging, and SMEP, SMAP, PKE as set.
+    public var cr4: CR4 {
+        var value: CR4 = []
+        switch pagingMode {
+        case .disabled: break
+        case .legacy32: value.insert(.pageSizeExtensions)
+        case .pae, .fourLevel: value.insert(.physicalAddressExtension)
+        case .fiveLevel: value.formUnion([.physicalAddressExtension, .la57])
+        }
+        if smep { value.insert(.smep) }
+        if smap { value.insert(.smap) }
+        if protectionKeys { value.insert(.protectionKeys) }
+        return value
+    }
+
+    /// EFER: LME and LMA with 4/5-level paging, NXE as set.
+    public var efer: EFER {
+        var value: EFER = []
+        if pagingMode.isLongMode { value.formUnion([.longModeEnable, .longModeActive]) }
+        if noExecuteEnable { value.insert(.noExecuteEnable) }
+        return value
+    }
+
+    /// RFLAGS: AC as set.
+    public var rflags: RFLAGS { alignmentCheck ? .alignmentCheck : [] }
+
+    /// The registers for a walker, with `cr3` (the root table address) supplied by the caller.
+    public func registers(cr3: UInt64) -> PagingRegisters {
+        PagingRegisters(cr0: cr0, cr3: cr3, cr4: cr4, efer: efer, pkru: pkru, rflags: rflags)
+    }
+}
+
+/// Changes made by one `cpu` directive: nil means "not given, leave as is".
+public struct CPUSettings: Hashable, Sendable {
+    /// `maxphyaddr=N`, 36...52.
+    public var maxPhysicalAddressBits: Int?
+    /// `gbpages=0|1`.
+    public var supports1GiBPages: Bool?
+    /// `la57=0|1`.
+    public var supportsLA57: Bool?
+    /// `vendor=intel|amd` (extension).
+    public var vendor: CPUVendor?
+
+    public init(maxPhysicalAddressBits: Int? = nil, supports1GiBPages: Bool? = nil, supportsLA57: Bool? = nil,
+                vendor: CPUVendor? = nil) {
+        self.maxPhysicalAddressBits = maxPhysicalAddressBits
+        self.supports1GiBPages = supports1GiBPages
+        self.supportsLA57 = supportsLA57
+        self.vendor = vendor
+    }
+
+    /// `model` with these changes applied.
+    public func applied(to model: CPUModel) -> CPUModel {
+        var model = model
+        if let value = maxPhysicalAddressBits { model.maxPhysicalAddressBits = value }
+        if let value = supports1GiBPages { model.supports1GiBPages = value }
+        if let value = supportsLA57 { model.supportsLA57 = value }
+        if let value = vendor { model.vendor = value }
+        return model
+    }
+}
+
+/// A scenario that cannot be parsed: where, what, and why.
+public struct ScenarioError: Error, Hashable, Sendable, CustomStringConvertible {
+    /// The scenario's name (a file path, usually), when known.
+    public var source: String?
+    /// 1-based line number; nil for errors not tied to a line (an unreadable file, a lone flag list).
+    public var line: Int?
+    /// 1-based column (in Unicode scalars) of the offending text, when known.
+    public var column: Int?
+    /// The directive being parsed, when known.
+    public var directive: String?
+    /// The offending text: a token, or the whole line.
+    public var text: String
+    /// What is wrong, without the location.
+    public var message: String
+
+    public init(source: String? = nil, line: Int? = nil, column: Int? = nil, directive: String? = nil,
+                text: String, message: String) {
+        self.source = source
+        self.line = line
+        self.column = column
+        self.directive = directive
+        self.text = text
+        self.message = message
+    }
+
+    /// `line 7: map: page size must be 4k, 2m or 1g, not '3m'`.
+    public var description: String {
+        var parts: [String] = []
+        if let line { parts.append("line \(line)") }
+        if let directive { parts.append(directive) }
+        parts.append(message)
+        return parts.joined(separator: ": ")
+    }
+}

@@ -1,0 +1,106 @@
+// The canonical text form of a scenario: what `Scenario.render()` prints and `Scenario.parse` reads
+// back to the same directives.
+//
+//   mem 64M                     sizes with the largest exact K/M/G suffix
+//   cpu maxphyaddr=46 gbpages=1 la57=1 vendor=intel        only the keys given, in this order
+//   set wp=1 nx=1 smep=0 smap=0 pke=0 ac=0 pkru=0x0 la57=1   only the keys given, in this order;
+//                               4/5-level paging as la57=0|1, 32-bit/PAE as paging=32|pae
+//   map 0x400000 0x2000000 4k P,RW,US l4=P,RW,US pkey=1      addresses hex, flags by EntryFlags.describe
+//   access write 0x400000 cpl=3 value=0x2a                 cpl only when not 0
+//   pte 0x400000 1 raw=0x2000067 cpl=3
+//   invlpg 0x400000
+//   reload-cr3
+
+import X86Paging
+
+extension Scenario {
+    /// The canonical text: one directive per line, no comments, ending in a newline. Parsing it
+    /// gives the same directives and settings; for a scenario whose statements already carry their
+    /// canonical text on lines 1, 2, 3... (one from `init(name:directives:)`, or parsed from
+    /// `render()` output) `Scenario.parse(s.render(), name: s.name) == s`.
+    public func render() -> String {
+        directives.map { $0.directive.rendered + "\n" }.joined()
+    }
+}
+
+extension ScenarioDirective {
+    /// The directive's canonical line.
+    public var rendered: String {
+        switch self {
+        case .mem(let bytes):
+            return "mem " + renderSize(bytes)
+        case .cpu(let settings):
+            var words = ["cpu"]
+            if let value = settings.maxPhysicalAddressBits { words.append("maxphyaddr=\(value)") }
+            if let value = settings.supports1GiBPages { words.append("gbpages=" + bit(value)) }
+            if let value = settings.supportsLA57 { words.append("la57=" + bit(value)) }
+            if let value = settings.vendor { words.append("vendor=" + value.rawValue) }
+            return words.joined(separator: " ")
+        case .set(let settings):
+            var words = ["set"]
+            if let value = settings.writeProtect { words.append("wp=" + bit(value)) }
+            if let value = settings.noExecuteEnable { words.append("nx=" + bit(value)) }
+            if let value = settings.smep { words.append("smep=" + bit(value)) }
+            if let value = settings.smap { words.append("smap=" + bit(value)) }
+            if let value = settings.protectionKeys { words.append("pke=" + bit(value)) }
+            if let value = settings.alignmentCheck { words.append("ac=" + bit(value)) }
+            if let value = settings.pkru { words.append("pkru=" + hex(value)) }
+            switch settings.pagingMode {
+            case nil: break
+            case .fourLevel: words.append("la57=0")
+            case .fiveLevel: words.append("la57=1")
+            case .pae: words.append("paging=pae")
+            case .legacy32: words.append("paging=32")
+            // Not expressible; the parser never produces it. Rendered so that parsing rejects it.
+            case .disabled: words.append("paging=disabled")
+            }
+            return words.joined(separator: " ")
+        case .map(let map):
+            var words = ["map", hex(map.gva.rawValue), hex(map.gpa.rawValue), map.pageSize.name,
+                         EntryFlags.describe(map.leafFlags)]
+            for level in map.upperFlags.keys.sorted() {
+                words.append("l\(level)=" + EntryFlags.describe(map.upperFlags[level]!))
+            }
+            if let pkey = map.pkey { words.append("pkey=\(pkey)") }
+            return words.joined(separator: " ")
+        case .access(let kind, let gva, let cpl, let value):
+            var words = ["access", kind.scenarioName, hex(gva.rawValue)]
+            if cpl != 0 { words.append("cpl=\(cpl)") }
+            if let value { words.append("value=" + hex(value)) }
+            return words.joined(separator: " ")
+        case .pte(let gva, let level, let value, let cpl):
+            var words = ["pte", hex(gva.rawValue), "\(level)"]
+            switch value {
+            case .flags(let flags): words.append(EntryFlags.describe(flags))
+            case .raw(let raw): words.append("raw=" + hex(raw))
+            }
+            if cpl != 0 { words.append("cpl=\(cpl)") }
+            return words.joined(separator: " ")
+        case .invlpg(let gva):
+            return "invlpg " + hex(gva.rawValue)
+        case .reloadCR3:
+            return "reload-cr3"
+        }
+    }
+}
+
+extension AccessKind {
+    /// The scenario language's word: `read`, `write`, `exec`.
+    public var scenarioName: String {
+        switch self {
+        case .read: "read"
+        case .write: "write"
+        case .fetch: "exec"
+        }
+    }
+}
+
+/// `bytes` with the largest K/M/G suffix that divides it exactly: `64M`, `2G`, `4K`, `100`.
+public func renderSize(_ bytes: UInt64) -> String {
+    for (suffix, shift) in [("G", UInt64(30)), ("M", 20), ("K", 10)] where bytes != 0 && bytes & ((1 << shift) - 1) == 0 {
+        return "\(bytes >> shift)\(suffix)"
+    }
+    return "\(bytes)"
+}
+
+private func bit(_ value: Bool) -> String { value ? "1" : "0" }

@@ -1,1 +1,0 @@
-// Workloads: scenarios, the guest-kernel model, built-in workloads.
