@@ -1,1 +1,338 @@
-// VirtualMachine: the VM, its vCPUs, the host hardware walker and TLB over SPTEs, exits, and the lockstep reference machine.
+import GuestMemory
+import KVMMMU
+import X86Paging
+
+/// The host-physical address space as the hardware walker sees it: the host page pool. The walker
+/// speaks of guest-physical frames; here those numbers are host frame numbers (one adapter, so the
+/// same reference walker that walks guest tables walks KVM's SPTEs).
+struct HostPhysicalView: PhysicalMemory {
+    let pool: HostPagePool
+
+    @inlinable
+    func hostPage(_ frame: GuestFrameNumber) -> HostPage? {
+        let host = HostFrameNumber(frame.rawValue)
+        guard pool.contains(host) else { return nil }
+        return HostPage(bytes: pool.pointer(host), isWritable: true)
+    }
+}
+
+/// Why a VM operation could not be carried out (as opposed to a guest-visible fault).
+public enum VirtualMachineError: Error, Equatable, Sendable, CustomStringConvertible {
+    case invalidAccess(String)
+    case impossibleRegisters(ControlStateError)
+    case unsupported(String)
+    case hostMemory(String)
+    /// KVM kept refusing to make progress on one access (a model bug if it ever happens).
+    case livelock(GuestVirtualAddress, exits: Int)
+    /// The hardware walked into a host frame outside the pool: an SPTE points nowhere.
+    case corruptShadowTables(String)
+
+    public var description: String {
+        switch self {
+        case .invalidAccess(let why): "invalid access: \(why)"
+        case .impossibleRegisters(let error): "impossible register state: \(error)"
+        case .unsupported(let why): "unsupported: \(why)"
+        case .hostMemory(let why): "host memory: \(why)"
+        case .livelock(let address, let exits): "no progress on \(address) after \(exits) exits"
+        case .corruptShadowTables(let why): "corrupt shadow tables: \(why)"
+        }
+    }
+}
+
+/// A virtual machine under KVM's shadow MMU: guest memory in memslots, the MMU, and vCPUs.
+public final class VirtualMachine {
+    public let pool: HostPagePool
+    public let memory: MemslotSet
+    public let mmu: ShadowMMU
+    public let cpu: CPUModel
+    public private(set) var vcpus: [VCPU] = []
+
+    /// A VM with `memorySize` bytes of guest RAM in memslot 0 at GPA 0, and room in the host pool
+    /// for `shadowPageBudget` shadow pages.
+    public init(memorySize: UInt64, cpu: CPUModel = CPUModel(), shadowPageBudget: Int = 1 << 16) throws(VirtualMachineError) {
+        self.cpu = cpu
+        do {
+            pool = try HostPagePool(capacityPages: Int(memorySize >> 12) + shadowPageBudget)
+        } catch {
+            throw .hostMemory("\(error)")
+        }
+        memory = MemslotSet(pool: pool)
+        do {
+            _ = try memory.addSlot(id: 0, base: GuestPhysicalAddress(0), size: memorySize, flags: [])
+        } catch {
+            throw .hostMemory("\(error)")
+        }
+        mmu = ShadowMMU(memory: memory, pool: pool)
+        mmu.flushRemoteTLBs = { [unowned self] in
+            self.mmu.stats.remoteTLBFlush += 1
+            for vcpu in self.vcpus { vcpu.tlb.flush() }
+        }
+    }
+
+    /// Adds a vCPU with the given registers.
+    @discardableResult
+    public func addVCPU(registers: PagingRegisters) throws(VirtualMachineError) -> VCPU {
+        let vcpu = try VCPU(vm: self, id: vcpus.count, registers: registers)
+        vcpus.append(vcpu)
+        return vcpu
+    }
+}
+
+/// What one guest access came to, as the guest sees it.
+public enum AccessResult: Equatable, Sendable {
+    /// The access went through: the guest-physical address and, for reads, the value read.
+    case completed(gpa: GuestPhysicalAddress, value: UInt64)
+    /// A #PF delivered to the guest (CR2 is the address).
+    case pageFault(errorCode: PageFaultErrorCode, cr2: GuestVirtualAddress)
+    /// A #GP (a non-canonical address).
+    case generalProtection
+    /// The address is emulated MMIO (no memslot): reads give all ones, writes go nowhere.
+    case mmio(gpa: GuestPhysicalAddress, value: UInt64)
+}
+
+/// One access with how the VM handled it.
+public struct AccessOutcome: Equatable, Sendable {
+    public var result: AccessResult
+    /// #PF exits to KVM taken on the way.
+    public var exits: Int
+    /// The access was completed by KVM's emulator rather than by the hardware.
+    public var emulated: Bool
+    /// The access hit the TLB without a hardware walk.
+    public var tlbHit: Bool
+}
+
+/// A vCPU: the guest's registers, KVM's MMU context for it, and the host hardware (TLB and the
+/// page walker over KVM's SPTEs) that runs its accesses.
+public final class VCPU {
+    public unowned let vm: VirtualMachine
+    public let id: Int
+    public let context: MMUContext
+    public internal(set) var tlb = TLB()
+    public var registers: PagingRegisters { context.registers }
+    private var hardwareRoot: HardwareRoot?
+    private var hardware: PageWalker?
+    private var host: HostPhysicalView
+    /// A bound on exits for one access: each exit must make progress.
+    public static let maxExitsPerAccess = 64
+
+    init(vm: VirtualMachine, id: Int, registers: PagingRegisters) throws(VirtualMachineError) {
+        self.vm = vm
+        self.id = id
+        host = HostPhysicalView(pool: vm.pool)
+        try Self.checkSupported(registers)
+        do {
+            context = try MMUContext(mmu: vm.mmu, registers: registers, cpu: vm.cpu)
+        } catch {
+            throw .impossibleRegisters(error)
+        }
+    }
+
+    static func checkSupported(_ registers: PagingRegisters) throws(VirtualMachineError) {
+        if registers.cr4.contains(.protectionKeys) || registers.cr4.contains(.supervisorProtectionKeys) {
+            throw .unsupported("protection keys need TDP: KVM does not expose PKU or PKS with shadow paging")
+        }
+    }
+
+    // MARK: Register writes
+
+    /// A write to the control registers (MOV to CR0/CR3/CR4, WRMSR EFER, WRPKRU, STAC/CLAC),
+    /// through KVM's context rules.
+    public func setRegisters(_ new: PagingRegisters) throws(VirtualMachineError) {
+        try Self.checkSupported(new)
+        let old = context.registers
+        do {
+            try context.setRegisters(new)
+        } catch {
+            throw .impossibleRegisters(error)
+        }
+        if new.cr3 != old.cr3 || new.cr0 != old.cr0 || new.cr4 != old.cr4 || new.efer != old.efer {
+            // A CR3 load (or a mode change) flushes the non-global translations; KVM's SPTEs are
+            // never global, so that is all of them.
+            tlb.flush()
+            vm.mmu.stats.tlbFlush += 1
+        }
+        if !context.rootsLoaded { hardware = nil }
+        if new.rflags != old.rflags || new.cr4 != old.cr4 { hardware = nil }
+    }
+
+    /// MOV to CR3 with the same or another value.
+    public func loadCR3(_ value: UInt64) throws(VirtualMachineError) {
+        var new = context.registers
+        new.cr3 = value
+        if value == context.registers.cr3 {
+            // Reloading the same CR3 still flushes and, for PAE, reloads the PDPTEs.
+            context.unload()
+            hardware = nil
+        }
+        try setRegisters(new)
+        tlb.flush()
+    }
+
+    /// INVLPG.
+    public func invalidatePage(_ address: GuestVirtualAddress) {
+        context.invalidatePage(address)
+        tlb.invalidate(address)
+    }
+
+    // MARK: Accesses
+
+    private func hardwareWalker() throws(VirtualMachineError) -> PageWalker {
+        if let hardware, context.rootsLoaded { return hardware }
+        let root: HardwareRoot
+        do {
+            root = try context.load()
+        } catch {
+            throw .hostMemory("\(error)")
+        }
+        let guest = context.registers
+        // KVM runs shadow-paging guests with CR0.WP=1 and EFER.NX=1 in hardware, in PAE or
+        // long mode; SMEP and SMAP stay the guest's.
+        var cr4: CR4 = [.physicalAddressExtension]
+        if guest.cr4.contains(.smep) { cr4.insert(.smep) }
+        if guest.cr4.contains(.smap) { cr4.insert(.smap) }
+        var efer: EFER = [.noExecuteEnable]
+        if root.mode != .pae {
+            efer.formUnion([.longModeEnable, .longModeActive])
+            if root.mode == .fiveLevel { cr4.insert(.la57) }
+        }
+        let registers = PagingRegisters(cr0: [.protectionEnable, .writeProtect, .paging], cr3: root.rootFrame.rawValue << 12,
+                                        cr4: cr4, efer: efer, rflags: guest.rflags)
+        let walker: PageWalker
+        do {
+            walker = try PageWalker(registers: registers, cpu: CPUModel(), memory: host,
+                                    pdpteValues: root.mode == .pae ? root.pdptes : nil)
+        } catch {
+            throw .corruptShadowTables("the hardware refuses KVM's root: \(error)")
+        }
+        if hardwareRoot != root { tlb.flush() }
+        hardwareRoot = root
+        hardware = walker
+        return walker
+    }
+
+    /// One guest access of `size` bytes (1, 2, 4 or 8, within one page) at `address`.
+    public func access(_ address: GuestVirtualAddress, _ access: Access, size: Int = 8,
+                       value: UInt64 = 0) throws(VirtualMachineError) -> AccessOutcome {
+        guard [1, 2, 4, 8].contains(size) else { throw .invalidAccess("size must be 1, 2, 4 or 8, not \(size)") }
+        guard address.rawValue & pageOffsetMask <= pageSize - UInt64(size) else {
+            throw .invalidAccess("\(size) bytes at \(address) cross a page boundary")
+        }
+        if !registers.mode.isLongMode && address.rawValue >> 32 != 0 {
+            throw .invalidAccess("\(address) is wider than the 32-bit linear addresses of \(registers.mode.displayName)")
+        }
+        var exits = 0
+        var firstTry = true
+        while exits <= Self.maxExitsPerAccess {
+            if let entry = tlb.lookup(address), allows(entry, access) {
+                let hostAddress = entry.hostFrame << 12 | (address.rawValue & pageOffsetMask)
+                let value = perform(hostAddress: hostAddress, access.kind, size: size, value: value)
+                return AccessOutcome(result: .completed(gpa: GuestPhysicalAddress(entry.guestFrame << 12 | (address.rawValue & pageOffsetMask)),
+                                                        value: value),
+                                     exits: exits, emulated: false, tlbHit: firstTry)
+            }
+            firstTry = false
+            tlb.invalidate(address)
+            let walker = try hardwareWalker()
+            switch walker.translate(address, access, in: host, setAccessedDirty: true) {
+            case .success(let translation):
+                let leafAddress = translation.path.entryAddress(level: translation.level)
+                let guestFrame = guestFrame(ofLeafAt: leafAddress.rawValue)
+                let leaf = translation.path.entryValue(level: translation.level)
+                tlb.insert(address, hostFrame: translation.physicalAddress.rawValue >> 12, permissions: translation.permissions,
+                           dirty: leaf & (1 << 6) != 0, guestFrame: guestFrame)
+                continue  // the access completes through the TLB entry just filled
+            case .failure(.pageFault(let fault)):
+                exits += 1
+                let decision: PageFaultResult
+                do {
+                    decision = try context.pageFault(at: address, access: access, errorCode: fault.errorCode)
+                } catch {
+                    throw .hostMemory("\(error)")
+                }
+                switch decision {
+                case .fixed, .spurious, .retry:
+                    continue
+                case .emulate:
+                    return try emulate(address, access, size: size, value: value, exits: exits)
+                case .injectGuestFault(let cr2, let errorCode):
+                    return AccessOutcome(result: .pageFault(errorCode: errorCode, cr2: cr2), exits: exits, emulated: false,
+                                         tlbHit: false)
+                case .injectGeneralProtection:
+                    return AccessOutcome(result: .generalProtection, exits: exits, emulated: false, tlbHit: false)
+                }
+            case .failure(.generalProtection):
+                return AccessOutcome(result: .generalProtection, exits: exits, emulated: false, tlbHit: false)
+            case .failure(.noMemory(let gpa, let level, _)):
+                throw .corruptShadowTables("a level-\(level) SPTE points at host frame \(gpa.frame.rawValue), outside the pool")
+            case .failure(.addressTooWide(let address, let width)):
+                throw .invalidAccess("\(address) is wider than \(width) bits")
+            }
+        }
+        throw .livelock(address, exits: exits)
+    }
+
+    /// Whether a TLB entry's permissions let the access through under the hardware's rules (a
+    /// write needs the entry dirty too, else the hardware walks to set D).
+    private func allows(_ entry: TLB.Entry, _ access: Access) -> Bool {
+        guard let hardware else { return false }
+        if access.kind == .write && !entry.dirty { return false }
+        return !hardware.rules.isRefused(access, pagePermissions: entry.permissions,
+                                         alignmentCheck: registers.rflags.contains(.alignmentCheck))
+    }
+
+    /// The guest frame a leaf SPTE maps, from its shadow page's record of it.
+    private func guestFrame(ofLeafAt hostAddress: UInt64) -> UInt64 {
+        guard let page = vm.mmu.shadowPage(containingHostAddress: hostAddress) else { return 0 }
+        return page.mappedGFN(at: Int((hostAddress & pageOffsetMask) >> 3)).rawValue
+    }
+
+    private func perform(hostAddress: UInt64, _ kind: AccessKind, size: Int, value: UInt64) -> UInt64 {
+        let pointer = vm.pool.pointer(HostFrameNumber(hostAddress >> 12)) + Int(hostAddress & pageOffsetMask)
+        switch kind {
+        case .write:
+            withUnsafeBytes(of: value.littleEndian) { pointer.copyMemory(from: $0.baseAddress!, byteCount: size) }
+            return value
+        case .read, .fetch:
+            var result: UInt64 = 0
+            withUnsafeMutableBytes(of: &result) { $0.baseAddress!.copyMemory(from: pointer, byteCount: size) }
+            return UInt64(littleEndian: result)
+        }
+    }
+
+    /// KVM's emulator: the guest walk (with A/D updates and fault injection), then the access on
+    /// guest memory; a write to a shadowed table goes through `kvm_mmu_track_write`.
+    private func emulate(_ address: GuestVirtualAddress, _ access: Access, size: Int, value: UInt64,
+                         exits: Int) throws(VirtualMachineError) -> AccessOutcome {
+        let translation: Translation
+        switch context.guestWalker.translate(address, access, in: vm.memory, setAccessedDirty: true) {
+        case .success(let result):
+            translation = result
+        case .failure(.pageFault(let fault)):
+            vm.mmu.stats.pfGuest += 1
+            return AccessOutcome(result: .pageFault(errorCode: PageFaultErrorCode(rawValue: UInt64(fault.errorCode.architectural)),
+                                                    cr2: address),
+                                 exits: exits, emulated: true, tlbHit: false)
+        case .failure(.generalProtection), .failure(.addressTooWide):
+            return AccessOutcome(result: .generalProtection, exits: exits, emulated: true, tlbHit: false)
+        case .failure(.noMemory):
+            var code = PageFaultErrorCode()
+            if access.kind == .write { code.insert(.write) }
+            if access.privilege == .user { code.insert(.user) }
+            vm.mmu.stats.pfGuest += 1
+            return AccessOutcome(result: .pageFault(errorCode: code, cr2: address), exits: exits, emulated: true, tlbHit: false)
+        }
+        let gpa = translation.physicalAddress
+        guard let slot = vm.memory.slot(containing: gpa.frame), !(access.kind == .write && slot.flags.contains(.readOnly)) else {
+            let allOnes: UInt64 = size == 8 ? ~0 : (1 << UInt64(8 * size)) - 1
+            return AccessOutcome(result: .mmio(gpa: gpa, value: access.kind == .write ? value : allOnes), exits: exits,
+                                 emulated: true, tlbHit: false)
+        }
+        let hostAddress = vm.memory.hostFrame(of: gpa.frame)!.rawValue << 12 | gpa.pageOffset
+        let result = perform(hostAddress: hostAddress, access.kind, size: size, value: value)
+        if access.kind == .write {
+            _ = vm.memory.markDirty(gpa.frame)
+            vm.mmu.trackWrite(gpa, bytes: size, fourByteGuestEntries: registers.mode == .legacy32)
+        }
+        return AccessOutcome(result: .completed(gpa: gpa, value: result), exits: exits, emulated: true, tlbHit: false)
+    }
+}

@@ -1,0 +1,461 @@
+import GuestMemory
+import X86Paging
+
+/// What KVM's page-fault handler decided (KVM's `RET_PF_*`, with the injected fault spelled out).
+public enum PageFaultResult: Equatable, Sendable {
+    /// The SPTE was installed or changed (`RET_PF_FIXED`): retry the access.
+    case fixed
+    /// Nothing needed changing (`RET_PF_SPURIOUS`): a stale TLB entry; retry.
+    case spurious
+    /// Retry without having changed anything (`RET_PF_RETRY`).
+    case retry
+    /// The access must be emulated (`RET_PF_EMULATE`): a write to a shadowed guest table, or MMIO.
+    case emulate
+    /// The guest's own tables refuse the access: KVM injects this #PF (then `RET_PF_RETRY`).
+    case injectGuestFault(address: GuestVirtualAddress, errorCode: PageFaultErrorCode)
+    /// The guest's tables point at a non-canonical address or the walk was impossible.
+    case injectGeneralProtection
+}
+
+/// What the host hardware walks: the root KVM loaded and the paging mode it runs the guest in.
+public struct HardwareRoot: Equatable, Sendable {
+    public var mode: PagingMode
+    /// The host-physical root table (the PAE root's page for `.pae`).
+    public var rootFrame: HostFrameNumber
+    /// For `.pae`: the four PDPTE values of the PAE root.
+    public var pdptes: [UInt64]
+}
+
+/// One vCPU's shadow MMU (KVM's `root_mmu` with the shadow-paging callbacks): its roles, its
+/// roots, and the page-fault handler.
+public final class MMUContext {
+    public let mmu: ShadowMMU
+    public let cpu: CPUModel
+    public private(set) var registers: PagingRegisters
+    public private(set) var cpuRole: CPURole
+    public private(set) var rootRole: PageRole
+    /// The guest-table walker for the current registers (KVM's `gva_to_gpa` / `walk_addr`).
+    public private(set) var guestWalker: PageWalker
+    /// The root shadow page of a 4- or 5-level guest.
+    public private(set) var root: ShadowPage?
+    /// The four level-2 roots behind the PAE root (32-bit, PAE and non-paging guests).
+    public private(set) var paeRoots: [ShadowPage?] = [nil, nil, nil, nil]
+    /// KVM's special `pae_root` page.
+    private var paeRootFrame: HostFrameNumber?
+    /// The CR3 the roots were built for (KVM's `root.pgd`).
+    public private(set) var rootPGD: UInt64 = 0
+    public private(set) var rootsLoaded = false
+    private var long64: Long64Format
+    private var legacy32: Legacy32Format
+
+    public init(mmu: ShadowMMU, registers: PagingRegisters, cpu: CPUModel = CPUModel()) throws(ControlStateError) {
+        self.mmu = mmu
+        self.cpu = cpu
+        self.registers = registers
+        guestWalker = try PageWalker(registers: registers, cpu: cpu, memory: mmu.memory)
+        cpuRole = calcCPURole(cr0: registers.cr0, cr4: registers.cr4, efer: registers.efer)
+        rootRole = shadowRootRole(for: cpuRole)
+        long64 = Long64Format(mode: guestWalker.mode, efer: registers.efer, cpu: cpu)
+        legacy32 = Legacy32Format(cr4: registers.cr4, cpu: cpu)
+    }
+
+    // MARK: Registers
+
+    /// A write to CR0, CR3, CR4, EFER, PKRU or RFLAGS.AC. Role changes reset the context (free
+    /// the roots, recompute the roles); a CR3 change loads a new root (KVM's `kvm_mmu_new_pgd`,
+    /// without the previous-root cache); PAE PDPTEs are reloaded with CR3 as the hardware does.
+    public func setRegisters(_ new: PagingRegisters) throws(ControlStateError) {
+        let walker = try PageWalker(registers: new, cpu: cpu, memory: mmu.memory)
+        let newRole = calcCPURole(cr0: new.cr0, cr4: new.cr4, efer: new.efer)
+        let roleChanged = newRole != cpuRole
+        let pgdChanged = new.cr3 != registers.cr3
+        let pdptesChanged = walker.mode == .pae && (0..<4).contains { walker.pdpte($0) != guestWalker.pdpte($0) }
+        registers = new
+        guestWalker = walker
+        long64 = Long64Format(mode: walker.mode, efer: new.efer, cpu: cpu)
+        legacy32 = Legacy32Format(cr4: new.cr4, cpu: cpu)
+        if roleChanged {
+            cpuRole = newRole
+            rootRole = shadowRootRole(for: newRole)
+            unload()
+        } else if pgdChanged || pdptesChanged {
+            unload()
+        }
+    }
+
+    /// Frees the roots (KVM's `kvm_mmu_free_roots` of the current root).
+    public func unload() {
+        if let root { mmu.releaseRoot(root) }
+        root = nil
+        for case let page? in paeRoots { mmu.releaseRoot(page) }
+        paeRoots = [nil, nil, nil, nil]
+        if let paeRootFrame { try? mmu.pool.freePage(paeRootFrame) }
+        paeRootFrame = nil
+        rootsLoaded = false
+    }
+
+    /// `kvm_mmu_load`: builds the roots if there are none.
+    public func load() throws(ShadowMMUError) -> HardwareRoot {
+        if !rootsLoaded { try allocateRoots() }
+        if let root {
+            return HardwareRoot(mode: rootRole.level == 5 ? .fiveLevel : .fourLevel, rootFrame: root.frame, pdptes: [])
+        }
+        let frame = paeRootFrame!
+        let entries = mmu.pool.pointer(frame).bindMemory(to: UInt64.self, capacity: 4)
+        return HardwareRoot(mode: .pae, rootFrame: frame, pdptes: (0..<4).map { entries[$0] })
+    }
+
+    private func allocateRoots() throws(ShadowMMUError) {
+        rootPGD = registers.cr3
+        if rootRole.level >= 4 {
+            // 64-bit guest: one root shadowing the guest's top table.
+            var role = rootRole
+            role.quadrant = 0
+            let gfn = GuestFrameNumber((registers.cr3 & bitRange(12, 51)) >> 12)
+            let page = try mmu.getShadowPage(gfn, role).page
+            page.rootCount += 1
+            root = page
+        } else {
+            // The PAE root: four level-2 roots, one per gigabyte of the 32-bit address space.
+            let frame: HostFrameNumber
+            do { frame = try mmu.pool.allocatePage() } catch { throw .outOfHostMemory("\(error)") }
+            paeRootFrame = frame
+            let entries = mmu.pool.pointer(frame).bindMemory(to: UInt64.self, capacity: 512)
+            entries.initialize(repeating: 0, count: 512)
+            for index in 0..<4 {
+                var role = rootRole
+                role.level = 2
+                let gfn: GuestFrameNumber
+                if rootRole.isDirect {
+                    // Paging disabled: direct roots over gfn i << 18 (1 GiB each).
+                    gfn = GuestFrameNumber(UInt64(index) << 18)
+                    role.quadrant = 0
+                } else if rootRole.hasFourByteGPTE {
+                    // 32-bit guest: the four roots shadow quarters of the one guest page directory.
+                    gfn = GuestFrameNumber((registers.cr3 & 0xFFFF_F000) >> 12)
+                    role.quadrant = index
+                } else {
+                    let pdpte = guestWalker.pdpte(index)
+                    guard pdpte.isPresent else { continue }
+                    gfn = GuestFrameNumber(pdpte.frameAddress >> 12)
+                    role.quadrant = 0
+                }
+                let page = try mmu.getShadowPage(gfn, role).page
+                page.rootCount += 1
+                paeRoots[index] = page
+                entries[index] = page.frame.rawValue << 12 | 1
+            }
+        }
+        rootsLoaded = true
+    }
+
+    // MARK: The page-fault handler
+
+    /// KVM's `kvm_mmu_page_fault` for a #PF exit at `address` with the hardware's `errorCode`.
+    /// `access` is the access that faulted (it carries the implicit-supervisor distinction,
+    /// which the error code cannot).
+    public func pageFault(at address: GuestVirtualAddress, access: Access,
+                          errorCode: PageFaultErrorCode) throws(ShadowMMUError) -> PageFaultResult {
+        mmu.stats.pfTaken += 1
+        let result: PageFaultResult
+        if rootRole.isDirect {
+            result = try directPageFault(address, errorCode: errorCode)
+        } else {
+            result = try shadowPageFault(address, access: access, errorCode: errorCode)
+        }
+        switch result {
+        case .fixed: mmu.stats.pfFixed += 1
+        case .emulate: mmu.stats.pfEmulate += 1
+        case .spurious: mmu.stats.pfSpurious += 1
+        case .injectGuestFault, .injectGeneralProtection: mmu.stats.pfGuest += 1
+        case .retry: break
+        }
+        return result
+    }
+
+    /// The guest walk's answer, in the form `FNAME(fetch)` consumes (KVM's `struct guest_walker`).
+    struct GuestWalk {
+        var gfn: GuestFrameNumber
+        var level: Int
+        /// The access granted by every level (after `protect_clean_gpte` and the CR0.WP trick).
+        var pteAccess: UInt8
+        /// `ptAccess[l - 1]`: the access granted by the levels above level `l`.
+        var ptAccess: [UInt8]
+        /// `tableGFN[l - 1]`: the guest table holding the level-`l` entry.
+        var tableGFN: [GuestFrameNumber]
+    }
+
+    /// The ACC bits one guest entry grants (`FNAME(gpte_access)`).
+    func guestAccess(_ gpte: UInt64) -> UInt8 {
+        if rootRole.hasFourByteGPTE { return legacy32.permissions(Legacy32Entry(bits: gpte)) }
+        return long64.permissions(Entry64(rawValue: gpte))
+    }
+
+    private func shadowPageFault(_ address: GuestVirtualAddress, access: Access,
+                                 errorCode: PageFaultErrorCode) throws(ShadowMMUError) -> PageFaultResult {
+        let isWrite = errorCode.contains(.write)
+        let translation: Translation
+        switch guestWalker.translate(address, access, in: mmu.memory, setAccessedDirty: true) {
+        case .success(let result):
+            translation = result
+        case .failure(.pageFault(let fault)):
+            return .injectGuestFault(address: address, errorCode: PageFaultErrorCode(rawValue: UInt64(fault.errorCode.architectural)))
+        case .failure(.noMemory):
+            // A guest table outside every memslot reads as a failed walk: KVM injects a
+            // not-present #PF carrying the access bits.
+            var code = PageFaultErrorCode()
+            if isWrite { code.insert(.write) }
+            if access.privilege == .user { code.insert(.user) }
+            return .injectGuestFault(address: address, errorCode: code)
+        case .failure(.generalProtection), .failure(.addressTooWide):
+            return .injectGeneralProtection
+        }
+        var walk = makeGuestWalk(translation)
+        if !isWrite {
+            // `protect_clean_gpte`: a clean page is mapped read-only so the first write faults
+            // and the walker sets D.
+            let leaf = translation.path.entryValue(level: translation.level)
+            if leaf & (1 << 6) == 0 { walk.pteAccess &= ~ACC.write }
+        }
+        // Writes to a gfn holding an upper-level guest table are always emulated.
+        if errorCode.contains(.present) && isWrite && mmu.isWriteTracked(walk.gfn) {
+            return .emulate
+        }
+        guard let hostFrame = mmu.memory.hostFrame(of: walk.gfn), let slot = mmu.memory.slot(containing: walk.gfn) else {
+            return .emulate  // MMIO
+        }
+        // CR0.WP=0: a supervisor write to a read-only page is allowed by the architecture; KVM
+        // maps the page writable but supervisor-only (and not executable under SMEP) so the
+        // hardware, which always runs with WP=1, lets the write through.
+        if isWrite && walk.pteAccess & ACC.write == 0 && !registers.cr0.contains(.writeProtect)
+            && access.privilege != .user {
+            walk.pteAccess |= ACC.write
+            walk.pteAccess &= ~ACC.user
+            if registers.cr4.contains(.smep) { walk.pteAccess &= ~ACC.exec }
+        }
+        return try fetch(walk, address: address, hostFrame: hostFrame, hostWritable: !slot.flags.contains(.readOnly),
+                         isWrite: isWrite)
+    }
+
+    private func makeGuestWalk(_ translation: Translation) -> GuestWalk {
+        let path = translation.path
+        var ptAccess = [UInt8](repeating: accessAll, count: 5)
+        var tableGFN = [GuestFrameNumber](repeating: GuestFrameNumber(0), count: 5)
+        var above = accessAll
+        let firstTableLevel = path.topIsRegister ? path.topLevel - 1 : path.topLevel
+        if path.topIsRegister { tableGFN[path.topLevel - 1] = path.entryAddress(level: path.topLevel).frame }
+        if firstTableLevel >= translation.level {
+            for level in stride(from: firstTableLevel, through: translation.level, by: -1) {
+                ptAccess[level - 1] = above
+                tableGFN[level - 1] = path.entryAddress(level: level).frame
+                above &= guestAccess(path.entryValue(level: level))
+            }
+        }
+        return GuestWalk(gfn: translation.physicalAddress.frame, level: translation.level, pteAccess: translation.permissions,
+                         ptAccess: ptAccess, tableGFN: tableGFN)
+    }
+
+    /// The shadow table for the top of a shadow walk of `address`, and its level.
+    private func shadowWalkStart(_ address: GuestVirtualAddress) -> (page: ShadowPage, level: Int)? {
+        if let root { return (root, root.level) }
+        guard let page = paeRoots[Int(address.rawValue >> 30) & 3] else { return nil }
+        return (page, 2)
+    }
+
+    static func index(_ address: UInt64, level: Int) -> Int {
+        Int((address >> UInt64(12 + 9 * (level - 1))) & 511)
+    }
+
+    /// `kvm_mmu_get_child_sp`: the page an SPTE leads to, creating and linking it if need be.
+    private func childPage(at pointer: SPTEPointer, in parent: ShadowPage, gfn: GuestFrameNumber, direct: Bool,
+                           access: UInt8) throws(ShadowMMUError) -> ShadowPage {
+        let spte = SPTE(rawValue: pointer.pointee)
+        if spte.isShadowPresent && !spte.isLarge, let existing = mmu.child(of: spte) { return existing }
+        let role = childRole(of: parent.role, parentIndex: parent.index(of: pointer), direct: direct, access: access)
+        let page = try mmu.getShadowPage(gfn, role).page
+        mmu.link(pointer, to: page)
+        return page
+    }
+
+    /// `FNAME(fetch)`: builds the shadow path for the walk and installs the leaf.
+    private func fetch(_ walk: GuestWalk, address: GuestVirtualAddress, hostFrame: HostFrameNumber, hostWritable: Bool,
+                       isWrite: Bool) throws(ShadowMMUError) -> PageFaultResult {
+        guard var (page, level) = shadowWalkStart(address) else { return .retry }
+        page.writeFloodingCount = 0
+        // Levels the guest has tables for: shadow them.
+        while level > walk.level {
+            let pointer = page.spte(Self.index(address.rawValue, level: level))
+            page = try childPage(at: pointer, in: page, gfn: walk.tableGFN[level - 2], direct: false,
+                                 access: walk.ptAccess[level - 2])
+            page.writeFloodingCount = 0
+            level -= 1
+        }
+        // A guest huge page over 4 KiB host pages: direct pages split it.
+        let goalLevel = 1
+        mmu.events.record(.kvmMMUSPTERequested(gfn: walk.gfn, pfn: hostFrame, level: goalLevel))
+        while level > goalLevel {
+            let pointer = page.spte(Self.index(address.rawValue, level: level))
+            let baseGFN = GuestFrameNumber(walk.gfn.rawValue & ~((1 << UInt64(9 * (level - 1))) - 1))
+            validateDirectSPTE(pointer, access: walk.pteAccess)
+            page = try childPage(at: pointer, in: page, gfn: baseGFN, direct: true, access: walk.pteAccess)
+            level -= 1
+        }
+        let pointer = page.spte(Self.index(address.rawValue, level: 1))
+        let result = setSPTE(pointer, in: page, access: walk.pteAccess, gfn: walk.gfn, hostFrame: hostFrame,
+                             prefetch: false, isWrite: isWrite, hostWritable: hostWritable)
+        if result != .spurious { prefetchNeighbours(of: pointer, in: page) }
+        return result
+    }
+
+    /// `validate_direct_spte`: a direct child made for other access rights is dropped.
+    private func validateDirectSPTE(_ pointer: SPTEPointer, access: UInt8) {
+        let spte = SPTE(rawValue: pointer.pointee)
+        guard spte.isShadowPresent && !spte.isLarge, let child = mmu.child(of: spte), child.role.access != access else { return }
+        mmu.dropParentPTE(child, pointer)
+        mmu.flushRemoteTLBs()
+    }
+
+    /// The non-paging and direct path (`nonpaging_page_fault` / `direct_page_fault`): gfn = address.
+    private func directPageFault(_ address: GuestVirtualAddress, errorCode: PageFaultErrorCode) throws(ShadowMMUError) -> PageFaultResult {
+        let gfn = GuestFrameNumber(address.rawValue >> 12)
+        if errorCode.contains(.present) && errorCode.contains(.write) && mmu.isWriteTracked(gfn) { return .emulate }
+        guard let hostFrame = mmu.memory.hostFrame(of: gfn), let slot = mmu.memory.slot(containing: gfn) else { return .emulate }
+        guard var (page, level) = shadowWalkStart(address) else { return .retry }
+        while level > 1 {
+            let pointer = page.spte(Self.index(address.rawValue, level: level))
+            let baseGFN = GuestFrameNumber(gfn.rawValue & ~((1 << UInt64(9 * (level - 1))) - 1))
+            page = try childPage(at: pointer, in: page, gfn: baseGFN, direct: true, access: accessAll)
+            level -= 1
+        }
+        let pointer = page.spte(Self.index(address.rawValue, level: 1))
+        let result = setSPTE(pointer, in: page, access: accessAll, gfn: gfn, hostFrame: hostFrame, prefetch: false,
+                             isWrite: errorCode.contains(.write), hostWritable: !slot.flags.contains(.readOnly))
+        if result != .spurious { prefetchNeighbours(of: pointer, in: page) }
+        return result
+    }
+
+    // MARK: Installing SPTEs
+
+    /// `mmu_set_spte`.
+    func setSPTE(_ pointer: SPTEPointer, in page: ShadowPage, access: UInt8, gfn: GuestFrameNumber, hostFrame: HostFrameNumber,
+                 prefetch: Bool, isWrite: Bool, hostWritable: Bool) -> PageFaultResult {
+        let level = page.level
+        var old = SPTE(rawValue: pointer.pointee)
+        var flush = false
+        var wasRmapped = false
+        if old.isShadowPresent {
+            if level > 1 && !old.isLarge, let child = mmu.child(of: old) {
+                mmu.dropParentPTE(child, pointer)
+                flush = true
+            } else if old.pfn != hostFrame {
+                mmu.dropSPTE(pointer)
+                flush = true
+            } else {
+                wasRmapped = true
+            }
+            old = SPTE(rawValue: pointer.pointee)
+        }
+        let (new, writeProtected) = makeSPTE(page, access: access, gfn: gfn, hostFrame: hostFrame, old: old,
+                                            prefetch: prefetch, synchronizing: false, hostWritable: hostWritable)
+        var result = PageFaultResult.fixed
+        if old == new {
+            result = .spurious
+        } else {
+            // Losing MMU-writable must reach every TLB before the lock is dropped.
+            if old.isMMUWritable(mmu.masks) && !new.isMMUWritable(mmu.masks) { flush = true }
+            pointer.pointee = new.rawValue
+            mmu.events.record(.kvmMMUSetSPTE(level: level, gfn: gfn, spte: new))
+        }
+        if writeProtected && isWrite { result = .emulate }
+        if flush { mmu.flushRemoteTLBs() }
+        if !wasRmapped {
+            mmu.rmapAdd(pointer, in: page, gfn: gfn, access: access)
+        } else {
+            page.setTranslation(at: page.index(of: pointer), gfn: gfn, access: access)
+        }
+        return result
+    }
+
+    /// `make_spte`: the SPTE for a guest translation, and whether it had to stay read-only
+    /// because the gfn holds a shadowed guest table.
+    func makeSPTE(_ page: ShadowPage, access pteAccess: UInt8, gfn: GuestFrameNumber, hostFrame: HostFrameNumber, old: SPTE,
+                  prefetch: Bool, synchronizing: Bool, hostWritable: Bool) -> (SPTE, Bool) {
+        let level = page.level
+        var access = pteAccess
+        if !hostWritable { access &= ~ACC.write }
+        var writable = false
+        var writeProtected = false
+        if access & ACC.write != 0 {
+            if (!old.isLast(level: level) || !old.isWritable)
+                && mustWriteProtect(gfn, canUnsync: !synchronizing, prefetch: prefetch) {
+                writeProtected = true
+                access &= ~ACC.write
+            } else {
+                writable = true
+            }
+        }
+        let spte = SPTE.leaf(pfn: hostFrame, level: level, access: access, hostWritable: hostWritable, writable: writable,
+                             accessed: !prefetch || synchronizing, dirty: writable, adDisabled: page.role.adDisabled,
+                             masks: mmu.masks)
+        if writable { _ = mmu.memory.markDirty(gfn) }
+        return (spte, writeProtected)
+    }
+
+    /// `mmu_try_to_unsync_pages`, for an MMU that never unsyncs: a gfn holding any shadowed
+    /// guest table stays write-protected.
+    func mustWriteProtect(_ gfn: GuestFrameNumber, canUnsync: Bool, prefetch: Bool) -> Bool {
+        if mmu.isWriteTracked(gfn) { return true }
+        return !mmu.gptePages(at: gfn).isEmpty
+    }
+
+    // MARK: Prefetch
+
+    /// `FNAME(pte_prefetch)` / `__direct_pte_prefetch`: maps the not-yet-present neighbours in
+    /// the aligned group of 8 around a level-1 fault, stopping at the first guest PTE that is not
+    /// present, has reserved bits or is not accessed.
+    private func prefetchNeighbours(of faulting: SPTEPointer, in page: ShadowPage) {
+        guard page.level == 1 else { return }
+        let first = page.index(of: faulting) & ~(ShadowMMU.prefetchCount - 1)
+        for index in first..<first + ShadowMMU.prefetchCount {
+            let pointer = page.spte(index)
+            if pointer == faulting || SPTE(rawValue: pointer.pointee).isShadowPresent { continue }
+            if page.role.isDirect {
+                let gfn = GuestFrameNumber(page.gfn.rawValue + UInt64(index))
+                guard let frame = mmu.memory.hostFrame(of: gfn), let slot = mmu.memory.slot(containing: gfn),
+                      !(slot.flags.contains(.logDirtyPages) && page.role.access & ACC.write != 0) else { continue }
+                _ = setSPTE(pointer, in: page, access: page.role.access, gfn: gfn, hostFrame: frame, prefetch: true,
+                            isWrite: false, hostWritable: !slot.flags.contains(.readOnly))
+                continue
+            }
+            guard prefetchGuestPTE(pointer, index: index, in: page) else { break }
+        }
+    }
+
+    /// `FNAME(prefetch_gpte)`.
+    private func prefetchGuestPTE(_ pointer: SPTEPointer, index: Int, in page: ShadowPage) -> Bool {
+        let address = GuestPhysicalAddress(page.firstGuestEntryAddress.rawValue + UInt64(index * page.guestEntrySize))
+        let gpte: UInt64
+        do {
+            gpte = page.guestEntrySize == 4 ? UInt64(try mmu.memory.load32(address)) : try mmu.memory.load64(address)
+        } catch {
+            return false
+        }
+        guard gpte & 1 != 0, gpte & (1 << 5) != 0, guestWalker.reservedBitsSet(in: gpte, level: 1) == 0 else { return false }
+        let gfn = GuestFrameNumber(page.guestEntrySize == 4 ? (gpte & 0xFFFF_F000) >> 12 : (gpte & bitRange(12, 51)) >> 12)
+        var access = page.role.access & guestAccess(gpte)
+        if gpte & (1 << 6) == 0 { access &= ~ACC.write }
+        guard let frame = mmu.memory.hostFrame(of: gfn), let slot = mmu.memory.slot(containing: gfn),
+              !(slot.flags.contains(.logDirtyPages) && access & ACC.write != 0) else { return false }
+        _ = setSPTE(pointer, in: page, access: access, gfn: gfn, hostFrame: frame, prefetch: true, isWrite: false,
+                    hostWritable: !slot.flags.contains(.readOnly))
+        return true
+    }
+
+    // MARK: Invalidation
+
+    /// INVLPG (KVM's `kvm_mmu_invlpg`): with no unsync pages there is nothing to resync; the
+    /// caller drops the TLB entry.
+    public func invalidatePage(_ address: GuestVirtualAddress) {
+        mmu.stats.invlpg += 1
+    }
+}

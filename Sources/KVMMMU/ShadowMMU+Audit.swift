@@ -1,0 +1,86 @@
+import GuestMemory
+import X86Paging
+
+extension ShadowMMU {
+    /// The structural auditor: KVM's invariants over every shadow page, SPTE, rmap and counter.
+    /// Returns one line per violation (empty when all hold). Costs a pass over every SPTE.
+    public func audit() -> [String] {
+        var problems: [String] = []
+        let pages = Array(pagesByFrame.values)
+        var leafCount = [0, 0, 0]
+        var rmapped = Set<SPTEPointer>()
+        for (key, list) in rmaps {
+            let gfn = GuestFrameNumber(key >> 2)
+            for pointer in list {
+                rmapped.insert(pointer)
+                let page = page(containing: pointer)
+                let spte = SPTE(rawValue: pointer.pointee)
+                if !spte.isShadowPresent || !spte.isLast(level: page.level) {
+                    problems.append("rmap of gfn \(hex(gfn.rawValue)) holds an SPTE that is not a present leaf")
+                } else if page.mappedGFN(at: page.index(of: pointer)) != gfn {
+                    problems.append("rmap of gfn \(hex(gfn.rawValue)) holds an SPTE mapping gfn \(hex(page.mappedGFN(at: page.index(of: pointer)).rawValue))")
+                }
+            }
+        }
+        var shadowedGFNs = Set<UInt64>()
+        var trackedGFNs = Set<UInt64>()
+        var indirect = 0
+        for page in pages where page.role.hasGPTEs && !page.role.isInvalid {
+            indirect += 1
+            shadowedGFNs.insert(page.gfn.rawValue)
+            if page.level > 1 { trackedGFNs.insert(page.gfn.rawValue) }
+        }
+        for page in pages {
+            for index in 0..<512 {
+                let pointer = page.spte(index)
+                let spte = SPTE(rawValue: pointer.pointee)
+                guard spte.isShadowPresent else { continue }
+                if spte.isLast(level: page.level) {
+                    leafCount[page.level - 1] += 1
+                    let gfn = page.mappedGFN(at: index)
+                    if !rmapped.contains(pointer) {
+                        problems.append("\(page): leaf SPTE \(index) for gfn \(hex(gfn.rawValue)) is missing from the rmap")
+                    }
+                    if memory.hostFrame(of: gfn) != spte.pfn {
+                        problems.append("\(page): SPTE \(index) maps host frame \(hex(spte.pfn.rawValue)), which does not back gfn \(hex(gfn.rawValue)) in any memslot")
+                    }
+                    if spte.isWritable && shadowedGFNs.contains(gfn.rawValue) {
+                        problems.append("\(page): SPTE \(index) lets the guest write gfn \(hex(gfn.rawValue)), which holds a shadowed guest table")
+                    }
+                    if spte.isWritable && !spte.isMMUWritable(masks) || spte.isMMUWritable(masks) && !spte.isHostWritable(masks) {
+                        problems.append("\(page): SPTE \(index) breaks the writable invariants (W => MMU-writable => host-writable)")
+                    }
+                } else {
+                    guard let child = child(of: spte) else {
+                        problems.append("\(page): SPTE \(index) points at host frame \(hex(spte.pfn.rawValue)), which is no shadow page")
+                        continue
+                    }
+                    if child.level != page.level - 1 {
+                        problems.append("\(page): SPTE \(index) links a level-\(child.level) page under a level-\(page.level) one")
+                    }
+                    if !child.parentPTEs.contains(pointer) {
+                        problems.append("\(child): missing parent SPTE \(index) of \(page)")
+                    }
+                    let expected = childRole(of: page.role, parentIndex: index, direct: child.role.isDirect, access: child.role.access)
+                    if expected.word & ~invalidRoleBit != child.role.word & ~invalidRoleBit {
+                        problems.append("\(child): role \(child.role) does not follow from its parent's (\(expected))")
+                    }
+                }
+            }
+        }
+        if UInt64(leafCount[0]) != stats.pages4K || UInt64(leafCount[1]) != stats.pages2M || UInt64(leafCount[2]) != stats.pages1G {
+            problems.append("pages_4k/2m/1g = \(stats.pages4K)/\(stats.pages2M)/\(stats.pages1G) but the tables hold \(leafCount[0])/\(leafCount[1])/\(leafCount[2]) leaves")
+        }
+        if usedPages != pages.count { problems.append("n_used_mmu_pages = \(usedPages) but \(pages.count) pages exist") }
+        if indirectShadowPages != indirect {
+            problems.append("indirect_shadow_pages = \(indirectShadowPages) but \(indirect) valid pages shadow guest tables")
+        }
+        let tracked = Set(writeTrack.keys)
+        if tracked != trackedGFNs {
+            problems.append("write tracking covers gfns \(tracked.sorted().map { hex($0) }) but upper-level guest tables live at \(trackedGFNs.sorted().map { hex($0) })")
+        }
+        return problems
+    }
+
+    private var invalidRoleBit: UInt32 { 1 << 11 }
+}

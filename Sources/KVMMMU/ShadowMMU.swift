@@ -1,0 +1,287 @@
+import GuestMemory
+import X86Paging
+
+/// KVM's VM-wide shadow-MMU state (`struct kvm_arch`'s MMU half): the shadow-page hash, the
+/// rmaps from gfns to the SPTEs that map them, gfn write tracking, and the counters.
+///
+/// Single-threaded by design, like KVM's shadow MMU under `mmu_lock` held for write: callers
+/// serialise (the VM runs shadow-MMU faults under one lock).
+public final class ShadowMMU {
+    public let memory: MemslotSet
+    public let pool: HostPagePool
+    public let masks: SPTEMasks
+    public var stats = MMUStats()
+    public let events: MMUEventLog
+    /// KVM's `kvm_flush_remote_tlbs`: the VM installs the flush of every vCPU's TLB.
+    public var flushRemoteTLBs: () -> Void = {}
+
+    /// `mmu_page_hash`: KVM_NUM_MMU_PAGES buckets, indexed by `hash_64(gfn, 12)`.
+    var hashBuckets = [[ShadowPage]](repeating: [], count: ShadowMMU.hashBucketCount)
+    static let hashBucketCount = 1 << 12
+    /// Host frame -> the shadow page whose table lives there (KVM's `page_private`).
+    var pagesByFrame: [UInt64: ShadowPage] = [:]
+    /// Per (gfn, level): every leaf SPTE mapping that gfn at that level.
+    var rmaps: [UInt64: [SPTEPointer]] = [:]
+    /// `gfn_write_track`: gfns whose writes must be emulated (upper-level guest tables).
+    var writeTrack: [UInt64: Int] = [:]
+    /// Shadow pages backed by guest PTEs; zero lets emulated writes skip all bookkeeping.
+    public internal(set) var indirectShadowPages = 0
+    /// `n_used_mmu_pages`.
+    public internal(set) var usedPages = 0
+    /// `mmu_valid_gen`.
+    public internal(set) var validGeneration: UInt8 = 0
+    var nextSerial: UInt64 = 0
+
+    /// KVM's `RMAP_RECYCLE_THRESHOLD`.
+    public static let rmapRecycleThreshold = 1000
+    /// KVM's `PTE_PREFETCH_NUM`.
+    public static let prefetchCount = 8
+
+    public init(memory: MemslotSet, pool: HostPagePool, masks: SPTEMasks = .shadowPaging, events: MMUEventLog = MMUEventLog()) {
+        self.memory = memory
+        self.pool = pool
+        self.masks = masks
+        self.events = events
+    }
+
+    /// Every live shadow page, oldest first.
+    public var shadowPages: [ShadowPage] {
+        pagesByFrame.values.sorted { $0.serial < $1.serial }
+    }
+
+    // MARK: Finding and creating shadow pages
+
+    /// `hash_64(gfn, 12)`.
+    static func bucket(_ gfn: GuestFrameNumber) -> Int {
+        Int((gfn.rawValue &* 0x61C8_8646_80B5_83EB) >> 52)
+    }
+
+    /// KVM's `is_obsolete_sp`.
+    func isObsolete(_ page: ShadowPage) -> Bool {
+        page.role.isInvalid || page.validGeneration != validGeneration
+    }
+
+    /// `kvm_mmu_find_shadow_page`: a valid page with this gfn and role, counting hash collisions
+    /// and misses as KVM does.
+    func findShadowPage(_ gfn: GuestFrameNumber, _ role: PageRole) -> ShadowPage? {
+        var collisions: UInt64 = 0
+        var found: ShadowPage?
+        for page in hashBuckets[Self.bucket(gfn)] where !isObsolete(page) {
+            guard page.gfn == gfn else {
+                collisions += 1
+                continue
+            }
+            guard page.role == role else { continue }
+            found = page
+            if page.role.hasGPTEs { page.writeFloodingCount = 0 }
+            break
+        }
+        if found == nil { stats.mmuCacheMiss += 1 }
+        stats.maxMMUPageHashCollisions = max(stats.maxMMUPageHashCollisions, collisions)
+        return found
+    }
+
+    /// `__kvm_mmu_get_shadow_page`.
+    func getShadowPage(_ gfn: GuestFrameNumber, _ role: PageRole) throws(ShadowMMUError) -> (page: ShadowPage, created: Bool) {
+        if let existing = findShadowPage(gfn, role) {
+            events.record(.kvmMMUGetPage(gfn: gfn, role: role, created: false))
+            return (existing, false)
+        }
+        let frame: HostFrameNumber
+        do {
+            frame = try pool.allocatePage()
+        } catch {
+            throw .outOfHostMemory("\(error)")
+        }
+        let sptes = pool.pointer(frame).bindMemory(to: UInt64.self, capacity: 512)
+        sptes.initialize(repeating: SPTE.nonPresent.rawValue, count: 512)
+        let page = ShadowPage(gfn: gfn, role: role, frame: frame, sptes: sptes, validGeneration: validGeneration,
+                              serial: nextSerial)
+        nextSerial += 1
+        hashBuckets[Self.bucket(gfn)].append(page)
+        pagesByFrame[frame.rawValue] = page
+        usedPages += 1
+        if role.hasGPTEs { accountShadowed(page) }
+        events.record(.kvmMMUGetPage(gfn: gfn, role: role, created: true))
+        return (page, true)
+    }
+
+    /// `account_shadowed`: from now on the guest table's writes are intercepted.
+    func accountShadowed(_ page: ShadowPage) {
+        indirectShadowPages += 1
+        if page.level > 1 { writeTrack[page.gfn.rawValue, default: 0] += 1 }
+        // Level 1 too: with no unsync pages in this MMU, every shadowed table is write-protected.
+        if writeProtect(page.gfn) { flushRemoteTLBs() }
+    }
+
+    func unaccountShadowed(_ page: ShadowPage) {
+        indirectShadowPages -= 1
+        if page.level > 1 {
+            let count = (writeTrack[page.gfn.rawValue] ?? 1) - 1
+            writeTrack[page.gfn.rawValue] = count > 0 ? count : nil
+        }
+    }
+
+    /// Whether writes to `gfn` are tracked (an upper-level guest table lives there).
+    public func isWriteTracked(_ gfn: GuestFrameNumber) -> Bool { writeTrack[gfn.rawValue] != nil }
+
+    /// Valid pages shadowing the guest table at `gfn`.
+    func gptePages(at gfn: GuestFrameNumber) -> [ShadowPage] {
+        hashBuckets[Self.bucket(gfn)].filter { $0.gfn == gfn && $0.role.hasGPTEs && !isObsolete($0) }
+    }
+
+    /// The page an SPTE pointer lies in.
+    func page(containing pointer: SPTEPointer) -> ShadowPage {
+        let frame = pool.frame(of: UnsafeMutableRawPointer(pointer))!
+        return pagesByFrame[frame.rawValue]!
+    }
+
+    /// The page a non-leaf SPTE points at.
+    func child(of spte: SPTE) -> ShadowPage? { pagesByFrame[spte.pfn.rawValue] }
+
+    // MARK: rmaps
+
+    static func rmapKey(_ gfn: GuestFrameNumber, level: Int) -> UInt64 { gfn.rawValue << 2 | UInt64(level - 1) }
+
+    func rmapAdd(_ pointer: SPTEPointer, in page: ShadowPage, gfn: GuestFrameNumber, access: UInt8) {
+        page.setTranslation(at: page.index(of: pointer), gfn: gfn, access: access)
+        stats.updatePageStats(level: page.level, delta: 1)
+        let key = Self.rmapKey(gfn, level: page.level)
+        let count = rmaps[key]?.count ?? 0
+        stats.maxMMURmapSize = max(stats.maxMMURmapSize, UInt64(count))
+        rmaps[key, default: []].append(pointer)
+        if count + 1 > Self.rmapRecycleThreshold {
+            // KVM zaps the whole chain rather than let it grow without bound.
+            for spte in rmaps[key] ?? [] { dropSPTE(spte) }
+            flushRemoteTLBs()
+        }
+    }
+
+    func rmapRemove(_ pointer: SPTEPointer) {
+        let page = page(containing: pointer)
+        let gfn = page.mappedGFN(at: page.index(of: pointer))
+        let key = Self.rmapKey(gfn, level: page.level)
+        guard var list = rmaps[key], let position = list.firstIndex(of: pointer) else { return }
+        list.swapAt(position, list.count - 1)
+        list.removeLast()
+        rmaps[key] = list.isEmpty ? nil : list
+        stats.updatePageStats(level: page.level, delta: -1)
+    }
+
+    /// Every leaf SPTE that maps `gfn`, at any level.
+    public func mappings(of gfn: GuestFrameNumber) -> [SPTEPointer] {
+        (1...3).flatMap { rmaps[Self.rmapKey(gfn, level: $0)] ?? [] }
+    }
+
+    // MARK: Changing SPTEs
+
+    /// `drop_spte`: clears an SPTE, removing a leaf from its rmap.
+    func dropSPTE(_ pointer: SPTEPointer) {
+        let old = SPTE(rawValue: pointer.pointee)
+        pointer.pointee = SPTE.nonPresent.rawValue
+        let level = page(containing: pointer).level
+        if old.isShadowPresent && old.isLast(level: level) { rmapRemove(pointer) }
+    }
+
+    /// `drop_parent_pte`.
+    func dropParentPTE(_ child: ShadowPage, _ pointer: SPTEPointer) {
+        if let position = child.parentPTEs.firstIndex(of: pointer) { child.parentPTEs.remove(at: position) }
+        pointer.pointee = SPTE.nonPresent.rawValue
+    }
+
+    /// `__link_shadow_page`: points `pointer` at `child`, replacing a large leaf if there is one.
+    func link(_ pointer: SPTEPointer, to child: ShadowPage) {
+        let old = SPTE(rawValue: pointer.pointee)
+        if old.isShadowPresent {
+            // Only a huge leaf can be in the way: a present non-leaf would have been reused.
+            dropSPTE(pointer)
+            flushRemoteTLBs()
+        }
+        pointer.pointee = SPTE.nonLeaf(child: child.frame, adDisabled: child.role.adDisabled, masks: masks).rawValue
+        child.parentPTEs.append(pointer)
+    }
+
+    /// `mmu_page_zap_pte`: clears one SPTE of `page`; true when it was present.
+    @discardableResult
+    func zapPTE(_ pointer: SPTEPointer, in page: ShadowPage) -> Bool {
+        let spte = SPTE(rawValue: pointer.pointee)
+        if spte.isShadowPresent {
+            if spte.isLast(level: page.level) {
+                dropSPTE(pointer)
+            } else if let child = child(of: spte) {
+                dropParentPTE(child, pointer)
+            } else {
+                pointer.pointee = SPTE.nonPresent.rawValue
+            }
+            return true
+        }
+        if spte.isMMIO(masks) { pointer.pointee = SPTE.nonPresent.rawValue }
+        return false
+    }
+
+    /// `kvm_mmu_slot_gfn_write_protect` for 4K and up: clears W and MMU-writable in every SPTE
+    /// mapping `gfn`. True when something changed (the caller flushes).
+    @discardableResult
+    func writeProtect(_ gfn: GuestFrameNumber) -> Bool {
+        var changed = false
+        for pointer in mappings(of: gfn) {
+            let spte = SPTE(rawValue: pointer.pointee)
+            guard spte.isWritable || spte.isMMUWritable(masks) else { continue }
+            pointer.pointee = spte.rawValue & ~(SPTE.writableBit | masks.mmuWritable)
+            changed = true
+        }
+        return changed
+    }
+
+    // MARK: Zapping
+
+    /// `kvm_mmu_prepare_zap_page` and `kvm_mmu_commit_zap_page` in one step: unlink the page
+    /// from its children and parents, stop tracking its guest table, and free it unless a vCPU
+    /// still uses it as a root (then it is only marked invalid, and freed with the last root).
+    public func zap(_ page: ShadowPage) {
+        events.record(.kvmMMUPrepareZapPage(gfn: page.gfn, role: page.role))
+        stats.mmuShadowZapped += 1
+        for index in 0..<512 { zapPTE(page.spte(index), in: page) }
+        for parent in page.parentPTEs { parent.pointee = SPTE.nonPresent.rawValue }
+        page.parentPTEs.removeAll()
+        if page.role.hasGPTEs && !page.role.isInvalid { unaccountShadowed(page) }
+        if page.rootCount == 0 {
+            free(page)
+        } else {
+            page.role.isInvalid = true
+        }
+        flushRemoteTLBs()
+    }
+
+    func free(_ page: ShadowPage) {
+        let bucket = Self.bucket(page.gfn)
+        hashBuckets[bucket].removeAll { $0 === page }
+        pagesByFrame[page.frame.rawValue] = nil
+        usedPages -= 1
+        try? pool.freePage(page.frame)
+    }
+
+    /// `mmu_free_root_page`.
+    func releaseRoot(_ page: ShadowPage) {
+        page.rootCount -= 1
+        if page.rootCount == 0 && page.role.isInvalid { free(page) }
+    }
+
+    /// Zaps every shadow page of the guest table at `gfn` (`kvm_mmu_unprotect_page`).
+    @discardableResult
+    public func unprotect(_ gfn: GuestFrameNumber) -> Bool {
+        let pages = gptePages(at: gfn)
+        for page in pages { zap(page) }
+        return !pages.isEmpty
+    }
+}
+
+public enum ShadowMMUError: Error, Equatable, Sendable, CustomStringConvertible {
+    case outOfHostMemory(String)
+
+    public var description: String {
+        switch self {
+        case .outOfHostMemory(let why): "the host page pool is exhausted: \(why)"
+        }
+    }
+}

@@ -1,0 +1,94 @@
+import GuestMemory
+import X86Paging
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Where an SPTE lives: a pointer into a shadow page's table, KVM's `u64 *sptep`. Its shadow page
+/// is found from the host frame it points into, as KVM finds it through `page_private`.
+public typealias SPTEPointer = UnsafeMutablePointer<UInt64>
+
+/// KVM's `struct kvm_mmu_page`: one shadow page table, keyed by (gfn, role).
+public final class ShadowPage {
+    /// The guest table it shadows (indirect), or the first gfn of the range it maps (direct).
+    public let gfn: GuestFrameNumber
+    public internal(set) var role: PageRole
+    /// The host frame holding the 512 SPTEs.
+    public let frame: HostFrameNumber
+    public let sptes: UnsafeMutablePointer<UInt64>
+    /// For pages backed by guest PTEs: per SPTE, `gfn << 12 | ACC` of the guest translation it
+    /// shadows (KVM's `shadowed_translation`).
+    let shadowedTranslations: UnsafeMutablePointer<UInt64>?
+    /// Every SPTE that points at this page (KVM's `parent_ptes` rmap).
+    var parentPTEs: [SPTEPointer] = []
+    public internal(set) var rootCount = 0
+    public internal(set) var unsync = false
+    /// Emulated writes to the shadowed table since the page was last used by a walk.
+    public internal(set) var writeFloodingCount = 0
+    public let validGeneration: UInt8
+    /// Sequence number of creation, standing in for the position on `active_mmu_pages`.
+    let serial: UInt64
+
+    init(gfn: GuestFrameNumber, role: PageRole, frame: HostFrameNumber, sptes: UnsafeMutablePointer<UInt64>,
+         validGeneration: UInt8, serial: UInt64) {
+        self.gfn = gfn
+        self.role = role
+        self.frame = frame
+        self.sptes = sptes
+        self.validGeneration = validGeneration
+        self.serial = serial
+        if role.hasGPTEs {
+            let translations = UnsafeMutablePointer<UInt64>.allocate(capacity: 512)
+            translations.initialize(repeating: 0, count: 512)
+            shadowedTranslations = translations
+        } else {
+            shadowedTranslations = nil
+        }
+    }
+
+    deinit { shadowedTranslations?.deallocate() }
+
+    @inlinable public var level: Int { role.level }
+
+    /// The gfn the SPTE at `index` maps (KVM's `kvm_mmu_page_get_gfn`).
+    public func mappedGFN(at index: Int) -> GuestFrameNumber {
+        if role.isPassthrough { return gfn }
+        if let shadowedTranslations { return GuestFrameNumber(shadowedTranslations[index] >> 12) }
+        return GuestFrameNumber(gfn.rawValue + UInt64(index) << UInt64((level - 1) * 9))
+    }
+
+    /// The guest access the SPTE at `index` was made for (KVM's `kvm_mmu_page_get_access`).
+    public func mappedAccess(at index: Int) -> UInt8 {
+        if let shadowedTranslations { return UInt8(shadowedTranslations[index] & 7) }
+        return role.access
+    }
+
+    func setTranslation(at index: Int, gfn: GuestFrameNumber, access: UInt8) {
+        shadowedTranslations?[index] = gfn.rawValue << 12 | UInt64(access)
+    }
+
+    /// The guest-physical address of the first guest PTE a level-1 page shadows: a 4-byte guest
+    /// table is shadowed by two pages, each covering half of it (the quadrant).
+    public var firstGuestEntryAddress: GuestPhysicalAddress {
+        GuestPhysicalAddress(gfn.rawValue << 12 + UInt64(role.quadrant) << (9 + 2))
+    }
+
+    /// The size of the guest entries this page shadows.
+    public var guestEntrySize: Int { role.hasFourByteGPTE ? 4 : 8 }
+
+    /// The SPTE pointer for `index`.
+    @inlinable public func spte(_ index: Int) -> SPTEPointer { sptes + index }
+
+    /// The index of `pointer` in this page.
+    func index(of pointer: SPTEPointer) -> Int { pointer - sptes }
+}
+
+extension ShadowPage: CustomStringConvertible {
+    /// As KVM's tracepoints print a shadow page.
+    public var description: String {
+        "sp gen \(validGeneration) gfn \(String(gfn.rawValue, radix: 16)) \(role) root \(rootCount)\(unsync ? " unsync" : " sync")"
+    }
+}

@@ -1,0 +1,216 @@
+import GuestMemory
+import KVMMMU
+import VirtualMachine
+import X86Paging
+
+/// One guest operation of a run and what the guest saw.
+public struct AccessRecord: Sendable {
+    /// Counts `access` and `pte` directives from 0.
+    public var index: Int
+    public var line: Int
+    /// "read", "write", "exec" or "pte".
+    public var operation: String
+    public var cpl: Int
+    public var gva: GuestVirtualAddress
+    public var outcome: AccessOutcome
+}
+
+/// A guest entry the kernel built, as it is at the end of the run.
+public struct EntryRecord: Sendable {
+    public var gva: GuestVirtualAddress
+    public var level: Int
+    public var address: GuestPhysicalAddress
+    public var value: UInt64
+}
+
+/// Everything a run produced.
+public struct RunReport: Sendable {
+    public var scenario: String
+    public var accesses: [AccessRecord] = []
+    public var entries: [EntryRecord] = []
+    public var statsBefore = MMUStats()
+    public var statsAfter = MMUStats()
+    /// Shadow pages alive at the end, by level.
+    public var shadowPagesByLevel: [Int: Int] = [:]
+    public var lockstepChecks = 0
+}
+
+/// Why a run stopped early.
+public enum RunFailure: Error, CustomStringConvertible {
+    /// The scenario cannot run (bad directive for this machine, impossible registers...): exit 1.
+    case badScenario(line: Int, message: String)
+    /// The virtualized guest saw something the architecture does not allow: exit 2.
+    case disagreement(line: Int, LockstepDisagreement, partial: RunReport)
+    /// KVM's structures broke an invariant: exit 2.
+    case brokenInvariant(line: Int, message: String, partial: RunReport)
+
+    public var description: String {
+        switch self {
+        case .badScenario(let line, let message): "line \(line): \(message)"
+        case .disagreement(let line, let disagreement, _): "line \(line): \(disagreement)"
+        case .brokenInvariant(let line, let message, _): "line \(line): broken invariant: \(message)"
+        }
+    }
+
+    public var exitCode: Int32 {
+        switch self {
+        case .badScenario: 1
+        case .disagreement, .brokenInvariant: 2
+        }
+    }
+}
+
+/// Runs a scenario on a VM under KVM's shadow MMU, with every guest access checked in lockstep
+/// against the architecture.
+public final class ScenarioRunner {
+    public let scenario: Scenario
+    public private(set) var vm: VirtualMachine!
+    public private(set) var vcpu: VCPU!
+    public private(set) var kernel: GuestKernel!
+    public private(set) var reference: ReferenceMachine!
+    private var controls: ControlState
+    private var report: RunReport
+    private var currentLine = 0
+    private var operationIndex = 0
+    private var mappedAddresses: [GuestVirtualAddress] = []
+
+    public init(scenario: Scenario) {
+        self.scenario = scenario
+        controls = scenario.initialControls
+        report = RunReport(scenario: scenario.name)
+    }
+
+    public func run() throws(RunFailure) -> RunReport {
+        do {
+            try setUp()
+        } catch let failure as RunFailure {
+            throw failure
+        } catch {
+            throw .badScenario(line: 0, message: "\(error)")
+        }
+        report.statsBefore = vm.mmu.stats
+        for statement in scenario.directives {
+            currentLine = statement.line
+            do {
+                try execute(statement.directive)
+            } catch let failure as RunFailure {
+                throw failure
+            } catch let disagreement as LockstepDisagreement {
+                finish()
+                throw .disagreement(line: statement.line, disagreement, partial: report)
+            } catch {
+                throw .badScenario(line: statement.line, message: "\(statement.directive.name): \(error)")
+            }
+        }
+        finish()
+        return report
+    }
+
+    private func setUp() throws {
+        vm = try VirtualMachine(memorySize: scenario.memorySize, cpu: scenario.cpuModel)
+        kernel = try GuestKernel(vm: vm, mode: controls.pagingMode)
+        let registers = controls.registers(cr3: kernel.root.rawValue)
+        vcpu = try vm.addVCPU(registers: registers)
+        reference = try ReferenceMachine(memory: vm.memory, registers: registers, cpu: scenario.cpuModel)
+        kernel.store = { [unowned self] gva, value, size in
+            _ = try self.guestAccess(gva, Access(.write, .supervisor), size: size, value: value)
+        }
+    }
+
+    private func finish() {
+        report.statsAfter = vm.mmu.stats
+        report.lockstepChecks = reference.checkedAccesses
+        report.entries = mappedAddresses.flatMap { gva in
+            kernel.path(gva).map { EntryRecord(gva: gva, level: $0.level, address: $0.address, value: $0.value) }
+        }
+        report.shadowPagesByLevel = Dictionary(grouping: vm.mmu.shadowPages, by: \.level).mapValues(\.count)
+    }
+
+    private func boot() {
+        kernel.booted = true
+    }
+
+    private func execute(_ directive: ScenarioDirective) throws {
+        switch directive {
+        case .mem, .cpu:
+            break  // applied when the machine was built
+        case .set(let changes):
+            let new = controls.applying(changes)
+            if new.pagingMode != controls.pagingMode && kernel.booted {
+                throw RunFailure.badScenario(line: currentLine, message: "set: the paging mode cannot change after the first guest operation")
+            }
+            controls = new
+            let registers = controls.registers(cr3: vcpu.registers.cr3)
+            try vcpu.setRegisters(registers)
+            try reference.setRegisters(registers)
+        case .map(let map):
+            try checkCollision(map)
+            mappedAddresses.append(map.gva)
+            try kernel.map(map.gva, to: map.gpa, leafLevel: map.pageSize.leafLevel, leafFlags: map.leafFlagsWithKey,
+                           tableFlags: { map.tableFlags(level: $0) })
+        case .access(let kind, let gva, let cpl, let value):
+            boot()
+            let outcome = try guestAccess(gva, Access(kind, cpl == 3 ? .user : .supervisor), size: 8, value: value ?? 0)
+            record(kind == .fetch ? "exec" : kind == .write ? "write" : "read", cpl: cpl, gva: gva, outcome: outcome)
+        case .pte(let gva, let level, let entryValue, let cpl):
+            boot()
+            guard let address = try kernel.entryAddress(gva, level: level) else {
+                throw RunFailure.badScenario(line: currentLine, message: "pte: \(gva) has no level-\(level) entry (the walk ends above it)")
+            }
+            let old = try kernel.readEntry(address)
+            let new: UInt64
+            switch entryValue {
+            case .raw(let value): new = value
+            case .flags(let flags):
+                let addressBits = kernel.mode == .legacy32 ? old & 0xFFFF_F000 : old & bitRange(12, 51)
+                new = addressBits | flags
+            }
+            let outcome = try guestAccess(kernel.windowAddress(address), Access(.write, cpl == 3 ? .user : .supervisor),
+                                          size: kernel.entrySize, value: new)
+            record("pte", cpl: cpl, gva: gva, outcome: outcome)
+        case .invlpg(let gva):
+            boot()
+            vcpu.invalidatePage(gva)
+            reference.invalidatePage(gva)
+        case .reloadCR3:
+            boot()
+            try vcpu.loadCR3(vcpu.registers.cr3)
+            reference.reloadCR3()
+        }
+    }
+
+    private func record(_ operation: String, cpl: Int, gva: GuestVirtualAddress, outcome: AccessOutcome) {
+        report.accesses.append(AccessRecord(index: operationIndex, line: currentLine, operation: operation, cpl: cpl, gva: gva,
+                                            outcome: outcome))
+        operationIndex += 1
+    }
+
+    /// One guest access through the VM, checked against the reference.
+    private func guestAccess(_ gva: GuestVirtualAddress, _ access: Access, size: Int, value: UInt64) throws -> AccessOutcome {
+        let expected = reference.expect(gva, access)
+        let outcome = try vcpu.access(gva, access, size: size, value: value)
+        try reference.check(gva, access, size: size, value: value, expected: expected, actual: outcome.result)
+        if let problem = vm.mmu.audit().first {
+            throw RunFailure.brokenInvariant(line: currentLine, message: problem, partial: report)
+        }
+        return outcome
+    }
+
+    private func checkCollision(_ map: MapDirective) throws {
+        let gpaEnd = map.gpa.rawValue + map.pageSize.bytes
+        if map.gpa.rawValue < GuestKernel.tablePoolEnd {
+            throw RunFailure.badScenario(line: currentLine, message:
+                "map: guest-physical memory below 16 MiB holds the guest kernel's page tables; map GPAs from 0x1000000 up")
+        }
+        if gpaEnd > scenario.memorySize {
+            throw RunFailure.badScenario(line: currentLine, message:
+                "map: \(map.gpa)+\(hex(map.pageSize.bytes)) lies beyond the \(scenario.memorySize >> 20) MiB of guest memory")
+        }
+        let window = kernel.windowBase
+        let gva = map.gva.rawValue
+        if gva < window + GuestKernel.tablePoolEnd && gva + map.pageSize.bytes > window {
+            throw RunFailure.badScenario(line: currentLine, message:
+                "map: \(map.gva) collides with the kernel's window onto its page tables at \(hex(window))")
+        }
+    }
+}
