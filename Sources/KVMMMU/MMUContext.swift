@@ -61,26 +61,57 @@ public final class MMUContext {
 
     // MARK: Registers
 
-    /// A write to CR0, CR3, CR4, EFER, PKRU or RFLAGS.AC. Role changes reset the context (free
-    /// the roots, recompute the roles); a CR3 change loads a new root (KVM's `kvm_mmu_new_pgd`,
-    /// without the previous-root cache); PAE PDPTEs are reloaded with CR3 as the hardware does.
-    public func setRegisters(_ new: PagingRegisters) throws(ControlStateError) {
+    /// A write to CR0, CR3, CR4, EFER, PKRU or RFLAGS.AC, with KVM's rules for what it does to the
+    /// context (`kvm_post_set_cr0`, `kvm_post_set_cr4`, `set_efer`: reset, unload or only
+    /// re-initialise the roles) and, when CR3 changed, a CR3 load. Returns the TLB flushes the write
+    /// requested of the vCPU.
+    public func setRegisters(_ new: PagingRegisters) throws(ControlStateError) -> TLBFlushRequests {
         let walker = try PageWalker(registers: new, cpu: cpu, memory: mmu.memory)
-        let newRole = calcCPURole(cr0: new.cr0, cr4: new.cr4, efer: new.efer)
-        let roleChanged = newRole != cpuRole
-        let pgdChanged = new.cr3 != registers.cr3
+        let old = registers
+        let cr0 = contextResetForCR0(old: old.cr0, new: new.cr0, tdp: false)
+        let cr4 = contextResetForCR4(old: old.cr4, new: new.cr4, tdp: false)
+        let efer = contextResetForEFER(old: old.efer, new: new.efer)
+        let reset = cr0.context.combined(with: cr4.context).combined(with: efer.context)
+        var flushes = cr0.flushes.union(cr4.flushes)
+        install(new, walker)
+        if reset.unloadsRoots { unload() }
+        if reset.recomputesRoles { initializeRoles() }
+        if new.cr3 != old.cr3 {
+            flushes.formUnion(try loadCR3(new.cr3))
+        }
+        return flushes
+    }
+
+    /// MOV to CR3 (KVM's `kvm_set_cr3`), also of the value CR3 already holds. A new value moves to
+    /// a new root (`kvm_mmu_new_pgd`; without a root cache the current root is freed); PAE paging
+    /// reloads the PDPTEs from memory, and KVM frees the roots when they changed. Without the PCID
+    /// no-flush bit the current translations are flushed (`kvm_invalidate_pcid` of the active PCID).
+    public func loadCR3(_ value: UInt64) throws(ControlStateError) -> TLBFlushRequests {
+        var new = registers
+        new.cr3 = value
+        let walker = try PageWalker(registers: new, cpu: cpu, memory: mmu.memory)
+        let pgdChanged = value != rootPGD
         let pdptesChanged = walker.mode == .pae && (0..<4).contains { walker.pdpte($0) != guestWalker.pdpte($0) }
+        install(new, walker)
+        if rootsLoaded && (pgdChanged || pdptesChanged) { unload() }
+        return .flushCurrent
+    }
+
+    private func install(_ new: PagingRegisters, _ walker: PageWalker) {
         registers = new
         guestWalker = walker
         long64 = Long64Format(mode: walker.mode, efer: new.efer, cpu: cpu)
         legacy32 = Legacy32Format(cr4: new.cr4, cpu: cpu)
-        if roleChanged {
-            cpuRole = newRole
-            rootRole = shadowRootRole(for: newRole)
-            unload()
-        } else if pgdChanged || pdptesChanged {
-            unload()
-        }
+    }
+
+    /// `kvm_init_mmu` for shadow paging: recompute the roles; nothing else changes when they are
+    /// the same as before.
+    private func initializeRoles() {
+        let newCPURole = calcCPURole(cr0: registers.cr0, cr4: registers.cr4, efer: registers.efer)
+        let newRootRole = shadowRootRole(for: newCPURole)
+        guard newCPURole != cpuRole || newRootRole != rootRole else { return }
+        cpuRole = newCPURole
+        rootRole = newRootRole
     }
 
     /// Frees the roots (KVM's `kvm_mmu_free_roots` of the current root).

@@ -65,7 +65,7 @@ public final class VirtualMachine {
         mmu = ShadowMMU(memory: memory, pool: pool)
         mmu.flushRemoteTLBs = { [unowned self] in
             self.mmu.stats.remoteTLBFlush += 1
-            for vcpu in self.vcpus { vcpu.tlb.flush() }
+            for vcpu in self.vcpus { vcpu.requestFlushAll() }
         }
     }
 
@@ -107,11 +107,22 @@ public final class VCPU {
     public unowned let vm: VirtualMachine
     public let id: Int
     public let context: MMUContext
-    public internal(set) var tlb = TLB()
+    public let tlb = TLB()
     public var registers: PagingRegisters { context.registers }
     private var hardwareRoot: HardwareRoot?
     private var hardware: PageWalker?
+    /// The hardware's permission rules and RFLAGS.AC, for TLB hits (kept apart from `hardware` so
+    /// a hit copies no walker).
+    private var hardwareRules: PermissionRules?
+    private var alignmentCheck = false
+    /// The root frame TLB entries are tagged with.
+    private var hardwareRootFrame: UInt64 = 0
+    /// The guest's linear addresses are 32 bits wide (not IA-32e).
+    private var narrowLinearAddresses: Bool
     private var host: HostPhysicalView
+    /// TLB flushes requested of this vCPU, serviced at the next entry.
+    private var requests: TLBFlushRequests = []
+    private var flushAllRequested = false
     /// A bound on exits for one access: each exit must make progress.
     public static let maxExitsPerAccess = 64
 
@@ -119,6 +130,7 @@ public final class VCPU {
         self.vm = vm
         self.id = id
         host = HostPhysicalView(pool: vm.pool)
+        narrowLinearAddresses = !registers.mode.isLongMode
         try Self.checkSupported(registers)
         do {
             context = try MMUContext(mmu: vm.mmu, registers: registers, cpu: vm.cpu)
@@ -136,36 +148,56 @@ public final class VCPU {
     // MARK: Register writes
 
     /// A write to the control registers (MOV to CR0/CR3/CR4, WRMSR EFER, WRPKRU, STAC/CLAC),
-    /// through KVM's context rules.
+    /// through KVM's context rules; the TLB flushes it requests happen at the next entry.
     public func setRegisters(_ new: PagingRegisters) throws(VirtualMachineError) {
         try Self.checkSupported(new)
-        let old = context.registers
         do {
-            try context.setRegisters(new)
+            requests.formUnion(try context.setRegisters(new))
         } catch {
             throw .impossibleRegisters(error)
         }
-        if new.cr3 != old.cr3 || new.cr0 != old.cr0 || new.cr4 != old.cr4 || new.efer != old.efer {
-            // A CR3 load (or a mode change) flushes the non-global translations; KVM's SPTEs are
-            // never global, so that is all of them.
-            tlb.flush()
-            vm.mmu.stats.tlbFlush += 1
-        }
-        if !context.rootsLoaded { hardware = nil }
-        if new.rflags != old.rflags || new.cr4 != old.cr4 { hardware = nil }
+        dropHardwareWalker()  // the hardware runs with the guest's SMEP, SMAP and RFLAGS.AC
+        narrowLinearAddresses = !new.mode.isLongMode
     }
 
-    /// MOV to CR3 with the same or another value.
+    private func dropHardwareWalker() {
+        hardware = nil
+        hardwareRules = nil
+    }
+
+    /// MOV to CR3, also of the value it already holds.
     public func loadCR3(_ value: UInt64) throws(VirtualMachineError) {
-        var new = context.registers
-        new.cr3 = value
-        if value == context.registers.cr3 {
-            // Reloading the same CR3 still flushes and, for PAE, reloads the PDPTEs.
-            context.unload()
-            hardware = nil
+        do {
+            requests.formUnion(try context.loadCR3(value))
+        } catch {
+            throw .impossibleRegisters(error)
         }
-        try setRegisters(new)
-        tlb.flush()
+        if !context.rootsLoaded { dropHardwareWalker() }
+    }
+
+    /// KVM_REQ_TLB_FLUSH, raised on every vCPU by `kvm_flush_remote_tlbs`.
+    func requestFlushAll() { flushAllRequested = true }
+
+    /// The TLB-flush requests a VM entry services (`kvm_vcpu_flush_tlb_all`, then
+    /// `kvm_service_local_tlb_flush_requests`), each counted in `tlb_flush`.
+    @inline(__always)
+    private func serviceRequests() {
+        guard flushAllRequested || !requests.isEmpty else { return }
+        if flushAllRequested {
+            vm.mmu.stats.tlbFlush += 1
+            tlb.flush()
+            flushAllRequested = false
+            requests.remove(.flushCurrent)  // flushing everything flushed the current root too
+        }
+        if requests.contains(.flushCurrent) {
+            vm.mmu.stats.tlbFlush += 1
+            tlb.flush()
+        }
+        if requests.contains(.flushGuest) {
+            vm.mmu.stats.tlbFlush += 1
+            tlb.flush()
+        }
+        requests = []
     }
 
     /// INVLPG.
@@ -204,26 +236,35 @@ public final class VCPU {
         } catch {
             throw .corruptShadowTables("the hardware refuses KVM's root: \(error)")
         }
+        // kvm_mmu_load flushes the current root's translations: a root's frame may have been
+        // another root's before (uncounted: KVM calls the flush directly, not as a request).
         if hardwareRoot != root { tlb.flush() }
         hardwareRoot = root
+        hardwareRootFrame = root.rootFrame.rawValue
         hardware = walker
+        hardwareRules = walker.rules
+        alignmentCheck = guest.rflags.contains(.alignmentCheck)
         return walker
     }
 
     /// One guest access of `size` bytes (1, 2, 4 or 8, within one page) at `address`.
     public func access(_ address: GuestVirtualAddress, _ access: Access, size: Int = 8,
                        value: UInt64 = 0) throws(VirtualMachineError) -> AccessOutcome {
-        guard [1, 2, 4, 8].contains(size) else { throw .invalidAccess("size must be 1, 2, 4 or 8, not \(size)") }
+        switch size {
+        case 1, 2, 4, 8: break
+        default: throw .invalidAccess("size must be 1, 2, 4 or 8, not \(size)")
+        }
         guard address.rawValue & pageOffsetMask <= pageSize - UInt64(size) else {
             throw .invalidAccess("\(size) bytes at \(address) cross a page boundary")
         }
-        if !registers.mode.isLongMode && address.rawValue >> 32 != 0 {
+        if narrowLinearAddresses && address.rawValue >> 32 != 0 {
             throw .invalidAccess("\(address) is wider than the 32-bit linear addresses of \(registers.mode.displayName)")
         }
         var exits = 0
         var firstTry = true
         while exits <= Self.maxExitsPerAccess {
-            if let entry = tlb.lookup(address), allows(entry, access) {
+            serviceRequests()  // VM entry
+            if let entry = tlb.lookup(address, root: hardwareRootFrame), allows(entry, access) {
                 let hostAddress = entry.hostFrame << 12 | (address.rawValue & pageOffsetMask)
                 let value = perform(hostAddress: hostAddress, access.kind, size: size, value: value)
                 return AccessOutcome(result: .completed(gpa: GuestPhysicalAddress(entry.guestFrame << 12 | (address.rawValue & pageOffsetMask)),
@@ -238,7 +279,7 @@ public final class VCPU {
                 let leafAddress = translation.path.entryAddress(level: translation.level)
                 let guestFrame = guestFrame(ofLeafAt: leafAddress.rawValue)
                 let leaf = translation.path.entryValue(level: translation.level)
-                tlb.insert(address, hostFrame: translation.physicalAddress.rawValue >> 12, permissions: translation.permissions,
+                tlb.insert(address, root: hardwareRootFrame, hostFrame: translation.physicalAddress.rawValue >> 12, permissions: translation.permissions,
                            dirty: leaf & (1 << 6) != 0, guestFrame: guestFrame)
                 continue  // the access completes through the TLB entry just filled
             case .failure(.pageFault(let fault)):
@@ -273,11 +314,11 @@ public final class VCPU {
 
     /// Whether a TLB entry's permissions let the access through under the hardware's rules (a
     /// write needs the entry dirty too, else the hardware walks to set D).
+    @inline(__always)
     private func allows(_ entry: TLB.Entry, _ access: Access) -> Bool {
-        guard let hardware else { return false }
+        guard let hardwareRules else { return false }
         if access.kind == .write && !entry.dirty { return false }
-        return !hardware.rules.isRefused(access, pagePermissions: entry.permissions,
-                                         alignmentCheck: registers.rflags.contains(.alignmentCheck))
+        return !hardwareRules.isRefused(access, pagePermissions: entry.permissions, alignmentCheck: alignmentCheck)
     }
 
     /// The guest frame a leaf SPTE maps, from its shadow page's record of it.
@@ -303,6 +344,7 @@ public final class VCPU {
     /// guest memory; a write to a shadowed table goes through `kvm_mmu_track_write`.
     private func emulate(_ address: GuestVirtualAddress, _ access: Access, size: Int, value: UInt64,
                          exits: Int) throws(VirtualMachineError) -> AccessOutcome {
+        // KVM emulates with the guest's own walk; no TLB entry is used or filled.
         let translation: Translation
         switch context.guestWalker.translate(address, access, in: vm.memory, setAccessedDirty: true) {
         case .success(let result):
