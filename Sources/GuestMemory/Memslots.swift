@@ -187,6 +187,8 @@ public final class MemslotSet: PhysicalMemory, ByteAccessibleMemory, @unchecked 
 
     /// Bumped by every add, delete and flag change.
     public private(set) var generation: UInt64 = 0
+    /// Some slot logs dirty pages: without one, marking a page dirty is a single test.
+    public var isLoggingDirtyPages: Bool { records.contains { $0.slot.logsDirtyPages } }
     /// Pages in all slots.
     public private(set) var totalPages: UInt64 = 0
 
@@ -211,6 +213,15 @@ public final class MemslotSet: PhysicalMemory, ByteAccessibleMemory, @unchecked 
         let entry = table.entry(frame.rawValue)
         guard entry != 0 else { return nil }
         return pool.frame(of: UnsafeRawPointer(bitPattern: entry & ~1)!)
+    }
+
+    /// The host frame behind `frame` and whether the guest may write it (not a read-only slot),
+    /// or nil when it is MMIO. O(1): what KVM's fault path asks of `__gfn_to_pfn_memslot`.
+    @inlinable
+    public func backing(of frame: GuestFrameNumber) -> (frame: HostFrameNumber, writable: Bool)? {
+        let entry = table.entry(frame.rawValue)
+        guard entry != 0 else { return nil }
+        return (pool.frame(of: UnsafeRawPointer(bitPattern: entry & ~1)!)!, entry & 1 == 0)
     }
 
     /// Whether no memslot holds `frame`. O(1).
@@ -337,6 +348,7 @@ public final class MemslotSet: PhysicalMemory, ByteAccessibleMemory, @unchecked 
     /// (KVM's mark_page_dirty). Returns whether a bit was recorded.
     @discardableResult
     public func markDirty(_ frame: GuestFrameNumber) -> Bool {
+        guard isLoggingDirtyPages else { return false }
         guard let record = record(containing: frame), record.slot.logsDirtyPages else { return false }
         let page = frame.rawValue - record.slot.baseFrame.rawValue
         return dirtyLock.withLock {

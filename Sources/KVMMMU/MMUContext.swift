@@ -205,15 +205,51 @@ public final class MMUContext {
     }
 
     /// The guest walk's answer, in the form `FNAME(fetch)` consumes (KVM's `struct guest_walker`).
+    /// Fixed-size fields, no arrays: it lives on the fault path.
     struct GuestWalk {
         var gfn: GuestFrameNumber
         var level: Int
         /// The access granted by every level (after `protect_clean_gpte` and the CR0.WP trick).
         var pteAccess: UInt8
-        /// `ptAccess[l - 1]`: the access granted by the levels above level `l`.
-        var ptAccess: [UInt8]
-        /// `tableGFN[l - 1]`: the guest table holding the level-`l` entry.
-        var tableGFN: [GuestFrameNumber]
+        /// Byte `l - 1`: the access granted by the levels above level `l`.
+        private var packedPTAccess: UInt64 = ~0
+        /// The guest tables holding the level-1...5 entries.
+        private var tableFrames: (UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0)
+
+        init(gfn: GuestFrameNumber, level: Int, pteAccess: UInt8) {
+            self.gfn = gfn
+            self.level = level
+            self.pteAccess = pteAccess
+        }
+
+        /// The access granted by the levels above level `level`.
+        func ptAccess(level: Int) -> UInt8 { UInt8(truncatingIfNeeded: packedPTAccess >> UInt64(8 * (level - 1))) }
+
+        mutating func setPTAccess(_ access: UInt8, level: Int) {
+            let shift = UInt64(8 * (level - 1))
+            packedPTAccess = packedPTAccess & ~(0xFF << shift) | UInt64(access) << shift
+        }
+
+        /// The guest table holding the level-`level` entry.
+        func tableGFN(level: Int) -> GuestFrameNumber {
+            switch level {
+            case 1: GuestFrameNumber(tableFrames.0)
+            case 2: GuestFrameNumber(tableFrames.1)
+            case 3: GuestFrameNumber(tableFrames.2)
+            case 4: GuestFrameNumber(tableFrames.3)
+            default: GuestFrameNumber(tableFrames.4)
+            }
+        }
+
+        mutating func setTableGFN(_ gfn: GuestFrameNumber, level: Int) {
+            switch level {
+            case 1: tableFrames.0 = gfn.rawValue
+            case 2: tableFrames.1 = gfn.rawValue
+            case 3: tableFrames.2 = gfn.rawValue
+            case 4: tableFrames.3 = gfn.rawValue
+            default: tableFrames.4 = gfn.rawValue
+            }
+        }
     }
 
     /// The ACC bits one guest entry grants (`FNAME(gpte_access)`).
@@ -252,7 +288,7 @@ public final class MMUContext {
         if errorCode.contains(.present) && isWrite && mmu.isWriteTracked(walk.gfn) {
             return .emulate
         }
-        guard let hostFrame = mmu.memory.hostFrame(of: walk.gfn), let slot = mmu.memory.slot(containing: walk.gfn) else {
+        guard let backing = mmu.memory.backing(of: walk.gfn) else {
             return .emulate  // MMIO
         }
         // CR0.WP=0: a supervisor write to a read-only page is allowed by the architecture; KVM
@@ -264,26 +300,24 @@ public final class MMUContext {
             walk.pteAccess &= ~ACC.user
             if registers.cr4.contains(.smep) { walk.pteAccess &= ~ACC.exec }
         }
-        return try fetch(walk, address: address, hostFrame: hostFrame, hostWritable: !slot.flags.contains(.readOnly),
-                         isWrite: isWrite)
+        return try fetch(walk, address: address, hostFrame: backing.frame, hostWritable: backing.writable, isWrite: isWrite)
     }
 
     private func makeGuestWalk(_ translation: Translation) -> GuestWalk {
         let path = translation.path
-        var ptAccess = [UInt8](repeating: accessAll, count: 5)
-        var tableGFN = [GuestFrameNumber](repeating: GuestFrameNumber(0), count: 5)
+        var walk = GuestWalk(gfn: translation.physicalAddress.frame, level: translation.level,
+                             pteAccess: translation.permissions)
         var above = accessAll
         let firstTableLevel = path.topIsRegister ? path.topLevel - 1 : path.topLevel
-        if path.topIsRegister { tableGFN[path.topLevel - 1] = path.entryAddress(level: path.topLevel).frame }
+        if path.topIsRegister { walk.setTableGFN(path.entryAddress(level: path.topLevel).frame, level: path.topLevel) }
         if firstTableLevel >= translation.level {
             for level in stride(from: firstTableLevel, through: translation.level, by: -1) {
-                ptAccess[level - 1] = above
-                tableGFN[level - 1] = path.entryAddress(level: level).frame
+                walk.setPTAccess(above, level: level)
+                walk.setTableGFN(path.entryAddress(level: level).frame, level: level)
                 above &= guestAccess(path.entryValue(level: level))
             }
         }
-        return GuestWalk(gfn: translation.physicalAddress.frame, level: translation.level, pteAccess: translation.permissions,
-                         ptAccess: ptAccess, tableGFN: tableGFN)
+        return walk
     }
 
     /// The shadow table for the top of a shadow walk of `address`, and its level.
@@ -316,8 +350,8 @@ public final class MMUContext {
         // Levels the guest has tables for: shadow them.
         while level > walk.level {
             let pointer = page.spte(Self.index(address.rawValue, level: level))
-            page = try childPage(at: pointer, in: page, gfn: walk.tableGFN[level - 2], direct: false,
-                                 access: walk.ptAccess[level - 2])
+            page = try childPage(at: pointer, in: page, gfn: walk.tableGFN(level: level - 1), direct: false,
+                                 access: walk.ptAccess(level: level - 1))
             page.writeFloodingCount = 0
             level -= 1
         }
@@ -350,7 +384,7 @@ public final class MMUContext {
     private func directPageFault(_ address: GuestVirtualAddress, errorCode: PageFaultErrorCode) throws(ShadowMMUError) -> PageFaultResult {
         let gfn = GuestFrameNumber(address.rawValue >> 12)
         if errorCode.contains(.present) && errorCode.contains(.write) && mmu.isWriteTracked(gfn) { return .emulate }
-        guard let hostFrame = mmu.memory.hostFrame(of: gfn), let slot = mmu.memory.slot(containing: gfn) else { return .emulate }
+        guard let backing = mmu.memory.backing(of: gfn) else { return .emulate }
         guard var (page, level) = shadowWalkStart(address) else { return .retry }
         while level > 1 {
             let pointer = page.spte(Self.index(address.rawValue, level: level))
@@ -359,8 +393,8 @@ public final class MMUContext {
             level -= 1
         }
         let pointer = page.spte(Self.index(address.rawValue, level: 1))
-        let result = setSPTE(pointer, in: page, access: accessAll, gfn: gfn, hostFrame: hostFrame, prefetch: false,
-                             isWrite: errorCode.contains(.write), hostWritable: !slot.flags.contains(.readOnly))
+        let result = setSPTE(pointer, in: page, access: accessAll, gfn: gfn, hostFrame: backing.frame, prefetch: false,
+                             isWrite: errorCode.contains(.write), hostWritable: backing.writable)
         if result != .spurious { prefetchNeighbours(of: pointer, in: page) }
         return result
     }
@@ -435,8 +469,7 @@ public final class MMUContext {
     /// `mmu_try_to_unsync_pages`, for an MMU that never unsyncs: a gfn holding any shadowed
     /// guest table stays write-protected.
     func mustWriteProtect(_ gfn: GuestFrameNumber, canUnsync: Bool, prefetch: Bool) -> Bool {
-        if mmu.isWriteTracked(gfn) { return true }
-        return !mmu.gptePages(at: gfn).isEmpty
+        mmu.isWriteTracked(gfn) || mmu.hasShadowedTable(at: gfn)
     }
 
     // MARK: Prefetch
@@ -452,14 +485,20 @@ public final class MMUContext {
             if pointer == faulting || SPTE(rawValue: pointer.pointee).isShadowPresent { continue }
             if page.role.isDirect {
                 let gfn = GuestFrameNumber(page.gfn.rawValue + UInt64(index))
-                guard let frame = mmu.memory.hostFrame(of: gfn), let slot = mmu.memory.slot(containing: gfn),
-                      !(slot.flags.contains(.logDirtyPages) && page.role.access & ACC.write != 0) else { continue }
-                _ = setSPTE(pointer, in: page, access: page.role.access, gfn: gfn, hostFrame: frame, prefetch: true,
-                            isWrite: false, hostWritable: !slot.flags.contains(.readOnly))
+                guard let backing = mmu.memory.backing(of: gfn), !(page.role.access & ACC.write != 0 && logsDirtyPages(gfn))
+                else { continue }
+                _ = setSPTE(pointer, in: page, access: page.role.access, gfn: gfn, hostFrame: backing.frame, prefetch: true,
+                            isWrite: false, hostWritable: backing.writable)
                 continue
             }
             guard prefetchGuestPTE(pointer, index: index, in: page) else { break }
         }
+    }
+
+    /// KVM does not prefetch writable mappings of pages whose writes it logs (the prefetched
+    /// SPTE would let a write through unlogged).
+    private func logsDirtyPages(_ gfn: GuestFrameNumber) -> Bool {
+        mmu.memory.isLoggingDirtyPages && mmu.memory.slot(containing: gfn)?.logsDirtyPages == true
     }
 
     /// `FNAME(prefetch_gpte)`.
@@ -475,10 +514,9 @@ public final class MMUContext {
         let gfn = GuestFrameNumber(page.guestEntrySize == 4 ? (gpte & 0xFFFF_F000) >> 12 : (gpte & bitRange(12, 51)) >> 12)
         var access = page.role.access & guestAccess(gpte)
         if gpte & (1 << 6) == 0 { access &= ~ACC.write }
-        guard let frame = mmu.memory.hostFrame(of: gfn), let slot = mmu.memory.slot(containing: gfn),
-              !(slot.flags.contains(.logDirtyPages) && access & ACC.write != 0) else { return false }
-        _ = setSPTE(pointer, in: page, access: access, gfn: gfn, hostFrame: frame, prefetch: true, isWrite: false,
-                    hostWritable: !slot.flags.contains(.readOnly))
+        guard let backing = mmu.memory.backing(of: gfn), !(access & ACC.write != 0 && logsDirtyPages(gfn)) else { return false }
+        _ = setSPTE(pointer, in: page, access: access, gfn: gfn, hostFrame: backing.frame, prefetch: true, isWrite: false,
+                    hostWritable: backing.writable)
         return true
     }
 

@@ -6,22 +6,8 @@ extension ShadowMMU {
     /// Returns one line per violation (empty when all hold). Costs a pass over every SPTE.
     public func audit() -> [String] {
         var problems: [String] = []
-        let pages = Array(pagesByFrame.values)
+        let pages = Array(hashBuckets.joined())
         var leafCount = [0, 0, 0]
-        var rmapped = Set<SPTEPointer>()
-        for (key, list) in rmaps {
-            let gfn = GuestFrameNumber(key >> 2)
-            for pointer in list {
-                rmapped.insert(pointer)
-                let page = page(containing: pointer)
-                let spte = SPTE(rawValue: pointer.pointee)
-                if !spte.isShadowPresent || !spte.isLast(level: page.level) {
-                    problems.append("rmap of gfn \(hex(gfn.rawValue)) holds an SPTE that is not a present leaf")
-                } else if page.mappedGFN(at: page.index(of: pointer)) != gfn {
-                    problems.append("rmap of gfn \(hex(gfn.rawValue)) holds an SPTE mapping gfn \(hex(page.mappedGFN(at: page.index(of: pointer)).rawValue))")
-                }
-            }
-        }
         var shadowedGFNs = Set<UInt64>()
         var trackedGFNs = Set<UInt64>()
         var indirect = 0
@@ -38,7 +24,7 @@ extension ShadowMMU {
                 if spte.isLast(level: page.level) {
                     leafCount[page.level - 1] += 1
                     let gfn = page.mappedGFN(at: index)
-                    if !rmapped.contains(pointer) {
+                    if !rmaps.sptes(spte.pfn.rawValue, level: page.level).contains(pointer) {
                         problems.append("\(page): leaf SPTE \(index) for gfn \(hex(gfn.rawValue)) is missing from the rmap")
                     }
                     if memory.hostFrame(of: gfn) != spte.pfn {
@@ -67,6 +53,12 @@ extension ShadowMMU {
                     }
                 }
             }
+        }
+        if rmaps.total != leafCount.reduce(0, +) {
+            problems.append("the rmaps hold \(rmaps.total) SPTEs but the tables hold \(leafCount.reduce(0, +)) present leaves")
+        }
+        for page in pages where directory.page(page.frame.rawValue) !== page {
+            problems.append("\(page): its host frame does not lead back to it")
         }
         if UInt64(leafCount[0]) != stats.pages4K || UInt64(leafCount[1]) != stats.pages2M || UInt64(leafCount[2]) != stats.pages1G {
             problems.append("pages_4k/2m/1g = \(stats.pages4K)/\(stats.pages2M)/\(stats.pages1G) but the tables hold \(leafCount[0])/\(leafCount[1])/\(leafCount[2]) leaves")

@@ -7,7 +7,7 @@ extension ShadowMMU {
 
     /// The shadow page whose table holds the host-physical address, if any.
     public func shadowPage(containingHostAddress address: UInt64) -> ShadowPage? {
-        pagesByFrame[address >> 12]
+        directory.page(address >> 12)
     }
 
     /// `kvm_mmu_track_write`: the guest wrote `bytes` bytes at `gpa` through the emulator (the new

@@ -19,9 +19,9 @@ public final class ShadowMMU {
     var hashBuckets = [[ShadowPage]](repeating: [], count: ShadowMMU.hashBucketCount)
     static let hashBucketCount = 1 << 12
     /// Host frame -> the shadow page whose table lives there (KVM's `page_private`).
-    var pagesByFrame: [UInt64: ShadowPage] = [:]
-    /// Per (gfn, level): every leaf SPTE mapping that gfn at that level.
-    var rmaps: [UInt64: [SPTEPointer]] = [:]
+    let directory: ShadowPageDirectory
+    /// Every leaf SPTE, by the page it maps and its level.
+    var rmaps: RmapTables
     /// `gfn_write_track`: gfns whose writes must be emulated (upper-level guest tables).
     var writeTrack: [UInt64: Int] = [:]
     /// Shadow pages backed by guest PTEs; zero lets emulated writes skip all bookkeeping.
@@ -42,11 +42,18 @@ public final class ShadowMMU {
         self.pool = pool
         self.masks = masks
         self.events = events
+        directory = ShadowPageDirectory(pool: pool)
+        rmaps = RmapTables(pool: pool)
+    }
+
+    deinit {
+        directory.release()
+        rmaps.release()
     }
 
     /// Every live shadow page, oldest first.
     public var shadowPages: [ShadowPage] {
-        pagesByFrame.values.sorted { $0.serial < $1.serial }
+        hashBuckets.joined().sorted { $0.serial < $1.serial }
     }
 
     // MARK: Finding and creating shadow pages
@@ -99,7 +106,7 @@ public final class ShadowMMU {
                               serial: nextSerial)
         nextSerial += 1
         hashBuckets[Self.bucket(gfn)].append(page)
-        pagesByFrame[frame.rawValue] = page
+        directory.set(page, at: frame.rawValue)
         usedPages += 1
         if role.hasGPTEs { accountShadowed(page) }
         events.record(.kvmMMUGetPage(gfn: gfn, role: role, created: true))
@@ -132,45 +139,43 @@ public final class ShadowMMU {
 
     /// The page an SPTE pointer lies in.
     func page(containing pointer: SPTEPointer) -> ShadowPage {
-        let frame = pool.frame(of: UnsafeMutableRawPointer(pointer))!
-        return pagesByFrame[frame.rawValue]!
+        directory.page(pool.frame(of: UnsafeRawPointer(pointer))!.rawValue)!
+    }
+
+    /// Whether a valid page shadows the guest table at `gfn` (`gptePages(at:)` without the array).
+    func hasShadowedTable(at gfn: GuestFrameNumber) -> Bool {
+        hashBuckets[Self.bucket(gfn)].contains { $0.gfn == gfn && $0.role.hasGPTEs && !isObsolete($0) }
     }
 
     /// The page a non-leaf SPTE points at.
-    func child(of spte: SPTE) -> ShadowPage? { pagesByFrame[spte.pfn.rawValue] }
+    func child(of spte: SPTE) -> ShadowPage? { directory.page(spte.pfn.rawValue) }
 
     // MARK: rmaps
-
-    static func rmapKey(_ gfn: GuestFrameNumber, level: Int) -> UInt64 { gfn.rawValue << 2 | UInt64(level - 1) }
 
     func rmapAdd(_ pointer: SPTEPointer, in page: ShadowPage, gfn: GuestFrameNumber, access: UInt8) {
         page.setTranslation(at: page.index(of: pointer), gfn: gfn, access: access)
         stats.updatePageStats(level: page.level, delta: 1)
-        let key = Self.rmapKey(gfn, level: page.level)
-        let count = rmaps[key]?.count ?? 0
-        stats.maxMMURmapSize = max(stats.maxMMURmapSize, UInt64(count))
-        rmaps[key, default: []].append(pointer)
-        if count + 1 > Self.rmapRecycleThreshold {
+        let frame = SPTE(rawValue: pointer.pointee).pfn.rawValue
+        let count = rmaps.add(pointer, frame: frame, level: page.level)
+        stats.maxMMURmapSize = max(stats.maxMMURmapSize, UInt64(count - 1))
+        if count > Self.rmapRecycleThreshold {
             // KVM zaps the whole chain rather than let it grow without bound.
-            for spte in rmaps[key] ?? [] { dropSPTE(spte) }
+            for spte in rmaps.sptes(frame, level: page.level) { dropSPTE(spte) }
             flushRemoteTLBs()
         }
     }
 
-    func rmapRemove(_ pointer: SPTEPointer) {
-        let page = page(containing: pointer)
-        let gfn = page.mappedGFN(at: page.index(of: pointer))
-        let key = Self.rmapKey(gfn, level: page.level)
-        guard var list = rmaps[key], let position = list.firstIndex(of: pointer) else { return }
-        list.swapAt(position, list.count - 1)
-        list.removeLast()
-        rmaps[key] = list.isEmpty ? nil : list
-        stats.updatePageStats(level: page.level, delta: -1)
+    /// Removes a leaf from its rmap; `spte` is its value before it was cleared.
+    func rmapRemove(_ pointer: SPTEPointer, _ spte: SPTE, level: Int) {
+        if rmaps.remove(pointer, frame: spte.pfn.rawValue, level: level) {
+            stats.updatePageStats(level: level, delta: -1)
+        }
     }
 
     /// Every leaf SPTE that maps `gfn`, at any level.
     public func mappings(of gfn: GuestFrameNumber) -> [SPTEPointer] {
-        (1...3).flatMap { rmaps[Self.rmapKey(gfn, level: $0)] ?? [] }
+        guard let frame = memory.hostFrame(of: gfn)?.rawValue else { return [] }
+        return (1...3).flatMap { rmaps.sptes(frame, level: $0) }
     }
 
     // MARK: Changing SPTEs
@@ -180,7 +185,7 @@ public final class ShadowMMU {
         let old = SPTE(rawValue: pointer.pointee)
         pointer.pointee = SPTE.nonPresent.rawValue
         let level = page(containing: pointer).level
-        if old.isShadowPresent && old.isLast(level: level) { rmapRemove(pointer) }
+        if old.isShadowPresent && old.isLast(level: level) { rmapRemove(pointer, old, level: level) }
     }
 
     /// `drop_parent_pte`.
@@ -256,7 +261,7 @@ public final class ShadowMMU {
     func free(_ page: ShadowPage) {
         let bucket = Self.bucket(page.gfn)
         hashBuckets[bucket].removeAll { $0 === page }
-        pagesByFrame[page.frame.rawValue] = nil
+        directory.set(nil, at: page.frame.rawValue)
         usedPages -= 1
         try? pool.freePage(page.frame)
     }

@@ -50,9 +50,11 @@ public struct VirtMMU: ParsableCommand {
         abstract: "An executable model of x86 paging and the KVM MMU.",
         discussion: """
         Exit codes: 0 success; 64 bad command line; 65 bad input (malformed image, impossible \
-        register state, invalid batch lines); 66 a file could not be opened.
+        register state, invalid batch lines); 66 a file could not be opened. `run` has its own: 0 \
+        success; 1 bad scenario, unreadable file or bad arguments; 2 lockstep disagreement or broken \
+        invariant.
         """,
-        subcommands: [WalkCommand.self, MapsCommand.self, SampleCommand.self],
+        subcommands: [WalkCommand.self, MapsCommand.self, SampleCommand.self, RunCommand.self],
         defaultSubcommand: WalkCommand.self)
 
     public init() {}

@@ -1,0 +1,159 @@
+import ArgumentParser
+import Workloads
+import X86Paging
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// The MMU a scenario runs under.
+enum MMUChoice: String, ExpressibleByArgument, CaseIterable, Sendable {
+    /// KVM's shadow MMU: the guest's page tables shadowed, write-protected and kept in sync.
+    case shadow
+}
+
+struct RunCommand: FailureReportingCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "run",
+        abstract: "Run a scenario under KVM's shadow MMU, every guest access checked in lockstep against the architecture.",
+        discussion: """
+        A scenario is a text file with one directive per line (mem, cpu, set, map, access, pte, invlpg, \
+        reload-cr3); docs/SCENARIOS.md describes the language and examples/ holds samples. The report \
+        gives each access's outcome (GPA and value, or the #PF error code and CR2), the final value and \
+        A/D bits of every guest entry the scenario mapped, and KVM's MMU counters before and after the \
+        run and their difference. With --json the same as JSON Lines, the last line a "result" object.
+
+        Exit status: 0 the run finished and every outcome agreed with the reference machine; 1 a bad \
+        scenario, an unreadable file or bad arguments; 2 a lockstep disagreement or a broken MMU \
+        invariant (the report up to that point is still printed, then the error).
+        """)
+
+    /// The exit statuses `run` documents (not the sysexits codes the other subcommands use).
+    enum Status {
+        static let ok: Int32 = 0
+        /// A bad scenario, an unreadable file, bad arguments.
+        static let badInput: Int32 = 1
+        /// A lockstep disagreement or a broken invariant.
+        static let failed: Int32 = 2
+    }
+
+    @Argument(help: "The scenario file, or - for standard input.")
+    var file: String
+
+    @Option(help: "The MMU that virtualizes the guest's paging (only shadow for now).")
+    var mmu: MMUChoice = .shadow
+
+    @Flag(help: "Print JSON Lines instead of the readable report.")
+    var json = false
+
+    /// What a run prints and how it ends.
+    struct Outcome {
+        /// Standard output: the report (readable or JSON Lines).
+        var output: String
+        /// The line for standard error when the run did not succeed.
+        var message: String?
+        var status: Int32
+    }
+
+    func execute() throws {
+        let outcome = perform()
+        var output = ByteWriter(fileDescriptor: 1)
+        output.append(outcome.output)
+        output.flush()
+        if let message = outcome.message {
+            throw CommandFailure(message: message, code: outcome.status)
+        }
+    }
+
+    /// Reads, parses and runs the scenario; `standardInput` supplies the text for `-`.
+    func perform(standardInput: () throws(ScenarioError) -> String = readStandardInput) -> Outcome {
+        let name = file == "-" ? "<stdin>" : file
+        let scenario: Scenario
+        do {
+            scenario = file == "-" ? try Scenario.parse(standardInput(), name: name) : try Scenario.parse(contentsOfFile: file)
+        } catch {
+            let message = [error.directive, error.message].compactMap { $0 }.joined(separator: ": ")
+            return failed(.badScenario(line: error.line ?? 0, message: message), name: name, pagingMode: nil)
+        }
+        switch mmu {
+        case .shadow: break
+        }
+        let report: RunReport
+        do {
+            report = try ScenarioRunner(scenario: scenario).run()
+        } catch {
+            return failed(error, name: name, pagingMode: scenario.pagingMode)
+        }
+        let output = json ? report.jsonLines() : report.text(pagingMode: scenario.pagingMode)
+        return Outcome(output: output, message: nil, status: Status.ok)
+    }
+
+    private func failed(_ failure: RunFailure, name: String, pagingMode: PagingMode?) -> Outcome {
+        let output: String
+        if json {
+            output = failure.jsonLines(scenario: name)
+        } else if let partial = failure.partialReport {
+            output = partial.text(failure: failure, pagingMode: pagingMode)
+        } else {
+            output = ""
+        }
+        let location: String = switch failure {
+        case .badScenario(let line, let message): (line > 0 ? "line \(line): " : "") + message
+        default: failure.description
+        }
+        return Outcome(output: output, message: "error: \(name): \(location)", status: failure.exitCode)
+    }
+}
+
+/// Standard input as text (at most 64 MiB, invalid UTF-8 repaired), for `run -`.
+func readStandardInput() throws(ScenarioError) -> String {
+    let limit = 64 << 20
+    var bytes: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 1 << 16)
+    while true {
+        let count = chunk.withUnsafeMutableBytes { read(0, $0.baseAddress, $0.count) }
+        if count < 0 {
+            if errno == EINTR { continue }
+            throw ScenarioError(source: "<stdin>", text: "-",
+                                message: "cannot read standard input: \(String(cString: strerror(errno)))")
+        }
+        if count == 0 { break }
+        bytes.append(contentsOf: chunk[0..<count])
+        if bytes.count > limit {
+            throw ScenarioError(source: "<stdin>", text: "-", message: "standard input is larger than 64 MiB; not a scenario")
+        }
+    }
+    return String(decoding: bytes, as: UTF8.self)
+}
+
+extension VirtMMU {
+    /// ArgumentParser's `main()`, except that a command-line error under `run` exits with 1, the
+    /// status `run` documents for bad arguments, instead of 64.
+    public static func main() {
+        let arguments = Array(CommandLine.arguments.dropFirst())
+        do {
+            var command = try parseAsRoot(arguments)
+            try command.run()
+        } catch {
+            let status = exitStatus(for: error, arguments: arguments)
+            guard status == exitCode(for: error).rawValue else {
+                var standardError = StandardError()
+                print(fullMessage(for: error), to: &standardError)
+                exit(withError: ExitCode(status))
+            }
+            exit(withError: error)
+        }
+    }
+
+    /// The exit status for `error` raised while parsing or running `arguments`: ArgumentParser's,
+    /// but 1 instead of 64 for a command-line error under `run`.
+    static func exitStatus(for error: any Error, arguments: [String]) -> Int32 {
+        let code = exitCode(for: error)
+        if code == .validationFailure && arguments.first == RunCommand.configuration.commandName {
+            return RunCommand.Status.badInput
+        }
+        return code.rawValue
+    }
+}
