@@ -9,6 +9,7 @@ public protocol ByteAccessibleMemory {
 }
 
 extension ByteAccessibleMemory {
+    @inlinable
     public func read(_ address: GuestPhysicalAddress, count: Int) throws(AccessFailure) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: count)
         var failure: AccessFailure?
@@ -19,6 +20,7 @@ extension ByteAccessibleMemory {
         return bytes
     }
 
+    @inlinable
     public func write(_ address: GuestPhysicalAddress, bytes: [UInt8]) throws(AccessFailure) {
         var failure: AccessFailure?
         bytes.withUnsafeBytes { buffer in
@@ -27,22 +29,27 @@ extension ByteAccessibleMemory {
         if let failure { throw failure }
     }
 
+    @inlinable
     public func load64(_ address: GuestPhysicalAddress) throws(AccessFailure) -> UInt64 {
         try loadInteger(address, as: UInt64.self)
     }
 
+    @inlinable
     public func store64(_ value: UInt64, at address: GuestPhysicalAddress) throws(AccessFailure) {
         try storeInteger(value, at: address)
     }
 
+    @inlinable
     public func load32(_ address: GuestPhysicalAddress) throws(AccessFailure) -> UInt32 {
         try loadInteger(address, as: UInt32.self)
     }
 
+    @inlinable
     public func store32(_ value: UInt32, at address: GuestPhysicalAddress) throws(AccessFailure) {
         try storeInteger(value, at: address)
     }
 
+    @inlinable
     public func loadInteger<T: FixedWidthInteger>(_ address: GuestPhysicalAddress, as _: T.Type) throws(AccessFailure) -> T {
         var value: T = 0
         var failure: AccessFailure?
@@ -53,6 +60,7 @@ extension ByteAccessibleMemory {
         return T(littleEndian: value)
     }
 
+    @inlinable
     public func storeInteger<T: FixedWidthInteger>(_ value: T, at address: GuestPhysicalAddress) throws(AccessFailure) {
         var failure: AccessFailure?
         withUnsafeBytes(of: value.littleEndian) { buffer in

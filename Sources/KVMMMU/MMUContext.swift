@@ -31,31 +31,34 @@ public struct HardwareRoot: Equatable, Sendable {
 public final class MMUContext {
     public let mmu: ShadowMMU
     public let cpu: CPUModel
-    public private(set) var registers: PagingRegisters
-    public private(set) var cpuRole: CPURole
-    public private(set) var rootRole: PageRole
+    @exclusivity(unchecked) public private(set) var registers: PagingRegisters
+    @exclusivity(unchecked) public private(set) var cpuRole: CPURole
+    @exclusivity(unchecked) public private(set) var rootRole: PageRole
     /// The guest-table walker for the current registers (KVM's `gva_to_gpa` / `walk_addr`).
-    public private(set) var guestWalker: PageWalker
+    public var guestWalker: PageWalker { guestWalkerBox.walker }
+    /// The walker in a box: a `let` of a class is borrowed in place, where a `var` walker (a
+    /// large struct) would be copied on every fault.
+    @exclusivity(unchecked) public private(set) var guestWalkerBox: WalkerBox
     /// The root shadow page of a 4- or 5-level guest.
-    public private(set) var root: ShadowPage?
+    @exclusivity(unchecked) public private(set) var root: ShadowPage?
     /// The four level-2 roots behind the PAE root (32-bit, PAE and non-paging guests).
-    public private(set) var paeRoots: [ShadowPage?] = [nil, nil, nil, nil]
+    @exclusivity(unchecked) public private(set) var paeRoots: [ShadowPage?] = [nil, nil, nil, nil]
     /// KVM's special `pae_root` page.
-    private var paeRootFrame: HostFrameNumber?
+    @exclusivity(unchecked) private var paeRootFrame: HostFrameNumber?
     /// The CR3 the roots were built for (KVM's `root.pgd`).
-    public private(set) var rootPGD: UInt64 = 0
-    public private(set) var rootsLoaded = false
-    private var long64: Long64Format
-    private var legacy32: Legacy32Format
+    @exclusivity(unchecked) public private(set) var rootPGD: UInt64 = 0
+    @exclusivity(unchecked) public private(set) var rootsLoaded = false
+    @exclusivity(unchecked) private var long64: Long64Format
+    @exclusivity(unchecked) private var legacy32: Legacy32Format
 
     public init(mmu: ShadowMMU, registers: PagingRegisters, cpu: CPUModel = CPUModel()) throws(ControlStateError) {
         self.mmu = mmu
         self.cpu = cpu
         self.registers = registers
-        guestWalker = try PageWalker(registers: registers, cpu: cpu, memory: mmu.memory)
+        guestWalkerBox = WalkerBox(try PageWalker(registers: registers, cpu: cpu, memory: mmu.memory))
         cpuRole = calcCPURole(cr0: registers.cr0, cr4: registers.cr4, efer: registers.efer)
         rootRole = shadowRootRole(for: cpuRole)
-        long64 = Long64Format(mode: guestWalker.mode, efer: registers.efer, cpu: cpu)
+        long64 = Long64Format(mode: guestWalkerBox.walker.mode, efer: registers.efer, cpu: cpu)
         legacy32 = Legacy32Format(cr4: registers.cr4, cpu: cpu)
     }
 
@@ -99,7 +102,7 @@ public final class MMUContext {
 
     private func install(_ new: PagingRegisters, _ walker: PageWalker) {
         registers = new
-        guestWalker = walker
+        guestWalkerBox = WalkerBox(walker)
         long64 = Long64Format(mode: walker.mode, efer: new.efer, cpu: cpu)
         legacy32 = Legacy32Format(cr4: new.cr4, cpu: cpu)
     }
@@ -262,7 +265,8 @@ public final class MMUContext {
                                  errorCode: PageFaultErrorCode) throws(ShadowMMUError) -> PageFaultResult {
         let isWrite = errorCode.contains(.write)
         let translation: Translation
-        switch guestWalker.translate(address, access, in: mmu.memory, setAccessedDirty: true) {
+        let box = guestWalkerBox
+        switch box.walker.translate(address, access, in: mmu.memory, setAccessedDirty: true) {
         case .success(let result):
             translation = result
         case .failure(.pageFault(let fault)):
@@ -504,13 +508,11 @@ public final class MMUContext {
     /// `FNAME(prefetch_gpte)`.
     private func prefetchGuestPTE(_ pointer: SPTEPointer, index: Int, in page: ShadowPage) -> Bool {
         let address = GuestPhysicalAddress(page.firstGuestEntryAddress.rawValue + UInt64(index * page.guestEntrySize))
-        let gpte: UInt64
-        do {
-            gpte = page.guestEntrySize == 4 ? UInt64(try mmu.memory.load32(address)) : try mmu.memory.load64(address)
-        } catch {
-            return false
-        }
-        guard gpte & 1 != 0, gpte & (1 << 5) != 0, guestWalker.reservedBitsSet(in: gpte, level: 1) == 0 else { return false }
+        let entry: UInt64? = page.guestEntrySize == 4
+            ? mmu.memory.readEntry(Legacy32Entry.self, at: address).map { UInt64($0.bits) }
+            : mmu.memory.readEntry(Entry64.self, at: address)?.rawValue
+        guard let gpte = entry else { return false }
+        guard gpte & 1 != 0, gpte & (1 << 5) != 0, guestWalkerBox.walker.reservedBitsSet(in: gpte, level: 1) == 0 else { return false }
         let gfn = GuestFrameNumber(page.guestEntrySize == 4 ? (gpte & 0xFFFF_F000) >> 12 : (gpte & bitRange(12, 51)) >> 12)
         var access = page.role.access & guestAccess(gpte)
         if gpte & (1 << 6) == 0 { access &= ~ACC.write }
@@ -527,4 +529,10 @@ public final class MMUContext {
     public func invalidatePage(_ address: GuestVirtualAddress) {
         mmu.stats.invlpg += 1
     }
+}
+
+/// A page walker held by reference, so that hot paths borrow it instead of copying it.
+public final class WalkerBox {
+    public let walker: PageWalker
+    public init(_ walker: PageWalker) { self.walker = walker }
 }

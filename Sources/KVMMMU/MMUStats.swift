@@ -153,16 +153,20 @@ public struct MMUStats: Sendable, Equatable {
     /// `kvm_update_page_stats`.
     /// - Precondition: a level KVM maps at, and the count does not go below zero.
     public mutating func updatePageStats(level: Int, delta: Int) {
-        let path: WritableKeyPath<MMUStats, UInt64>
+        // A plain switch, not key paths: this runs on every SPTE installed or dropped.
         switch level {
-        case 1: path = \.pages4K
-        case 2: path = \.pages2M
-        case 3: path = \.pages1G
+        case 1: pages4K = Self.adjusted(pages4K, by: delta)
+        case 2: pages2M = Self.adjusted(pages2M, by: delta)
+        case 3: pages1G = Self.adjusted(pages1G, by: delta)
         default: preconditionFailure("KVM maps pages only at levels 1-3")
         }
-        let (value, overflow) = Int64(bitPattern: self[keyPath: path]).addingReportingOverflow(Int64(delta))
+    }
+
+    @inline(__always)
+    private static func adjusted(_ count: UInt64, by delta: Int) -> UInt64 {
+        let (value, overflow) = Int64(bitPattern: count).addingReportingOverflow(Int64(delta))
         precondition(!overflow && value >= 0, "page count would go negative")
-        self[keyPath: path] = UInt64(value)
+        return UInt64(value)
     }
 
     /// Raises a peak counter to `value` if it is larger.

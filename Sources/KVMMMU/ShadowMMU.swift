@@ -5,32 +5,34 @@ import X86Paging
 /// rmaps from gfns to the SPTEs that map them, gfn write tracking, and the counters.
 ///
 /// Single-threaded by design, like KVM's shadow MMU under `mmu_lock` held for write: callers
-/// serialise (the VM runs shadow-MMU faults under one lock).
+/// serialise (the VM runs shadow-MMU faults under one lock). That is also why the hot classes'
+/// stored properties are `@exclusivity(unchecked)`: no access to them can overlap another, and the
+/// dynamic checks cost a third of a fault.
 public final class ShadowMMU {
     public let memory: MemslotSet
     public let pool: HostPagePool
     public let masks: SPTEMasks
-    public var stats = MMUStats()
+    @exclusivity(unchecked) public var stats = MMUStats()
     public let events: MMUEventLog
     /// KVM's `kvm_flush_remote_tlbs`: the VM installs the flush of every vCPU's TLB.
-    public var flushRemoteTLBs: () -> Void = {}
+    @exclusivity(unchecked) public var flushRemoteTLBs: () -> Void = {}
 
     /// `mmu_page_hash`: KVM_NUM_MMU_PAGES buckets, indexed by `hash_64(gfn, 12)`.
-    var hashBuckets = [[ShadowPage]](repeating: [], count: ShadowMMU.hashBucketCount)
+    @exclusivity(unchecked) var hashBuckets = [[ShadowPage]](repeating: [], count: ShadowMMU.hashBucketCount)
     static let hashBucketCount = 1 << 12
     /// Host frame -> the shadow page whose table lives there (KVM's `page_private`).
     let directory: ShadowPageDirectory
     /// Every leaf SPTE, by the page it maps and its level.
-    var rmaps: RmapTables
+    @exclusivity(unchecked) var rmaps: RmapTables
     /// `gfn_write_track`: gfns whose writes must be emulated (upper-level guest tables).
-    var writeTrack: [UInt64: Int] = [:]
+    @exclusivity(unchecked) var writeTrack: [UInt64: Int] = [:]
     /// Shadow pages backed by guest PTEs; zero lets emulated writes skip all bookkeeping.
-    public internal(set) var indirectShadowPages = 0
+    @exclusivity(unchecked) public internal(set) var indirectShadowPages = 0
     /// `n_used_mmu_pages`.
-    public internal(set) var usedPages = 0
+    @exclusivity(unchecked) public internal(set) var usedPages = 0
     /// `mmu_valid_gen`.
-    public internal(set) var validGeneration: UInt8 = 0
-    var nextSerial: UInt64 = 0
+    @exclusivity(unchecked) public internal(set) var validGeneration: UInt8 = 0
+    @exclusivity(unchecked) var nextSerial: UInt64 = 0
 
     /// KVM's `RMAP_RECYCLE_THRESHOLD`.
     public static let rmapRecycleThreshold = 1000

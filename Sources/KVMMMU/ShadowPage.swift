@@ -15,7 +15,7 @@ public typealias SPTEPointer = UnsafeMutablePointer<UInt64>
 public final class ShadowPage {
     /// The guest table it shadows (indirect), or the first gfn of the range it maps (direct).
     public let gfn: GuestFrameNumber
-    public internal(set) var role: PageRole
+    @exclusivity(unchecked) public internal(set) var role: PageRole
     /// The host frame holding the 512 SPTEs.
     public let frame: HostFrameNumber
     public let sptes: UnsafeMutablePointer<UInt64>
@@ -23,11 +23,11 @@ public final class ShadowPage {
     /// shadows (KVM's `shadowed_translation`).
     let shadowedTranslations: UnsafeMutablePointer<UInt64>?
     /// Every SPTE that points at this page (KVM's `parent_ptes` rmap).
-    var parentPTEs: [SPTEPointer] = []
-    public internal(set) var rootCount = 0
-    public internal(set) var unsync = false
+    @exclusivity(unchecked) var parentPTEs: [SPTEPointer] = []
+    @exclusivity(unchecked) public internal(set) var rootCount = 0
+    @exclusivity(unchecked) public internal(set) var unsync = false
     /// Emulated writes to the shadowed table since the page was last used by a walk.
-    public internal(set) var writeFloodingCount = 0
+    @exclusivity(unchecked) public internal(set) var writeFloodingCount = 0
     public let validGeneration: UInt8
     /// Sequence number of creation, standing in for the position on `active_mmu_pages`.
     let serial: UInt64

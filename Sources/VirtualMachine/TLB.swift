@@ -23,10 +23,19 @@ public final class TLB {
     private let entries: UnsafeMutablePointer<Entry>
     private let mask: Int
     public let capacity: Int
-    private var generation: UInt64 = 1
-    public private(set) var hits: UInt64 = 0
-    public private(set) var misses: UInt64 = 0
-    public private(set) var flushes: UInt64 = 0
+    /// The mutable counters, behind a pointer: a class's `var` would cost an exclusivity check
+    /// on every lookup.
+    private struct Counters {
+        var generation: UInt64 = 1
+        var hits: UInt64 = 0
+        var misses: UInt64 = 0
+        var flushes: UInt64 = 0
+    }
+    private let counters: UnsafeMutablePointer<Counters>
+    private var generation: UInt64 { counters.pointee.generation }
+    public var hits: UInt64 { counters.pointee.hits }
+    public var misses: UInt64 { counters.pointee.misses }
+    public var flushes: UInt64 { counters.pointee.flushes }
 
     /// - Parameter capacity: a power of two.
     public init(capacity: Int = 1024) {
@@ -37,9 +46,14 @@ public final class TLB {
                                             dirty: false),
                            count: capacity)
         mask = capacity - 1
+        counters = .allocate(capacity: 1)
+        counters.initialize(to: Counters())
     }
 
-    deinit { entries.deallocate() }
+    deinit {
+        entries.deallocate()
+        counters.deallocate()
+    }
 
     @inline(__always)
     private func slot(_ page: UInt64) -> Int { Int(truncatingIfNeeded: (page ^ (page >> 11)) & UInt64(mask)) }
@@ -50,10 +64,10 @@ public final class TLB {
         let page = address.rawValue >> 12
         let entry = entries[slot(page)]
         if entry.generation == generation && entry.tag == page && entry.root == root {
-            hits &+= 1
+            counters.pointee.hits &+= 1
             return entry
         }
-        misses &+= 1
+        counters.pointee.misses &+= 1
         return nil
     }
 
@@ -73,8 +87,8 @@ public final class TLB {
 
     /// Drops every entry.
     public func flush() {
-        generation &+= 1
-        flushes &+= 1
+        counters.pointee.generation &+= 1
+        counters.pointee.flushes &+= 1
     }
 
     /// The valid entries, for reports.

@@ -109,20 +109,27 @@ public final class VCPU {
     public let context: MMUContext
     public let tlb = TLB()
     public var registers: PagingRegisters { context.registers }
-    private var hardwareRoot: HardwareRoot?
-    private var hardware: PageWalker?
-    /// The hardware's permission rules and RFLAGS.AC, for TLB hits (kept apart from `hardware` so
-    /// a hit copies no walker).
-    private var hardwareRules: PermissionRules?
-    private var alignmentCheck = false
-    /// The root frame TLB entries are tagged with.
-    private var hardwareRootFrame: UInt64 = 0
-    /// The guest's linear addresses are 32 bits wide (not IA-32e).
-    private var narrowLinearAddresses: Bool
-    private var host: HostPhysicalView
-    /// TLB flushes requested of this vCPU, serviced at the next entry.
-    private var requests: TLBFlushRequests = []
-    private var flushAllRequested = false
+    @exclusivity(unchecked) private var hardwareRoot: HardwareRoot?
+    @exclusivity(unchecked) private var hardware: WalkerBox?
+    private let host: HostPhysicalView
+    private let pool: HostPagePool
+
+    /// What every access reads, behind a pointer: a class's `var`s would cost an exclusivity
+    /// check each, and a TLB hit must cost a few loads.
+    private struct HotState {
+        /// TLB flushes requested of this vCPU, serviced at the next entry.
+        var requests: TLBFlushRequests = []
+        var flushAllRequested = false
+        /// The guest's linear addresses are 32 bits wide (not IA-32e).
+        var narrowLinearAddresses: Bool
+        /// The root frame TLB entries are tagged with.
+        var rootFrame: UInt64 = 0
+        /// Byte `3 * kind + privilege`: the combined ACC values the hardware refuses that access
+        /// (its rules with the guest's SMEP, SMAP and RFLAGS.AC). All ones until the hardware
+        /// walker is set up, so no TLB entry is used before.
+        var refusals: UInt128 = ~0
+    }
+    private let hot: UnsafeMutablePointer<HotState>
     /// A bound on exits for one access: each exit must make progress.
     public static let maxExitsPerAccess = 64
 
@@ -130,7 +137,9 @@ public final class VCPU {
         self.vm = vm
         self.id = id
         host = HostPhysicalView(pool: vm.pool)
-        narrowLinearAddresses = !registers.mode.isLongMode
+        pool = vm.pool
+        hot = .allocate(capacity: 1)
+        hot.initialize(to: HotState(narrowLinearAddresses: !registers.mode.isLongMode))
         try Self.checkSupported(registers)
         do {
             context = try MMUContext(mmu: vm.mmu, registers: registers, cpu: vm.cpu)
@@ -138,6 +147,8 @@ public final class VCPU {
             throw .impossibleRegisters(error)
         }
     }
+
+    deinit { hot.deallocate() }
 
     static func checkSupported(_ registers: PagingRegisters) throws(VirtualMachineError) {
         if registers.cr4.contains(.protectionKeys) || registers.cr4.contains(.supervisorProtectionKeys) {
@@ -152,23 +163,23 @@ public final class VCPU {
     public func setRegisters(_ new: PagingRegisters) throws(VirtualMachineError) {
         try Self.checkSupported(new)
         do {
-            requests.formUnion(try context.setRegisters(new))
+            hot.pointee.requests.formUnion(try context.setRegisters(new))
         } catch {
             throw .impossibleRegisters(error)
         }
         dropHardwareWalker()  // the hardware runs with the guest's SMEP, SMAP and RFLAGS.AC
-        narrowLinearAddresses = !new.mode.isLongMode
+        hot.pointee.narrowLinearAddresses = !new.mode.isLongMode
     }
 
     private func dropHardwareWalker() {
         hardware = nil
-        hardwareRules = nil
+        hot.pointee.refusals = ~0
     }
 
     /// MOV to CR3, also of the value it already holds.
     public func loadCR3(_ value: UInt64) throws(VirtualMachineError) {
         do {
-            requests.formUnion(try context.loadCR3(value))
+            hot.pointee.requests.formUnion(try context.loadCR3(value))
         } catch {
             throw .impossibleRegisters(error)
         }
@@ -176,17 +187,21 @@ public final class VCPU {
     }
 
     /// KVM_REQ_TLB_FLUSH, raised on every vCPU by `kvm_flush_remote_tlbs`.
-    func requestFlushAll() { flushAllRequested = true }
+    func requestFlushAll() { hot.pointee.flushAllRequested = true }
 
     /// The TLB-flush requests a VM entry services (`kvm_vcpu_flush_tlb_all`, then
     /// `kvm_service_local_tlb_flush_requests`), each counted in `tlb_flush`.
     @inline(__always)
     private func serviceRequests() {
-        guard flushAllRequested || !requests.isEmpty else { return }
-        if flushAllRequested {
+        guard hot.pointee.flushAllRequested || !hot.pointee.requests.isEmpty else { return }
+        serviceFlushRequests()
+    }
+
+    private func serviceFlushRequests() {
+        var requests = hot.pointee.requests
+        if hot.pointee.flushAllRequested {
             vm.mmu.stats.tlbFlush += 1
             tlb.flush()
-            flushAllRequested = false
             requests.remove(.flushCurrent)  // flushing everything flushed the current root too
         }
         if requests.contains(.flushCurrent) {
@@ -197,7 +212,8 @@ public final class VCPU {
             vm.mmu.stats.tlbFlush += 1
             tlb.flush()
         }
-        requests = []
+        hot.pointee.requests = []
+        hot.pointee.flushAllRequested = false
     }
 
     /// INVLPG.
@@ -208,7 +224,7 @@ public final class VCPU {
 
     // MARK: Accesses
 
-    private func hardwareWalker() throws(VirtualMachineError) -> PageWalker {
+    private func hardwareWalker() throws(VirtualMachineError) -> WalkerBox {
         if let hardware, context.rootsLoaded { return hardware }
         let root: HardwareRoot
         do {
@@ -240,11 +256,19 @@ public final class VCPU {
         // another root's before (uncounted: KVM calls the flush directly, not as a request).
         if hardwareRoot != root { tlb.flush() }
         hardwareRoot = root
-        hardwareRootFrame = root.rootFrame.rawValue
-        hardware = walker
-        hardwareRules = walker.rules
-        alignmentCheck = guest.rflags.contains(.alignmentCheck)
-        return walker
+        let box = WalkerBox(walker)
+        hardware = box
+        var refusals: UInt128 = 0
+        for kind in AccessKind.allCases {
+            for privilege in Privilege.allCases {
+                let refused = walker.rules.refusedPermissions(Access(kind, privilege),
+                                                              alignmentCheck: guest.rflags.contains(.alignmentCheck))
+                refusals |= UInt128(refused) << UInt128(8 * (3 * Int(kind.rawValue) + Int(privilege.rawValue)))
+            }
+        }
+        hot.pointee.refusals = refusals
+        hot.pointee.rootFrame = root.rootFrame.rawValue
+        return box
     }
 
     /// One guest access of `size` bytes (1, 2, 4 or 8, within one page) at `address`.
@@ -257,14 +281,14 @@ public final class VCPU {
         guard address.rawValue & pageOffsetMask <= pageSize - UInt64(size) else {
             throw .invalidAccess("\(size) bytes at \(address) cross a page boundary")
         }
-        if narrowLinearAddresses && address.rawValue >> 32 != 0 {
+        if hot.pointee.narrowLinearAddresses && address.rawValue >> 32 != 0 {
             throw .invalidAccess("\(address) is wider than the 32-bit linear addresses of \(registers.mode.displayName)")
         }
         var exits = 0
         var firstTry = true
         while exits <= Self.maxExitsPerAccess {
             serviceRequests()  // VM entry
-            if let entry = tlb.lookup(address, root: hardwareRootFrame), allows(entry, access) {
+            if let entry = tlb.lookup(address, root: hot.pointee.rootFrame), allows(entry, access) {
                 let hostAddress = entry.hostFrame << 12 | (address.rawValue & pageOffsetMask)
                 let value = perform(hostAddress: hostAddress, access.kind, size: size, value: value)
                 return AccessOutcome(result: .completed(gpa: GuestPhysicalAddress(entry.guestFrame << 12 | (address.rawValue & pageOffsetMask)),
@@ -274,12 +298,12 @@ public final class VCPU {
             firstTry = false
             tlb.invalidate(address)
             let walker = try hardwareWalker()
-            switch walker.translate(address, access, in: host, setAccessedDirty: true) {
+            switch walker.walker.translate(address, access, in: host, setAccessedDirty: true) {
             case .success(let translation):
                 let leafAddress = translation.path.entryAddress(level: translation.level)
                 let guestFrame = guestFrame(ofLeafAt: leafAddress.rawValue)
                 let leaf = translation.path.entryValue(level: translation.level)
-                tlb.insert(address, root: hardwareRootFrame, hostFrame: translation.physicalAddress.rawValue >> 12, permissions: translation.permissions,
+                tlb.insert(address, root: hot.pointee.rootFrame, hostFrame: translation.physicalAddress.rawValue >> 12, permissions: translation.permissions,
                            dirty: leaf & (1 << 6) != 0, guestFrame: guestFrame)
                 continue  // the access completes through the TLB entry just filled
             case .failure(.pageFault(let fault)):
@@ -316,9 +340,9 @@ public final class VCPU {
     /// write needs the entry dirty too, else the hardware walks to set D).
     @inline(__always)
     private func allows(_ entry: TLB.Entry, _ access: Access) -> Bool {
-        guard let hardwareRules else { return false }
         if access.kind == .write && !entry.dirty { return false }
-        return !hardwareRules.isRefused(access, pagePermissions: entry.permissions, alignmentCheck: alignmentCheck)
+        let refused = hot.pointee.refusals >> UInt128(8 * (3 * Int(access.kind.rawValue) + Int(access.privilege.rawValue)))
+        return (UInt8(truncatingIfNeeded: refused) >> entry.permissions) & 1 == 0
     }
 
     /// The guest frame a leaf SPTE maps, from its shadow page's record of it.
@@ -327,16 +351,24 @@ public final class VCPU {
         return page.mappedGFN(at: Int((hostAddress & pageOffsetMask) >> 3)).rawValue
     }
 
+    @inline(__always)
     private func perform(hostAddress: UInt64, _ kind: AccessKind, size: Int, value: UInt64) -> UInt64 {
-        let pointer = vm.pool.pointer(HostFrameNumber(hostAddress >> 12)) + Int(hostAddress & pageOffsetMask)
-        switch kind {
-        case .write:
-            withUnsafeBytes(of: value.littleEndian) { pointer.copyMemory(from: $0.baseAddress!, byteCount: size) }
+        let pointer = pool.pointer(HostFrameNumber(hostAddress >> 12)) + Int(hostAddress & pageOffsetMask)
+        // Fixed-size loads and stores (x86 is little-endian, as is every host we build for).
+        if kind == .write {
+            switch size {
+            case 8: pointer.storeBytes(of: value.littleEndian, as: UInt64.self)
+            case 4: pointer.storeBytes(of: UInt32(truncatingIfNeeded: value).littleEndian, as: UInt32.self)
+            case 2: pointer.storeBytes(of: UInt16(truncatingIfNeeded: value).littleEndian, as: UInt16.self)
+            default: pointer.storeBytes(of: UInt8(truncatingIfNeeded: value), as: UInt8.self)
+            }
             return value
-        case .read, .fetch:
-            var result: UInt64 = 0
-            withUnsafeMutableBytes(of: &result) { $0.baseAddress!.copyMemory(from: pointer, byteCount: size) }
-            return UInt64(littleEndian: result)
+        }
+        switch size {
+        case 8: return UInt64(littleEndian: pointer.loadUnaligned(as: UInt64.self))
+        case 4: return UInt64(UInt32(littleEndian: pointer.loadUnaligned(as: UInt32.self)))
+        case 2: return UInt64(UInt16(littleEndian: pointer.loadUnaligned(as: UInt16.self)))
+        default: return UInt64(pointer.load(as: UInt8.self))
         }
     }
 
@@ -346,7 +378,8 @@ public final class VCPU {
                          exits: Int) throws(VirtualMachineError) -> AccessOutcome {
         // KVM emulates with the guest's own walk; no TLB entry is used or filled.
         let translation: Translation
-        switch context.guestWalker.translate(address, access, in: vm.memory, setAccessedDirty: true) {
+        let guestWalker = context.guestWalkerBox
+        switch guestWalker.walker.translate(address, access, in: vm.memory, setAccessedDirty: true) {
         case .success(let result):
             translation = result
         case .failure(.pageFault(let fault)):

@@ -88,6 +88,13 @@ public struct PermissionRules: Sendable, Equatable {
         return (faults >> UInt128(8 * index + Int(acc))) & 1 != 0
     }
 
+    /// The combined ACC values (bit `acc`) the access is refused for: a TLB hit is one shift of this.
+    @inlinable
+    public func refusedPermissions(_ access: Access, alignmentCheck: Bool) -> UInt8 {
+        let index = Self.index(access, alignmentCheck: alignmentCheck)
+        return UInt8(truncatingIfNeeded: faults >> UInt128(8 * index))
+    }
+
     /// Whether the page's protection key refuses the access (SDM 4.6.2). Keys apply to data
     /// accesses only; write-disable binds supervisor writes only with CR0.WP=1.
     @inlinable
