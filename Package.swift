@@ -35,6 +35,6 @@ let package = Package(
         .testTarget(name: "KVMMMUTests", dependencies: ["KVMMMU", "GuestMemory", "X86Paging"]),
         .testTarget(name: "VirtualMachineTests", dependencies: ["VirtualMachine", "KVMMMU", "GuestMemory", "X86Paging"]),
         .testTarget(name: "WorkloadsTests", dependencies: ["Workloads", "VirtualMachine", "KVMMMU", "GuestMemory", "X86Paging"]),
-        .testTarget(name: "VirtMMUCommandsTests", dependencies: ["VirtMMUCommands", "GuestMemory", "X86Paging"]),
+        .testTarget(name: "VirtMMUCommandsTests", dependencies: ["VirtMMUCommands", "Workloads", "KVMMMU", "GuestMemory", "X86Paging"]),
     ]
 )

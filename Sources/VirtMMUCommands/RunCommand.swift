@@ -75,22 +75,25 @@ struct RunCommand: FailureReportingCommand {
             scenario = file == "-" ? try Scenario.parse(standardInput(), name: name) : try Scenario.parse(contentsOfFile: file)
         } catch {
             let message = [error.directive, error.message].compactMap { $0 }.joined(separator: ": ")
-            return failed(.badScenario(line: error.line ?? 0, message: message), name: name, pagingMode: nil)
+            return outcome(of: .badScenario(line: error.line ?? 0, message: message), name: name, pagingMode: nil)
         }
         switch mmu {
-        case .shadow: break
+        case .shadow: break  // the runner's only MMU so far; TDP will choose here
         }
         let report: RunReport
         do {
             report = try ScenarioRunner(scenario: scenario).run()
         } catch {
-            return failed(error, name: name, pagingMode: scenario.pagingMode)
+            return outcome(of: error, name: name, pagingMode: scenario.pagingMode)
         }
         let output = json ? report.jsonLines() : report.text(pagingMode: scenario.pagingMode)
         return Outcome(output: output, message: nil, status: Status.ok)
     }
 
-    private func failed(_ failure: RunFailure, name: String, pagingMode: PagingMode?) -> Outcome {
+    /// What a failed run prints: with --json the partial report's lines (if any), the error line
+    /// and the result line; otherwise the partial report with the failure (nothing for a bad
+    /// scenario). The message for standard error names the scenario and the line.
+    func outcome(of failure: RunFailure, name: String, pagingMode: PagingMode?) -> Outcome {
         let output: String
         if json {
             output = failure.jsonLines(scenario: name)

@@ -299,9 +299,8 @@ extension RunReport {
             out += "BAD SCENARIO" + (line > 0 ? " at line \(line)" : "") + ": \(message)\n"
         case .brokenInvariant(let line, let message, _)?:
             out += "BROKEN INVARIANT at line \(line): \(message)\n"
-            out += "(\(lockstepChecks) accesses checked in lockstep before it)\n"
         case .disagreement(let line, let disagreement, _)?:
-            out += "LOCKSTEP DISAGREEMENT at line \(line) (after \(lockstepChecks) checked accesses):\n"
+            out += "LOCKSTEP DISAGREEMENT at line \(line) (\(lockstepChecks) accesses checked, the last one disagreeing):\n"
             out += disagreement.description + "\n"
         }
         return out
