@@ -174,8 +174,10 @@ public final class ReferenceMachine {
         }
     }
 
-    /// A CR3 load (also of the same value): non-global translations go.
+    /// A CR3 load (also of the same value): non-global translations go, and PAE paging reloads
+    /// its PDPTEs from memory.
     public func reloadCR3() {
+        if let reloaded = try? PageWalker(registers: registers, cpu: cpu, memory: memory) { walker = reloaded }
         for (page, list) in cached {
             let kept = registers.cr4.contains(.globalPages) ? list.filter(\.isGlobal) : []
             cached[page] = kept.isEmpty ? nil : kept

@@ -150,7 +150,8 @@ public final class VCPU {
 
     deinit { hot.deallocate() }
 
-    static func checkSupported(_ registers: PagingRegisters) throws(VirtualMachineError) {
+    /// Register states the shadow MMU cannot run (as KVM refuses them).
+    public static func checkSupported(_ registers: PagingRegisters) throws(VirtualMachineError) {
         if registers.cr4.contains(.protectionKeys) || registers.cr4.contains(.supervisorProtectionKeys) {
             throw .unsupported("protection keys need TDP: KVM does not expose PKU or PKS with shadow paging")
         }
@@ -308,6 +309,7 @@ public final class VCPU {
                 continue  // the access completes through the TLB entry just filled
             case .failure(.pageFault(let fault)):
                 exits += 1
+                vm.mmu.stats.exits += 1
                 let decision: PageFaultResult
                 do {
                     decision = try context.pageFault(at: address, access: access, errorCode: fault.errorCode)
@@ -377,6 +379,7 @@ public final class VCPU {
     private func emulate(_ address: GuestVirtualAddress, _ access: Access, size: Int, value: UInt64,
                          exits: Int) throws(VirtualMachineError) -> AccessOutcome {
         // KVM emulates with the guest's own walk; no TLB entry is used or filled.
+        vm.mmu.stats.insnEmulation += 1
         let translation: Translation
         let guestWalker = context.guestWalkerBox
         switch guestWalker.walker.translate(address, access, in: vm.memory, setAccessedDirty: true) {

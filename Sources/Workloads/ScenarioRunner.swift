@@ -109,9 +109,6 @@ public final class ScenarioRunner {
     private func setUp() throws {
         vm = try VirtualMachine(memorySize: scenario.memorySize, cpu: scenario.cpuModel)
         kernel = try GuestKernel(vm: vm, mode: controls.pagingMode)
-        let registers = controls.registers(cr3: kernel.root.rawValue)
-        vcpu = try vm.addVCPU(registers: registers)
-        reference = try ReferenceMachine(memory: vm.memory, registers: registers, cpu: scenario.cpuModel)
         kernel.store = { [unowned self] gva, value, size in
             _ = try self.guestAccess(gva, Access(.write, .supervisor), size: size, value: value)
         }
@@ -119,14 +116,23 @@ public final class ScenarioRunner {
 
     private func finish() {
         report.statsAfter = vm.mmu.stats
-        report.lockstepChecks = reference.checkedAccesses
-        report.entries = mappedAddresses.flatMap { gva in
+        report.lockstepChecks = reference?.checkedAccesses ?? 0
+        var seen = Set<UInt64>()
+        let distinct = mappedAddresses.filter { seen.insert($0.rawValue).inserted }
+        report.entries = distinct.flatMap { gva in
             kernel.path(gva).map { EntryRecord(gva: gva, level: $0.level, address: $0.address, value: $0.value) }
         }
         report.shadowPagesByLevel = Dictionary(grouping: vm.mmu.shadowPages, by: \.level).mapValues(\.count)
     }
 
-    private func boot() {
+    /// The first guest operation: the kernel has built its tables with paging off and now turns
+    /// paging on with CR3 pointing at them (which is when PAE loads its PDPTEs), on the vCPU and
+    /// on the reference alike.
+    private func boot() throws {
+        guard !kernel.booted else { return }
+        let registers = controls.registers(cr3: kernel.root.rawValue)
+        vcpu = try vm.addVCPU(registers: registers)
+        reference = try ReferenceMachine(memory: vm.memory, registers: registers, cpu: scenario.cpuModel)
         kernel.booted = true
     }
 
@@ -140,7 +146,13 @@ public final class ScenarioRunner {
                 throw RunFailure.badScenario(line: currentLine, message: "set: the paging mode cannot change after the first guest operation")
             }
             controls = new
-            let registers = controls.registers(cr3: vcpu.registers.cr3)
+            let registers = controls.registers(cr3: kernel.root.rawValue)
+            guard kernel.booted else {
+                // Checked now so that an impossible combination names this line.
+                try VCPU.checkSupported(registers)
+                _ = try PageWalker(registers: registers, cpu: scenario.cpuModel, memory: vm.memory)
+                return
+            }
             try vcpu.setRegisters(registers)
             try reference.setRegisters(registers)
         case .map(let map):
@@ -149,11 +161,11 @@ public final class ScenarioRunner {
             try kernel.map(map.gva, to: map.gpa, leafLevel: map.pageSize.leafLevel, leafFlags: map.leafFlagsWithKey,
                            tableFlags: { map.tableFlags(level: $0) })
         case .access(let kind, let gva, let cpl, let value):
-            boot()
+            try boot()
             let outcome = try guestAccess(gva, Access(kind, cpl == 3 ? .user : .supervisor), size: 8, value: value ?? 0)
             record(kind == .fetch ? "exec" : kind == .write ? "write" : "read", cpl: cpl, gva: gva, outcome: outcome)
         case .pte(let gva, let level, let entryValue, let cpl):
-            boot()
+            try boot()
             guard let address = try kernel.entryAddress(gva, level: level) else {
                 throw RunFailure.badScenario(line: currentLine, message: "pte: \(gva) has no level-\(level) entry (the walk ends above it)")
             }
@@ -169,11 +181,11 @@ public final class ScenarioRunner {
                                           size: kernel.entrySize, value: new)
             record("pte", cpl: cpl, gva: gva, outcome: outcome)
         case .invlpg(let gva):
-            boot()
+            try boot()
             vcpu.invalidatePage(gva)
             reference.invalidatePage(gva)
         case .reloadCR3:
-            boot()
+            try boot()
             try vcpu.loadCR3(vcpu.registers.cr3)
             reference.reloadCR3()
         }
@@ -191,6 +203,7 @@ public final class ScenarioRunner {
         let outcome = try vcpu.access(gva, access, size: size, value: value)
         try reference.check(gva, access, size: size, value: value, expected: expected, actual: outcome.result)
         if let problem = vm.mmu.audit().first {
+            finish()
             throw RunFailure.brokenInvariant(line: currentLine, message: problem, partial: report)
         }
         return outcome
