@@ -117,6 +117,27 @@ public final class MMUContext {
         rootRole = newRootRole
     }
 
+    /// `shadow_page_table_clear_flood`: the guest is using every shadow page on the path of
+    /// `address`, so none of them is flooded.
+    private func clearFloodingAlongShadowPath(_ address: GuestVirtualAddress) {
+        guard rootsLoaded, var (page, level) = shadowWalkStart(address) else { return }
+        while true {
+            page.writeFloodingCount = 0
+            let spte = SPTE(rawValue: page.spte(Self.index(address.rawValue, level: level)).pointee)
+            guard level > 1, spte.isShadowPresent, !spte.isLast(level: level), let child = mmu.child(of: spte) else { return }
+            page = child
+            level -= 1
+        }
+    }
+
+    /// `kvm_mmu_free_obsolete_roots`: frees the current roots if a zap made them obsolete. A PAE
+    /// root has no shadow page of its own, so KVM always treats it as obsolete.
+    public func freeObsoleteRoots() {
+        guard rootsLoaded else { return }
+        if let root, !mmu.isObsolete(root) { return }
+        unload()
+    }
+
     /// Frees the roots (KVM's `kvm_mmu_free_roots` of the current root).
     public func unload() {
         if let root { mmu.releaseRoot(root) }
@@ -290,6 +311,7 @@ public final class MMUContext {
         }
         // Writes to a gfn holding an upper-level guest table are always emulated.
         if errorCode.contains(.present) && isWrite && mmu.isWriteTracked(walk.gfn) {
+            clearFloodingAlongShadowPath(address)
             return .emulate
         }
         guard let backing = mmu.memory.backing(of: walk.gfn) else {
@@ -349,7 +371,7 @@ public final class MMUContext {
     /// `FNAME(fetch)`: builds the shadow path for the walk and installs the leaf.
     private func fetch(_ walk: GuestWalk, address: GuestVirtualAddress, hostFrame: HostFrameNumber, hostWritable: Bool,
                        isWrite: Bool) throws(ShadowMMUError) -> PageFaultResult {
-        guard var (page, level) = shadowWalkStart(address) else { return .retry }
+        guard var (page, level) = shadowWalkStart(address), !isFaultStale(page) else { return .retry }
         page.writeFloodingCount = 0
         // Levels the guest has tables for: shadow them.
         while level > walk.level {
@@ -375,6 +397,9 @@ public final class MMUContext {
         if result != .spurious { prefetchNeighbours(of: pointer, in: page) }
         return result
     }
+
+    /// `is_page_fault_stale`: the root was zapped while the fault was handled.
+    private func isFaultStale(_ root: ShadowPage) -> Bool { mmu.isObsolete(root) }
 
     /// `validate_direct_spte`: a direct child made for other access rights is dropped.
     private func validateDirectSPTE(_ pointer: SPTEPointer, access: UInt8) {

@@ -16,6 +16,8 @@ public final class ShadowMMU {
     public let events: MMUEventLog
     /// KVM's `kvm_flush_remote_tlbs`: the VM installs the flush of every vCPU's TLB.
     @exclusivity(unchecked) public var flushRemoteTLBs: () -> Void = {}
+    /// KVM_REQ_MMU_FREE_OBSOLETE_ROOTS on every vCPU: the VM installs it.
+    @exclusivity(unchecked) public var freeObsoleteRoots: () -> Void = {}
 
     /// `mmu_page_hash`: KVM_NUM_MMU_PAGES buckets, indexed by `hash_64(gfn, 12)`.
     @exclusivity(unchecked) var hashBuckets = [[ShadowPage]](repeating: [], count: ShadowMMU.hashBucketCount)
@@ -248,6 +250,9 @@ public final class ShadowMMU {
     public func zap(_ page: ShadowPage) {
         events.record(.kvmMMUPrepareZapPage(gfn: page.gfn, role: page.role))
         stats.mmuShadowZapped += 1
+        // A root in use that was not already obsolete: every vCPU must drop it before it runs
+        // again (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS).
+        let zappedRoot = page.rootCount > 0 && !isObsolete(page)
         for index in 0..<512 { zapPTE(page.spte(index), in: page) }
         for parent in page.parentPTEs { parent.pointee = SPTE.nonPresent.rawValue }
         page.parentPTEs.removeAll()
@@ -258,6 +263,7 @@ public final class ShadowMMU {
             page.role.isInvalid = true
         }
         flushRemoteTLBs()
+        if zappedRoot { freeObsoleteRoots() }
     }
 
     func free(_ page: ShadowPage) {
@@ -271,7 +277,8 @@ public final class ShadowMMU {
     /// `mmu_free_root_page`.
     func releaseRoot(_ page: ShadowPage) {
         page.rootCount -= 1
-        if page.rootCount == 0 && page.role.isInvalid { free(page) }
+        // KVM zaps the invalid root once more (and counts it) on the way to freeing it.
+        if page.rootCount == 0 && page.role.isInvalid { zap(page) }
     }
 
     /// Zaps every shadow page of the guest table at `gfn` (`kvm_mmu_unprotect_page`).

@@ -67,6 +67,9 @@ public final class VirtualMachine {
             self.mmu.stats.remoteTLBFlush += 1
             for vcpu in self.vcpus { vcpu.requestFlushAll() }
         }
+        mmu.freeObsoleteRoots = { [unowned self] in
+            for vcpu in self.vcpus { vcpu.requestFreeObsoleteRoots() }
+        }
     }
 
     /// Adds a vCPU with the given registers.
@@ -120,6 +123,8 @@ public final class VCPU {
         /// TLB flushes requested of this vCPU, serviced at the next entry.
         var requests: TLBFlushRequests = []
         var flushAllRequested = false
+        /// KVM_REQ_MMU_FREE_OBSOLETE_ROOTS.
+        var freeObsoleteRootsRequested = false
         /// The guest's linear addresses are 32 bits wide (not IA-32e).
         var narrowLinearAddresses: Bool
         /// The root frame TLB entries are tagged with.
@@ -170,6 +175,7 @@ public final class VCPU {
         }
         dropHardwareWalker()  // the hardware runs with the guest's SMEP, SMAP and RFLAGS.AC
         hot.pointee.narrowLinearAddresses = !new.mode.isLongMode
+        serviceRequests()
     }
 
     private func dropHardwareWalker() {
@@ -185,16 +191,25 @@ public final class VCPU {
             throw .impossibleRegisters(error)
         }
         if !context.rootsLoaded { dropHardwareWalker() }
+        serviceRequests()
     }
 
     /// KVM_REQ_TLB_FLUSH, raised on every vCPU by `kvm_flush_remote_tlbs`.
     func requestFlushAll() { hot.pointee.flushAllRequested = true }
 
+    func requestFreeObsoleteRoots() { hot.pointee.freeObsoleteRootsRequested = true }
+
     /// The TLB-flush requests a VM entry services (`kvm_vcpu_flush_tlb_all`, then
     /// `kvm_service_local_tlb_flush_requests`), each counted in `tlb_flush`.
     @inline(__always)
     private func serviceRequests() {
-        guard hot.pointee.flushAllRequested || !hot.pointee.requests.isEmpty else { return }
+        guard hot.pointee.flushAllRequested || !hot.pointee.requests.isEmpty || hot.pointee.freeObsoleteRootsRequested
+        else { return }
+        if hot.pointee.freeObsoleteRootsRequested {
+            hot.pointee.freeObsoleteRootsRequested = false
+            context.freeObsoleteRoots()
+            if !context.rootsLoaded { dropHardwareWalker() }
+        }
         serviceFlushRequests()
     }
 
@@ -221,6 +236,7 @@ public final class VCPU {
     public func invalidatePage(_ address: GuestVirtualAddress) {
         context.invalidatePage(address)
         tlb.invalidate(address)
+        serviceRequests()
     }
 
     // MARK: Accesses
@@ -275,6 +291,13 @@ public final class VCPU {
     /// One guest access of `size` bytes (1, 2, 4 or 8, within one page) at `address`.
     public func access(_ address: GuestVirtualAddress, _ access: Access, size: Int = 8,
                        value: UInt64 = 0) throws(VirtualMachineError) -> AccessOutcome {
+        let outcome = try run(address, access, size: size, value: value)
+        serviceRequests()  // the entry that resumes the guest after any exit the access took
+        return outcome
+    }
+
+    private func run(_ address: GuestVirtualAddress, _ access: Access, size: Int,
+                     value: UInt64) throws(VirtualMachineError) -> AccessOutcome {
         switch size {
         case 1, 2, 4, 8: break
         default: throw .invalidAccess("size must be 1, 2, 4 or 8, not \(size)")
