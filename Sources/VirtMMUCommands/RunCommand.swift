@@ -39,8 +39,8 @@ struct RunCommand: FailureReportingCommand {
         static let failed: Int32 = 2
     }
 
-    @Argument(help: "The scenario file, or - for standard input.")
-    var file: String
+    @Argument(help: "The scenario file, or - for standard input; without one, a built-in tour of the shadow MMU.")
+    var file: String?
 
     @Option(help: "The MMU that virtualizes the guest's paging (only shadow for now).")
     var mmu: MMUChoice = .shadow
@@ -69,10 +69,14 @@ struct RunCommand: FailureReportingCommand {
 
     /// Reads, parses and runs the scenario; `standardInput` supplies the text for `-`.
     func perform(standardInput: () throws(ScenarioError) -> String = readStandardInput) -> Outcome {
-        let name = file == "-" ? "<stdin>" : file
+        let name = file.map { $0 == "-" ? "<stdin>" : $0 } ?? BuiltInScenario.tourName
         let scenario: Scenario
         do {
-            scenario = file == "-" ? try Scenario.parse(standardInput(), name: name) : try Scenario.parse(contentsOfFile: file)
+            switch file {
+            case nil: scenario = try Scenario.parse(BuiltInScenario.tour, name: name)
+            case "-": scenario = try Scenario.parse(standardInput(), name: name)
+            case let path?: scenario = try Scenario.parse(contentsOfFile: path)
+            }
         } catch {
             let message = [error.directive, error.message].compactMap { $0 }.joined(separator: ": ")
             return outcome(of: .badScenario(line: error.line ?? 0, message: message), name: name, pagingMode: nil)

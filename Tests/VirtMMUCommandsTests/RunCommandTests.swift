@@ -248,8 +248,24 @@ let examplesDirectory = URL(fileURLWithPath: #filePath).deletingLastPathComponen
         }
     }
 
+    /// Without a file, `run` runs the built-in tour, which exercises every shadow path and agrees
+    /// with the architecture throughout.
+    @Test func builtInTour() throws {
+        let outcome = try runCommand([])
+        #expect(outcome.status == 0)
+        #expect(outcome.output.contains("<built-in tour>"))
+        #expect(outcome.output.contains("all agree"))
+        let json = try runCommand(["--json"])
+        #expect(json.status == 0)
+        let stats = json.output.split(separator: "\n").filter { $0.contains("\"phase\":\"delta\"") }
+        #expect(stats.count == 1)
+        for counter in ["pf_fixed", "pf_emulate", "pf_guest", "mmu_pte_write", "mmu_flooded", "mmu_shadow_zapped"] {
+            #expect(stats.first?.contains("\"\(counter)\":0,") == false, "\(counter) should be non-zero in the tour")
+        }
+    }
+
     @Test func badArgumentsExitOne() {
-        for arguments in [["run", "x.vmm", "--mmu", "tdp"], ["run"], ["run", "x.vmm", "--bogus"], ["run", "a", "b"]] {
+        for arguments in [["run", "x.vmm", "--mmu", "tdp"], ["run", "x.vmm", "--bogus"], ["run", "a", "b"]] {
             do {
                 _ = try VirtMMU.parseAsRoot(arguments)
                 Issue.record("\(arguments) parsed")
