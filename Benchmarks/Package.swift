@@ -1,9 +1,10 @@
 // swift-tools-version: 6.1
-// Benchmarks for VirtMMU's page walkers: a nested package so that the benchmark dependencies never
-// reach the root package. Run from this folder:
+// Benchmarks for VirtMMU's page walkers and shadow MMU: a nested package so that the benchmark
+// dependencies never reach the root package. Run from this folder:
 //   swift package --scratch-path .build-bench benchmark
 // or, for a quick number without the harness:
 //   swift run -c release --scratch-path .build-bench walk-timer
+//   swift run -c release --scratch-path .build-bench shadow-timer
 import PackageDescription
 
 let package = Package(
@@ -35,5 +36,36 @@ let package = Package(
         ),
         // A harness-free timer for quick iteration and for profiling under callgrind/perf.
         .executableTarget(name: "walk-timer", dependencies: ["PagingFixtures"]),
+        // Shadow-MMU fixtures (a VirtualMachine with a guest kernel's 4-level tables) and loops.
+        .target(
+            name: "ShadowFixtures",
+            dependencies: [
+                .product(name: "X86Paging", package: "main"),
+                .product(name: "GuestMemory", package: "main"),
+                .product(name: "KVMMMU", package: "main"),
+                .product(name: "VirtualMachine", package: "main"),
+                .product(name: "Workloads", package: "main"),
+            ]
+        ),
+        .executableTarget(
+            name: "ShadowMMU",
+            dependencies: [
+                "ShadowFixtures",
+                "PagingFixtures",
+                .product(name: "Benchmark", package: "benchmark"),
+            ],
+            path: "Benchmarks/ShadowMMU",
+            plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]
+        ),
+        // The quick timer for the shadow-MMU loops (fault, TLB hit, baselines).
+        .executableTarget(
+            name: "shadow-timer",
+            dependencies: [
+                "ShadowFixtures",
+                "PagingFixtures",
+                .product(name: "VirtualMachine", package: "main"),
+                .product(name: "X86Paging", package: "main"),
+            ]
+        ),
     ]
 )

@@ -1,0 +1,349 @@
+// Fixtures for the shadow-MMU benchmarks: a VirtualMachine whose guest kernel (the Workloads
+// `GuestKernel`, so tables live where the scenario runner puts them) maps user pages with 4-level
+// paging, and a vCPU running on them. Everything here uses the root package's public API only, and
+// measures the VM as it is: no lockstep reference machine, no auditor.
+//
+// The fault fixtures are single-use: each target page faults once. The callers build a fresh
+// fixture per batch outside the timed region and time only the accesses.
+
+import GuestMemory
+import KVMMMU
+import VirtualMachine
+import Workloads
+import X86Paging
+
+/// Guest PTE bits.
+public enum GuestBits {
+    public static let present: UInt64 = 0x1
+    public static let writable: UInt64 = 0x2
+    public static let user: UInt64 = 0x4
+    public static let accessed: UInt64 = 0x20
+    public static let dirty: UInt64 = 0x40
+    /// A plain user data page that has been used: P|RW|US|A|D.
+    public static let userLeaf: UInt64 = present | writable | user | accessed | dirty
+    /// Upper-level entries: P|RW|US|A (A already set, so warm-up walks do not write them).
+    public static let userTable: UInt64 = present | writable | user | accessed
+}
+
+/// 4-level paging, CR0.WP=1, EFER.NXE=1, no SMEP/SMAP/PKE: the scenario language's defaults.
+public func longModeRegisters(cr3: UInt64) -> PagingRegisters {
+    PagingRegisters(cr0: [.protectionEnable, .paging, .writeProtect], cr3: cr3, cr4: [.physicalAddressExtension],
+                    efer: [.longModeEnable, .longModeActive, .noExecuteEnable])
+}
+
+/// Guest-physical memory for data pages starts above the guest kernel's table pool.
+let dataBase: UInt64 = GuestKernel.tablePoolEnd  // 16 MiB
+
+/// A VM with a guest kernel and one vCPU in 4-level paging.
+public final class ShadowGuest {
+    public let vm: VirtualMachine
+    public let kernel: GuestKernel
+    public let vcpu: VCPU
+
+    /// - Parameter dataBytes: guest RAM above the 16 MiB table pool.
+    public init(dataBytes: UInt64, map: (GuestKernel) throws -> Void) {
+        vm = try! VirtualMachine(memorySize: dataBase + dataBytes)
+        kernel = try! GuestKernel(vm: vm, mode: .fourLevel)
+        try! map(kernel)
+        vcpu = try! vm.addVCPU(registers: longModeRegisters(cr3: kernel.root.rawValue))
+    }
+
+    /// Maps `gva` -> `gpa` as a 4 KiB leaf with `flags`, upper levels P|RW|US|A.
+    static func map4K(_ kernel: GuestKernel, _ gva: UInt64, _ gpa: UInt64, flags: UInt64) throws {
+        try kernel.map(GuestVirtualAddress(gva), to: GuestPhysicalAddress(gpa), leafLevel: 1, leafFlags: flags,
+                       tableFlags: { _ in GuestBits.userTable })
+    }
+
+    /// Stores a value at each address (so reads return something): the host backs every data
+    /// page and the line the target touches is written, so the timed accesses never take a host
+    /// page fault on guest RAM. (The first touch still costs a host TLB miss, as on a real guest.)
+    func populate(_ gpas: [UInt64]) {
+        for gpa in gpas { try! vm.memory.store64(gpa ^ 0x5A5A_5A5A, at: GuestPhysicalAddress(gpa)) }
+    }
+
+    /// Backs the next `count` free frames of the host page pool (the ones the MMU will hand out
+    /// for new shadow pages, lowest first) by writing a zero into each, so that creating a shadow
+    /// page does not include the host kernel's page fault on the anonymous mapping. KVM likewise
+    /// takes shadow pages from a pre-filled memory cache.
+    func prefaultShadowFrames(_ count: Int) {
+        let pool = vm.pool
+        var frame = pool.firstFrame.rawValue
+        var touched = 0
+        while touched < count && frame <= pool.lastFrame.rawValue {
+            let host = HostFrameNumber(frame)
+            if !pool.isAllocated(host) {
+                pool.pointer(host).storeBytes(of: 0, as: UInt64.self)
+                touched += 1
+            }
+            frame += 1
+        }
+    }
+
+    /// One access that must complete; returns its outcome.
+    @discardableResult
+    func mustComplete(_ gva: UInt64, _ access: Access = .read(.user)) -> AccessOutcome {
+        let outcome = try! vcpu.access(GuestVirtualAddress(gva), access, size: 8)
+        guard case .completed = outcome.result else { fatalError("\(hex(gva)): \(outcome)") }
+        return outcome
+    }
+}
+
+func hex(_ value: UInt64) -> String { "0x" + String(value, radix: 16) }
+
+/// `items` in a fixed pseudo-random order (xorshift-driven Fisher-Yates, no Foundation).
+func shuffled<T>(_ items: [T], seed: UInt64 = 0x9E37_79B9_7F4A_7C15) -> [T] {
+    var state = seed
+    var result = items
+    for index in stride(from: result.count - 1, to: 0, by: -1) {
+        state ^= state << 13
+        state ^= state >> 7
+        state ^= state << 17
+        result.swapAt(index, Int(state % UInt64(index + 1)))
+    }
+    return result
+}
+
+// MARK: Fault fixtures
+
+/// Which shadow fault a fixture's targets take. Every target takes exactly one #PF exit.
+public enum FaultKind: String, CaseIterable, Sendable {
+    /// The guest PT is already shadowed: the fault installs one SPTE. Only every 8th PTE has A set,
+    /// so prefetch stops at the first neighbour (it reads one guest PTE and maps nothing).
+    /// 64 MiB of 4 KiB pages (16,384 PTEs in 32 PTs); 63 targets per PT.
+    case warm
+    /// As `warm`, but every PTE has A set: the fault installs its SPTE and prefetch maps the 7
+    /// neighbours of the aligned group of 8 (KVM's common case for a fresh, used mapping).
+    case warmPrefetch
+    /// The guest PD is shadowed, the PT is not: one new level-1 shadow page + one SPTE.
+    case coldPT
+    /// The guest PDPT is shadowed, the PD and PT are not: two new shadow pages + one SPTE.
+    case coldPD
+
+    /// Leaf SPTEs each fault installs (fault + prefetched).
+    public var sptesPerFault: Int { self == .warmPrefetch ? 8 : 1 }
+    /// Shadow pages each fault creates.
+    public var newPagesPerFault: Int {
+        switch self {
+        case .warm, .warmPrefetch: 0
+        case .coldPT: 1
+        case .coldPD: 2
+        }
+    }
+}
+
+/// A fresh VM whose targets each take exactly one shadow fault of `kind`. Single-use.
+public final class FaultFixture {
+    public let kind: FaultKind
+    public let guest: ShadowGuest
+    /// Target addresses, in access order (a fixed permutation).
+    public let targets: [GuestVirtualAddress]
+    public let access: Access
+    let statsBefore: MMUStats
+    let pagesBefore: Int
+
+    /// User region for the warm fixtures: PML4 0, PDPT 1, PD 0..31 (64 MiB).
+    static let warmBase: UInt64 = 0x0000_0000_4000_0000
+    static let warmPages = 16_384
+    /// Cold-PT region: 4 GiB from 16 GiB, one page per 2 MiB (2048 PTs under 4 PDs).
+    static let coldPTBase: UInt64 = 0x0000_0004_0000_0000
+    static let coldPTRegions = 2048
+    /// Cold-PD region: two PML4 slots (1 and 2), one page per 1 GiB (1024 PDs and PTs).
+    static let coldPDBase: UInt64 = 0x0000_0080_0000_0000
+    static let coldPDRegions = 1024
+
+    /// The number of targets a fixture of `kind` has.
+    public static func capacity(_ kind: FaultKind) -> Int {
+        switch kind {
+        case .warm, .warmPrefetch: (warmPages / 512) * 63
+        case .coldPT: coldPTRegions - coldPTRegions / 512
+        case .coldPD: coldPDRegions - coldPDRegions / 512
+        }
+    }
+
+    public init(_ kind: FaultKind, access: Access = .read(.user), prefaultHost: Bool = true) {
+        self.kind = kind
+        self.access = access
+        var warmUps: [UInt64] = []
+        var targetList: [UInt64] = []
+        var dataPages: [UInt64] = []
+        let dataBytes: UInt64
+        let guest: ShadowGuest
+        switch kind {
+        case .warm, .warmPrefetch:
+            dataBytes = UInt64(Self.warmPages) << 12
+            guest = ShadowGuest(dataBytes: dataBytes) { kernel in
+                for page in 0..<Self.warmPages {
+                    let accessed = kind == .warmPrefetch || page % 8 == 0
+                    let flags = accessed ? GuestBits.userLeaf : GuestBits.userLeaf & ~GuestBits.accessed
+                    try ShadowGuest.map4K(kernel, Self.warmBase + UInt64(page) << 12, dataBase + UInt64(page) << 12,
+                                          flags: flags)
+                }
+            }
+            for table in 0..<(Self.warmPages / 512) {
+                let first = table * 512
+                // Index 504 shadows the PT (prefetch stops at 505 or maps 505...511): not a target.
+                warmUps.append(Self.warmBase + UInt64(first + 504) << 12)
+                for group in 0..<63 {
+                    let page = first + group * 8
+                    let offset = UInt64(group * 8) & 0xFF8
+                    targetList.append(Self.warmBase + UInt64(page) << 12 | offset)
+                    dataPages.append(dataBase + UInt64(page) << 12 | offset)
+                }
+            }
+        case .coldPT:
+            dataBytes = UInt64(Self.coldPTRegions) << 12
+            guest = ShadowGuest(dataBytes: dataBytes) { kernel in
+                for region in 0..<Self.coldPTRegions {
+                    try ShadowGuest.map4K(kernel, Self.coldPTBase + UInt64(region) << 21, dataBase + UInt64(region) << 12,
+                                          flags: GuestBits.userLeaf)
+                }
+            }
+            for region in 0..<Self.coldPTRegions {
+                let gva = Self.coldPTBase + UInt64(region) << 21
+                // The first region of each GiB shadows its PD.
+                if region % 512 == 0 { warmUps.append(gva) } else { targetList.append(gva) }
+                dataPages.append(dataBase + UInt64(region) << 12)
+            }
+        case .coldPD:
+            dataBytes = UInt64(Self.coldPDRegions) << 12
+            guest = ShadowGuest(dataBytes: dataBytes) { kernel in
+                for region in 0..<Self.coldPDRegions {
+                    try ShadowGuest.map4K(kernel, Self.coldPDBase + UInt64(region) << 30, dataBase + UInt64(region) << 12,
+                                          flags: GuestBits.userLeaf)
+                }
+            }
+            for region in 0..<Self.coldPDRegions {
+                let gva = Self.coldPDBase + UInt64(region) << 30
+                // The first region of each 512 GiB shadows its PDPT.
+                if region % 512 == 0 { warmUps.append(gva) } else { targetList.append(gva) }
+                dataPages.append(dataBase + UInt64(region) << 12)
+            }
+        }
+        self.guest = guest
+        if prefaultHost {
+            guest.populate(dataPages)
+            guest.prefaultShadowFrames(targetList.count * kind.newPagesPerFault + 16)
+        }
+        for gva in warmUps {
+            let outcome = guest.mustComplete(gva)
+            precondition(outcome.exits == 1, "warm-up \(hex(gva)) took \(outcome.exits) exits")
+        }
+        targets = shuffled(targetList).map { GuestVirtualAddress($0) }
+        precondition(targets.count == Self.capacity(kind))
+        statsBefore = guest.vm.mmu.stats
+        pagesBefore = guest.vm.mmu.usedPages
+    }
+
+    /// The host address each target's access lands on (found with the guest walker over the
+    /// memslots, without touching the MMU), for the first-touch baseline.
+    public func hostAddresses() -> [UnsafeRawPointer] {
+        let walker = guest.vcpu.context.guestWalker
+        let memory = guest.vm.memory
+        return targets.map { gva in
+            guard case .success(let translation) = walker.translate(gva, access, in: memory, setAccessedDirty: false),
+                  let page = memory.hostPage(translation.physicalAddress.frame)
+            else { fatalError("\(gva) does not translate") }
+            return UnsafeRawPointer(page.bytes + Int(translation.physicalAddress.pageOffset))
+        }
+    }
+
+    /// Checks, after `count` targets ran and took `exits` exits in all, that every access took one
+    /// exit and installed exactly what `kind` says: one fixed fault, `sptesPerFault` leaf SPTEs,
+    /// `newPagesPerFault` shadow pages. Call outside the timed region.
+    public func verify(count: Int, exits: Int) {
+        let stats = guest.vm.mmu.stats
+        let delta = stats.delta(from: statsBefore)
+        let pages = guest.vm.mmu.usedPages - pagesBefore
+        // pages_4k is a level, not a cumulative counter: `delta` keeps its later value.
+        let sptes = stats.pages4K &- statsBefore.pages4K
+        guard exits == count, delta.pfTaken == UInt64(count), delta.pfFixed == UInt64(count),
+              sptes == UInt64(count * kind.sptesPerFault), pages == count * kind.newPagesPerFault,
+              delta.pfEmulate == 0, delta.pfSpurious == 0, delta.mmuShadowZapped == 0
+        else {
+            fatalError("\(kind): \(count) accesses took \(exits) exits, pf_taken \(delta.pfTaken), pf_fixed "
+                       + "\(delta.pfFixed), pages_4k +\(sptes), shadow pages +\(pages), "
+                       + "pf_emulate \(delta.pfEmulate), pf_spurious \(delta.pfSpurious), zapped \(delta.mmuShadowZapped)")
+        }
+    }
+}
+
+// MARK: TLB fixture
+
+/// A VM with 64 pages faulted in and in the TLB.
+public final class TLBFixture {
+    public let guest: ShadowGuest
+    /// One page.
+    public let one: [GuestVirtualAddress]
+    /// 64 consecutive pages (distinct TLB slots), in a fixed permuted order.
+    public let sixtyFour: [GuestVirtualAddress]
+
+    public init() {
+        let base: UInt64 = 0x0000_0000_4000_0000
+        guest = ShadowGuest(dataBytes: 64 << 12) { kernel in
+            for page in 0..<64 {
+                try ShadowGuest.map4K(kernel, base + UInt64(page) << 12, dataBase + UInt64(page) << 12,
+                                      flags: GuestBits.userLeaf)
+            }
+        }
+        guest.populate((0..<64).map { dataBase + UInt64($0) << 12 | UInt64($0 * 8) & 0xFF8 })
+        let pages = (0..<64).map { base + UInt64($0) << 12 | UInt64($0 * 8) & 0xFF8 }
+        // First pass faults (or walks prefetched SPTEs) and fills the TLB; then every access hits.
+        for gva in pages { guest.mustComplete(gva) }
+        for gva in pages {
+            let read = guest.mustComplete(gva)
+            let write = guest.mustComplete(gva, .write(.user))
+            precondition(read.tlbHit && read.exits == 0 && write.tlbHit && write.exits == 0, "\(hex(gva)) is not a TLB hit")
+        }
+        one = [GuestVirtualAddress(pages[5])]
+        sixtyFour = shuffled(pages).map { GuestVirtualAddress($0) }
+    }
+}
+
+// MARK: Walk fixtures over this VM's memory (breakdown baselines)
+
+/// The host page pool as the hardware sees it (the VM's own adapter is internal).
+public struct PoolMemory: PhysicalMemory {
+    public let pool: HostPagePool
+
+    @inlinable
+    public func hostPage(_ frame: GuestFrameNumber) -> HostPage? {
+        let host = HostFrameNumber(frame.rawValue)
+        guard pool.contains(host) else { return nil }
+        return HostPage(bytes: pool.pointer(host), isWritable: true)
+    }
+}
+
+/// The two walks a warm fault makes, separately: the guest walk over the VM's memslots (what
+/// `MMUContext` does) and the hardware walk over KVM's SPTEs (what `VCPU` does before the exit,
+/// failing at the PTE, and again on the retry, succeeding).
+public final class WalkBreakdownFixture {
+    public let guest: ShadowGuest
+    /// The warm fixture's targets.
+    public let targets: [GuestVirtualAddress]
+    /// Targets whose SPTE is not present yet (the PT shadow page exists): the hardware walk fails at level 1.
+    public let unmapped: [GuestVirtualAddress]
+    public let hardware: PageWalker
+    public let hostMemory: PoolMemory
+
+    public init() {
+        let fixture = FaultFixture(.warm)
+        guest = fixture.guest
+        // Fault in half of the targets: those are the hardware walk's successes.
+        let half = fixture.targets.count / 2
+        for gva in fixture.targets.prefix(half) { guest.mustComplete(gva.rawValue) }
+        // Power-of-two lists for masked indexing.
+        let size = 1 << (Int.bitWidth - 1 - half.leadingZeroBitCount)
+        targets = Array(fixture.targets.prefix(size))
+        unmapped = Array(fixture.targets.suffix(size))
+        let root = guest.vcpu.context.root!.frame
+        hostMemory = PoolMemory(pool: guest.vm.pool)
+        hardware = try! PageWalker(registers: PagingRegisters(cr0: [.protectionEnable, .writeProtect, .paging],
+                                                              cr3: root.rawValue << 12, cr4: [.physicalAddressExtension],
+                                                              efer: [.noExecuteEnable, .longModeEnable, .longModeActive]),
+                                   memory: hostMemory)
+        for gva in targets { _ = try! hardware.walk(gva, .read(.user), in: hostMemory) }
+        for gva in unmapped {
+            if case .success = hardware.translate(gva, .read(.user), in: hostMemory) { fatalError("\(gva) is mapped") }
+        }
+    }
+}

@@ -1,0 +1,188 @@
+// A harness-free timer for the shadow-MMU loops: best of several timed repetitions, in ns per
+// operation. Fault kernels build a fresh VM per batch (its targets fault once each) and time only
+// the accesses; fixture construction, warm-up, verification and teardown are outside the clock.
+//   swift build -c release --scratch-path .build-bench --product shadow-timer
+//   .build-bench/release/shadow-timer                      # every kernel, best of 5
+//   .build-bench/release/shadow-timer fault-4k 200000 1    # one kernel: [count] [repetitions]
+//   .build-bench/release/shadow-timer sizes                # sizes of the values the paths copy
+// Profiling (a named kernel runs once after a warm-up run of min(count, 10000) operations):
+//   perf record -e cpu-clock --call-graph dwarf .build-bench/release/shadow-timer fault-4k 200000 1
+//   valgrind --tool=callgrind --toggle-collect='*runFaults*' .build-bench/release/shadow-timer fault-4k 2016 1
+// (callgrind then counts 2 x 2016 faults: divide Ir by 4032; use '*runTLBHits*' for the TLB kernels.)
+// Frame-pointer call graphs (-g) misattribute the callers of leaf functions such as memcpy.
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import PagingFixtures
+import ShadowFixtures
+import VirtualMachine
+import X86Paging
+
+func now() -> UInt64 {
+    var spec = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &spec)
+    return UInt64(spec.tv_sec) * 1_000_000_000 + UInt64(spec.tv_nsec)
+}
+
+var sink: UInt64 = 0
+
+struct Kernel {
+    let name: String
+    /// Operations a default run makes (faults are far slower than walks).
+    let defaultCount: Int
+    /// Runs `count` operations; returns the nanoseconds they took (timed inside, so fixture set-up
+    /// can be excluded) and a checksum.
+    let run: (_ count: Int) -> (nanoseconds: UInt64, checksum: UInt64)
+}
+
+/// A kernel timed around the whole call (the fixture is built once, before the first call).
+func timed(_ name: String, count: Int = 5_000_000, _ body: @escaping (Int) -> UInt64) -> Kernel {
+    Kernel(name: name, defaultCount: count) { count in
+        let start = now()
+        let checksum = body(count)
+        return (now() - start, checksum)
+    }
+}
+
+/// Shadow faults of `kind`: fresh fixtures batch after batch, only the accesses timed.
+func faults(_ name: String, _ kind: FaultKind, access: Access = .read(.user), prefaultHost: Bool = true) -> Kernel {
+    Kernel(name: name, defaultCount: 100_000) { count in
+        var remaining = count
+        var elapsed: UInt64 = 0
+        var checksum: UInt64 = 0
+        while remaining > 0 {
+            let fixture = FaultFixture(kind, access: access, prefaultHost: prefaultHost)
+            let batch = min(remaining, fixture.targets.count)
+            let start = now()
+            let (exits, sum) = runFaults(fixture, count: batch)
+            elapsed += now() - start
+            fixture.verify(count: batch, exits: exits)
+            checksum &+= sum
+            remaining -= batch
+        }
+        return (elapsed, checksum)
+    }
+}
+
+/// The first-touch floor of `kind`'s targets: fresh fixtures as for `faults`, only the host loads timed.
+func firstTouch(_ name: String, _ kind: FaultKind) -> Kernel {
+    Kernel(name: name, defaultCount: 100_000) { count in
+        var remaining = count
+        var elapsed: UInt64 = 0
+        var checksum: UInt64 = 0
+        while remaining > 0 {
+            let fixture = FaultFixture(kind)
+            let addresses = fixture.hostAddresses()
+            let batch = min(remaining, addresses.count)
+            let start = now()
+            checksum &+= runFirstTouch(addresses, count: batch)
+            elapsed += now() - start
+            remaining -= batch
+        }
+        return (elapsed, checksum)
+    }
+}
+
+nonisolated(unsafe) var tlbFixture: TLBFixture?
+func tlb() -> TLBFixture {
+    if let tlbFixture { return tlbFixture }
+    let fixture = TLBFixture()
+    tlbFixture = fixture
+    return fixture
+}
+
+nonisolated(unsafe) var breakdownFixture: WalkBreakdownFixture?
+func breakdown() -> WalkBreakdownFixture {
+    if let breakdownFixture { return breakdownFixture }
+    let fixture = WalkBreakdownFixture()
+    breakdownFixture = fixture
+    return fixture
+}
+
+nonisolated(unsafe) var floorFixture: TLBFloorFixture?
+func floor() -> TLBFloorFixture {
+    if let floorFixture { return floorFixture }
+    let fixture = TLBFloorFixture(tlb())
+    floorFixture = fixture
+    return fixture
+}
+
+func tlbHits(_ name: String, _ addresses: @escaping (TLBFixture) -> [GuestVirtualAddress], _ access: Access) -> Kernel {
+    timed(name, count: 20_000_000) { count in
+        let fixture = tlb()
+        let (hits, checksum) = runTLBHits(fixture, addresses(fixture), access: access, count: count)
+        precondition(hits == count, "\(name): \(count - hits) of \(count) accesses missed the TLB")
+        return checksum
+    }
+}
+
+let kernels: [Kernel] = [
+    // Baselines: the walker on the walk benchmarks' fixture (same numbers as walk-timer).
+    timed("baseline-radix4") { radixChain64(Fixtures.fourLevel, levels: 4, count: $0) },
+    timed("baseline-walk4-probe") { walkProbe(Fixtures.fourLevel, count: $0) },
+    // The two walks inside a fault, on the fault fixture's own memory.
+    timed("guest-walk-memslots") { runGuestWalks(breakdown(), count: $0) },
+    timed("hw-walk-spte-miss") { runHardwareWalks(breakdown(), mapped: false, count: $0) },
+    timed("hw-walk-spte-hit") { runHardwareWalks(breakdown(), mapped: true, count: $0) },
+    // Shadow faults, and the cost of the first touch of the same pages without any MMU.
+    firstTouch("baseline-first-touch", .warm),
+    faults("fault-4k", .warm),
+    faults("fault-4k-write", .warm, access: .write(.user)),
+    faults("fault-4k-prefetch8", .warmPrefetch),
+    faults("fault-cold-pt", .coldPT),
+    faults("fault-cold-pd-pt", .coldPD),
+    // As fault-cold-pt, but guest RAM and the pool's free frames are not pre-faulted: the host
+    // kernel's own page faults on the anonymous mappings land inside the timed accesses.
+    faults("fault-cold-pt-unbacked", .coldPT, prefaultHost: false),
+    // TLB hits.
+    timed("baseline-tlb-floor-64", count: 20_000_000) { runTLBFloor(floor(), count: $0) },
+    tlbHits("tlb-hit-read-1", \.one, .read(.user)),
+    tlbHits("tlb-hit-read-64", \.sixtyFour, .read(.user)),
+    tlbHits("tlb-hit-write-64", \.sixtyFour, .write(.user)),
+]
+
+let arguments = CommandLine.arguments.dropFirst()
+if arguments.first == "sizes" {
+    // Value sizes on the access and fault paths (copies of large values show up as memmove).
+    print("PageWalker \(MemoryLayout<PageWalker>.size)  Translation \(MemoryLayout<Translation>.size)  "
+          + "WalkFault \(MemoryLayout<WalkFault>.size)  Result<Translation, WalkFault> "
+          + "\(MemoryLayout<Result<Translation, WalkFault>>.size)  PageFault \(MemoryLayout<PageFault>.size)  "
+          + "AccessOutcome \(MemoryLayout<AccessOutcome>.size)  PagingRegisters \(MemoryLayout<PagingRegisters>.size)")
+    exit(0)
+}
+let selected = arguments.first.map { name in kernels.filter { $0.name == name } } ?? kernels
+if selected.isEmpty {
+    print("kernels: " + kernels.map(\.name).joined(separator: " "))
+    exit(2)
+}
+let countArgument = arguments.dropFirst().first.flatMap { Int($0) }
+// A named kernel runs once by default (for profilers); otherwise the best of 5.
+let repetitions = arguments.dropFirst(2).first.flatMap { Int($0) } ?? (arguments.isEmpty ? 5 : 1)
+
+for kernel in selected {
+    let count = countArgument ?? kernel.defaultCount
+    let warm = kernel.run(min(count, 10_000))  // build the fixtures, warm the caches
+    sink &+= warm.checksum
+    var best = Double.infinity
+    for _ in 0..<repetitions {
+        let (elapsed, checksum) = kernel.run(count)
+        sink &+= checksum
+        best = min(best, Double(elapsed) / Double(count))
+    }
+    print(pad(kernel.name, 24) + "  " + pad(format2(best), 8, left: true) + " ns/op   "
+          + pad(format2(1e3 / best), 8, left: true) + " M op/s   (\(count) ops)")
+}
+if sink == 42 { print("") }
+
+func pad(_ text: String, _ width: Int, left: Bool = false) -> String {
+    let padding = String(repeating: " ", count: max(0, width - text.count))
+    return left ? padding + text : text + padding
+}
+
+func format2(_ value: Double) -> String {
+    let scaled = (value * 100).rounded() / 100
+    return "\(scaled)"
+}
