@@ -187,8 +187,9 @@ public final class MemslotSet: PhysicalMemory, ByteAccessibleMemory, @unchecked 
 
     /// Bumped by every add, delete and flag change.
     public private(set) var generation: UInt64 = 0
-    /// Some slot logs dirty pages: without one, marking a page dirty is a single test.
-    public var isLoggingDirtyPages: Bool { records.contains { $0.slot.logsDirtyPages } }
+    /// Some slot logs dirty pages: without one, marking a page dirty is a single test. Kept up to
+    /// date by every slot change (which callers serialise against everything else).
+    @exclusivity(unchecked) public private(set) var isLoggingDirtyPages = false
     /// Pages in all slots.
     public private(set) var totalPages: UInt64 = 0
 
@@ -302,6 +303,7 @@ public final class MemslotSet: PhysicalMemory, ByteAccessibleMemory, @unchecked 
         recordsByID[id] = record
         totalPages += pages
         generation += 1
+        isLoggingDirtyPages = records.contains { $0.slot.logsDirtyPages }
         return slot
     }
 
@@ -319,6 +321,7 @@ public final class MemslotSet: PhysicalMemory, ByteAccessibleMemory, @unchecked 
         recordsByID[id] = nil
         totalPages -= slot.pageCount
         generation += 1
+        isLoggingDirtyPages = records.contains { $0.slot.logsDirtyPages }
     }
 
     /// Changes a slot's flags (KVM_SET_USER_MEMORY_REGION on an existing slot with new flags).
@@ -340,6 +343,7 @@ public final class MemslotSet: PhysicalMemory, ByteAccessibleMemory, @unchecked 
             }
         }
         generation += 1
+        isLoggingDirtyPages = records.contains { $0.slot.logsDirtyPages }
     }
 
     // MARK: Dirty logging

@@ -285,22 +285,23 @@ public final class MMUContext {
     private func shadowPageFault(_ address: GuestVirtualAddress, access: Access,
                                  errorCode: PageFaultErrorCode) throws(ShadowMMUError) -> PageFaultResult {
         let isWrite = errorCode.contains(.write)
-        let translation: Translation
         let box = guestWalkerBox
-        switch box.walker.translate(address, access, in: mmu.memory, setAccessedDirty: true) {
-        case .success(let result):
-            translation = result
-        case .failure(.pageFault(let fault)):
-            return .injectGuestFault(address: address, errorCode: PageFaultErrorCode(rawValue: UInt64(fault.errorCode.architectural)))
-        case .failure(.noMemory):
-            // A guest table outside every memslot reads as a failed walk: KVM injects a
-            // not-present #PF carrying the access bits.
-            var code = PageFaultErrorCode()
-            if isWrite { code.insert(.write) }
-            if access.privilege == .user { code.insert(.user) }
-            return .injectGuestFault(address: address, errorCode: code)
-        case .failure(.generalProtection), .failure(.addressTooWide):
-            return .injectGeneralProtection
+        var walkFault: WalkFault?
+        let translation = box.walker.translate(address, access, in: mmu.memory, setAccessedDirty: true, fault: &walkFault)
+        if let walkFault {
+            switch walkFault {
+            case .pageFault(let fault):
+                return .injectGuestFault(address: address, errorCode: PageFaultErrorCode(rawValue: UInt64(fault.errorCode.architectural)))
+            case .noMemory:
+                // A guest table outside every memslot reads as a failed walk: KVM injects a
+                // not-present #PF carrying the access bits.
+                var code = PageFaultErrorCode()
+                if isWrite { code.insert(.write) }
+                if access.privilege == .user { code.insert(.user) }
+                return .injectGuestFault(address: address, errorCode: code)
+            case .generalProtection, .addressTooWide:
+                return .injectGeneralProtection
+            }
         }
         var walk = makeGuestWalk(translation)
         if !isWrite {

@@ -67,9 +67,18 @@ extension ShadowMMU {
         if indirectShadowPages != indirect {
             problems.append("indirect_shadow_pages = \(indirectShadowPages) but \(indirect) valid pages shadow guest tables")
         }
-        let tracked = Set(writeTrack.keys)
-        if tracked != trackedGFNs {
-            problems.append("write tracking covers gfns \(tracked.sorted().map { hex($0) }) but upper-level guest tables live at \(trackedGFNs.sorted().map { hex($0) })")
+        var expectedTracking: [UInt64: Int] = [:]
+        for page in pages where page.role.hasGPTEs && !page.role.isInvalid && page.level > 1 {
+            expectedTracking[page.gfn.rawValue, default: 0] += 1
+        }
+        for (gfn, count) in expectedTracking.sorted(by: { $0.key < $1.key }) {
+            let tracked = memory.hostFrame(of: GuestFrameNumber(gfn)).map { Int(writeTrack[$0.rawValue]) } ?? 0
+            if tracked != count {
+                problems.append("gfn \(hex(gfn)) holds \(count) shadowed upper-level guest tables but its write-track count is \(tracked)")
+            }
+        }
+        if writeTrackTotal != expectedTracking.values.reduce(0, +) {
+            problems.append("write tracking counts \(writeTrackTotal) in all but \(expectedTracking.values.reduce(0, +)) upper-level guest tables are shadowed")
         }
         return problems
     }

@@ -27,7 +27,11 @@ public final class ShadowMMU {
     /// Every leaf SPTE, by the page it maps and its level.
     @exclusivity(unchecked) var rmaps: RmapTables
     /// `gfn_write_track`: gfns whose writes must be emulated (upper-level guest tables).
-    @exclusivity(unchecked) var writeTrack: [UInt64: Int] = [:]
+    /// `gfn_write_track`, by the host frame backing the gfn: how many upper-level shadow pages
+    /// shadow the guest table there. Flat, like KVM's per-memslot array: one load per fault.
+    let writeTrack: FrameWordTable
+    /// The sum of the write-track counts, for the auditor.
+    @exclusivity(unchecked) var writeTrackTotal = 0
     /// Shadow pages backed by guest PTEs; zero lets emulated writes skip all bookkeeping.
     @exclusivity(unchecked) public internal(set) var indirectShadowPages = 0
     /// `n_used_mmu_pages`.
@@ -48,11 +52,13 @@ public final class ShadowMMU {
         self.events = events
         directory = ShadowPageDirectory(pool: pool)
         rmaps = RmapTables(pool: pool)
+        writeTrack = FrameWordTable(pool: pool)
     }
 
     deinit {
         directory.release()
         rmaps.release()
+        writeTrack.release()
     }
 
     /// Every live shadow page, oldest first.
@@ -105,7 +111,8 @@ public final class ShadowMMU {
             throw .outOfHostMemory("\(error)")
         }
         let sptes = pool.pointer(frame).bindMemory(to: UInt64.self, capacity: 512)
-        sptes.initialize(repeating: SPTE.nonPresent.rawValue, count: 512)
+        // The pool hands out zeroed frames, which is a table of non-present SPTEs already.
+        if SPTE.nonPresent.rawValue != 0 { sptes.initialize(repeating: SPTE.nonPresent.rawValue, count: 512) }
         let page = ShadowPage(gfn: gfn, role: role, frame: frame, sptes: sptes, validGeneration: validGeneration,
                               serial: nextSerial)
         nextSerial += 1
@@ -120,7 +127,10 @@ public final class ShadowMMU {
     /// `account_shadowed`: from now on the guest table's writes are intercepted.
     func accountShadowed(_ page: ShadowPage) {
         indirectShadowPages += 1
-        if page.level > 1 { writeTrack[page.gfn.rawValue, default: 0] += 1 }
+        if page.level > 1, let frame = memory.hostFrame(of: page.gfn) {
+            writeTrack[frame.rawValue] += 1
+            writeTrackTotal += 1
+        }
         // Level 1 too: with no unsync pages in this MMU, every shadowed table is write-protected.
         if writeProtect(page.gfn) { flushRemoteTLBs() }
     }
@@ -128,13 +138,18 @@ public final class ShadowMMU {
     func unaccountShadowed(_ page: ShadowPage) {
         indirectShadowPages -= 1
         if page.level > 1 {
-            let count = (writeTrack[page.gfn.rawValue] ?? 1) - 1
-            writeTrack[page.gfn.rawValue] = count > 0 ? count : nil
+            if let frame = memory.hostFrame(of: page.gfn), writeTrack[frame.rawValue] > 0 {
+                writeTrack[frame.rawValue] -= 1
+                writeTrackTotal -= 1
+            }
         }
     }
 
     /// Whether writes to `gfn` are tracked (an upper-level guest table lives there).
-    public func isWriteTracked(_ gfn: GuestFrameNumber) -> Bool { writeTrack[gfn.rawValue] != nil }
+    public func isWriteTracked(_ gfn: GuestFrameNumber) -> Bool {
+        guard let frame = memory.hostFrame(of: gfn) else { return false }
+        return writeTrack[frame.rawValue] != 0
+    }
 
     /// Valid pages shadowing the guest table at `gfn`.
     func gptePages(at gfn: GuestFrameNumber) -> [ShadowPage] {

@@ -322,15 +322,18 @@ public final class VCPU {
             firstTry = false
             tlb.invalidate(address)
             let walker = try hardwareWalker()
-            switch walker.walker.translate(address, access, in: host, setAccessedDirty: true) {
-            case .success(let translation):
+            var walkFault: WalkFault?
+            let translation = walker.walker.translate(address, access, in: host, setAccessedDirty: true, fault: &walkFault)
+            guard let walkFault else {
                 let leafAddress = translation.path.entryAddress(level: translation.level)
                 let guestFrame = guestFrame(ofLeafAt: leafAddress.rawValue)
                 let leaf = translation.path.entryValue(level: translation.level)
                 tlb.insert(address, root: hot.pointee.rootFrame, hostFrame: translation.physicalAddress.rawValue >> 12, permissions: translation.permissions,
                            dirty: leaf & (1 << 6) != 0, guestFrame: guestFrame)
                 continue  // the access completes through the TLB entry just filled
-            case .failure(.pageFault(let fault)):
+            }
+            switch walkFault {
+            case .pageFault(let fault):
                 exits += 1
                 vm.mmu.stats.exits += 1
                 let decision: PageFaultResult
@@ -350,11 +353,11 @@ public final class VCPU {
                 case .injectGeneralProtection:
                     return AccessOutcome(result: .generalProtection, exits: exits, emulated: false, tlbHit: false)
                 }
-            case .failure(.generalProtection):
+            case .generalProtection:
                 return AccessOutcome(result: .generalProtection, exits: exits, emulated: false, tlbHit: false)
-            case .failure(.noMemory(let gpa, let level, _)):
+            case .noMemory(let gpa, let level, _):
                 throw .corruptShadowTables("a level-\(level) SPTE points at host frame \(gpa.frame.rawValue), outside the pool")
-            case .failure(.addressTooWide(let address, let width)):
+            case .addressTooWide(let address, let width):
                 throw .invalidAccess("\(address) is wider than \(width) bits")
             }
         }

@@ -101,6 +101,13 @@ public struct Translation: Sendable, Equatable {
         self.path = path
     }
 
+    /// What a faulting walk returns beside its fault: nothing to use.
+    @inlinable
+    static func failed(_ address: GuestVirtualAddress) -> Translation {
+        Translation(linearAddress: address, physicalAddress: GuestPhysicalAddress(0), level: 0, pageSize: 0, permissions: 0,
+                    protectionKey: 0, isGlobal: false, path: WalkPath())
+    }
+
     public var isWritable: Bool { permissions & accessWrite != 0 }
     public var isUser: Bool { permissions & accessUser != 0 }
     public var isExecutable: Bool { permissions & accessExecute != 0 }
@@ -235,7 +242,10 @@ public struct PageWalker: Sendable {
     public func walk<Memory: PhysicalMemory>(
         _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool = true
     ) throws(WalkFault) -> Translation {
-        try translate(address, access, in: memory, setAccessedDirty: setAccessedDirty).get()
+        var fault: WalkFault?
+        let translation = translate(address, access, in: memory, setAccessedDirty: setAccessedDirty, fault: &fault)
+        if let fault { throw fault }
+        return translation
     }
 
     /// `walk` without throwing: the outcome as a value. Callers that expect many faults (batch
@@ -245,33 +255,63 @@ public struct PageWalker: Sendable {
     public func translate<Memory: PhysicalMemory>(
         _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool = true
     ) -> Result<Translation, WalkFault> {
+        var fault: WalkFault?
+        let translation = translate(address, access, in: memory, setAccessedDirty: setAccessedDirty, fault: &fault)
+        if let fault { return .failure(fault) }
+        return .success(translation)
+    }
+
+    /// The walk for hot paths: the translation is returned straight into the caller's frame, and a
+    /// fault, when there is one, lands in `fault` (the translation is then meaningless). Wrapping
+    /// the outcome in a `Result` costs a copy of the whole translation, which the wide copy then
+    /// reads back before the narrow stores that built it have retired (a store-forwarding stall):
+    /// that doubled the time of a walk.
+    @inlinable
+    public func translate<Memory: PhysicalMemory>(
+        _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool = true,
+        fault: inout WalkFault?
+    ) -> Translation {
         switch mode {
         case .disabled:
-            guard address.rawValue >> 32 == 0 else { return .failure(.addressTooWide(address, width: 32)) }
-            return .success(Translation(linearAddress: address, physicalAddress: GuestPhysicalAddress(address.rawValue),
-                                        level: 0, pageSize: pageSize, permissions: accessAll, protectionKey: 0,
-                                        isGlobal: false, path: WalkPath()))
+            guard address.rawValue >> 32 == 0 else {
+                fault = .addressTooWide(address, width: 32)
+                return .failed(address)
+            }
+            return Translation(linearAddress: address, physicalAddress: GuestPhysicalAddress(address.rawValue),
+                               level: 0, pageSize: pageSize, permissions: accessAll, protectionKey: 0,
+                               isGlobal: false, path: WalkPath())
         case .legacy32:
-            guard address.rawValue >> 32 == 0 else { return .failure(.addressTooWide(address, width: 32)) }
+            guard address.rawValue >> 32 == 0 else {
+                fault = .addressTooWide(address, width: 32)
+                return .failed(address)
+            }
             return translate(format: legacy32, table: rootTable, level: 2, address: address, access: access,
-                             memory: memory, path: WalkPath(), setAccessedDirty: setAccessedDirty)
+                             memory: memory, path: WalkPath(), setAccessedDirty: setAccessedDirty, fault: &fault)
         case .pae:
-            guard address.rawValue >> 32 == 0 else { return .failure(.addressTooWide(address, width: 32)) }
+            guard address.rawValue >> 32 == 0 else {
+                fault = .addressTooWide(address, width: 32)
+                return .failed(address)
+            }
             let index = Int(address.rawValue >> 30) & 3
             let pdpte = pdpte(index)
             var path = WalkPath()
             path.record(level: 3, address: pdptBase + UInt64(index) * 8, value: pdpte.rawValue)
             path.topFromRegister = true
             guard pdpte.isPresent else {
-                return .failure(.pageFault(PageFault(linearAddress: address, errorCode: errorCode(access, []), level: 3,
-                                                     violations: [], path: path)))
+                fault = .pageFault(PageFault(linearAddress: address, errorCode: errorCode(access, []), level: 3,
+                                             violations: [], path: path))
+                return .failed(address)
             }
             return translate(format: long64, table: pdpte.frameAddress, level: 2, address: address, access: access,
-                             memory: memory, path: path, setAccessedDirty: setAccessedDirty)
+                             memory: memory, path: path, setAccessedDirty: setAccessedDirty, fault: &fault)
         case .fourLevel, .fiveLevel:
-            guard address.isCanonical(width: mode.linearAddressWidth) else { return .failure(.generalProtection(address)) }
+            guard address.isCanonical(width: mode.linearAddressWidth) else {
+                fault = .generalProtection(address)
+                return .failed(address)
+            }
             return translate(format: long64, table: rootTable, level: mode.rootLevel, address: address,
-                             access: access, memory: memory, path: WalkPath(), setAccessedDirty: setAccessedDirty)
+                             access: access, memory: memory, path: WalkPath(), setAccessedDirty: setAccessedDirty,
+                             fault: &fault)
         }
     }
 
@@ -284,14 +324,14 @@ public struct PageWalker: Sendable {
         return code
     }
 
-    // Inlined into `translate(_:_:in:)` so the result is built in place: returned through a second
-    // frame, its fields were written 8 bytes at a time and read back 16 at a time, stalling on
-    // store forwarding.
+    // Inlined into `translate(_:_:in:fault:)` so the result is built in place: returned through a
+    // second frame, its fields were written 8 bytes at a time and read back 16 at a time, stalling
+    // on store forwarding.
     @inlinable @inline(__always)
     func translate<Format: PagingFormat, Memory: PhysicalMemory>(
         format: Format, table: UInt64, level: Int, address: GuestVirtualAddress, access: Access,
-        memory: Memory, path startPath: WalkPath, setAccessedDirty: Bool
-    ) -> Result<Translation, WalkFault> {
+        memory: Memory, path startPath: WalkPath, setAccessedDirty: Bool, fault: inout WalkFault?
+    ) -> Translation {
         // A/D updates only ever set bits, so an entry can change under the walk only a bounded
         // number of times (tables aliasing themselves); the bound keeps a hostile guest from
         // spinning the walker regardless.
@@ -306,13 +346,16 @@ public struct PageWalker: Sendable {
             case .leaf(let level):
                 leafLevel = level
             case .notPresent(let level):
-                return .failure(.pageFault(PageFault(linearAddress: address, errorCode: errorCode(access, []), level: level,
-                                                     violations: [], path: path)))
+                fault = .pageFault(PageFault(linearAddress: address, errorCode: errorCode(access, []), level: level,
+                                             violations: [], path: path))
+                return .failed(address)
             case .reservedBits(let level):
-                return .failure(.pageFault(PageFault(linearAddress: address, errorCode: errorCode(access, [.present, .reservedBit]),
-                                                     level: level, violations: [], path: path)))
+                fault = .pageFault(PageFault(linearAddress: address, errorCode: errorCode(access, [.present, .reservedBit]),
+                                             level: level, violations: [], path: path))
+                return .failed(address)
             case .noMemory(let entryAddress, let level):
-                return .failure(.noMemory(GuestPhysicalAddress(entryAddress), level: level, path: path))
+                fault = .noMemory(GuestPhysicalAddress(entryAddress), level: level, path: path)
+                return .failed(address)
             }
             let leafBits = path.entryValue(level: leafLevel)
             let key = mode.isLongMode ? Int((leafBits >> 59) & 0xF) : 0
@@ -322,9 +365,10 @@ public struct PageWalker: Sendable {
             if refused || keyRefused {
                 let violations = rules.violations(access, pagePermissions: permissions, alignmentCheck: alignmentCheck,
                                                   key: key, pkru: registers.pkru, pkrs: registers.pkrs)
-                return .failure(.pageFault(PageFault(linearAddress: address,
-                                                     errorCode: errorCode(access, keyRefused ? [.present, .protectionKey] : [.present]),
-                                                     level: leafLevel, violations: violations, path: path)))
+                fault = .pageFault(PageFault(linearAddress: address,
+                                             errorCode: errorCode(access, keyRefused ? [.present, .protectionKey] : [.present]),
+                                             level: leafLevel, violations: violations, path: path))
+                return .failed(address)
             }
             if setAccessedDirty && !X86Paging.setAccessedDirty(format, path: &path, isWrite: access.kind == .write,
                                                                memory: memory) && restartsLeft > 0 {
@@ -334,10 +378,10 @@ public struct PageWalker: Sendable {
             }
             let size = Format.pageSize(level: leafLevel)
             let base = format.pageBase(Format.Entry(bits: leafBits), level: leafLevel)
-            return .success(Translation(linearAddress: address,
-                                        physicalAddress: GuestPhysicalAddress(base | (address.rawValue & (size - 1))),
-                                        level: leafLevel, pageSize: size, permissions: permissions, protectionKey: key,
-                                        isGlobal: globalPagesEnabled && leafBits & x86GlobalBit != 0, path: path))
+            return Translation(linearAddress: address,
+                               physicalAddress: GuestPhysicalAddress(base | (address.rawValue & (size - 1))),
+                               level: leafLevel, pageSize: size, permissions: permissions, protectionKey: key,
+                               isGlobal: globalPagesEnabled && leafBits & x86GlobalBit != 0, path: path)
         }
     }
 }
