@@ -150,6 +150,7 @@ public final class MMUContext {
     }
 
     /// `kvm_mmu_load`: builds the roots if there are none.
+    @inline(never)  // see `pageFault`
     public func load() throws(ShadowMMUError) -> HardwareRoot {
         if !rootsLoaded { try allocateRoots() }
         if let root {
@@ -209,6 +210,7 @@ public final class MMUContext {
     /// KVM's `kvm_mmu_page_fault` for a #PF exit at `address` with the hardware's `errorCode`.
     /// `access` is the access that faulted (it carries the implicit-supervisor distinction,
     /// which the error code cannot).
+    @inline(never)  // keeps the context's state behind this module's exclusivity exemptions
     public func pageFault(at address: GuestVirtualAddress, access: Access,
                           errorCode: PageFaultErrorCode) throws(ShadowMMUError) -> PageFaultResult {
         mmu.stats.pfTaken += 1

@@ -64,7 +64,7 @@ public final class VirtualMachine {
         }
         mmu = ShadowMMU(memory: memory, pool: pool)
         mmu.flushRemoteTLBs = { [unowned self] in
-            self.mmu.stats.remoteTLBFlush += 1
+            self.mmu.count(.remoteTLBFlush)
             for vcpu in self.vcpus { vcpu.requestFlushAll() }
         }
         mmu.freeObsoleteRoots = { [unowned self] in
@@ -205,6 +205,13 @@ public final class VCPU {
     private func serviceRequests() {
         guard hot.pointee.flushAllRequested || !hot.pointee.requests.isEmpty || hot.pointee.freeObsoleteRootsRequested
         else { return }
+        servicePendingRequests()
+    }
+
+    /// Out of line, so that the check above is all an access pays (and no read of the context's
+    /// state, with its cross-module exclusivity check, is hoisted into every access).
+    @inline(never)
+    private func servicePendingRequests() {
         if hot.pointee.freeObsoleteRootsRequested {
             hot.pointee.freeObsoleteRootsRequested = false
             context.freeObsoleteRoots()
@@ -216,16 +223,16 @@ public final class VCPU {
     private func serviceFlushRequests() {
         var requests = hot.pointee.requests
         if hot.pointee.flushAllRequested {
-            vm.mmu.stats.tlbFlush += 1
+            vm.mmu.count(.tlbFlush)
             tlb.flush()
             requests.remove(.flushCurrent)  // flushing everything flushed the current root too
         }
         if requests.contains(.flushCurrent) {
-            vm.mmu.stats.tlbFlush += 1
+            vm.mmu.count(.tlbFlush)
             tlb.flush()
         }
         if requests.contains(.flushGuest) {
-            vm.mmu.stats.tlbFlush += 1
+            vm.mmu.count(.tlbFlush)
             tlb.flush()
         }
         hot.pointee.requests = []
@@ -242,7 +249,10 @@ public final class VCPU {
     // MARK: Accesses
 
     private func hardwareWalker() throws(VirtualMachineError) -> WalkerBox {
-        if let hardware, context.rootsLoaded { return hardware }
+        // The walker is dropped whenever the context unloads its roots (register writes, CR3
+        // loads, obsolete roots), so one that exists walks loaded roots. (Reading the context's
+        // state here would cost a cross-module exclusivity check on every access.)
+        if let hardware { return hardware }
         let root: HardwareRoot
         do {
             root = try context.load()
@@ -291,6 +301,28 @@ public final class VCPU {
     /// One guest access of `size` bytes (1, 2, 4 or 8, within one page) at `address`.
     public func access(_ address: GuestVirtualAddress, _ access: Access, size: Int = 8,
                        value: UInt64 = 0) throws(VirtualMachineError) -> AccessOutcome {
+        if let outcome = tlbHit(address, access, size: size, value: value) { return outcome }
+        return try slowAccess(address, access, size: size, value: value)
+    }
+
+    /// The access as the hardware completes it from the TLB with nothing pending, or nil for
+    /// everything else (a miss, a refusal, an odd size, a request to service).
+    @inline(__always)
+    private func tlbHit(_ address: GuestVirtualAddress, _ access: Access, size: Int, value: UInt64) -> AccessOutcome? {
+        guard size & (size - 1) == 0, size <= 8, address.rawValue & pageOffsetMask <= pageSize - UInt64(size),
+              !(hot.pointee.narrowLinearAddresses && address.rawValue >> 32 != 0),
+              !hot.pointee.flushAllRequested, hot.pointee.requests.isEmpty, !hot.pointee.freeObsoleteRootsRequested,
+              let entry = tlb.lookup(address, root: hot.pointee.rootFrame), allows(entry, access)
+        else { return nil }
+        let offset = address.rawValue & pageOffsetMask
+        let result = perform(hostAddress: entry.hostFrame << 12 | offset, access.kind, size: size, value: value)
+        return AccessOutcome(result: .completed(gpa: GuestPhysicalAddress(entry.guestFrame << 12 | offset), value: result),
+                             exits: 0, emulated: false, tlbHit: true)
+    }
+
+    @inline(never)
+    private func slowAccess(_ address: GuestVirtualAddress, _ access: Access, size: Int,
+                            value: UInt64) throws(VirtualMachineError) -> AccessOutcome {
         let outcome = try run(address, access, size: size, value: value)
         serviceRequests()  // the entry that resumes the guest after any exit the access took
         return outcome
@@ -306,7 +338,7 @@ public final class VCPU {
             throw .invalidAccess("\(size) bytes at \(address) cross a page boundary")
         }
         if hot.pointee.narrowLinearAddresses && address.rawValue >> 32 != 0 {
-            throw .invalidAccess("\(address) is wider than the 32-bit linear addresses of \(registers.mode.displayName)")
+            throw tooWide(address)
         }
         var exits = 0
         var firstTry = true
@@ -335,7 +367,7 @@ public final class VCPU {
             switch walkFault {
             case .pageFault(let fault):
                 exits += 1
-                vm.mmu.stats.exits += 1
+                vm.mmu.count(.exit)
                 let decision: PageFaultResult
                 do {
                     decision = try context.pageFault(at: address, access: access, errorCode: fault.errorCode)
@@ -362,6 +394,13 @@ public final class VCPU {
             }
         }
         throw .livelock(address, exits: exits)
+    }
+
+    /// Out of line: reading the context's registers on the hot path would cost a cross-module
+    /// exclusivity check on every access, hoisted there by the optimiser.
+    @inline(never)
+    private func tooWide(_ address: GuestVirtualAddress) -> VirtualMachineError {
+        .invalidAccess("\(address) is wider than the 32-bit linear addresses of \(registers.mode.displayName)")
     }
 
     /// Whether a TLB entry's permissions let the access through under the hardware's rules (a
@@ -402,17 +441,18 @@ public final class VCPU {
 
     /// KVM's emulator: the guest walk (with A/D updates and fault injection), then the access on
     /// guest memory; a write to a shadowed table goes through `kvm_mmu_track_write`.
+    @inline(never)  // the slow path; see `tooWide`
     private func emulate(_ address: GuestVirtualAddress, _ access: Access, size: Int, value: UInt64,
                          exits: Int) throws(VirtualMachineError) -> AccessOutcome {
         // KVM emulates with the guest's own walk; no TLB entry is used or filled.
-        vm.mmu.stats.insnEmulation += 1
+        vm.mmu.count(.instructionEmulation)
         let translation: Translation
         let guestWalker = context.guestWalkerBox
         switch guestWalker.walker.translate(address, access, in: vm.memory, setAccessedDirty: true) {
         case .success(let result):
             translation = result
         case .failure(.pageFault(let fault)):
-            vm.mmu.stats.pfGuest += 1
+            vm.mmu.count(.guestFault)
             return AccessOutcome(result: .pageFault(errorCode: PageFaultErrorCode(rawValue: UInt64(fault.errorCode.architectural)),
                                                     cr2: address),
                                  exits: exits, emulated: true, tlbHit: false)
@@ -422,7 +462,7 @@ public final class VCPU {
             var code = PageFaultErrorCode()
             if access.kind == .write { code.insert(.write) }
             if access.privilege == .user { code.insert(.user) }
-            vm.mmu.stats.pfGuest += 1
+            vm.mmu.count(.guestFault)
             return AccessOutcome(result: .pageFault(errorCode: code, cr2: address), exits: exits, emulated: true, tlbHit: false)
         }
         let gpa = translation.physicalAddress
