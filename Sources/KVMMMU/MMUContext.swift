@@ -289,7 +289,7 @@ public final class MMUContext {
         let isWrite = errorCode.contains(.write)
         let box = guestWalkerBox
         var walkFault: WalkFault?
-        let translation = box.walker.translate(address, access, in: mmu.memory, setAccessedDirty: true, fault: &walkFault)
+        let translation = box.translate(address, access, in: mmu.memory, setAccessedDirty: true, fault: &walkFault)
         if let walkFault {
             switch walkFault {
             case .pageFault(let fault):
@@ -559,8 +559,28 @@ public final class MMUContext {
     }
 }
 
-/// A page walker held by reference, so that hot paths borrow it instead of copying it.
+/// A page walker held by reference in flat storage, so that hot paths walk with it in place: a
+/// walker is a large struct with references inside, and calling it from a class property copied it
+/// (with retains) on every walk.
 public final class WalkerBox {
-    public let walker: PageWalker
-    public init(_ walker: PageWalker) { self.walker = walker }
+    @usableFromInline let storage: UnsafeMutablePointer<PageWalker>
+
+    public init(_ walker: PageWalker) {
+        storage = .allocate(capacity: 1)
+        storage.initialize(to: walker)
+    }
+
+    deinit {
+        storage.deinitialize(count: 1)
+        storage.deallocate()
+    }
+
+    public var walker: PageWalker { storage.pointee }
+
+    /// `PageWalker.translate(_:_:in:setAccessedDirty:fault:)` on the walker in place.
+    @inlinable @inline(__always)
+    public func translate<Memory: PhysicalMemory>(_ address: GuestVirtualAddress, _ access: Access, in memory: Memory,
+                                                  setAccessedDirty: Bool, fault: inout WalkFault?) -> Translation {
+        storage.pointee.translateInPlace(address, access, in: memory, setAccessedDirty: setAccessedDirty, fault: &fault)
+    }
 }

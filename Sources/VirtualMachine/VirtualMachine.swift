@@ -355,7 +355,7 @@ public final class VCPU {
             tlb.invalidate(address)
             let walker = try hardwareWalker()
             var walkFault: WalkFault?
-            let translation = walker.walker.translate(address, access, in: host, setAccessedDirty: true, fault: &walkFault)
+            let translation = walker.translate(address, access, in: host, setAccessedDirty: true, fault: &walkFault)
             guard let walkFault else {
                 let leafAddress = translation.path.entryAddress(level: translation.level)
                 let guestFrame = guestFrame(ofLeafAt: leafAddress.rawValue)

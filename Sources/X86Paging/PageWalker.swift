@@ -315,6 +315,19 @@ public struct PageWalker: Sendable {
         }
     }
 
+    /// `translate(_:_:in:setAccessedDirty:fault:)` for a walker kept in memory the caller owns
+    /// (behind a pointer): `mutating` only so that the call borrows the walker where it is. Called
+    /// as a non-mutating method through a pointer, the walker (a large struct with references
+    /// inside) is first copied out, since nothing proves the memory stays unchanged during the
+    /// call. It changes nothing.
+    @inlinable @inline(__always)
+    public mutating func translateInPlace<Memory: PhysicalMemory>(
+        _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool,
+        fault: inout WalkFault?
+    ) -> Translation {
+        translate(address, access, in: memory, setAccessedDirty: setAccessedDirty, fault: &fault)
+    }
+
     @inlinable @inline(__always)
     func errorCode(_ access: Access, _ base: PageFaultErrorCode) -> PageFaultErrorCode {
         var code = base
