@@ -116,6 +116,8 @@ public final class VCPU {
     @exclusivity(unchecked) private var hardware: WalkerBox?
     private let host: HostPhysicalView
     private let pool: HostPagePool
+    /// The VM's MMU, held directly: reaching it through `unowned vm` costs an unowned retain.
+    private let mmu: ShadowMMU
 
     /// What every access reads, behind a pointer: a class's `var`s would cost an exclusivity
     /// check each, and a TLB hit must cost a few loads.
@@ -143,6 +145,7 @@ public final class VCPU {
         self.id = id
         host = HostPhysicalView(pool: vm.pool)
         pool = vm.pool
+        mmu = vm.mmu
         hot = .allocate(capacity: 1)
         hot.initialize(to: HotState(narrowLinearAddresses: !registers.mode.isLongMode))
         try Self.checkSupported(registers)
@@ -223,16 +226,16 @@ public final class VCPU {
     private func serviceFlushRequests() {
         var requests = hot.pointee.requests
         if hot.pointee.flushAllRequested {
-            vm.mmu.count(.tlbFlush)
+            mmu.count(.tlbFlush)
             tlb.flush()
             requests.remove(.flushCurrent)  // flushing everything flushed the current root too
         }
         if requests.contains(.flushCurrent) {
-            vm.mmu.count(.tlbFlush)
+            mmu.count(.tlbFlush)
             tlb.flush()
         }
         if requests.contains(.flushGuest) {
-            vm.mmu.count(.tlbFlush)
+            mmu.count(.tlbFlush)
             tlb.flush()
         }
         hot.pointee.requests = []
@@ -367,7 +370,7 @@ public final class VCPU {
             switch walkFault {
             case .pageFault(let fault):
                 exits += 1
-                vm.mmu.count(.exit)
+                mmu.count(.exit)
                 let decision: PageFaultResult
                 do {
                     decision = try context.pageFault(at: address, access: access, errorCode: fault.errorCode)
@@ -414,7 +417,7 @@ public final class VCPU {
 
     /// The guest frame a leaf SPTE maps, from its shadow page's record of it.
     private func guestFrame(ofLeafAt hostAddress: UInt64) -> UInt64 {
-        guard let page = vm.mmu.shadowPage(containingHostAddress: hostAddress) else { return 0 }
+        guard let page = mmu.shadowPage(containingHostAddress: hostAddress) else { return 0 }
         return page.mappedGFN(at: Int((hostAddress & pageOffsetMask) >> 3)).rawValue
     }
 
@@ -445,14 +448,14 @@ public final class VCPU {
     private func emulate(_ address: GuestVirtualAddress, _ access: Access, size: Int, value: UInt64,
                          exits: Int) throws(VirtualMachineError) -> AccessOutcome {
         // KVM emulates with the guest's own walk; no TLB entry is used or filled.
-        vm.mmu.count(.instructionEmulation)
+        mmu.count(.instructionEmulation)
         let translation: Translation
         let guestWalker = context.guestWalkerBox
         switch guestWalker.walker.translate(address, access, in: vm.memory, setAccessedDirty: true) {
         case .success(let result):
             translation = result
         case .failure(.pageFault(let fault)):
-            vm.mmu.count(.guestFault)
+            mmu.count(.guestFault)
             return AccessOutcome(result: .pageFault(errorCode: PageFaultErrorCode(rawValue: UInt64(fault.errorCode.architectural)),
                                                     cr2: address),
                                  exits: exits, emulated: true, tlbHit: false)
@@ -462,7 +465,7 @@ public final class VCPU {
             var code = PageFaultErrorCode()
             if access.kind == .write { code.insert(.write) }
             if access.privilege == .user { code.insert(.user) }
-            vm.mmu.count(.guestFault)
+            mmu.count(.guestFault)
             return AccessOutcome(result: .pageFault(errorCode: code, cr2: address), exits: exits, emulated: true, tlbHit: false)
         }
         let gpa = translation.physicalAddress
@@ -475,7 +478,7 @@ public final class VCPU {
         let result = perform(hostAddress: hostAddress, access.kind, size: size, value: value)
         if access.kind == .write {
             _ = vm.memory.markDirty(gpa.frame)
-            vm.mmu.trackWrite(gpa, bytes: size, fourByteGuestEntries: registers.mode == .legacy32)
+            mmu.trackWrite(gpa, bytes: size, fourByteGuestEntries: registers.mode == .legacy32)
         }
         return AccessOutcome(result: .completed(gpa: gpa, value: result), exits: exits, emulated: true, tlbHit: false)
     }
