@@ -69,15 +69,23 @@ public final class MMUContext {
     /// re-initialise the roles) and, when CR3 changed, a CR3 load. Returns the TLB flushes the write
     /// requested of the vCPU.
     public func setRegisters(_ new: PagingRegisters) throws(ControlStateError) -> TLBFlushRequests {
-        let walker = try PageWalker(registers: new, cpu: cpu, memory: mmu.memory)
         let old = registers
+        let oldWalker = guestWalkerBox.walker
+        // The PDPTE registers are reloaded only by the writes the architecture names (KVM's
+        // load_pdptrs from kvm_set_cr0/cr4); any other write keeps the values loaded before.
+        let reloadsPDPTEs = new.reloadsPDPTEs(from: old)
+        let keptPDPTEs = new.mode == .pae && !reloadsPDPTEs && new.cr3 == old.cr3
+            ? (0..<4).map { oldWalker.pdpte($0).rawValue } : nil
+        let walker = try PageWalker(registers: new, cpu: cpu, memory: mmu.memory, pdpteValues: keptPDPTEs)
+        let pdptesChanged = reloadsPDPTEs && oldWalker.mode == .pae
+            && (0..<4).contains { walker.pdpte($0) != oldWalker.pdpte($0) }
         let cr0 = contextResetForCR0(old: old.cr0, new: new.cr0, tdp: false)
         let cr4 = contextResetForCR4(old: old.cr4, new: new.cr4, tdp: false)
         let efer = contextResetForEFER(old: old.efer, new: new.efer)
         let reset = cr0.context.combined(with: cr4.context).combined(with: efer.context)
         var flushes = cr0.flushes.union(cr4.flushes)
         install(new, walker)
-        if reset.unloadsRoots { unload() }
+        if reset.unloadsRoots || pdptesChanged { unload() }
         if reset.recomputesRoles { initializeRoles() }
         if new.cr3 != old.cr3 {
             flushes.formUnion(try loadCR3(new.cr3))

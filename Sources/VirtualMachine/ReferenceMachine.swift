@@ -160,17 +160,20 @@ public final class ReferenceMachine {
 
     public func invalidatePage(_ address: GuestVirtualAddress) { cached[address.rawValue >> 12] = nil }
 
-    /// New registers: a CR3 load drops the non-global translations, a paging-mode change (or a
-    /// CR4.PGE change) drops all of them.
+    /// New registers: what the write invalidates is the architecture's rule (a CR3 change drops
+    /// the non-global translations; a change of paging, PGE, PAE, PCIDE 1 -> 0 or SMEP 0 -> 1 drops
+    /// all), and PAE's PDPTE registers are reloaded only by the writes that reload them.
     public func setRegisters(_ new: PagingRegisters) throws(ControlStateError) {
-        let newWalker = try PageWalker(registers: new, cpu: cpu, memory: memory)
         let old = registers
+        let keptPDPTEs = new.mode == .pae && !new.reloadsPDPTEs(from: old) && new.cr3 == old.cr3
+            ? (0..<4).map { walker.pdpte($0).rawValue } : nil
+        let newWalker = try PageWalker(registers: new, cpu: cpu, memory: memory, pdpteValues: keptPDPTEs)
         registers = new
         walker = newWalker
-        if new.cr0 != old.cr0 || new.cr4 != old.cr4 || new.efer != old.efer {
+        if new.invalidatesAllTranslations(from: old) {
             cached.removeAll()
         } else if new.cr3 != old.cr3 {
-            reloadCR3()
+            dropNonGlobalTranslations()
         }
     }
 
@@ -178,6 +181,10 @@ public final class ReferenceMachine {
     /// its PDPTEs from memory.
     public func reloadCR3() {
         if let reloaded = try? PageWalker(registers: registers, cpu: cpu, memory: memory) { walker = reloaded }
+        dropNonGlobalTranslations()
+    }
+
+    private func dropNonGlobalTranslations() {
         for (page, list) in cached {
             let kept = registers.cr4.contains(.globalPages) ? list.filter(\.isGlobal) : []
             cached[page] = kept.isEmpty ? nil : kept

@@ -56,13 +56,13 @@ public final class GuestKernel {
     }
 
     /// Maps guest-physical [0, 16 MiB) at the window with 2 MiB pages (4 MiB with 32-bit paging),
-    /// supervisor-only, writable, not executable where NX exists.
+    /// supervisor-only and writable. Not marked NX: with EFER.NXE clear that bit is reserved, and
+    /// the kernel must be able to write its tables whatever the scenario sets.
     private func mapWindow() throws {
         let large: UInt64 = mode == .legacy32 ? 4 << 20 : 2 << 20
-        let noExecute: UInt64 = mode == .legacy32 ? 0 : 1 << 63
         for offset in stride(from: UInt64(0), to: Self.tablePoolEnd, by: Int(large)) {
             try map(GuestVirtualAddress(windowBase + offset), to: GuestPhysicalAddress(offset), leafLevel: 2,
-                    leafFlags: 0x1 | 0x2 | 0x20 | 0x40 | 0x80 | noExecute, tableFlags: { _ in 0x3 })
+                    leafFlags: 0x1 | 0x2 | 0x20 | 0x40 | 0x80, tableFlags: { _ in 0x3 })
         }
     }
 
@@ -79,6 +79,11 @@ public final class GuestKernel {
     /// Writes a table entry: directly before boot, as a guest store through the window after.
     func writeEntry(_ address: GuestPhysicalAddress, _ value: UInt64) throws {
         if booted {
+            // The kernel reaches its tables only through the window onto the pool.
+            guard address.rawValue < Self.tablePoolEnd else {
+                throw GuestKernelError("the entry at \(address) lies in a table outside the page-table pool below 16 MiB "
+                                       + "(a guest entry points there), which the kernel cannot write through its window")
+            }
             try store(windowAddress(address), value, entrySize)
         } else if entrySize == 4 {
             try vm.memory.store32(UInt32(truncatingIfNeeded: value), at: address)

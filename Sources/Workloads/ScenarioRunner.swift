@@ -169,6 +169,11 @@ public final class ScenarioRunner {
             guard let address = try kernel.entryAddress(gva, level: level) else {
                 throw RunFailure.badScenario(line: currentLine, message: "pte: \(gva) has no level-\(level) entry (the walk ends above it)")
             }
+            guard address.rawValue < GuestKernel.tablePoolEnd else {
+                throw RunFailure.badScenario(line: currentLine, message:
+                    "pte: the level-\(level) entry for \(gva) is at \(address), in a table outside the page-table pool below "
+                    + "16 MiB (an entry above it points there), which the kernel cannot reach through its window")
+            }
             let old = try kernel.readEntry(address)
             let new: UInt64
             switch entryValue {

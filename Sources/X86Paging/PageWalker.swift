@@ -32,6 +32,30 @@ public struct PagingRegisters: Hashable, Sendable {
         guard isLongModeActive else { return .pae }
         return cr4.contains(.la57) ? .fiveLevel : .fourLevel
     }
+
+    /// Whether moving from `old` to these registers loads the PAE PDPTE registers from memory
+    /// (SDM 4.4.1), other than by a MOV to CR3 (which always does under PAE paging): PAE paging
+    /// results and the write changed CR0.CD, CR0.NW or CR0.PG, or CR4.PAE, CR4.PGE, CR4.PSE or
+    /// CR4.SMEP. Any other write leaves the PDPTE registers as they were, whatever memory says.
+    public func reloadsPDPTEs(from old: PagingRegisters) -> Bool {
+        guard mode == .pae else { return false }
+        let cr0Bits = CR0(rawValue: 1 << 30 | 1 << 29).union(.paging)  // CD, NW, PG
+        let cr4Bits: CR4 = [.physicalAddressExtension, .globalPages, .pageSizeExtensions, .smep]
+        return !CR0(rawValue: cr0.rawValue ^ old.cr0.rawValue).isDisjoint(with: cr0Bits)
+            || !CR4(rawValue: cr4.rawValue ^ old.cr4.rawValue).isDisjoint(with: cr4Bits)
+    }
+
+    /// Which cached translations a write from `old` to these registers invalidates, CR3 aside
+    /// (SDM 4.10.4.1): a change of CR0.PG, of CR4.PGE, CR4.PAE, or CR4.PCIDE 1 -> 0, or CR4.SMEP
+    /// 0 -> 1 invalidates all of them, global ones too; nothing else does (CR0.WP, EFER, RFLAGS.AC
+    /// and PKRU changes keep every translation, to be checked under the new rules).
+    public func invalidatesAllTranslations(from old: PagingRegisters) -> Bool {
+        let cr4Changed = CR4(rawValue: cr4.rawValue ^ old.cr4.rawValue)
+        return cr0.contains(.paging) != old.cr0.contains(.paging)
+            || cr4Changed.contains(.globalPages) || cr4Changed.contains(.physicalAddressExtension)
+            || (old.cr4.contains(.pcidEnable) && !cr4.contains(.pcidEnable))
+            || (cr4.contains(.smep) && !old.cr4.contains(.smep))
+    }
 }
 
 /// A register state the processor would refuse (a #GP on the MOV that made it).
