@@ -1,3 +1,4 @@
+import Workloads
 import X86Paging
 
 /// The name of a paging-structure entry at `level` in `mode`.
@@ -247,39 +248,11 @@ struct WalkExplanation {
     }
 }
 
-/// A flat JSON object written field by field, keys in insertion order.
-struct JSONObject {
-    private var fields: [String] = []
-
-    mutating func add(_ key: String, _ value: String) { fields.append("\(quoted(key)):\(quoted(value))") }
-    mutating func add(_ key: String, _ value: Int) { fields.append("\(quoted(key)):\(value)") }
-    mutating func add(_ key: String, _ value: Bool) { fields.append("\(quoted(key)):\(value)") }
-    mutating func addRaw(_ key: String, _ json: String) { fields.append("\(quoted(key)):\(json)") }
-
-    var text: String { "{" + fields.joined(separator: ",") + "}" }
-}
+/// The JSON writer the run reports use too.
+typealias JSONObject = JSONLine
 
 /// A JSON string literal.
-func quoted(_ text: String) -> String {
-    var result = "\""
-    for scalar in text.unicodeScalars {
-        switch scalar {
-        case "\"": result += "\\\""
-        case "\\": result += "\\\\"
-        case "\n": result += "\\n"
-        case "\r": result += "\\r"
-        case "\t": result += "\\t"
-        default:
-            if scalar.value < 0x20 {
-                let code = String(scalar.value, radix: 16)
-                result += "\\u" + String(repeating: "0", count: 4 - code.count) + code
-            } else {
-                result.unicodeScalars.append(scalar)
-            }
-        }
-    }
-    return result + "\""
-}
+func quoted(_ text: String) -> String { jsonString(text) }
 
 /// `text` left-aligned in a field of `width` characters.
 func leftAligned(_ text: String, to width: Int) -> String {

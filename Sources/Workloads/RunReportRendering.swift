@@ -197,21 +197,25 @@ extension RunReport {
 }
 
 /// A flat JSON object written key by key, in insertion order, with strings escaped.
-struct JSONLine {
+/// A flat JSON object written field by field, keys in insertion order (the order the JSON formats
+/// pin, which a dictionary-based encoder would not keep). Shared by every JSON Lines output.
+public struct JSONLine {
     private var fields: [String] = []
 
-    mutating func add(_ key: String, _ value: String) { fields.append(jsonString(key) + ":" + jsonString(value)) }
-    mutating func add(_ key: String, _ value: Int) { fields.append(jsonString(key) + ":" + String(value)) }
-    mutating func add(_ key: String, _ value: Bool) { fields.append(jsonString(key) + ":" + (value ? "true" : "false")) }
-    mutating func addHex(_ key: String, _ value: UInt64) { add(key, hex(value)) }
-    /// `json` must already be valid JSON.
-    mutating func addRaw(_ key: String, _ json: String) { fields.append(jsonString(key) + ":" + json) }
+    public init() {}
 
-    var text: String { "{" + fields.joined(separator: ",") + "}" }
+    public mutating func add(_ key: String, _ value: String) { fields.append(jsonString(key) + ":" + jsonString(value)) }
+    public mutating func add(_ key: String, _ value: Int) { fields.append(jsonString(key) + ":" + String(value)) }
+    public mutating func add(_ key: String, _ value: Bool) { fields.append(jsonString(key) + ":" + (value ? "true" : "false")) }
+    public mutating func addHex(_ key: String, _ value: UInt64) { add(key, hex(value)) }
+    /// `json` must already be valid JSON.
+    public mutating func addRaw(_ key: String, _ json: String) { fields.append(jsonString(key) + ":" + json) }
+
+    public var text: String { "{" + fields.joined(separator: ",") + "}" }
 }
 
 /// `text` as a JSON string literal: quotes, backslashes and control characters escaped.
-func jsonString(_ text: String) -> String {
+public func jsonString(_ text: String) -> String {
     var result = "\""
     for scalar in text.unicodeScalars {
         switch scalar {
