@@ -145,6 +145,13 @@ public struct EPTTranslation: Sendable, Equatable {
         self.path = path
     }
 
+    /// What a faulting walk returns beside its fault: nothing to use.
+    @inlinable
+    static func failed(_ address: GuestPhysicalAddress) -> EPTTranslation {
+        EPTTranslation(guestPhysicalAddress: address, outputAddress: GuestPhysicalAddress(0), level: 0, pageSize: 0,
+                       permissions: 0, memoryType: 0, ignoresPAT: false, path: WalkPath())
+    }
+
     public var isReadable: Bool { permissions & accessUser != 0 }
     public var isWritable: Bool { permissions & accessWrite != 0 }
     public var isExecutable: Bool { permissions & accessExecute != 0 }
@@ -203,7 +210,8 @@ public struct EPTWalker: Sendable {
     public func walk<Memory: PhysicalMemory>(
         _ address: GuestPhysicalAddress, _ kind: AccessKind, in memory: Memory, setAccessedDirty: Bool = true
     ) throws(EPTWalkFault) -> EPTTranslation {
-        try translate(address, kind, in: memory, setAccessedDirty: setAccessedDirty).get()
+        var sink = ThrowingFaultSink<EPTWalkFault>()
+        return try translate(address, kind, in: memory, setAccessedDirty: setAccessedDirty, sink: &sink)
     }
 
     /// `walk` without throwing (see `PageWalker.translate`).
@@ -211,7 +219,31 @@ public struct EPTWalker: Sendable {
     public func translate<Memory: PhysicalMemory>(
         _ address: GuestPhysicalAddress, _ kind: AccessKind, in memory: Memory, setAccessedDirty: Bool = true
     ) -> Result<EPTTranslation, EPTWalkFault> {
-        guard address.rawValue >> 52 == 0 else { return .failure(.addressTooWide(address)) }
+        var fault: EPTWalkFault?
+        let translation = translate(address, kind, in: memory, setAccessedDirty: setAccessedDirty, fault: &fault)
+        if let fault { return .failure(fault) }
+        return .success(translation)
+    }
+
+    /// The walk for hot paths that expect faults (see `PageWalker.translate(_:_:in:setAccessedDirty:fault:)`).
+    @inlinable
+    public func translate<Memory: PhysicalMemory>(
+        _ address: GuestPhysicalAddress, _ kind: AccessKind, in memory: Memory, setAccessedDirty: Bool = true,
+        fault: inout EPTWalkFault?
+    ) -> EPTTranslation {
+        translate(address, kind, in: memory, setAccessedDirty: setAccessedDirty, sink: &fault)
+    }
+
+    /// The walk, with its fault delivered to `sink` (see `WalkFaultSink`).
+    @inlinable @inline(__always)
+    func translate<Memory: PhysicalMemory, Sink: WalkFaultSink<EPTWalkFault>>(
+        _ address: GuestPhysicalAddress, _ kind: AccessKind, in memory: Memory, setAccessedDirty: Bool,
+        sink: inout Sink
+    ) throws(Sink.Failure) -> EPTTranslation {
+        guard address.rawValue >> 52 == 0 else {
+            try sink.record(.addressTooWide(address))
+            return .failed(address)
+        }
         var restartsLeft = 16
         while true {
             var path = WalkPath()
@@ -223,11 +255,14 @@ public struct EPTWalker: Sendable {
             case .leaf(let level):
                 leafLevel = level
             case .notPresent(let level):
-                return .failure(.violation(address, qualification: qualification(kind, permissions), level: level, path: path))
+                try sink.record(.violation(address, qualification: qualification(kind, permissions), level: level, path: path))
+                return .failed(address)
             case .reservedBits(let level):
-                return .failure(.misconfiguration(address, level: level, path: path))
+                try sink.record(.misconfiguration(address, level: level, path: path))
+                return .failed(address)
             case .noMemory(let entryAddress, let level):
-                return .failure(.noMemory(GuestPhysicalAddress(entryAddress), level: level, path: path))
+                try sink.record(.noMemory(GuestPhysicalAddress(entryAddress), level: level, path: path))
+                return .failed(address)
             }
             let needed: UInt8 = switch kind {
             case .read: accessUser
@@ -235,8 +270,9 @@ public struct EPTWalker: Sendable {
             case .fetch: accessExecute
             }
             guard permissions & needed != 0 else {
-                return .failure(.violation(address, qualification: qualification(kind, permissions), level: leafLevel,
+                try sink.record(.violation(address, qualification: qualification(kind, permissions), level: leafLevel,
                                            path: path))
+                return .failed(address)
             }
             if setAccessedDirty && !X86Paging.setAccessedDirty(format, path: &path, isWrite: kind == .write, memory: memory)
                 && restartsLeft > 0 {
@@ -246,10 +282,10 @@ public struct EPTWalker: Sendable {
             let leaf = EPTEntry(rawValue: path.entryValue(level: leafLevel))
             let size = EPTFormat.pageSize(level: leafLevel)
             let base = format.pageBase(leaf, level: leafLevel)
-            return .success(EPTTranslation(guestPhysicalAddress: address,
-                                           outputAddress: GuestPhysicalAddress(base | (address.rawValue & (size - 1))),
-                                           level: leafLevel, pageSize: size, permissions: permissions,
-                                           memoryType: leaf.memoryType, ignoresPAT: leaf.ignoresPAT, path: path))
+            return EPTTranslation(guestPhysicalAddress: address,
+                                  outputAddress: GuestPhysicalAddress(base | (address.rawValue & (size - 1))),
+                                  level: leafLevel, pageSize: size, permissions: permissions,
+                                  memoryType: leaf.memoryType, ignoresPAT: leaf.ignoresPAT, path: path)
         }
     }
 

@@ -171,6 +171,34 @@ public enum WalkFault: Error, Sendable, Equatable {
     case addressTooWide(GuestVirtualAddress, width: Int)
 }
 
+/// Where a walk's fault goes: thrown (`walk`) or stored (`translate`). The walk is written once,
+/// generic over its sink, and each caller gets the cheapest form: a throwing walk returns its
+/// translation straight into the caller's frame with the fault in the error channel, and a storing
+/// one never throws (a thrown error costs a runtime hook call, which test harnesses use to record
+/// a backtrace per throw).
+public protocol WalkFaultSink<Fault> {
+    associatedtype Fault: Error
+    associatedtype Failure: Error
+    /// Takes the fault; a throwing sink throws it, a storing sink keeps it and returns.
+    mutating func record(_ fault: Fault) throws(Failure)
+}
+
+/// The sink of `walk`: the fault is thrown.
+@frozen
+public struct ThrowingFaultSink<Fault: Error>: WalkFaultSink {
+    @inlinable public init() {}
+    @inlinable @inline(__always)
+    public mutating func record(_ fault: Fault) throws(Fault) { throw fault }
+}
+
+/// The sink of `translate`: the fault is kept here.
+extension Optional: WalkFaultSink where Wrapped: Error {
+    public typealias Fault = Wrapped
+    public typealias Failure = Never
+    @inlinable @inline(__always)
+    public mutating func record(_ fault: Wrapped) { self = fault }
+}
+
 /// Walks guest page tables as the architecture does. Build one per register state (the masks and
 /// permission table are computed once, like KVM's MMU context) and walk many addresses with it.
 public struct PageWalker: Sendable {
@@ -266,10 +294,8 @@ public struct PageWalker: Sendable {
     public func walk<Memory: PhysicalMemory>(
         _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool = true
     ) throws(WalkFault) -> Translation {
-        var fault: WalkFault?
-        let translation = translate(address, access, in: memory, setAccessedDirty: setAccessedDirty, fault: &fault)
-        if let fault { throw fault }
-        return translation
+        var sink = ThrowingFaultSink<WalkFault>()
+        return try translate(address, access, in: memory, setAccessedDirty: setAccessedDirty, sink: &sink)
     }
 
     /// `walk` without throwing: the outcome as a value. Callers that expect many faults (batch
@@ -285,20 +311,27 @@ public struct PageWalker: Sendable {
         return .success(translation)
     }
 
-    /// The walk for hot paths: the translation is returned straight into the caller's frame, and a
-    /// fault, when there is one, lands in `fault` (the translation is then meaningless). Wrapping
-    /// the outcome in a `Result` costs a copy of the whole translation, which the wide copy then
-    /// reads back before the narrow stores that built it have retired (a store-forwarding stall):
-    /// that doubled the time of a walk.
+    /// The walk for hot paths that expect faults: the translation is returned straight into the
+    /// caller's frame, and a fault, when there is one, lands in `fault` (the translation is then
+    /// meaningless). Nothing is thrown and no `Result` wraps (and copies) the translation.
     @inlinable
     public func translate<Memory: PhysicalMemory>(
         _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool = true,
         fault: inout WalkFault?
     ) -> Translation {
+        translate(address, access, in: memory, setAccessedDirty: setAccessedDirty, sink: &fault)
+    }
+
+    /// The walk, with its fault delivered to `sink`.
+    @inlinable @inline(__always)
+    func translate<Memory: PhysicalMemory, Sink: WalkFaultSink<WalkFault>>(
+        _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool,
+        sink: inout Sink
+    ) throws(Sink.Failure) -> Translation {
         switch mode {
         case .disabled:
             guard address.rawValue >> 32 == 0 else {
-                fault = .addressTooWide(address, width: 32)
+                try sink.record(.addressTooWide(address, width: 32))
                 return .failed(address)
             }
             return Translation(linearAddress: address, physicalAddress: GuestPhysicalAddress(address.rawValue),
@@ -306,14 +339,14 @@ public struct PageWalker: Sendable {
                                isGlobal: false, path: WalkPath())
         case .legacy32:
             guard address.rawValue >> 32 == 0 else {
-                fault = .addressTooWide(address, width: 32)
+                try sink.record(.addressTooWide(address, width: 32))
                 return .failed(address)
             }
-            return translate(format: legacy32, table: rootTable, level: 2, address: address, access: access,
-                             memory: memory, path: WalkPath(), setAccessedDirty: setAccessedDirty, fault: &fault)
+            return try translate(format: legacy32, table: rootTable, level: 2, address: address, access: access,
+                                 memory: memory, path: WalkPath(), setAccessedDirty: setAccessedDirty, sink: &sink)
         case .pae:
             guard address.rawValue >> 32 == 0 else {
-                fault = .addressTooWide(address, width: 32)
+                try sink.record(.addressTooWide(address, width: 32))
                 return .failed(address)
             }
             let index = Int(address.rawValue >> 30) & 3
@@ -322,20 +355,20 @@ public struct PageWalker: Sendable {
             path.record(level: 3, address: pdptBase + UInt64(index) * 8, value: pdpte.rawValue)
             path.topFromRegister = true
             guard pdpte.isPresent else {
-                fault = .pageFault(PageFault(linearAddress: address, errorCode: errorCode(access, []), level: 3,
-                                             violations: [], path: path))
+                try sink.record(.pageFault(PageFault(linearAddress: address, errorCode: errorCode(access, []), level: 3,
+                                                     violations: [], path: path)))
                 return .failed(address)
             }
-            return translate(format: long64, table: pdpte.frameAddress, level: 2, address: address, access: access,
-                             memory: memory, path: path, setAccessedDirty: setAccessedDirty, fault: &fault)
+            return try translate(format: long64, table: pdpte.frameAddress, level: 2, address: address, access: access,
+                                 memory: memory, path: path, setAccessedDirty: setAccessedDirty, sink: &sink)
         case .fourLevel, .fiveLevel:
             guard address.isCanonical(width: mode.linearAddressWidth) else {
-                fault = .generalProtection(address)
+                try sink.record(.generalProtection(address))
                 return .failed(address)
             }
-            return translate(format: long64, table: rootTable, level: mode.rootLevel, address: address,
-                             access: access, memory: memory, path: WalkPath(), setAccessedDirty: setAccessedDirty,
-                             fault: &fault)
+            return try translate(format: long64, table: rootTable, level: mode.rootLevel, address: address,
+                                 access: access, memory: memory, path: WalkPath(), setAccessedDirty: setAccessedDirty,
+                                 sink: &sink)
         }
     }
 
@@ -349,7 +382,7 @@ public struct PageWalker: Sendable {
         _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool,
         fault: inout WalkFault?
     ) -> Translation {
-        translate(address, access, in: memory, setAccessedDirty: setAccessedDirty, fault: &fault)
+        translate(address, access, in: memory, setAccessedDirty: setAccessedDirty, sink: &fault)
     }
 
     @inlinable @inline(__always)
@@ -361,14 +394,14 @@ public struct PageWalker: Sendable {
         return code
     }
 
-    // Inlined into `translate(_:_:in:fault:)` so the result is built in place: returned through a
-    // second frame, its fields were written 8 bytes at a time and read back 16 at a time, stalling
-    // on store forwarding.
+    // Inlined into `walk` / `translate` so the result is built in place: returned through a second
+    // frame, its fields were written 8 bytes at a time and read back 16 at a time, stalling on
+    // store forwarding.
     @inlinable @inline(__always)
-    func translate<Format: PagingFormat, Memory: PhysicalMemory>(
+    func translate<Format: PagingFormat, Memory: PhysicalMemory, Sink: WalkFaultSink<WalkFault>>(
         format: Format, table: UInt64, level: Int, address: GuestVirtualAddress, access: Access,
-        memory: Memory, path startPath: WalkPath, setAccessedDirty: Bool, fault: inout WalkFault?
-    ) -> Translation {
+        memory: Memory, path startPath: WalkPath, setAccessedDirty: Bool, sink: inout Sink
+    ) throws(Sink.Failure) -> Translation {
         // A/D updates only ever set bits, so an entry can change under the walk only a bounded
         // number of times (tables aliasing themselves); the bound keeps a hostile guest from
         // spinning the walker regardless.
@@ -383,15 +416,16 @@ public struct PageWalker: Sendable {
             case .leaf(let level):
                 leafLevel = level
             case .notPresent(let level):
-                fault = .pageFault(PageFault(linearAddress: address, errorCode: errorCode(access, []), level: level,
-                                             violations: [], path: path))
+                try sink.record(.pageFault(PageFault(linearAddress: address, errorCode: errorCode(access, []), level: level,
+                                                     violations: [], path: path)))
                 return .failed(address)
             case .reservedBits(let level):
-                fault = .pageFault(PageFault(linearAddress: address, errorCode: errorCode(access, [.present, .reservedBit]),
-                                             level: level, violations: [], path: path))
+                try sink.record(.pageFault(PageFault(linearAddress: address,
+                                                     errorCode: errorCode(access, [.present, .reservedBit]),
+                                                     level: level, violations: [], path: path)))
                 return .failed(address)
             case .noMemory(let entryAddress, let level):
-                fault = .noMemory(GuestPhysicalAddress(entryAddress), level: level, path: path)
+                try sink.record(.noMemory(GuestPhysicalAddress(entryAddress), level: level, path: path))
                 return .failed(address)
             }
             let leafBits = path.entryValue(level: leafLevel)
@@ -402,9 +436,9 @@ public struct PageWalker: Sendable {
             if refused || keyRefused {
                 let violations = rules.violations(access, pagePermissions: permissions, alignmentCheck: alignmentCheck,
                                                   key: key, pkru: registers.pkru, pkrs: registers.pkrs)
-                fault = .pageFault(PageFault(linearAddress: address,
-                                             errorCode: errorCode(access, keyRefused ? [.present, .protectionKey] : [.present]),
-                                             level: leafLevel, violations: violations, path: path))
+                try sink.record(.pageFault(PageFault(linearAddress: address,
+                                                     errorCode: errorCode(access, keyRefused ? [.present, .protectionKey] : [.present]),
+                                                     level: leafLevel, violations: violations, path: path)))
                 return .failed(address)
             }
             if setAccessedDirty && !X86Paging.setAccessedDirty(format, path: &path, isWrite: access.kind == .write,
