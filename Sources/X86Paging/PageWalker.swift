@@ -382,7 +382,7 @@ public struct PageWalker: Sendable {
         _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool,
         fault: inout WalkFault?
     ) -> Translation {
-        translate(address, access, in: memory, setAccessedDirty: setAccessedDirty, sink: &fault)
+        translate(address, access, in: memory, setAccessedDirty: setAccessedDirty, fault: &fault)
     }
 
     @inlinable @inline(__always)
