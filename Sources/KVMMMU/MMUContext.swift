@@ -31,6 +31,8 @@ public struct HardwareRoot: Equatable, Sendable {
 public final class MMUContext {
     public let mmu: ShadowMMU
     public let cpu: CPUModel
+    /// The vCPU this context belongs to, for tracepoints.
+    public var vcpuID = 0
     @exclusivity(unchecked) public private(set) var registers: PagingRegisters
     @exclusivity(unchecked) public private(set) var cpuRole: CPURole
     @exclusivity(unchecked) public private(set) var rootRole: PageRole
@@ -222,6 +224,7 @@ public final class MMUContext {
     public func pageFault(at address: GuestVirtualAddress, access: Access,
                           errorCode: PageFaultErrorCode) throws(ShadowMMUError) -> PageFaultResult {
         mmu.stats.pfTaken += 1
+        mmu.events.record(.kvmPageFault(vcpuID: vcpuID, address: address.rawValue, errorCode: errorCode))
         let result: PageFaultResult
         if rootRole.isDirect {
             result = try directPageFault(address, errorCode: errorCode)
@@ -298,6 +301,7 @@ public final class MMUContext {
         let box = guestWalkerBox
         var walkFault: WalkFault?
         let translation = box.translate(address, access, in: mmu.memory, setAccessedDirty: true, fault: &walkFault)
+        if mmu.events.isRecording { traceGuestWalk(address, errorCode, translation: translation, fault: walkFault) }
         if let walkFault {
             switch walkFault {
             case .pageFault(let fault):
@@ -338,6 +342,23 @@ public final class MMUContext {
             if registers.cr4.contains(.smep) { walk.pteAccess &= ~ACC.exec }
         }
         return try fetch(walk, address: address, hostFrame: backing.frame, hostWritable: backing.writable, isWrite: isWrite)
+    }
+
+    /// `FNAME(walk_addr)`'s tracepoints: the walk, each entry it read, and its error.
+    private func traceGuestWalk(_ address: GuestVirtualAddress, _ errorCode: PageFaultErrorCode, translation: Translation,
+                                fault: WalkFault?) {
+        mmu.events.record(.kvmMMUPagetableWalk(address: address.rawValue, pferr: errorCode))
+        let path: WalkPath
+        switch fault {
+        case nil: path = translation.path
+        case .pageFault(let pageFault)?: path = pageFault.path
+        case .noMemory(_, _, let walked)?: path = walked
+        case .generalProtection?, .addressTooWide?: return
+        }
+        for level in path.levels { mmu.events.record(.kvmMMUPagingElement(pte: path.entryValue(level: level), level: level)) }
+        if case .pageFault(let pageFault)? = fault {
+            mmu.events.record(.kvmMMUWalkerError(pferr: PageFaultErrorCode(rawValue: UInt64(pageFault.errorCode.architectural))))
+        }
     }
 
     private func makeGuestWalk(_ translation: Translation) -> GuestWalk {

@@ -48,6 +48,9 @@ struct RunCommand: FailureReportingCommand {
     @Flag(help: "Print JSON Lines instead of the readable report.")
     var json = false
 
+    @Flag(help: "Also report the MMU events each guest operation caused, named after KVM's tracepoints.")
+    var trace = false
+
     /// What a run prints and how it ends.
     struct Outcome {
         /// Standard output: the report (readable or JSON Lines).
@@ -86,7 +89,7 @@ struct RunCommand: FailureReportingCommand {
         }
         let report: RunReport
         do {
-            report = try ScenarioRunner(scenario: scenario).run()
+            report = try ScenarioRunner(scenario: scenario, traceEvents: trace).run()
         } catch {
             return outcome(of: error, name: name, pagingMode: scenario.pagingMode)
         }

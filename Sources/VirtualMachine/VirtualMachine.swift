@@ -154,6 +154,7 @@ public final class VCPU {
         } catch {
             throw .impossibleRegisters(error)
         }
+        context.vcpuID = id
     }
 
     deinit { hot.deallocate() }

@@ -41,7 +41,10 @@ extension RunReport {
     /// three stats lines, then (when `failure` is given) an error line, and a result line last.
     public func jsonLines(failure: RunFailure? = nil) -> String {
         var text = ""
-        for access in accesses { text += Self.accessJSON(access) + "\n" }
+        for access in accesses {
+            text += Self.accessJSON(access) + "\n"
+            for event in access.events { text += Self.eventJSON(event, operation: access.index) + "\n" }
+        }
         for (index, entry) in entries.enumerated() { text += Self.entryJSON(entry, isLeaf: isLeaf(entryAt: index)) + "\n" }
         text += Self.statsJSON(phase: "before", statsBefore) + "\n"
         text += Self.statsJSON(phase: "after", statsAfter) + "\n"
@@ -236,6 +239,20 @@ public func jsonString(_ text: String) -> String {
     return result + "\""
 }
 
+extension RunReport {
+    /// `{"type":"event","i":N,"seq":N,"name":"kvm_mmu_get_page","text":"..."}`: one MMU event
+    /// (named after KVM's tracepoint, printed as its TP_printk does) of operation `i`, with `--trace`.
+    static func eventJSON(_ record: MMUEventRecord, operation: Int) -> String {
+        var object = JSONLine()
+        object.add("type", "event")
+        object.add("i", operation)
+        object.add("seq", Int(record.sequence))
+        object.add("name", record.event.name)
+        object.add("text", record.event.description)
+        return object.text
+    }
+}
+
 // MARK: Text
 
 extension RunReport {
@@ -258,6 +275,14 @@ extension RunReport {
                            String(access.outcome.exits), Self.notes(access.outcome)])
             }
             out += table.render(indent: "  ")
+        }
+        let traced = accesses.filter { !$0.events.isEmpty }
+        if !traced.isEmpty {
+            out += "\nMMU events per operation (KVM's tracepoints):\n"
+            for access in traced {
+                out += "  #\(access.index) line \(access.line) \(access.operation) \(hex(access.gva.rawValue)):\n"
+                for record in access.events { out += "    \(record.event.name): \(record.event.description)\n" }
+            }
         }
 
         out += "\nGuest entries at the end (every entry of every mapped translation):\n"

@@ -13,6 +13,8 @@ public struct AccessRecord: Sendable {
     public var cpl: Int
     public var gva: GuestVirtualAddress
     public var outcome: AccessOutcome
+    /// The MMU events (KVM's tracepoints) the operation caused, when the run traces them.
+    public var events: [MMUEventRecord] = []
 }
 
 /// A guest entry the kernel built, as it is at the end of the run.
@@ -74,8 +76,14 @@ public final class ScenarioRunner {
     private var operationIndex = 0
     private var mappedAddresses: [GuestVirtualAddress] = []
 
-    public init(scenario: Scenario) {
+    /// Whether to keep the MMU events (KVM's tracepoints) each operation causes.
+    public let tracesEvents: Bool
+    /// Events from this sequence number on belong to the current directive.
+    private var firstEventOfDirective: UInt64 = 0
+
+    public init(scenario: Scenario, traceEvents: Bool = false) {
         self.scenario = scenario
+        tracesEvents = traceEvents
         controls = scenario.initialControls
         report = RunReport(scenario: scenario.name)
     }
@@ -89,8 +97,10 @@ public final class ScenarioRunner {
             throw .badScenario(line: 0, message: "\(error)")
         }
         report.statsBefore = vm.mmu.stats
+        vm.mmu.events.isRecording = tracesEvents
         for statement in scenario.directives {
             currentLine = statement.line
+            if tracesEvents { firstEventOfDirective = nextEventSequence() }
             do {
                 try execute(statement.directive)
             } catch let failure as RunFailure {
@@ -196,9 +206,20 @@ public final class ScenarioRunner {
         }
     }
 
+    private func nextEventSequence() -> UInt64 {
+        (vm.mmu.events.events.last?.sequence).map { $0 + 1 } ?? 0
+    }
+
     private func record(_ operation: String, cpl: Int, gva: GuestVirtualAddress, outcome: AccessOutcome) {
-        report.accesses.append(AccessRecord(index: operationIndex, line: currentLine, operation: operation, cpl: cpl, gva: gva,
-                                            outcome: outcome))
+        var access = AccessRecord(index: operationIndex, line: currentLine, operation: operation, cpl: cpl, gva: gva,
+                                  outcome: outcome)
+        if tracesEvents {
+            access.events = vm.mmu.events.events.filter { $0.sequence >= firstEventOfDirective }
+            // The ring keeps the last events; take them out so each operation costs only its own.
+            vm.mmu.events.clear()
+            firstEventOfDirective = 0
+        }
+        report.accesses.append(access)
         operationIndex += 1
     }
 

@@ -264,6 +264,32 @@ let examplesDirectory = URL(fileURLWithPath: #filePath).deletingLastPathComponen
         }
     }
 
+    /// With --trace, every operation's MMU events follow its access line, named after KVM's
+    /// tracepoints: the first touch of a page faults into KVM, walks the guest tables, creates the
+    /// shadow pages and sets the SPTE; a TLB hit causes no event.
+    @Test func traceListsKVMsTracepointsPerOperation() throws {
+        let outcome = try runCommand(["-", "--json", "--trace"], input: """
+        map 0x400000 0x1000000 4k P,RW,US,A,D
+        access read 0x400000 cpl=3
+        access read 0x400008 cpl=3
+        """)
+        #expect(outcome.status == 0)
+        let objects = try jsonObjects(outcome.output)
+        let events = objects.filter { $0["type"] as? String == "event" }
+        let first = events.filter { $0["i"] as? Int == 0 }.compactMap { $0["name"] as? String }
+        for name in ["kvm_page_fault", "kvm_mmu_pagetable_walk", "kvm_mmu_paging_element", "kvm_mmu_get_page",
+                     "kvm_mmu_spte_requested", "kvm_mmu_set_spte"] {
+            #expect(first.contains(name), "operation 0 has no \(name) event: \(first)")
+        }
+        #expect(first.filter { $0 == "kvm_mmu_paging_element" }.count == 4)
+        #expect(events.filter { $0["i"] as? Int == 1 }.isEmpty, "a TLB hit caused MMU events")
+        // Event lines come right after their access line.
+        let types = objects.compactMap { $0["type"] as? String }
+        #expect(types.first == "access" && types[1] == "event")
+        let text = try runCommand(["-", "--trace"], input: "map 0x400000 0x1000000 4k P,RW,US\naccess read 0x400000 cpl=3\n")
+        #expect(text.output.contains("kvm_mmu_set_spte: gfn 1000"))
+    }
+
     @Test func badArgumentsExitOne() {
         for arguments in [["run", "x.vmm", "--mmu", "tdp"], ["run", "x.vmm", "--bogus"], ["run", "a", "b"]] {
             do {
