@@ -143,9 +143,19 @@ public final class GuestPhysicalMemory: PhysicalMemory, ByteAccessibleMemory, @u
 
     // MARK: Reading and writing guest bytes
 
+    public func overflowFailure(_ address: GuestPhysicalAddress, count: UInt64) -> GuestMemoryError {
+        .beyondPhysicalAddressSpace(address, size: count)
+    }
+
+    /// Only unbacked bytes are refused: this memory is written by the host (loaders, tests), which
+    /// ignores read-only marks.
+    public func refusal(of page: HostPage?, at address: GuestPhysicalAddress, writing: Bool) -> GuestMemoryError? {
+        page == nil ? .unbacked(address) : nil
+    }
+
     /// Copies bytes out of guest memory; every byte must be backed.
     public func read(_ address: GuestPhysicalAddress, into buffer: UnsafeMutableRawBufferPointer) throws(GuestMemoryError) {
-        try forEachChunk(address, count: UInt64(buffer.count)) { page, offset, done, length in
+        try forEachChunk(address, count: UInt64(buffer.count), writing: false) { page, offset, done, length in
             buffer.baseAddress!.advanced(by: done).copyMemory(from: page + offset, byteCount: length)
         }
     }
@@ -154,7 +164,7 @@ public final class GuestPhysicalMemory: PhysicalMemory, ByteAccessibleMemory, @u
     /// Copies bytes into guest memory, ignoring read-only marks (this is the host writing, as a
     /// loader or a test does, not the guest); every byte must be backed.
     public func write(_ address: GuestPhysicalAddress, from buffer: UnsafeRawBufferPointer) throws(GuestMemoryError) {
-        try forEachChunk(address, count: UInt64(buffer.count)) { page, offset, done, length in
+        try forEachChunk(address, count: UInt64(buffer.count), writing: false) { page, offset, done, length in
             (page + offset).copyMemory(from: buffer.baseAddress!.advanced(by: done), byteCount: length)
         }
     }
@@ -166,30 +176,6 @@ public final class GuestPhysicalMemory: PhysicalMemory, ByteAccessibleMemory, @u
 
 
 
-    private func forEachChunk(
-        _ address: GuestPhysicalAddress, count: UInt64,
-        _ body: (UnsafeMutableRawPointer, Int, Int, Int) -> Void
-    ) throws(GuestMemoryError) {
-        guard count > 0 else { return }
-        let (_, overflow) = address.rawValue.addingReportingOverflow(count)
-        guard !overflow else { throw .beyondPhysicalAddressSpace(address, size: count) }
-        // Check the whole range first so a failed copy changes nothing.
-        var cursor = address.rawValue & ~pageOffsetMask
-        while cursor < address.rawValue + count {
-            guard hostPage(GuestPhysicalAddress(cursor).frame) != nil else {
-                throw .unbacked(GuestPhysicalAddress(max(cursor, address.rawValue)))
-            }
-            cursor += pageSize
-        }
-        var done: UInt64 = 0
-        while done < count {
-            let current = GuestPhysicalAddress(address.rawValue + done)
-            let page = hostPage(current.frame)!
-            let length = min(count - done, pageSize - current.pageOffset)
-            body(page.bytes, Int(current.pageOffset), Int(done), Int(length))
-            done += length
-        }
-    }
 
     // MARK: Layout
 

@@ -384,6 +384,17 @@ public final class MemslotSet: PhysicalMemory, ByteAccessibleMemory, @unchecked 
 
     // MARK: Reading and writing guest bytes
 
+    public func overflowFailure(_ address: GuestPhysicalAddress, count: UInt64) -> GuestAccessError {
+        .addressOverflow(address, count: count)
+    }
+
+    /// Bytes outside every slot are MMIO; a write to a read-only slot is refused.
+    public func refusal(of page: HostPage?, at address: GuestPhysicalAddress, writing: Bool) -> GuestAccessError? {
+        guard let page else { return .mmio(address) }
+        if writing && !page.isWritable { return .readOnly(address, slot: record(containing: address.frame)?.slot.id ?? -1) }
+        return nil
+    }
+
     /// Copies bytes out of guest memory; every byte must lie in a memslot.
     public func read(_ address: GuestPhysicalAddress, into buffer: UnsafeMutableRawBufferPointer) throws(GuestAccessError) {
         try forEachChunk(address, count: UInt64(buffer.count), writing: false) { page, offset, done, length in
@@ -426,35 +437,6 @@ public final class MemslotSet: PhysicalMemory, ByteAccessibleMemory, @unchecked 
 
 
 
-
-    /// Checks the whole range first (every page in a slot, and writable when `writing`), so that a
-    /// failed access changes nothing, then calls `body(page, offset in page, bytes done, length)`
-    /// for each page's part.
-    private func forEachChunk(
-        _ address: GuestPhysicalAddress, count: UInt64, writing: Bool,
-        _ body: (UnsafeMutableRawPointer, Int, Int, Int) -> Void
-    ) throws(GuestAccessError) {
-        guard count > 0 else { return }
-        let (_, overflow) = address.rawValue.addingReportingOverflow(count)
-        guard !overflow else { throw .addressOverflow(address, count: count) }
-        var cursor = address.rawValue & ~pageOffsetMask
-        while cursor < address.rawValue + count {
-            let here = GuestPhysicalAddress(max(cursor, address.rawValue))
-            guard let page = hostPage(GuestPhysicalAddress(cursor).frame) else { throw .mmio(here) }
-            if writing && !page.isWritable {
-                throw .readOnly(here, slot: record(containing: here.frame)?.slot.id ?? -1)
-            }
-            cursor += pageSize
-        }
-        var done: UInt64 = 0
-        while done < count {
-            let current = GuestPhysicalAddress(address.rawValue + done)
-            let page = hostPage(current.frame)!
-            let length = min(count - done, pageSize - current.pageOffset)
-            body(page.bytes, Int(current.pageOffset), Int(done), Int(length))
-            done += length
-        }
-    }
 
     // MARK: Loading an image
 
