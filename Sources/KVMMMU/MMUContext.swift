@@ -299,23 +299,23 @@ public final class MMUContext {
                                  errorCode: PageFaultErrorCode) throws(ShadowMMUError) -> PageFaultResult {
         let isWrite = errorCode.contains(.write)
         let box = guestWalkerBox
-        var walkFault: WalkFault?
-        let translation = box.translate(address, access, in: mmu.memory, setAccessedDirty: true, fault: &walkFault)
-        if mmu.events.isRecording { traceGuestWalk(address, errorCode, translation: translation, fault: walkFault) }
-        if let walkFault {
-            switch walkFault {
-            case .pageFault(let fault):
-                return .injectGuestFault(address: address, errorCode: PageFaultErrorCode(rawValue: UInt64(fault.errorCode.architectural)))
-            case .noMemory:
-                // A guest table outside every memslot reads as a failed walk: KVM injects a
-                // not-present #PF carrying the access bits.
-                var code = PageFaultErrorCode()
-                if isWrite { code.insert(.write) }
-                if access.privilege == .user { code.insert(.user) }
-                return .injectGuestFault(address: address, errorCode: code)
-            case .generalProtection, .addressTooWide:
-                return .injectGeneralProtection
-            }
+        var fault = WalkFaultSummary(keepsPath: mmu.events.isRecording)
+        let translation = box.translate(address, access, in: mmu.memory, setAccessedDirty: true, sink: &fault)
+        if mmu.events.isRecording { traceGuestWalk(address, errorCode, translation: translation, fault: fault) }
+        switch fault.kind {
+        case .none:
+            break
+        case .pageFault:
+            return .injectGuestFault(address: address, errorCode: PageFaultErrorCode(rawValue: UInt64(fault.errorCode.architectural)))
+        case .noMemory:
+            // A guest table outside every memslot reads as a failed walk: KVM injects a
+            // not-present #PF carrying the access bits.
+            var code = PageFaultErrorCode()
+            if isWrite { code.insert(.write) }
+            if access.privilege == .user { code.insert(.user) }
+            return .injectGuestFault(address: address, errorCode: code)
+        case .generalProtection, .addressTooWide:
+            return .injectGeneralProtection
         }
         var walk = makeGuestWalk(translation)
         if !isWrite {
@@ -346,18 +346,17 @@ public final class MMUContext {
 
     /// `FNAME(walk_addr)`'s tracepoints: the walk, each entry it read, and its error.
     private func traceGuestWalk(_ address: GuestVirtualAddress, _ errorCode: PageFaultErrorCode, translation: Translation,
-                                fault: WalkFault?) {
+                                fault: WalkFaultSummary) {
         mmu.events.record(.kvmMMUPagetableWalk(address: address.rawValue, pferr: errorCode))
         let path: WalkPath
-        switch fault {
-        case nil: path = translation.path
-        case .pageFault(let pageFault)?: path = pageFault.path
-        case .noMemory(_, _, let walked)?: path = walked
-        case .generalProtection?, .addressTooWide?: return
+        switch fault.kind {
+        case .none: path = translation.path
+        case .pageFault, .noMemory: path = fault.path
+        case .generalProtection, .addressTooWide: return
         }
         for level in path.levels { mmu.events.record(.kvmMMUPagingElement(pte: path.entryValue(level: level), level: level)) }
-        if case .pageFault(let pageFault)? = fault {
-            mmu.events.record(.kvmMMUWalkerError(pferr: PageFaultErrorCode(rawValue: UInt64(pageFault.errorCode.architectural))))
+        if fault.kind == .pageFault {
+            mmu.events.record(.kvmMMUWalkerError(pferr: PageFaultErrorCode(rawValue: UInt64(fault.errorCode.architectural))))
         }
     }
 
@@ -606,10 +605,50 @@ public final class WalkerBox {
 
     public var walker: PageWalker { storage.pointee }
 
-    /// `PageWalker.translate(_:_:in:setAccessedDirty:fault:)` on the walker in place.
+    /// `PageWalker.translate(_:_:in:setAccessedDirty:sink:)` on the walker in place.
     @inlinable @inline(__always)
-    public func translate<Memory: PhysicalMemory>(_ address: GuestVirtualAddress, _ access: Access, in memory: Memory,
-                                                  setAccessedDirty: Bool, fault: inout WalkFault?) -> Translation {
-        storage.pointee.translateInPlace(address, access, in: memory, setAccessedDirty: setAccessedDirty, fault: &fault)
+    public func translate<Memory: PhysicalMemory, Sink: WalkFaultSink<WalkFault>>(
+        _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool, sink: inout Sink
+    ) throws(Sink.Failure) -> Translation {
+        try storage.pointee.translateInPlace(address, access, in: memory, setAccessedDirty: setAccessedDirty, sink: &sink)
+    }
+}
+
+/// What the fault path keeps of a walk's fault: its kind, the #PF error code, and the entries read
+/// (for tracepoints). Copying a whole `WalkFault` out of every faulting walk cost more than the
+/// walk's own checks.
+public struct WalkFaultSummary: WalkFaultSink {
+    public enum Kind: UInt8, Sendable { case none, pageFault, generalProtection, noMemory, addressTooWide }
+    public var kind = Kind.none
+    /// The #PF error code as the walk computed it (KVM's synthetic bits included).
+    public var errorCode = PageFaultErrorCode()
+    /// For `.noMemory`, the entry address outside memory and its level; for `.addressTooWide`,
+    /// the width the address exceeded.
+    public var unbackedEntry = GuestPhysicalAddress(0)
+    public var level = 0
+    /// The entries the walk read, kept only when `keepsPath`.
+    public var path = WalkPath()
+    public let keepsPath: Bool
+
+    @inlinable public init(keepsPath: Bool = false) { self.keepsPath = keepsPath }
+
+    @inlinable @inline(__always)
+    public mutating func record(_ fault: WalkFault) {
+        switch fault {
+        case .pageFault(let pageFault):
+            kind = .pageFault
+            errorCode = pageFault.errorCode
+            if keepsPath { path = pageFault.path }
+        case .noMemory(let entry, let entryLevel, let walked):
+            kind = .noMemory
+            unbackedEntry = entry
+            level = entryLevel
+            if keepsPath { path = walked }
+        case .generalProtection:
+            kind = .generalProtection
+        case .addressTooWide(_, let width):
+            kind = .addressTooWide
+            level = width
+        }
     }
 }

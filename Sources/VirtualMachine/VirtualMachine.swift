@@ -358,9 +358,9 @@ public final class VCPU {
             firstTry = false
             tlb.invalidate(address)
             let walker = try hardwareWalker()
-            var walkFault: WalkFault?
-            let translation = walker.translate(address, access, in: host, setAccessedDirty: true, fault: &walkFault)
-            guard let walkFault else {
+            var fault = WalkFaultSummary()
+            let translation = walker.translate(address, access, in: host, setAccessedDirty: true, sink: &fault)
+            guard fault.kind != .none else {
                 let leafAddress = translation.path.entryAddress(level: translation.level)
                 let guestFrame = guestFrame(ofLeafAt: leafAddress.rawValue)
                 let leaf = translation.path.entryValue(level: translation.level)
@@ -368,8 +368,10 @@ public final class VCPU {
                            dirty: leaf & (1 << 6) != 0, guestFrame: guestFrame)
                 continue  // the access completes through the TLB entry just filled
             }
-            switch walkFault {
-            case .pageFault(let fault):
+            switch fault.kind {
+            case .none:
+                continue
+            case .pageFault:
                 exits += 1
                 mmu.count(.exit)
                 let decision: PageFaultResult
@@ -391,10 +393,10 @@ public final class VCPU {
                 }
             case .generalProtection:
                 return AccessOutcome(result: .generalProtection, exits: exits, emulated: false, tlbHit: false)
-            case .noMemory(let gpa, let level, _):
-                throw .corruptShadowTables("a level-\(level) SPTE points at host frame \(gpa.frame.rawValue), outside the pool")
-            case .addressTooWide(let address, let width):
-                throw .invalidAccess("\(address) is wider than \(width) bits")
+            case .noMemory:
+                throw .corruptShadowTables("a level-\(fault.level) SPTE points at host frame \(fault.unbackedEntry.frame.rawValue), outside the pool")
+            case .addressTooWide:
+                throw .invalidAccess("\(address) is wider than \(fault.level) bits")
             }
         }
         throw .livelock(address, exits: exits)

@@ -322,9 +322,10 @@ public struct PageWalker: Sendable {
         translate(address, access, in: memory, setAccessedDirty: setAccessedDirty, sink: &fault)
     }
 
-    /// The walk, with its fault delivered to `sink`.
+    /// The walk, with its fault delivered to `sink`: callers that need only part of a fault (an
+    /// error code, say) keep only that part, and nothing else of the fault is copied.
     @inlinable @inline(__always)
-    func translate<Memory: PhysicalMemory, Sink: WalkFaultSink<WalkFault>>(
+    public func translate<Memory: PhysicalMemory, Sink: WalkFaultSink<WalkFault>>(
         _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool,
         sink: inout Sink
     ) throws(Sink.Failure) -> Translation {
@@ -378,11 +379,11 @@ public struct PageWalker: Sendable {
     /// inside) is first copied out, since nothing proves the memory stays unchanged during the
     /// call. It changes nothing.
     @inlinable @inline(__always)
-    public mutating func translateInPlace<Memory: PhysicalMemory>(
+    public mutating func translateInPlace<Memory: PhysicalMemory, Sink: WalkFaultSink<WalkFault>>(
         _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool,
-        fault: inout WalkFault?
-    ) -> Translation {
-        translate(address, access, in: memory, setAccessedDirty: setAccessedDirty, fault: &fault)
+        sink: inout Sink
+    ) throws(Sink.Failure) -> Translation {
+        try translate(address, access, in: memory, setAccessedDirty: setAccessedDirty, sink: &sink)
     }
 
     @inlinable @inline(__always)
