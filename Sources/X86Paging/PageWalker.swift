@@ -383,6 +383,16 @@ public struct PageWalker: Sendable {
         _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool,
         sink: inout Sink
     ) throws(Sink.Failure) -> Translation {
+        try translateBorrowed(address, access, in: memory, setAccessedDirty: setAccessedDirty, sink: &sink)
+    }
+
+    // A call boundary on purpose: with the walk inlined straight into `translateInPlace`, the
+    // optimiser copied the whole walker out of the caller's storage first; called, it borrows it.
+    @inlinable
+    func translateBorrowed<Memory: PhysicalMemory, Sink: WalkFaultSink<WalkFault>>(
+        _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool,
+        sink: inout Sink
+    ) throws(Sink.Failure) -> Translation {
         try translate(address, access, in: memory, setAccessedDirty: setAccessedDirty, sink: &sink)
     }
 
