@@ -361,18 +361,23 @@ public final class MMUContext {
     }
 
     private func makeGuestWalk(_ translation: Translation) -> GuestWalk {
-        let path = translation.path
         var walk = GuestWalk(gfn: translation.physicalAddress.frame, level: translation.level,
                              pteAccess: translation.permissions)
         var above = accessAll
-        let firstTableLevel = path.topIsRegister ? path.topLevel - 1 : path.topLevel
-        if path.topIsRegister { walk.setTableGFN(path.entryAddress(level: path.topLevel).frame, level: path.topLevel) }
-        if firstTableLevel >= translation.level {
-            for level in stride(from: firstTableLevel, through: translation.level, by: -1) {
-                walk.setPTAccess(above, level: level)
-                walk.setTableGFN(path.entryAddress(level: level).frame, level: level)
-                above &= guestAccess(path.entryValue(level: level))
-            }
+        let topLevel = translation.path.topLevel
+        let topIsRegister = translation.path.topIsRegister
+        let firstTableLevel = topIsRegister ? topLevel - 1 : topLevel
+        if topIsRegister { walk.setTableGFN(translation.path.entryAddress(level: topLevel).frame, level: topLevel) }
+        guard firstTableLevel >= translation.level else { return walk }
+        // The format's rules read once, not per level (the context's properties are class state).
+        let fourByteEntries = rootRole.hasFourByteGPTE
+        let format64 = long64
+        let format32 = legacy32
+        for level in stride(from: firstTableLevel, through: translation.level, by: -1) {
+            walk.setPTAccess(above, level: level)
+            walk.setTableGFN(translation.path.entryAddress(level: level).frame, level: level)
+            let gpte = translation.path.entryValue(level: level)
+            above &= fourByteEntries ? format32.permissions(Legacy32Entry(bits: gpte)) : format64.permissions(Entry64(rawValue: gpte))
         }
         return walk
     }
