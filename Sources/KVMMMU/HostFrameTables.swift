@@ -59,6 +59,15 @@ struct ShadowPageDirectory {
         return Unmanaged<ShadowPage>.fromOpaque(UnsafeRawPointer(bitPattern: bits)!).takeUnretainedValue()
     }
 
+    /// The page as an unretained reference, for walks down the shadow tables that must not pay
+    /// an atomic retain and release per level (the hash owns every page; see `MMUContext.fetch`).
+    @inline(__always)
+    func unretainedPage(_ frame: UInt64) -> Unmanaged<ShadowPage>? {
+        let bits = table[frame]
+        guard bits != 0 else { return nil }
+        return Unmanaged<ShadowPage>.fromOpaque(UnsafeRawPointer(bitPattern: bits)!)
+    }
+
     func set(_ page: ShadowPage?, at frame: UInt64) {
         table[frame] = page.map { UInt(bitPattern: Unmanaged.passUnretained($0).toOpaque()) } ?? 0
     }

@@ -394,44 +394,61 @@ public final class MMUContext {
     }
 
     /// `kvm_mmu_get_child_sp`: the page an SPTE leads to, creating and linking it if need be.
+    /// Unretained: the hash owns every shadow page, and nothing on the fault path frees one (zaps
+    /// that free pages happen only from guest writes and register changes, never inside a fetch),
+    /// so the walk down the tables needs no atomic retain and release per level.
     private func childPage(at pointer: SPTEPointer, in parent: ShadowPage, gfn: GuestFrameNumber, direct: Bool,
-                           access: UInt8) throws(ShadowMMUError) -> ShadowPage {
+                           access: UInt8) throws(ShadowMMUError) -> Unmanaged<ShadowPage> {
         let spte = SPTE(rawValue: pointer.pointee)
-        if spte.isShadowPresent && !spte.isLarge, let existing = mmu.child(of: spte) { return existing }
+        if spte.isShadowPresent && !spte.isLarge, let existing = mmu.directory.unretainedPage(spte.pfn.rawValue) {
+            return existing
+        }
         let role = childRole(of: parent.role, parentIndex: parent.index(of: pointer), direct: direct, access: access)
         let page = try mmu.getShadowPage(gfn, role).page
         mmu.link(pointer, to: page)
-        return page
+        return Unmanaged.passUnretained(page)
     }
 
     /// `FNAME(fetch)`: builds the shadow path for the walk and installs the leaf.
     private func fetch(_ walk: GuestWalk, address: GuestVirtualAddress, hostFrame: HostFrameNumber, hostWritable: Bool,
                        isWrite: Bool) throws(ShadowMMUError) -> PageFaultResult {
-        guard var (page, level) = shadowWalkStart(address), !isFaultStale(page) else { return .retry }
-        page.writeFloodingCount = 0
+        guard let (start, startLevel) = shadowWalkStart(address), !isFaultStale(start) else { return .retry }
+        var page = Unmanaged.passUnretained(start)
+        var level = startLevel
+        page._withUnsafeGuaranteedRef { $0.writeFloodingCount = 0 }
         // Levels the guest has tables for: shadow them.
         while level > walk.level {
-            let pointer = page.spte(Self.index(address.rawValue, level: level))
-            page = try childPage(at: pointer, in: page, gfn: walk.tableGFN(level: level - 1), direct: false,
-                                 access: walk.ptAccess(level: level - 1))
-            page.writeFloodingCount = 0
+            page = try page._withUnsafeGuaranteedRef { parent in
+                Result { () throws(ShadowMMUError) in
+                    let pointer = parent.spte(Self.index(address.rawValue, level: level))
+                    return try childPage(at: pointer, in: parent, gfn: walk.tableGFN(level: level - 1), direct: false,
+                                         access: walk.ptAccess(level: level - 1))
+                }
+            }.get()
+            page._withUnsafeGuaranteedRef { $0.writeFloodingCount = 0 }
             level -= 1
         }
         // A guest huge page over 4 KiB host pages: direct pages split it.
         let goalLevel = 1
         mmu.events.record(.kvmMMUSPTERequested(gfn: walk.gfn, pfn: hostFrame, level: goalLevel))
         while level > goalLevel {
-            let pointer = page.spte(Self.index(address.rawValue, level: level))
-            let baseGFN = GuestFrameNumber(walk.gfn.rawValue & ~((1 << UInt64(9 * (level - 1))) - 1))
-            validateDirectSPTE(pointer, access: walk.pteAccess)
-            page = try childPage(at: pointer, in: page, gfn: baseGFN, direct: true, access: walk.pteAccess)
+            page = try page._withUnsafeGuaranteedRef { parent in
+                Result { () throws(ShadowMMUError) in
+                    let pointer = parent.spte(Self.index(address.rawValue, level: level))
+                    let baseGFN = GuestFrameNumber(walk.gfn.rawValue & ~((1 << UInt64(9 * (level - 1))) - 1))
+                    validateDirectSPTE(pointer, access: walk.pteAccess)
+                    return try childPage(at: pointer, in: parent, gfn: baseGFN, direct: true, access: walk.pteAccess)
+                }
+            }.get()
             level -= 1
         }
-        let pointer = page.spte(Self.index(address.rawValue, level: 1))
-        let result = setSPTE(pointer, in: page, access: walk.pteAccess, gfn: walk.gfn, hostFrame: hostFrame,
-                             prefetch: false, isWrite: isWrite, hostWritable: hostWritable)
-        if result != .spurious { prefetchNeighbours(of: pointer, in: page) }
-        return result
+        return page._withUnsafeGuaranteedRef { page in
+            let pointer = page.spte(Self.index(address.rawValue, level: 1))
+            let result = setSPTE(pointer, in: page, access: walk.pteAccess, gfn: walk.gfn, hostFrame: hostFrame,
+                                 prefetch: false, isWrite: isWrite, hostWritable: hostWritable)
+            if result != .spurious { prefetchNeighbours(of: pointer, in: page) }
+            return result
+        }
     }
 
     /// `is_page_fault_stale`: the root was zapped while the fault was handled.
@@ -454,7 +471,7 @@ public final class MMUContext {
         while level > 1 {
             let pointer = page.spte(Self.index(address.rawValue, level: level))
             let baseGFN = GuestFrameNumber(gfn.rawValue & ~((1 << UInt64(9 * (level - 1))) - 1))
-            page = try childPage(at: pointer, in: page, gfn: baseGFN, direct: true, access: accessAll)
+            page = try childPage(at: pointer, in: page, gfn: baseGFN, direct: true, access: accessAll).takeUnretainedValue()
             level -= 1
         }
         let pointer = page.spte(Self.index(address.rawValue, level: 1))
