@@ -300,7 +300,7 @@ public final class MMUContext {
         let isWrite = errorCode.contains(.write)
         let box = guestWalkerBox
         var fault = WalkFaultSummary(keepsPath: mmu.events.isRecording)
-        let translation = box.translate(address, access, in: mmu.memory, setAccessedDirty: true, sink: &fault)
+        let translation = box.walkGuest(address, access, in: mmu.memory, fault: &fault)
         if mmu.events.isRecording { traceGuestWalk(address, errorCode, translation: translation, fault: fault) }
         switch fault.kind {
         case .none:
@@ -609,30 +609,20 @@ public final class MMUContext {
     }
 }
 
-/// A page walker held by reference in flat storage, so that hot paths walk with it in place: a
-/// walker is a large struct with references inside, and calling it from a class property copied it
-/// (with retains) on every walk.
+/// A page walker held by reference, so that hot paths walk with it in place: a walker is a large
+/// struct, and calling it from a class property or through a pointer copied it (267 bytes, with
+/// retains) on every walk. Called from a method of the box, whose `walker` is an immutable stored
+/// property of a guaranteed `self`, it is borrowed where it lies.
 public final class WalkerBox {
-    @usableFromInline let storage: UnsafeMutablePointer<PageWalker>
+    public let walker: PageWalker
 
-    public init(_ walker: PageWalker) {
-        storage = .allocate(capacity: 1)
-        storage.initialize(to: walker)
-    }
+    public init(_ walker: PageWalker) { self.walker = walker }
 
-    deinit {
-        storage.deinitialize(count: 1)
-        storage.deallocate()
-    }
-
-    public var walker: PageWalker { storage.pointee }
-
-    /// `PageWalker.translate(_:_:in:setAccessedDirty:sink:)` on the walker in place.
-    @inlinable @inline(__always)
-    public func translate<Memory: PhysicalMemory, Sink: WalkFaultSink<WalkFault>>(
-        _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool, sink: inout Sink
-    ) throws(Sink.Failure) -> Translation {
-        try storage.pointee.translateInPlace(address, access, in: memory, setAccessedDirty: setAccessedDirty, sink: &sink)
+    /// The guest walk of the fault path (KVM's `FNAME(walk_addr)`): over guest memory, setting A/D.
+    @inline(never)
+    public func walkGuest(_ address: GuestVirtualAddress, _ access: Access, in memory: MemslotSet,
+                          fault: inout WalkFaultSummary) -> Translation {
+        walker.translate(address, access, in: memory, setAccessedDirty: true, sink: &fault)
     }
 }
 

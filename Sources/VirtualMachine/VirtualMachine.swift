@@ -16,6 +16,16 @@ struct HostPhysicalView: PhysicalMemory {
     }
 }
 
+extension WalkerBox {
+    /// The hardware's walk of KVM's SPTEs (setting their A/D bits as the processor does), with the
+    /// walker borrowed in place (see `WalkerBox`).
+    @inline(never)
+    func walkHardware(_ address: GuestVirtualAddress, _ access: Access, in memory: HostPhysicalView,
+                      fault: inout WalkFaultSummary) -> Translation {
+        walker.translate(address, access, in: memory, setAccessedDirty: true, sink: &fault)
+    }
+}
+
 /// Why a VM operation could not be carried out (as opposed to a guest-visible fault).
 public enum VirtualMachineError: Error, Equatable, Sendable, CustomStringConvertible {
     case invalidAccess(String)
@@ -359,7 +369,7 @@ public final class VCPU {
             tlb.invalidate(address)
             let walker = try hardwareWalker()
             var fault = WalkFaultSummary()
-            let translation = walker.translate(address, access, in: host, setAccessedDirty: true, sink: &fault)
+            let translation = walker.walkHardware(address, access, in: host, fault: &fault)
             guard fault.kind != .none else {
                 let leafAddress = translation.path.entryAddress(level: translation.level)
                 let guestFrame = guestFrame(ofLeafAt: leafAddress.rawValue)

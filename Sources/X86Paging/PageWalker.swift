@@ -373,29 +373,6 @@ public struct PageWalker: Sendable {
         }
     }
 
-    /// `translate(_:_:in:setAccessedDirty:fault:)` for a walker kept in memory the caller owns
-    /// (behind a pointer): `mutating` only so that the call borrows the walker where it is. Called
-    /// as a non-mutating method through a pointer, the walker (a large struct with references
-    /// inside) is first copied out, since nothing proves the memory stays unchanged during the
-    /// call. It changes nothing.
-    @inlinable @inline(__always)
-    public mutating func translateInPlace<Memory: PhysicalMemory, Sink: WalkFaultSink<WalkFault>>(
-        _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool,
-        sink: inout Sink
-    ) throws(Sink.Failure) -> Translation {
-        try translateBorrowed(address, access, in: memory, setAccessedDirty: setAccessedDirty, sink: &sink)
-    }
-
-    // A call boundary on purpose: with the walk inlined straight into `translateInPlace`, the
-    // optimiser copied the whole walker out of the caller's storage first; called, it borrows it.
-    @inlinable
-    func translateBorrowed<Memory: PhysicalMemory, Sink: WalkFaultSink<WalkFault>>(
-        _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool,
-        sink: inout Sink
-    ) throws(Sink.Failure) -> Translation {
-        try translate(address, access, in: memory, setAccessedDirty: setAccessedDirty, sink: &sink)
-    }
-
     @inlinable @inline(__always)
     func errorCode(_ access: Access, _ base: PageFaultErrorCode) -> PageFaultErrorCode {
         var code = base
