@@ -77,6 +77,14 @@ extension ShadowMMU {
                 problems.append("gfn \(hex(gfn)) holds \(count) shadowed upper-level guest tables but its write-track count is \(tracked)")
             }
         }
+        var expectedShadowed: [UInt64: Int] = [:]
+        for page in pages where page.role.hasGPTEs && !page.role.isInvalid { expectedShadowed[page.gfn.rawValue, default: 0] += 1 }
+        for (gfn, count) in expectedShadowed.sorted(by: { $0.key < $1.key }) {
+            let counted = memory.hostFrame(of: GuestFrameNumber(gfn)).map { Int(shadowedTableCount[$0.rawValue]) } ?? 0
+            if counted != count {
+                problems.append("gfn \(hex(gfn)) holds \(count) shadowed guest tables but its count says \(counted)")
+            }
+        }
         if writeTrackTotal != expectedTracking.values.reduce(0, +) {
             problems.append("write tracking counts \(writeTrackTotal) in all but \(expectedTracking.values.reduce(0, +)) upper-level guest tables are shadowed")
         }

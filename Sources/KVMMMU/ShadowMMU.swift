@@ -32,6 +32,10 @@ public final class ShadowMMU {
     let writeTrack: FrameWordTable
     /// The sum of the write-track counts, for the auditor.
     @exclusivity(unchecked) var writeTrackTotal = 0
+    /// By the host frame backing a gfn: how many valid shadow pages (any level) shadow the guest
+    /// table there, so that asking "is this gfn a shadowed table?" on every fault is one load
+    /// rather than a walk of a hash chain.
+    let shadowedTableCount: FrameWordTable
     /// Shadow pages backed by guest PTEs; zero lets emulated writes skip all bookkeeping.
     @exclusivity(unchecked) public internal(set) var indirectShadowPages = 0
     /// `n_used_mmu_pages`.
@@ -53,12 +57,14 @@ public final class ShadowMMU {
         directory = ShadowPageDirectory(pool: pool)
         rmaps = RmapTables(pool: pool)
         writeTrack = FrameWordTable(pool: pool)
+        shadowedTableCount = FrameWordTable(pool: pool)
     }
 
     deinit {
         directory.release()
         rmaps.release()
         writeTrack.release()
+        shadowedTableCount.release()
     }
 
     /// Every live shadow page, oldest first.
@@ -145,6 +151,7 @@ public final class ShadowMMU {
     /// `account_shadowed`: from now on the guest table's writes are intercepted.
     func accountShadowed(_ page: ShadowPage) {
         indirectShadowPages += 1
+        if let frame = memory.hostFrame(of: page.gfn) { shadowedTableCount[frame.rawValue] += 1 }
         if page.level > 1, let frame = memory.hostFrame(of: page.gfn) {
             writeTrack[frame.rawValue] += 1
             writeTrackTotal += 1
@@ -155,6 +162,9 @@ public final class ShadowMMU {
 
     func unaccountShadowed(_ page: ShadowPage) {
         indirectShadowPages -= 1
+        if let frame = memory.hostFrame(of: page.gfn), shadowedTableCount[frame.rawValue] > 0 {
+            shadowedTableCount[frame.rawValue] -= 1
+        }
         if page.level > 1 {
             if let frame = memory.hostFrame(of: page.gfn), writeTrack[frame.rawValue] > 0 {
                 writeTrack[frame.rawValue] -= 1
@@ -179,9 +189,11 @@ public final class ShadowMMU {
         directory.page(pool.frame(of: UnsafeRawPointer(pointer))!.rawValue)!
     }
 
-    /// Whether a valid page shadows the guest table at `gfn` (`gptePages(at:)` without the array).
+    /// Whether a valid page shadows the guest table at `gfn` (`gptePages(at:)`, answered by the
+    /// per-frame count instead of the hash chain).
     func hasShadowedTable(at gfn: GuestFrameNumber) -> Bool {
-        hashBuckets[Self.bucket(gfn)].contains { $0.gfn == gfn && $0.role.hasGPTEs && !isObsolete($0) }
+        guard let frame = memory.hostFrame(of: gfn) else { return false }
+        return shadowedTableCount[frame.rawValue] != 0
     }
 
     /// The page a non-leaf SPTE points at.
