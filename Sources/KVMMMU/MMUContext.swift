@@ -172,6 +172,7 @@ public final class MMUContext {
     }
 
     private func allocateRoots() throws(ShadowMMUError) {
+        try mmu.makePagesAvailable()
         rootPGD = registers.cr3
         if rootRole.level >= 4 {
             // 64-bit guest: one root shadowing the guest's top table.
@@ -341,6 +342,7 @@ public final class MMUContext {
             walk.pteAccess &= ~ACC.user
             if registers.cr4.contains(.smep) { walk.pteAccess &= ~ACC.exec }
         }
+        try mmu.makePagesAvailable()
         return try fetch(walk, address: address, hostFrame: backing.frame, hostWritable: backing.writable, isWrite: isWrite)
     }
 
@@ -467,6 +469,7 @@ public final class MMUContext {
         let gfn = GuestFrameNumber(address.rawValue >> 12)
         if errorCode.contains(.present) && errorCode.contains(.write) && mmu.isWriteTracked(gfn) { return .emulate }
         guard let backing = mmu.memory.backing(of: gfn) else { return .emulate }
+        try mmu.makePagesAvailable()
         guard var (page, level) = shadowWalkStart(address) else { return .retry }
         while level > 1 {
             let pointer = page.spte(Self.index(address.rawValue, level: level))

@@ -40,9 +40,28 @@ public final class ShadowMMU {
     @exclusivity(unchecked) public internal(set) var indirectShadowPages = 0
     /// `n_used_mmu_pages`.
     @exclusivity(unchecked) public internal(set) var usedPages = 0
+    /// `n_max_mmu_pages`: the shadow-page cache's (soft) size. The VM derives it from its memslots
+    /// as KVM does (`defaultMaxPages`) unless set (`KVM_SET_NR_MMU_PAGES`, `setMaxPages`).
+    public internal(set) var maxPages = ShadowMMU.minimumMaxPages
+    /// `kvm_mmu_available_pages`.
+    public var availablePages: Int { max(0, maxPages - usedPages) }
     /// `mmu_valid_gen`.
     @exclusivity(unchecked) public internal(set) var validGeneration: UInt8 = 0
     @exclusivity(unchecked) var nextSerial: UInt64 = 0
+
+    /// KVM's `KVM_MIN_ALLOC_MMU_PAGES`: the smallest cache.
+    public static let minimumMaxPages = 64
+    /// KVM's `KVM_MEMSLOT_PAGES_TO_MMU_PAGES_RATIO`.
+    public static let memslotPagesPerShadowPage: UInt64 = 50
+    /// KVM's `KVM_MIN_FREE_MMU_PAGES` and `KVM_REFILL_PAGES`: a fault first makes sure this many
+    /// pages are free, and refills to the second number when they are not.
+    public static let minimumFreePages = 5
+    public static let refillPages = 25
+
+    /// KVM's default `n_max_mmu_pages` for memslots of `pages` 4 KiB pages in all.
+    public static func defaultMaxPages(memslotPages pages: UInt64) -> Int {
+        max(Int(pages / memslotPagesPerShadowPage), minimumMaxPages)
+    }
 
     /// KVM's `RMAP_RECYCLE_THRESHOLD`.
     public static let rmapRecycleThreshold = 1000
@@ -289,10 +308,54 @@ public final class ShadowMMU {
 
     // MARK: Zapping
 
+    // MARK: The page cache limit
+
+    /// `kvm_mmu_change_mmu_pages`: zaps the oldest pages down to `goal` if more are in use, then
+    /// takes `goal` as the limit (or what is in use, if zapping could not get there: roots stay).
+    public func setMaxPages(_ goal: Int) {
+        if usedPages > goal {
+            zapOldestPages(usedPages - goal)
+            maxPages = max(goal, usedPages)
+        } else {
+            maxPages = goal
+        }
+    }
+
+    /// `make_mmu_pages_available`: before a fault may allocate, at least `minimumFreePages` must
+    /// be free; otherwise the oldest pages are zapped to refill to `refillPages`. A soft limit: a
+    /// fault may then use more than what is free.
+    func makePagesAvailable() throws(ShadowMMUError) {
+        let available = availablePages
+        guard available < Self.minimumFreePages else { return }
+        zapOldestPages(Self.refillPages - available)
+        if availablePages == 0 { throw .noShadowPagesAvailable(used: usedPages, limit: maxPages) }
+    }
+
+    /// `kvm_mmu_zap_oldest_mmu_pages`: zaps pages from the oldest (KVM's tail of
+    /// `active_mmu_pages`), skipping roots, until `count` are gone; one TLB flush for all of them.
+    /// Counts `mmu_recycled`.
+    @discardableResult
+    func zapOldestPages(_ count: Int) -> Int {
+        guard count > 0 else { return 0 }
+        var zapped = 0
+        for page in shadowPages where page.rootCount == 0 {
+            zap(page, flushing: false)
+            zapped += 1
+            if zapped >= count { break }
+        }
+        if zapped > 0 { flushRemoteTLBs() }
+        stats.mmuRecycled += UInt64(zapped)
+        return zapped
+    }
+
     /// `kvm_mmu_prepare_zap_page` and `kvm_mmu_commit_zap_page` in one step: unlink the page
     /// from its children and parents, stop tracking its guest table, and free it unless a vCPU
     /// still uses it as a root (then it is only marked invalid, and freed with the last root).
-    public func zap(_ page: ShadowPage) {
+    public func zap(_ page: ShadowPage) { zap(page, flushing: true) }
+
+    /// `zap`, leaving the TLB flush to the caller when `flushing` is false (a batch of zaps
+    /// commits with one flush, as KVM's invalid list does).
+    func zap(_ page: ShadowPage, flushing: Bool) {
         events.record(.kvmMMUPrepareZapPage(gfn: page.gfn, role: page.role))
         stats.mmuShadowZapped += 1
         // A root in use that was not already obsolete: every vCPU must drop it before it runs
@@ -307,7 +370,7 @@ public final class ShadowMMU {
         } else {
             page.role.isInvalid = true
         }
-        flushRemoteTLBs()
+        if flushing { flushRemoteTLBs() }
         if zappedRoot { freeObsoleteRoots() }
     }
 
@@ -337,10 +400,15 @@ public final class ShadowMMU {
 
 public enum ShadowMMUError: Error, Equatable, Sendable, CustomStringConvertible {
     case outOfHostMemory(String)
+    /// Every shadow page in use is a root and the page cache is full (KVM's -ENOSPC from
+    /// `make_mmu_pages_available`).
+    case noShadowPagesAvailable(used: Int, limit: Int)
 
     public var description: String {
         switch self {
         case .outOfHostMemory(let why): "the host page pool is exhausted: \(why)"
+        case .noShadowPagesAvailable(let used, let limit):
+            "no shadow page can be freed: \(used) in use (all roots) against a limit of \(limit)"
         }
     }
 }

@@ -57,12 +57,18 @@ public final class VirtualMachine {
     public let cpu: CPUModel
     public private(set) var vcpus: [VCPU] = []
 
-    /// A VM with `memorySize` bytes of guest RAM in memslot 0 at GPA 0, and room in the host pool
-    /// for `shadowPageBudget` shadow pages.
-    public init(memorySize: UInt64, cpu: CPUModel = CPUModel(), shadowPageBudget: Int = 1 << 16) throws(VirtualMachineError) {
+    /// A VM with `memorySize` bytes of guest RAM in memslot 0 at GPA 0. The shadow-page cache holds
+    /// `shadowPageLimit` pages (KVM_SET_NR_MMU_PAGES), by default what KVM derives from the
+    /// memslots; the host pool has room for it and for `shadowPageBudget` pages in all.
+    public init(memorySize: UInt64, cpu: CPUModel = CPUModel(), shadowPageLimit: Int? = nil,
+                shadowPageBudget: Int = 1 << 16) throws(VirtualMachineError) {
         self.cpu = cpu
+        let limit = shadowPageLimit ?? ShadowMMU.defaultMaxPages(memslotPages: memorySize >> 12)
+        guard limit >= 1 else { throw .invalidAccess("the shadow-page limit must be at least 1, not \(limit)") }
+        // The limit is soft (a fault may allocate a few pages past it), hence the margin.
+        let budget = max(shadowPageBudget, limit + 1024)
         do {
-            pool = try HostPagePool(capacityPages: Int(memorySize >> 12) + shadowPageBudget)
+            pool = try HostPagePool(capacityPages: Int(memorySize >> 12) + budget)
         } catch {
             throw .hostMemory("\(error)")
         }
@@ -73,6 +79,7 @@ public final class VirtualMachine {
             throw .hostMemory("\(error)")
         }
         mmu = ShadowMMU(memory: memory, pool: pool)
+        mmu.setMaxPages(limit)
         mmu.flushRemoteTLBs = { [unowned self] in
             self.mmu.count(.remoteTLBFlush)
             for vcpu in self.vcpus { vcpu.requestFlushAll() }

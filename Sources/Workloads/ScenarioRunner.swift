@@ -81,9 +81,13 @@ public final class ScenarioRunner {
     /// Events from this sequence number on belong to the current directive.
     private var firstEventOfDirective: UInt64 = 0
 
-    public init(scenario: Scenario, traceEvents: Bool = false) {
+    /// The shadow-page cache size (KVM_SET_NR_MMU_PAGES); nil for KVM's default from the memslots.
+    public let shadowPageLimit: Int?
+
+    public init(scenario: Scenario, traceEvents: Bool = false, shadowPageLimit: Int? = nil) {
         self.scenario = scenario
         tracesEvents = traceEvents
+        self.shadowPageLimit = shadowPageLimit
         controls = scenario.initialControls
         report = RunReport(scenario: scenario.name)
     }
@@ -117,7 +121,7 @@ public final class ScenarioRunner {
     }
 
     private func setUp() throws {
-        vm = try VirtualMachine(memorySize: scenario.memorySize, cpu: scenario.cpuModel)
+        vm = try VirtualMachine(memorySize: scenario.memorySize, cpu: scenario.cpuModel, shadowPageLimit: shadowPageLimit)
         kernel = try GuestKernel(vm: vm, mode: controls.pagingMode)
         kernel.store = { [unowned self] gva, value, size in
             _ = try self.guestAccess(gva, Access(.write, .supervisor), size: size, value: value)

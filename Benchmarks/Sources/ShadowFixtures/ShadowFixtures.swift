@@ -42,7 +42,10 @@ public final class ShadowGuest {
 
     /// - Parameter dataBytes: guest RAM above the 16 MiB table pool.
     public init(dataBytes: UInt64, map: (GuestKernel) throws -> Void) {
-        vm = try! VirtualMachine(memorySize: dataBase + dataBytes)
+        // A shadow-page cache large enough that no fixture recycles pages (KVM_SET_NR_MMU_PAGES):
+        // the cold-fault fixtures create thousands of shadow pages, which KVM's default limit for
+        // this little memory would recycle.
+        vm = try! VirtualMachine(memorySize: dataBase + dataBytes, shadowPageLimit: 1 << 14)
         kernel = try! GuestKernel(vm: vm, mode: .fourLevel)
         try! map(kernel)
         vcpu = try! vm.addVCPU(registers: longModeRegisters(cr3: kernel.root.rawValue))
