@@ -224,8 +224,11 @@ public final class MMUContext {
     @inline(never)  // keeps the context's state behind this module's exclusivity exemptions
     public func pageFault(at address: GuestVirtualAddress, access: Access,
                           errorCode: PageFaultErrorCode) throws(ShadowMMUError) -> PageFaultResult {
-        mmu.stats.pfTaken += 1
         mmu.events.record(.kvmPageFault(vcpuID: vcpuID, address: address.rawValue, errorCode: errorCode))
+        // A reserved-bit fault is how the hardware reports an MMIO SPTE: KVM's fast path emulates
+        // without walking the guest tables (and before counting the fault as taken).
+        if errorCode.contains(.reservedBit), handleMMIOPageFault(address) { return .emulate }
+        mmu.stats.pfTaken += 1
         let result: PageFaultResult
         if rootRole.isDirect {
             result = try directPageFault(address, errorCode: errorCode)
@@ -331,7 +334,11 @@ public final class MMUContext {
             return .emulate
         }
         guard let backing = mmu.memory.backing(of: walk.gfn) else {
-            return .emulate  // MMIO
+            // No memslot: emulated MMIO. With MMIO caching on, KVM still builds the shadow path and
+            // marks the leaf as an MMIO SPTE, so the next access faults straight into the fast path.
+            guard mmu.masks.isMMIOCachingEnabled else { return .emulate }
+            try mmu.makePagesAvailable()
+            return try fetch(walk, address: address, hostFrame: nil, hostWritable: false, isWrite: isWrite)
         }
         // CR0.WP=0: a supervisor write to a read-only page is allowed by the architecture; KVM
         // maps the page writable but supervisor-only (and not executable under SMEP) so the
@@ -412,7 +419,9 @@ public final class MMUContext {
     }
 
     /// `FNAME(fetch)`: builds the shadow path for the walk and installs the leaf.
-    private func fetch(_ walk: GuestWalk, address: GuestVirtualAddress, hostFrame: HostFrameNumber, hostWritable: Bool,
+    /// `hostFrame` nil: the gfn is in no memslot (KVM's `KVM_PFN_NOSLOT`), and the leaf becomes an
+    /// MMIO SPTE.
+    private func fetch(_ walk: GuestWalk, address: GuestVirtualAddress, hostFrame: HostFrameNumber?, hostWritable: Bool,
                        isWrite: Bool) throws(ShadowMMUError) -> PageFaultResult {
         guard let (start, startLevel) = shadowWalkStart(address), !isFaultStale(start) else { return .retry }
         var page = Unmanaged.passUnretained(start)
@@ -432,7 +441,7 @@ public final class MMUContext {
         }
         // A guest huge page over 4 KiB host pages: direct pages split it.
         let goalLevel = 1
-        mmu.events.record(.kvmMMUSPTERequested(gfn: walk.gfn, pfn: hostFrame, level: goalLevel))
+        if let hostFrame { mmu.events.record(.kvmMMUSPTERequested(gfn: walk.gfn, pfn: hostFrame, level: goalLevel)) }
         while level > goalLevel {
             page = try page._withUnsafeGuaranteedRef { parent in
                 Result { () throws(ShadowMMUError) in
@@ -446,10 +455,56 @@ public final class MMUContext {
         }
         return page._withUnsafeGuaranteedRef { page in
             let pointer = page.spte(Self.index(address.rawValue, level: 1))
+            guard let hostFrame else {
+                markMMIOSPTE(pointer, in: page, gfn: walk.gfn, access: walk.pteAccess)
+                prefetchNeighbours(of: pointer, in: page)
+                return .emulate
+            }
             let result = setSPTE(pointer, in: page, access: walk.pteAccess, gfn: walk.gfn, hostFrame: hostFrame,
                                  prefetch: false, isWrite: isWrite, hostWritable: hostWritable)
             if result != .spurious { prefetchNeighbours(of: pointer, in: page) }
             return result
+        }
+    }
+
+    /// `mmu_set_spte` for a gfn in no memslot (`mark_mmio_spte`): whatever the SPTE held goes, and
+    /// it becomes an MMIO SPTE carrying the gfn, the access and the memslots generation.
+    private func markMMIOSPTE(_ pointer: SPTEPointer, in page: ShadowPage, gfn: GuestFrameNumber, access: UInt8) {
+        let old = SPTE(rawValue: pointer.pointee)
+        if old.isShadowPresent {
+            if old.isLast(level: page.level) {
+                mmu.dropSPTE(pointer)
+            } else if let child = mmu.child(of: old) {
+                mmu.dropParentPTE(child, pointer)
+            }
+            mmu.flushRemoteTLBs()
+        }
+        let generation = mmu.memory.generation
+        pointer.pointee = SPTE.mmio(gfn: gfn, access: access, generation: generation, masks: mmu.masks).rawValue
+        mmu.stats.pfMMIOSPTECreated += 1
+        mmu.events.record(.markMMIOSPTE(gfn: gfn, access: access, generation: generation))
+    }
+
+    /// `handle_mmio_page_fault`: the SPTE for `address` is an MMIO SPTE of the current memslots
+    /// generation, so the access is emulated at once. False sends the fault down the slow path (a
+    /// stale generation, or no MMIO SPTE after all).
+    private func handleMMIOPageFault(_ address: GuestVirtualAddress) -> Bool {
+        guard rootsLoaded, var (page, level) = shadowWalkStart(address) else { return false }
+        while true {
+            let spte = SPTE(rawValue: page.spte(Self.index(address.rawValue, level: level)).pointee)
+            if spte.isMMIO(mmu.masks) {
+                let current = mmu.memory.generation & SPTE.mmioGenerationMask
+                mmu.events.record(.checkMMIOSPTE(spte: spte, kvmGeneration: current, spteGeneration: spte.mmioGeneration))
+                guard spte.mmioGeneration == current else { return false }
+                mmu.events.record(.handleMMIOPageFault(address: address.rawValue, gfn: spte.mmioGFN(mmu.masks),
+                                                       access: spte.mmioAccess(mmu.masks)))
+                return true
+            }
+            guard level > 1, spte.isShadowPresent, !spte.isLast(level: level), let child = mmu.child(of: spte) else {
+                return false
+            }
+            page = child
+            level -= 1
         }
     }
 
@@ -468,7 +523,7 @@ public final class MMUContext {
     private func directPageFault(_ address: GuestVirtualAddress, errorCode: PageFaultErrorCode) throws(ShadowMMUError) -> PageFaultResult {
         let gfn = GuestFrameNumber(address.rawValue >> 12)
         if errorCode.contains(.present) && errorCode.contains(.write) && mmu.isWriteTracked(gfn) { return .emulate }
-        guard let backing = mmu.memory.backing(of: gfn) else { return .emulate }
+        guard let backing = mmu.memory.backing(of: gfn) else { return .emulate }  // MMIO, not cached on this path
         try mmu.makePagesAvailable()
         guard var (page, level) = shadowWalkStart(address) else { return .retry }
         while level > 1 {

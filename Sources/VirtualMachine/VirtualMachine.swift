@@ -490,6 +490,7 @@ public final class VCPU {
         }
         let gpa = translation.physicalAddress
         guard let slot = vm.memory.slot(containing: gpa.frame), !(access.kind == .write && slot.flags.contains(.readOnly)) else {
+            mmu.count(.mmioExit)  // the access goes to the VMM's device model
             let allOnes: UInt64 = size == 8 ? ~0 : (1 << UInt64(8 * size)) - 1
             return AccessOutcome(result: .mmio(gpa: gpa, value: access.kind == .write ? value : allOnes), exits: exits,
                                  emulated: true, tlbHit: false)
