@@ -99,7 +99,7 @@ public final class MMUContext {
     /// a new root (`kvm_mmu_new_pgd`; without a root cache the current root is freed); PAE paging
     /// reloads the PDPTEs from memory, and KVM frees the roots when they changed. Without the PCID
     /// no-flush bit the current translations are flushed (`kvm_invalidate_pcid` of the active PCID).
-    public func loadCR3(_ value: UInt64) throws(ControlStateError) -> TLBFlushRequests {
+    public func loadCR3(_ value: UInt64, noFlush: Bool = false) throws(ControlStateError) -> TLBFlushRequests {
         var new = registers
         new.cr3 = value
         let walker = try PageWalker(registers: new, cpu: cpu, memory: mmu.memory)
@@ -664,6 +664,28 @@ public final class MMUContext {
     /// caller drops the TLB entry.
     public func invalidatePage(_ address: GuestVirtualAddress) {
         mmu.stats.invlpg += 1
+    }
+
+    /// What an INVPCID asks of the vCPU: whether the address's translation in the current root
+    /// goes (`flush_tlb_gva`), and the TLB-flush requests raised.
+    public struct InvalidationOutcome: Equatable, Sendable {
+        public var flushesAddressInCurrent = false
+        public var requests: TLBFlushRequests = []
+    }
+
+    /// INVPCID as KVM emulates it (`kvm_handle_invpcid`); the caller has checked for #GP.
+    public func invalidatePCID(_ type: INVPCIDType, pcid: UInt16, address: GuestVirtualAddress) -> InvalidationOutcome {
+        var outcome = InvalidationOutcome()
+        switch type {
+        case .individualAddress:
+            mmu.stats.invlpg += 1
+            outcome.flushesAddressInCurrent = pcid == registers.pcid
+        case .singleContext:
+            if pcid == registers.pcid { outcome.requests = .flushCurrent }
+        case .allContextsIncludingGlobal, .allContextsExceptGlobal:
+            outcome.requests = .flushGuest
+        }
+        return outcome
     }
 }
 

@@ -24,20 +24,31 @@ public struct LockstepDisagreement: Error, CustomStringConvertible, Sendable {
 
 /// The lockstep reference: for every guest access, what the architecture allows the guest to see.
 /// The guest may keep using a translation it cached until it invalidates it (INVLPG, a CR3 load
-/// for non-global ones, a paging-mode change for all), so the machine tracks, per page, the
-/// translations still allowed besides the one a fresh walk gives. It also checks the guest's
-/// accessed and dirty bits: every entry of a translation used has A set, a leaf used for a write
-/// has D set, and a leaf the guest wrote with D clear is not dirtied without a write through it.
+/// for non-global ones of the PCID loaded, INVPCID, a paging-mode change for all), so the machine
+/// tracks, per page and PCID, the translations still allowed besides the one a fresh walk gives.
+/// The processor may also cache translations it never used (SDM 4.10.2.1, speculative caching):
+/// the machine counts as cached, besides every translation an access used, the valid translations
+/// of the neighbouring pages in the same aligned group of eight 4 KiB leaves whose leaf has A set
+/// (a superset of what KVM's PTE prefetch installs). It also checks the guest's accessed and dirty
+/// bits: every entry of a translation walked has A set, a leaf used for a write has D set unless a
+/// cached dirty translation served it, and a leaf the guest wrote with D clear is not dirtied
+/// without a write through it.
 public final class ReferenceMachine {
     public let memory: MemslotSet
     public let cpu: CPUModel
     public private(set) var registers: PagingRegisters
     private var walker: PageWalker
-    struct Cached {
+    struct Cached: Equatable {
         var gpaFrame: UInt64
         var permissions: UInt8
         var isGlobal: Bool
+        /// The PCID the translation was cached under (0 without CR4.PCIDE).
+        var pcid: UInt16
+        /// The leaf was dirty when cached: a write may use the translation without setting D.
+        var dirty: Bool
     }
+    /// The group of 4 KiB pages whose translations a use of one may cache (KVM's PTE_PREFETCH_NUM).
+    static let speculativeGroup: UInt64 = 8
     private var cached: [UInt64: [Cached]] = [:]
     /// Leaf entries (by GPA) the guest last wrote, with the value written.
     private var guestWrittenEntries: [UInt64: UInt64] = [:]
@@ -63,7 +74,8 @@ public final class ReferenceMachine {
                       expected: Result<Translation, WalkFault>, actual: AccessResult) throws(LockstepDisagreement) {
         checkedAccesses += 1
         let page = address.rawValue >> 12
-        let allowedStale = cached[page] ?? []
+        let pcid = registers.pcid
+        let allowedStale = (cached[page] ?? []).filter { $0.isGlobal || $0.pcid == pcid }
         func fail(_ expectedText: String) -> LockstepDisagreement {
             LockstepDisagreement(address: address, access: access, expected: expectedText, actual: "\(actual)",
                                  entries: entries(of: expected))
@@ -77,7 +89,14 @@ public final class ReferenceMachine {
             if gpa != translation.physicalAddress && !staleAllows(gpa) {
                 throw fail("translation to \(translation.physicalAddress)")
             }
-            if gpa == translation.physicalAddress { try checkAccessedDirty(translation, access, fail) }
+            if gpa == translation.physicalAddress {
+                // A cached translation (dirty, for a write) may serve the access without a walk,
+                // and then no A or D bit is set in memory.
+                let servedByCache = allowedStale.contains { $0.gpaFrame == gpa.frame.rawValue
+                    && (access.kind != .write || $0.dirty) && !walker.rules.isRefused(
+                        access, pagePermissions: $0.permissions, alignmentCheck: registers.rflags.contains(.alignmentCheck)) }
+                try checkAccessedDirty(translation, access, servedByCache: servedByCache, fail)
+            }
         case (.success(let translation), .pageFault(let code, let cr2)):
             // Only a cached translation with fewer rights can fault where a fresh walk would not.
             let staleRefuses = allowedStale.contains { walker.rules.isRefused(
@@ -102,14 +121,37 @@ public final class ReferenceMachine {
         if case .success(let translation) = expected {
             switch actual {
             case .completed(let gpa, _) where gpa == translation.physicalAddress, .mmio(let gpa, _) where gpa == translation.physicalAddress:
-                cached[page, default: []].append(Cached(gpaFrame: gpa.frame.rawValue, permissions: translation.permissions,
-                                                        isGlobal: translation.isGlobal))
+                let leafDirty = readEntry(translation.path.entryAddress(level: translation.level)) & (1 << 6) != 0
+                remember(page, Cached(gpaFrame: gpa.frame.rawValue, permissions: translation.permissions,
+                                      isGlobal: translation.isGlobal, pcid: pcid, dirty: leafDirty || access.kind == .write))
+                if translation.level == 1 { cacheNeighbours(of: address, access) }
                 if access.kind == .write { writtenThrough.insert(translation.path.entryAddress(level: translation.level).rawValue) }
             default:
                 break
             }
         }
         if access.kind == .write, case .completed(let gpa, _) = actual { noteGuestWrite(gpa, size: size, value: value) }
+    }
+
+    private func remember(_ page: UInt64, _ entry: Cached) {
+        if cached[page]?.contains(entry) == true { return }
+        cached[page, default: []].append(entry)
+    }
+
+    /// Speculative caching: the valid translations of the other pages of the aligned group of
+    /// eight around `address` whose 4 KiB leaf has A set.
+    private func cacheNeighbours(of address: GuestVirtualAddress, _ access: Access) {
+        let first = (address.rawValue >> 12) & ~(Self.speculativeGroup - 1)
+        for page in first..<first + Self.speculativeGroup where page != address.rawValue >> 12 {
+            let neighbour = GuestVirtualAddress(page << 12)
+            guard case .success(let translation) = walker.translate(neighbour, Access(.read, .supervisor), in: memory,
+                                                                     setAccessedDirty: false),
+                  translation.level == 1 else { continue }
+            let leaf = readEntry(translation.path.entryAddress(level: 1))
+            guard leaf & (1 << 5) != 0 else { continue }
+            remember(page, Cached(gpaFrame: translation.physicalAddress.frame.rawValue, permissions: translation.permissions,
+                                  isGlobal: translation.isGlobal, pcid: registers.pcid, dirty: leaf & (1 << 6) != 0))
+        }
     }
 
     /// A guest store landed at `gpa`: if it rewrote a paging entry, that entry's dirty state is
@@ -120,7 +162,7 @@ public final class ReferenceMachine {
         writtenThrough.remove(entryAddress)
     }
 
-    private func checkAccessedDirty(_ translation: Translation, _ access: Access,
+    private func checkAccessedDirty(_ translation: Translation, _ access: Access, servedByCache: Bool,
                                     _ fail: (String) -> LockstepDisagreement) throws(LockstepDisagreement) {
         let path = translation.path
         guard path.topLevel > 0 else { return }
@@ -129,9 +171,9 @@ public final class ReferenceMachine {
         for level in stride(from: first, through: path.bottomLevel, by: -1) {
             let address = path.entryAddress(level: level)
             let now = readEntry(address)
-            if now & (1 << 5) == 0 { throw fail("A set in the level-\(level) entry used") }
+            if !servedByCache && now & (1 << 5) == 0 { throw fail("A set in the level-\(level) entry used") }
             if level == path.bottomLevel {
-                if access.kind == .write && now & (1 << 6) == 0 { throw fail("D set in the leaf written through") }
+                if !servedByCache && access.kind == .write && now & (1 << 6) == 0 { throw fail("D set in the leaf written through") }
                 if now & (1 << 6) != 0, let written = guestWrittenEntries[address.rawValue], written & (1 << 6) == 0,
                    !writtenThrough.contains(address.rawValue) && access.kind != .write {
                     throw fail("D clear: the guest wrote this leaf clean and nothing wrote through it since")
@@ -158,11 +200,37 @@ public final class ReferenceMachine {
 
     // MARK: Invalidation
 
-    public func invalidatePage(_ address: GuestVirtualAddress) { cached[address.rawValue >> 12] = nil }
+    /// INVLPG: the page's translations for the current PCID and its global ones go (SDM: other
+    /// PCIDs' may stay).
+    public func invalidatePage(_ address: GuestVirtualAddress) {
+        let pcid = registers.pcid
+        drop(page: address.rawValue >> 12) { $0.isGlobal || $0.pcid == pcid }
+    }
+
+    /// INVPCID of `type` for `pcid` (and `address`, for an individual-address invalidation).
+    public func invalidatePCID(_ type: INVPCIDType, pcid: UInt16, address: GuestVirtualAddress) {
+        switch type {
+        case .individualAddress: drop(page: address.rawValue >> 12) { !$0.isGlobal && $0.pcid == pcid }
+        case .singleContext: dropAll { !$0.isGlobal && $0.pcid == pcid }
+        case .allContextsIncludingGlobal: cached.removeAll()
+        case .allContextsExceptGlobal: dropAll { !$0.isGlobal }
+        }
+    }
+
+    private func drop(page: UInt64, where shouldDrop: (Cached) -> Bool) {
+        guard let list = cached[page] else { return }
+        let kept = list.filter { !shouldDrop($0) }
+        cached[page] = kept.isEmpty ? nil : kept
+    }
+
+    private func dropAll(where shouldDrop: (Cached) -> Bool) {
+        for page in Array(cached.keys) { drop(page: page, where: shouldDrop) }
+    }
 
     /// New registers: what the write invalidates is the architecture's rule (a CR3 change drops
-    /// the non-global translations; a change of paging, PGE, PAE, PCIDE 1 -> 0 or SMEP 0 -> 1 drops
-    /// all), and PAE's PDPTE registers are reloaded only by the writes that reload them.
+    /// the non-global translations of the PCID loaded; a change of paging, PGE, PAE, PCIDE 1 -> 0 or
+    /// SMEP 0 -> 1 drops all), and PAE's PDPTE registers are reloaded only by the writes that
+    /// reload them.
     public func setRegisters(_ new: PagingRegisters) throws(ControlStateError) {
         let old = registers
         let keptPDPTEs = new.mode == .pae && !new.reloadsPDPTEs(from: old) && new.cr3 == old.cr3
@@ -173,21 +241,28 @@ public final class ReferenceMachine {
         if new.invalidatesAllTranslations(from: old) {
             cached.removeAll()
         } else if new.cr3 != old.cr3 {
-            dropNonGlobalTranslations()
+            dropNonGlobalTranslations(of: new.pcid)
         }
     }
 
-    /// A CR3 load (also of the same value): non-global translations go, and PAE paging reloads
-    /// its PDPTEs from memory.
+    /// MOV to CR3 of `value` (also the value CR3 holds): PAE paging reloads its PDPTEs from memory;
+    /// the non-global translations of the PCID loaded go unless `noFlush` (bit 63 of the source,
+    /// meaningful only with CR4.PCIDE).
+    public func loadCR3(_ value: UInt64, noFlush: Bool = false) throws(ControlStateError) {
+        var new = registers
+        new.cr3 = value
+        walker = try PageWalker(registers: new, cpu: cpu, memory: memory)
+        registers = new
+        if !(noFlush && new.cr4.contains(.pcidEnable)) { dropNonGlobalTranslations(of: new.pcid) }
+    }
+
+    /// A CR3 load of the value CR3 holds, flushing.
     public func reloadCR3() {
-        if let reloaded = try? PageWalker(registers: registers, cpu: cpu, memory: memory) { walker = reloaded }
-        dropNonGlobalTranslations()
+        try? loadCR3(registers.cr3)
     }
 
-    private func dropNonGlobalTranslations() {
-        for (page, list) in cached {
-            let kept = registers.cr4.contains(.globalPages) ? list.filter(\.isGlobal) : []
-            cached[page] = kept.isEmpty ? nil : kept
-        }
+    private func dropNonGlobalTranslations(of pcid: UInt16) {
+        let keepsGlobal = registers.cr4.contains(.globalPages)
+        dropAll { !(keepsGlobal && $0.isGlobal) && $0.pcid == pcid }
     }
 }

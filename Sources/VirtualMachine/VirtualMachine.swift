@@ -57,11 +57,22 @@ public final class VirtualMachine {
     public let cpu: CPUModel
     public private(set) var vcpus: [VCPU] = []
 
+    /// The paging depth (4 or 5) of the host format KVM builds shadow tables in, or nil for the
+    /// guest's own mode (KVM's shadow paging: the hardware runs the guest's paging mode).
+    public let hostLevels: Int?
+
     /// A VM with `memorySize` bytes of guest RAM in memslot 0 at GPA 0. The shadow-page cache holds
     /// `shadowPageLimit` pages (KVM_SET_NR_MMU_PAGES), by default what KVM derives from the
     /// memslots; the host pool has room for it and for `shadowPageBudget` pages in all.
+    /// `hostLevels` 4 or 5 builds every shadow table in that host depth, as KVM does for a
+    /// nested NPT guest (special roots for 32-bit and PAE guests, a passthrough root for a 4-level
+    /// guest on a 5-level host).
     public init(memorySize: UInt64, cpu: CPUModel = CPUModel(), shadowPageLimit: Int? = nil,
-                shadowPageBudget: Int = 1 << 16) throws(VirtualMachineError) {
+                shadowPageBudget: Int = 1 << 16, hostLevels: Int? = nil) throws(VirtualMachineError) {
+        if let hostLevels, hostLevels != 4 && hostLevels != 5 {
+            throw .unsupported("the host pages with 4 or 5 levels, not \(hostLevels)")
+        }
+        self.hostLevels = hostLevels
         self.cpu = cpu
         let limit = shadowPageLimit ?? ShadowMMU.defaultMaxPages(memslotPages: memorySize >> 12)
         guard limit >= 1 else { throw .invalidAccess("the shadow-page limit must be at least 1, not \(limit)") }
@@ -204,15 +215,43 @@ public final class VCPU {
         hot.pointee.refusals = ~0
     }
 
-    /// MOV to CR3, also of the value it already holds.
-    public func loadCR3(_ value: UInt64) throws(VirtualMachineError) {
+    /// MOV to CR3, also of the value it already holds. `value` carries the PCID in bits 11:0 with
+    /// CR4.PCIDE; `noFlush` is the source's bit 63 (keep the PCID's translations), which needs
+    /// CR4.PCIDE.
+    public func loadCR3(_ value: UInt64, noFlush: Bool = false) throws(VirtualMachineError) {
+        if noFlush && !registers.cr4.contains(.pcidEnable) {
+            throw .invalidAccess("MOV to CR3 with bit 63 (no flush) needs CR4.PCIDE")
+        }
         do {
-            hot.pointee.requests.formUnion(try context.loadCR3(value))
+            hot.pointee.requests.formUnion(try context.loadCR3(value, noFlush: noFlush))
         } catch {
             throw .impossibleRegisters(error)
         }
+        dropHardwareWalker()  // the next entry loads the (new or cached) root
+        serviceRequests()
+    }
+
+    /// INVPCID of `type` for `pcid` (and `address` for an individual address), as KVM emulates it
+    /// (`kvm_handle_invpcid`). False when the instruction raises #GP instead: a PCID above 4095, a
+    /// non-zero PCID for the types that name one while CR4.PCIDE is clear, or a non-canonical
+    /// address for an individual-address invalidation.
+    public func invalidatePCID(_ type: INVPCIDType, pcid: UInt64, address: GuestVirtualAddress) -> Bool {
+        guard pcid <= 0xFFF else { return false }
+        let registers = registers
+        switch type {
+        case .individualAddress, .singleContext:
+            if !registers.cr4.contains(.pcidEnable) && pcid != 0 { return false }
+        case .allContextsIncludingGlobal, .allContextsExceptGlobal:
+            break
+        }
+        if type == .individualAddress && registers.mode.isLongMode
+            && !address.isCanonical(width: registers.mode.linearAddressWidth) { return false }
+        let outcome = context.invalidatePCID(type, pcid: UInt16(pcid), address: address)
+        if outcome.flushesAddressInCurrent { tlb.invalidate(address) }
+        hot.pointee.requests.formUnion(outcome.requests)
         if !context.rootsLoaded { dropHardwareWalker() }
         serviceRequests()
+        return true
     }
 
     /// KVM_REQ_TLB_FLUSH, raised on every vCPU by `kvm_flush_remote_tlbs`.
