@@ -26,6 +26,13 @@ public struct HardwareRoot: Equatable, Sendable {
     public var pdptes: [UInt64]
 }
 
+/// A root kept in the cache (KVM's `struct kvm_mmu_root_info` of `prev_roots`): the guest pgd it
+/// was built for and its shadow page.
+public struct CachedRoot {
+    public let pgd: UInt64
+    public let page: ShadowPage
+}
+
 /// One vCPU's shadow MMU (KVM's `root_mmu` with the shadow-paging callbacks): its roles, its
 /// roots, and the page-fault handler.
 public final class MMUContext {
@@ -41,27 +48,64 @@ public final class MMUContext {
     /// The walker in a box: a `let` of a class is borrowed in place, where a `var` walker (a
     /// large struct) would be copied on every fault.
     @exclusivity(unchecked) public private(set) var guestWalkerBox: WalkerBox
-    /// The root shadow page of a 4- or 5-level guest.
+    /// The root shadow page: the guest's top table for a 4- or 5-level guest, a passthrough page
+    /// above it on a deeper host, or a direct root; nil for KVM's special roots (the PAE root, and
+    /// `pml4_root`/`pml5_root` above it on a 4- or 5-level host) and for the dummy root.
     @exclusivity(unchecked) public private(set) var root: ShadowPage?
     /// The four level-2 roots behind the PAE root (32-bit, PAE and non-paging guests).
     @exclusivity(unchecked) public private(set) var paeRoots: [ShadowPage?] = [nil, nil, nil, nil]
-    /// KVM's special `pae_root` page.
+    /// KVM's special root pages, allocated when first needed and kept for the vCPU's life:
+    /// `pae_root`, and `pml4_root` / `pml5_root` when a 32-bit or PAE guest's tables are shadowed
+    /// in a 4- or 5-level host format.
     @exclusivity(unchecked) private var paeRootFrame: HostFrameNumber?
-    /// The CR3 the roots were built for (KVM's `root.pgd`).
+    @exclusivity(unchecked) private var pml4RootFrame: HostFrameNumber?
+    @exclusivity(unchecked) private var pml5RootFrame: HostFrameNumber?
+    /// The current root is KVM's dummy root: the guest's root table is in no memslot.
+    @exclusivity(unchecked) public private(set) var usesDummyRoot = false
+    /// The CR3 the roots were built for (KVM's `root.pgd`, PCID bits included).
     @exclusivity(unchecked) public private(set) var rootPGD: UInt64 = 0
     @exclusivity(unchecked) public private(set) var rootsLoaded = false
+    /// KVM's `prev_roots`: roots kept for a later CR3 load of the same pgd, most recent first.
+    /// Only roots with a shadow page are cached (never special or dummy roots).
+    @exclusivity(unchecked) public private(set) var previousRoots: [CachedRoot?] = [nil, nil, nil]
+    /// KVM_MMU_NUM_PREV_ROOTS.
+    public static let previousRootCount = 3
+    /// CR3 loads that found their root cached (current or previous) and ones that did not; not
+    /// KVM counters, the model's view of `fast_pgd_switch`.
+    public private(set) var rootCacheHits: UInt64 = 0
+    public private(set) var rootCacheMisses: UInt64 = 0
+    /// The paging depth of the host format the shadow tables are built in, or nil to follow the
+    /// guest (see `VirtualMachine.hostLevels`).
+    public let hostLevels: Int?
     @exclusivity(unchecked) private var long64: Long64Format
     @exclusivity(unchecked) private var legacy32: Legacy32Format
 
-    public init(mmu: ShadowMMU, registers: PagingRegisters, cpu: CPUModel = CPUModel()) throws(ControlStateError) {
+    public init(mmu: ShadowMMU, registers: PagingRegisters, cpu: CPUModel = CPUModel(),
+                hostLevels: Int? = nil) throws(ControlStateError) {
         self.mmu = mmu
         self.cpu = cpu
         self.registers = registers
+        self.hostLevels = hostLevels
         guestWalkerBox = WalkerBox(try PageWalker(registers: registers, cpu: cpu, memory: mmu.memory))
         cpuRole = calcCPURole(cr0: registers.cr0, cr4: registers.cr4, efer: registers.efer)
-        rootRole = shadowRootRole(for: cpuRole)
+        rootRole = Self.rootRole(for: cpuRole, hostLevels: hostLevels)
         long64 = Long64Format(mode: guestWalkerBox.walker.mode, efer: registers.efer, cpu: cpu)
         legacy32 = Legacy32Format(cr4: registers.cr4, cpu: cpu)
+    }
+
+    deinit {
+        for frame in [paeRootFrame, pml4RootFrame, pml5RootFrame].compactMap({ $0 }) { try? mmu.pool.freePage(frame) }
+    }
+
+    /// The shadow root role (`kvm_init_shadow_mmu`), or with a fixed host depth the role KVM gives
+    /// a nested NPT root (`kvm_init_shadow_npt_mmu`): the host's level, and `passthrough` for a
+    /// 4-level guest on a 5-level host.
+    static func rootRole(for cpuRole: CPURole, hostLevels: Int?) -> PageRole {
+        var role = shadowRootRole(for: cpuRole)
+        guard let hostLevels else { return role }
+        role.level = hostLevels
+        if !role.isDirect && hostLevels == 5 && cpuRole.base.level == 4 { role.isPassthrough = true }
+        return role
     }
 
     // MARK: Registers
@@ -87,7 +131,11 @@ public final class MMUContext {
         let reset = cr0.context.combined(with: cr4.context).combined(with: efer.context)
         var flushes = cr0.flushes.union(cr4.flushes)
         install(new, walker)
-        if reset.unloadsRoots || pdptesChanged { unload() }
+        if reset.unloadsRoots {
+            unload()
+        } else if pdptesChanged {
+            freeCurrentRoot()
+        }
         if reset.recomputesRoles { initializeRoles() }
         if new.cr3 != old.cr3 {
             flushes.formUnion(try loadCR3(new.cr3))
@@ -95,19 +143,107 @@ public final class MMUContext {
         return flushes
     }
 
-    /// MOV to CR3 (KVM's `kvm_set_cr3`), also of the value CR3 already holds. A new value moves to
-    /// a new root (`kvm_mmu_new_pgd`; without a root cache the current root is freed); PAE paging
-    /// reloads the PDPTEs from memory, and KVM frees the roots when they changed. Without the PCID
-    /// no-flush bit the current translations are flushed (`kvm_invalidate_pcid` of the active PCID).
+    /// MOV to CR3 (KVM's `kvm_set_cr3`), also of the value CR3 already holds. `value` has the
+    /// PCID in bits 11:0 under CR4.PCIDE; `noFlush` is bit 63 of the source. PAE paging reloads
+    /// the PDPTEs from memory and frees the current roots when they changed; a new value moves to
+    /// the root for it (`kvm_mmu_new_pgd`: the current root or a cached one when usable, else a
+    /// new one at the next entry). Then, unless `noFlush`, the PCID's translations go
+    /// (`kvm_invalidate_pcid`).
     public func loadCR3(_ value: UInt64, noFlush: Bool = false) throws(ControlStateError) -> TLBFlushRequests {
-        var new = registers
-        new.cr3 = value
-        let walker = try PageWalker(registers: new, cpu: cpu, memory: mmu.memory)
-        let pgdChanged = value != rootPGD
-        let pdptesChanged = walker.mode == .pae && (0..<4).contains { walker.pdpte($0) != guestWalker.pdpte($0) }
-        install(new, walker)
-        if rootsLoaded && (pgdChanged || pdptesChanged) { unload() }
-        return .flushCurrent
+        let changed = value != registers.cr3
+        if changed || registers.mode == .pae {
+            var new = registers
+            new.cr3 = value
+            let walker = try PageWalker(registers: new, cpu: cpu, memory: mmu.memory)
+            let pdptesChanged = walker.mode == .pae && (0..<4).contains { walker.pdpte($0) != guestWalker.pdpte($0) }
+            install(new, walker)
+            if pdptesChanged { freeCurrentRoot() }
+            if changed { switchRoot(to: value) }
+        }
+        return noFlush ? [] : invalidatePCID(registers.pcid)
+    }
+
+    /// KVM's `kvm_get_pcid` of a pgd: its PCID bits under CR4.PCIDE, else 0.
+    private func pcid(of pgd: UInt64) -> UInt16 {
+        registers.cr4.contains(.pcidEnable) ? UInt16(truncatingIfNeeded: pgd & 0xFFF) : 0
+    }
+
+    /// `kvm_invalidate_pcid` under shadow paging: the active PCID is synced and flushed at the next
+    /// entry; with CR4.PCIDE, cached roots of that PCID are freed (a later switch to them must not
+    /// find stale entries).
+    private func invalidatePCID(_ pcid: UInt16) -> TLBFlushRequests {
+        var requests: TLBFlushRequests = []
+        if registers.pcid == pcid { requests = [.syncRoots, .flushCurrent] }
+        guard registers.cr4.contains(.pcidEnable) else { return requests }
+        for index in previousRoots.indices {
+            if let cached = previousRoots[index], self.pcid(of: cached.pgd) == pcid { freePreviousRoot(at: index) }
+        }
+        return requests
+    }
+
+    // MARK: The root cache
+
+    /// KVM's `is_root_usable`: the cached root was built for this pgd (indirect roots) and for
+    /// the current root role (an invalid page's role never matches).
+    private func isUsable(_ cached: CachedRoot?, pgd: UInt64) -> Bool {
+        guard let cached else { return false }
+        return (rootRole.isDirect || cached.pgd == pgd) && cached.page.role == rootRole
+    }
+
+    /// `kvm_mmu_new_pgd` with `fast_pgd_switch`: keep the current root if it is for `pgd`, else
+    /// take a usable cached one (the current root becomes the most recent cached one, the least
+    /// recent is freed); special and dummy roots are freed, never cached. Without a hit the next
+    /// entry allocates a root.
+    private func switchRoot(to pgd: UInt64) {
+        if rootsLoaded && root == nil { freeCurrentRoot() }
+        let hit = rootsLoaded ? findCachedRootKeepingCurrent(pgd) : findCachedRootWithoutCurrent(pgd)
+        guard hit, let root else {
+            rootCacheMisses += 1
+            return
+        }
+        rootCacheHits += 1
+        if !rootRole.isDirect { root.writeFloodingCount = 0 }
+    }
+
+    /// `cached_root_find_and_keep_current`: rotates the current root through the cache until a
+    /// usable one is current (C 0 1 2 -> 0 C 1 2 -> 1 C 0 2 -> 2 C 0 1); with none, the root that
+    /// fell off the end is freed.
+    private func findCachedRootKeepingCurrent(_ pgd: UInt64) -> Bool {
+        var current: CachedRoot? = root.map { CachedRoot(pgd: rootPGD, page: $0) }
+        if isUsable(current, pgd: pgd) { return true }
+        for index in previousRoots.indices {
+            swap(&current, &previousRoots[index])
+            if isUsable(current, pgd: pgd) {
+                setCurrentRoot(current!)
+                return true
+            }
+        }
+        setCurrentRoot(current)
+        freeCurrentRoot()
+        return false
+    }
+
+    /// `cached_root_find_without_current`: the first usable cached root becomes current and the
+    /// ones after it move up.
+    private func findCachedRootWithoutCurrent(_ pgd: UInt64) -> Bool {
+        guard let index = previousRoots.firstIndex(where: { isUsable($0, pgd: pgd) }) else { return false }
+        setCurrentRoot(previousRoots[index]!)
+        previousRoots.remove(at: index)
+        previousRoots.append(nil)
+        return true
+    }
+
+    private func setCurrentRoot(_ cached: CachedRoot?) {
+        root = cached?.page
+        rootPGD = cached?.pgd ?? 0
+        rootsLoaded = cached != nil
+        usesDummyRoot = false
+    }
+
+    func freePreviousRoot(at index: Int) {
+        guard let cached = previousRoots[index] else { return }
+        previousRoots[index] = nil
+        mmu.releaseRoot(cached.page)
     }
 
     private func install(_ new: PagingRegisters, _ walker: PageWalker) {
@@ -121,7 +257,7 @@ public final class MMUContext {
     /// the same as before.
     private func initializeRoles() {
         let newCPURole = calcCPURole(cr0: registers.cr0, cr4: registers.cr4, efer: registers.efer)
-        let newRootRole = shadowRootRole(for: newCPURole)
+        let newRootRole = Self.rootRole(for: newCPURole, hostLevels: hostLevels)
         guard newCPURole != cpuRole || newRootRole != rootRole else { return }
         cpuRole = newCPURole
         rootRole = newRootRole
@@ -140,80 +276,158 @@ public final class MMUContext {
         }
     }
 
-    /// `kvm_mmu_free_obsolete_roots`: frees the current roots if a zap made them obsolete. A PAE
-    /// root has no shadow page of its own, so KVM always treats it as obsolete.
+    /// `kvm_mmu_free_obsolete_roots`: frees the current and cached roots a zap made obsolete. A
+    /// root without a shadow page (special, dummy) cannot be told fresh from stale, so KVM treats it
+    /// as obsolete.
     public func freeObsoleteRoots() {
-        guard rootsLoaded else { return }
-        if let root, !mmu.isObsolete(root) { return }
-        unload()
+        if rootsLoaded && (root.map { mmu.isObsolete($0) } ?? true) { freeCurrentRoot() }
+        for index in previousRoots.indices {
+            if let cached = previousRoots[index], mmu.isObsolete(cached.page) { freePreviousRoot(at: index) }
+        }
     }
 
-    /// Frees the roots (KVM's `kvm_mmu_free_roots` of the current root).
+    /// KVM's `kvm_mmu_unload`: frees the current root and every cached one.
     public func unload() {
+        freeCurrentRoot()
+        for index in previousRoots.indices { freePreviousRoot(at: index) }
+    }
+
+    /// `kvm_mmu_free_roots` of the current root: its page's root reference, or each PAE root's.
+    public func freeCurrentRoot() {
         if let root { mmu.releaseRoot(root) }
         root = nil
         for case let page? in paeRoots { mmu.releaseRoot(page) }
         paeRoots = [nil, nil, nil, nil]
-        if let paeRootFrame { try? mmu.pool.freePage(paeRootFrame) }
-        paeRootFrame = nil
+        usesDummyRoot = false
         rootsLoaded = false
     }
 
-    /// `kvm_mmu_load`: builds the roots if there are none.
+    /// `kvm_mmu_load`: builds the roots if there are none (then syncs them, and the caller
+    /// flushes the TLB: `allocated`), and says what the hardware is to walk.
     @inline(never)  // see `pageFault`
-    public func load() throws(ShadowMMUError) -> HardwareRoot {
-        if !rootsLoaded { try allocateRoots() }
-        if let root {
-            return HardwareRoot(mode: rootRole.level == 5 ? .fiveLevel : .fourLevel, rootFrame: root.frame, pdptes: [])
+    public func load() throws(ShadowMMUError) -> (root: HardwareRoot, allocated: Bool) {
+        var allocated = false
+        if !rootsLoaded {
+            try allocateRoots()
+            syncRoots()
+            allocated = true
         }
-        let frame = paeRootFrame!
-        let entries = mmu.pool.pointer(frame).bindMemory(to: UInt64.self, capacity: 4)
-        return HardwareRoot(mode: .pae, rootFrame: frame, pdptes: (0..<4).map { entries[$0] })
+        return (hardwareRoot, allocated)
     }
+
+    /// What the hardware walks for the loaded roots.
+    private var hardwareRoot: HardwareRoot {
+        if let root { return HardwareRoot(mode: Self.hostMode(levels: root.level), rootFrame: root.frame, pdptes: []) }
+        if usesDummyRoot {
+            let frame = mmu.dummyRootFrame!
+            if rootRole.level >= 4 { return HardwareRoot(mode: Self.hostMode(levels: rootRole.level), rootFrame: frame, pdptes: []) }
+            return HardwareRoot(mode: .pae, rootFrame: frame, pdptes: [0, 0, 0, 0])
+        }
+        switch rootRole.level {
+        case 5: return HardwareRoot(mode: .fiveLevel, rootFrame: pml5RootFrame!, pdptes: [])
+        case 4: return HardwareRoot(mode: .fourLevel, rootFrame: pml4RootFrame!, pdptes: [])
+        default:
+            let entries = mmu.pool.pointer(paeRootFrame!).bindMemory(to: UInt64.self, capacity: 4)
+            return HardwareRoot(mode: .pae, rootFrame: paeRootFrame!, pdptes: (0..<4).map { entries[$0] })
+        }
+    }
+
+    private static func hostMode(levels: Int) -> PagingMode { levels == 5 ? .fiveLevel : .fourLevel }
 
     private func allocateRoots() throws(ShadowMMUError) {
         try mmu.makePagesAvailable()
-        rootPGD = registers.cr3
-        if rootRole.level >= 4 {
-            // 64-bit guest: one root shadowing the guest's top table.
-            var role = rootRole
-            role.quadrant = 0
-            let gfn = GuestFrameNumber((registers.cr3 & bitRange(12, 51)) >> 12)
-            let page = try mmu.getShadowPage(gfn, role).page
-            page.rootCount += 1
-            root = page
+        if rootRole.isDirect {
+            try allocateDirectRoots()
         } else {
-            // The PAE root: four level-2 roots, one per gigabyte of the 32-bit address space.
-            let frame: HostFrameNumber
-            do { frame = try mmu.pool.allocatePage() } catch { throw .outOfHostMemory("\(error)") }
-            paeRootFrame = frame
-            let entries = mmu.pool.pointer(frame).bindMemory(to: UInt64.self, capacity: 512)
-            entries.initialize(repeating: 0, count: 512)
-            for index in 0..<4 {
-                var role = rootRole
-                role.level = 2
-                let gfn: GuestFrameNumber
-                if rootRole.isDirect {
-                    // Paging disabled: direct roots over gfn i << 18 (1 GiB each).
-                    gfn = GuestFrameNumber(UInt64(index) << 18)
-                    role.quadrant = 0
-                } else if rootRole.hasFourByteGPTE {
-                    // 32-bit guest: the four roots shadow quarters of the one guest page directory.
-                    gfn = GuestFrameNumber((registers.cr3 & 0xFFFF_F000) >> 12)
-                    role.quadrant = index
-                } else {
-                    let pdpte = guestWalker.pdpte(index)
-                    guard pdpte.isPresent else { continue }
-                    gfn = GuestFrameNumber(pdpte.frameAddress >> 12)
-                    role.quadrant = 0
-                }
-                let page = try mmu.getShadowPage(gfn, role).page
-                page.rootCount += 1
-                paeRoots[index] = page
-                entries[index] = page.frame.rawValue << 12 | 1
-            }
+            try allocateShadowRoots()
         }
         rootsLoaded = true
+    }
+
+    /// A special root page, allocated once and zeroed.
+    private func specialRootPage(_ frame: inout HostFrameNumber?) throws(ShadowMMUError) -> UnsafeMutablePointer<UInt64> {
+        if frame == nil {
+            do { frame = try mmu.pool.allocatePage() } catch { throw .outOfHostMemory("\(error)") }
+        }
+        let entries = mmu.pool.pointer(frame!).bindMemory(to: UInt64.self, capacity: 512)
+        entries.initialize(repeating: 0, count: 512)
+        return entries
+    }
+
+    private func takeRoot(_ gfn: GuestFrameNumber, _ role: PageRole) throws(ShadowMMUError) -> ShadowPage {
+        let page = try mmu.getShadowPage(gfn, role, for: self).page
+        page.rootCount += 1
+        return page
+    }
+
+    /// `mmu_alloc_direct_roots` (paging off): one direct root on a 4- or 5-level host, else four
+    /// level-2 direct roots over 1 GiB each behind the PAE root.
+    private func allocateDirectRoots() throws(ShadowMMUError) {
+        rootPGD = 0
+        if rootRole.level >= 4 {
+            root = try takeRoot(GuestFrameNumber(0), rootRole)
+            return
+        }
+        let entries = try specialRootPage(&paeRootFrame)
+        for index in 0..<4 {
+            var role = rootRole
+            role.level = 2
+            role.quadrant = 0
+            let page = try takeRoot(GuestFrameNumber(UInt64(index) << 18), role)
+            paeRoots[index] = page
+            entries[index] = page.frame.rawValue << 12 | 1
+        }
+    }
+
+    /// `mmu_alloc_shadow_roots`.
+    private func allocateShadowRoots() throws(ShadowMMUError) {
+        rootPGD = registers.cr3
+        let guestLevel = cpuRole.base.level
+        let rootGFN = GuestFrameNumber((registers.cr3 & (guestLevel == 2 ? 0xFFFF_F000 : bitRange(12, 51))) >> 12)
+        // A root table in no memslot: the hardware walks KVM's dummy root (every access faults).
+        guard mmu.memory.hostFrame(of: rootGFN) != nil else {
+            _ = try mmu.allocateDummyRoot()
+            usesDummyRoot = true
+            return
+        }
+        if guestLevel >= 4 {
+            var role = rootRole
+            role.quadrant = 0
+            root = try takeRoot(rootGFN, role)
+            return
+        }
+        // A 32-bit or PAE guest: four level-2 roots behind the PAE root; on a 4- or 5-level host,
+        // `pml4_root` (and `pml5_root`) above it, whose entries carry full rights.
+        let presentMask: UInt64 = rootRole.level >= 4 ? 1 | 2 | 4 | 1 << 5 : 1
+        let entries = try specialRootPage(&paeRootFrame)
+        for index in 0..<4 {
+            var role = rootRole
+            role.level = 2
+            let gfn: GuestFrameNumber
+            if rootRole.hasFourByteGPTE {
+                // The four roots shadow quarters of the one guest page directory.
+                gfn = rootGFN
+                role.quadrant = index
+            } else {
+                let pdpte = guestWalker.pdpte(index)
+                let tableGFN = GuestFrameNumber(pdpte.frameAddress >> 12)
+                // A PDPTE naming memory outside every memslot is treated as not present.
+                guard pdpte.isPresent, mmu.memory.hostFrame(of: tableGFN) != nil else { continue }
+                gfn = tableGFN
+                role.quadrant = 0
+            }
+            let page = try takeRoot(gfn, role)
+            paeRoots[index] = page
+            entries[index] = page.frame.rawValue << 12 | presentMask
+        }
+        if rootRole.level >= 4 {
+            let pml4 = try specialRootPage(&pml4RootFrame)
+            pml4[0] = paeRootFrame!.rawValue << 12 | presentMask
+        }
+        if rootRole.level == 5 {
+            let pml5 = try specialRootPage(&pml5RootFrame)
+            pml5[0] = pml4RootFrame!.rawValue << 12 | presentMask
+        }
     }
 
     // MARK: The page-fault handler
@@ -392,8 +606,10 @@ public final class MMUContext {
     }
 
     /// The shadow table for the top of a shadow walk of `address`, and its level.
-    private func shadowWalkStart(_ address: GuestVirtualAddress) -> (page: ShadowPage, level: Int)? {
+    func shadowWalkStart(_ address: GuestVirtualAddress) -> (page: ShadowPage, level: Int)? {
         if let root { return (root, root.level) }
+        // Special roots: the walk starts at the PAE root's entry (pml4_root and pml5_root above
+        // it only lead there: a 32-bit address is below 4 GiB).
         guard let page = paeRoots[Int(address.rawValue >> 30) & 3] else { return nil }
         return (page, 2)
     }
@@ -413,7 +629,9 @@ public final class MMUContext {
             return existing
         }
         let role = childRole(of: parent.role, parentIndex: parent.index(of: pointer), direct: direct, access: access)
-        let page = try mmu.getShadowPage(gfn, role).page
+        let page = try mmu.getShadowPage(gfn, role, for: self).page
+        // The hardware will walk the new link at once: unsync pages below must be current first.
+        if !direct && page.unsyncChildren > 0 { syncChildren(of: page) }
         mmu.link(pointer, to: page)
         return Unmanaged.passUnretained(page)
     }
@@ -606,10 +824,9 @@ public final class MMUContext {
         return (spte, writeProtected)
     }
 
-    /// `mmu_try_to_unsync_pages`, for an MMU that never unsyncs: a gfn holding any shadowed
-    /// guest table stays write-protected.
+    /// `mmu_try_to_unsync_pages`.
     func mustWriteProtect(_ gfn: GuestFrameNumber, canUnsync: Bool, prefetch: Bool) -> Bool {
-        mmu.isWriteTracked(gfn) || mmu.hasShadowedTable(at: gfn)
+        mmu.mustWriteProtect(gfn, canUnsync: canUnsync, prefetch: prefetch)
     }
 
     // MARK: Prefetch
@@ -660,10 +877,21 @@ public final class MMUContext {
 
     // MARK: Invalidation
 
-    /// INVLPG (KVM's `kvm_mmu_invlpg`): with no unsync pages there is nothing to resync; the
-    /// caller drops the TLB entry.
+    /// INVLPG (KVM's `kvm_mmu_invlpg`): the SPTEs of unsync pages on the address's path, in the
+    /// current and every cached root, are synced from the guest; the caller drops the TLB entry.
     public func invalidatePage(_ address: GuestVirtualAddress) {
         mmu.stats.invlpg += 1
+        invalidateAddress(address, current: true, previous: Array(previousRoots.indices))
+    }
+
+    /// `kvm_mmu_invalidate_addr` for the chosen roots.
+    private func invalidateAddress(_ address: GuestVirtualAddress, current: Bool, previous: [Int]) {
+        guard !rootRole.isDirect else { return }
+        if registers.mode.isLongMode && !address.isCanonical(width: registers.mode.linearAddressWidth) { return }
+        if current, rootsLoaded, let (start, _) = shadowWalkStart(address) { invalidateAddress(address, from: start) }
+        for index in previous {
+            if let cached = previousRoots[index] { invalidateAddress(address, from: cached.page) }
+        }
     }
 
     /// What an INVPCID asks of the vCPU: whether the address's translation in the current root
@@ -678,11 +906,17 @@ public final class MMUContext {
         var outcome = InvalidationOutcome()
         switch type {
         case .individualAddress:
+            // `kvm_mmu_invpcid_gva`: the current root if the PCID is active, and the cached roots
+            // of that PCID.
+            let current = pcid == registers.pcid
+            let previous = previousRoots.indices.filter { previousRoots[$0].map { self.pcid(of: $0.pgd) == pcid } ?? false }
+            if current || !previous.isEmpty { invalidateAddress(address, current: current, previous: previous) }
+            outcome.flushesAddressInCurrent = current
             mmu.stats.invlpg += 1
-            outcome.flushesAddressInCurrent = pcid == registers.pcid
         case .singleContext:
-            if pcid == registers.pcid { outcome.requests = .flushCurrent }
+            outcome.requests = invalidatePCID(pcid)
         case .allContextsIncludingGlobal, .allContextsExceptGlobal:
+            // KVM does not track global entries in shadow tables: a non-global flush is a full one.
             outcome.requests = .flushGuest
         }
         return outcome

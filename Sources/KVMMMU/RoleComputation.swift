@@ -262,6 +262,8 @@ public struct TLBFlushRequests: OptionSet, Hashable, Sendable {
     @inlinable public static var flushGuest: TLBFlushRequests { TLBFlushRequests(rawValue: 1 << 0) }
     /// KVM_REQ_TLB_FLUSH_CURRENT: flush the translations of the current root / PCID.
     @inlinable public static var flushCurrent: TLBFlushRequests { TLBFlushRequests(rawValue: 1 << 1) }
+    /// KVM_REQ_MMU_SYNC: sync the current roots' unsync pages before the guest runs again.
+    @inlinable public static var syncRoots: TLBFlushRequests { TLBFlushRequests(rawValue: 1 << 2) }
 }
 
 /// Everything KVM does to the MMU after a CR0, CR4 or EFER write.

@@ -8,13 +8,42 @@ extension ShadowMMU {
         var problems: [String] = []
         let pages = Array(hashBuckets.joined())
         var leafCount = [0, 0, 0]
-        var shadowedGFNs = Set<UInt64>()
+        // gfns holding a shadowed guest table that is in sync (must be write-protected); a gfn
+        // whose shadow pages are all unsync may be mapped writable.
+        var protectedGFNs = Set<UInt64>()
         var trackedGFNs = Set<UInt64>()
         var indirect = 0
+        var unsyncPages = 0
         for page in pages where page.role.hasGPTEs && !page.role.isInvalid {
             indirect += 1
-            shadowedGFNs.insert(page.gfn.rawValue)
+            if !page.unsync { protectedGFNs.insert(page.gfn.rawValue) }
             if page.level > 1 { trackedGFNs.insert(page.gfn.rawValue) }
+        }
+        for page in pages where page.unsync {
+            unsyncPages += 1
+            if page.level != 1 || !page.role.hasGPTEs {
+                problems.append("\(page): only last-level pages that shadow guest tables may be unsync")
+            }
+            for pointer in page.parentPTEs {
+                let parent = self.page(containing: pointer)
+                if !parent.hasUnsyncChild(at: parent.index(of: pointer)) {
+                    problems.append("\(page): unsync, but its parent \(parent) has no unsync bit for SPTE \(parent.index(of: pointer))")
+                }
+            }
+        }
+        for page in pages where page.unsyncChildren > 0 {
+            for pointer in page.parentPTEs {
+                let parent = self.page(containing: pointer)
+                if !parent.hasUnsyncChild(at: parent.index(of: pointer)) {
+                    problems.append("\(page): has unsync children, but its parent \(parent) has no bit for SPTE \(parent.index(of: pointer))")
+                }
+            }
+            if page.unsyncChildIndexes.count != page.unsyncChildren {
+                problems.append("\(page): unsync_children = \(page.unsyncChildren) but \(page.unsyncChildIndexes.count) bits are set")
+            }
+        }
+        if stats.mmuUnsync != UInt64(unsyncPages) {
+            problems.append("mmu_unsync = \(stats.mmuUnsync) but \(unsyncPages) pages are unsync")
         }
         for page in pages {
             for index in 0..<512 {
@@ -30,8 +59,8 @@ extension ShadowMMU {
                     if memory.hostFrame(of: gfn) != spte.pfn {
                         problems.append("\(page): SPTE \(index) maps host frame \(hex(spte.pfn.rawValue)), which does not back gfn \(hex(gfn.rawValue)) in any memslot")
                     }
-                    if spte.isWritable && shadowedGFNs.contains(gfn.rawValue) {
-                        problems.append("\(page): SPTE \(index) lets the guest write gfn \(hex(gfn.rawValue)), which holds a shadowed guest table")
+                    if spte.isWritable && (protectedGFNs.contains(gfn.rawValue) || trackedGFNs.contains(gfn.rawValue)) {
+                        problems.append("\(page): SPTE \(index) lets the guest write gfn \(hex(gfn.rawValue)), which holds a shadowed guest table in sync")
                     }
                     if spte.isWritable && !spte.isMMUWritable(masks) || spte.isMMUWritable(masks) && !spte.isHostWritable(masks) {
                         problems.append("\(page): SPTE \(index) breaks the writable invariants (W => MMU-writable => host-writable)")

@@ -45,6 +45,19 @@ public final class ShadowMMU {
     public internal(set) var maxPages = ShadowMMU.minimumMaxPages
     /// `kvm_mmu_available_pages`.
     public var availablePages: Int { max(0, maxPages - usedPages) }
+    /// KVM's dummy root (`kvm_mmu_get_dummy_root`: the zero page): what the hardware walks when
+    /// the guest's root table is in no memslot, so that every access faults. Allocated once.
+    public private(set) var dummyRootFrame: HostFrameNumber?
+
+    func allocateDummyRoot() throws(ShadowMMUError) -> HostFrameNumber {
+        if let dummyRootFrame { return dummyRootFrame }
+        let frame: HostFrameNumber
+        do { frame = try pool.allocatePage() } catch { throw .outOfHostMemory("\(error)") }
+        pool.pointer(frame).initializeMemory(as: UInt8.self, repeating: 0, count: 4096)
+        dummyRootFrame = frame
+        return frame
+    }
+
     /// `mmu_valid_gen`.
     @exclusivity(unchecked) public internal(set) var validGeneration: UInt8 = 0
     @exclusivity(unchecked) var nextSerial: UInt64 = 0
@@ -123,28 +136,49 @@ public final class ShadowMMU {
     }
 
     /// `kvm_mmu_find_shadow_page`: a valid page with this gfn and role, counting hash collisions
-    /// and misses as KVM does.
-    func findShadowPage(_ gfn: GuestFrameNumber, _ role: PageRole) -> ShadowPage? {
+    /// and misses as KVM does. An unsync page found is synced from the guest entries first (and
+    /// not found if that fails); creating an upper-level page zaps the gfn's unsync pages, as the
+    /// gfn is about to be write-tracked.
+    func findShadowPage(_ gfn: GuestFrameNumber, _ role: PageRole, for context: MMUContext?) -> ShadowPage? {
         var collisions: UInt64 = 0
         var found: ShadowPage?
+        var zapped = false
         for page in hashBuckets[Self.bucket(gfn)] where !isObsolete(page) {
             guard page.gfn == gfn else {
                 collisions += 1
                 continue
             }
-            guard page.role == role else { continue }
+            guard page.role == role else {
+                if role.level > 1 && page.unsync {
+                    zap(page, flushing: false)
+                    zapped = true
+                }
+                continue
+            }
+            if page.role.hasGPTEs {
+                if page.unsync, let context {
+                    let synced = context.syncPage(page)
+                    if synced < 0 {
+                        zapped = true
+                        break
+                    }
+                    if synced > 0 { flushRemoteTLBs() }
+                }
+                page.writeFloodingCount = 0
+            }
             found = page
-            if page.role.hasGPTEs { page.writeFloodingCount = 0 }
             break
         }
+        if zapped { flushRemoteTLBs() }
         if found == nil { stats.mmuCacheMiss += 1 }
         stats.maxMMUPageHashCollisions = max(stats.maxMMUPageHashCollisions, collisions)
         return found
     }
 
     /// `__kvm_mmu_get_shadow_page`.
-    func getShadowPage(_ gfn: GuestFrameNumber, _ role: PageRole) throws(ShadowMMUError) -> (page: ShadowPage, created: Bool) {
-        if let existing = findShadowPage(gfn, role) {
+    func getShadowPage(_ gfn: GuestFrameNumber, _ role: PageRole,
+                       for context: MMUContext?) throws(ShadowMMUError) -> (page: ShadowPage, created: Bool) {
+        if let existing = findShadowPage(gfn, role, for: context) {
             events.record(.kvmMMUGetPage(gfn: gfn, role: role, created: false))
             return (existing, false)
         }
@@ -176,7 +210,8 @@ public final class ShadowMMU {
             writeTrack[frame.rawValue] += 1
             writeTrackTotal += 1
         }
-        // Level 1 too: with no unsync pages in this MMU, every shadowed table is write-protected.
+        // Level 1 too: a new shadow page starts in sync, its table write-protected; a later
+        // write fault may unsync it.
         if writeProtect(page.gfn) { flushRemoteTLBs() }
     }
 
@@ -273,6 +308,7 @@ public final class ShadowMMU {
         }
         pointer.pointee = SPTE.nonLeaf(child: child.frame, adDisabled: child.role.adDisabled, masks: masks).rawValue
         child.parentPTEs.append(pointer)
+        if child.isUnsyncRoot { markUnsync(pointer) }
     }
 
     /// `mmu_page_zap_pte`: clears one SPTE of `page`; true when it was present.
@@ -357,15 +393,18 @@ public final class ShadowMMU {
     /// `zap`, leaving the TLB flush to the caller when `flushing` is false (a batch of zaps
     /// commits with one flush, as KVM's invalid list does).
     func zap(_ page: ShadowPage, flushing: Bool) {
+        guard !page.isFreed else { return }
         events.record(.kvmMMUPrepareZapPage(gfn: page.gfn, role: page.role))
         stats.mmuShadowZapped += 1
         // A root in use that was not already obsolete: every vCPU must drop it before it runs
         // again (KVM_REQ_MMU_FREE_OBSOLETE_ROOTS).
         let zappedRoot = page.rootCount > 0 && !isObsolete(page)
+        zapUnsyncChildren(of: page)
         for index in 0..<512 { zapPTE(page.spte(index), in: page) }
         for parent in page.parentPTEs { parent.pointee = SPTE.nonPresent.rawValue }
         page.parentPTEs.removeAll()
         if page.role.hasGPTEs && !page.role.isInvalid { unaccountShadowed(page) }
+        unlinkUnsync(page)
         if page.rootCount == 0 {
             free(page)
         } else {
@@ -376,6 +415,7 @@ public final class ShadowMMU {
     }
 
     func free(_ page: ShadowPage) {
+        page.isFreed = true
         let bucket = Self.bucket(page.gfn)
         hashBuckets[bucket].removeAll { $0 === page }
         directory.set(nil, at: page.frame.rawValue)

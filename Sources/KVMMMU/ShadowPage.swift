@@ -25,7 +25,16 @@ public final class ShadowPage {
     /// Every SPTE that points at this page (KVM's `parent_ptes` rmap).
     @exclusivity(unchecked) var parentPTEs: [SPTEPointer] = []
     @exclusivity(unchecked) public internal(set) var rootCount = 0
+    /// The guest table may be written without KVM seeing it: its SPTEs are synced from the guest
+    /// entries when the guest invalidates its TLB (level-1 pages only).
     @exclusivity(unchecked) public internal(set) var unsync = false
+    /// How many bits of `unsyncChildBitmap` are set (KVM's `unsync_children`).
+    @exclusivity(unchecked) public internal(set) var unsyncChildren = 0
+    /// For pages above level 1: bit i set when the child under SPTE i is unsync or has unsync
+    /// children (KVM's `unsync_child_bitmap`; bits of children since unlinked are cleared lazily).
+    let unsyncChildBitmap: UnsafeMutablePointer<UInt64>?
+    /// The page was freed (a zap that freed it may come while a batch of zaps still lists it).
+    @exclusivity(unchecked) var isFreed = false
     /// Emulated writes to the shadowed table since the page was last used by a walk.
     @exclusivity(unchecked) public internal(set) var writeFloodingCount = 0
     public let validGeneration: UInt8
@@ -47,9 +56,59 @@ public final class ShadowPage {
         } else {
             shadowedTranslations = nil
         }
+        if role.level > 1 {
+            let bitmap = UnsafeMutablePointer<UInt64>.allocate(capacity: Self.bitmapWords)
+            bitmap.initialize(repeating: 0, count: Self.bitmapWords)
+            unsyncChildBitmap = bitmap
+        } else {
+            unsyncChildBitmap = nil
+        }
     }
 
-    deinit { shadowedTranslations?.deallocate() }
+    deinit {
+        shadowedTranslations?.deallocate()
+        unsyncChildBitmap?.deallocate()
+    }
+
+    static let bitmapWords = 512 / 64
+
+    /// Whether the bit for the child under SPTE `index` is set.
+    func hasUnsyncChild(at index: Int) -> Bool {
+        guard let unsyncChildBitmap else { return false }
+        return unsyncChildBitmap[index >> 6] & (1 << UInt64(index & 63)) != 0
+    }
+
+    /// Sets the bit for SPTE `index`; false when it was set already.
+    func setUnsyncChild(at index: Int) -> Bool {
+        guard let unsyncChildBitmap, !hasUnsyncChild(at: index) else { return false }
+        unsyncChildBitmap[index >> 6] |= 1 << UInt64(index & 63)
+        unsyncChildren += 1
+        return true
+    }
+
+    /// Clears the bit for SPTE `index` (KVM's `clear_unsync_child_bit`).
+    func clearUnsyncChild(at index: Int) {
+        guard let unsyncChildBitmap, hasUnsyncChild(at: index) else { return }
+        unsyncChildBitmap[index >> 6] &= ~(1 << UInt64(index & 63))
+        unsyncChildren -= 1
+    }
+
+    /// The indexes whose unsync-child bit is set, in order.
+    var unsyncChildIndexes: [Int] {
+        guard let unsyncChildBitmap, unsyncChildren > 0 else { return [] }
+        var indexes: [Int] = []
+        for word in 0..<Self.bitmapWords {
+            var bits = unsyncChildBitmap[word]
+            while bits != 0 {
+                indexes.append(word * 64 + bits.trailingZeroBitCount)
+                bits &= bits - 1
+            }
+        }
+        return indexes
+    }
+
+    /// KVM's `is_unsync_root`.
+    public var isUnsyncRoot: Bool { unsync || unsyncChildren > 0 }
 
     @inlinable public var level: Int { role.level }
 

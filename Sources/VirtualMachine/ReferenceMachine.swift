@@ -50,6 +50,19 @@ public final class ReferenceMachine {
     /// The group of 4 KiB pages whose translations a use of one may cache (KVM's PTE_PREFETCH_NUM).
     static let speculativeGroup: UInt64 = 8
     private var cached: [UInt64: [Cached]] = [:]
+    /// An older value of a last-level entry, and the PCIDs that may still hold its translation.
+    struct StaleLeaf {
+        var value: UInt64
+        var pcids: Set<UInt16>
+    }
+    /// By entry GPA: older values of last-level entries whose translations may still be cached.
+    private var staleLeaves: [UInt64: [StaleLeaf]] = [:]
+    /// Frames the reference has walked as last-level tables.
+    private var levelOneTables: Set<UInt64> = []
+    /// Entry values at the places the pending write may land (see `expect`).
+    private var valuesBeforeWrite: [UInt64: UInt64] = [:]
+    /// Every PCID the guest has had active.
+    private var knownPCIDs: Set<UInt16> = [0]
     /// Leaf entries (by GPA) the guest last wrote, with the value written.
     private var guestWrittenEntries: [UInt64: UInt64] = [:]
     /// Leaf entries a write access went through since the guest last wrote them.
@@ -64,8 +77,63 @@ public final class ReferenceMachine {
     }
 
     /// The architecture's answer for an access about to be made (a probe: nothing is written).
+    /// For a write, the entry-sized values at every place the write may land are noted first, so
+    /// that a store that rewrites a last-level paging entry is known with its old value.
     public func expect(_ address: GuestVirtualAddress, _ access: Access) -> Result<Translation, WalkFault> {
-        walker.translate(address, access, in: memory, setAccessedDirty: false)
+        let expected = walker.translate(address, access, in: memory, setAccessedDirty: false)
+        valuesBeforeWrite.removeAll(keepingCapacity: true)
+        if access.kind == .write {
+            var frames = allowedStale(address, expected).map(\.gpaFrame)
+            if case .success(let translation) = expected { frames.append(translation.physicalAddress.frame.rawValue) }
+            for frame in frames where levelOneTables.contains(frame) {
+                let entry = frame << 12 | (address.rawValue & pageOffsetMask & ~UInt64(entrySize - 1))
+                valuesBeforeWrite[entry] = readEntry(GuestPhysicalAddress(entry))
+            }
+        }
+        return expected
+    }
+
+    /// The translations for `address` the guest may still hold besides a fresh walk's: those
+    /// cached for its page under the current PCID (or global), and those through an older value of
+    /// the last-level entry the walk reaches.
+    private func allowedStale(_ address: GuestVirtualAddress, _ expected: Result<Translation, WalkFault>) -> [Cached] {
+        let pcid = registers.pcid
+        var allowed = (cached[address.rawValue >> 12] ?? []).filter { $0.isGlobal || $0.pcid == pcid }
+        let path: WalkPath
+        switch expected {
+        case .success(let translation): path = translation.path
+        case .failure(.pageFault(let fault)): path = fault.path
+        default: return allowed
+        }
+        guard path.bottomLevel == 1, let olderValues = staleLeaves[path.entryAddress(level: 1).rawValue] else { return allowed }
+        let above = permissionsAbove(path)
+        for older in olderValues where older.pcids.contains(pcid) {
+            let frame = entrySize == 4 ? (older.value & 0xFFFF_F000) >> 12 : (older.value & bitRange(12, 51)) >> 12
+            allowed.append(Cached(gpaFrame: frame, permissions: above & entryPermissions(older.value), isGlobal: false,
+                                  pcid: pcid, dirty: older.value & (1 << 6) != 0))
+        }
+        return allowed
+    }
+
+    private var entrySize: Int { registers.mode == .legacy32 ? 4 : 8 }
+
+    /// The ACC bits (1 execute, 2 write, 4 user) one entry grants.
+    private func entryPermissions(_ entry: UInt64) -> UInt8 {
+        var permissions: UInt8 = 0
+        if entry & 2 != 0 { permissions |= 2 }
+        if entry & 4 != 0 { permissions |= 4 }
+        if entrySize == 4 || !registers.efer.contains(.noExecuteEnable) || entry >> 63 == 0 { permissions |= 1 }
+        return permissions
+    }
+
+    /// The ACC bits granted by the entries above the last level on `path` (PAE's PDPTE registers
+    /// grant everything).
+    private func permissionsAbove(_ path: WalkPath) -> UInt8 {
+        var permissions: UInt8 = 7
+        let first = path.topIsRegister ? path.topLevel - 1 : path.topLevel
+        guard first >= 2 else { return permissions }
+        for level in 2...first { permissions &= entryPermissions(path.entryValue(level: level)) }
+        return permissions
     }
 
     /// Checks the virtualized outcome of an access against `expected` (from `expect`, taken just
@@ -75,7 +143,7 @@ public final class ReferenceMachine {
         checkedAccesses += 1
         let page = address.rawValue >> 12
         let pcid = registers.pcid
-        let allowedStale = (cached[page] ?? []).filter { $0.isGlobal || $0.pcid == pcid }
+        let allowedStale = allowedStale(address, expected)
         func fail(_ expectedText: String) -> LockstepDisagreement {
             LockstepDisagreement(address: address, access: access, expected: expectedText, actual: "\(actual)",
                                  entries: entries(of: expected))
@@ -124,7 +192,10 @@ public final class ReferenceMachine {
                 let leafDirty = readEntry(translation.path.entryAddress(level: translation.level)) & (1 << 6) != 0
                 remember(page, Cached(gpaFrame: gpa.frame.rawValue, permissions: translation.permissions,
                                       isGlobal: translation.isGlobal, pcid: pcid, dirty: leafDirty || access.kind == .write))
-                if translation.level == 1 { cacheNeighbours(of: address, access) }
+                if translation.level == 1 {
+                    levelOneTables.insert(translation.path.entryAddress(level: 1).frame.rawValue)
+                    cacheNeighbours(of: address, access)
+                }
                 if access.kind == .write { writtenThrough.insert(translation.path.entryAddress(level: translation.level).rawValue) }
             default:
                 break
@@ -155,9 +226,16 @@ public final class ReferenceMachine {
     }
 
     /// A guest store landed at `gpa`: if it rewrote a paging entry, that entry's dirty state is
-    /// now whatever the guest wrote.
+    /// now whatever the guest wrote. If it rewrote a last-level entry that held a valid,
+    /// accessed translation, the processor may have cached that translation just before (SDM
+    /// 4.10.2.1: any valid translation may be cached at any time), so it stays allowed until the
+    /// guest invalidates it.
     func noteGuestWrite(_ gpa: GuestPhysicalAddress, size: Int, value: UInt64) {
         let entryAddress = registers.mode == .legacy32 ? gpa.rawValue & ~3 : gpa.rawValue & ~7
+        if let old = valuesBeforeWrite[entryAddress], old & 1 != 0, old & (1 << 5) != 0,
+           walker.reservedBitsSet(in: old, level: 1) == 0, old != readEntry(GuestPhysicalAddress(entryAddress)) {
+            staleLeaves[entryAddress, default: []].append(StaleLeaf(value: old, pcids: knownPCIDs.union([registers.pcid])))
+        }
         guestWrittenEntries[entryAddress] = readEntry(GuestPhysicalAddress(entryAddress))
         writtenThrough.remove(entryAddress)
     }
@@ -205,15 +283,54 @@ public final class ReferenceMachine {
     public func invalidatePage(_ address: GuestVirtualAddress) {
         let pcid = registers.pcid
         drop(page: address.rawValue >> 12) { $0.isGlobal || $0.pcid == pcid }
+        dropStaleLeaf(of: address, pcid: pcid)
+    }
+
+    /// Forgets the older values of the last-level entry `address` walks through, for `pcid`.
+    private func dropStaleLeaf(of address: GuestVirtualAddress, pcid: UInt16) {
+        let path: WalkPath
+        switch walker.translate(address, Access(.read, .supervisor), in: memory, setAccessedDirty: false) {
+        case .success(let translation): path = translation.path
+        case .failure(.pageFault(let fault)): path = fault.path
+        default: return
+        }
+        guard path.bottomLevel == 1 else { return }
+        let entry = path.entryAddress(level: 1).rawValue
+        guard var list = staleLeaves[entry] else { return }
+        for index in list.indices { list[index].pcids.remove(pcid) }
+        list.removeAll { $0.pcids.isEmpty }
+        staleLeaves[entry] = list.isEmpty ? nil : list
+    }
+
+    /// Forgets older last-level values for `pcid` (every PCID when nil).
+    private func dropStaleLeaves(pcid: UInt16?) {
+        guard let pcid else {
+            staleLeaves.removeAll()
+            return
+        }
+        for (entry, list) in staleLeaves {
+            var kept = list
+            for index in kept.indices { kept[index].pcids.remove(pcid) }
+            kept.removeAll { $0.pcids.isEmpty }
+            staleLeaves[entry] = kept.isEmpty ? nil : kept
+        }
     }
 
     /// INVPCID of `type` for `pcid` (and `address`, for an individual-address invalidation).
     public func invalidatePCID(_ type: INVPCIDType, pcid: UInt16, address: GuestVirtualAddress) {
         switch type {
-        case .individualAddress: drop(page: address.rawValue >> 12) { !$0.isGlobal && $0.pcid == pcid }
-        case .singleContext: dropAll { !$0.isGlobal && $0.pcid == pcid }
-        case .allContextsIncludingGlobal: cached.removeAll()
-        case .allContextsExceptGlobal: dropAll { !$0.isGlobal }
+        case .individualAddress:
+            drop(page: address.rawValue >> 12) { !$0.isGlobal && $0.pcid == pcid }
+            dropStaleLeaf(of: address, pcid: pcid)
+        case .singleContext:
+            dropAll { !$0.isGlobal && $0.pcid == pcid }
+            dropStaleLeaves(pcid: pcid)
+        case .allContextsIncludingGlobal:
+            cached.removeAll()
+            dropStaleLeaves(pcid: nil)
+        case .allContextsExceptGlobal:
+            dropAll { !$0.isGlobal }
+            dropStaleLeaves(pcid: nil)
         }
     }
 
@@ -238,8 +355,10 @@ public final class ReferenceMachine {
         let newWalker = try PageWalker(registers: new, cpu: cpu, memory: memory, pdpteValues: keptPDPTEs)
         registers = new
         walker = newWalker
+        knownPCIDs.insert(new.pcid)
         if new.invalidatesAllTranslations(from: old) {
             cached.removeAll()
+            dropStaleLeaves(pcid: nil)
         } else if new.cr3 != old.cr3 {
             dropNonGlobalTranslations(of: new.pcid)
         }
@@ -253,6 +372,7 @@ public final class ReferenceMachine {
         new.cr3 = value
         walker = try PageWalker(registers: new, cpu: cpu, memory: memory)
         registers = new
+        knownPCIDs.insert(new.pcid)
         if !(noFlush && new.cr4.contains(.pcidEnable)) { dropNonGlobalTranslations(of: new.pcid) }
     }
 
@@ -264,5 +384,6 @@ public final class ReferenceMachine {
     private func dropNonGlobalTranslations(of pcid: UInt16) {
         let keepsGlobal = registers.cr4.contains(.globalPages)
         dropAll { !(keepsGlobal && $0.isGlobal) && $0.pcid == pcid }
+        dropStaleLeaves(pcid: pcid)
     }
 }

@@ -140,12 +140,12 @@ public final class VCPU {
     public let context: MMUContext
     public let tlb = TLB()
     public var registers: PagingRegisters { context.registers }
-    @exclusivity(unchecked) private var hardwareRoot: HardwareRoot?
     @exclusivity(unchecked) private var hardware: WalkerBox?
     private let host: HostPhysicalView
     private let pool: HostPagePool
     /// The VM's MMU, held directly: reaching it through `unowned vm` costs an unowned retain.
     private let mmu: ShadowMMU
+    private let hostLevels: Int?
 
     /// What every access reads, behind a pointer: a class's `var`s would cost an exclusivity
     /// check each, and a TLB hit must cost a few loads.
@@ -157,6 +157,9 @@ public final class VCPU {
         var freeObsoleteRootsRequested = false
         /// The guest's linear addresses are 32 bits wide (not IA-32e).
         var narrowLinearAddresses: Bool
+        /// The width an IA-32e guest's addresses must be canonical in (48 or 57): the hardware may
+        /// walk KVM's tables in a deeper mode than the guest's.
+        var canonicalWidth = 64
         /// The root frame TLB entries are tagged with.
         var rootFrame: UInt64 = 0
         /// Byte `3 * kind + privilege`: the combined ACC values the hardware refuses that access
@@ -175,10 +178,12 @@ public final class VCPU {
         pool = vm.pool
         mmu = vm.mmu
         hot = .allocate(capacity: 1)
-        hot.initialize(to: HotState(narrowLinearAddresses: !registers.mode.isLongMode))
-        try Self.checkSupported(registers)
+        hot.initialize(to: HotState(narrowLinearAddresses: !registers.mode.isLongMode,
+                                    canonicalWidth: registers.mode.isLongMode ? registers.mode.linearAddressWidth : 64))
+        hostLevels = vm.hostLevels
+        try Self.checkSupported(registers, hostLevels: vm.hostLevels)
         do {
-            context = try MMUContext(mmu: vm.mmu, registers: registers, cpu: vm.cpu)
+            context = try MMUContext(mmu: vm.mmu, registers: registers, cpu: vm.cpu, hostLevels: vm.hostLevels)
         } catch {
             throw .impossibleRegisters(error)
         }
@@ -188,9 +193,12 @@ public final class VCPU {
     deinit { hot.deallocate() }
 
     /// Register states the shadow MMU cannot run (as KVM refuses them).
-    public static func checkSupported(_ registers: PagingRegisters) throws(VirtualMachineError) {
+    public static func checkSupported(_ registers: PagingRegisters, hostLevels: Int? = nil) throws(VirtualMachineError) {
         if registers.cr4.contains(.protectionKeys) || registers.cr4.contains(.supervisorProtectionKeys) {
             throw .unsupported("protection keys need TDP: KVM does not expose PKU or PKS with shadow paging")
+        }
+        if hostLevels == 4 && registers.mode == .fiveLevel {
+            throw .unsupported("a 5-level guest cannot be shadowed in 4-level host tables")
         }
     }
 
@@ -199,7 +207,7 @@ public final class VCPU {
     /// A write to the control registers (MOV to CR0/CR3/CR4, WRMSR EFER, WRPKRU, STAC/CLAC),
     /// through KVM's context rules; the TLB flushes it requests happen at the next entry.
     public func setRegisters(_ new: PagingRegisters) throws(VirtualMachineError) {
-        try Self.checkSupported(new)
+        try Self.checkSupported(new, hostLevels: hostLevels)
         do {
             hot.pointee.requests.formUnion(try context.setRegisters(new))
         } catch {
@@ -207,6 +215,7 @@ public final class VCPU {
         }
         dropHardwareWalker()  // the hardware runs with the guest's SMEP, SMAP and RFLAGS.AC
         hot.pointee.narrowLinearAddresses = !new.mode.isLongMode
+        hot.pointee.canonicalWidth = new.mode.isLongMode ? new.mode.linearAddressWidth : 64
         serviceRequests()
     }
 
@@ -282,6 +291,7 @@ public final class VCPU {
 
     private func serviceFlushRequests() {
         var requests = hot.pointee.requests
+        if requests.contains(.syncRoots) { context.syncRoots() }  // KVM_REQ_MMU_SYNC
         if hot.pointee.flushAllRequested {
             mmu.count(.tlbFlush)
             tlb.flush()
@@ -292,7 +302,11 @@ public final class VCPU {
             tlb.flush()
         }
         if requests.contains(.flushGuest) {
+            // `kvm_vcpu_flush_tlb_guest`: without TDP the guest's flush syncs the current roots and
+            // frees the cached ones that are unsync.
             mmu.count(.tlbFlush)
+            context.syncRoots()
+            context.syncPreviousRoots()
             tlb.flush()
         }
         hot.pointee.requests = []
@@ -314,8 +328,9 @@ public final class VCPU {
         // state here would cost a cross-module exclusivity check on every access.)
         if let hardware { return hardware }
         let root: HardwareRoot
+        let allocated: Bool
         do {
-            root = try context.load()
+            (root, allocated) = try context.load()
         } catch {
             throw .hostMemory("\(error)")
         }
@@ -339,10 +354,11 @@ public final class VCPU {
         } catch {
             throw .corruptShadowTables("the hardware refuses KVM's root: \(error)")
         }
-        // kvm_mmu_load flushes the current root's translations: a root's frame may have been
-        // another root's before (uncounted: KVM calls the flush directly, not as a request).
-        if hardwareRoot != root { tlb.flush() }
-        hardwareRoot = root
+        // kvm_mmu_load flushes the current root's translations when it built roots: a root's
+        // frame may have been another root's before (uncounted: KVM calls the flush directly, not
+        // as a request). A cached root (`fast_pgd_switch`) keeps the translations tagged with it.
+        if allocated { tlb.flush() }
+
         let box = WalkerBox(walker)
         hardware = box
         var refusals: UInt128 = 0
@@ -399,6 +415,9 @@ public final class VCPU {
         }
         if hot.pointee.narrowLinearAddresses && address.rawValue >> 32 != 0 {
             throw tooWide(address)
+        }
+        if !address.isCanonical(width: hot.pointee.canonicalWidth) {
+            return AccessOutcome(result: .generalProtection, exits: 0, emulated: false, tlbHit: false)
         }
         var exits = 0
         var firstTry = true

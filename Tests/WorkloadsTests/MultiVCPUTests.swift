@@ -74,13 +74,15 @@ import X86Paging
         let m = try machine()
         let kernelWindow = GuestKernel.windowBase64
         for vcpu in m.vcpus { _ = try read(vcpu, 0x40_2000) }
-        // vCPU 0 (the kernel) makes the page read-only through its window onto the PT; the PT is
-        // write-protected, so the store is emulated and the SPTE zapped, with a remote flush.
+        // vCPU 0 (the kernel) makes the page read-only through its window onto the PT; KVM unsyncs
+        // the PT's shadow page, so the store goes straight to memory and vCPU 1's SPTE is stale
+        // until it invalidates.
         let leafAddress = try #require(m.vm.mmu.shadowPages.first { $0.level == 1 && $0.role.hasGPTEs })
         let ptGPA = leafAddress.gfn.rawValue << 12
         let store = try m.vcpus[0].access(GuestVirtualAddress(kernelWindow + ptGPA + 2 * 8), .write(.supervisor), size: 8,
                                           value: 0x100_2000 | 0x65)
-        #expect(store.emulated)
+        #expect(!store.emulated)
+        #expect(leafAddress.unsync)
         // vCPU 1 invalidates as the architecture requires, then sees the read-only page.
         m.vcpus[1].invalidatePage(GuestVirtualAddress(0x40_2000))
         let write = try m.vcpus[1].access(GuestVirtualAddress(0x40_2000), .write(.user), size: 8, value: 1)

@@ -86,7 +86,7 @@ private struct Trace {
 /// counts something extra is as wrong as one that misses a count.
 private let pinnedCounters = [
     "pf_taken", "pf_fixed", "pf_emulate", "pf_spurious", "pf_guest", "mmu_cache_miss", "mmu_pte_write",
-    "mmu_shadow_zapped", "mmu_pde_zapped", "mmu_flooded", "pages_4k", "pages_2m", "pages_1g", "invlpg",
+    "mmu_shadow_zapped", "mmu_pde_zapped", "mmu_flooded", "mmu_unsync", "pages_4k", "pages_2m", "pages_1g", "invlpg",
 ]
 
 private func expectCounters(_ stats: MMUStats, _ expected: [String: UInt64], _ what: String = "",
@@ -363,15 +363,14 @@ private let flagD: UInt64 = 1 << 6
                                       "mmu_pte_write": 1, "mmu_pde_zapped": 1, "pages_4k": 10], "level 3")
     }
 
-    // A PTE write (level 1). NOTE: this pins the model's current, unsync-less design: every
-    // shadowed guest table is write-protected, so the store to the PT through the window is
-    // emulated (pf_emulate, mmu_pte_write) and kvm_mmu_track_write zaps the prefetched SPTE of the
-    // rewritten PTE (pages_4k -1 before the re-fault maps it again). Real KVM would instead unsync
-    // the level-1 shadow page (mmu_try_to_unsync_pages -> kvm_unsync_page): the window SPTE becomes
-    // writable (pf_fixed, no emulation, no mmu_pte_write, mmu_unsync 1) and the INVLPG resyncs the
-    // SPTE. The guest-visible outcome is the same either way; only the counters below change when
-    // unsync lands (a later issue).
-    @Test func pteWriteIsEmulatedWhileUnsyncIsNotModelled() throws {
+    // mmu_try_to_unsync_pages: the kernel's store to a PTE through its window faults (the window
+    // is not mapped yet); the gfn holds only a last-level shadowed table, so KVM unsyncs that shadow
+    // page (kvm_unsync_page, mmu_unsync 1) and maps the window writable: the store completes in
+    // hardware, with no emulation and no mmu_pte_write. The shadow PTE for 0x401000 (prefetched by
+    // the first read) is now stale, which the architecture allows until the guest invalidates.
+    // INVLPG syncs the SPTE on the address's path (kvm_mmu_invalidate_addr -> sync_spte): the gfn
+    // changed, so it is dropped (pages_4k -1) and the read faults it in again.
+    @Test func pteWriteUnsyncsTheShadowPTAndINVLPGSyncsIt() throws {
         let t = try Trace("""
         map 0x400000 0x1000000 4k P,RW,US
         map 0x401000 0x1001000 4k P,RW,US,A
@@ -383,12 +382,13 @@ private let flagD: UInt64 = 1 << 6
         expectCompleted(t.outcome(0), gpa: 0x100_0000, exits: 1)
         // The PT is at 0x105000; PTE 1 at 0x105008.
         expectCompleted(t.outcome(1), gpa: 0x10_5008, exits: 1)
+        #expect(t.outcome(1).emulated == false)
         expectCompleted(t.outcome(2), gpa: 0x100_2000, exits: 1)
         expectCounters(try t.after(0), ["pf_taken": 1, "pf_fixed": 1, "mmu_cache_miss": 4, "pages_4k": 2], "prefetched")
-        expectCounters(try t.after(1), ["pf_taken": 2, "pf_fixed": 1, "pf_emulate": 1, "mmu_cache_miss": 7,
-                                        "mmu_pte_write": 1, "pages_4k": 9], "pte write")
-        expectCounters(t.delta, ["pf_taken": 3, "pf_fixed": 2, "pf_emulate": 1, "mmu_cache_miss": 7, "mmu_pte_write": 1,
-                                 "invlpg": 1, "pages_4k": 10], "end")
+        expectCounters(try t.after(1), ["pf_taken": 2, "pf_fixed": 2, "mmu_cache_miss": 7, "mmu_unsync": 1,
+                                        "pages_4k": 10], "pte write unsyncs")
+        expectCounters(t.delta, ["pf_taken": 3, "pf_fixed": 3, "mmu_cache_miss": 7, "mmu_unsync": 1, "invlpg": 1,
+                                 "pages_4k": 10], "end")
     }
 
     // MARK: Write flooding
