@@ -55,14 +55,18 @@ public final class TLB {
         counters.deallocate()
     }
 
+    /// The slot of a page under a root: the root takes part, so that the same page under two
+    /// roots (two PCIDs) can be cached at once.
     @inline(__always)
-    private func slot(_ page: UInt64) -> Int { Int(truncatingIfNeeded: (page ^ (page >> 11)) & UInt64(mask)) }
+    private func slot(_ page: UInt64, _ root: UInt64) -> Int {
+        Int(truncatingIfNeeded: (page ^ (page >> 11) ^ (root &* 0x9E37_79B9)) & UInt64(mask))
+    }
 
     /// The entry for the page of `address` walked from `root`, if cached.
     @inline(__always)
     public func lookup(_ address: GuestVirtualAddress, root: UInt64) -> Entry? {
         let page = address.rawValue >> 12
-        let entry = entries[slot(page)]
+        let entry = entries[slot(page, root)]
         if entry.generation == generation && entry.tag == page && entry.root == root {
             counters.pointee.hits &+= 1
             return entry
@@ -74,15 +78,22 @@ public final class TLB {
     public func insert(_ address: GuestVirtualAddress, root: UInt64, hostFrame: UInt64, permissions: UInt8, dirty: Bool,
                        guestFrame: UInt64) {
         let page = address.rawValue >> 12
-        entries[slot(page)] = Entry(tag: page, root: root, generation: generation, hostFrame: hostFrame,
+        entries[slot(page, root)] = Entry(tag: page, root: root, generation: generation, hostFrame: hostFrame,
                                     guestFrame: guestFrame, permissions: permissions, dirty: dirty)
     }
 
-    /// Drops the entry for the page of `address` under any root (INVLPG, or a fault on it).
+    /// Drops the entry for the page of `address` under `root` (a fault on it).
+    public func invalidate(_ address: GuestVirtualAddress, root: UInt64) {
+        let page = address.rawValue >> 12
+        let index = slot(page, root)
+        if entries[index].tag == page && entries[index].root == root { entries[index].generation = 0 }
+    }
+
+    /// Drops the entries for the page of `address` under every root (INVLPG as the hardware does
+    /// it for KVM: INVVPID of one address, every PCID).
     public func invalidate(_ address: GuestVirtualAddress) {
         let page = address.rawValue >> 12
-        let index = slot(page)
-        if entries[index].tag == page { entries[index].generation = 0 }
+        for index in 0..<capacity where entries[index].tag == page { entries[index].generation = 0 }
     }
 
     /// Drops every entry.

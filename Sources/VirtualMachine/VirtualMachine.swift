@@ -219,10 +219,16 @@ public final class VCPU {
         serviceRequests()
     }
 
+    /// Until the next entry loads a root, no TLB entry matches: entries stay tagged with the
+    /// root they were walked from, which a later switch back to it (a cached root) may use.
     private func dropHardwareWalker() {
         hardware = nil
         hot.pointee.refusals = ~0
+        hot.pointee.rootFrame = Self.noRoot
     }
+
+    /// A root tag no host frame has.
+    private static let noRoot = UInt64.max
 
     /// MOV to CR3, also of the value it already holds. `value` carries the PCID in bits 11:0 with
     /// CR4.PCIDE; `noFlush` is the source's bit 63 (keep the PCID's translations), which needs
@@ -422,7 +428,8 @@ public final class VCPU {
         var exits = 0
         var firstTry = true
         while exits <= Self.maxExitsPerAccess {
-            serviceRequests()  // VM entry
+            serviceRequests()  // VM entry, which loads the roots (kvm_mmu_reload) before the guest runs
+            if hardware == nil { _ = try hardwareWalker() }
             if let entry = tlb.lookup(address, root: hot.pointee.rootFrame), allows(entry, access) {
                 let hostAddress = entry.hostFrame << 12 | (address.rawValue & pageOffsetMask)
                 let value = perform(hostAddress: hostAddress, access.kind, size: size, value: value)
@@ -431,8 +438,8 @@ public final class VCPU {
                                      exits: exits, emulated: false, tlbHit: firstTry)
             }
             firstTry = false
-            tlb.invalidate(address)
             let walker = try hardwareWalker()
+            tlb.invalidate(address, root: hot.pointee.rootFrame)
             var fault = WalkFaultSummary()
             let translation = walker.walkHardware(address, access, in: host, fault: &fault)
             guard fault.kind != .none else {
