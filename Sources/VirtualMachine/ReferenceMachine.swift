@@ -189,6 +189,8 @@ public final class ReferenceMachine {
         if case .success(let translation) = expected {
             switch actual {
             case .completed(let gpa, _) where gpa == translation.physicalAddress, .mmio(let gpa, _) where gpa == translation.physicalAddress:
+                // With paging off (level 0) there is no entry, and nothing to cache.
+                guard translation.level > 0 else { break }
                 let leafDirty = readEntry(translation.path.entryAddress(level: translation.level)) & (1 << 6) != 0
                 remember(page, Cached(gpaFrame: gpa.frame.rawValue, permissions: translation.permissions,
                                       isGlobal: translation.isGlobal, pcid: pcid, dirty: leafDirty || access.kind == .write))

@@ -130,6 +130,12 @@ public struct AccessOutcome: Equatable, Sendable {
     public var emulated: Bool
     /// The access hit the TLB without a hardware walk.
     public var tlbHit: Bool
+    public init(result: AccessResult, exits: Int = 0, emulated: Bool = false, tlbHit: Bool = false) {
+        self.result = result
+        self.exits = exits
+        self.emulated = emulated
+        self.tlbHit = tlbHit
+    }
 }
 
 /// A vCPU: the guest's registers, KVM's MMU context for it, and the host hardware (TLB and the

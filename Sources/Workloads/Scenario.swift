@@ -19,6 +19,8 @@ public struct Scenario: Hashable, Sendable {
     /// before the first guest operation applied. Later `set` directives change them as the scenario
     /// runs (and applying the early ones again is harmless: `set` assigns absolute values).
     public var initialControls: ControlState
+    /// The host's paging depth for shadow pages (`host levels=4|5`), or nil to follow the guest.
+    public var hostLevels: Int?
 
     /// 64 MiB.
     public static let defaultMemorySize: UInt64 = 64 << 20
@@ -33,13 +35,18 @@ public struct Scenario: Hashable, Sendable {
     public var pagingMode: PagingMode { initialControls.pagingMode }
 
     public init(name: String, directives: [ScenarioStatement], memorySize: UInt64, cpuModel: CPUModel,
-                initialControls: ControlState) {
+                initialControls: ControlState, hostLevels: Int? = nil) {
         self.name = name
         self.directives = directives
         self.memorySize = memorySize
         self.cpuModel = cpuModel
         self.initialControls = initialControls
+        self.hostLevels = hostLevels
     }
+
+    /// The address space the guest kernel boots on, and the one `map` edits until a `space` line.
+    public static let kernelSpace = "kernel"
+
 
     /// A scenario made of `directives`, validated exactly as the parser validates text: each
     /// statement gets its canonical text (`ScenarioDirective.rendered`) and line `index + 1`, so
@@ -82,6 +89,20 @@ public enum ScenarioDirective: Hashable, Sendable {
     case invlpg(GuestVirtualAddress)
     /// `reload-cr3`: the guest writes CR3 with its current value (flushing non-global translations).
     case reloadCR3
+    /// `host levels=4|5`: the host's paging depth for shadow pages.
+    case host(levels: Int)
+    /// `space NAME`: create the address space if new; following `map` and `pte` edit it.
+    case space(String)
+    /// `switch NAME [pcid=N] [noflush]`: MOV to CR3 of the space's root for the current mode, with
+    /// PCID `pcid` in bits 11:0 and, with `noFlush`, bit 63 of the source set.
+    case switchSpace(name: String, pcid: UInt16, noFlush: Bool)
+    /// `invpcid TYPE [pcid=N] [gva=ADDR]`: the guest's INVPCID (a PCID above 4095, like a
+    /// non-canonical individual address, is how a scenario asks for the #GP).
+    case invpcid(INVPCIDType, pcid: UInt64, gva: GuestVirtualAddress)
+    /// `cr0 VALUE`, `cr4 VALUE`, `efer VALUE`: a raw write of the whole register.
+    case writeRegister(ControlRegister, value: UInt64)
+    /// `cr3 VALUE [noflush]`: a raw MOV to CR3 (bit 63 of the source set with `noFlush`).
+    case loadCR3(value: UInt64, noFlush: Bool)
 
     /// The directive's keyword.
     public var name: String {
@@ -94,15 +115,59 @@ public enum ScenarioDirective: Hashable, Sendable {
         case .pte: "pte"
         case .invlpg: "invlpg"
         case .reloadCR3: "reload-cr3"
+        case .host: "host"
+        case .space: "space"
+        case .switchSpace: "switch"
+        case .invpcid: "invpcid"
+        case .writeRegister(let register, _): register.rawValue
+        case .loadCR3: "cr3"
         }
     }
 
-    /// Whether this directive is a guest operation (it needs the machine built). `mem`, `cpu` and the
-    /// paging mode must come before the first one.
+    /// Whether this directive is a guest operation (it needs the machine built). `mem`, `cpu` and
+    /// `host` must come before the first one.
     public var isGuestOperation: Bool {
         switch self {
-        case .mem, .set, .cpu: false
-        case .map, .access, .pte, .invlpg, .reloadCR3: true
+        case .mem, .set, .cpu, .host: false
+        case .map, .access, .pte, .invlpg, .reloadCR3, .space, .switchSpace, .invpcid, .writeRegister, .loadCR3: true
+        }
+    }
+
+    /// Whether the directive runs guest code, so that the kernel must have booted (loaded CR3 and
+    /// turned paging on) first. `map` and `space` before boot are boot code writing tables directly.
+    public var runsGuest: Bool {
+        switch self {
+        case .mem, .set, .cpu, .host, .map, .space: false
+        case .access, .pte, .invlpg, .reloadCR3, .switchSpace, .invpcid, .writeRegister, .loadCR3: true
+        }
+    }
+}
+
+/// A control register `cr0`, `cr4` and `efer` write by value.
+public enum ControlRegister: String, Hashable, Sendable, CaseIterable {
+    case cr0, cr4, efer
+
+    /// `registers` with this register replaced by `value`; EFER.LMA is then what the processor
+    /// computes from LME and PG, whatever `value` says.
+    public func writing(_ value: UInt64, to registers: PagingRegisters) -> PagingRegisters {
+        var new = registers
+        switch self {
+        case .cr0: new.cr0 = CR0(rawValue: value)
+        case .cr4: new.cr4 = CR4(rawValue: value)
+        case .efer: new.efer = EFER(rawValue: value)
+        }
+        return new.withComputedLongModeActive
+    }
+}
+
+extension INVPCIDType {
+    /// The scenario language's word: `individual`, `single`, `all`, `all-nonglobal`.
+    public var scenarioName: String {
+        switch self {
+        case .individualAddress: "individual"
+        case .singleContext: "single"
+        case .allContextsIncludingGlobal: "all"
+        case .allContextsExceptGlobal: "all-nonglobal"
         }
     }
 }
@@ -212,12 +277,19 @@ public struct ControlSettings: Hashable, Sendable {
     public var alignmentCheck: Bool?
     /// `pkru=`: PKRU.
     public var pkru: UInt32?
-    /// `la57=0|1` (4- or 5-level paging) or, as an extension, `paging=32|pae|4|5`.
+    /// `la57=0|1` (4- or 5-level paging) or, as an extension, `paging=32|pae|4|5` (also spelled
+    /// `legacy32|pae|4level|5level`). After the first guest operation, a mode switch.
     public var pagingMode: PagingMode?
+    /// `pse=`: CR4.PSE.
+    public var pageSizeExtensions: Bool?
+    /// `pcid=`: CR4.PCIDE.
+    public var pcidEnable: Bool?
 
     public init(writeProtect: Bool? = nil, noExecuteEnable: Bool? = nil, smep: Bool? = nil, smap: Bool? = nil,
                 protectionKeys: Bool? = nil, alignmentCheck: Bool? = nil, pkru: UInt32? = nil,
-                pagingMode: PagingMode? = nil) {
+                pagingMode: PagingMode? = nil, pageSizeExtensions: Bool? = nil, pcidEnable: Bool? = nil) {
+        self.pageSizeExtensions = pageSizeExtensions
+        self.pcidEnable = pcidEnable
         self.writeProtect = writeProtect
         self.noExecuteEnable = noExecuteEnable
         self.smep = smep
@@ -230,6 +302,37 @@ public struct ControlSettings: Hashable, Sendable {
 
     /// Nothing is changed.
     public var isEmpty: Bool { self == ControlSettings() }
+
+    /// The registers this `set` leaves, from `registers`, where `controls` are the settings with this
+    /// `set` applied. The keys given change their bits; a paging mode replaces the bits that select
+    /// the mode (CR0.PG, CR4.PAE, LA57 and PSE, EFER.LME and LMA) with `controls`'s, and keeps
+    /// CR4.PCIDE only in 4- and 5-level paging. CR3 is the caller's (a mode switch loads a new root).
+    public func applied(to registers: PagingRegisters, controls: ControlState) -> PagingRegisters {
+        var new = registers
+        func assign<Set: OptionSet>(_ value: Bool?, _ member: Set, in set: inout Set) where Set.Element == Set {
+            guard let value else { return }
+            if value { set.insert(member) } else { set.remove(member) }
+        }
+        if pagingMode != nil {
+            let target = controls.registers(cr3: registers.cr3)
+            let modeCR4: CR4 = [.physicalAddressExtension, .la57, .pageSizeExtensions]
+            new.cr0.insert(.paging)
+            new.cr0.insert(.protectionEnable)
+            new.cr4 = new.cr4.subtracting(modeCR4).union(target.cr4.intersection(modeCR4))
+            assign(target.efer.contains(.longModeEnable), .longModeEnable, in: &new.efer)
+            if !target.mode.isLongMode { new.cr4.remove(.pcidEnable) }
+        }
+        assign(writeProtect, .writeProtect, in: &new.cr0)
+        assign(noExecuteEnable, .noExecuteEnable, in: &new.efer)
+        assign(smep, .smep, in: &new.cr4)
+        assign(smap, .smap, in: &new.cr4)
+        assign(protectionKeys, .protectionKeys, in: &new.cr4)
+        assign(alignmentCheck, .alignmentCheck, in: &new.rflags)
+        assign(pageSizeExtensions, .pageSizeExtensions, in: &new.cr4)
+        assign(pcidEnable, .pcidEnable, in: &new.cr4)
+        if let pkru { new.pkru = PKRU(pkru) }
+        return new.withComputedLongModeActive
+    }
 }
 
 /// The control settings in force: what `set` directives change.
@@ -248,10 +351,16 @@ public struct ControlState: Hashable, Sendable {
     /// RFLAGS.AC.
     public var alignmentCheck: Bool
     public var pkru: PKRU
+    /// CR4.PSE as `set pse=` chose it; nil: set with 32-bit paging only (so 4 MiB pages work).
+    public var pageSizeExtensions: Bool?
+    /// CR4.PCIDE (4- and 5-level paging only).
+    public var pcidEnable: Bool
 
     public init(pagingMode: PagingMode = .fourLevel, writeProtect: Bool = true, noExecuteEnable: Bool = true,
                 smep: Bool = false, smap: Bool = false, protectionKeys: Bool = false, alignmentCheck: Bool = false,
-                pkru: PKRU = .allowAll) {
+                pkru: PKRU = .allowAll, pageSizeExtensions: Bool? = nil, pcidEnable: Bool = false) {
+        self.pageSizeExtensions = pageSizeExtensions
+        self.pcidEnable = pcidEnable
         self.pagingMode = pagingMode
         self.writeProtect = writeProtect
         self.noExecuteEnable = noExecuteEnable
@@ -276,6 +385,10 @@ public struct ControlState: Hashable, Sendable {
         if let value = changes.protectionKeys { state.protectionKeys = value }
         if let value = changes.alignmentCheck { state.alignmentCheck = value }
         if let value = changes.pkru { state.pkru = PKRU(value) }
+        if let value = changes.pageSizeExtensions { state.pageSizeExtensions = value }
+        if let value = changes.pcidEnable { state.pcidEnable = value }
+        // PCIDs exist only in IA-32e mode: a switch out of it leaves PCIDE clear.
+        if changes.pagingMode != nil && !state.pagingMode.isLongMode { state.pcidEnable = false }
         return state
     }
 
@@ -286,16 +399,17 @@ public struct ControlState: Hashable, Sendable {
         return value
     }
 
-    /// CR4: PSE with 32-bit paging (so 4 MiB pages work), PAE with PAE/4/5-level paging, LA57 with
-    /// 5-level paging, and SMEP, SMAP, PKE as set.
+    /// CR4: PSE with 32-bit paging (so 4 MiB pages work) unless `pse=` chose otherwise, PAE with
+    /// PAE/4/5-level paging, LA57 with 5-level paging, and SMEP, SMAP, PKE, PCIDE as set.
     public var cr4: CR4 {
         var value: CR4 = []
         switch pagingMode {
-        case .disabled: break
-        case .legacy32: value.insert(.pageSizeExtensions)
+        case .disabled, .legacy32: break
         case .pae, .fourLevel: value.insert(.physicalAddressExtension)
         case .fiveLevel: value.formUnion([.physicalAddressExtension, .la57])
         }
+        if pageSizeExtensions ?? (pagingMode == .legacy32) { value.insert(.pageSizeExtensions) }
+        if pcidEnable { value.insert(.pcidEnable) }
         if smep { value.insert(.smep) }
         if smap { value.insert(.smap) }
         if protectionKeys { value.insert(.protectionKeys) }

@@ -5,12 +5,19 @@
 //
 //   mem SIZE                                        guest memory (default 64M)
 //   cpu [maxphyaddr=N] [gbpages=0|1] [la57=0|1] [vendor=intel|amd]
-//   set [wp=0|1] [nx=0|1] [smep=0|1] [smap=0|1] [pke=0|1] [ac=0|1] [pkru=V] [la57=0|1] [paging=32|pae|4|5]
+//   set [wp=0|1] [nx=0|1] [smep=0|1] [smap=0|1] [pke=0|1] [ac=0|1] [pkru=V] [la57=0|1]
+//       [paging=32|pae|4|5|legacy32|4level|5level] [pse=0|1] [pcid=0|1]
+//   host levels=4|5                                 the host's paging depth for shadow pages
 //   map GVA GPA 4k|2m|1g FLAGS [l2=FLAGS] [l3=FLAGS] [l4=FLAGS] [pkey=N]
 //   access read|write|exec GVA [cpl=N] [value=V]
 //   pte GVA LEVEL FLAGS|raw=VALUE [cpl=N]
 //   invlpg GVA
 //   reload-cr3
+//   space NAME                                      create/select the address space map and pte edit
+//   switch NAME [pcid=N] [noflush]                  MOV to CR3 of that space's root
+//   invpcid 0|1|2|3|individual|single|all|all-nonglobal [pcid=N] [gva=ADDR]
+//   cr0 VALUE | cr4 VALUE | efer VALUE              raw register writes
+//   cr3 VALUE [noflush]                             raw MOV to CR3
 //
 //   NUMBER  decimal or 0x-hexadecimal, `_` allowed between digits, at most 2^64-1
 //   SIZE    NUMBER with an optional K, M or G suffix (x1024, x1024^2, x1024^3)
@@ -24,10 +31,16 @@
 //   - `access fetch` as a synonym of `access exec`;
 //   - `cpl` accepts 0...3 (the issue says 0|3).
 //
+// Registers: the parser follows the control registers line by line (`set` and the raw writes), so
+// that `map` and `pte` are checked against the mode the registers select (with CR0.PG off, the mode
+// they prepare: `PagingRegisters.modeWithPagingOn`) and `access`/`invlpg` against the mode in force.
+// A write the processor would refuse (`PagingRegisters.transitionFault`) is a bad line here already;
+// only what depends on memory (a PAE PDPT's reserved bits, say) is left to the run.
+//
 // Semantics checked here:
 //   - `mem` is a positive multiple of 4 KiB, at most 64 GiB, and given at most once;
-//   - `mem`, `cpu` and the paging mode (`set la57=`/`paging=`) come before the first guest operation
-//     (`map`, `access`, `pte`, `invlpg`, `reload-cr3`), so the paging mode is fixed for all of them;
+//   - `mem`, `cpu` and `host` come before the first guest operation (any directive but `mem`, `cpu`,
+//     `set` and `host`); a paging mode chosen after it is a mode switch;
 //   - `cpu maxphyaddr` is 36...52; 5-level paging needs `cpu la57=1` (the default);
 //   - `map`: the page size is one the paging mode has; GVA and GPA are aligned to it; the GVA is
 //     canonical (4/5-level) or 32-bit (32-bit/PAE paging); the GPA fits the entry's address field;
@@ -89,10 +102,21 @@ struct ScenarioState: Sendable {
     var memoryLine: Int?
     var cpu = Scenario.defaultCPUModel
     var controls = ControlState.defaults
+    /// The control registers as the lines so far leave them (CR3 holds only the PCID and the low
+    /// bits a `cr3` line gave: root addresses are the run's).
+    var registers = ControlState.defaults.registers(cr3: 0)
+    var hostLevels: Int?
+    var hostLine: Int?
+    /// The address spaces created so far (`kernel` exists from the start).
+    var spaces: Set<String> = [Scenario.kernelSpace]
     /// The first guest operation: its line and keyword.
     var firstOperation: (line: Int, name: String)?
 
-    var mode: PagingMode { controls.pagingMode }
+    /// The mode whose tables `map` and `pte` edit: the one the registers select, or with paging off
+    /// the one they prepare.
+    var mode: PagingMode { registers.modeWithPagingOn }
+    /// The mode accesses run in (`.disabled` with paging off: linear addresses are physical).
+    var runningMode: PagingMode { registers.mode }
 }
 
 /// One whitespace-separated word of a line.
@@ -117,7 +141,7 @@ struct ScenarioParser {
         DirectiveSpec(name: "cpu", usage: "cpu [maxphyaddr=N] [gbpages=0|1] [la57=0|1] [vendor=intel|amd]",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseCPU() }),
         DirectiveSpec(name: "set", usage: "set [wp=0|1] [nx=0|1] [smep=0|1] [smap=0|1] [pke=0|1] [ac=0|1] [pkru=V] "
-                        + "[la57=0|1] [paging=32|pae|4|5]",
+                        + "[la57=0|1] [paging=legacy32|pae|4level|5level] [pse=0|1] [pcid=0|1]",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseSet() }),
         DirectiveSpec(name: "map", usage: "map GVA GPA 4k|2m|1g FLAGS [l2=FLAGS] [l3=FLAGS] [l4=FLAGS] [pkey=N]",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseMap() }),
@@ -137,6 +161,20 @@ struct ScenarioParser {
                           try args.noOptions()
                           return .reloadCR3
                       }),
+        DirectiveSpec(name: "host", usage: "host levels=4|5",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseHost() }),
+        DirectiveSpec(name: "space", usage: "space NAME",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseSpace() }),
+        DirectiveSpec(name: "switch", usage: "switch NAME [pcid=N] [noflush]",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseSwitch() }),
+        DirectiveSpec(name: "invpcid", usage: "invpcid 0|1|2|3|individual|single|all|all-nonglobal [pcid=N] [gva=ADDR]",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseINVPCID() }),
+    ] + ControlRegister.allCases.map { register in
+        DirectiveSpec(name: register.rawValue, usage: "\(register.rawValue) VALUE",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseRegisterWrite(register) })
+    } + [
+        DirectiveSpec(name: "cr3", usage: "cr3 VALUE [noflush]",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseCR3() }),
     ]
 
     static let tableByName: [String: DirectiveSpec] = Dictionary(uniqueKeysWithValues: table.map { ($0.name, $0) })
@@ -170,7 +208,7 @@ struct ScenarioParser {
             statements.append(ScenarioStatement(line: lineNumber, text: line, directive: directive))
         }
         return Scenario(name: name, directives: statements, memorySize: state.memorySize, cpuModel: state.cpu,
-                        initialControls: initialControls ?? state.controls)
+                        initialControls: initialControls ?? state.controls, hostLevels: state.hostLevels)
     }
 
     /// Records what `directive` changes, checking the rules that span lines.
@@ -194,10 +232,47 @@ struct ScenarioParser {
             if state.firstOperation != nil { throw tooLate("cpu") }
             state.cpu = settings.applied(to: state.cpu)
         case .set(let settings):
-            if settings.pagingMode != nil && state.firstOperation != nil { throw tooLate("the paging mode (la57, paging)") }
-            state.controls = state.controls.applying(settings)
-        case .map, .access, .pte, .invlpg, .reloadCR3:
-            if state.firstOperation == nil { state.firstOperation = (line, directive.name) }
+            let controls = state.controls.applying(settings)
+            let registers = settings.applied(to: state.registers, controls: controls)
+            // A mode switch is a sequence of writes the runner orders legally; any other `set` is
+            // one write, which must be one the processor allows.
+            if settings.pagingMode == nil { try checkTransition(to: registers, line: line, keyword: keyword, directive: directive) }
+            state.registers = registers
+            state.controls = controls
+        case .host(let levels):
+            if state.firstOperation != nil { throw tooLate("host") }
+            if let previous = state.hostLine {
+                throw ScenarioError(line: line, column: keyword.column, directive: "host", text: keyword.text,
+                                    message: "host levels given twice (first on line \(previous))")
+            }
+            state.hostLevels = levels
+            state.hostLine = line
+        case .space(let name):
+            state.spaces.insert(name)
+        case .switchSpace(_, let pcid, _):
+            state.registers.cr3 = UInt64(pcid)
+        case .writeRegister(let register, let value):
+            let registers = register.writing(value, to: state.registers)
+            try checkTransition(to: registers, line: line, keyword: keyword, directive: directive)
+            state.registers = registers
+        case .loadCR3(let value, _):
+            state.registers.cr3 = value & 0xFFF
+        case .map, .access, .pte, .invlpg, .reloadCR3, .invpcid:
+            break
+        }
+        if directive.isGuestOperation && state.firstOperation == nil { state.firstOperation = (line, directive.name) }
+        if state.hostLevels == 4 && state.mode == .fiveLevel {
+            throw ScenarioError(line: line, column: keyword.column, directive: directive.name, text: keyword.text,
+                                message: "5-level paging needs a 5-level host (host levels=4 on line \(state.hostLine!))")
+        }
+    }
+
+    /// Fails the line when the processor would refuse the write (#GP), naming the rule.
+    private func checkTransition(to registers: PagingRegisters, line: Int, keyword: Token,
+                                 directive: ScenarioDirective) throws(ScenarioError) {
+        if let fault = state.registers.transitionFault(to: registers, cpu: state.cpu) {
+            throw ScenarioError(line: line, column: keyword.column, directive: directive.name, text: keyword.text,
+                                message: "#GP: \(fault)")
         }
     }
 
@@ -335,10 +410,20 @@ struct DirectiveArguments {
     /// The `key=value` options after the positional arguments, keyed by lowercased key; each value
     /// token's column is the value's own. Unknown keys, keys given twice and words that are not
     /// `key=value` are errors.
-    func options(_ allowed: [String]) throws(ScenarioError) -> [String: Token] {
+    /// `words` are bare words also allowed (`noflush`), keyed by themselves.
+    func options(_ allowed: [String], words: [String] = []) throws(ScenarioError) -> [String: Token] {
         var result: [String: Token] = [:]
         var keyTokens: [String: Token] = [:]
         for token in tokens.dropFirst(consumed) {
+            let word = asciiLowercased(token.text)
+            if words.contains(word) {
+                if let first = keyTokens[word] {
+                    throw error("'\(word)' given twice (first at column \(first.column))", at: token)
+                }
+                keyTokens[word] = token
+                result[word] = token
+                continue
+            }
             guard let equals = token.text.unicodeScalars.firstIndex(of: "=") else {
                 if allowed.isEmpty {
                     throw error("unexpected '\(token.text)' (usage: \(spec.usage))", at: token)
@@ -415,8 +500,11 @@ struct DirectiveArguments {
     }
 
     /// A GVA a guest operation names: any 64-bit value in 4/5-level paging, 32 bits otherwise.
-    func operationAddress(_ token: Token, what: String) throws(ScenarioError) -> UInt64 {
+    /// `tables` says the address is one whose entries are edited (checked against the edit mode,
+    /// `mode`), not one accessed (checked against the mode in force).
+    func operationAddress(_ token: Token, what: String, tables: Bool = false) throws(ScenarioError) -> UInt64 {
         let value = try number(token, what: what)
+        let mode = tables ? mode : state.runningMode
         if !mode.isLongMode && value > UInt64(UInt32.max) {
             throw error("\(what) \(hex(value)) does not fit in the 32-bit linear addresses of \(mode.displayName)",
                         at: token)
@@ -426,7 +514,7 @@ struct DirectiveArguments {
 
     /// A GVA whose page-table entries a directive touches: canonical in 4/5-level paging.
     func mappableAddress(_ token: Token, what: String) throws(ScenarioError) -> UInt64 {
-        let value = try operationAddress(token, what: what)
+        let value = try operationAddress(token, what: what, tables: true)
         if mode.isLongMode && !GuestVirtualAddress(value).isCanonical(width: mode.linearAddressWidth) {
             throw error("\(what) \(hex(value)) is not canonical in \(mode.displayName) (bits 63:\(mode.linearAddressWidth - 1) "
                 + "must be equal)", at: token)
@@ -481,7 +569,7 @@ struct DirectiveArguments {
 
     mutating func parseSet() throws(ScenarioError) -> ScenarioDirective {
         _ = try positional([])
-        let options = try options(["wp", "nx", "smep", "smap", "pke", "ac", "pkru", "la57", "paging"])
+        let options = try options(["wp", "nx", "smep", "smap", "pke", "ac", "pkru", "la57", "paging", "pse", "pcid"])
         guard !options.isEmpty else { throw error("expected at least one option (usage: \(spec.usage))") }
         var settings = ControlSettings()
         if let token = options["wp"] { settings.writeProtect = try bool(token, what: "wp") }
@@ -499,12 +587,21 @@ struct DirectiveArguments {
                 throw error("la57 and paging both choose the paging mode; give one", at: token)
             }
             switch asciiLowercased(token.text) {
-            case "32": settings.pagingMode = .legacy32
+            case "32", "legacy32": settings.pagingMode = .legacy32
             case "pae": settings.pagingMode = .pae
-            case "4": settings.pagingMode = .fourLevel
-            case "5": settings.pagingMode = .fiveLevel
-            default: throw error("paging must be 32, pae, 4 or 5, not '\(token.text)'", at: token)
+            case "4", "4level": settings.pagingMode = .fourLevel
+            case "5", "5level": settings.pagingMode = .fiveLevel
+            default: throw error("paging must be legacy32, pae, 4level or 5level (or 32, 4, 5), not '\(token.text)'", at: token)
             }
+        }
+        if let token = options["pse"] { settings.pageSizeExtensions = try bool(token, what: "pse") }
+        if let token = options["pcid"] {
+            let on = try bool(token, what: "pcid")
+            let mode = settings.pagingMode ?? state.runningMode
+            if on && !mode.isLongMode {
+                throw error("#GP: pcid=1 (CR4.PCIDE) needs 4- or 5-level paging, not \(mode.displayName)", at: token)
+            }
+            settings.pcidEnable = on
         }
         if settings.pagingMode == .fiveLevel && !state.cpu.supportsLA57 {
             throw error("5-level paging needs a CPU with LA57 (cpu la57=0 was given)",
@@ -528,6 +625,9 @@ struct DirectiveArguments {
         }
         guard allowed.contains(size) else {
             throw error("page size must be \(sizeList) with \(mode.displayName), not '\(sizeToken.text)'", at: sizeToken)
+        }
+        if size == .size4M && !state.registers.cr4.contains(.pageSizeExtensions) {
+            throw error("a 4m page needs CR4.PSE (set pse=1): without it 32-bit paging has only 4 KiB pages", at: sizeToken)
         }
 
         let gva = try mappableAddress(args[0], what: "GVA")

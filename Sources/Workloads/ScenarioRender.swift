@@ -10,6 +10,12 @@
 //   pte 0x400000 1 raw=0x2000067 cpl=3
 //   invlpg 0x400000
 //   reload-cr3
+//   host levels=5
+//   space user1
+//   switch user1 pcid=0x5 noflush   pcid only when not 0 (decimal), noflush when given
+//   invpcid single pcid=5           type by name; pcid only when not 0, gva only when not 0
+//   cr0 0x80010011                  cr4 / efer likewise, values hex
+//   cr3 0x100000 noflush
 
 import X86Paging
 
@@ -54,6 +60,8 @@ extension ScenarioDirective {
             // Not expressible; the parser never produces it. Rendered so that parsing rejects it.
             case .disabled: words.append("paging=disabled")
             }
+            if let value = settings.pageSizeExtensions { words.append("pse=" + bit(value)) }
+            if let value = settings.pcidEnable { words.append("pcid=" + bit(value)) }
             return words.joined(separator: " ")
         case .map(let map):
             var words = ["map", hex(map.gva.rawValue), hex(map.gpa.rawValue), map.pageSize.name,
@@ -80,6 +88,24 @@ extension ScenarioDirective {
             return "invlpg " + hex(gva.rawValue)
         case .reloadCR3:
             return "reload-cr3"
+        case .host(let levels):
+            return "host levels=\(levels)"
+        case .space(let name):
+            return "space " + name
+        case .switchSpace(let name, let pcid, let noFlush):
+            var words = ["switch", name]
+            if pcid != 0 { words.append("pcid=\(pcid)") }
+            if noFlush { words.append("noflush") }
+            return words.joined(separator: " ")
+        case .invpcid(let type, let pcid, let gva):
+            var words = ["invpcid", type.scenarioName]
+            if pcid != 0 { words.append("pcid=" + hex(pcid)) }
+            if gva.rawValue != 0 { words.append("gva=" + hex(gva.rawValue)) }
+            return words.joined(separator: " ")
+        case .writeRegister(let register, let value):
+            return register.rawValue + " " + hex(value)
+        case .loadCR3(let value, let noFlush):
+            return "cr3 " + hex(value) + (noFlush ? " noflush" : "")
         }
     }
 }

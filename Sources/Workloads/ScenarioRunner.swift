@@ -8,7 +8,7 @@ public struct AccessRecord: Sendable {
     /// Counts `access` and `pte` directives from 0.
     public var index: Int
     public var line: Int
-    /// "read", "write", "exec" or "pte".
+    /// "read", "write", "exec", "pte", or "invpcid" (an INVPCID that raised #GP).
     public var operation: String
     public var cpl: Int
     public var gva: GuestVirtualAddress
@@ -70,11 +70,24 @@ public final class ScenarioRunner {
     public private(set) var vcpu: VCPU!
     public private(set) var kernel: GuestKernel!
     public private(set) var reference: ReferenceMachine!
+    /// The settings `set` lines chose (the paging mode a switch goes to, PSE's preference...).
     private var controls: ControlState
+    /// The vCPU's registers (and the reference's): from `controls` until boot, then what every
+    /// write left.
+    private var registers: PagingRegisters
+    /// The address space CR3 points at; nil after a `cr3` write that points at no space's root.
+    private var loadedSpace: String? = Scenario.kernelSpace
     private var report: RunReport
     private var currentLine = 0
     private var operationIndex = 0
-    private var mappedAddresses: [GuestVirtualAddress] = []
+    /// Every `map`, with the tables it went into, for the entries reported at the end.
+    private var mappings: [Mapping] = []
+
+    private struct Mapping: Hashable {
+        var gva: GuestVirtualAddress
+        var space: String
+        var mode: PagingMode
+    }
 
     /// Whether to keep the MMU events (KVM's tracepoints) each operation causes.
     public let tracesEvents: Bool
@@ -89,6 +102,7 @@ public final class ScenarioRunner {
         tracesEvents = traceEvents
         self.shadowPageLimit = shadowPageLimit
         controls = scenario.initialControls
+        registers = scenario.initialControls.registers(cr3: 0)
         report = RunReport(scenario: scenario.name)
     }
 
@@ -107,6 +121,9 @@ public final class ScenarioRunner {
             if tracesEvents { firstEventOfDirective = nextEventSequence() }
             do {
                 try execute(statement.directive)
+                // `map` and `pte` edit the tables of the mode the registers select (or prepare).
+                let editMode = registers.modeWithPagingOn
+                if kernel.mode != editMode { try kernel.selectMode(editMode) }
             } catch let failure as RunFailure {
                 throw failure
             } catch let disagreement as LockstepDisagreement {
@@ -121,20 +138,31 @@ public final class ScenarioRunner {
     }
 
     private func setUp() throws {
-        vm = try VirtualMachine(memorySize: scenario.memorySize, cpu: scenario.cpuModel, shadowPageLimit: shadowPageLimit)
+        vm = try VirtualMachine(memorySize: scenario.memorySize, cpu: scenario.cpuModel, shadowPageLimit: shadowPageLimit,
+                                hostLevels: scenario.hostLevels)
         kernel = try GuestKernel(vm: vm, mode: controls.pagingMode)
-        kernel.store = { [unowned self] gva, value, size in
-            _ = try self.guestAccess(gva, Access(.write, .supervisor), size: size, value: value)
+        kernel.store = { [unowned self] entry, value, size in
+            // The kernel reaches its tables through the window of the mode in force (or, with paging
+            // off, at their physical addresses).
+            let gva = GuestKernel.linearAddress(of: entry, in: self.registers.mode)
+            let outcome = try self.guestAccess(gva, Access(.write, .supervisor), size: size, value: value)
+            guard case .completed = outcome.result else {
+                throw RunFailure.badScenario(line: self.currentLine, message:
+                    "the kernel's store to its table entry at \(entry) (through \(gva)) did not complete: "
+                    + RunReport.outcomeText(outcome.result) + "; CR3 must point at a root with the kernel's window")
+            }
         }
     }
 
     private func finish() {
         report.statsAfter = vm.mmu.stats
         report.lockstepChecks = reference?.checkedAccesses ?? 0
-        var seen = Set<UInt64>()
-        let distinct = mappedAddresses.filter { seen.insert($0.rawValue).inserted }
-        report.entries = distinct.flatMap { gva in
-            kernel.path(gva).map { EntryRecord(gva: gva, level: $0.level, address: $0.address, value: $0.value) }
+        var seen = Set<Mapping>()
+        let distinct = mappings.filter { seen.insert($0).inserted }
+        report.entries = distinct.flatMap { mapping in
+            kernel.path(mapping.gva, space: mapping.space, mode: mapping.mode).map {
+                EntryRecord(gva: mapping.gva, level: $0.level, address: $0.address, value: $0.value)
+            }
         }
         report.shadowPagesByLevel = Dictionary(grouping: vm.mmu.shadowPages, by: \.level).mapValues(\.count)
     }
@@ -144,42 +172,79 @@ public final class ScenarioRunner {
     /// on the reference alike.
     private func boot() throws {
         guard !kernel.booted else { return }
-        let registers = controls.registers(cr3: kernel.root.rawValue)
+        let root = try kernel.root(of: Scenario.kernelSpace, mode: controls.pagingMode)
+        registers = controls.registers(cr3: root.rawValue)
         vcpu = try vm.addVCPU(registers: registers)
         reference = try ReferenceMachine(memory: vm.memory, registers: registers, cpu: scenario.cpuModel)
+        loadedSpace = Scenario.kernelSpace
         kernel.booted = true
     }
 
     private func execute(_ directive: ScenarioDirective) throws {
+        if directive.runsGuest { try boot() }
         switch directive {
-        case .mem, .cpu:
+        case .mem, .cpu, .host:
             break  // applied when the machine was built
         case .set(let changes):
             let new = controls.applying(changes)
-            if new.pagingMode != controls.pagingMode && kernel.booted {
-                throw RunFailure.badScenario(line: currentLine, message: "set: the paging mode cannot change after the first guest operation")
-            }
-            controls = new
-            let registers = controls.registers(cr3: kernel.root.rawValue)
             guard kernel.booted else {
+                controls = new
+                registers = controls.registers(cr3: 0)
                 // Checked now so that an impossible combination names this line.
-                try VCPU.checkSupported(registers)
-                _ = try PageWalker(registers: registers, cpu: scenario.cpuModel, memory: vm.memory)
+                let root = try kernel.root(of: Scenario.kernelSpace, mode: controls.pagingMode)
+                let booting = controls.registers(cr3: root.rawValue)
+                try VCPU.checkSupported(booting)
+                _ = try PageWalker(registers: booting, cpu: scenario.cpuModel, memory: vm.memory)
                 return
             }
-            try vcpu.setRegisters(registers)
-            try reference.setRegisters(registers)
+            let target = changes.applied(to: registers, controls: new)
+            controls = new
+            if changes.pagingMode != nil && target.mode != registers.mode {
+                try switchMode(to: target)
+            } else {
+                try write(target)
+            }
+        case .writeRegister(let register, let value):
+            try write(register.writing(value, to: registers))
+        case .loadCR3(let value, let noFlush):
+            try loadCR3(value, noFlush: noFlush)
+            loadedSpace = kernel.space(withRoot: GuestPhysicalAddress(value & ~0xFFF))?.space
+        case .space(let name):
+            try kernel.selectSpace(name)
+        case .switchSpace(let name, let pcid, let noFlush):
+            guard kernel.hasSpace(name) else {
+                throw RunFailure.badScenario(line: currentLine, message: "switch: no address space '\(name)'")
+            }
+            if (pcid != 0 || noFlush) && !registers.cr4.contains(.pcidEnable) {
+                throw RunFailure.badScenario(line: currentLine, message: "switch: pcid and noflush need CR4.PCIDE (set pcid=1)")
+            }
+            let root = try kernel.root(of: name, mode: registers.modeWithPagingOn)
+            try loadCR3(root.rawValue | UInt64(pcid), noFlush: noFlush)
+            loadedSpace = name
+        case .invpcid(let type, let pcid, let gva):
+            let architecturalFault = registers.invpcidFaults(type, pcid: pcid, address: gva)
+            let completed = vcpu.invalidatePCID(type, pcid: pcid, address: gva)
+            guard completed != architecturalFault else {
+                finish()
+                throw RunFailure.brokenInvariant(line: currentLine, message:
+                    "INVPCID \(type) pcid \(hex(pcid)) at \(gva): the architecture "
+                    + (architecturalFault ? "raises #GP" : "completes it") + ", KVM's emulation "
+                    + (completed ? "completed it" : "raised #GP"), partial: report)
+            }
+            if completed {
+                reference.invalidatePCID(type, pcid: UInt16(pcid), address: gva)
+            } else {
+                record("invpcid", cpl: 0, gva: gva, outcome: AccessOutcome(result: .generalProtection))
+            }
         case .map(let map):
             try checkCollision(map)
-            mappedAddresses.append(map.gva)
+            mappings.append(Mapping(gva: map.gva, space: kernel.editSpace, mode: kernel.mode))
             try kernel.map(map.gva, to: map.gpa, leafLevel: map.pageSize.leafLevel, leafFlags: map.leafFlagsWithKey,
                            tableFlags: { map.tableFlags(level: $0) })
         case .access(let kind, let gva, let cpl, let value):
-            try boot()
             let outcome = try guestAccess(gva, Access(kind, cpl == 3 ? .user : .supervisor), size: 8, value: value ?? 0)
             record(kind == .fetch ? "exec" : kind == .write ? "write" : "read", cpl: cpl, gva: gva, outcome: outcome)
         case .pte(let gva, let level, let entryValue, let cpl):
-            try boot()
             guard let address = try kernel.entryAddress(gva, level: level) else {
                 throw RunFailure.badScenario(line: currentLine, message: "pte: \(gva) has no level-\(level) entry (the walk ends above it)")
             }
@@ -196,18 +261,64 @@ public final class ScenarioRunner {
                 let addressBits = kernel.mode == .legacy32 ? old & 0xFFFF_F000 : old & bitRange(12, 51)
                 new = addressBits | flags
             }
-            let outcome = try guestAccess(kernel.windowAddress(address), Access(.write, cpl == 3 ? .user : .supervisor),
+            let outcome = try guestAccess(GuestKernel.linearAddress(of: address, in: registers.mode),
+                                          Access(.write, cpl == 3 ? .user : .supervisor),
                                           size: kernel.entrySize, value: new)
             record("pte", cpl: cpl, gva: gva, outcome: outcome)
         case .invlpg(let gva):
-            try boot()
             vcpu.invalidatePage(gva)
             reference.invalidatePage(gva)
         case .reloadCR3:
-            try boot()
             try vcpu.loadCR3(vcpu.registers.cr3)
             reference.reloadCR3()
         }
+    }
+
+    /// One write of CR0, CR4, EFER, PKRU or RFLAGS (or several at once, for a `set`), refused as
+    /// the processor refuses it, on the vCPU and the reference alike.
+    private func write(_ new: PagingRegisters) throws {
+        let new = new.withComputedLongModeActive
+        guard new != registers else { return }
+        if let fault = registers.transitionFault(to: new, cpu: scenario.cpuModel) {
+            throw RunFailure.badScenario(line: currentLine, message: "#GP: \(fault)")
+        }
+        try vcpu.setRegisters(new)
+        try reference.setRegisters(new)
+        registers = new
+    }
+
+    /// MOV to CR3 of `value` (bit 63 of the source set with `noFlush`), on both machines.
+    private func loadCR3(_ value: UInt64, noFlush: Bool) throws {
+        try vcpu.loadCR3(value, noFlush: noFlush)
+        try reference.loadCR3(value, noFlush: noFlush)
+        registers.cr3 = value
+    }
+
+    /// A paging-mode switch the way an OS makes it, one legal register write at a time: PCIDE off
+    /// (it must be 0 outside long mode), paging off, EFER.LME, then CR4's mode bits (PAE, LA57, PSE,
+    /// which long mode freezes), CR3 at the loaded space's root for the new mode (built now, while
+    /// the old mode still runs, through its window), paging on, and last the rest of `target`
+    /// (PCIDE again, and whatever else the `set` changed).
+    private func switchMode(to target: PagingRegisters) throws {
+        let space = loadedSpace ?? Scenario.kernelSpace
+        let root = try kernel.root(of: space, mode: target.mode)
+        var step = registers
+        func apply(_ change: (inout PagingRegisters) -> Void) throws {
+            change(&step)
+            try write(step)
+            step = registers
+        }
+        try apply { $0.cr4.remove(.pcidEnable) }
+        try apply { $0.cr0.remove(.paging) }
+        try apply { $0.efer = $0.efer.subtracting(.longModeEnable).union(target.efer.intersection(.longModeEnable)) }
+        let modeBits: CR4 = [.physicalAddressExtension, .la57, .pageSizeExtensions]
+        try apply { $0.cr4 = $0.cr4.subtracting(modeBits).union(target.cr4.intersection(modeBits)) }
+        try apply { $0.cr3 = root.rawValue }
+        try apply { $0.cr0.insert(.paging) }
+        var final = target
+        final.cr3 = root.rawValue
+        try write(final)
+        loadedSpace = space
     }
 
     private func nextEventSequence() -> UInt64 {

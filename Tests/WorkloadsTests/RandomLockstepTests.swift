@@ -797,6 +797,8 @@ struct GuestTableModel {
         case .invlpg, .reloadCR3:
             booted = true
             return true
+        case .host, .space, .switchSpace, .invpcid, .writeRegister, .loadCR3:
+            return false  // the model knows one address space in one mode; the generator never emits these
         }
     }
 

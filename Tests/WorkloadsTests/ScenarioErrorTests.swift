@@ -27,7 +27,7 @@ private let preludeLines = 3
 struct ScenarioErrorTests {
     static let cases: [BadCase] = [
         // Directives
-        BadCase("frobnicate 1", line: 1, column: 1, "unknown directive 'frobnicate' (known directives: mem, cpu, set, map, access, pte, invlpg, reload-cr3)"),
+        BadCase("frobnicate 1", line: 1, column: 1, "unknown directive 'frobnicate' (known directives: mem, cpu, set, map, access, pte, invlpg, reload-cr3, host, space, switch, invpcid, cr0, cr4, efer, cr3)"),
         BadCase("  maps 0x1000", line: 1, column: 3, "unknown directive 'maps'"),
         BadCase("reload-cr3 now", line: 1, column: 12, "reload-cr3: unexpected 'now'"),
         BadCase("invlpg", line: 1, column: 1, "invlpg: missing GVA (usage: invlpg GVA)"),
@@ -71,15 +71,15 @@ struct ScenarioErrorTests {
         BadCase("set pkru=0x1_0000_0000", line: 1, column: 10, "pkru must be 0...4294967295, not '0x1_0000_0000'"),
         BadCase("set pkru=zz", line: 1, "pkru: 'zz' is not a number"),
         BadCase("set la57=2", line: 1, "la57 must be 0 or 1"),
-        BadCase("set paging=6", line: 1, column: 12, "paging must be 32, pae, 4 or 5, not '6'"),
+        BadCase("set paging=6", line: 1, column: 12, "paging must be legacy32, pae, 4level or 5level (or 32, 4, 5), not '6'"),
         BadCase("set la57=1 paging=5", line: 1, "la57 and paging both choose the paging mode"),
         BadCase("set wp=1 WP=0", line: 1, column: 10, "option 'wp' given twice"),
-        BadCase("set smep=1 cr4=0", line: 1, column: 12, "unknown option 'cr4' (options: wp, nx, smep, smap, pke, ac, pkru, la57, paging)"),
+        BadCase("set smep=1 cr4=0", line: 1, column: 12, "unknown option 'cr4' (options: wp, nx, smep, smap, pke, ac, pkru, la57, paging, pse, pcid)"),
         BadCase("set smep 1", line: 1, "expected key=value, not 'smep'"),
         BadCase("cpu la57=0\nset la57=1", line: 2, column: 10, "5-level paging needs a CPU with LA57"),
         BadCase("cpu la57=0\nset paging=5", line: 2, "5-level paging needs a CPU with LA57"),
-        BadCase("map 0x1000 0x1000 4k P\nset la57=1", line: 2, "the paging mode (la57, paging) must come before the first guest operation (the map on line 1)"),
-        BadCase("pte 0x1000 1 P\nset paging=pae", line: 2, "(the pte on line 1)"),
+        BadCase("map 0x1000 0x1000 4k P\nhost levels=5", line: 2, "host must come before the first guest operation (the map on line 1)"),
+        BadCase("pte 0x1000 1 P\ncpu gbpages=0", line: 2, "(the pte on line 1)"),
         // map
         BadCase("map 0x1000 0x2000 3m P", line: 1, column: 19, "map: page size must be 4k, 2m or 1g, not '3m'"),
         BadCase("map 0x1000 0x2000 4m P", line: 1, "page size must be 4k, 2m or 1g with 4-level paging, not '4m'"),

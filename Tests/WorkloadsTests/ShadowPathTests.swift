@@ -661,7 +661,8 @@ private let flagD: UInt64 = 1 << 6
                                  "mmu_pte_write": 1, "mmu_pde_zapped": 2, "pages_4k": 10], "end")
         #expect(t.report.shadowPagesByLevel == [2: 4, 1: 3])
         // 4-byte entries: the PDE is the PT's address with P,RW (the pte write cleared US and A).
-        #expect(t.entry(0x400000, level: 2) == 0x10_1003)
+        // The PT is the pool's sixth page: after the root, the four PTs of the kernel's window.
+        #expect(t.entry(0x400000, level: 2) == 0x10_5003)
         #expect(t.entry(0x400000, level: 1) == 0x100_0027)
     }
 

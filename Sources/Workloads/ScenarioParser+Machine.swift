@@ -1,0 +1,100 @@
+// The directives that drive the machine beyond one address space: the host's paging depth, address
+// spaces and CR3 loads, INVPCID, and raw control-register writes. Grammar in ScenarioParser.swift.
+
+import X86Paging
+
+extension DirectiveArguments {
+    mutating func parseHost() throws(ScenarioError) -> ScenarioDirective {
+        _ = try positional([])
+        let options = try options(["levels"])
+        guard let token = options["levels"] else { throw error("expected levels=4|5 (usage: \(spec.usage))") }
+        let levels = Int(try number(token, what: "levels", in: 4...5))
+        return .host(levels: levels)
+    }
+
+    /// A space name: letters, digits, `_`, `-` and `.` (no `=`, so it is never taken for an option).
+    private func spaceName(_ token: Token) throws(ScenarioError) -> String {
+        let valid = token.text.unicodeScalars.allSatisfy { scalar in
+            scalar.isASCII && (scalar.properties.isAlphabetic || ("0"..."9").contains(scalar) || "_-.".unicodeScalars.contains(scalar))
+        }
+        guard valid else {
+            throw error("a space name is letters, digits, '_', '-' and '.', not '\(token.text)'", at: token)
+        }
+        return token.text
+    }
+
+    mutating func parseSpace() throws(ScenarioError) -> ScenarioDirective {
+        let name = try spaceName(try positional(["NAME"])[0])
+        try noOptions()
+        return .space(name)
+    }
+
+    mutating func parseSwitch() throws(ScenarioError) -> ScenarioDirective {
+        let nameToken = try positional(["NAME"])[0]
+        let name = try spaceName(nameToken)
+        let options = try options(["pcid"], words: ["noflush"])
+        guard state.spaces.contains(name) else {
+            let known = state.spaces.sorted().joined(separator: ", ")
+            throw error("no address space '\(name)' (spaces so far: \(known); `space NAME` creates one)", at: nameToken)
+        }
+        var pcid: UInt16 = 0
+        if let token = options["pcid"] { pcid = UInt16(try number(token, what: "pcid", in: 0...4095)) }
+        let noFlush = options["noflush"] != nil
+        if (pcid != 0 || noFlush) && !state.registers.cr4.contains(.pcidEnable) {
+            let what = pcid != 0 ? "pcid=\(pcid)" : "noflush"
+            throw error("\(what) needs CR4.PCIDE (set pcid=1): without it CR3 has no PCID and bit 63 must be 0",
+                        at: options["pcid"] ?? options["noflush"])
+        }
+        return .switchSpace(name: name, pcid: pcid, noFlush: noFlush)
+    }
+
+    mutating func parseINVPCID() throws(ScenarioError) -> ScenarioDirective {
+        let typeToken = try positional(["TYPE"])[0]
+        let options = try options(["pcid", "gva"])
+        let word = asciiLowercased(typeToken.text)
+        guard let type = INVPCIDType.allCases.first(where: { $0.scenarioName == word || "\($0.rawValue)" == word }) else {
+            throw error("INVPCID type must be 0, 1, 2, 3, individual, single, all or all-nonglobal, not '\(typeToken.text)'",
+                        at: typeToken)
+        }
+        // Any 64-bit PCID and address: values the instruction refuses are how a scenario asks for the #GP.
+        let pcid = try options["pcid"].map { (token: Token) throws(ScenarioError) in try number(token, what: "pcid") } ?? 0
+        var gva: UInt64 = 0
+        if let token = options["gva"] {
+            guard type == .individualAddress else {
+                throw error("gva= is for an individual-address INVPCID (type 0) only", at: token)
+            }
+            gva = try operationAddress(token, what: "gva")
+        }
+        if options["pcid"] != nil && (type == .allContextsIncludingGlobal || type == .allContextsExceptGlobal) {
+            throw error("pcid= is for the individual and single types; \(type.scenarioName) covers every PCID",
+                        at: options["pcid"])
+        }
+        return .invpcid(type, pcid: pcid, gva: GuestVirtualAddress(gva))
+    }
+
+    mutating func parseRegisterWrite(_ register: ControlRegister) throws(ScenarioError) -> ScenarioDirective {
+        let valueToken = try positional(["VALUE"])[0]
+        try noOptions()
+        let value = try number(valueToken, what: "VALUE")
+        if register != .efer && value >> 32 != 0 {
+            // Bits 63:32 of CR0 and CR4 are reserved (a MOV setting them faults).
+            throw error("#GP: \(register.rawValue) bits 63:32 are reserved, not \(hex(value))", at: valueToken)
+        }
+        return .writeRegister(register, value: value)
+    }
+
+    mutating func parseCR3() throws(ScenarioError) -> ScenarioDirective {
+        let valueToken = try positional(["VALUE"])[0]
+        let options = try options([], words: ["noflush"])
+        let value = try number(valueToken, what: "VALUE")
+        let noFlush = options["noflush"] != nil
+        if value & PagingRegisters.cr3NoFlushBit != 0 {
+            throw error("bit 63 is the no-flush flag, not part of CR3: write `cr3 \(hex(value & ~PagingRegisters.cr3NoFlushBit)) noflush`",
+                        at: valueToken)
+        }
+        if noFlush && !state.registers.cr4.contains(.pcidEnable) {
+            throw error("noflush needs CR4.PCIDE (set pcid=1)", at: options["noflush"])
+        }
+        return .loadCR3(value: value, noFlush: noFlush)
+    }
+}
