@@ -10,12 +10,15 @@ extension MMUContext {
     /// and was made for the same paging regime (every root-role bit equal but the level, the
     /// access, the quadrant and passthrough); otherwise it is zapped.
     func canSync(_ page: ShadowPage) -> Bool {
-        guard page.role.hasGPTEs || (!page.role.isDirect && page.role.isPassthrough) else { return false }
+        guard page.hasGPTEs || (!page.role.isDirect && page.isPassthrough) else { return false }
         var ignored = PageRole()
         ignored.level = 0xF
         ignored.access = ACC.all
         ignored.quadrant = 3
         ignored.isPassthrough = true
+        // The seed-1 guest-level fields (bits unused upstream, so upstream is unaffected): RFC v3's
+        // sync ignores glevel as upstream's ignores passthrough.
+        ignored.word |= PageRole.unusedBits
         return !page.role.isDirect && (page.role.word ^ rootRole.word) & ~ignored.word == 0
     }
 

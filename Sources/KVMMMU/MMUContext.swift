@@ -77,18 +77,30 @@ public final class MMUContext {
     /// The paging depth of the host format the shadow tables are built in, or nil to follow the
     /// guest (see `VirtualMachine.hostLevels`).
     public let hostLevels: Int?
+    /// The MMU design this context runs (docs/VARIANTS.md); the same as its `mmu`'s.
+    public let variant: MMUVariant
+    /// Register writes that reset the context or unloaded its roots (`kvm_mmu_reset_context`,
+    /// `kvm_mmu_unload` from `kvm_post_set_cr0/cr4` and `set_efer`); not a KVM counter.
+    public private(set) var contextResets: UInt64 = 0
+    /// `kvm_init_mmu` calls that found the roles changed and re-initialised the context.
+    public private(set) var roleReinitializations: UInt64 = 0
+    /// Root shadow pages this context allocated (a root lookup that missed the hash), special
+    /// roots not included.
+    public private(set) var rootsCreated: UInt64 = 0
     @exclusivity(unchecked) private var long64: Long64Format
     @exclusivity(unchecked) private var legacy32: Legacy32Format
 
     public init(mmu: ShadowMMU, registers: PagingRegisters, cpu: CPUModel = CPUModel(),
-                hostLevels: Int? = nil) throws(ControlStateError) {
+                hostLevels: Int? = nil, variant: MMUVariant = .upstream) throws(ControlStateError) {
+        precondition(variant == mmu.variant, "a context runs the variant of the MMU it belongs to")
         self.mmu = mmu
+        self.variant = variant
         self.cpu = cpu
         self.registers = registers
         self.hostLevels = hostLevels
         guestWalkerBox = WalkerBox(try PageWalker(registers: registers, cpu: cpu, memory: mmu.memory))
         cpuRole = calcCPURole(cr0: registers.cr0, cr4: registers.cr4, efer: registers.efer)
-        rootRole = Self.rootRole(for: cpuRole, hostLevels: hostLevels)
+        rootRole = Self.rootRole(for: cpuRole, hostLevels: hostLevels, variant: variant)
         long64 = Long64Format(mode: guestWalkerBox.walker.mode, efer: registers.efer, cpu: cpu)
         legacy32 = Legacy32Format(cr4: registers.cr4, cpu: cpu)
     }
@@ -100,12 +112,14 @@ public final class MMUContext {
     /// The shadow root role (`kvm_init_shadow_mmu`), or with a fixed host depth the role KVM gives
     /// a nested NPT root (`kvm_init_shadow_npt_mmu`): the host's level, and `passthrough` for a
     /// 4-level guest on a 5-level host.
-    static func rootRole(for cpuRole: CPURole, hostLevels: Int?) -> PageRole {
+    /// The seed-1 variants say "passthrough" with their guest-level field instead.
+    static func rootRole(for cpuRole: CPURole, hostLevels: Int?, variant: MMUVariant = .upstream) -> PageRole {
         var role = shadowRootRole(for: cpuRole)
-        guard let hostLevels else { return role }
-        role.level = hostLevels
-        if !role.isDirect && hostLevels == 5 && cpuRole.base.level == 4 { role.isPassthrough = true }
-        return role
+        if let hostLevels {
+            role.level = hostLevels
+            if !role.isDirect && hostLevels == 5 && cpuRole.base.level == 4 { role.isPassthrough = true }
+        }
+        return variant.encodingGuestLevel(role, guestRootLevel: cpuRole.base.level)
     }
 
     // MARK: Registers
@@ -125,13 +139,17 @@ public final class MMUContext {
         let walker = try PageWalker(registers: new, cpu: cpu, memory: mmu.memory, pdpteValues: keptPDPTEs)
         let pdptesChanged = reloadsPDPTEs && oldWalker.mode == .pae
             && (0..<4).contains { walker.pdpte($0) != oldWalker.pdpte($0) }
-        let cr0 = contextResetForCR0(old: old.cr0, new: new.cr0, tdp: false)
+        // Without TDP the pre-split rule is the same; the variant keeps its own to say so.
+        let cr0 = variant == .combinedMMURole
+            ? contextResetForCR0WithCombinedRole(old: old.cr0, new: new.cr0, tdp: false, paging: new.cr0.contains(.paging))
+            : contextResetForCR0(old: old.cr0, new: new.cr0, tdp: false)
         let cr4 = contextResetForCR4(old: old.cr4, new: new.cr4, tdp: false)
         let efer = contextResetForEFER(old: old.efer, new: new.efer)
         let reset = cr0.context.combined(with: cr4.context).combined(with: efer.context)
         var flushes = cr0.flushes.union(cr4.flushes)
         install(new, walker)
         if reset.unloadsRoots {
+            contextResets += 1
             unload()
         } else if pdptesChanged {
             freeCurrentRoot()
@@ -257,10 +275,25 @@ public final class MMUContext {
     /// the same as before.
     private func initializeRoles() {
         let newCPURole = calcCPURole(cr0: registers.cr0, cr4: registers.cr4, efer: registers.efer)
-        let newRootRole = Self.rootRole(for: newCPURole, hostLevels: hostLevels)
-        guard newCPURole != cpuRole || newRootRole != rootRole else { return }
+        let newRootRole = Self.rootRole(for: newCPURole, hostLevels: hostLevels, variant: variant)
+        if variant == .combinedMMURole {
+            guard Self.combinedMMURole(cpu: newCPURole, root: newRootRole) != Self.combinedMMURole(cpu: cpuRole, root: rootRole)
+            else { return }
+        } else {
+            guard newCPURole != cpuRole || newRootRole != rootRole else { return }
+        }
+        roleReinitializations += 1
         cpuRole = newCPURole
         rootRole = newRootRole
+    }
+
+    /// The pre-seed-4 `mmu_role` for shadow paging: the shadow page role (this tree's root role,
+    /// with the guest's EFER.NX, which KVM put in the role before it forced `efer_nx` for shadow
+    /// roots) and the extended role, compared as one word pair by `shadow_mmu_init_context`.
+    static func combinedMMURole(cpu: CPURole, root: PageRole) -> CPURole {
+        var base = root
+        base.eferNX = cpu.base.eferNX
+        return CPURole(base: base, ext: cpu.ext)
     }
 
     /// `shadow_page_table_clear_flood`: the guest is using every shadow page on the path of
@@ -355,7 +388,8 @@ public final class MMUContext {
     }
 
     private func takeRoot(_ gfn: GuestFrameNumber, _ role: PageRole) throws(ShadowMMUError) -> ShadowPage {
-        let page = try mmu.getShadowPage(gfn, role, for: self).page
+        let (page, created) = try mmu.getShadowPage(gfn, role, for: self)
+        if created { rootsCreated += 1 }
         page.rootCount += 1
         return page
     }
@@ -373,6 +407,7 @@ public final class MMUContext {
             var role = rootRole
             role.level = 2
             role.quadrant = 0
+            role = variant.encodingGuestLevel(role, guestRootLevel: cpuRole.base.level)
             let page = try takeRoot(GuestFrameNumber(UInt64(index) << 18), role)
             paeRoots[index] = page
             entries[index] = page.frame.rawValue << 12 | 1
@@ -416,6 +451,7 @@ public final class MMUContext {
                 gfn = tableGFN
                 role.quadrant = 0
             }
+            role = variant.encodingGuestLevel(role, guestRootLevel: guestLevel)
             let page = try takeRoot(gfn, role)
             paeRoots[index] = page
             entries[index] = page.frame.rawValue << 12 | presentMask
@@ -623,17 +659,29 @@ public final class MMUContext {
     /// that free pages happen only from guest writes and register changes, never inside a fetch),
     /// so the walk down the tables needs no atomic retain and release per level.
     private func childPage(at pointer: SPTEPointer, in parent: ShadowPage, gfn: GuestFrameNumber, direct: Bool,
-                           access: UInt8) throws(ShadowMMUError) -> Unmanaged<ShadowPage> {
+                           access: UInt8, address: UInt64) throws(ShadowMMUError) -> Unmanaged<ShadowPage> {
         let spte = SPTE(rawValue: pointer.pointee)
         if spte.isShadowPresent && !spte.isLarge, let existing = mmu.directory.unretainedPage(spte.pfn.rawValue) {
             return existing
         }
-        let role = childRole(of: parent.role, parentIndex: parent.index(of: pointer), direct: direct, access: access)
+        let role = variant == .upstream
+            ? childRole(of: parent.role, parentIndex: parent.index(of: pointer), direct: direct, access: access)
+            : variantChildRole(of: parent, at: pointer, direct: direct, access: access, address: address)
         let page = try mmu.getShadowPage(gfn, role, for: self).page
         // The hardware will walk the new link at once: unsync pages below must be current first.
         if !direct && page.unsyncChildren > 0 { syncChildren(of: page) }
         mmu.link(pointer, to: page)
         return Unmanaged.passUnretained(page)
+    }
+
+    /// The child role under the variants: recompute-child-role's from the root role and the
+    /// address (pre-v6.0), the seed-1 variants' with their guest-level field carried down.
+    private func variantChildRole(of parent: ShadowPage, at pointer: SPTEPointer, direct: Bool, access: UInt8,
+                                  address: UInt64) -> PageRole {
+        if variant == .recomputeChildRole {
+            return childRoleFromRootRole(rootRole, level: parent.level - 1, direct: direct, access: access, address: address)
+        }
+        return variant.childRole(of: parent.role, parentIndex: parent.index(of: pointer), direct: direct, access: access)
     }
 
     /// `FNAME(fetch)`: builds the shadow path for the walk and installs the leaf.
@@ -651,7 +699,7 @@ public final class MMUContext {
                 Result { () throws(ShadowMMUError) in
                     let pointer = parent.spte(Self.index(address.rawValue, level: level))
                     return try childPage(at: pointer, in: parent, gfn: walk.tableGFN(level: level - 1), direct: false,
-                                         access: walk.ptAccess(level: level - 1))
+                                         access: walk.ptAccess(level: level - 1), address: address.rawValue)
                 }
             }.get()
             page._withUnsafeGuaranteedRef { $0.writeFloodingCount = 0 }
@@ -666,7 +714,8 @@ public final class MMUContext {
                     let pointer = parent.spte(Self.index(address.rawValue, level: level))
                     let baseGFN = GuestFrameNumber(walk.gfn.rawValue & ~((1 << UInt64(9 * (level - 1))) - 1))
                     validateDirectSPTE(pointer, access: walk.pteAccess)
-                    return try childPage(at: pointer, in: parent, gfn: baseGFN, direct: true, access: walk.pteAccess)
+                    return try childPage(at: pointer, in: parent, gfn: baseGFN, direct: true, access: walk.pteAccess,
+                                         address: address.rawValue)
                 }
             }.get()
             level -= 1
@@ -747,7 +796,8 @@ public final class MMUContext {
         while level > 1 {
             let pointer = page.spte(Self.index(address.rawValue, level: level))
             let baseGFN = GuestFrameNumber(gfn.rawValue & ~((1 << UInt64(9 * (level - 1))) - 1))
-            page = try childPage(at: pointer, in: page, gfn: baseGFN, direct: true, access: accessAll).takeUnretainedValue()
+            page = try childPage(at: pointer, in: page, gfn: baseGFN, direct: true, access: accessAll,
+                                 address: address.rawValue).takeUnretainedValue()
             level -= 1
         }
         let pointer = page.spte(Self.index(address.rawValue, level: 1))

@@ -185,6 +185,32 @@ public func childRole(of parent: PageRole, parentIndex: Int, direct: Bool, acces
     return role
 }
 
+/// The child role as KVM computed it before seed 3 (`kvm_mmu_get_page` up to v5.19): from the
+/// vCPU's root role rather than from the parent page, with the level, `direct` and `access` the
+/// caller asks for, and for a 4-byte-GPTE guest the quadrant from the faulting address: a level-1
+/// page shadows half of a 4 MiB guest page table, the half VA[21] selects.
+///
+/// The `recompute-child-role` variant uses it to show it agrees with `childRole(of:...)` on every
+/// page the fault path creates (the auditor checks the parent-derived role on every link).
+/// - Precondition: `1 <= level < rootRole.level`.
+public func childRoleFromRootRole(_ rootRole: PageRole, level: Int, direct: Bool, access: UInt8,
+                                  address: UInt64) -> PageRole {
+    precondition(level >= 1 && level < rootRole.level, "a child is below the root")
+    var role = rootRole
+    role.level = level
+    role.isDirect = direct
+    role.access = access
+    role.isPassthrough = false
+    role.quadrant = 0
+    if role.hasFourByteGPTE {
+        // `gaddr >> (PAGE_SHIFT + PT64_PT_BITS * level)`, masked to the quadrant bits a level has
+        // (one at level 1: 4-byte and 8-byte tables differ by one index bit per level).
+        precondition(level == KVMLevel.pageTable, "4-byte-GPTE pages exist only at levels 1 and 2")
+        role.quadrant = Int((address >> 21) & 1)
+    }
+    return role
+}
+
 /// The quadrant of PAE root `index` (0-3) when KVM shadows a guest whose root level is
 /// `guestRootLevel` (`mmu_alloc_shadow_roots`): a 32-bit guest's 4 KiB page directory is shadowed by
 /// four PAE page directories, root i covering VA[31:30] = i, so root i has quadrant i. A PAE guest's
@@ -311,6 +337,18 @@ public func contextResetForCR0(old: CR0, new: CR0, tdp: Bool, paging: Bool) -> M
     if !changed.isDisjoint(with: CR0.kvmMMURoleBits) {
         update.context = .reset
     }
+    return update
+}
+
+/// `kvm_post_set_cr0` before seed 4 split `cpu_role` from `mmu_role` (the `combined-mmu-role`
+/// variant): CR0.WP was part of the one role, so any change of PG or WP reset the context, also
+/// under TDP, where the split lets a WP-only toggle merely re-initialise the roles (the TDP root
+/// role has no WP). Without TDP the two rules agree.
+public func contextResetForCR0WithCombinedRole(old: CR0, new: CR0, tdp: Bool, paging: Bool) -> MMUContextUpdate {
+    let changed = CR0(rawValue: old.rawValue ^ new.rawValue)
+    if changed == .writeProtect && !paging { return MMUContextUpdate() }
+    var update = contextResetForCR0(old: old, new: new, tdp: false, paging: paging)
+    if !changed.isDisjoint(with: CR0.kvmMMURoleBits) { update.context = .reset }
     return update
 }
 

@@ -14,14 +14,14 @@ extension ShadowMMU {
         var trackedGFNs = Set<UInt64>()
         var indirect = 0
         var unsyncPages = 0
-        for page in pages where page.role.hasGPTEs && !page.role.isInvalid {
+        for page in pages where page.hasGPTEs && !page.role.isInvalid {
             indirect += 1
             if !page.unsync { protectedGFNs.insert(page.gfn.rawValue) }
             if page.level > 1 { trackedGFNs.insert(page.gfn.rawValue) }
         }
         for page in pages where page.unsync {
             unsyncPages += 1
-            if page.level != 1 || !page.role.hasGPTEs {
+            if page.level != 1 || !page.hasGPTEs {
                 problems.append("\(page): only last-level pages that shadow guest tables may be unsync")
             }
             for pointer in page.parentPTEs {
@@ -76,7 +76,10 @@ extension ShadowMMU {
                     if !child.parentPTEs.contains(pointer) {
                         problems.append("\(child): missing parent SPTE \(index) of \(page)")
                     }
-                    let expected = childRole(of: page.role, parentIndex: index, direct: child.role.isDirect, access: child.role.access)
+                    // The parent-derived role of the variant's own encoding; for recompute-child-role
+                    // this is upstream's, which is the claim that variant exists to check.
+                    let expected = variant.childRole(of: page.role, parentIndex: index, direct: child.role.isDirect,
+                                                     access: child.role.access)
                     if expected.word & ~invalidRoleBit != child.role.word & ~invalidRoleBit {
                         problems.append("\(child): role \(child.role) does not follow from its parent's (\(expected))")
                     }
@@ -97,7 +100,7 @@ extension ShadowMMU {
             problems.append("indirect_shadow_pages = \(indirectShadowPages) but \(indirect) valid pages shadow guest tables")
         }
         var expectedTracking: [UInt64: Int] = [:]
-        for page in pages where page.role.hasGPTEs && !page.role.isInvalid && page.level > 1 {
+        for page in pages where page.hasGPTEs && !page.role.isInvalid && page.level > 1 {
             expectedTracking[page.gfn.rawValue, default: 0] += 1
         }
         for (gfn, count) in expectedTracking.sorted(by: { $0.key < $1.key }) {
@@ -107,7 +110,7 @@ extension ShadowMMU {
             }
         }
         var expectedShadowed: [UInt64: Int] = [:]
-        for page in pages where page.role.hasGPTEs && !page.role.isInvalid { expectedShadowed[page.gfn.rawValue, default: 0] += 1 }
+        for page in pages where page.hasGPTEs && !page.role.isInvalid { expectedShadowed[page.gfn.rawValue, default: 0] += 1 }
         for (gfn, count) in expectedShadowed.sorted(by: { $0.key < $1.key }) {
             let counted = memory.hostFrame(of: GuestFrameNumber(gfn)).map { Int(shadowedTableCount[$0.rawValue]) } ?? 0
             if counted != count {

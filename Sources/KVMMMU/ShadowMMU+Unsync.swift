@@ -13,7 +13,7 @@ extension ShadowMMU {
     func mustWriteProtect(_ gfn: GuestFrameNumber, canUnsync: Bool, prefetch: Bool) -> Bool {
         if isWriteTracked(gfn) { return true }
         guard hasShadowedTable(at: gfn) else { return false }
-        for page in hashBuckets[Self.bucket(gfn)] where page.gfn == gfn && page.role.hasGPTEs && !isObsolete(page) {
+        for page in hashBuckets[Self.bucket(gfn)] where page.gfn == gfn && page.hasGPTEs && !isObsolete(page) {
             if !canUnsync { return true }
             if page.unsync { continue }
             if prefetch { return true }

@@ -14,6 +14,8 @@ public final class ShadowMMU {
     public let masks: SPTEMasks
     @exclusivity(unchecked) public var stats = MMUStats()
     public let events: MMUEventLog
+    /// The MMU design the VM runs (docs/VARIANTS.md); every vCPU's context uses the same.
+    public let variant: MMUVariant
     /// KVM's `kvm_flush_remote_tlbs`: the VM installs the flush of every vCPU's TLB.
     @exclusivity(unchecked) public var flushRemoteTLBs: () -> Void = {}
     /// KVM_REQ_MMU_FREE_OBSOLETE_ROOTS on every vCPU: the VM installs it.
@@ -81,7 +83,9 @@ public final class ShadowMMU {
     /// KVM's `PTE_PREFETCH_NUM`.
     public static let prefetchCount = 8
 
-    public init(memory: MemslotSet, pool: HostPagePool, masks: SPTEMasks = .shadowPaging, events: MMUEventLog = MMUEventLog()) {
+    public init(memory: MemslotSet, pool: HostPagePool, masks: SPTEMasks = .shadowPaging, events: MMUEventLog = MMUEventLog(),
+                variant: MMUVariant = .upstream) {
+        self.variant = variant
         self.memory = memory
         self.pool = pool
         self.masks = masks
@@ -155,7 +159,7 @@ public final class ShadowMMU {
                 }
                 continue
             }
-            if page.role.hasGPTEs {
+            if page.hasGPTEs {
                 if page.unsync, let context {
                     let synced = context.syncPage(page)
                     if synced < 0 {
@@ -192,12 +196,12 @@ public final class ShadowMMU {
         // The pool hands out zeroed frames, which is a table of non-present SPTEs already.
         if SPTE.nonPresent.rawValue != 0 { sptes.initialize(repeating: SPTE.nonPresent.rawValue, count: 512) }
         let page = ShadowPage(gfn: gfn, role: role, frame: frame, sptes: sptes, validGeneration: validGeneration,
-                              serial: nextSerial)
+                              serial: nextSerial, isPassthrough: variant.isPassthrough(role))
         nextSerial += 1
         hashBuckets[Self.bucket(gfn)].append(page)
         directory.set(page, at: frame.rawValue)
         usedPages += 1
-        if role.hasGPTEs { accountShadowed(page) }
+        if page.hasGPTEs { accountShadowed(page) }
         events.record(.kvmMMUGetPage(gfn: gfn, role: role, created: true))
         return (page, true)
     }
@@ -236,7 +240,7 @@ public final class ShadowMMU {
 
     /// Valid pages shadowing the guest table at `gfn`.
     func gptePages(at gfn: GuestFrameNumber) -> [ShadowPage] {
-        hashBuckets[Self.bucket(gfn)].filter { $0.gfn == gfn && $0.role.hasGPTEs && !isObsolete($0) }
+        hashBuckets[Self.bucket(gfn)].filter { $0.gfn == gfn && $0.hasGPTEs && !isObsolete($0) }
     }
 
     /// The page an SPTE pointer lies in.
@@ -403,7 +407,7 @@ public final class ShadowMMU {
         for index in 0..<512 { zapPTE(page.spte(index), in: page) }
         for parent in page.parentPTEs { parent.pointee = SPTE.nonPresent.rawValue }
         page.parentPTEs.removeAll()
-        if page.role.hasGPTEs && !page.role.isInvalid { unaccountShadowed(page) }
+        if page.hasGPTEs && !page.role.isInvalid { unaccountShadowed(page) }
         unlinkUnsync(page)
         if page.rootCount == 0 {
             free(page)

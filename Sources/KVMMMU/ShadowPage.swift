@@ -40,16 +40,23 @@ public final class ShadowPage {
     public let validGeneration: UInt8
     /// Sequence number of creation, standing in for the position on `active_mmu_pages`.
     let serial: UInt64
+    /// KVM's `is_passthrough_sp`, answered once by the MMU's variant when the page was made (the
+    /// seed-1 variants say it with a role field instead of the `passthrough` bit).
+    public let isPassthrough: Bool
+    /// KVM's `sp_has_gptes`: the page shadows a guest table (neither direct nor passthrough).
+    public let hasGPTEs: Bool
 
     init(gfn: GuestFrameNumber, role: PageRole, frame: HostFrameNumber, sptes: UnsafeMutablePointer<UInt64>,
-         validGeneration: UInt8, serial: UInt64) {
+         validGeneration: UInt8, serial: UInt64, isPassthrough: Bool) {
         self.gfn = gfn
         self.role = role
         self.frame = frame
         self.sptes = sptes
         self.validGeneration = validGeneration
         self.serial = serial
-        if role.hasGPTEs {
+        self.isPassthrough = isPassthrough
+        hasGPTEs = !role.isDirect && !isPassthrough
+        if hasGPTEs {
             let translations = UnsafeMutablePointer<UInt64>.allocate(capacity: 512)
             translations.initialize(repeating: 0, count: 512)
             shadowedTranslations = translations
@@ -114,7 +121,7 @@ public final class ShadowPage {
 
     /// The gfn the SPTE at `index` maps (KVM's `kvm_mmu_page_get_gfn`).
     public func mappedGFN(at index: Int) -> GuestFrameNumber {
-        if role.isPassthrough { return gfn }
+        if isPassthrough { return gfn }
         if let shadowedTranslations { return GuestFrameNumber(shadowedTranslations[index] >> 12) }
         return GuestFrameNumber(gfn.rawValue + UInt64(index) << UInt64((level - 1) * 9))
     }

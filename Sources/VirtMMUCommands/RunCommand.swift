@@ -1,4 +1,5 @@
 import ArgumentParser
+import KVMMMU
 import Workloads
 import X86Paging
 
@@ -45,6 +46,10 @@ struct RunCommand: FailureReportingCommand {
     @Option(help: "The MMU that virtualizes the guest's paging (only shadow for now).")
     var mmu: MMUChoice = .shadow
 
+    @Option(help: ArgumentHelp("The MMU design to run (\(MMUVariant.names.joined(separator: ", "))); docs/VARIANTS.md.",
+                               valueName: "name"))
+    var variant: MMUVariant = .upstream
+
     @Flag(help: "Print JSON Lines instead of the readable report.")
     var json = false
 
@@ -89,7 +94,7 @@ struct RunCommand: FailureReportingCommand {
         }
         let report: RunReport
         do {
-            report = try ScenarioRunner(scenario: scenario, traceEvents: trace).run()
+            report = try ScenarioRunner(scenario: scenario, traceEvents: trace, variant: variant).run()
         } catch {
             return outcome(of: error, name: name, pagingMode: scenario.pagingMode)
         }
@@ -161,9 +166,16 @@ extension VirtMMU {
     /// but 1 instead of 64 for a command-line error under `run`.
     static func exitStatus(for error: any Error, arguments: [String]) -> Int32 {
         let code = exitCode(for: error)
-        if code == .validationFailure && arguments.first == RunCommand.configuration.commandName {
+        let documentsOwnStatuses = [RunCommand.configuration.commandName, CompareCommand.configuration.commandName]
+        if code == .validationFailure && documentsOwnStatuses.contains(arguments.first ?? "") {
             return RunCommand.Status.badInput
         }
         return code.rawValue
     }
+}
+
+/// `--variant NAME`: an unknown name is a usage error that lists the names.
+extension MMUVariant: ExpressibleByArgument {
+    public init?(argument: String) { self.init(rawValue: argument) }
+    public static var allValueStrings: [String] { names }
 }

@@ -54,7 +54,7 @@ public struct VirtMMU: ParsableCommand {
         success; 1 bad scenario, unreadable file or bad arguments; 2 lockstep disagreement or broken \
         invariant.
         """,
-        subcommands: [WalkCommand.self, MapsCommand.self, SampleCommand.self, RunCommand.self, RolesCommand.self],
+        subcommands: [WalkCommand.self, MapsCommand.self, SampleCommand.self, RunCommand.self, CompareCommand.self, RolesCommand.self],
         defaultSubcommand: WalkCommand.self)
 
     public init() {}

@@ -60,15 +60,21 @@ public final class VirtualMachine {
     /// The paging depth (4 or 5) of the host format KVM builds shadow tables in, or nil for the
     /// guest's own mode (KVM's shadow paging: the hardware runs the guest's paging mode).
     public let hostLevels: Int?
+    /// The MMU design every vCPU runs (docs/VARIANTS.md).
+    public var variant: MMUVariant { mmu.variant }
 
     /// A VM with `memorySize` bytes of guest RAM in memslot 0 at GPA 0. The shadow-page cache holds
     /// `shadowPageLimit` pages (KVM_SET_NR_MMU_PAGES), by default what KVM derives from the
     /// memslots; the host pool has room for it and for `shadowPageBudget` pages in all.
     /// `hostLevels` 4 or 5 builds every shadow table in that host depth, as KVM does for a
     /// nested NPT guest (special roots for 32-bit and PAE guests, a passthrough root for a 4-level
-    /// guest on a 5-level host).
+    /// guest on a 5-level host). `variant` chooses the MMU design (upstream's by default).
     public init(memorySize: UInt64, cpu: CPUModel = CPUModel(), shadowPageLimit: Int? = nil,
-                shadowPageBudget: Int = 1 << 16, hostLevels: Int? = nil) throws(VirtualMachineError) {
+                shadowPageBudget: Int = 1 << 16, hostLevels: Int? = nil,
+                variant: MMUVariant = .upstream) throws(VirtualMachineError) {
+        if variant == .localRoots {
+            throw .unsupported("the local-roots variant (seed 2's per-vCPU root pages) is not implemented yet")
+        }
         if let hostLevels, hostLevels != 4 && hostLevels != 5 {
             throw .unsupported("the host pages with 4 or 5 levels, not \(hostLevels)")
         }
@@ -89,7 +95,7 @@ public final class VirtualMachine {
         } catch {
             throw .hostMemory("\(error)")
         }
-        mmu = ShadowMMU(memory: memory, pool: pool)
+        mmu = ShadowMMU(memory: memory, pool: pool, variant: variant)
         mmu.setMaxPages(limit)
         mmu.flushRemoteTLBs = { [unowned self] in
             self.mmu.count(.remoteTLBFlush)
@@ -189,7 +195,8 @@ public final class VCPU {
         hostLevels = vm.hostLevels
         try Self.checkSupported(registers, hostLevels: vm.hostLevels)
         do {
-            context = try MMUContext(mmu: vm.mmu, registers: registers, cpu: vm.cpu, hostLevels: vm.hostLevels)
+            context = try MMUContext(mmu: vm.mmu, registers: registers, cpu: vm.cpu, hostLevels: vm.hostLevels,
+                                     variant: vm.variant)
         } catch {
             throw .impossibleRegisters(error)
         }

@@ -35,6 +35,23 @@ public struct RunReport: Sendable {
     /// Shadow pages alive at the end, by level.
     public var shadowPagesByLevel: [Int: Int] = [:]
     public var lockstepChecks = 0
+    /// Shadow pages alive at the end, by their role's description and level.
+    public var shadowPagesByRole: [String: Int] = [:]
+    /// Every live shadow page at the end as (gfn, role word), for comparing page sets.
+    public var shadowPageKeys: Set<ShadowPageKey> = []
+    /// The vCPU context's counters: register writes that reset or unloaded it, role
+    /// re-initialisations, root pages created, and CR3 loads that did or did not find their root.
+    public var contextResets: UInt64 = 0
+    public var roleReinitializations: UInt64 = 0
+    public var rootsCreated: UInt64 = 0
+    public var rootCacheHits: UInt64 = 0
+    public var rootCacheMisses: UInt64 = 0
+}
+
+/// A shadow page's identity: its gfn and role word.
+public struct ShadowPageKey: Hashable, Sendable {
+    public var gfn: UInt64
+    public var role: UInt32
 }
 
 /// Why a run stopped early.
@@ -96,9 +113,13 @@ public final class ScenarioRunner {
 
     /// The shadow-page cache size (KVM_SET_NR_MMU_PAGES); nil for KVM's default from the memslots.
     public let shadowPageLimit: Int?
+    /// The MMU design the VM runs.
+    public let variant: MMUVariant
 
-    public init(scenario: Scenario, traceEvents: Bool = false, shadowPageLimit: Int? = nil) {
+    public init(scenario: Scenario, traceEvents: Bool = false, shadowPageLimit: Int? = nil,
+                variant: MMUVariant = .upstream) {
         self.scenario = scenario
+        self.variant = variant
         tracesEvents = traceEvents
         self.shadowPageLimit = shadowPageLimit
         controls = scenario.initialControls
@@ -139,7 +160,7 @@ public final class ScenarioRunner {
 
     private func setUp() throws {
         vm = try VirtualMachine(memorySize: scenario.memorySize, cpu: scenario.cpuModel, shadowPageLimit: shadowPageLimit,
-                                hostLevels: scenario.hostLevels)
+                                hostLevels: scenario.hostLevels, variant: variant)
         kernel = try GuestKernel(vm: vm, mode: controls.pagingMode)
         kernel.store = { [unowned self] entry, value, size in
             // The kernel reaches its tables through the window of the mode in force (or, with paging
@@ -164,7 +185,17 @@ public final class ScenarioRunner {
                 EntryRecord(gva: mapping.gva, level: $0.level, address: $0.address, value: $0.value)
             }
         }
-        report.shadowPagesByLevel = Dictionary(grouping: vm.mmu.shadowPages, by: \.level).mapValues(\.count)
+        let pages = vm.mmu.shadowPages
+        report.shadowPagesByLevel = Dictionary(grouping: pages, by: \.level).mapValues(\.count)
+        report.shadowPagesByRole = Dictionary(grouping: pages, by: { vm.variant.describe($0.role) }).mapValues(\.count)
+        report.shadowPageKeys = Set(pages.map { ShadowPageKey(gfn: $0.gfn.rawValue, role: $0.role.word) })
+        if let context = vcpu?.context {
+            report.contextResets = context.contextResets
+            report.roleReinitializations = context.roleReinitializations
+            report.rootsCreated = context.rootsCreated
+            report.rootCacheHits = context.rootCacheHits
+            report.rootCacheMisses = context.rootCacheMisses
+        }
     }
 
     /// The first guest operation: the kernel has built its tables with paging off and now turns

@@ -1,0 +1,116 @@
+// The MMU variants (docs/VARIANTS.md) under the randomized lockstep tests and on hosts deeper than
+// the guest: every variant must keep the guest's view exactly as upstream's.
+
+import Testing
+import GuestMemory
+import KVMMMU
+import VirtualMachine
+import Workloads
+import X86Paging
+
+/// The variants a VM can be built with (local-roots is not implemented yet).
+let runnableVariants = MMUVariant.allCases.filter { $0 != .localRoots }
+
+@Suite struct VariantLockstepTests {
+    /// A handful of the randomized lockstep seeds under every variant: each must pass its lockstep
+    /// and auditor checks and see exactly what upstream's run saw.
+    @Test(arguments: [0, 3, 7, 11, 19] as [UInt64])
+    func randomSeedUnderEveryVariant(_ seed: UInt64) throws {
+        let (_, directives) = LockstepSeed.directives(seed)
+        let scenario = try Scenario(name: "variant-lockstep-\(seed)", directives: directives)
+        let upstream = try ScenarioRunner(scenario: scenario).run()
+        for variant in runnableVariants where variant != .upstream {
+            let report = try ScenarioRunner(scenario: scenario, variant: variant).run()
+            #expect(report.accesses.map(\.outcome.result) == upstream.accesses.map(\.outcome.result), "\(variant)")
+            #expect(report.entries.map(\.value) == upstream.entries.map(\.value), "\(variant)")
+            if variant == .recomputeChildRole || variant == .combinedMMURole {
+                // Same roles, so the very same pages.
+                #expect(report.shadowPageKeys == upstream.shadowPageKeys, "\(variant)")
+            }
+        }
+    }
+
+    @Test func localRootsIsRefusedUntilImplemented() {
+        #expect(throws: VirtualMachineError.self) { _ = try VirtualMachine(memorySize: 32 << 20, variant: .localRoots) }
+    }
+
+    /// A 32-bit guest with a 4 MiB page shadowed by direct level-1 pages: recomputing the child role
+    /// from the root role and the address creates exactly upstream's (gfn, role) pages.
+    @Test func recomputedChildRolesMatchOnA32BitGuestWith4MiBPages() throws {
+        let text = """
+            set paging=32 nx=0
+            map 0x400000 0x1000000 4m P,RW,US
+            map 0x80000000 0x1400000 4m P,RW
+            map 0x800000 0x1800000 4k P,RW
+            map 0xa00000 0x1801000 4k P,RW
+            access read 0x400000 cpl=3
+            access write 0x600008 cpl=3 value=7
+            access read 0x7ff000
+            access read 0x80200000
+            access write 0x803ff000 value=2
+            access write 0x800000 value=1
+            access read 0xa00000
+            pte 0x800000 1 P
+            access read 0x800000
+            """
+        let scenario = try Scenario.parse(text, name: "legacy32-4m")
+        let upstream = try ScenarioRunner(scenario: scenario).run()
+        let recomputed = try ScenarioRunner(scenario: scenario, variant: .recomputeChildRole).run()
+        #expect(!upstream.shadowPageKeys.isEmpty)
+        #expect(recomputed.shadowPageKeys == upstream.shadowPageKeys)
+        #expect(recomputed.accesses.map(\.outcome.result) == upstream.accesses.map(\.outcome.result))
+    }
+
+    /// Under shadow paging the combined role decides exactly as the split one: the extended role
+    /// is in both, and so are resets (the CR4 rules do not depend on the split).
+    @Test func combinedRoleCountsTheSameUnderShadowPaging() throws {
+        let text = """
+            map 0x400000 0x1000000 4k P,RW
+            access read 0x400000
+            set smep=1
+            access read 0x400000
+            set smep=0 smap=1
+            access write 0x400000 value=3
+            set wp=0
+            access write 0x400000 value=4
+            """
+        let scenario = try Scenario.parse(text, name: "smep-toggle")
+        let upstream = try ScenarioRunner(scenario: scenario).run()
+        let combined = try ScenarioRunner(scenario: scenario, variant: .combinedMMURole).run()
+        #expect(upstream.contextResets == 3)
+        #expect(combined.contextResets == upstream.contextResets)
+        #expect(combined.roleReinitializations == upstream.roleReinitializations)
+        #expect(combined.shadowPageKeys == upstream.shadowPageKeys)
+    }
+
+    /// Seed 1's variants on a 5-level host under a 4-level guest: the level-5 root is a passthrough
+    /// page by the variant's helper, carried in its guest-level field, not in upstream's bit.
+    @Test(arguments: [MMUVariant.upstream, .glevel, .passthroughDelta])
+    func passthroughRootOnAFiveLevelHost(_ variant: MMUVariant) throws {
+        let vm = try VirtualMachine(memorySize: 64 << 20, hostLevels: 5, variant: variant)
+        let kernel = try GuestKernel(vm: vm, mode: .fourLevel)
+        try kernel.map(GuestVirtualAddress(0x40_0000), to: GuestPhysicalAddress(0x100_0000), leafLevel: 1,
+                       leafFlags: 0x7, tableFlags: { _ in 0x7 })
+        let vcpu = try vm.addVCPU(registers: ControlState(pagingMode: .fourLevel).registers(cr3: kernel.root.rawValue))
+        let outcome = try vcpu.access(GuestVirtualAddress(0x40_0000), Access(.write, .user), size: 8, value: 5)
+        #expect(outcome.result == .completed(gpa: GuestPhysicalAddress(0x100_0000), value: 5))
+        #expect(vm.mmu.audit() == [])
+        let root = try #require(vcpu.context.root)
+        #expect(root.level == 5)
+        #expect(root.isPassthrough)
+        #expect(variant.isPassthrough(root.role))
+        #expect(!root.hasGPTEs)
+        let below = vm.mmu.shadowPages.filter { $0.level < 5 }
+        #expect(below.allSatisfy { !$0.isPassthrough && $0.hasGPTEs })
+        switch variant {
+        case .glevel:
+            #expect(!root.role.isPassthrough && root.role.guestLevel == 4)
+            #expect(below.allSatisfy { $0.role.guestLevel == $0.level })
+        case .passthroughDelta:
+            #expect(!root.role.isPassthrough && root.role.passthroughDelta == 1)
+            #expect(below.allSatisfy { $0.role.passthroughDelta == 0 })
+        default:
+            #expect(root.role.isPassthrough)
+        }
+    }
+}
