@@ -172,9 +172,11 @@ public final class MMUContext {
         if changed || registers.mode == .pae {
             var new = registers
             new.cr3 = value
-            let walker = try PageWalker(registers: new, cpu: cpu, memory: mmu.memory)
+            let walker = try guestWalker.loadingCR3(value, memory: mmu.memory)
             let pdptesChanged = walker.mode == .pae && (0..<4).contains { walker.pdpte($0) != guestWalker.pdpte($0) }
-            install(new, walker)
+            // Only CR3 changed: the formats derived from CR4 and EFER stay.
+            registers = new
+            guestWalkerBox = WalkerBox(walker)
             if pdptesChanged { freeCurrentRoot() }
             if changed { switchRoot(to: value) }
         }

@@ -202,13 +202,13 @@ extension Optional: WalkFaultSink where Wrapped: Error {
 /// Walks guest page tables as the architecture does. Build one per register state (the masks and
 /// permission table are computed once, like KVM's MMU context) and walk many addresses with it.
 public struct PageWalker: Sendable {
-    public let registers: PagingRegisters
+    public internal(set) var registers: PagingRegisters
     public let cpu: CPUModel
     public let mode: PagingMode
     public let rules: PermissionRules
     @usableFromInline let legacy32: Legacy32Format
     @usableFromInline let long64: Long64Format
-    @usableFromInline let rootTable: UInt64
+    @usableFromInline internal(set) var rootTable: UInt64
     /// The four PAE PDPTE registers, loaded when CR3 was.
     public let pdptes: (Entry64, Entry64, Entry64, Entry64)
     @usableFromInline let pdptBase: UInt64
@@ -274,6 +274,21 @@ public struct PageWalker: Sendable {
             pdptBase = 0
             pdptes = (Entry64(rawValue: 0), Entry64(rawValue: 0), Entry64(rawValue: 0), Entry64(rawValue: 0))
         }
+    }
+
+    /// This walker after a MOV to CR3 of `cr3`: in 4- and 5-level paging only the root changes,
+    /// so the permission rules and formats are kept rather than rebuilt (a CR3 switch is hot);
+    /// other modes are validated afresh (PAE reloads its PDPTEs).
+    public func loadingCR3<Memory: PhysicalMemory>(_ cr3: UInt64, memory: Memory) throws(ControlStateError) -> PageWalker {
+        var new = registers
+        new.cr3 = cr3
+        guard mode == .fourLevel || mode == .fiveLevel else { return try PageWalker(registers: new, cpu: cpu, memory: memory) }
+        let reserved = cr3 & cpu.reservedPhysicalAddressBits
+        if reserved != 0 { throw .cr3ReservedBits(reserved) }
+        var walker = self
+        walker.registers = new
+        walker.rootTable = cr3 & bitRange(pageShift, 51)
+        return walker
     }
 
     /// The PDPTE register selected by bits 31:30 of a PAE linear address.

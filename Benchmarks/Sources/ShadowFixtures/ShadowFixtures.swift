@@ -350,3 +350,89 @@ public final class WalkBreakdownFixture {
         }
     }
 }
+
+// MARK: Root switching and sync
+
+/// Two address spaces (the kernel's root table and a copy of it sharing every lower table), both
+/// with built shadow roots: each CR3 load between them is a `prev_roots` hit.
+public final class RootSwitchFixture {
+    public let guest: ShadowGuest
+    public let roots: (UInt64, UInt64)
+    public let pcid: Bool
+
+    public init(pcid: Bool) {
+        self.pcid = pcid
+        let copy: UInt64 = 0xF0_0000
+        guest = ShadowGuest(dataBytes: 1 << 20) { kernel in
+            try ShadowGuest.map4K(kernel, 0x40_0000, dataBase, flags: GuestBits.userLeaf)
+        }
+        let memory = guest.vm.memory
+        for offset in stride(from: UInt64(0), to: 4096, by: 8) {
+            try! memory.store64(try! memory.load64(GuestPhysicalAddress(guest.kernel.root.rawValue + offset)),
+                                at: GuestPhysicalAddress(copy + offset))
+        }
+        roots = pcid ? (guest.kernel.root.rawValue | 1, copy | 2) : (guest.kernel.root.rawValue, copy)
+        if pcid {
+            var registers = guest.vcpu.registers
+            registers.cr4.insert(.pcidEnable)
+            try! guest.vcpu.setRegisters(registers)
+        }
+        for root in [roots.0, roots.1, roots.0, roots.1] {
+            try! guest.vcpu.loadCR3(root, noFlush: false)
+            guest.mustComplete(0x40_0000)
+        }
+    }
+
+    /// Loads the two roots in turn `count` times (no-flush loads with PCIDs); returns the root
+    /// cache hits, which must be `count`.
+    public func run(count: Int) -> UInt64 {
+        let before = guest.vcpu.context.rootCacheHits
+        let vcpu = guest.vcpu
+        for index in 0..<count {
+            try! vcpu.loadCR3(index & 1 == 0 ? roots.0 : roots.1, noFlush: pcid)
+        }
+        return guest.vcpu.context.rootCacheHits - before
+    }
+}
+
+/// A guest page table with 512 present entries, its shadow page fully populated; each round the
+/// kernel rewrites an entry through its window (unsyncing the shadow page), every entry's RW bit
+/// is toggled, and a CR3 load syncs all 512 SPTEs (`mmu_sync_children` -> `sync_spte`).
+public final class SyncFixture {
+    public let guest: ShadowGuest
+    let tableEntries: UInt64
+    var writable = true
+
+    public init() {
+        guest = ShadowGuest(dataBytes: 2 << 20) { kernel in
+            for page in 0..<512 as Range<UInt64> {
+                try ShadowGuest.map4K(kernel, 0x40_0000 + page << 12, dataBase + page << 12, flags: GuestBits.userLeaf)
+            }
+        }
+        for page in 0..<512 as Range<UInt64> { guest.mustComplete(0x40_0000 + page << 12) }
+        tableEntries = try! guest.kernel.entryAddress(GuestVirtualAddress(0x40_0000), level: 1)!.rawValue
+    }
+
+    /// Unsyncs the table and rewrites its entries (untimed).
+    public func prepare() {
+        writable.toggle()
+        let memory = guest.vm.memory
+        for index in 0..<512 as Range<UInt64> {
+            let address = GuestPhysicalAddress(tableEntries + index * 8)
+            var entry = try! memory.load64(address)
+            if writable { entry |= GuestBits.writable } else { entry &= ~GuestBits.writable }
+            try! memory.store64(entry, at: address)
+        }
+        // The kernel's own store through its window: the write fault unsyncs the shadow PT.
+        let window = guest.kernel.windowAddress(GuestPhysicalAddress(tableEntries))
+        let value = try! memory.load64(GuestPhysicalAddress(tableEntries))
+        _ = try! guest.vcpu.access(window, .write(.supervisor), size: 8, value: value)
+    }
+
+    /// The sync: a CR3 load of the current value (KVM_REQ_MMU_SYNC at the entry it services).
+    public func sync() {
+        try! guest.vcpu.loadCR3(guest.vcpu.registers.cr3, noFlush: false)
+    }
+
+    public var unsyncPages: UInt64 { guest.vm.mmu.stats.mmuUnsync }
+}

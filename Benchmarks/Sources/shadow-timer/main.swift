@@ -86,6 +86,22 @@ func firstTouch(_ name: String, _ kind: FaultKind) -> Kernel {
     }
 }
 
+nonisolated(unsafe) var rootSwitchFixtures: [Bool: RootSwitchFixture] = [:]
+func rootSwitch(pcid: Bool) -> RootSwitchFixture {
+    if let fixture = rootSwitchFixtures[pcid] { return fixture }
+    let fixture = RootSwitchFixture(pcid: pcid)
+    rootSwitchFixtures[pcid] = fixture
+    return fixture
+}
+
+nonisolated(unsafe) var syncFixtureInstance: SyncFixture?
+func syncFixture() -> SyncFixture {
+    if let syncFixtureInstance { return syncFixtureInstance }
+    let fixture = SyncFixture()
+    syncFixtureInstance = fixture
+    return fixture
+}
+
 nonisolated(unsafe) var tlbFixture: TLBFixture?
 func tlb() -> TLBFixture {
     if let tlbFixture { return tlbFixture }
@@ -137,6 +153,31 @@ let kernels: [Kernel] = [
     // As fault-cold-pt, but guest RAM and the pool's free frames are not pre-faulted: the host
     // kernel's own page faults on the anonymous mappings land inside the timed accesses.
     faults("fault-cold-pt-unbacked", .coldPT, prefaultHost: false),
+    // CR3 loads between two cached roots (prev_roots hits), with and without PCIDs.
+    timed("cr3-switch-cached", count: 1_000_000) { count in
+        let hits = rootSwitch(pcid: false).run(count: count)
+        precondition(hits == UInt64(count), "cr3-switch-cached: \(hits) of \(count) loads hit the root cache")
+        return hits
+    },
+    timed("cr3-switch-pcid-noflush", count: 1_000_000) { count in
+        let hits = rootSwitch(pcid: true).run(count: count)
+        precondition(hits == UInt64(count), "cr3-switch-pcid-noflush: \(hits) of \(count) loads hit the root cache")
+        return hits
+    },
+    // The sync of an unsync page table with 512 changed entries.
+    Kernel(name: "sync-512", defaultCount: 2_000) { count in
+        let fixture = syncFixture()
+        var elapsed: UInt64 = 0
+        for _ in 0..<count {
+            fixture.prepare()
+            precondition(fixture.unsyncPages == 1, "sync-512: the page table did not go unsync")
+            let start = now()
+            fixture.sync()
+            elapsed += now() - start
+            precondition(fixture.unsyncPages == 0, "sync-512: the CR3 load did not sync")
+        }
+        return (elapsed, UInt64(count))
+    },
     // TLB hits.
     timed("baseline-tlb-floor-64", count: 20_000_000) { runTLBFloor(floor(), count: $0) },
     tlbHits("tlb-hit-read-1", \.one, .read(.user)),
