@@ -46,21 +46,13 @@ extension MMUContext {
     func syncSPTE(_ page: ShadowPage, _ index: Int) -> Int {
         let pointer = page.spte(index)
         guard pointer.pointee != SPTE.nonPresent.rawValue else { return 0 }
-        let entrySize = page.guestEntrySize
-        let address = GuestPhysicalAddress(page.firstGuestEntryAddress.rawValue + UInt64(index * entrySize))
-        let entry: UInt64? = entrySize == 4
-            ? mmu.memory.readEntry(Legacy32Entry.self, at: address).map { UInt64($0.bits) }
-            : mmu.memory.readEntry(Entry64.self, at: address)?.rawValue
-        guard let gpte = entry else { return -1 }
+        guard let gpte = guestEntry(of: page, at: index) else { return -1 }
         let old = SPTE(rawValue: pointer.pointee)
-        // `prefetch_invalid_gpte`: not present, reserved bits, or never accessed.
-        guard gpte & 1 != 0, gpte & (1 << 5) != 0, guestWalkerBox.walker.reservedBitsSet(in: gpte, level: 1) == 0 else {
+        if isPrefetchInvalid(gpte) {
             dropSPTE(pointer, in: page)
             return 1
         }
-        let gfn = GuestFrameNumber(entrySize == 4 ? (gpte & 0xFFFF_F000) >> 12 : (gpte & bitRange(12, 51)) >> 12)
-        var access = page.role.access & guestAccess(gpte)
-        if gpte & (1 << 6) == 0 { access &= ~ACC.write }  // protect_clean_gpte
+        let (gfn, access) = leafTranslation(gpte, in: page)
         if old.isMMIO(mmu.masks) {
             // `sync_mmio_spte`: an MMIO SPTE for another gfn goes; otherwise it is made again
             // with the new access.

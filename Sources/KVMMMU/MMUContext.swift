@@ -67,7 +67,7 @@ public final class MMUContext {
     @exclusivity(unchecked) public private(set) var rootsLoaded = false
     /// KVM's `prev_roots`: roots kept for a later CR3 load of the same pgd, most recent first.
     /// Only roots with a shadow page are cached (never special or dummy roots).
-    @exclusivity(unchecked) public private(set) var previousRoots: [CachedRoot?] = [nil, nil, nil]
+    @exclusivity(unchecked) public private(set) var previousRoots = [CachedRoot?](repeating: nil, count: previousRootCount)
     /// KVM_MMU_NUM_PREV_ROOTS.
     public static let previousRootCount = 3
     /// CR3 loads that found their root cached (current or previous) and ones that did not; not
@@ -183,11 +183,6 @@ public final class MMUContext {
         return noFlush ? [] : invalidatePCID(registers.pcid)
     }
 
-    /// KVM's `kvm_get_pcid` of a pgd: its PCID bits under CR4.PCIDE, else 0.
-    private func pcid(of pgd: UInt64) -> UInt16 {
-        registers.cr4.contains(.pcidEnable) ? UInt16(truncatingIfNeeded: pgd & 0xFFF) : 0
-    }
-
     /// `kvm_invalidate_pcid` under shadow paging: the active PCID is synced and flushed at the next
     /// entry; with CR4.PCIDE, cached roots of that PCID are freed (a later switch to them must not
     /// find stale entries).
@@ -196,7 +191,7 @@ public final class MMUContext {
         if registers.pcid == pcid { requests = [.syncRoots, .flushCurrent] }
         guard registers.cr4.contains(.pcidEnable) else { return requests }
         for index in previousRoots.indices {
-            if let cached = previousRoots[index], self.pcid(of: cached.pgd) == pcid { freePreviousRoot(at: index) }
+            if let cached = previousRoots[index], registers.pcid(ofCR3: cached.pgd) == pcid { freePreviousRoot(at: index) }
         }
         return requests
     }
@@ -862,7 +857,7 @@ public final class MMUContext {
         var writeProtected = false
         if access & ACC.write != 0 {
             if (!old.isLast(level: level) || !old.isWritable)
-                && mustWriteProtect(gfn, canUnsync: !synchronizing, prefetch: prefetch) {
+                && mmu.mustWriteProtect(gfn, canUnsync: !synchronizing, prefetch: prefetch) {
                 writeProtected = true
                 access &= ~ACC.write
             } else {
@@ -874,11 +869,6 @@ public final class MMUContext {
                              masks: mmu.masks)
         if writable { _ = mmu.memory.markDirty(gfn) }
         return (spte, writeProtected)
-    }
-
-    /// `mmu_try_to_unsync_pages`.
-    func mustWriteProtect(_ gfn: GuestFrameNumber, canUnsync: Bool, prefetch: Bool) -> Bool {
-        mmu.mustWriteProtect(gfn, canUnsync: canUnsync, prefetch: prefetch)
     }
 
     // MARK: Prefetch
@@ -912,19 +902,36 @@ public final class MMUContext {
 
     /// `FNAME(prefetch_gpte)`.
     private func prefetchGuestPTE(_ pointer: SPTEPointer, index: Int, in page: ShadowPage) -> Bool {
-        let address = GuestPhysicalAddress(page.firstGuestEntryAddress.rawValue + UInt64(index * page.guestEntrySize))
-        let entry: UInt64? = page.guestEntrySize == 4
-            ? mmu.memory.readEntry(Legacy32Entry.self, at: address).map { UInt64($0.bits) }
-            : mmu.memory.readEntry(Entry64.self, at: address)?.rawValue
-        guard let gpte = entry else { return false }
-        guard gpte & 1 != 0, gpte & (1 << 5) != 0, guestWalkerBox.walker.reservedBitsSet(in: gpte, level: 1) == 0 else { return false }
-        let gfn = GuestFrameNumber(page.guestEntrySize == 4 ? (gpte & 0xFFFF_F000) >> 12 : (gpte & bitRange(12, 51)) >> 12)
-        var access = page.role.access & guestAccess(gpte)
-        if gpte & (1 << 6) == 0 { access &= ~ACC.write }
+        guard let gpte = guestEntry(of: page, at: index), !isPrefetchInvalid(gpte) else { return false }
+        let (gfn, access) = leafTranslation(gpte, in: page)
         guard let backing = mmu.memory.backing(of: gfn), !(access & ACC.write != 0 && logsDirtyPages(gfn)) else { return false }
         _ = setSPTE(pointer, in: page, access: access, gfn: gfn, hostFrame: backing.frame, prefetch: true, isWrite: false,
                     hostWritable: backing.writable)
         return true
+    }
+
+    /// The guest entry shadowed by SPTE `index` of `page`, read from guest memory (nil when the
+    /// table is in no memslot).
+    func guestEntry(of page: ShadowPage, at index: Int) -> UInt64? {
+        let address = GuestPhysicalAddress(page.firstGuestEntryAddress.rawValue + UInt64(index * page.guestEntrySize))
+        return page.guestEntrySize == 4
+            ? mmu.memory.readEntry(Legacy32Entry.self, at: address).map { UInt64($0.bits) }
+            : mmu.memory.readEntry(Entry64.self, at: address)?.rawValue
+    }
+
+    /// `FNAME(prefetch_invalid_gpte)`: a guest leaf that is not present, has reserved bits set, or
+    /// was never accessed is not mapped ahead of a fault.
+    func isPrefetchInvalid(_ gpte: UInt64) -> Bool {
+        gpte & 1 == 0 || gpte & (1 << 5) == 0 || guestWalkerBox.walker.reservedBitsSet(in: gpte, level: 1) != 0
+    }
+
+    /// The gfn a guest leaf of `page` maps and the access it grants under the page's
+    /// (`gpte_to_gfn`, `gpte_access`, `protect_clean_gpte`: a clean page is mapped read-only).
+    func leafTranslation(_ gpte: UInt64, in page: ShadowPage) -> (gfn: GuestFrameNumber, access: UInt8) {
+        let frameAddress = page.guestEntrySize == 4 ? Legacy32Entry(bits: gpte).frameAddress : Entry64(rawValue: gpte).frameAddress
+        var access = page.role.access & guestAccess(gpte)
+        if gpte & (1 << 6) == 0 { access &= ~ACC.write }
+        return (GuestFrameNumber(frameAddress >> 12), access)
     }
 
     // MARK: Invalidation
@@ -961,7 +968,7 @@ public final class MMUContext {
             // `kvm_mmu_invpcid_gva`: the current root if the PCID is active, and the cached roots
             // of that PCID.
             let current = pcid == registers.pcid
-            let previous = previousRoots.indices.filter { previousRoots[$0].map { self.pcid(of: $0.pgd) == pcid } ?? false }
+            let previous = previousRoots.indices.filter { previousRoots[$0].map { registers.pcid(ofCR3: $0.pgd) == pcid } ?? false }
             if current || !previous.isEmpty { invalidateAddress(address, current: current, previous: previous) }
             outcome.flushesAddressInCurrent = current
             mmu.stats.invlpg += 1

@@ -108,7 +108,7 @@ public final class ReferenceMachine {
         guard path.bottomLevel == 1, let olderValues = staleLeaves[path.entryAddress(level: 1).rawValue] else { return allowed }
         let above = permissionsAbove(path)
         for older in olderValues where older.pcids.contains(pcid) {
-            let frame = entrySize == 4 ? (older.value & 0xFFFF_F000) >> 12 : (older.value & bitRange(12, 51)) >> 12
+            let frame = (entrySize == 4 ? Legacy32Entry(bits: older.value).frameAddress : Entry64(rawValue: older.value).frameAddress) >> 12
             allowed.append(Cached(gpaFrame: frame, permissions: above & entryPermissions(older.value), isGlobal: false,
                                   pcid: pcid, dirty: older.value & (1 << 6) != 0))
         }
@@ -117,13 +117,11 @@ public final class ReferenceMachine {
 
     private var entrySize: Int { registers.mode == .legacy32 ? 4 : 8 }
 
-    /// The ACC bits (1 execute, 2 write, 4 user) one entry grants.
+    /// The ACC bits (1 execute, 2 write, 4 user) one entry grants, by the paging format's rules.
     private func entryPermissions(_ entry: UInt64) -> UInt8 {
-        var permissions: UInt8 = 0
-        if entry & 2 != 0 { permissions |= 2 }
-        if entry & 4 != 0 { permissions |= 4 }
-        if entrySize == 4 || !registers.efer.contains(.noExecuteEnable) || entry >> 63 == 0 { permissions |= 1 }
-        return permissions
+        entrySize == 4
+            ? Legacy32Format(cr4: registers.cr4, cpu: cpu).permissions(Legacy32Entry(bits: entry))
+            : Long64Format(mode: registers.mode, efer: registers.efer, cpu: cpu).permissions(Entry64(rawValue: entry))
     }
 
     /// The ACC bits granted by the entries above the last level on `path` (PAE's PDPTE registers

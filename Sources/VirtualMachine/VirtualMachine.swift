@@ -153,6 +153,8 @@ public final class VCPU {
     public let tlb = TLB()
     public var registers: PagingRegisters { context.registers }
     @exclusivity(unchecked) private var hardware: WalkerBox?
+    /// The hardware walker of the root before the last CR3 load (see `retargetHardwareWalker`).
+    @exclusivity(unchecked) private var hardwareBeforeCR3Load: WalkerBox?
     private let host: HostPhysicalView
     private let pool: HostPagePool
     /// The VM's MMU, held directly: reaching it through `unowned vm` costs an unowned retain.
@@ -236,7 +238,17 @@ public final class VCPU {
     /// root they were walked from, which a later switch back to it (a cached root) may use.
     private func dropHardwareWalker() {
         hardware = nil
+        hardwareBeforeCR3Load = nil
         hot.pointee.refusals = ~0
+        hot.pointee.rootFrame = Self.noRoot
+    }
+
+    /// After a MOV to CR3 the next entry loads another root, but the guest's SMEP, SMAP and
+    /// RFLAGS.AC (all the hardware walker's rules depend on) are unchanged: the walker is kept to
+    /// be pointed at that root. No TLB entry matches until then.
+    private func retargetHardwareWalker() {
+        if let hardware { hardwareBeforeCR3Load = hardware }
+        hardware = nil
         hot.pointee.rootFrame = Self.noRoot
     }
 
@@ -255,7 +267,7 @@ public final class VCPU {
         } catch {
             throw .impossibleRegisters(error)
         }
-        dropHardwareWalker()  // the next entry loads the (new or cached) root
+        retargetHardwareWalker()  // the next entry loads the (new or cached) root
         serviceRequests()
     }
 
@@ -264,16 +276,7 @@ public final class VCPU {
     /// non-zero PCID for the types that name one while CR4.PCIDE is clear, or a non-canonical
     /// address for an individual-address invalidation.
     public func invalidatePCID(_ type: INVPCIDType, pcid: UInt64, address: GuestVirtualAddress) -> Bool {
-        guard pcid <= 0xFFF else { return false }
-        let registers = registers
-        switch type {
-        case .individualAddress, .singleContext:
-            if !registers.cr4.contains(.pcidEnable) && pcid != 0 { return false }
-        case .allContextsIncludingGlobal, .allContextsExceptGlobal:
-            break
-        }
-        if type == .individualAddress && registers.mode.isLongMode
-            && !address.isCanonical(width: registers.mode.linearAddressWidth) { return false }
+        guard !registers.invpcidFaults(type, pcid: pcid, address: address) else { return false }
         let outcome = context.invalidatePCID(type, pcid: UInt16(pcid), address: address)
         if outcome.flushesAddressInCurrent { tlb.invalidate(address) }
         hot.pointee.requests.formUnion(outcome.requests)
@@ -353,6 +356,26 @@ public final class VCPU {
         } catch {
             throw .hostMemory("\(error)")
         }
+        // kvm_mmu_load flushes the current root's translations when it built roots: a root's
+        // frame may have been another root's before (uncounted: KVM calls the flush directly, not
+        // as a request). A cached root (`fast_pgd_switch`) keeps the translations tagged with it.
+        if allocated { tlb.flush() }
+        // After a CR3 load only the root changed: the walker of the previous root is pointed at
+        // the new one, keeping its permission rules and the refusals derived from them.
+        if let previous = hardwareBeforeCR3Load, previous.walker.mode == root.mode, root.mode != .pae {
+            hardwareBeforeCR3Load = nil
+            let walker: PageWalker
+            do {
+                walker = try previous.walker.loadingCR3(root.rootFrame.rawValue << 12, memory: host)
+            } catch {
+                throw .corruptShadowTables("the hardware refuses KVM's root: \(error)")
+            }
+            let box = WalkerBox(walker)
+            hardware = box
+            hot.pointee.rootFrame = root.rootFrame.rawValue
+            return box
+        }
+        hardwareBeforeCR3Load = nil
         let guest = context.registers
         // KVM runs shadow-paging guests with CR0.WP=1 and EFER.NX=1 in hardware, in PAE or
         // long mode; SMEP and SMAP stay the guest's.
@@ -373,11 +396,6 @@ public final class VCPU {
         } catch {
             throw .corruptShadowTables("the hardware refuses KVM's root: \(error)")
         }
-        // kvm_mmu_load flushes the current root's translations when it built roots: a root's
-        // frame may have been another root's before (uncounted: KVM calls the flush directly, not
-        // as a request). A cached root (`fast_pgd_switch`) keeps the translations tagged with it.
-        if allocated { tlb.flush() }
-
         let box = WalkerBox(walker)
         hardware = box
         var refusals: UInt128 = 0

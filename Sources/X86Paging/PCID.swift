@@ -3,8 +3,11 @@
 
 extension PagingRegisters {
     /// The current PCID: CR3 bits 11:0 with CR4.PCIDE, else 0 (SDM 4.10.1).
-    @inlinable public var pcid: UInt16 {
-        cr4.contains(.pcidEnable) ? UInt16(truncatingIfNeeded: cr3 & 0xFFF) : 0
+    @inlinable public var pcid: UInt16 { pcid(ofCR3: cr3) }
+
+    /// The PCID a CR3 value would load under these registers' CR4.PCIDE (KVM's `kvm_get_pcid`).
+    @inlinable public func pcid(ofCR3 value: UInt64) -> UInt16 {
+        cr4.contains(.pcidEnable) ? UInt16(truncatingIfNeeded: value & 0xFFF) : 0
     }
 
     /// Bit 63 of the source of MOV to CR3: with CR4.PCIDE, keep the new PCID's translations. It is
