@@ -194,22 +194,26 @@ struct VariantComparison {
         object.addRaw("variants", "[\(jsonString(variants.0.rawValue)),\(jsonString(variants.1.rawValue))]")
         object.add("identical", identical)
         object.add("operations", reports.0.accesses.count)
-        object.addRaw("outcome_differences", "[" + outcomeDifferences.map { difference in
-            var item = JSONLine()
+        /// A JSON array of one object per item.
+        func array<Item>(_ items: [Item], _ fill: (inout JSONLine, Item) -> Void) -> String {
+            "[" + items.map { item in
+                var line = JSONLine()
+                fill(&line, item)
+                return line.text
+            }.joined(separator: ",") + "]"
+        }
+        object.addRaw("outcome_differences", array(outcomeDifferences) { item, difference in
             item.add("index", difference.index)
             item.add("line", difference.line)
             item.add("left", difference.left)
             item.add("right", difference.right)
-            return item.text
-        }.joined(separator: ",") + "]")
-        object.addRaw("entry_differences", "[" + entryDifferences.map { difference in
-            var item = JSONLine()
+        })
+        object.addRaw("entry_differences", array(entryDifferences) { item, difference in
             item.addHex("gva", difference.gva)
             item.add("level", difference.level)
             item.add("left", difference.left)
             item.add("right", difference.right)
-            return item.text
-        }.joined(separator: ",") + "]")
+        })
         var counterObject = JSONLine()
         for counter in counters { counterObject.addRaw(counter.name, pair(counter.left, counter.right)) }
         object.addRaw("counters", counterObject.text)
