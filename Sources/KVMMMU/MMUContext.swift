@@ -60,6 +60,10 @@ public final class MMUContext {
     @exclusivity(unchecked) private var paeRootFrame: HostFrameNumber?
     @exclusivity(unchecked) private var pml4RootFrame: HostFrameNumber?
     @exclusivity(unchecked) private var pml5RootFrame: HostFrameNumber?
+    /// The `local-roots` variant's per-vCPU root pages for the current root, top first: the root,
+    /// then (on a 4- or 5-level host) one page per level down to the level-3 page whose first four
+    /// entries are the PAE root. Empty otherwise.
+    @exclusivity(unchecked) public private(set) var perVCPURootPages: [ShadowPage] = []
     /// The current root is KVM's dummy root: the guest's root table is in no memslot.
     @exclusivity(unchecked) public private(set) var usesDummyRoot = false
     /// The CR3 the roots were built for (KVM's `root.pgd`, PCID bits included).
@@ -106,6 +110,7 @@ public final class MMUContext {
     }
 
     deinit {
+        for page in perVCPURootPages { mmu.freePerVCPURootPage(page) }
         for frame in [paeRootFrame, pml4RootFrame, pml5RootFrame].compactMap({ $0 }) { try? mmu.pool.freePage(frame) }
     }
 
@@ -210,7 +215,10 @@ public final class MMUContext {
     /// recent is freed); special and dummy roots are freed, never cached. Without a hit the next
     /// entry allocates a root.
     private func switchRoot(to pgd: UInt64) {
-        if rootsLoaded && root == nil { freeCurrentRoot() }
+        // Under local-roots a per-vCPU root cannot be cached or kept either: its PAE root would be
+        // shared by two roots (seed 2; the variant asks of the root what Lai's
+        // `using_local_root_page` asks of the roles, which is the same while they are unchanged).
+        if rootsLoaded && (root == nil || root!.isPerVCPURoot) { freeCurrentRoot() }
         let hit = rootsLoaded ? findCachedRootKeepingCurrent(pgd) : findCachedRootWithoutCurrent(pgd)
         guard hit, let root else {
             rootCacheMisses += 1
@@ -324,7 +332,15 @@ public final class MMUContext {
 
     /// `kvm_mmu_free_roots` of the current root: its page's root reference, or each PAE root's.
     public func freeCurrentRoot() {
-        if let root { mmu.releaseRoot(root) }
+        if let root {
+            if root.isPerVCPURoot {
+                root.rootCount -= 1
+                for page in perVCPURootPages { mmu.freePerVCPURootPage(page) }
+                perVCPURootPages = []
+            } else {
+                mmu.releaseRoot(root)
+            }
+        }
         root = nil
         for case let page? in paeRoots { mmu.releaseRoot(page) }
         paeRoots = [nil, nil, nil, nil]
@@ -347,7 +363,11 @@ public final class MMUContext {
 
     /// What the hardware walks for the loaded roots.
     private var hardwareRoot: HardwareRoot {
-        if let root { return HardwareRoot(mode: Self.hostMode(levels: root.level), rootFrame: root.frame, pdptes: []) }
+        if let root {
+            // A per-vCPU PAE root (local-roots on a PAE-paging host): its four entries are the PDPTEs.
+            if root.level == 3 { return HardwareRoot(mode: .pae, rootFrame: root.frame, pdptes: (0..<4).map { root.spte($0).pointee }) }
+            return HardwareRoot(mode: Self.hostMode(levels: root.level), rootFrame: root.frame, pdptes: [])
+        }
         if usesDummyRoot {
             let frame = mmu.dummyRootFrame!
             if rootRole.level >= 4 { return HardwareRoot(mode: Self.hostMode(levels: rootRole.level), rootFrame: frame, pdptes: []) }
@@ -364,9 +384,26 @@ public final class MMUContext {
 
     private static func hostMode(levels: Int) -> PagingMode { levels == 5 ? .fiveLevel : .fourLevel }
 
+    /// The PDPTEs a VM entry in PAE paging loads from the current root: nil unless the hardware
+    /// runs the guest in PAE paging.
+    public var hardwarePDPTEs: [UInt64]? {
+        guard rootsLoaded else { return nil }
+        let root = hardwareRoot
+        return root.mode == .pae ? root.pdptes : nil
+    }
+
+    /// Seed 2's `using_local_root_page` (Sean's name: `kvm_mmu_has_per_vcpu_root_page`): under the
+    /// `local-roots` variant, where upstream uses special roots: a PAE-format root, or a guest
+    /// whose top table is a 32-bit or PAE one shadowed in a deeper host format.
+    var hasPerVCPURootPage: Bool {
+        variant == .localRoots && (rootRole.level == 3 || (!rootRole.isDirect && cpuRole.base.level <= 3))
+    }
+
     private func allocateRoots() throws(ShadowMMUError) {
         try mmu.makePagesAvailable()
-        if rootRole.isDirect {
+        if hasPerVCPURootPage {
+            try allocatePerVCPURoots()
+        } else if rootRole.isDirect {
             try allocateDirectRoots()
         } else {
             try allocateShadowRoots()
@@ -411,11 +448,61 @@ public final class MMUContext {
         }
     }
 
+    /// The guest's root table: CR3's frame (a 32-bit guest's CR3 holds a 20-bit frame number).
+    private var guestRootGFN: GuestFrameNumber {
+        GuestFrameNumber((registers.cr3 & (cpuRole.base.level == 2 ? 0xFFFF_F000 : bitRange(12, 51))) >> 12)
+    }
+
+    /// Seed 2's root allocation: per-vCPU pages from the host's top level down to level 3, each
+    /// linked to the next through entry 0, and under the level-3 page the four page directories
+    /// upstream makes as PAE roots, here linked as its children (parent links, no root
+    /// references). A PAE guest's PDPTE that is not present, or names memory outside every
+    /// memslot, leaves its entry empty, as upstream does.
+    private func allocatePerVCPURoots() throws(ShadowMMUError) {
+        rootPGD = rootRole.isDirect ? 0 : registers.cr3
+        let rootGFN = guestRootGFN
+        if !rootRole.isDirect && mmu.memory.hostFrame(of: rootGFN) == nil {
+            _ = try mmu.allocateDummyRoot()
+            usesDummyRoot = true
+            return
+        }
+        var chain: [ShadowPage] = []
+        for level in stride(from: rootRole.level, through: 3, by: -1) {
+            var role = rootRole
+            role.level = level
+            role.quadrant = 0
+            let page = try mmu.allocatePerVCPURootPage(role)
+            if let parent = chain.last { mmu.link(parent.spte(0), to: page) }
+            chain.append(page)
+        }
+        rootsCreated += UInt64(chain.count)
+        perVCPURootPages = chain
+        chain[0].rootCount += 1
+        root = chain[0]
+        let paeRoot = chain[chain.count - 1]
+        for index in 0..<4 {
+            let gfn: GuestFrameNumber
+            if rootRole.isDirect {
+                gfn = GuestFrameNumber(UInt64(index) << 18)
+            } else if rootRole.hasFourByteGPTE {
+                gfn = rootGFN
+            } else {
+                let pdpte = guestWalker.pdpte(index)
+                let tableGFN = GuestFrameNumber(pdpte.frameAddress >> 12)
+                guard pdpte.isPresent, mmu.memory.hostFrame(of: tableGFN) != nil else { continue }
+                gfn = tableGFN
+            }
+            let role = variant.childRole(of: paeRoot.role, parentIndex: index, direct: rootRole.isDirect, access: rootRole.access)
+            let page = try mmu.getShadowPage(gfn, role, for: self).page
+            mmu.link(paeRoot.spte(index), to: page, asPDPTE: rootRole.level == 3)
+        }
+    }
+
     /// `mmu_alloc_shadow_roots`.
     private func allocateShadowRoots() throws(ShadowMMUError) {
         rootPGD = registers.cr3
         let guestLevel = cpuRole.base.level
-        let rootGFN = GuestFrameNumber((registers.cr3 & (guestLevel == 2 ? 0xFFFF_F000 : bitRange(12, 51))) >> 12)
+        let rootGFN = guestRootGFN
         // A root table in no memslot: the hardware walks KVM's dummy root (every access faults).
         guard mmu.memory.hostFrame(of: rootGFN) != nil else {
             _ = try mmu.allocateDummyRoot()
@@ -640,7 +727,11 @@ public final class MMUContext {
 
     /// The shadow table for the top of a shadow walk of `address`, and its level.
     func shadowWalkStart(_ address: GuestVirtualAddress) -> (page: ShadowPage, level: Int)? {
-        if let root { return (root, root.level) }
+        if let root {
+            // Per-vCPU pages above level 3 only lead to the PAE root (a 32-bit address is below 4 GiB).
+            if root.isPerVCPURoot { return (perVCPURootPages[perVCPURootPages.count - 1], 3) }
+            return (root, root.level)
+        }
         // Special roots: the walk starts at the PAE root's entry (pml4_root and pml5_root above
         // it only lead there: a 32-bit address is below 4 GiB).
         guard let page = paeRoots[Int(address.rawValue >> 30) & 3] else { return nil }
@@ -667,7 +758,7 @@ public final class MMUContext {
         let page = try mmu.getShadowPage(gfn, role, for: self).page
         // The hardware will walk the new link at once: unsync pages below must be current first.
         if !direct && page.unsyncChildren > 0 { syncChildren(of: page) }
-        mmu.link(pointer, to: page)
+        mmu.link(pointer, to: page, asPDPTE: parent.isPerVCPURoot && rootRole.level == 3)
         return Unmanaged.passUnretained(page)
     }
 

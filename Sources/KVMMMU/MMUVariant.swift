@@ -17,8 +17,9 @@ public enum MMUVariant: String, CaseIterable, Sendable, CustomStringConvertible 
     /// `level - guest root level` for a page above the guest's top level, 0 otherwise and for
     /// direct pages. Replaces the upstream `passthrough` bit.
     case passthroughDelta = "passthrough-delta"
-    /// Seed 2: per-vCPU local root pages in place of the special roots. Not implemented yet: a VM
-    /// refuses to be built with it (see docs/VARIANTS.md).
+    /// Seed 2 (v3, "Use one-off local shadow page for special roots"): per-vCPU root pages in place
+    /// of the special roots, linked to the page directories below them like any parent page, made
+    /// at each root load and freed with the root, never cached in `prev_roots`.
     case localRoots = "local-roots"
     /// Before seed 3 (v5.19 and earlier): a child page's role is computed from the vCPU's root role
     /// and the faulting address (`kvm_mmu_get_page`), not from its parent's role.
@@ -81,8 +82,22 @@ public enum MMUVariant: String, CaseIterable, Sendable, CustomStringConvertible 
     /// guest-level field carried down for the seed-1 variants: a child is one level nearer the
     /// guest's tables, so `glevel` is clamped to its level (RFC v3's `kvm_mmu_get_page`) and the
     /// delta drops by one.
+    ///
+    /// Under `local-roots` the page directories of a 32-bit guest are children of a level-3
+    /// per-vCPU root page, and each covers a quarter of the guest's one directory: the quadrant
+    /// is the PDPTE index (the `index % 4` Lai pointed out in the seed-3 thread), where upstream's
+    /// special root sets it in `mmu_alloc_shadow_roots`.
     @inlinable
     public func childRole(of parent: PageRole, parentIndex: Int, direct: Bool, access: UInt8) -> PageRole {
+        if self == .localRoots && parent.level == 3 && parent.hasFourByteGPTE {
+            var role = parent
+            role.level = 2
+            role.access = access
+            role.isDirect = direct
+            role.isPassthrough = false
+            role.quadrant = direct ? 0 : parentIndex & 3
+            return role
+        }
         var role = KVMMMU.childRole(of: parent, parentIndex: parentIndex, direct: direct, access: access)
         switch self {
         case .glevel: role.guestLevel = direct ? 0 : min(role.level, parent.guestLevel)

@@ -268,6 +268,13 @@ public struct SPTE: RawRepresentable, Hashable, Sendable {
         return SPTE(bits)
     }
 
+    /// A PDPTE of a PAE root KVM builds itself (`pae_root` entries for a PAE-paging host): only P,
+    /// plus the MMU-present bit so the MMU reads it as a present link (bit 11 is ignored by the
+    /// PDPTE format).
+    public static func pdpte(child: HostFrameNumber) -> SPTE {
+        SPTE(mmuPresentBit | x86PresentBit | (child.rawValue << UInt64(pageShift)) & baseAddressMask)
+    }
+
     /// The bit assembly of `make_spte`, once the fault path has made its decisions.
     ///
     /// Not decided here: dropping ACC.exec for the NX huge-page mitigation (pass `access` without it),

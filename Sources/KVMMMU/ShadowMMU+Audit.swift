@@ -45,7 +45,7 @@ extension ShadowMMU {
         if stats.mmuUnsync != UInt64(unsyncPages) {
             problems.append("mmu_unsync = \(stats.mmuUnsync) but \(unsyncPages) pages are unsync")
         }
-        for page in pages {
+        for page in pages + perVCPURootPages {
             for index in 0..<512 {
                 let pointer = page.spte(index)
                 let spte = SPTE(rawValue: pointer.pointee)
@@ -76,6 +76,8 @@ extension ShadowMMU {
                     if !child.parentPTEs.contains(pointer) {
                         problems.append("\(child): missing parent SPTE \(index) of \(page)")
                     }
+                    // A per-vCPU root page's role is the root role at its level, not a child's.
+                    if child.isPerVCPURoot { continue }
                     // The parent-derived role of the variant's own encoding; for recompute-child-role
                     // this is upstream's, which is the claim that variant exists to check.
                     let expected = variant.childRole(of: page.role, parentIndex: index, direct: child.role.isDirect,
@@ -89,7 +91,7 @@ extension ShadowMMU {
         if rmaps.total != leafCount.reduce(0, +) {
             problems.append("the rmaps hold \(rmaps.total) SPTEs but the tables hold \(leafCount.reduce(0, +)) present leaves")
         }
-        for page in pages where directory.page(page.frame.rawValue) !== page {
+        for page in pages + perVCPURootPages where directory.page(page.frame.rawValue) !== page {
             problems.append("\(page): its host frame does not lead back to it")
         }
         if UInt64(leafCount[0]) != stats.pages4K || UInt64(leafCount[1]) != stats.pages2M || UInt64(leafCount[2]) != stats.pages1G {

@@ -206,6 +206,39 @@ public final class ShadowMMU {
         return (page, true)
     }
 
+    /// The per-vCPU root pages of the `local-roots` variant alive now, for the auditor: they are in
+    /// no hash bucket, but their links to hashed pages are checked like any other.
+    @exclusivity(unchecked) var perVCPURootPages: [ShadowPage] = []
+
+    /// Seed 2's `kvm_mmu_alloc_local_shadow_page`: a zeroed page for one vCPU's root, keyed by
+    /// nothing (not hashed, not counted in `n_used_mmu_pages`, never write-tracked), reachable
+    /// from its frame so that parent links into it work as for any page.
+    func allocatePerVCPURootPage(_ role: PageRole) throws(ShadowMMUError) -> ShadowPage {
+        let frame: HostFrameNumber
+        do { frame = try pool.allocatePage() } catch { throw .outOfHostMemory("\(error)") }
+        let sptes = pool.pointer(frame).bindMemory(to: UInt64.self, capacity: 512)
+        sptes.initialize(repeating: SPTE.nonPresent.rawValue, count: 512)
+        let page = ShadowPage(gfn: GuestFrameNumber(0), role: role, frame: frame, sptes: sptes, validGeneration: validGeneration,
+                              serial: nextSerial, isPassthrough: false, isPerVCPURoot: true)
+        nextSerial += 1
+        directory.set(page, at: frame.rawValue)
+        perVCPURootPages.append(page)
+        return page
+    }
+
+    /// Frees a per-vCPU root page: its children lose this parent (they stay in the hash, as any
+    /// page nobody links to), and the page goes.
+    func freePerVCPURootPage(_ page: ShadowPage) {
+        guard !page.isFreed else { return }
+        for index in 0..<KVMLevel.entriesPerPage { zapPTE(page.spte(index), in: page) }
+        for parent in page.parentPTEs { parent.pointee = SPTE.nonPresent.rawValue }
+        page.parentPTEs.removeAll()
+        page.isFreed = true
+        perVCPURootPages.removeAll { $0 === page }
+        directory.set(nil, at: page.frame.rawValue)
+        try? pool.freePage(page.frame)
+    }
+
     /// `account_shadowed`: from now on the guest table's writes are intercepted.
     func accountShadowed(_ page: ShadowPage) {
         indirectShadowPages += 1
@@ -303,14 +336,19 @@ public final class ShadowMMU {
     }
 
     /// `__link_shadow_page`: points `pointer` at `child`, replacing a large leaf if there is one.
-    func link(_ pointer: SPTEPointer, to child: ShadowPage) {
+    /// `asPDPTE`: the entry is one of the four PDPTEs of a per-vCPU PAE root the hardware walks in
+    /// PAE paging, where the rights bits of a non-leaf SPTE are reserved; it carries only P (and
+    /// the MMU-present bit, in bits the PDPTE format ignores).
+    func link(_ pointer: SPTEPointer, to child: ShadowPage, asPDPTE: Bool = false) {
         let old = SPTE(rawValue: pointer.pointee)
         if old.isShadowPresent {
             // Only a huge leaf can be in the way: a present non-leaf would have been reused.
             dropSPTE(pointer)
             flushRemoteTLBs()
         }
-        pointer.pointee = SPTE.nonLeaf(child: child.frame, adDisabled: child.role.adDisabled, masks: masks).rawValue
+        pointer.pointee = asPDPTE
+            ? SPTE.pdpte(child: child.frame).rawValue
+            : SPTE.nonLeaf(child: child.frame, adDisabled: child.role.adDisabled, masks: masks).rawValue
         child.parentPTEs.append(pointer)
         if child.isUnsyncRoot { markUnsync(pointer) }
     }
@@ -432,6 +470,45 @@ public final class ShadowMMU {
         page.rootCount -= 1
         // KVM zaps the invalid root once more (and counts it) on the way to freeing it.
         if page.rootCount == 0 && page.role.isInvalid { zap(page) }
+    }
+
+    /// `kvm_mmu_zap_all_fast` (a memslot deleted or moved, the MMIO generation wrapping): flips the
+    /// valid generation so that every existing page is obsolete at once, asks every vCPU to free
+    /// its obsolete roots before it runs again, then zaps the obsolete pages oldest first (the tail
+    /// of `active_mmu_pages`) with one TLB flush for the batch (`kvm_zap_obsolete_pages`). A root
+    /// still in use is only marked invalid, and goes when its vCPU drops it.
+    public func zapAllFast() {
+        validGeneration = validGeneration == 0 ? 1 : 0
+        events.record(.kvmMMUZapAllFast(mmuValidGen: validGeneration, usedPages: usedPages))
+        freeObsoleteRoots()
+        var zapped = 0
+        for page in shadowPages where isObsolete(page) && !page.role.isInvalid && !page.isFreed {
+            zap(page, flushing: false)
+            zapped += 1
+        }
+        if zapped > 0 { flushRemoteTLBs() }
+    }
+
+    /// `kvm_zap_gfn_range` for the shadow MMU (`kvm_rmap_zap_gfn_range`: an MTRR or CR0.CD change,
+    /// an APICv inhibit): every leaf SPTE mapping a gfn of `gfns` goes, whatever its level; shadow
+    /// pages stay, and so do the guest tables they shadow. One TLB flush if anything went.
+    /// Returns the number of SPTEs zapped.
+    @discardableResult
+    public func zapGFNRange(_ gfns: Range<UInt64>) -> Int {
+        var zapped = 0
+        for slot in memory.slots {
+            let first = max(gfns.lowerBound, slot.baseFrame.rawValue)
+            let end = min(gfns.upperBound, slot.baseFrame.rawValue + slot.pageCount)
+            guard first < end else { continue }
+            for gfn in first..<end {
+                for pointer in mappings(of: GuestFrameNumber(gfn)) {
+                    dropSPTE(pointer)
+                    zapped += 1
+                }
+            }
+        }
+        if zapped > 0 { flushRemoteTLBs() }
+        return zapped
     }
 
     /// Zaps every shadow page of the guest table at `gfn` (`kvm_mmu_unprotect_page`).

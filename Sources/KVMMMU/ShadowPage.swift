@@ -43,11 +43,16 @@ public final class ShadowPage {
     /// KVM's `is_passthrough_sp`, answered once by the MMU's variant when the page was made (the
     /// seed-1 variants say it with a role field instead of the `passthrough` bit).
     public let isPassthrough: Bool
-    /// KVM's `sp_has_gptes`: the page shadows a guest table (neither direct nor passthrough).
+    /// Seed 2's per-vCPU root page (the `local-roots` variant): a page standing where KVM has its
+    /// special roots (`pae_root`, `pml4_root`, `pml5_root`), owned by one vCPU's context, never in
+    /// the hash nor in `prev_roots`, made at each root load and freed with the root.
+    public let isPerVCPURoot: Bool
+    /// KVM's `sp_has_gptes`: the page shadows a guest table (neither direct, passthrough nor a
+    /// per-vCPU root, whose entries come from CR3 or the PDPTE registers).
     public let hasGPTEs: Bool
 
     init(gfn: GuestFrameNumber, role: PageRole, frame: HostFrameNumber, sptes: UnsafeMutablePointer<UInt64>,
-         validGeneration: UInt8, serial: UInt64, isPassthrough: Bool) {
+         validGeneration: UInt8, serial: UInt64, isPassthrough: Bool, isPerVCPURoot: Bool = false) {
         self.gfn = gfn
         self.role = role
         self.frame = frame
@@ -55,7 +60,8 @@ public final class ShadowPage {
         self.validGeneration = validGeneration
         self.serial = serial
         self.isPassthrough = isPassthrough
-        hasGPTEs = !role.isDirect && !isPassthrough
+        self.isPerVCPURoot = isPerVCPURoot
+        hasGPTEs = !role.isDirect && !isPassthrough && !isPerVCPURoot
         if hasGPTEs {
             let translations = UnsafeMutablePointer<UInt64>.allocate(capacity: 512)
             translations.initialize(repeating: 0, count: 512)
@@ -155,6 +161,6 @@ public final class ShadowPage {
 extension ShadowPage: CustomStringConvertible {
     /// As KVM's tracepoints print a shadow page.
     public var description: String {
-        "sp gen \(validGeneration) gfn \(String(gfn.rawValue, radix: 16)) \(role) root \(rootCount)\(unsync ? " unsync" : " sync")"
+        "sp gen \(validGeneration) gfn \(String(gfn.rawValue, radix: 16)) \(role) root \(rootCount)\(unsync ? " unsync" : " sync")\(isPerVCPURoot ? " per-vcpu" : "")"
     }
 }

@@ -164,8 +164,10 @@ struct VariantComparison {
         let model = counters.prefix(5)
         lines.append("context and roots:")
         for counter in model { lines.append(row("  " + counter.name, "\(counter.left)", "\(counter.right)")) }
-        lines.append("counters that differ:" + (differing.isEmpty ? " none" : ""))
-        for counter in differing where !model.contains(where: { $0.name == counter.name }) {
+        // The context counters are shown above whether or not they differ.
+        let differingKVMCounters = differing.filter { counter in !model.contains { $0.name == counter.name } }
+        lines.append("counters that differ:" + (differingKVMCounters.isEmpty ? " none" : ""))
+        for counter in differingKVMCounters {
             lines.append(row("  " + counter.name, "\(counter.left)", "\(counter.right)"))
         }
         lines.append("shadow pages by level:")

@@ -72,9 +72,6 @@ public final class VirtualMachine {
     public init(memorySize: UInt64, cpu: CPUModel = CPUModel(), shadowPageLimit: Int? = nil,
                 shadowPageBudget: Int = 1 << 16, hostLevels: Int? = nil,
                 variant: MMUVariant = .upstream) throws(VirtualMachineError) {
-        if variant == .localRoots {
-            throw .unsupported("the local-roots variant (seed 2's per-vCPU root pages) is not implemented yet")
-        }
         if let hostLevels, hostLevels != 4 && hostLevels != 5 {
             throw .unsupported("the host pages with 4 or 5 levels, not \(hostLevels)")
         }
@@ -460,6 +457,7 @@ public final class VCPU {
         var firstTry = true
         while exits <= Self.maxExitsPerAccess {
             serviceRequests()  // VM entry, which loads the roots (kvm_mmu_reload) before the guest runs
+            reloadPDPTEsIfChanged()
             if hardware == nil { _ = try hardwareWalker() }
             if let entry = tlb.lookup(address, root: hot.pointee.rootFrame), allows(entry, access) {
                 let hostAddress = entry.hostFrame << 12 | (address.rawValue & pageOffsetMask)
@@ -520,6 +518,14 @@ public final class VCPU {
     @inline(never)
     private func tooWide(_ address: GuestVirtualAddress) -> VirtualMachineError {
         .invalidAccess("\(address) is wider than the 32-bit linear addresses of \(registers.mode.displayName)")
+    }
+
+    /// A VM entry in PAE paging loads the four PDPTEs from the root anew. Upstream KVM changes its
+    /// PAE root's entries only when it loads or frees roots, which drops the walker anyway; the
+    /// `local-roots` variant links and unlinks page directories under a loaded per-vCPU PAE root.
+    private func reloadPDPTEsIfChanged() {
+        guard let hardware, hardware.walker.mode == .pae, let pdptes = context.hardwarePDPTEs else { return }
+        if (0..<4).contains(where: { hardware.walker.pdpte($0).rawValue != pdptes[$0] }) { dropHardwareWalker() }
     }
 
     /// Whether a TLB entry's permissions let the access through under the hardware's rules (a

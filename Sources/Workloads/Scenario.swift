@@ -103,6 +103,10 @@ public enum ScenarioDirective: Hashable, Sendable {
     case writeRegister(ControlRegister, value: UInt64)
     /// `cr3 VALUE [noflush]`: a raw MOV to CR3 (bit 63 of the source set with `noFlush`).
     case loadCR3(value: UInt64, noFlush: Bool)
+    /// `zap all` / `zap gfn FIRST [COUNT]`: a host-side zap the guest does not ask for
+    /// (`kvm_mmu_zap_all_fast`, as for a memslot deletion; `kvm_zap_gfn_range`, as for an MTRR
+    /// change).
+    case zap(ZapScope)
 
     /// The directive's keyword.
     public var name: String {
@@ -121,6 +125,7 @@ public enum ScenarioDirective: Hashable, Sendable {
         case .invpcid: "invpcid"
         case .writeRegister(let register, _): register.rawValue
         case .loadCR3: "cr3"
+        case .zap: "zap"
         }
     }
 
@@ -129,7 +134,7 @@ public enum ScenarioDirective: Hashable, Sendable {
     public var isGuestOperation: Bool {
         switch self {
         case .mem, .set, .cpu, .host: false
-        case .map, .access, .pte, .invlpg, .reloadCR3, .space, .switchSpace, .invpcid, .writeRegister, .loadCR3: true
+        case .map, .access, .pte, .invlpg, .reloadCR3, .space, .switchSpace, .invpcid, .writeRegister, .loadCR3, .zap: true
         }
     }
 
@@ -138,9 +143,17 @@ public enum ScenarioDirective: Hashable, Sendable {
     public var runsGuest: Bool {
         switch self {
         case .mem, .set, .cpu, .host, .map, .space: false
-        case .access, .pte, .invlpg, .reloadCR3, .switchSpace, .invpcid, .writeRegister, .loadCR3: true
+        case .access, .pte, .invlpg, .reloadCR3, .switchSpace, .invpcid, .writeRegister, .loadCR3, .zap: true
         }
     }
+}
+
+/// What a `zap` directive zaps.
+public enum ZapScope: Hashable, Sendable {
+    /// Every shadow page, made obsolete at once (`kvm_mmu_zap_all_fast`).
+    case all
+    /// The leaf SPTEs mapping `count` gfns from `first` (`kvm_zap_gfn_range`).
+    case gfns(first: UInt64, count: UInt64)
 }
 
 /// A control register `cr0`, `cr4` and `efer` write by value.

@@ -72,6 +72,26 @@ extension DirectiveArguments {
         return .invpcid(type, pcid: pcid, gva: GuestVirtualAddress(gva))
     }
 
+    mutating func parseZap() throws(ScenarioError) -> ScenarioDirective {
+        guard let scopeToken = tokens.first else { throw error("missing all or gfn (usage: \(spec.usage))") }
+        switch asciiLowercased(scopeToken.text) {
+        case "all":
+            _ = try positional(["all"])
+            try noOptions()
+            return .zap(.all)
+        case "gfn":
+            let hasCount = tokens.count > 2 && !tokens[2].text.contains("=")
+            let arguments = try positional(hasCount ? ["gfn", "FIRST", "COUNT"] : ["gfn", "FIRST"])
+            try noOptions()
+            let first = try number(arguments[1], what: "FIRST")
+            let count = hasCount ? try number(arguments[2], what: "COUNT", in: 1...(1 << 40)) : 1
+            guard first <= UInt64.max - count else { throw error("the gfn range overflows", at: arguments.last) }
+            return .zap(.gfns(first: first, count: count))
+        default:
+            throw error("zap takes all or gfn, not '\(scopeToken.text)' (usage: \(spec.usage))", at: scopeToken)
+        }
+    }
+
     mutating func parseRegisterWrite(_ register: ControlRegister) throws(ScenarioError) -> ScenarioDirective {
         let valueToken = try positional(["VALUE"])[0]
         try noOptions()

@@ -18,6 +18,7 @@
 //   invpcid 0|1|2|3|individual|single|all|all-nonglobal [pcid=N] [gva=ADDR]
 //   cr0 VALUE | cr4 VALUE | efer VALUE              raw register writes
 //   cr3 VALUE [noflush]                             raw MOV to CR3
+//   zap all | zap gfn FIRST [COUNT]                 a host-side zap (all pages fast / a gfn range's SPTEs)
 //
 //   NUMBER  decimal or 0x-hexadecimal, `_` allowed between digits, at most 2^64-1
 //   SIZE    NUMBER with an optional K, M or G suffix (x1024, x1024^2, x1024^3)
@@ -175,6 +176,8 @@ struct ScenarioParser {
     } + [
         DirectiveSpec(name: "cr3", usage: "cr3 VALUE [noflush]",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseCR3() }),
+        DirectiveSpec(name: "zap", usage: "zap all | zap gfn FIRST [COUNT]",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseZap() }),
     ]
 
     static let tableByName: [String: DirectiveSpec] = Dictionary(uniqueKeysWithValues: table.map { ($0.name, $0) })
@@ -257,7 +260,7 @@ struct ScenarioParser {
             state.registers = registers
         case .loadCR3(let value, _):
             state.registers.cr3 = value & 0xFFF
-        case .map, .access, .pte, .invlpg, .reloadCR3, .invpcid:
+        case .map, .access, .pte, .invlpg, .reloadCR3, .invpcid, .zap:
             break
         }
         if directive.isGuestOperation && state.firstOperation == nil { state.firstOperation = (line, directive.name) }

@@ -106,6 +106,10 @@ extension ScenarioDirective {
             return register.rawValue + " " + hex(value)
         case .loadCR3(let value, let noFlush):
             return "cr3 " + hex(value) + (noFlush ? " noflush" : "")
+        case .zap(.all):
+            return "zap all"
+        case .zap(.gfns(let first, let count)):
+            return "zap gfn " + hex(first) + (count == 1 ? "" : " \(count)")
         }
     }
 }

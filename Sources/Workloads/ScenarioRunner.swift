@@ -296,6 +296,10 @@ public final class ScenarioRunner {
                                           Access(.write, cpl == 3 ? .user : .supervisor),
                                           size: kernel.entrySize, value: new)
             record("pte", cpl: cpl, gva: gva, outcome: outcome)
+        case .zap(.all):
+            vm.mmu.zapAllFast()
+        case .zap(.gfns(let first, let count)):
+            vm.mmu.zapGFNRange(first..<first + count)
         case .invlpg(let gva):
             vcpu.invalidatePage(gva)
             reference.invalidatePage(gva)

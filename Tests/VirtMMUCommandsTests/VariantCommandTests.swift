@@ -16,7 +16,7 @@ let exampleFiles: [String] = (try? FileManager.default.contentsOfDirectory(atPat
     .filter { $0.hasSuffix(".vmm") }.sorted().map { examplesDirectory.appendingPathComponent($0).path } ?? []
 
 @Suite struct VariantCommandTests {
-    static let variants = MMUVariant.allCases.filter { $0 != .localRoots }
+    static let variants = MMUVariant.allCases
 
     @Test(arguments: variants)
     func everyExampleRunsCleanlyAndComparesIdentical(_ variant: MMUVariant) throws {
@@ -67,7 +67,7 @@ let exampleFiles: [String] = (try? FileManager.default.contentsOfDirectory(atPat
         let bad = try compareCommand(["-", "--variant", "upstream", "--variant", "glevel"], input: "frobnicate\n")
         #expect(bad.status == 1)
         let refused = try compareCommand(["-", "--variant", "upstream", "--variant", "local-roots"],
-                                         input: "map 0x400000 0x1000000 4k P\naccess read 0x400000\n")
+                                         input: "host levels=6\nmap 0x400000 0x1000000 4k P\naccess read 0x400000\n")
         #expect(refused.status == 1)
     }
 }

@@ -8,31 +8,17 @@ import VirtualMachine
 import Workloads
 import X86Paging
 
-/// The variants a VM can be built with (local-roots is not implemented yet).
-let runnableVariants = MMUVariant.allCases.filter { $0 != .localRoots }
+/// The variants a VM can be built with: all of them.
+let runnableVariants = MMUVariant.allCases
 
 @Suite struct VariantLockstepTests {
     /// A handful of the randomized lockstep seeds under every variant: each must pass its lockstep
     /// and auditor checks and see exactly what upstream's run saw.
     @Test(arguments: [0, 3, 7, 11, 19] as [UInt64])
     func randomSeedUnderEveryVariant(_ seed: UInt64) throws {
-        let (_, directives) = LockstepSeed.directives(seed)
-        let scenario = try Scenario(name: "variant-lockstep-\(seed)", directives: directives)
-        let upstream = try ScenarioRunner(scenario: scenario).run()
-        for variant in runnableVariants where variant != .upstream {
-            let report = try ScenarioRunner(scenario: scenario, variant: variant).run()
-            #expect(report.accesses.map(\.outcome.result) == upstream.accesses.map(\.outcome.result), "\(variant)")
-            #expect(report.entries.map(\.value) == upstream.entries.map(\.value), "\(variant)")
-            if variant == .recomputeChildRole || variant == .combinedMMURole {
-                // Same roles, so the very same pages.
-                #expect(report.shadowPageKeys == upstream.shadowPageKeys, "\(variant)")
-            }
-        }
+        try expectEveryVariantAgreesWithUpstream(seed: seed)
     }
 
-    @Test func localRootsIsRefusedUntilImplemented() {
-        #expect(throws: VirtualMachineError.self) { _ = try VirtualMachine(memorySize: 32 << 20, variant: .localRoots) }
-    }
 
     /// A 32-bit guest with a 4 MiB page shadowed by direct level-1 pages: recomputing the child role
     /// from the root role and the address creates exactly upstream's (gfn, role) pages.
@@ -111,6 +97,33 @@ let runnableVariants = MMUVariant.allCases.filter { $0 != .localRoots }
             #expect(below.allSatisfy { $0.role.passthroughDelta == 0 })
         default:
             #expect(root.role.isPassthrough)
+        }
+    }
+}
+
+/// Every variant on many more randomized seeds, only with VIRTMMU_EXHAUSTIVE=1 (CI's release run).
+@Suite("Exhaustive variant lockstep", .enabled(if: RandomLockstep.exhaustive))
+struct ExhaustiveVariantLockstepTests {
+    @Test("Exhaustive variant lockstep seed", arguments: Array(0..<200) as [UInt64])
+    func everyVariantAgreesWithUpstream(_ seed: UInt64) throws {
+        try expectEveryVariantAgreesWithUpstream(seed: seed)
+    }
+}
+
+/// Runs the randomized lockstep seed under upstream and every other variant (each run checks
+/// lockstep and the auditor): the guest must see the same outcomes and end with the same entries.
+private func expectEveryVariantAgreesWithUpstream(seed: UInt64, sourceLocation: SourceLocation = #_sourceLocation) throws {
+    let (_, directives) = LockstepSeed.directives(seed)
+    let scenario = try Scenario(name: "variant-lockstep-\(seed)", directives: directives)
+    let upstream = try ScenarioRunner(scenario: scenario).run()
+    for variant in runnableVariants where variant != .upstream {
+        let report = try ScenarioRunner(scenario: scenario, variant: variant).run()
+        #expect(report.accesses.map(\.outcome.result) == upstream.accesses.map(\.outcome.result), "\(variant)",
+                sourceLocation: sourceLocation)
+        #expect(report.entries.map(\.value) == upstream.entries.map(\.value), "\(variant)", sourceLocation: sourceLocation)
+        if variant == .recomputeChildRole || variant == .combinedMMURole {
+            // Same roles, so the very same pages.
+            #expect(report.shadowPageKeys == upstream.shadowPageKeys, "\(variant)", sourceLocation: sourceLocation)
         }
     }
 }
