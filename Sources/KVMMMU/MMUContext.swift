@@ -403,6 +403,8 @@ public final class MMUContext {
         try mmu.makePagesAvailable()
         if hasPerVCPURootPage {
             try allocatePerVCPURoots()
+        } else if hasPassthroughPagesAbove32BitGuest {
+            try allocatePassthroughRoots()
         } else if rootRole.isDirect {
             try allocateDirectRoots()
         } else {
@@ -495,6 +497,47 @@ public final class MMUContext {
             let role = variant.childRole(of: paeRoot.role, parentIndex: index, direct: rootRole.isDirect, access: rootRole.access)
             let page = try mmu.getShadowPage(gfn, role, for: self).page
             mmu.link(paeRoot.spte(index), to: page, asPDPTE: rootRole.level == 3)
+        }
+    }
+
+    /// Under the seed-1 variants a 32-bit guest shadowed in a 4- or 5-level host format gets
+    /// passthrough pages above its page directory (RFC v3's "level expansion", case 1) instead
+    /// of the special `pml4_root`/`pml5_root` and `pae_root`. Not for PAE guests: their PDPTEs
+    /// live in per-vCPU registers and their PDPT is only 32-byte aligned, so a level-3 page keyed
+    /// by gfn cannot stand for it (Sean's objection in the thread); they keep the special roots,
+    /// as does a PAE-format host root.
+    var hasPassthroughPagesAbove32BitGuest: Bool {
+        variant.encodesGuestLevel && !rootRole.isDirect && cpuRole.base.level == 2 && rootRole.level >= 4
+    }
+
+    /// The seed-1 roots of a 32-bit guest: a passthrough root at the host's level over the guest's
+    /// page directory's gfn, passthrough pages under it through entry 0 down to level 3, and
+    /// under that the four quarter directories (quadrants 0-3) as children. All are ordinary
+    /// hashed pages, so the root can be cached in `prev_roots` like a 64-bit guest's.
+    private func allocatePassthroughRoots() throws(ShadowMMUError) {
+        rootPGD = registers.cr3
+        let rootGFN = guestRootGFN
+        guard mmu.memory.hostFrame(of: rootGFN) != nil else {
+            _ = try mmu.allocateDummyRoot()
+            usesDummyRoot = true
+            return
+        }
+        var role = rootRole
+        role.quadrant = 0
+        let top = try takeRoot(rootGFN, role)
+        root = top
+        var parent = top
+        while true {
+            // Above level 3 only entry 0 leads anywhere (a 32-bit address is below 4 GiB); the
+            // level-3 page holds the four quarter directories. A page found in the hash may
+            // still have its links.
+            let linked = parent.level == 3 ? 4 : 1
+            for index in 0..<linked where !SPTE(rawValue: parent.spte(index).pointee).isShadowPresent {
+                let role = variant.childRole(of: parent.role, parentIndex: index, direct: false, access: rootRole.access)
+                mmu.link(parent.spte(index), to: try mmu.getShadowPage(rootGFN, role, for: self).page)
+            }
+            guard parent.level > 3, let next = mmu.child(of: SPTE(rawValue: parent.spte(0).pointee)) else { return }
+            parent = next
         }
     }
 
@@ -781,13 +824,18 @@ public final class MMUContext {
         var page = Unmanaged.passUnretained(start)
         var level = startLevel
         page._withUnsafeGuaranteedRef { $0.writeFloodingCount = 0 }
-        // Levels the guest has tables for: shadow them.
+        // Levels the guest has tables for: shadow them. (Under the seed-1 variants a 32-bit guest
+        // has passthrough pages above its directory, over the directory's gfn with full rights.)
+        let guestTopLevel = cpuRole.base.level
         while level > walk.level {
             page = try page._withUnsafeGuaranteedRef { parent in
                 Result { () throws(ShadowMMUError) in
                     let pointer = parent.spte(Self.index(address.rawValue, level: level))
-                    return try childPage(at: pointer, in: parent, gfn: walk.tableGFN(level: level - 1), direct: false,
-                                         access: walk.ptAccess(level: level - 1), address: address.rawValue)
+                    let isAboveGuest = level - 1 > guestTopLevel
+                    return try childPage(at: pointer, in: parent,
+                                         gfn: isAboveGuest ? guestRootGFN : walk.tableGFN(level: level - 1), direct: false,
+                                         access: isAboveGuest ? rootRole.access : walk.ptAccess(level: level - 1),
+                                         address: address.rawValue)
                 }
             }.get()
             page._withUnsafeGuaranteedRef { $0.writeFloodingCount = 0 }

@@ -83,22 +83,24 @@ public enum MMUVariant: String, CaseIterable, Sendable, CustomStringConvertible 
     /// guest's tables, so `glevel` is clamped to its level (RFC v3's `kvm_mmu_get_page`) and the
     /// delta drops by one.
     ///
-    /// Under `local-roots` the page directories of a 32-bit guest are children of a level-3
-    /// per-vCPU root page, and each covers a quarter of the guest's one directory: the quadrant
-    /// is the PDPTE index (the `index % 4` Lai pointed out in the seed-3 thread), where upstream's
-    /// special root sets it in `mmu_alloc_shadow_roots`.
+    /// Under `local-roots` and the seed-1 variants a 32-bit guest's page directories are children
+    /// of a level-3 page (a per-vCPU root page, or a passthrough page), not special roots, and
+    /// each covers a quarter of the guest's one directory: the quadrant is the PDPTE index (the
+    /// `index % 4` Lai pointed out in the seed-3 thread), where upstream's special root sets it in
+    /// `mmu_alloc_shadow_roots`. Above level 3 a 32-bit guest has only passthrough pages.
     @inlinable
     public func childRole(of parent: PageRole, parentIndex: Int, direct: Bool, access: UInt8) -> PageRole {
-        if self == .localRoots && parent.level == 3 && parent.hasFourByteGPTE {
-            var role = parent
-            role.level = 2
+        var role: PageRole
+        if self != .upstream && parent.hasFourByteGPTE && parent.level >= 3 {
+            role = parent
+            role.level -= 1
             role.access = access
             role.isDirect = direct
             role.isPassthrough = false
-            role.quadrant = direct ? 0 : parentIndex & 3
-            return role
+            role.quadrant = role.level == 2 && !direct ? parentIndex & 3 : 0
+        } else {
+            role = KVMMMU.childRole(of: parent, parentIndex: parentIndex, direct: direct, access: access)
         }
-        var role = KVMMMU.childRole(of: parent, parentIndex: parentIndex, direct: direct, access: access)
         switch self {
         case .glevel: role.guestLevel = direct ? 0 : min(role.level, parent.guestLevel)
         case .passthroughDelta: role.passthroughDelta = direct ? 0 : max(0, parent.passthroughDelta - 1)

@@ -101,6 +101,69 @@ let runnableVariants = MMUVariant.allCases
     }
 }
 
+/// Seed 1's case 1 (RFC v3 "level expansion"): a 32-bit guest shadowed in a 4- or 5-level host
+/// format gets passthrough pages above its page directory instead of upstream's special roots.
+@Suite struct PassthroughAbove32BitGuestTests {
+    @Test(arguments: [MMUVariant.glevel, .passthroughDelta], [4, 5])
+    func passthroughChainOverTheGuestDirectory(_ variant: MMUVariant, _ hostLevels: Int) throws {
+        let vm = try VirtualMachine(memorySize: 64 << 20, hostLevels: hostLevels, variant: variant)
+        let kernel = try GuestKernel(vm: vm, mode: .legacy32)
+        for (gva, gpa) in [(0x40_0000, 0x100_0000), (0x8040_0000, 0x110_0000)] as [(UInt64, UInt64)] {
+            try kernel.map(GuestVirtualAddress(gva), to: GuestPhysicalAddress(gpa), leafLevel: 1, leafFlags: 0x7,
+                           tableFlags: { _ in 0x7 })
+        }
+        let vcpu = try vm.addVCPU(registers: ControlState(pagingMode: .legacy32).registers(cr3: kernel.root.rawValue))
+        for gva in [0x40_0000, 0x8040_0000] as [UInt64] {
+            let outcome = try vcpu.access(GuestVirtualAddress(gva), Access(.write, .user), size: 4, value: 9)
+            guard case .completed = outcome.result else { Issue.record("\(hex(gva)): \(outcome)"); continue }
+        }
+        #expect(vm.mmu.audit() == [])
+        let root = try #require(vcpu.context.root)
+        #expect(root.level == hostLevels && root.isPassthrough && !root.hasGPTEs && root.rootCount == 1)
+        #expect(vcpu.context.paeRoots.allSatisfy { $0 == nil })
+        let directoryGFN = GuestFrameNumber(kernel.root.rawValue >> 12)
+        let passthrough = vm.mmu.shadowPages.filter { $0.level >= 3 }
+        #expect(passthrough.count == hostLevels - 2)
+        #expect(passthrough.allSatisfy { $0.isPassthrough && $0.gfn == directoryGFN && variant.isPassthrough($0.role) })
+        let directories = vm.mmu.shadowPages.filter { $0.level == 2 }
+        #expect(Set(directories.map(\.role.quadrant)) == [0, 1, 2, 3])
+        #expect(directories.allSatisfy { $0.hasGPTEs && !$0.isPassthrough && $0.rootCount == 0 && $0.gfn == directoryGFN })
+        for page in vm.mmu.shadowPages {
+            switch variant {
+            case .glevel: #expect(page.role.guestLevel == (page.role.isDirect ? 0 : min(page.level, 2)))
+            default: #expect(page.role.passthroughDelta == (page.role.isDirect ? 0 : max(0, page.level - 2)))
+            }
+        }
+    }
+
+    /// Passthrough roots are ordinary shadow pages, so a 32-bit guest's CR3 switches find them in
+    /// `prev_roots`, where upstream's special roots are freed on every switch.
+    @Test(arguments: [MMUVariant.upstream, .glevel, .passthroughDelta])
+    func passthroughRootsAreCached(_ variant: MMUVariant) throws {
+        let text = """
+            host levels=4
+            set paging=legacy32
+            space a
+            map 0x400000 0x1000000 4k P,RW,US
+            space b
+            map 0x400000 0x1100000 4k P,RW,US
+            switch a
+            access read 0x400000 cpl=3
+            switch b
+            access read 0x400000 cpl=3
+            switch a
+            access read 0x400000 cpl=3
+            switch b
+            access read 0x400000 cpl=3
+            """
+        let report = try ScenarioRunner(scenario: try Scenario.parse(text, name: "switch32"), variant: variant).run()
+        #expect(report.accesses.map(\.outcome.result) == [0x100_0000, 0x110_0000, 0x100_0000, 0x110_0000].map {
+            AccessResult.completed(gpa: GuestPhysicalAddress($0), value: 0)
+        })
+        #expect(report.rootCacheHits == (variant == .upstream ? 0 : 2))
+    }
+}
+
 /// Every variant on many more randomized seeds, only with VIRTMMU_EXHAUSTIVE=1 (CI's release run).
 @Suite("Exhaustive variant lockstep", .enabled(if: RandomLockstep.exhaustive))
 struct ExhaustiveVariantLockstepTests {
