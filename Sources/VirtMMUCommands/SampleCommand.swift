@@ -52,7 +52,8 @@ public struct VirtMMU: ParsableCommand {
         Exit codes: 0 success; 64 bad command line; 65 bad input (malformed image, impossible \
         register state, invalid batch lines); 66 a file could not be opened. `run` has its own: 0 \
         success; 1 bad scenario, unreadable file or bad arguments; 2 lockstep disagreement or broken \
-        invariant.
+        invariant. `compare` adds 4: the two variants showed the guest different outcomes. \
+        `run --variant NAME` runs one of the seed threads' designs (docs/VARIANTS.md).
         """,
         subcommands: [WalkCommand.self, MapsCommand.self, SampleCommand.self, RunCommand.self, CompareCommand.self, RolesCommand.self],
         defaultSubcommand: WalkCommand.self)
