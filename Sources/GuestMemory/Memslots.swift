@@ -324,6 +324,38 @@ public final class MemslotSet: PhysicalMemory, ByteAccessibleMemory, @unchecked 
         isLoggingDirtyPages = records.contains { $0.slot.logsDirtyPages }
     }
 
+    /// Moves a slot to `base` (KVM_MR_MOVE: the same host memory, so the same contents, at another
+    /// guest-physical address). Its flags and dirty bitmap go with it; the old range becomes MMIO.
+    @discardableResult
+    public func moveSlot(id: Int, to base: GuestPhysicalAddress) throws(MemslotError) -> Memslot {
+        guard let record = recordsByID[id] else { throw .noSuchSlot(id) }
+        let old = record.slot
+        guard base.rawValue & pageOffsetMask == 0 else { throw .misaligned(id: id, base, size: old.size) }
+        let (end, overflow) = base.rawValue.addingReportingOverflow(old.size)
+        guard !overflow, end <= 1 << 52 else { throw .beyondPhysicalAddressSpace(id: id, base, size: old.size) }
+        let baseFrame = base.frame.rawValue, endFrame = baseFrame + old.pageCount
+        for other in records where other !== record
+            && other.slot.baseFrame.rawValue < endFrame && baseFrame < other.slot.endFrame.rawValue {
+            throw .overlap(id: id, base, size: old.size, existing: other.slot)
+        }
+        guard table.reserveNodes(baseFrame..<endFrame) else {
+            throw .allocationFailed(bytes: UInt64(FrameTable.nodeBytes))
+        }
+        for page in 0..<old.pageCount { _ = table.set(old.baseFrame.rawValue + page, 0) }
+        let readOnlyBit: UInt = old.isReadOnly ? 1 : 0
+        let firstPage = UInt(bitPattern: pool.pointer(old.hostBase))
+        for page in 0..<old.pageCount {
+            let stored = table.set(baseFrame + page, (firstPage + UInt(page) << UInt(pageShift)) | readOnlyBit)
+            precondition(stored, "frame table nodes were reserved")
+        }
+        let moved = Memslot(id: id, baseFrame: base.frame, pageCount: old.pageCount, flags: old.flags, hostBase: old.hostBase)
+        dirtyLock.withLock { record.slot = moved }
+        records.removeAll { $0 === record }
+        records.insert(record, at: firstIndex(endingAfter: baseFrame))
+        generation += 1
+        return moved
+    }
+
     /// Changes a slot's flags (KVM_SET_USER_MEMORY_REGION on an existing slot with new flags).
     /// Turning dirty logging on gives the slot a clear dirty bitmap; turning it off drops it.
     /// The read-only flag cannot change, as in KVM. Setting the flags a slot already has changes
@@ -347,6 +379,9 @@ public final class MemslotSet: PhysicalMemory, ByteAccessibleMemory, @unchecked 
     }
 
     // MARK: Dirty logging
+
+    /// The page walker set accessed/dirty bits in a guest table here: a write like any other.
+    public func didWriteEntry(in frame: GuestFrameNumber) { markDirty(frame) }
 
     /// Records a write to `frame` in its slot's dirty bitmap when the slot logs dirty pages
     /// (KVM's mark_page_dirty). Returns whether a bit was recorded.
@@ -380,6 +415,27 @@ public final class MemslotSet: PhysicalMemory, ByteAccessibleMemory, @unchecked 
         }
         guard let bitmap else { throw .dirtyLoggingDisabled(id: id) }
         return bitmap
+    }
+
+    /// Clears the slot's dirty bits for pages `first..<first + count` (slot-relative), returning
+    /// the bits that were set there as a bitmap whose bit 0 is page `first` (KVM_CLEAR_DIRTY_LOG's
+    /// part in the bitmap; write-protecting the pages again is the MMU's part).
+    public func clearDirtyLog(slot id: Int, first: UInt64, count: UInt64) throws(MemslotError) -> [UInt64] {
+        guard let record = recordsByID[id] else { throw .noSuchSlot(id) }
+        precondition(first + count <= record.slot.pageCount, "the range lies inside the slot")
+        let cleared: [UInt64]? = dirtyLock.withLock {
+            guard record.dirty != nil else { return nil }
+            var cleared = [UInt64](repeating: 0, count: Int((count + 63) / 64))
+            for page in first..<first + count {
+                let word = Int(page >> 6), bit: UInt64 = 1 << (page & 63)
+                guard record.dirty![word] & bit != 0 else { continue }
+                record.dirty![word] &= ~bit
+                cleared[Int((page - first) >> 6)] |= 1 << ((page - first) & 63)
+            }
+            return cleared
+        }
+        guard let cleared else { throw .dirtyLoggingDisabled(id: id) }
+        return cleared
     }
 
     // MARK: Reading and writing guest bytes

@@ -36,6 +36,8 @@ public enum VirtualMachineError: Error, Equatable, Sendable, CustomStringConvert
     case livelock(GuestVirtualAddress, exits: Int)
     /// The hardware walked into a host frame outside the pool: an SPTE points nowhere.
     case corruptShadowTables(String)
+    /// A memslot change or dirty-log request KVM refuses (its ioctl's -EINVAL, -ENOENT...).
+    case memslot(String)
 
     public var description: String {
         switch self {
@@ -45,6 +47,7 @@ public enum VirtualMachineError: Error, Equatable, Sendable, CustomStringConvert
         case .hostMemory(let why): "host memory: \(why)"
         case .livelock(let address, let exits): "no progress on \(address) after \(exits) exits"
         case .corruptShadowTables(let why): "corrupt shadow tables: \(why)"
+        case .memslot(let why): "memslot: \(why)"
         }
     }
 }
@@ -62,6 +65,9 @@ public final class VirtualMachine {
     public let hostLevels: Int?
     /// The MMU design every vCPU runs (docs/VARIANTS.md).
     public var variant: MMUVariant { mmu.variant }
+    /// How the dirty log is read: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 off (get-and-reset) or on
+    /// (get, then clear). Fixed once a slot logs dirty pages.
+    public internal(set) var dirtyLogProtocol = DirtyLogProtocol.getAndReset
 
     /// A VM with `memorySize` bytes of guest RAM in memslot 0 at GPA 0. The shadow-page cache holds
     /// `shadowPageLimit` pages (KVM_SET_NR_MMU_PAGES), by default what KVM derives from the
@@ -69,9 +75,11 @@ public final class VirtualMachine {
     /// `hostLevels` 4 or 5 builds every shadow table in that host depth, as KVM does for a
     /// nested NPT guest (special roots for 32-bit and PAE guests, a passthrough root for a 4-level
     /// guest on a 5-level host). `variant` chooses the MMU design (upstream's by default).
+    /// `hotplugPages`: room in the host pool for memslots added later (reserved address space,
+    /// committed only when used).
     public init(memorySize: UInt64, cpu: CPUModel = CPUModel(), shadowPageLimit: Int? = nil,
                 shadowPageBudget: Int = 1 << 16, hostLevels: Int? = nil,
-                variant: MMUVariant = .upstream) throws(VirtualMachineError) {
+                variant: MMUVariant = .upstream, hotplugPages: Int = 1 << 20) throws(VirtualMachineError) {
         if let hostLevels, hostLevels != 4 && hostLevels != 5 {
             throw .unsupported("the host pages with 4 or 5 levels, not \(hostLevels)")
         }
@@ -82,7 +90,7 @@ public final class VirtualMachine {
         // The limit is soft (a fault may allocate a few pages past it), hence the margin.
         let budget = max(shadowPageBudget, limit + 1024)
         do {
-            pool = try HostPagePool(capacityPages: Int(memorySize >> 12) + budget)
+            pool = try HostPagePool(capacityPages: Int(memorySize >> 12) + budget + max(0, hotplugPages))
         } catch {
             throw .hostMemory("\(error)")
         }

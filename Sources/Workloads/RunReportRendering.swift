@@ -14,6 +14,9 @@
 //       non-canonical address): fault true, exception "gp", error_code "0x0", cr2 "0x0" (a #GP does
 //       not write CR2), gpa and value "0x0". An access to a GPA outside every memslot: fault false,
 //       mmio true, gpa the MMIO address, value the value written or read (all ones).
+//   {"type":"dirty","slot":1,"gfns":["0x10000","0x10003"]}
+//       one per `dirty-log get`, placed among the access lines where it ran: the gfns reported,
+//       ascending.
 //   {"type":"pte","gva":"0x400000","level":4,"entry_gpa":"0x100000","value":"0x101067","A":1,"D":0,
 //    "P":1,"leaf":false}
 //       every entry of every mapped translation at the end of the run, top level first per mapping
@@ -41,10 +44,16 @@ extension RunReport {
     /// three stats lines, then (when `failure` is given) an error line, and a result line last.
     public func jsonLines(failure: RunFailure? = nil) -> String {
         var text = ""
+        var dirtyLogs = self.dirtyLogs[...]
         for access in accesses {
+            while let log = dirtyLogs.first, log.precedingOperations <= access.index {
+                text += Self.dirtyJSON(log) + "\n"
+                dirtyLogs = dirtyLogs.dropFirst()
+            }
             text += Self.accessJSON(access) + "\n"
             for event in access.events { text += Self.eventJSON(event, operation: access.index) + "\n" }
         }
+        for log in dirtyLogs { text += Self.dirtyJSON(log) + "\n" }
         for (index, entry) in entries.enumerated() { text += Self.entryJSON(entry, isLeaf: isLeaf(entryAt: index)) + "\n" }
         text += Self.statsJSON(phase: "before", statsBefore) + "\n"
         text += Self.statsJSON(phase: "after", statsAfter) + "\n"
@@ -52,6 +61,15 @@ extension RunReport {
         if let failure { text += Self.errorJSON(failure) + "\n" }
         text += resultJSON(status: failure.map { Self.status(of: $0) } ?? "ok") + "\n"
         return text
+    }
+
+    /// The `"type":"dirty"` line of one `dirty-log get`.
+    public static func dirtyJSON(_ log: DirtyLogRecord) -> String {
+        var object = JSONLine()
+        object.add("type", "dirty")
+        object.add("slot", log.slot)
+        object.addRaw("gfns", "[" + log.gfns.map { jsonString(hex($0.rawValue)) }.joined(separator: ",") + "]")
+        return object.text
     }
 
     /// The `"type":"access"` line of one guest operation.
@@ -282,6 +300,14 @@ extension RunReport {
             for access in traced {
                 out += "  #\(access.index) line \(access.line) \(access.operation) \(hex(access.gva.rawValue)):\n"
                 for record in access.events { out += "    \(record.event.name): \(record.event.description)\n" }
+            }
+        }
+
+        if !dirtyLogs.isEmpty {
+            out += "\nDirty logs read (dirty-log get):\n"
+            for log in dirtyLogs {
+                let gfns = log.gfns.isEmpty ? "none" : log.gfns.map { hex($0.rawValue) }.joined(separator: " ")
+                out += "  line \(log.line), memslot \(log.slot), \(log.gfns.count) gfn\(log.gfns.count == 1 ? "" : "s"): \(gfns)\n"
             }
         }
 

@@ -2,6 +2,7 @@
 // the settings they resolve to. The grammar is described in ScenarioParser.swift; the canonical text
 // form in ScenarioRender.swift.
 
+import VirtualMachine
 import X86Paging
 
 /// A parsed scenario: its directives in order, each with where it came from, and the machine they
@@ -107,6 +108,10 @@ public enum ScenarioDirective: Hashable, Sendable {
     /// (`kvm_mmu_zap_all_fast`, as for a memslot deletion; `kvm_zap_gfn_range`, as for an MTRR
     /// change).
     case zap(ZapScope)
+    /// `memslot add|delete|move|flags ...`: a memslot change by the VMM (KVM_SET_USER_MEMORY_REGION).
+    case memslot(MemslotChange)
+    /// `dirty-log enable|disable|mode|get|clear ...`: dirty logging as a VMM drives it.
+    case dirtyLog(DirtyLogRequest)
 
     /// The directive's keyword.
     public var name: String {
@@ -126,6 +131,8 @@ public enum ScenarioDirective: Hashable, Sendable {
         case .writeRegister(let register, _): register.rawValue
         case .loadCR3: "cr3"
         case .zap: "zap"
+        case .memslot: "memslot"
+        case .dirtyLog: "dirty-log"
         }
     }
 
@@ -134,7 +141,8 @@ public enum ScenarioDirective: Hashable, Sendable {
     public var isGuestOperation: Bool {
         switch self {
         case .mem, .set, .cpu, .host: false
-        case .map, .access, .pte, .invlpg, .reloadCR3, .space, .switchSpace, .invpcid, .writeRegister, .loadCR3, .zap: true
+        case .map, .access, .pte, .invlpg, .reloadCR3, .space, .switchSpace, .invpcid, .writeRegister, .loadCR3, .zap,
+             .memslot, .dirtyLog: true
         }
     }
 
@@ -142,10 +150,36 @@ public enum ScenarioDirective: Hashable, Sendable {
     /// turned paging on) first. `map` and `space` before boot are boot code writing tables directly.
     public var runsGuest: Bool {
         switch self {
-        case .mem, .set, .cpu, .host, .map, .space: false
-        case .access, .pte, .invlpg, .reloadCR3, .switchSpace, .invpcid, .writeRegister, .loadCR3, .zap: true
+        // The VMM's own requests (memslots, the dirty log, a zap) need the machine but not the guest.
+        case .mem, .set, .cpu, .host, .map, .space, .zap, .memslot, .dirtyLog: false
+        case .access, .pte, .invlpg, .reloadCR3, .switchSpace, .invpcid, .writeRegister, .loadCR3: true
         }
     }
+}
+
+/// A memslot change.
+public enum MemslotChange: Hashable, Sendable {
+    /// `memslot add SLOT GPA SIZE [readonly]`.
+    case add(slot: Int, base: GuestPhysicalAddress, size: UInt64, readOnly: Bool)
+    /// `memslot delete SLOT`.
+    case delete(slot: Int)
+    /// `memslot move SLOT GPA`.
+    case move(slot: Int, base: GuestPhysicalAddress)
+    /// `memslot flags SLOT log-dirty=0|1` (the read-only flag cannot change, as in KVM).
+    case flags(slot: Int, logDirty: Bool)
+}
+
+/// A dirty-log request.
+public enum DirtyLogRequest: Hashable, Sendable {
+    /// `dirty-log enable SLOT` / `dirty-log disable SLOT`: KVM_MEM_LOG_DIRTY_PAGES on or off.
+    case setLogging(slot: Int, enabled: Bool)
+    /// `dirty-log mode reset|manual`: get-and-reset, or manual protection with clear.
+    case mode(DirtyLogProtocol)
+    /// `dirty-log get SLOT`: KVM_GET_DIRTY_LOG.
+    case get(slot: Int)
+    /// `dirty-log clear SLOT FIRST COUNT`: KVM_CLEAR_DIRTY_LOG of COUNT pages from page FIRST of
+    /// the slot.
+    case clear(slot: Int, first: UInt64, count: UInt64)
 }
 
 /// What a `zap` directive zaps.

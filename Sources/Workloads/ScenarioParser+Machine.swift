@@ -1,6 +1,8 @@
 // The directives that drive the machine beyond one address space: the host's paging depth, address
 // spaces and CR3 loads, INVPCID, and raw control-register writes. Grammar in ScenarioParser.swift.
 
+import GuestMemory
+import VirtualMachine
 import X86Paging
 
 extension DirectiveArguments {
@@ -89,6 +91,80 @@ extension DirectiveArguments {
             return .zap(.gfns(first: first, count: count))
         default:
             throw error("zap takes all or gfn, not '\(scopeToken.text)' (usage: \(spec.usage))", at: scopeToken)
+        }
+    }
+
+    private func slotID(_ token: Token) throws(ScenarioError) -> Int {
+        Int(try number(token, what: "SLOT", in: 0...UInt64(MemslotSet.slotLimit - 1)))
+    }
+
+    private func pageAligned(_ token: Token, what: String) throws(ScenarioError) -> UInt64 {
+        let value = try number(token, what: what)
+        guard value & 0xFFF == 0 else { throw error("\(what) \(hex(value)) is not a multiple of 4 KiB", at: token) }
+        return value
+    }
+
+    mutating func parseMemslot() throws(ScenarioError) -> ScenarioDirective {
+        guard let verb = tokens.first else { throw error("missing add, delete, move or flags (usage: \(spec.usage))") }
+        switch asciiLowercased(verb.text) {
+        case "add":
+            let arguments = try positional(["add", "SLOT", "GPA", "SIZE"])
+            let options = try options([], words: ["readonly"])
+            let base = try pageAligned(arguments[2], what: "GPA")
+            let size: UInt64
+            switch parseSize(arguments[3].text) {
+            case .value(let value): size = value
+            case .invalid: throw error("'\(arguments[3].text)' is not a size (a number with an optional K, M or G suffix)", at: arguments[3])
+            case .overflow: throw error("'\(arguments[3].text)' does not fit in 64 bits", at: arguments[3])
+            }
+            guard size > 0, size & 0xFFF == 0 else {
+                throw error("a memslot's size must be a positive multiple of 4 KiB, not '\(arguments[3].text)'", at: arguments[3])
+            }
+            return .memslot(.add(slot: try slotID(arguments[1]), base: GuestPhysicalAddress(base), size: size,
+                                 readOnly: options["readonly"] != nil))
+        case "delete":
+            let arguments = try positional(["delete", "SLOT"])
+            try noOptions()
+            return .memslot(.delete(slot: try slotID(arguments[1])))
+        case "move":
+            let arguments = try positional(["move", "SLOT", "GPA"])
+            try noOptions()
+            return .memslot(.move(slot: try slotID(arguments[1]), base: GuestPhysicalAddress(try pageAligned(arguments[2], what: "GPA"))))
+        case "flags":
+            let arguments = try positional(["flags", "SLOT"])
+            let options = try options(["log-dirty"])
+            guard let token = options["log-dirty"] else { throw error("expected log-dirty=0|1 (usage: \(spec.usage))") }
+            return .memslot(.flags(slot: try slotID(arguments[1]), logDirty: try bool(token, what: "log-dirty")))
+        default:
+            throw error("memslot takes add, delete, move or flags, not '\(verb.text)' (usage: \(spec.usage))", at: verb)
+        }
+    }
+
+    mutating func parseDirtyLog() throws(ScenarioError) -> ScenarioDirective {
+        guard let verb = tokens.first else { throw error("missing enable, disable, mode, get or clear (usage: \(spec.usage))") }
+        switch asciiLowercased(verb.text) {
+        case "enable", "disable":
+            let arguments = try positional([verb.text, "SLOT"])
+            try noOptions()
+            return .dirtyLog(.setLogging(slot: try slotID(arguments[1]), enabled: asciiLowercased(verb.text) == "enable"))
+        case "mode":
+            let arguments = try positional(["mode", "PROTOCOL"])
+            try noOptions()
+            guard let mode = DirtyLogProtocol(rawValue: asciiLowercased(arguments[1].text)) else {
+                throw error("the dirty-log mode is reset or manual, not '\(arguments[1].text)'", at: arguments[1])
+            }
+            return .dirtyLog(.mode(mode))
+        case "get":
+            let arguments = try positional(["get", "SLOT"])
+            try noOptions()
+            return .dirtyLog(.get(slot: try slotID(arguments[1])))
+        case "clear":
+            let arguments = try positional(["clear", "SLOT", "FIRST", "COUNT"])
+            try noOptions()
+            return .dirtyLog(.clear(slot: try slotID(arguments[1]), first: try number(arguments[2], what: "FIRST"),
+                                    count: try number(arguments[3], what: "COUNT")))
+        default:
+            throw error("dirty-log takes enable, disable, mode, get or clear, not '\(verb.text)' (usage: \(spec.usage))", at: verb)
         }
     }
 

@@ -19,6 +19,10 @@
 //   cr0 VALUE | cr4 VALUE | efer VALUE              raw register writes
 //   cr3 VALUE [noflush]                             raw MOV to CR3
 //   zap all | zap gfn FIRST [COUNT]                 a host-side zap (all pages fast / a gfn range's SPTEs)
+//   memslot add SLOT GPA SIZE [readonly] | memslot delete SLOT | memslot move SLOT GPA
+//   memslot flags SLOT log-dirty=0|1
+//   dirty-log enable|disable SLOT | dirty-log mode reset|manual | dirty-log get SLOT
+//   dirty-log clear SLOT FIRST COUNT
 //
 //   NUMBER  decimal or 0x-hexadecimal, `_` allowed between digits, at most 2^64-1
 //   SIZE    NUMBER with an optional K, M or G suffix (x1024, x1024^2, x1024^3)
@@ -178,6 +182,12 @@ struct ScenarioParser {
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseCR3() }),
         DirectiveSpec(name: "zap", usage: "zap all | zap gfn FIRST [COUNT]",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseZap() }),
+        DirectiveSpec(name: "memslot", usage: "memslot add SLOT GPA SIZE [readonly] | memslot delete SLOT | "
+                        + "memslot move SLOT GPA | memslot flags SLOT log-dirty=0|1",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseMemslot() }),
+        DirectiveSpec(name: "dirty-log", usage: "dirty-log enable|disable SLOT | dirty-log mode reset|manual | "
+                        + "dirty-log get SLOT | dirty-log clear SLOT FIRST COUNT",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseDirtyLog() }),
     ]
 
     static let tableByName: [String: DirectiveSpec] = Dictionary(uniqueKeysWithValues: table.map { ($0.name, $0) })
@@ -260,7 +270,7 @@ struct ScenarioParser {
             state.registers = registers
         case .loadCR3(let value, _):
             state.registers.cr3 = value & 0xFFF
-        case .map, .access, .pte, .invlpg, .reloadCR3, .invpcid, .zap:
+        case .map, .access, .pte, .invlpg, .reloadCR3, .invpcid, .zap, .memslot, .dirtyLog:
             break
         }
         if directive.isGuestOperation && state.firstOperation == nil { state.firstOperation = (line, directive.name) }

@@ -110,6 +110,22 @@ extension ScenarioDirective {
             return "zap all"
         case .zap(.gfns(let first, let count)):
             return "zap gfn " + hex(first) + (count == 1 ? "" : " \(count)")
+        case .memslot(.add(let slot, let base, let size, let readOnly)):
+            return "memslot add \(slot) " + hex(base.rawValue) + " " + renderSize(size) + (readOnly ? " readonly" : "")
+        case .memslot(.delete(let slot)):
+            return "memslot delete \(slot)"
+        case .memslot(.move(let slot, let base)):
+            return "memslot move \(slot) " + hex(base.rawValue)
+        case .memslot(.flags(let slot, let logDirty)):
+            return "memslot flags \(slot) log-dirty=" + bit(logDirty)
+        case .dirtyLog(.setLogging(let slot, let enabled)):
+            return "dirty-log " + (enabled ? "enable" : "disable") + " \(slot)"
+        case .dirtyLog(.mode(let mode)):
+            return "dirty-log mode " + mode.rawValue
+        case .dirtyLog(.get(let slot)):
+            return "dirty-log get \(slot)"
+        case .dirtyLog(.clear(let slot, let first, let count)):
+            return "dirty-log clear \(slot) \(first) \(count)"
         }
     }
 }

@@ -46,6 +46,18 @@ public struct RunReport: Sendable {
     public var rootsCreated: UInt64 = 0
     public var rootCacheHits: UInt64 = 0
     public var rootCacheMisses: UInt64 = 0
+    /// Every `dirty-log get`, in order.
+    public var dirtyLogs: [DirtyLogRecord] = []
+}
+
+/// What one `dirty-log get` returned.
+public struct DirtyLogRecord: Sendable, Equatable {
+    public var line: Int
+    public var slot: Int
+    /// The gfns reported dirty, ascending.
+    public var gfns: [GuestFrameNumber]
+    /// How many guest operations (`AccessRecord`s) came before it, to place it among them.
+    public var precedingOperations: Int
 }
 
 /// A shadow page's identity: its gfn and role word.
@@ -99,6 +111,10 @@ public final class ScenarioRunner {
     private var operationIndex = 0
     /// Every `map`, with the tables it went into, for the entries reported at the end.
     private var mappings: [Mapping] = []
+    /// The dirty-log check: for each logging slot, each page's contents when its dirty bit was last
+    /// taken (logging turned on, a get-and-reset, a clear). A page whose contents differ at a
+    /// `dirty-log get` must be reported: a page left out is memory a migration would lose.
+    private var dirtyLogBaselines: [Int: [UInt64]] = [:]
 
     private struct Mapping: Hashable {
         var gva: GuestVirtualAddress
@@ -296,6 +312,10 @@ public final class ScenarioRunner {
                                           Access(.write, cpl == 3 ? .user : .supervisor),
                                           size: kernel.entrySize, value: new)
             record("pte", cpl: cpl, gva: gva, outcome: outcome)
+        case .memslot(let change):
+            try apply(change)
+        case .dirtyLog(let request):
+            try apply(request)
         case .zap(.all):
             vm.mmu.zapAllFast()
         case .zap(.gfns(let first, let count)):
@@ -358,6 +378,70 @@ public final class ScenarioRunner {
 
     private func nextEventSequence() -> UInt64 {
         (vm.mmu.events.events.last?.sequence).map { $0 + 1 } ?? 0
+    }
+
+    // MARK: Memslots and the dirty log
+
+    private func apply(_ change: MemslotChange) throws {
+        switch change {
+        case .add(let slot, let base, let size, let readOnly):
+            try vm.addMemslot(id: slot, base: base, size: size, readOnly: readOnly)
+        case .delete(let slot):
+            try vm.deleteMemslot(id: slot)
+            dirtyLogBaselines[slot] = nil
+        case .move(let slot, let base):
+            try vm.moveMemslot(id: slot, to: base)  // the same pages, so the baselines stand
+        case .flags(let slot, let logDirty):
+            try setDirtyLogging(slot: slot, logDirty)
+        }
+    }
+
+    private func apply(_ request: DirtyLogRequest) throws {
+        switch request {
+        case .setLogging(let slot, let enabled):
+            try setDirtyLogging(slot: slot, enabled)
+        case .mode(let mode):
+            try vm.setDirtyLogProtocol(mode)
+        case .get(let slot):
+            let gfns = try vm.getDirtyLog(slot: slot)
+            try checkNoDirtyPageLost(slot: slot, reported: gfns)
+            if vm.dirtyLogProtocol == .getAndReset { dirtyLogBaselines[slot] = pageDigests(slot: slot) }
+            report.dirtyLogs.append(DirtyLogRecord(line: currentLine, slot: slot, gfns: gfns, precedingOperations: operationIndex))
+        case .clear(let slot, let first, let count):
+            try vm.clearDirtyLog(slot: slot, first: first, count: count)
+            let digests = pageDigests(slot: slot)
+            for page in first..<first + count { dirtyLogBaselines[slot]?[Int(page)] = digests[Int(page)] }
+        }
+    }
+
+    private func setDirtyLogging(slot: Int, _ enabled: Bool) throws {
+        try vm.setDirtyLogging(slot: slot, enabled)
+        dirtyLogBaselines[slot] = enabled ? pageDigests(slot: slot) : nil
+    }
+
+    private func checkNoDirtyPageLost(slot id: Int, reported: [GuestFrameNumber]) throws {
+        guard let baseline = dirtyLogBaselines[id], let slot = vm.memory.slot(id: id) else { return }
+        let reportedSet = Set(reported.map(\.rawValue))
+        let now = pageDigests(slot: id)
+        for page in 0..<now.count where now[page] != baseline[page] {
+            let gfn = slot.baseFrame.rawValue + UInt64(page)
+            guard !reportedSet.contains(gfn) else { continue }
+            finish()
+            throw RunFailure.brokenInvariant(line: currentLine, message:
+                "dirty log of memslot \(id) lost gfn \(hex(gfn)): its contents changed since its dirty bit was last taken, "
+                + "but KVM does not report it", partial: report)
+        }
+    }
+
+    /// A digest of each page of the slot's memory, read through the host's mapping.
+    private func pageDigests(slot id: Int) -> [UInt64] {
+        guard let slot = vm.memory.slot(id: id) else { return [] }
+        return (0..<slot.pageCount).map { page in
+            let words = vm.pool.pointer(HostFrameNumber(slot.hostBase.rawValue + page)).bindMemory(to: UInt64.self, capacity: 512)
+            var digest: UInt64 = 0xCBF2_9CE4_8422_2325
+            for index in 0..<512 { digest = (digest ^ words[index]) &* 0x0000_0100_0000_01B3 }
+            return digest
+        }
     }
 
     private func record(_ operation: String, cpl: Int, gva: GuestVirtualAddress, outcome: AccessOutcome) {

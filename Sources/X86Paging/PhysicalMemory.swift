@@ -19,9 +19,16 @@ public struct HostPage {
 public protocol PhysicalMemory {
     /// The host page behind `frame`, or nil when no memory is there.
     func hostPage(_ frame: GuestFrameNumber) -> HostPage?
+    /// The walker changed an entry in `frame` (its accessed and dirty bits). Memory that logs
+    /// dirty pages records the frame, as KVM's walker does after its cmpxchg
+    /// (`mark_page_dirty_in_slot` in `FNAME(update_accessed_dirty_bits)`).
+    func didWriteEntry(in frame: GuestFrameNumber)
 }
 
 extension PhysicalMemory {
+    /// Memory without dirty logging has nothing to record.
+    @inlinable public func didWriteEntry(in frame: GuestFrameNumber) {}
+
     /// Reads the little-endian entry at `address`, which must be aligned to the entry's size
     /// (table bases are 4 KiB aligned and indices scale by the entry size, so walks always are).
     @inlinable
@@ -44,6 +51,7 @@ extension PhysicalMemory {
         let current = E.RawValue(littleEndian: page.bytes.load(fromByteOffset: offset, as: E.RawValue.self))
         guard current == expected.rawValue else { return false }
         page.bytes.storeBytes(of: desired.rawValue.littleEndian, toByteOffset: offset, as: E.RawValue.self)
+        didWriteEntry(in: address.frame)
         return true
     }
 }

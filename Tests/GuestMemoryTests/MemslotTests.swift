@@ -419,9 +419,9 @@ struct MemslotTests {
             return
         }
         #expect(address == gpa(0xFEC0_0000 + index(1) * 8) && level == 1)
-        // The A/D updates the walker made are not KVM writes: they went through hostPage and
-        // dirtied nothing in the log (dirtying guest tables is the MMU's job, via markDirty).
-        #expect(try set.dirtyBitmap(slot: 1) == [0, 0, 0, 0])
+        // The walker's A/D updates are logged like any write to the tables (KVM's walker marks the
+        // table's page dirty after its cmpxchg): slot 1 holds the PD (page 0) and the PT (page 1).
+        #expect(try set.dirtyBitmap(slot: 1) == [0b11, 0, 0, 0])
     }
 
     /// A loaded image (here: tables built by PageTableBuilder in a GuestPhysicalMemory) copied

@@ -749,7 +749,7 @@ struct GuestTableModel {
     /// returns true (otherwise the model is unchanged).
     mutating func apply(_ directive: ScenarioDirective) -> Bool {
         switch directive {
-        case .mem, .cpu, .zap:  // a host-side zap changes nothing the guest's tables say
+        case .mem, .cpu, .zap, .memslot, .dirtyLog:  // host-side requests change nothing the guest's tables say
             return true
         case .set(let settings):
             controls = controls.applying(settings)

@@ -1,0 +1,153 @@
+import GuestMemory
+import KVMMMU
+import X86Paging
+
+// Memslot changes and the dirty log, as KVM_SET_USER_MEMORY_REGION, KVM_GET_DIRTY_LOG and
+// KVM_CLEAR_DIRTY_LOG do them: the memslots' part in GuestMemory, the MMU's in KVMMMU.
+
+/// How the VMM reads the dirty log.
+public enum DirtyLogProtocol: String, Sendable, CaseIterable {
+    /// KVM_GET_DIRTY_LOG takes the bits and write-protects their pages again in one step.
+    case getAndReset = "reset"
+    /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: KVM_GET_DIRTY_LOG only copies the bitmap; the VMM clears
+    /// (and so write-protects) ranges with KVM_CLEAR_DIRTY_LOG when it has copied their pages.
+    case manualProtect = "manual"
+}
+
+extension VirtualMachine {
+    /// Creates a slot of zeroed memory (KVM_MR_CREATE). The memslots generation moves on, so MMIO
+    /// SPTEs made for that range before are stale.
+    @discardableResult
+    public func addMemslot(id: Int, base: GuestPhysicalAddress, size: UInt64, readOnly: Bool = false) throws(VirtualMachineError) -> Memslot {
+        do {
+            return try memory.addSlot(id: id, base: base, size: size, flags: readOnly ? .readOnly : [])
+        } catch {
+            throw .memslot("\(error)")
+        }
+    }
+
+    /// Deletes a slot (KVM_MR_DELETE): KVM flushes the shadow MMU for it first
+    /// (`kvm_arch_flush_shadow_memslot`, which with the default KVM_X86_QUIRK_SLOT_ZAP_ALL zaps
+    /// every shadow page at once), while the slot's gfns still lead to their host frames.
+    public func deleteMemslot(id: Int) throws(VirtualMachineError) {
+        guard memory.slot(id: id) != nil else { throw .memslot("there is no memslot \(id)") }
+        mmu.zapAllFast()
+        do { try memory.deleteSlot(id: id) } catch { throw .memslot("\(error)") }
+    }
+
+    /// Moves a slot (KVM_MR_MOVE): the same memory at another guest-physical address; the shadow
+    /// MMU is flushed as for a deletion.
+    @discardableResult
+    public func moveMemslot(id: Int, to base: GuestPhysicalAddress) throws(VirtualMachineError) -> Memslot {
+        guard let slot = memory.slot(id: id) else { throw .memslot("there is no memslot \(id)") }
+        guard base != slot.baseAddress else { return slot }
+        do {
+            // Refused layouts are refused before anything is zapped.
+            try checkMove(slot, to: base)
+            mmu.zapAllFast()
+            return try memory.moveSlot(id: id, to: base)
+        } catch let error as VirtualMachineError {
+            throw error
+        } catch {
+            throw .memslot("\(error)")
+        }
+    }
+
+    private func checkMove(_ slot: Memslot, to base: GuestPhysicalAddress) throws(VirtualMachineError) {
+        guard base.rawValue & 0xFFF == 0 else { throw .memslot("memslot \(slot.id): \(base) is not page-aligned") }
+        let (end, overflow) = base.rawValue.addingReportingOverflow(slot.size)
+        guard !overflow, end <= 1 << 52 else { throw .memslot("memslot \(slot.id): \(base)+\(hex(slot.size)) leaves the 52-bit space") }
+        if let other = memory.slots.first(where: { $0.id != slot.id && $0.baseAddress.rawValue < end && base.rawValue < $0.baseAddress.rawValue + $0.size }) {
+            throw .memslot("memslot \(slot.id) at \(base) would overlap \(other)")
+        }
+    }
+
+    /// Turns a slot's dirty logging on or off (KVM_MEM_LOG_DIRTY_PAGES; `kvm_mmu_slot_apply_flags`).
+    /// Turning it on gives the slot a clear bitmap and write-protects every SPTE mapping it, so
+    /// that the first write to each page faults and is logged; then the TLBs are flushed.
+    public func setDirtyLogging(slot id: Int, _ enabled: Bool) throws(VirtualMachineError) {
+        guard let slot = memory.slot(id: id) else { throw .memslot("there is no memslot \(id)") }
+        guard slot.logsDirtyPages != enabled else { return }
+        var flags = slot.flags
+        if enabled { flags.insert(.logDirtyPages) } else { flags.remove(.logDirtyPages) }
+        do { try memory.setFlags(id: id, flags: flags) } catch { throw .memslot("\(error)") }
+        if enabled {
+            mmu.removeWriteAccess(from: slot)
+            mmu.flushRemoteTLBs()
+        }
+    }
+
+    /// Chooses how the dirty log is read (KVM_ENABLE_CAP of KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2),
+    /// which KVM refuses to change while a slot logs dirty pages.
+    public func setDirtyLogProtocol(_ new: DirtyLogProtocol) throws(VirtualMachineError) {
+        guard new != dirtyLogProtocol else { return }
+        if let logging = memory.slots.first(where: \.logsDirtyPages) {
+            throw .memslot("the dirty-log protocol cannot change while memslot \(logging.id) logs dirty pages")
+        }
+        dirtyLogProtocol = new
+    }
+
+    /// KVM_GET_DIRTY_LOG: the gfns of the slot written since the last read (get-and-reset) or
+    /// whose bits have not been cleared (manual protection), in ascending order. Get-and-reset
+    /// write-protects the pages it reports in the same step and flushes the TLBs if it did.
+    public func getDirtyLog(slot id: Int) throws(VirtualMachineError) -> [GuestFrameNumber] {
+        guard let slot = memory.slot(id: id) else { throw .memslot("there is no memslot \(id)") }
+        let bitmap: [UInt64]
+        do {
+            bitmap = dirtyLogProtocol == .getAndReset ? try memory.getAndClearDirtyLog(slot: id) : try memory.dirtyBitmap(slot: id)
+        } catch {
+            throw .memslot("\(error)")
+        }
+        if dirtyLogProtocol == .getAndReset {
+            var flush = false
+            for (word, mask) in bitmap.enumerated() where mask != 0 {
+                // KVM flushes whenever a word had bits, write-protected or not.
+                flush = true
+                mmu.writeProtect(base: GuestFrameNumber(slot.baseFrame.rawValue + UInt64(word) * 64), mask: mask)
+            }
+            if flush { mmu.flushRemoteTLBs() }
+        }
+        return Self.frames(in: bitmap, base: slot.baseFrame.rawValue)
+    }
+
+    /// KVM_CLEAR_DIRTY_LOG (manual protection only): clears the bits of `count` pages from page
+    /// `first` of the slot and write-protects the pages whose bits were set. KVM's rules: `first` a
+    /// multiple of 64, `count` too unless the range ends at the slot's end, the range inside the
+    /// slot. Returns the gfns whose bits were set.
+    @discardableResult
+    public func clearDirtyLog(slot id: Int, first: UInt64, count: UInt64) throws(VirtualMachineError) -> [GuestFrameNumber] {
+        guard dirtyLogProtocol == .manualProtect else {
+            throw .memslot("clearing the dirty log needs manual protection (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)")
+        }
+        guard let slot = memory.slot(id: id) else { throw .memslot("there is no memslot \(id)") }
+        guard first & 63 == 0 else { throw .memslot("the first page to clear (\(first)) must be a multiple of 64") }
+        guard first <= slot.pageCount, count <= slot.pageCount - first else {
+            throw .memslot("pages \(first)..<\(first &+ count) are not all in memslot \(id) (\(slot.pageCount) pages)")
+        }
+        guard count & 63 == 0 || first + count == slot.pageCount else {
+            throw .memslot("the page count (\(count)) must be a multiple of 64 unless the range ends at the slot's end")
+        }
+        guard count > 0 else { return [] }
+        let cleared: [UInt64]
+        do { cleared = try memory.clearDirtyLog(slot: id, first: first, count: count) } catch { throw .memslot("\(error)") }
+        var flush = false
+        for (word, mask) in cleared.enumerated() where mask != 0 {
+            flush = true
+            mmu.writeProtect(base: GuestFrameNumber(slot.baseFrame.rawValue + first + UInt64(word) * 64), mask: mask)
+        }
+        if flush { mmu.flushRemoteTLBs() }
+        return Self.frames(in: cleared, base: slot.baseFrame.rawValue + first)
+    }
+
+    private static func frames(in bitmap: [UInt64], base: UInt64) -> [GuestFrameNumber] {
+        var frames: [GuestFrameNumber] = []
+        for (word, mask) in bitmap.enumerated() {
+            var bits = mask
+            while bits != 0 {
+                frames.append(GuestFrameNumber(base + UInt64(word) * 64 + UInt64(bits.trailingZeroBitCount)))
+                bits &= bits - 1
+            }
+        }
+        return frames
+    }
+}
