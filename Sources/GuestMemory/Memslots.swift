@@ -383,13 +383,22 @@ public final class MemslotSet: PhysicalMemory, ByteAccessibleMemory, @unchecked 
     /// The page walker set accessed/dirty bits in a guest table here: a write like any other.
     public func didWriteEntry(in frame: GuestFrameNumber) { markDirty(frame) }
 
-    /// Records a write to `frame` in its slot's dirty bitmap when the slot logs dirty pages
-    /// (KVM's mark_page_dirty). Returns whether a bit was recorded.
+    /// With a dirty ring (KVM_CAP_DIRTY_LOG_RING), where a logged write goes instead of the
+    /// bitmap: the running vCPU's ring, given the slot and the page's offset in it.
+    @exclusivity(unchecked) public var dirtyRingSink: ((_ slot: Int, _ offset: UInt64) -> Void)?
+
+    /// Records a write to `frame` when its slot logs dirty pages (KVM's mark_page_dirty): in the
+    /// slot's dirty bitmap, or with a dirty ring in the running vCPU's ring. Returns whether it
+    /// was recorded.
     @discardableResult
     public func markDirty(_ frame: GuestFrameNumber) -> Bool {
         guard isLoggingDirtyPages else { return false }
         guard let record = record(containing: frame), record.slot.logsDirtyPages else { return false }
         let page = frame.rawValue - record.slot.baseFrame.rawValue
+        if let dirtyRingSink {
+            dirtyRingSink(record.slot.id, page)
+            return true
+        }
         return dirtyLock.withLock {
             guard record.dirty != nil else { return false }
             record.dirty![Int(page >> 6)] |= 1 << (page & 63)

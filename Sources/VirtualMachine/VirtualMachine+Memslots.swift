@@ -12,6 +12,67 @@ public enum DirtyLogProtocol: String, Sendable, CaseIterable {
     /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: KVM_GET_DIRTY_LOG only copies the bitmap; the VMM clears
     /// (and so write-protects) ranges with KVM_CLEAR_DIRTY_LOG when it has copied their pages.
     case manualProtect = "manual"
+    /// KVM_CAP_DIRTY_LOG_RING: each vCPU pushes the pages it dirties onto its own ring; the VMM
+    /// harvests the rings and KVM_RESET_DIRTY_RINGS write-protects the harvested pages again.
+    case ring = "ring"
+}
+
+/// One vCPU's dirty ring (`struct kvm_dirty_ring`): KVM pushes at the dirty index, the VMM
+/// harvests from its fetch index (marking entries harvested), and KVM_RESET_DIRTY_RINGS recycles
+/// the harvested entries from the reset index. Indexes only grow; an entry's slot is the index
+/// modulo the size.
+public struct DirtyRing: Sendable {
+    /// One `struct kvm_dirty_gfn`: a slot and a page offset in it.
+    public struct Entry: Sendable, Hashable {
+        public var slot: Int
+        public var offset: UInt64
+    }
+
+    /// Entries (a power of two).
+    public let size: Int
+    private var entries: [Entry]
+    private(set) var dirtyIndex = 0
+    private(set) var fetchIndex = 0
+    private(set) var resetIndex = 0
+
+    /// KVM_DIRTY_RING_RSVD_ENTRIES: room kept for the pushes one more entry can make (without
+    /// PML, which shadow paging does not use, nothing is added to it).
+    public static let reservedEntries = 64
+    /// KVM_DIRTY_RING_MAX_ENTRIES.
+    public static let maximumEntries = 65536
+
+    init(size: Int) {
+        self.size = size
+        entries = [Entry](repeating: Entry(slot: 0, offset: 0), count: size)
+    }
+
+    /// Entries pushed and not yet reset.
+    public var used: Int { dirtyIndex - resetIndex }
+    /// `kvm_dirty_ring_soft_full`: the vCPU must exit (KVM_EXIT_DIRTY_RING_FULL) before it runs again.
+    public var isSoftFull: Bool { used >= size - Self.reservedEntries }
+
+    /// `kvm_dirty_ring_push`. False when the ring is completely full (KVM warns and drops it; the
+    /// soft limit keeps that from happening).
+    mutating func push(_ entry: Entry) -> Bool {
+        guard used < size else { return false }
+        entries[dirtyIndex & (size - 1)] = entry
+        dirtyIndex += 1
+        return true
+    }
+
+    /// What the VMM does: every entry not yet harvested, oldest first.
+    mutating func harvest() -> [Entry] {
+        let harvested = (fetchIndex..<dirtyIndex).map { entries[$0 & (size - 1)] }
+        fetchIndex = dirtyIndex
+        return harvested
+    }
+
+    /// `kvm_dirty_ring_reset`: the harvested entries, which the caller re-protects; they are free again.
+    mutating func takeHarvested() -> [Entry] {
+        let harvested = (resetIndex..<fetchIndex).map { entries[$0 & (size - 1)] }
+        resetIndex = fetchIndex
+        return harvested
+    }
 }
 
 extension VirtualMachine {
@@ -77,14 +138,72 @@ extension VirtualMachine {
         }
     }
 
-    /// Chooses how the dirty log is read (KVM_ENABLE_CAP of KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2),
-    /// which KVM refuses to change while a slot logs dirty pages.
-    public func setDirtyLogProtocol(_ new: DirtyLogProtocol) throws(VirtualMachineError) {
+    /// Chooses how the dirty log is read (KVM_ENABLE_CAP of KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 or
+    /// KVM_CAP_DIRTY_LOG_RING), which KVM refuses to change while a slot logs dirty pages; a ring
+    /// (`ringEntries` entries a vCPU: a power of two from 256 to 65536) only before the first
+    /// vCPU exists, and once chosen it stays.
+    public func setDirtyLogProtocol(_ new: DirtyLogProtocol, ringEntries: Int = 4096) throws(VirtualMachineError) {
         guard new != dirtyLogProtocol else { return }
+        if dirtyLogProtocol == .ring { throw .memslot("a VM with dirty rings cannot go back to the dirty bitmap") }
         if let logging = memory.slots.first(where: \.logsDirtyPages) {
             throw .memslot("the dirty-log protocol cannot change while memslot \(logging.id) logs dirty pages")
         }
+        if new == .ring {
+            guard vcpus.isEmpty else { throw .memslot("dirty rings must be enabled before the first vCPU is created") }
+            guard ringEntries >= 256, ringEntries <= DirtyRing.maximumEntries, ringEntries & (ringEntries - 1) == 0 else {
+                throw .memslot("a dirty ring holds a power of two of entries from 256 to \(DirtyRing.maximumEntries), not \(ringEntries)")
+            }
+            dirtyRingEntries = ringEntries
+            memory.dirtyRingSink = { [unowned self] slot, offset in self.pushDirty(slot: slot, offset: offset) }
+        }
         dirtyLogProtocol = new
+    }
+
+    /// `mark_page_dirty_in_slot` with dirty rings: onto the running vCPU's ring. A write made
+    /// with no vCPU running (the VMM's own, through KVM) goes to the slot's bitmap, as with
+    /// KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP.
+    private func pushDirty(slot: Int, offset: UInt64) {
+        if let id = runningVCPU, vcpus[id].pushDirty(DirtyRing.Entry(slot: slot, offset: offset)) { return }
+        let sink = memory.dirtyRingSink
+        memory.dirtyRingSink = nil
+        defer { memory.dirtyRingSink = sink }
+        if let slot = memory.slot(id: slot) { memory.markDirty(GuestFrameNumber(slot.baseFrame.rawValue + offset)) }
+    }
+
+    /// What the VMM reads from every vCPU's ring (and, for writes made with no vCPU running, the
+    /// slots' bitmaps), marking the entries harvested: each as (slot, gfn), ring by ring, oldest
+    /// first.
+    public func harvestDirtyRings() -> [(slot: Int, gfn: GuestFrameNumber)] {
+        var harvested: [(slot: Int, gfn: GuestFrameNumber)] = []
+        for vcpu in vcpus {
+            for entry in vcpu.harvestDirtyRing() {
+                guard let slot = memory.slot(id: entry.slot) else { continue }  // deleted since
+                harvested.append((entry.slot, GuestFrameNumber(slot.baseFrame.rawValue + entry.offset)))
+            }
+        }
+        for slot in memory.slots where slot.logsDirtyPages {
+            guard let bitmap = try? memory.getAndClearDirtyLog(slot: slot.id) else { continue }
+            for gfn in Self.frames(in: bitmap, base: slot.baseFrame.rawValue) { harvested.append((slot.id, gfn)) }
+        }
+        return harvested
+    }
+
+    /// KVM_RESET_DIRTY_RINGS: the harvested entries of every ring are write-protected again
+    /// (their pages' next write is pushed anew) and their room freed; one TLB flush if any were.
+    /// Returns how many entries were reset.
+    @discardableResult
+    public func resetDirtyRings() -> Int {
+        var reset = 0
+        var flush = false
+        for vcpu in vcpus {
+            for entry in vcpu.takeHarvestedDirtyEntries() {
+                reset += 1
+                guard let slot = memory.slot(id: entry.slot), slot.logsDirtyPages else { continue }
+                if mmu.writeProtect(base: GuestFrameNumber(slot.baseFrame.rawValue + entry.offset), mask: 1) { flush = true }
+            }
+        }
+        if flush { mmu.flushRemoteTLBs() }
+        return reset
     }
 
     /// KVM_GET_DIRTY_LOG: the gfns of the slot written since the last read (get-and-reset) or
@@ -139,7 +258,7 @@ extension VirtualMachine {
         return Self.frames(in: cleared, base: slot.baseFrame.rawValue + first)
     }
 
-    private static func frames(in bitmap: [UInt64], base: UInt64) -> [GuestFrameNumber] {
+    static func frames(in bitmap: [UInt64], base: UInt64) -> [GuestFrameNumber] {
         var frames: [GuestFrameNumber] = []
         for (word, mask) in bitmap.enumerated() {
             var bits = mask

@@ -32,6 +32,9 @@ public enum VirtualMachineError: Error, Equatable, Sendable, CustomStringConvert
     case impossibleRegisters(ControlStateError)
     case unsupported(String)
     case hostMemory(String)
+    /// The vCPU's dirty ring is full and nobody harvested it (KVM_EXIT_DIRTY_RING_FULL, with no
+    /// VMM to answer it).
+    case dirtyRingFull(vcpu: Int)
     /// KVM kept refusing to make progress on one access (a model bug if it ever happens).
     case livelock(GuestVirtualAddress, exits: Int)
     /// The hardware walked into a host frame outside the pool: an SPTE points nowhere.
@@ -48,6 +51,7 @@ public enum VirtualMachineError: Error, Equatable, Sendable, CustomStringConvert
         case .livelock(let address, let exits): "no progress on \(address) after \(exits) exits"
         case .corruptShadowTables(let why): "corrupt shadow tables: \(why)"
         case .memslot(let why): "memslot: \(why)"
+        case .dirtyRingFull(let vcpu): "vCPU \(vcpu) exited with its dirty ring full (KVM_EXIT_DIRTY_RING_FULL) and nothing harvested it"
         }
     }
 }
@@ -68,6 +72,10 @@ public final class VirtualMachine {
     /// How the dirty log is read: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 off (get-and-reset) or on
     /// (get, then clear). Fixed once a slot logs dirty pages.
     public internal(set) var dirtyLogProtocol = DirtyLogProtocol.getAndReset
+    /// Each vCPU's dirty-ring size, with the `ring` protocol.
+    public internal(set) var dirtyRingEntries = 0
+    /// The vCPU whose access is being handled: where a dirty page is pushed with dirty rings.
+    @exclusivity(unchecked) var runningVCPU: Int?
 
     /// A VM with `memorySize` bytes of guest RAM in memslot 0 at GPA 0. The shadow-page cache holds
     /// `shadowPageLimit` pages (KVM_SET_NR_MMU_PAGES), by default what KVM derives from the
@@ -165,6 +173,13 @@ public final class VCPU {
     /// The VM's MMU, held directly: reaching it through `unowned vm` costs an unowned retain.
     private let mmu: ShadowMMU
     private let hostLevels: Int?
+    /// With dirty rings, this vCPU's (`kvm_dirty_ring`).
+    public private(set) var dirtyRing: DirtyRing?
+    /// The VMM's answer to KVM_EXIT_DIRTY_RING_FULL: harvest the rings and reset them, so that
+    /// the vCPU can enter again. Without one, a full ring stops the vCPU with an error.
+    public var dirtyRingFullHandler: (() -> Void)?
+    /// KVM_EXIT_DIRTY_RING_FULL exits taken.
+    public private(set) var dirtyRingFullExits = 0
 
     /// What every access reads, behind a pointer: a class's `var`s would cost an exclusivity
     /// check each, and a TLB hit must cost a few loads.
@@ -200,6 +215,7 @@ public final class VCPU {
         hot.initialize(to: HotState(narrowLinearAddresses: !registers.mode.isLongMode,
                                     canonicalWidth: registers.mode.isLongMode ? registers.mode.linearAddressWidth : 64))
         hostLevels = vm.hostLevels
+        if vm.dirtyLogProtocol == .ring { dirtyRing = DirtyRing(size: vm.dirtyRingEntries) }
         try Self.checkSupported(registers, hostLevels: vm.hostLevels)
         do {
             context = try MMUContext(mmu: vm.mmu, registers: registers, cpu: vm.cpu, hostLevels: vm.hostLevels,
@@ -441,6 +457,8 @@ public final class VCPU {
     @inline(never)
     private func slowAccess(_ address: GuestVirtualAddress, _ access: Access, size: Int,
                             value: UInt64) throws(VirtualMachineError) -> AccessOutcome {
+        vm.runningVCPU = id
+        defer { vm.runningVCPU = nil }
         let outcome = try run(address, access, size: size, value: value)
         serviceRequests()  // the entry that resumes the guest after any exit the access took
         return outcome
@@ -465,6 +483,7 @@ public final class VCPU {
         var firstTry = true
         while exits <= Self.maxExitsPerAccess {
             serviceRequests()  // VM entry, which loads the roots (kvm_mmu_reload) before the guest runs
+            if dirtyRing?.isSoftFull == true { try exitForFullDirtyRing() }
             reloadPDPTEsIfChanged()
             if hardware == nil { _ = try hardwareWalker() }
             if let entry = tlb.lookup(address, root: hot.pointee.rootFrame), allows(entry, access) {
@@ -527,6 +546,19 @@ public final class VCPU {
     private func tooWide(_ address: GuestVirtualAddress) -> VirtualMachineError {
         .invalidAccess("\(address) is wider than the 32-bit linear addresses of \(registers.mode.displayName)")
     }
+
+    /// KVM_REQ_DIRTY_RING_SOFT_FULL: instead of entering, the vCPU exits to the VMM, which must
+    /// harvest and reset the rings before it can run again.
+    private func exitForFullDirtyRing() throws(VirtualMachineError) {
+        dirtyRingFullExits += 1
+        guard let dirtyRingFullHandler else { throw .dirtyRingFull(vcpu: id) }
+        dirtyRingFullHandler()
+        if dirtyRing?.isSoftFull == true { throw .dirtyRingFull(vcpu: id) }
+    }
+
+    func pushDirty(_ entry: DirtyRing.Entry) -> Bool { dirtyRing?.push(entry) ?? false }
+    func harvestDirtyRing() -> [DirtyRing.Entry] { dirtyRing?.harvest() ?? [] }
+    func takeHarvestedDirtyEntries() -> [DirtyRing.Entry] { dirtyRing?.takeHarvested() ?? [] }
 
     /// A VM entry in PAE paging loads the four PDPTEs from the root anew. Upstream KVM changes its
     /// PAE root's entries only when it loads or frees roots, which drops the walker anyway; the

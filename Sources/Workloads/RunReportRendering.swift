@@ -303,8 +303,9 @@ extension RunReport {
             }
         }
 
-        if !dirtyLogs.isEmpty {
-            out += "\nDirty logs read (dirty-log get):\n"
+        if !dirtyLogs.isEmpty || dirtyRingFullExits > 0 {
+            out += "\nDirty logs read (dirty-log get)"
+            out += dirtyRingFullExits > 0 ? ", with \(dirtyRingFullExits) dirty-ring-full exit\(dirtyRingFullExits == 1 ? "" : "s"):\n" : ":\n"
             for log in dirtyLogs {
                 let gfns = log.gfns.isEmpty ? "none" : log.gfns.map { hex($0.rawValue) }.joined(separator: " ")
                 out += "  line \(log.line), memslot \(log.slot), \(log.gfns.count) gfn\(log.gfns.count == 1 ? "" : "s"): \(gfns)\n"

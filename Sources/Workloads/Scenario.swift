@@ -173,8 +173,9 @@ public enum MemslotChange: Hashable, Sendable {
 public enum DirtyLogRequest: Hashable, Sendable {
     /// `dirty-log enable SLOT` / `dirty-log disable SLOT`: KVM_MEM_LOG_DIRTY_PAGES on or off.
     case setLogging(slot: Int, enabled: Bool)
-    /// `dirty-log mode reset|manual`: get-and-reset, or manual protection with clear.
-    case mode(DirtyLogProtocol)
+    /// `dirty-log mode reset|manual|ring [entries=N]`: get-and-reset, manual protection with
+    /// clear, or per-vCPU dirty rings of `ringEntries` entries.
+    case mode(DirtyLogProtocol, ringEntries: Int)
     /// `dirty-log get SLOT`: KVM_GET_DIRTY_LOG.
     case get(slot: Int)
     /// `dirty-log clear SLOT FIRST COUNT`: KVM_CLEAR_DIRTY_LOG of COUNT pages from page FIRST of

@@ -149,11 +149,18 @@ extension DirectiveArguments {
             return .dirtyLog(.setLogging(slot: try slotID(arguments[1]), enabled: asciiLowercased(verb.text) == "enable"))
         case "mode":
             let arguments = try positional(["mode", "PROTOCOL"])
-            try noOptions()
+            let options = try options(["entries"])
             guard let mode = DirtyLogProtocol(rawValue: asciiLowercased(arguments[1].text)) else {
-                throw error("the dirty-log mode is reset or manual, not '\(arguments[1].text)'", at: arguments[1])
+                throw error("the dirty-log mode is reset, manual or ring, not '\(arguments[1].text)'", at: arguments[1])
             }
-            return .dirtyLog(.mode(mode))
+            var entries = 4096
+            if let token = options["entries"] {
+                guard mode == .ring else { throw error("entries= is for the ring mode", at: token) }
+                let value = try number(token, what: "entries", in: 256...UInt64(DirtyRing.maximumEntries))
+                guard value & (value - 1) == 0 else { throw error("entries must be a power of two, not \(value)", at: token) }
+                entries = Int(value)
+            }
+            return .dirtyLog(.mode(mode, ringEntries: entries))
         case "get":
             let arguments = try positional(["get", "SLOT"])
             try noOptions()

@@ -21,7 +21,7 @@
 //   zap all | zap gfn FIRST [COUNT]                 a host-side zap (all pages fast / a gfn range's SPTEs)
 //   memslot add SLOT GPA SIZE [readonly] | memslot delete SLOT | memslot move SLOT GPA
 //   memslot flags SLOT log-dirty=0|1
-//   dirty-log enable|disable SLOT | dirty-log mode reset|manual | dirty-log get SLOT
+//   dirty-log enable|disable SLOT | dirty-log mode reset|manual|ring [entries=N] | dirty-log get SLOT
 //   dirty-log clear SLOT FIRST COUNT
 //
 //   NUMBER  decimal or 0x-hexadecimal, `_` allowed between digits, at most 2^64-1
@@ -185,7 +185,7 @@ struct ScenarioParser {
         DirectiveSpec(name: "memslot", usage: "memslot add SLOT GPA SIZE [readonly] | memslot delete SLOT | "
                         + "memslot move SLOT GPA | memslot flags SLOT log-dirty=0|1",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseMemslot() }),
-        DirectiveSpec(name: "dirty-log", usage: "dirty-log enable|disable SLOT | dirty-log mode reset|manual | "
+        DirectiveSpec(name: "dirty-log", usage: "dirty-log enable|disable SLOT | dirty-log mode reset|manual|ring [entries=N] | "
                         + "dirty-log get SLOT | dirty-log clear SLOT FIRST COUNT",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseDirtyLog() }),
     ]

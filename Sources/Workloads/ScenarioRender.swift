@@ -120,8 +120,8 @@ extension ScenarioDirective {
             return "memslot flags \(slot) log-dirty=" + bit(logDirty)
         case .dirtyLog(.setLogging(let slot, let enabled)):
             return "dirty-log " + (enabled ? "enable" : "disable") + " \(slot)"
-        case .dirtyLog(.mode(let mode)):
-            return "dirty-log mode " + mode.rawValue
+        case .dirtyLog(.mode(let mode, let entries)):
+            return "dirty-log mode " + mode.rawValue + (mode == .ring && entries != 4096 ? " entries=\(entries)" : "")
         case .dirtyLog(.get(let slot)):
             return "dirty-log get \(slot)"
         case .dirtyLog(.clear(let slot, let first, let count)):

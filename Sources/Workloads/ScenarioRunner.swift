@@ -48,6 +48,8 @@ public struct RunReport: Sendable {
     public var rootCacheMisses: UInt64 = 0
     /// Every `dirty-log get`, in order.
     public var dirtyLogs: [DirtyLogRecord] = []
+    /// KVM_EXIT_DIRTY_RING_FULL exits the vCPU took (the runner, as the VMM, harvested then).
+    public var dirtyRingFullExits = 0
 }
 
 /// What one `dirty-log get` returned.
@@ -115,6 +117,8 @@ public final class ScenarioRunner {
     /// taken (logging turned on, a get-and-reset, a clear). A page whose contents differ at a
     /// `dirty-log get` must be reported: a page left out is memory a migration would lose.
     private var dirtyLogBaselines: [Int: [UInt64]] = [:]
+    /// With dirty rings: gfns harvested from the rings, by slot, until that slot's `dirty-log get`.
+    private var harvestedDirtyGFNs: [Int: Set<UInt64>] = [:]
 
     private struct Mapping: Hashable {
         var gva: GuestVirtualAddress
@@ -193,6 +197,7 @@ public final class ScenarioRunner {
 
     private func finish() {
         report.statsAfter = vm.mmu.stats
+        report.dirtyRingFullExits = vcpu?.dirtyRingFullExits ?? 0
         report.lockstepChecks = reference?.checkedAccesses ?? 0
         var seen = Set<Mapping>()
         let distinct = mappings.filter { seen.insert($0).inserted }
@@ -222,6 +227,7 @@ public final class ScenarioRunner {
         let root = try kernel.root(of: Scenario.kernelSpace, mode: controls.pagingMode)
         registers = controls.registers(cr3: root.rawValue)
         vcpu = try vm.addVCPU(registers: registers)
+        vcpu.dirtyRingFullHandler = { [unowned self] in self.harvestAndResetDirtyRings() }
         reference = try ReferenceMachine(memory: vm.memory, registers: registers, cpu: scenario.cpuModel)
         loadedSpace = Scenario.kernelSpace
         kernel.booted = true
@@ -400,18 +406,34 @@ public final class ScenarioRunner {
         switch request {
         case .setLogging(let slot, let enabled):
             try setDirtyLogging(slot: slot, enabled)
-        case .mode(let mode):
-            try vm.setDirtyLogProtocol(mode)
+        case .mode(let mode, let entries):
+            try vm.setDirtyLogProtocol(mode, ringEntries: entries)
         case .get(let slot):
-            let gfns = try vm.getDirtyLog(slot: slot)
+            let gfns: [GuestFrameNumber]
+            if vm.dirtyLogProtocol == .ring {
+                guard let logging = vm.memory.slot(id: slot), logging.logsDirtyPages else {
+                    throw VirtualMachineError.memslot("memslot \(slot) does not log dirty pages")
+                }
+                harvestAndResetDirtyRings()
+                gfns = (harvestedDirtyGFNs.removeValue(forKey: slot) ?? []).sorted().map { GuestFrameNumber($0) }
+            } else {
+                gfns = try vm.getDirtyLog(slot: slot)
+            }
             try checkNoDirtyPageLost(slot: slot, reported: gfns)
-            if vm.dirtyLogProtocol == .getAndReset { dirtyLogBaselines[slot] = pageDigests(slot: slot) }
+            if vm.dirtyLogProtocol != .manualProtect { dirtyLogBaselines[slot] = pageDigests(slot: slot) }
             report.dirtyLogs.append(DirtyLogRecord(line: currentLine, slot: slot, gfns: gfns, precedingOperations: operationIndex))
         case .clear(let slot, let first, let count):
             try vm.clearDirtyLog(slot: slot, first: first, count: count)
             let digests = pageDigests(slot: slot)
             for page in first..<first + count { dirtyLogBaselines[slot]?[Int(page)] = digests[Int(page)] }
         }
+    }
+
+    /// The VMM's dirty-ring loop: harvest every ring (keeping what it found by slot), then
+    /// KVM_RESET_DIRTY_RINGS. Also the answer to KVM_EXIT_DIRTY_RING_FULL.
+    private func harvestAndResetDirtyRings() {
+        for (slot, gfn) in vm.harvestDirtyRings() { harvestedDirtyGFNs[slot, default: []].insert(gfn.rawValue) }
+        vm.resetDirtyRings()
     }
 
     private func setDirtyLogging(slot: Int, _ enabled: Bool) throws {

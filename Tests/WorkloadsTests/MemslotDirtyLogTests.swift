@@ -139,6 +139,29 @@ import X86Paging
         #expect(report.statsAfter.mmuShadowZapped > 0)
     }
 
+    /// Dirty rings: each page dirtied is pushed onto the vCPU's ring; a read harvests the rings and
+    /// resets them (re-protecting the pages). A ring reaching its soft limit (size - 64) makes the
+    /// vCPU exit before it enters again, and the VMM (the runner) harvests then: nothing is lost.
+    @Test func dirtyRingsHarvestEveryPageAndExitWhenFull() throws {
+        var lines = ["mem 32M", "memslot add 1 0x4000000 2M", "dirty-log mode ring entries=256"]
+        for page in 0..<300 as Range<UInt64> {
+            lines.append("map \(hex(0x40000000 + page << 12)) \(hex(0x4000000 + page << 12)) 4k P,RW,US")
+        }
+        lines.append("dirty-log enable 1")
+        for page in 0..<300 as Range<UInt64> { lines.append("access write \(hex(0x40000000 + page << 12)) cpl=3 value=1") }
+        lines.append("dirty-log get 1")
+        lines.append("access write 0x40000000 cpl=3 value=2")
+        lines.append("access write 0x40001000 cpl=3 value=2")
+        lines.append("dirty-log get 1")
+        lines.append("dirty-log get 1")
+        let report = try run(lines.joined(separator: "\n"))
+        #expect(report.dirtyLogs.map(\.gfns) == [gfns(Array(0x4000..<0x412C)), gfns([0x4000, 0x4001]), []])
+        #expect(report.dirtyRingFullExits >= 1)
+        #expect(throws: RunFailure.self) { _ = try run("access read 0x0\ndirty-log mode ring") }
+        #expect(throws: ScenarioError.self) { _ = try Scenario.parse("dirty-log mode ring entries=300", name: "x") }
+        #expect(throws: ScenarioError.self) { _ = try Scenario.parse("dirty-log mode reset entries=256", name: "x") }
+    }
+
     /// Refused changes are bad scenarios with KVM's reasons.
     @Test(arguments: [
         "memslot add 0 0x100000 1M",              // slot 0 exists
@@ -159,7 +182,7 @@ import X86Paging
             memslot move 1 0x8000000
             memslot flags 1 log-dirty=1
             memslot delete 1
-            dirty-log mode manual
+            dirty-log mode ring entries=512
             dirty-log enable 2
             dirty-log get 2
             dirty-log clear 2 64 128
@@ -168,7 +191,7 @@ import X86Paging
         let scenario = try Scenario.parse(text, name: "x")
         let rendered = scenario.directives.map(\.directive.rendered)
         #expect(rendered == ["memslot add 1 0x4000000 4M readonly", "memslot move 1 0x8000000", "memslot flags 1 log-dirty=1",
-                             "memslot delete 1", "dirty-log mode manual", "dirty-log enable 2", "dirty-log get 2",
+                             "memslot delete 1", "dirty-log mode ring entries=512", "dirty-log enable 2", "dirty-log get 2",
                              "dirty-log clear 2 64 128", "dirty-log disable 2"])
         #expect(try Scenario.parse(rendered.joined(separator: "\n"), name: "y").directives.map(\.directive)
                 == scenario.directives.map(\.directive))
@@ -182,10 +205,10 @@ import X86Paging
     /// Random writes over a logging slot with reads and clears in between, under both protocols
     /// and every variant: the runner's check fails the run if any changed page goes unreported,
     /// and the union of what was reported covers every page written.
-    @Test(arguments: [DirtyLogProtocol.getAndReset, .manualProtect], [UInt64(1), 2, 3])
+    @Test(arguments: [DirtyLogProtocol.getAndReset, .manualProtect, .ring], [UInt64(1), 2, 3])
     func randomWritesAreNeverLost(_ mode: DirtyLogProtocol, _ seed: UInt64) throws {
         var generator = SplitMix64(seed: seed)
-        var lines = ["mem 32M", "memslot add 1 0x4000000 1M", "dirty-log mode \(mode.rawValue)"]
+        var lines = ["mem 32M", "memslot add 1 0x4000000 1M", "dirty-log mode \(mode.rawValue)" + (mode == .ring ? " entries=256" : "")]
         for page in 0..<64 { lines.append("map \(hex(0x400000 + UInt64(page) << 12)) \(hex(0x4000000 + UInt64(page) << 12)) 4k P,RW,US") }
         lines.append("dirty-log enable 1")
         var written = Set<UInt64>()
