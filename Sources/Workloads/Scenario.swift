@@ -2,6 +2,7 @@
 // the settings they resolve to. The grammar is described in ScenarioParser.swift; the canonical text
 // form in ScenarioRender.swift.
 
+import KVMMMU
 import X86Paging
 
 /// A parsed scenario: its directives in order, each with where it came from, and the machine they
@@ -103,6 +104,9 @@ public enum ScenarioDirective: Hashable, Sendable {
     case writeRegister(ControlRegister, value: UInt64)
     /// `cr3 VALUE [noflush]`: a raw MOV to CR3 (bit 63 of the source set with `noFlush`).
     case loadCR3(value: UInt64, noFlush: Bool)
+    /// `expect NAME=VALUE...`: the counters must have these values at this point of the run (a run
+    /// that finds otherwise fails); in source order.
+    case expect([ExpectedCounter])
 
     /// The directive's keyword.
     public var name: String {
@@ -121,6 +125,7 @@ public enum ScenarioDirective: Hashable, Sendable {
         case .invpcid: "invpcid"
         case .writeRegister(let register, _): register.rawValue
         case .loadCR3: "cr3"
+        case .expect: "expect"
         }
     }
 
@@ -128,7 +133,7 @@ public enum ScenarioDirective: Hashable, Sendable {
     /// `host` must come before the first one.
     public var isGuestOperation: Bool {
         switch self {
-        case .mem, .set, .cpu, .host: false
+        case .mem, .set, .cpu, .host, .expect: false
         case .map, .access, .pte, .invlpg, .reloadCR3, .space, .switchSpace, .invpcid, .writeRegister, .loadCR3: true
         }
     }
@@ -137,10 +142,31 @@ public enum ScenarioDirective: Hashable, Sendable {
     /// turned paging on) first. `map` and `space` before boot are boot code writing tables directly.
     public var runsGuest: Bool {
         switch self {
-        case .mem, .set, .cpu, .host, .map, .space: false
+        case .mem, .set, .cpu, .host, .map, .space, .expect: false
         case .access, .pte, .invlpg, .reloadCR3, .switchSpace, .invpcid, .writeRegister, .loadCR3: true
         }
     }
+}
+
+/// One counter an `expect` line names, and the value it must have.
+public struct ExpectedCounter: Hashable, Sendable {
+    /// One of `ExpectedCounter.names`.
+    public var name: String
+    public var value: UInt64
+
+    public init(name: String, value: UInt64) {
+        self.name = name
+        self.value = value
+    }
+
+    /// The counters the model keeps beside KVM's statistics (`RunReport`'s context counters, and
+    /// the shadow pages alive), which an `expect` line may name too.
+    public static let contextCounterNames = ["context_resets", "role_reinitializations", "roots_created",
+                                             "root_cache_hits", "root_cache_misses", "shadow_pages"]
+
+    /// Every name an `expect` line accepts: KVM's statistics (`MMUStats.counterNames`), then the
+    /// context counters.
+    public static var names: [String] { MMUStats.counterNames + contextCounterNames }
 }
 
 /// A control register `cr0`, `cr4` and `efer` write by value.
