@@ -21,14 +21,15 @@ struct RunCommand: FailureReportingCommand {
         abstract: "Run a scenario under KVM's shadow MMU, every guest access checked in lockstep against the architecture.",
         discussion: """
         A scenario is a text file with one directive per line (mem, cpu, set, map, access, pte, invlpg, \
-        reload-cr3, host, space, switch, invpcid, cr0, cr4, efer, cr3, zap, memslot, dirty-log); docs/SCENARIOS.md describes the language and examples/ holds samples. The report \
+        reload-cr3, host, space, switch, invpcid, cr0, cr4, efer, cr3, zap, memslot, dirty-log, expect); docs/SCENARIOS.md describes the language and examples/ holds samples. The report \
         gives each access's outcome (GPA and value, or the #PF error code and CR2), the final value and \
         A/D bits of every guest entry the scenario mapped, and KVM's MMU counters before and after the \
         run and their difference. With --json the same as JSON Lines, the last line a "result" object.
 
         Exit status: 0 the run finished and every outcome agreed with the reference machine; 1 a bad \
         scenario, an unreadable file or bad arguments; 2 a lockstep disagreement or a broken MMU \
-        invariant (the report up to that point is still printed, then the error).
+        invariant; 3 an expect line whose counters the run did not reach (for 2 and 3 the report up to \
+        that point is still printed, then the error).
         """)
 
     /// The exit statuses `run` documents (not the sysexits codes the other subcommands use).
@@ -38,6 +39,8 @@ struct RunCommand: FailureReportingCommand {
         static let badInput: Int32 = 1
         /// A lockstep disagreement or a broken invariant.
         static let failed: Int32 = 2
+        /// An `expect` line whose counters the run did not reach.
+        static let unmetExpectation: Int32 = 3
     }
 
     @Argument(help: "The scenario file, or - for standard input; without one, a built-in tour of the shadow MMU.")

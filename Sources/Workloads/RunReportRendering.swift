@@ -153,6 +153,9 @@ extension RunReport {
         case .brokenInvariant(let line, let message, _):
             object.add("line", line)
             object.add("message", "broken invariant: " + message)
+        case .unmetExpectation(let line, let message, _):
+            object.add("line", line)
+            object.add("message", "unmet expectation: " + message)
         case .disagreement(let line, let disagreement, _):
             object.add("line", line)
             object.add("message", disagreement.description)
@@ -188,12 +191,14 @@ extension RunReport {
         return object.text
     }
 
-    /// The status word of a failure: `bad_scenario`, `disagreement` or `broken_invariant`.
+    /// The status word of a failure: `bad_scenario`, `disagreement`, `broken_invariant` or
+    /// `unmet_expectation`.
     public static func status(of failure: RunFailure) -> String {
         switch failure {
         case .badScenario: "bad_scenario"
         case .disagreement: "disagreement"
         case .brokenInvariant: "broken_invariant"
+        case .unmetExpectation: "unmet_expectation"
         }
     }
 
@@ -351,10 +356,15 @@ extension RunReport {
         switch failure {
         case nil:
             out += "\(lockstepChecks) \(lockstepChecks == 1 ? "access" : "accesses") checked in lockstep: all agree\n"
+            if expectationsChecked > 0 {
+                out += "\(expectationsChecked) expect \(expectationsChecked == 1 ? "line" : "lines") met\n"
+            }
         case .badScenario(let line, let message)?:
             out += "BAD SCENARIO" + (line > 0 ? " at line \(line)" : "") + ": \(message)\n"
         case .brokenInvariant(let line, let message, _)?:
             out += "BROKEN INVARIANT at line \(line): \(message)\n"
+        case .unmetExpectation(let line, let message, _)?:
+            out += "UNMET EXPECTATION at line \(line): \(message)\n"
         case .disagreement(let line, let disagreement, _)?:
             out += "LOCKSTEP DISAGREEMENT at line \(line) (\(lockstepChecks) accesses checked, the last one disagreeing):\n"
             out += disagreement.description + "\n"
@@ -414,12 +424,14 @@ struct TextTable {
 // MARK: Failures
 
 extension RunFailure {
-    /// The report as far as the run got: present for a disagreement and a broken invariant, nil for
-    /// a bad scenario (which stops the run before or instead of a guest operation).
+    /// The report as far as the run got: present for a disagreement, a broken invariant and an unmet
+    /// expectation, nil for a bad scenario (which stops the run before or instead of a guest
+    /// operation).
     public var partialReport: RunReport? {
         switch self {
         case .badScenario: nil
-        case .disagreement(_, _, let partial), .brokenInvariant(_, _, let partial): partial
+        case .disagreement(_, _, let partial), .brokenInvariant(_, _, let partial),
+             .unmetExpectation(_, _, let partial): partial
         }
     }
 

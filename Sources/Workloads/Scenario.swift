@@ -3,6 +3,7 @@
 // form in ScenarioRender.swift.
 
 import VirtualMachine
+import KVMMMU
 import X86Paging
 
 /// A parsed scenario: its directives in order, each with where it came from, and the machine they
@@ -112,6 +113,9 @@ public enum ScenarioDirective: Hashable, Sendable {
     case memslot(MemslotChange)
     /// `dirty-log enable|disable|mode|get|clear ...`: dirty logging as a VMM drives it.
     case dirtyLog(DirtyLogRequest)
+    /// `expect NAME=VALUE...`: the counters must have these values at this point of the run (a run
+    /// that finds otherwise fails); in source order.
+    case expect([ExpectedCounter])
 
     /// The directive's keyword.
     public var name: String {
@@ -133,6 +137,7 @@ public enum ScenarioDirective: Hashable, Sendable {
         case .zap: "zap"
         case .memslot: "memslot"
         case .dirtyLog: "dirty-log"
+        case .expect: "expect"
         }
     }
 
@@ -140,7 +145,7 @@ public enum ScenarioDirective: Hashable, Sendable {
     /// `host` must come before the first one.
     public var isGuestOperation: Bool {
         switch self {
-        case .mem, .set, .cpu, .host: false
+        case .mem, .set, .cpu, .host, .expect: false
         case .map, .access, .pte, .invlpg, .reloadCR3, .space, .switchSpace, .invpcid, .writeRegister, .loadCR3, .zap,
              .memslot, .dirtyLog: true
         }
@@ -151,7 +156,7 @@ public enum ScenarioDirective: Hashable, Sendable {
     public var runsGuest: Bool {
         switch self {
         // The VMM's own requests (memslots, the dirty log, a zap) need the machine but not the guest.
-        case .mem, .set, .cpu, .host, .map, .space, .zap, .memslot, .dirtyLog: false
+        case .mem, .set, .cpu, .host, .map, .space, .zap, .memslot, .dirtyLog, .expect: false
         case .access, .pte, .invlpg, .reloadCR3, .switchSpace, .invpcid, .writeRegister, .loadCR3: true
         }
     }
@@ -189,6 +194,27 @@ public enum ZapScope: Hashable, Sendable {
     case all
     /// The leaf SPTEs mapping `count` gfns from `first` (`kvm_zap_gfn_range`).
     case gfns(first: UInt64, count: UInt64)
+}
+
+/// One counter an `expect` line names, and the value it must have.
+public struct ExpectedCounter: Hashable, Sendable {
+    /// One of `ExpectedCounter.names`.
+    public var name: String
+    public var value: UInt64
+
+    public init(name: String, value: UInt64) {
+        self.name = name
+        self.value = value
+    }
+
+    /// The counters the model keeps beside KVM's statistics (`RunReport`'s context counters, and
+    /// the shadow pages alive), which an `expect` line may name too.
+    public static let contextCounterNames = ["context_resets", "role_reinitializations", "roots_created",
+                                             "root_cache_hits", "root_cache_misses", "shadow_pages"]
+
+    /// Every name an `expect` line accepts: KVM's statistics (`MMUStats.counterNames`), then the
+    /// context counters.
+    public static var names: [String] { MMUStats.counterNames + contextCounterNames }
 }
 
 /// A control register `cr0`, `cr4` and `efer` write by value.

@@ -1,5 +1,6 @@
 // The directives that drive the machine beyond one address space: the host's paging depth, address
-// spaces and CR3 loads, INVPCID, and raw control-register writes. Grammar in ScenarioParser.swift.
+// spaces and CR3 loads, INVPCID, and raw control-register writes; and `expect`, which states the
+// counters a run must reach. Grammar in ScenarioParser.swift.
 
 import GuestMemory
 import VirtualMachine
@@ -199,5 +200,34 @@ extension DirectiveArguments {
             throw error("noflush needs CR4.PCIDE (set pcid=1)", at: options["noflush"])
         }
         return .loadCR3(value: value, noFlush: noFlush)
+    }
+}
+
+extension DirectiveArguments {
+    /// `expect NAME=N...`: at least one counter, each named once, values in source order.
+    mutating func parseExpect() throws(ScenarioError) -> ScenarioDirective {
+        _ = try positional([])
+        let names = ExpectedCounter.names
+        var counters: [ExpectedCounter] = []
+        var seen: [String: Token] = [:]
+        for token in tokens {
+            let parts = token.text.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            guard parts.count == 2 else {
+                throw error("expected NAME=N, not '\(token.text)' (usage: \(spec.usage))", at: token)
+            }
+            let name = asciiLowercased(String(parts[0]))
+            guard names.contains(name) else {
+                throw error("unknown counter '\(parts[0])' (counters: \(names.joined(separator: ", ")))", at: token)
+            }
+            if let first = seen[name] {
+                throw error("counter '\(name)' given twice (first at column \(first.column))", at: token)
+            }
+            seen[name] = token
+            let value = Token(text: String(parts[1]), column: token.column + parts[0].unicodeScalars.count + 1)
+            guard !value.text.isEmpty else { throw error("\(name): missing value after '='", at: token) }
+            counters.append(ExpectedCounter(name: name, value: try number(value, what: name)))
+        }
+        guard !counters.isEmpty else { throw error("expected at least one NAME=N (usage: \(spec.usage))") }
+        return .expect(counters)
     }
 }

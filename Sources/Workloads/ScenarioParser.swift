@@ -23,6 +23,7 @@
 //   memslot flags SLOT log-dirty=0|1
 //   dirty-log enable|disable SLOT | dirty-log mode reset|manual|ring [entries=N] | dirty-log get SLOT
 //   dirty-log clear SLOT FIRST COUNT
+//   expect NAME=N...                                the counters must have these values here
 //
 //   NUMBER  decimal or 0x-hexadecimal, `_` allowed between digits, at most 2^64-1
 //   SIZE    NUMBER with an optional K, M or G suffix (x1024, x1024^2, x1024^3)
@@ -44,6 +45,7 @@
 //
 // Semantics checked here:
 //   - `mem` is a positive multiple of 4 KiB, at most 64 GiB, and given at most once;
+//   - `expect` names each counter at most once, from `ExpectedCounter.names`;
 //   - `mem`, `cpu` and `host` come before the first guest operation (any directive but `mem`, `cpu`,
 //     `set` and `host`); a paging mode chosen after it is a mode switch;
 //   - `cpu maxphyaddr` is 36...52; 5-level paging needs `cpu la57=1` (the default);
@@ -188,6 +190,8 @@ struct ScenarioParser {
         DirectiveSpec(name: "dirty-log", usage: "dirty-log enable|disable SLOT | dirty-log mode reset|manual|ring [entries=N] | "
                         + "dirty-log get SLOT | dirty-log clear SLOT FIRST COUNT",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseDirtyLog() }),
+        DirectiveSpec(name: "expect", usage: "expect NAME=N... (a KVM statistic or a context counter)",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseExpect() }),
     ]
 
     static let tableByName: [String: DirectiveSpec] = Dictionary(uniqueKeysWithValues: table.map { ($0.name, $0) })
@@ -270,7 +274,7 @@ struct ScenarioParser {
             state.registers = registers
         case .loadCR3(let value, _):
             state.registers.cr3 = value & 0xFFF
-        case .map, .access, .pte, .invlpg, .reloadCR3, .invpcid, .zap, .memslot, .dirtyLog:
+        case .map, .access, .pte, .invlpg, .reloadCR3, .invpcid, .zap, .memslot, .dirtyLog, .expect:
             break
         }
         if directive.isGuestOperation && state.firstOperation == nil { state.firstOperation = (line, directive.name) }

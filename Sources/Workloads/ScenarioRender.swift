@@ -16,6 +16,7 @@
 //   invpcid single pcid=5           type by name; pcid only when not 0, gva only when not 0
 //   cr0 0x80010011                  cr4 / efer likewise, values hex
 //   cr3 0x100000 noflush
+//   expect mmu_unsync=1 pf_fixed=3   counters in the order given, values decimal
 
 import X86Paging
 
@@ -126,6 +127,8 @@ extension ScenarioDirective {
             return "dirty-log get \(slot)"
         case .dirtyLog(.clear(let slot, let first, let count)):
             return "dirty-log clear \(slot) \(first) \(count)"
+        case .expect(let counters):
+            return (["expect"] + counters.map { "\($0.name)=\($0.value)" }).joined(separator: " ")
         }
     }
 }

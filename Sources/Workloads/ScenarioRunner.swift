@@ -50,6 +50,8 @@ public struct RunReport: Sendable {
     public var dirtyLogs: [DirtyLogRecord] = []
     /// KVM_EXIT_DIRTY_RING_FULL exits the vCPU took (the runner, as the VMM, harvested then).
     public var dirtyRingFullExits = 0
+    /// The `expect` lines the run checked (all of them met, or the run failed).
+    public var expectationsChecked = 0
 }
 
 /// What one `dirty-log get` returned.
@@ -76,12 +78,16 @@ public enum RunFailure: Error, CustomStringConvertible {
     case disagreement(line: Int, LockstepDisagreement, partial: RunReport)
     /// KVM's structures broke an invariant: exit 2.
     case brokenInvariant(line: Int, message: String, partial: RunReport)
+    /// An `expect` line named a counter whose value differed: exit 3. The message lists every
+    /// counter of the line that differed.
+    case unmetExpectation(line: Int, message: String, partial: RunReport)
 
     public var description: String {
         switch self {
         case .badScenario(let line, let message): "line \(line): \(message)"
         case .disagreement(let line, let disagreement, _): "line \(line): \(disagreement)"
         case .brokenInvariant(let line, let message, _): "line \(line): broken invariant: \(message)"
+        case .unmetExpectation(let line, let message, _): "line \(line): unmet expectation: \(message)"
         }
     }
 
@@ -89,6 +95,7 @@ public enum RunFailure: Error, CustomStringConvertible {
         switch self {
         case .badScenario: 1
         case .disagreement, .brokenInvariant: 2
+        case .unmetExpectation: 3
         }
     }
 }
@@ -135,11 +142,15 @@ public final class ScenarioRunner {
     public let shadowPageLimit: Int?
     /// The MMU design the VM runs.
     public let variant: MMUVariant
+    /// Whether `expect` lines are checked (a comparison of variants, whose counters may differ by
+    /// design, skips them).
+    public let checksExpectations: Bool
 
     public init(scenario: Scenario, traceEvents: Bool = false, shadowPageLimit: Int? = nil,
-                variant: MMUVariant = .upstream) {
+                variant: MMUVariant = .upstream, checksExpectations: Bool = true) {
         self.scenario = scenario
         self.variant = variant
+        self.checksExpectations = checksExpectations
         tracesEvents = traceEvents
         self.shadowPageLimit = shadowPageLimit
         controls = scenario.initialControls
@@ -332,6 +343,38 @@ public final class ScenarioRunner {
         case .reloadCR3:
             try vcpu.loadCR3(vcpu.registers.cr3)
             reference.reloadCR3()
+        case .expect(let counters):
+            guard checksExpectations else { return }
+            try check(counters)
+        }
+    }
+
+    /// The value of an `expect` line's counter now: a KVM statistic counted from the start of the
+    /// run (instant and peak ones as they are), a context counter since the vCPU was made (0 before
+    /// boot), or the shadow pages alive (KVM's `n_used_mmu_pages`).
+    private func counterValue(_ name: String) -> UInt64? {
+        if let value = vm.mmu.stats.delta(from: report.statsBefore)[kvmName: name] { return value }
+        let context = vcpu?.context
+        switch name {
+        case "context_resets": return context?.contextResets ?? 0
+        case "role_reinitializations": return context?.roleReinitializations ?? 0
+        case "roots_created": return context?.rootsCreated ?? 0
+        case "root_cache_hits": return context?.rootCacheHits ?? 0
+        case "root_cache_misses": return context?.rootCacheMisses ?? 0
+        case "shadow_pages": return UInt64(vm.mmu.usedPages)
+        default: return nil
+        }
+    }
+
+    private func check(_ counters: [ExpectedCounter]) throws {
+        report.expectationsChecked += 1
+        let unmet = counters.compactMap { counter -> String? in
+            let actual = counterValue(counter.name)
+            return actual == counter.value ? nil : "\(counter.name) is \(actual.map(String.init) ?? "unknown"), expected \(counter.value)"
+        }
+        guard unmet.isEmpty else {
+            finish()
+            throw RunFailure.unmetExpectation(line: currentLine, message: unmet.joined(separator: "; "), partial: report)
         }
     }
 

@@ -332,6 +332,37 @@ let examplesDirectory = URL(fileURLWithPath: #filePath).deletingLastPathComponen
         }
     }
 
+    /// An `expect` line the run does not meet stops it with status 3, naming the line and every
+    /// counter of it that differed; `compare` leaves expectations to `run` (they state one
+    /// design's counters).
+    @Test func unmetExpectationExitsThree() throws {
+        let scenario = """
+            map 0x400000 0x1000000 4k P,RW,US,A,D
+            access read 0x400000 cpl=3
+            expect pf_fixed=1 mmu_cache_miss=4
+            expect pf_fixed=2 mmu_cache_miss=4 pf_guest=1
+            access read 0x400000 cpl=3
+            """
+        let outcome = try runCommand(["-", "--json"], input: scenario)
+        #expect(outcome.status == 3)
+        #expect(outcome.message?.contains("line 4: unmet expectation: pf_fixed is 1, expected 2; pf_guest is 0, expected 1") == true)
+        let objects = try jsonObjects(outcome.output)
+        #expect(objects.filter { $0["type"] as? String == "access" }.count == 1)
+        let error = objects[objects.count - 2], result = objects[objects.count - 1]
+        #expect(error["status"] as? String == "unmet_expectation")
+        #expect(error["line"] as? Int == 4)
+        #expect(result["status"] as? String == "unmet_expectation")
+        let text = try runCommand(["-"], input: scenario)
+        #expect(text.status == 3)
+        #expect(text.output.contains("UNMET EXPECTATION at line 4: pf_fixed is 1, expected 2"))
+
+        let met = try runCommand(["-"], input: scenario.replacingOccurrences(of: "expect pf_fixed=2 mmu_cache_miss=4 pf_guest=1\n", with: ""))
+        #expect(met.status == 0)
+        #expect(met.output.contains("1 expect line met"))
+        let compared = try compareCommand(["-", "--variant", "upstream", "--variant", "glevel"], input: scenario)
+        #expect(compared.status == 0)
+    }
+
     /// A failed run still prints the report it has, then the error line and the result line, and
     /// exits with 2.
     @Test func failedRunPrintsThePartialReportThenTheError() throws {

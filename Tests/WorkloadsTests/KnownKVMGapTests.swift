@@ -55,4 +55,61 @@ import X86Paging
         }
         #expect(readCode.architectural == 0x1)
     }
+
+    /// A 32-bit guest with CR4.PSE maps a 4 MiB page; KVM shadows it with a direct page that splits
+    /// it into 4 KiB SPTEs under the quadrant-0 root. The guest then clears CR4.PSE: the PDE's PS
+    /// bit is ignored from now on and the PDE names a page table (here the page's own first 4 KiB,
+    /// holding a PTE to 0x1800000). CR4.PSE is in KVM's CPU role (`ext.cr4_pse`) and among the CR4
+    /// bits whose write resets the MMU context, but not in the shadow pages' role: the roots built
+    /// after the reset are the very same pages, still linking the direct page, and INVLPG syncs
+    /// only unsync pages. So KVM keeps serving the old large-page translation where the processor
+    /// walks the new table.
+    @Test func pseClearKeepsKVMsSplitLargePage() throws {
+        let scenario = try Scenario.parse("""
+        set paging=32 nx=0
+        map 0x400000 0x1400000 4m P,RW,US,A,D
+        access write 0x400000 cpl=3 value=0x1800067
+        set pse=0
+        invlpg 0x400000
+        access read 0x400000 cpl=3
+        """, name: "pse-gap")
+        do {
+            _ = try ScenarioRunner(scenario: scenario).run()
+            Issue.record("the run finished: the lockstep machine missed KVM's CR4.PSE gap (or the model left KVM)")
+        } catch .disagreement(let line, let disagreement, let partial) {
+            #expect(line == 6)
+            // The reference walks the PDE as a table pointer: its PTE 0 maps 0x1800000.
+            #expect(disagreement.expected.contains("translation to 0x1800000"))
+            // KVM: the split 4 MiB page's SPTE, still gpa 0x1400000 (whose first word is that PTE).
+            #expect(disagreement.actual.contains("completed(gpa: 0x1400000"))
+            // The model did what KVM does: one context reset with new roles, and not one shadow page
+            // more than before it (the four quadrant roots and the direct page).
+            #expect(partial.contextResets == 1 && partial.roleReinitializations == 1)
+            #expect(partial.statsAfter.mmuCacheMiss == 5)
+            #expect(partial.shadowPagesByLevel == [2: 4, 1: 1])
+            #expect(partial.accesses.count == 1)
+        } catch {
+            Issue.record("unexpected failure: \(error)")
+        }
+    }
+
+    /// The same guest rewriting its PDE after clearing CR4.PSE, as an OS that changes its paging
+    /// would: the store to the write-tracked page directory is emulated and zaps both SPTEs that
+    /// shadow the PDE, so KVM walks the PDE afresh and agrees with the processor.
+    @Test func pseClearWithThePDERewrittenAgrees() throws {
+        let report = try ScenarioRunner(scenario: try Scenario.parse("""
+        set paging=32 nx=0
+        map 0x400000 0x1400000 4m P,RW,US,A,D
+        access write 0x400000 cpl=3 value=0x1800067
+        set pse=0
+        pte 0x400000 2 P,RW,US,A,D,PS
+        expect mmu_pde_zapped=2
+        access read 0x400000 cpl=3
+        """, name: "pse-rewritten")).run()
+        guard case .completed(let gpa, _) = report.accesses.last?.outcome.result else {
+            Issue.record("\(String(describing: report.accesses.last))")
+            return
+        }
+        #expect(gpa == GuestPhysicalAddress(0x180_0000))
+    }
 }

@@ -1,9 +1,11 @@
 // Randomized lockstep tests of the shadow MMU (issue 3, "Tests"): seeded random guest page tables,
 // then random accesses, guest writes to the page tables, INVLPGs, CR3 loads and control-bit changes,
-// run by `ScenarioRunner`, which checks every guest access against the architecture's reference
-// machine and runs the structural auditor after each one. A `RunFailure.disagreement` or
-// `.brokenInvariant` is a bug (in the model, or in the reference); so is any `badScenario` other
-// than the generator asking for a table entry the guest's walk does not reach.
+// and (issue 4) address spaces switched with and without PCIDs and no-flush, INVPCID of every type
+// and a fixed host depth (`host levels=`), run by `ScenarioRunner`, which checks every guest access
+// against the architecture's reference machine and runs the structural auditor after each one. A
+// `RunFailure.disagreement` or `.brokenInvariant` is a bug (in the model, or in the reference); so
+// is any `badScenario` other than the generator asking for a table entry the guest's walk does not
+// reach.
 //
 // The generator keeps its own model of the guest's page tables (`GuestTableModel`), mirroring
 // what `GuestKernel` builds, so that it only writes entries the walk reaches and only maps where
@@ -156,6 +158,10 @@ private func checkCoverage(_ summaries: [SeedSummary], requireEverything: Bool) 
     for counter in CoverageTotals.requiredCounters {
         #expect(total.stats[counter, default: 0] > 0, "\(counter) never counted in \(summaries.count) seeds")
     }
+    for kind in CoverageTotals.requiredDirectiveKinds {
+        #expect(total.directiveKinds[kind, default: 0] > 0, "no passing seed of \(summaries.count) used \(kind)")
+    }
+    #expect(total.rootCacheHits > 0, "no CR3 load found its root cached in \(summaries.count) seeds")
     for mode in [PagingMode.legacy32, .pae, .fourLevel, .fiveLevel] {
         #expect(total.completedRunsByMode[mode, default: 0] > 0, "no \(mode.displayName) scenario ran to the end")
     }
@@ -340,6 +346,11 @@ struct SeedSummary: Sendable {
     var tlbHits = 0
     var mmioAccesses = 0
     var stats: [String: UInt64] = [:]
+    /// How often the scenario used each kind of directive `CoverageTotals.requiredDirectiveKinds`
+    /// names.
+    var directiveKinds: [String: Int] = [:]
+    /// CR3 loads that found their root current or cached (`fast_pgd_switch`).
+    var rootCacheHits: UInt64 = 0
     var seconds = 0.0
     /// Of `seconds`, the time spent minimising a failure.
     var minimizingSeconds = 0.0
@@ -353,12 +364,30 @@ struct CoverageTotals {
     static let requiredCounters = ["pf_fixed", "pf_emulate", "pf_spurious", "pf_guest", "mmu_pte_write",
                                    "mmu_shadow_zapped", "mmu_pde_zapped", "mmu_flooded", "mmu_cache_miss",
                                    "invlpg", "tlb_flush", "remote_tlb_flush"]
+    /// The directives beyond one address space, each of which some passing seed must use.
+    static let requiredDirectiveKinds = ["host levels=4", "host levels=5", "space", "switch", "switch pcid",
+                                         "switch noflush", "invpcid individual", "invpcid single", "invpcid all",
+                                         "invpcid all-nonglobal"]
+
+    /// The kinds of `directive` that `requiredDirectiveKinds` counts (none for the others).
+    static func kinds(of directive: ScenarioDirective) -> [String] {
+        switch directive {
+        case .host(let levels): ["host levels=\(levels)"]
+        case .space: ["space"]
+        case .switchSpace(_, let pcid, let noFlush): ["switch"] + (pcid != 0 ? ["switch pcid"] : []) + (noFlush ? ["switch noflush"] : [])
+        case .invpcid(let type, _, _): ["invpcid " + type.scenarioName]
+        default: []
+        }
+    }
 
     var passed = 0, rejected = 0, failed = 0
     var operations = 0, lockstepChecks = 0, directives = 0
     var faultClasses: [String: Int] = [:]
     var emulatedPTEWrites = 0, tlbHits = 0, mmioAccesses = 0
     var stats: [String: UInt64] = [:]
+    /// Directive kinds used by the seeds that passed.
+    var directiveKinds: [String: Int] = [:]
+    var rootCacheHits: UInt64 = 0
     var completedRunsByMode: [PagingMode: Int] = [:]
     var seconds = 0.0, slowest = 0.0, minimizing = 0.0
 
@@ -367,6 +396,8 @@ struct CoverageTotals {
         case .passed:
             passed += 1
             completedRunsByMode[summary.mode, default: 0] += 1
+            directiveKinds.merge(summary.directiveKinds, uniquingKeysWith: +)
+            rootCacheHits += summary.rootCacheHits
         case .rejected: rejected += 1
         case .failed: failed += 1
         }
@@ -391,7 +422,10 @@ struct CoverageTotals {
                      "  by mode (completed runs): " + completedRunsByMode.sorted { $0.key.rawValue < $1.key.rawValue }
                         .map { "\($0.key.displayName) \($0.value)" }.joined(separator: ", "),
                      "  faults: " + faultClasses.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "),
-                     "  emulated pte writes \(emulatedPTEWrites), TLB hits \(tlbHits), MMIO accesses \(mmioAccesses)",
+                     "  emulated pte writes \(emulatedPTEWrites), TLB hits \(tlbHits), MMIO accesses \(mmioAccesses), "
+                        + "root cache hits \(rootCacheHits)",
+                     "  directives (passing seeds): " + directiveKinds.sorted { $0.key < $1.key }
+                        .map { "\($0.key) \($0.value)" }.joined(separator: ", "),
                      "  cumulative counters: " + stats.filter { $0.value != 0 }.sorted { $0.key < $1.key }
                         .map { "\($0.key) \($0.value)" }.joined(separator: ", ")]
         lines.append("")
@@ -412,6 +446,7 @@ enum LockstepSeed {
         let (mode, directives) = directives(seed)
         var summary = SeedSummary(seed: seed, mode: mode)
         summary.directives = directives.count
+        for kind in directives.flatMap(CoverageTotals.kinds(of:)) { summary.directiveKinds[kind, default: 0] += 1 }
         let start = ContinuousClock.now
         if !GuestTableModel.accepts(directives) {
             summary.verdict = .failed("generator bug: the model refuses the generated scenario on replay")
@@ -479,6 +514,10 @@ enum LockstepSeed {
                 let statement = scenario.directives.first { $0.line == line }?.directive.rendered ?? "?"
                 return Outcome(verdict: .failed("line \(line) (\(statement)): broken invariant: \(message)"), report: partial,
                                signature: "invariant: " + blankNumbers(message), line: line)
+            case .unmetExpectation(let line, let message, let partial):
+                // The generator writes no `expect` lines; kept for completeness.
+                return Outcome(verdict: .failed("line \(line): unmet expectation: \(message)"), report: partial,
+                               signature: "expectation: " + blankNumbers(message), line: line)
             }
         }
     }
@@ -553,6 +592,7 @@ extension SeedSummary {
     mutating func record(_ report: RunReport) {
         operations = report.accesses.count
         lockstepChecks = report.lockstepChecks
+        rootCacheHits = report.rootCacheHits
         for access in report.accesses {
             switch access.outcome.result {
             case .pageFault(let code, _): faultClasses[Self.faultClass(code.architectural), default: 0] += 1
@@ -613,6 +653,11 @@ struct ModelEntry {
 /// use. `apply` checks a directive against those rules and, when it keeps them, records its
 /// effect; the generator applies everything it emits, and the minimiser replays candidates
 /// through a fresh model so that shrinking never leaves that space.
+///
+/// Address spaces: each has its own root table (the kernel's window entries aside, which the model
+/// keeps as `windowTopIndices`), so `map` and `pte` follow the edit space's tables. The register
+/// rules the parser enforces for `switch` and `set pcid=` (PCIDs and no-flush only with CR4.PCIDE,
+/// which can be set only while CR3[11:0] is 0) are kept here too.
 struct GuestTableModel {
     static let P: UInt64 = 1 << 0, RW: UInt64 = 1 << 1, US: UInt64 = 1 << 2, PWT: UInt64 = 1 << 3
     static let PCD: UInt64 = 1 << 4, A: UInt64 = 1 << 5, D: UInt64 = 1 << 6, PS: UInt64 = 1 << 7
@@ -620,7 +665,21 @@ struct GuestTableModel {
 
     let mode: PagingMode
     var controls: ControlState
-    let root = ModelTable()
+    /// Every address space's root table, by name; `kernel`'s is the pool's first page.
+    var roots: [String: ModelTable] = [Scenario.kernelSpace: ModelTable()]
+    /// The spaces in creation order.
+    var spaceNames = [Scenario.kernelSpace]
+    /// The space `map` and `pte` edit.
+    var editSpace = Scenario.kernelSpace
+    /// CR3[11:0] as the last `switch` left it (its PCID; 0 before any).
+    var loadedPCID: UInt16 = 0
+    /// The space CR3 is in, and the one it was in before the last `switch` to another.
+    var loadedSpace = Scenario.kernelSpace
+    var previousSpace: String?
+    /// The edit space's root table.
+    var root: ModelTable { roots[editSpace]! }
+    /// The root table a data mapping of the pool's first page aliases (the kernel space's).
+    var aliasedRoot: ModelTable { roots[Scenario.kernelSpace]! }
     /// Set by the first guest operation: from then on the kernel writes tables through its window.
     var booted = false
     /// GVA pages that ever mapped the root table (now, or stale in a TLB): their stores may only
@@ -703,11 +762,11 @@ struct GuestTableModel {
         return true
     }
 
-    /// The levels whose entry for `gva` the kernel's walk reaches (top first), with the table
-    /// holding each.
-    func reachable(_ gva: UInt64) -> [(level: Int, table: ModelTable)] {
+    /// The levels whose entry for `gva` the kernel's walk reaches in the edit space's tables (or
+    /// those under `start`), top first, with the table holding each.
+    func reachable(_ gva: UInt64, from start: ModelTable? = nil) -> [(level: Int, table: ModelTable)] {
         var result: [(Int, ModelTable)] = []
-        var table = root
+        var table = start ?? root
         var level = top
         while level >= 1 {
             result.append((level, table))
@@ -719,9 +778,10 @@ struct GuestTableModel {
         return result
     }
 
-    /// The guest-physical page a present leaf maps `gva` to, as far as the model knows.
-    func leafTarget(_ gva: UInt64) -> UInt64? {
-        guard let (level, table) = reachable(gva).last, let entry = table.entries[index(gva, level: level)],
+    /// The guest-physical page a present leaf maps `gva` to in the tables under `start`, as far as
+    /// the model knows.
+    func leafTarget(_ gva: UInt64, from start: ModelTable) -> UInt64? {
+        guard let (level, table) = reachable(gva, from: start).last, let entry = table.entries[index(gva, level: level)],
               entry.flags & Self.P != 0, level == 1 || isLarge(entry, level: level), entry.addressExtra == 0,
               case .page(let gpa) = entry.target else { return nil }
         return gpa
@@ -732,15 +792,18 @@ struct GuestTableModel {
     func isUnusedRootSlot(_ slot: Int) -> Bool {
         if mode == .pae && slot < 4 { return false }
         let slots = mode == .legacy32 ? [slot, slot + 1] : [slot]
-        return !slots.contains { root.entries[$0] != nil || windowTopIndices.contains($0) }
+        return !slots.contains { aliasedRoot.entries[$0] != nil || windowTopIndices.contains($0) }
     }
 
     /// Whether a store to `gva` may go through a mapping of the root table, and so must be a
-    /// clearing of an unused slot.
+    /// clearing of an unused slot. Any space's mapping counts: CR3 may be in any of them, and a
+    /// no-flush switch keeps translations cached.
     func mayAliasRoot(_ gva: UInt64) -> Bool {
         if aliasPages.contains(gva >> 12) { return true }
-        guard let gpa = leafTarget(gva) else { return false }
-        return gpa >= GuestKernel.tablePoolStart && gpa < GuestKernel.tablePoolEnd
+        return roots.values.contains { space in
+            guard let gpa = leafTarget(gva, from: space) else { return false }
+            return gpa >= GuestKernel.tablePoolStart && gpa < GuestKernel.tablePoolEnd
+        }
     }
 
     // MARK: Applying directives
@@ -752,6 +815,9 @@ struct GuestTableModel {
         case .mem, .cpu, .zap, .memslot, .dirtyLog:  // host-side requests change nothing the guest's tables say
             return true
         case .set(let settings):
+            // CR4.PCIDE can be set only while CR3[11:0] is 0.
+            if settings.pcidEnable == true && !controls.pcidEnable && loadedPCID != 0 { return false }
+            if settings.pcidEnable == true && !mode.isLongMode { return false }
             controls = controls.applying(settings)
             return true
         case .map(let map):
@@ -794,11 +860,31 @@ struct GuestTableModel {
                 }
             }
             return true
-        case .invlpg, .reloadCR3:
+        case .invlpg, .reloadCR3, .invpcid:
             booted = true
             return true
-        case .host, .space, .switchSpace, .invpcid, .writeRegister, .loadCR3:
-            return false  // the model knows one address space in one mode; the generator never emits these
+        case .host:
+            return !booted
+        case .space(let name):
+            if roots[name] == nil {
+                // After boot the kernel writes the new root's window entries through its window.
+                guard !booted || kernelCanWriteTables else { return false }
+                roots[name] = ModelTable()
+                spaceNames.append(name)
+            }
+            editSpace = name
+            return true
+        case .switchSpace(let name, let pcid, let noFlush):
+            guard roots[name] != nil, (pcid == 0 && !noFlush) || controls.pcidEnable else { return false }
+            loadedPCID = pcid
+            if name != loadedSpace {
+                previousSpace = loadedSpace
+                loadedSpace = name
+            }
+            booted = true
+            return true
+        case .writeRegister, .loadCR3, .expect:
+            return false  // the model knows one paging mode and the spaces' roots; the generator never emits these
         }
     }
 
@@ -843,8 +929,11 @@ struct MappedPage {
 
 // MARK: The generator
 
-/// Builds one random scenario for a seed: a paging mode and control bits, 10-60 `map`s, then
-/// 100-400 operations, each valid for the tables as the model says they are then.
+/// Builds one random scenario for a seed: a paging mode, control bits and maybe a host depth
+/// (`host levels=`), 10-60 `map`s, then 100-400 operations, each valid for the tables as the model
+/// says they are then. Some seeds also use address spaces (`space`, `switch` between them), PCIDs
+/// (`set pcid=`, `switch ... pcid=N [noflush]`) and INVPCID; the others stay in one space, as the
+/// seeds before those directives did.
 struct LockstepScenarioGenerator {
     typealias M = GuestTableModel
 
@@ -862,6 +951,12 @@ struct LockstepScenarioGenerator {
     var groups: [Int] = []
     var largeMaps = 0
     let avoid = RandomLockstep.avoid
+    /// This seed's use of address spaces, of PCIDs (4- and 5-level paging only) and of INVPCID.
+    var usesSpaces = false
+    var usesPCIDs = false
+    var usesINVPCID = false
+    /// The names `space` lines create, beyond `kernel`.
+    static let extraSpaceNames = ["s1", "s2", "s3"]
 
     init(seed: UInt64) {
         rng = SplitMix64(seed: 0x10C5_7E90 &+ seed &* 0x9E37_79B9)
@@ -909,7 +1004,11 @@ struct LockstepScenarioGenerator {
 
     mutating func generate() -> [ScenarioDirective] {
         setUp()
-        for _ in 0..<(10 + below(51)) { emitMap() }
+        for _ in 0..<(10 + below(51)) {
+            // Boot code building other processes' tables too.
+            if usesSpaces && chance(12) { emitSpace() }
+            emitMap()
+        }
         for _ in 0..<(100 + below(301)) { emitOperation() }
         return directives
     }
@@ -922,8 +1021,17 @@ struct LockstepScenarioGenerator {
         } else if chance(40) {
             emit(.mem(bytes: memorySize))
         }
+        usesSpaces = chance(50)
+        usesPCIDs = mode.isLongMode && chance(50)
+        usesINVPCID = chance(50)
+        if chance(30) {
+            // KVM's shadow tables in a fixed host depth: special roots for 32-bit and PAE guests, a
+            // passthrough root for a 4-level guest on a 5-level host (a 5-level guest needs 5).
+            emit(.host(levels: mode == .fiveLevel || chance(50) ? 5 : 4))
+        }
         var settings = ControlSettings(writeProtect: chance(75), noExecuteEnable: chance(80), smep: chance(40),
                                        smap: chance(40), alignmentCheck: chance(25))
+        if usesPCIDs && chance(60) { settings.pcidEnable = true }
         if avoid.contains("ac") { settings.alignmentCheck = false }
         if !RandomLockstep.includeKVMGaps && settings.writeProtect == false && settings.smap == true {
             settings.alignmentCheck = false
@@ -1090,14 +1198,17 @@ struct LockstepScenarioGenerator {
 
     mutating func emitOperation() {
         switch below(100) {
-        case 0..<50: emitAccess()
-        case 50..<68 where model.kernelCanWriteTables: emitPTE()
-        case 68..<78:
+        case 0..<48: emitAccess()
+        case 48..<65 where model.kernelCanWriteTables: emitPTE()
+        case 65..<74:
             emit(.invlpg(GuestVirtualAddress(chance(80) ? addressInMappedPage() : wildAddress())))
-        case 78..<84: emit(.reloadCR3)
-        case 84..<89: emitSet()
-        case 89..<92 where model.kernelCanWriteTables && !avoid.contains("roots") && !(avoid.contains("pdpte") && mode == .pae):
+        case 74..<79: emit(.reloadCR3)
+        case 79..<84: emitSet()
+        case 84..<87 where model.kernelCanWriteTables && !avoid.contains("roots") && !(avoid.contains("pdpte") && mode == .pae):
             emitMap()
+        case 87..<92 where usesSpaces || usesPCIDs: emitSwitch()
+        case 92..<94 where usesSpaces: emitSpace()
+        case 94..<96 where usesINVPCID: emitINVPCID()
         default:
             // Again at an address used lately: TLB hits, spurious faults, stale translations.
             if let address = recent.last.map({ chance(50) ? $0 : pick(recent) }) {
@@ -1199,7 +1310,14 @@ struct LockstepScenarioGenerator {
     mutating func emitSet() {
         var settings = ControlSettings()
         for _ in 0..<(1 + below(2)) {
-            switch below(9) {
+            switch below(usesPCIDs ? 10 : 9) {
+            case 9:
+                // CR4.PCIDE: on only while CR3[11:0] is 0 (otherwise WP instead).
+                if controls.pcidEnable || model.loadedPCID == 0 {
+                    settings.pcidEnable = !controls.pcidEnable
+                } else {
+                    settings.writeProtect = !controls.writeProtect
+                }
             case 0, 1: settings.writeProtect = !controls.writeProtect
             case 2, 3: settings.smep = !controls.smep
             case 4, 5: settings.smap = !controls.smap
@@ -1222,6 +1340,56 @@ struct LockstepScenarioGenerator {
             if controls.alignmentCheck == false && settings == ControlSettings(alignmentCheck: false) { return }
         }
         emit(.set(settings))
+    }
+
+    // MARK: Address spaces, PCIDs and INVPCID
+
+    /// Selects the space `map` and `pte` edit, creating one of `extraSpaceNames` now and then.
+    mutating func emitSpace() {
+        let unmade = Self.extraSpaceNames.filter { !model.spaceNames.contains($0) }
+        emit(.space(!unmade.isEmpty && chance(50) ? unmade[0] : pick(model.spaceNames)))
+    }
+
+    /// A PCID for a `switch` or an INVPCID: mostly the space's own (its index + 1), now and then
+    /// another one (PCID sharing between spaces is allowed, and stale translations may then be used).
+    mutating func pcid(for space: String) -> UInt16 {
+        chance(75) ? UInt16(model.spaceNames.firstIndex(of: space)! + 1) : pick([0, 1, 2, 4095])
+    }
+
+    /// MOV to CR3 of a space's root: with CR4.PCIDE a PCID and, half the time, no flush. Mostly
+    /// back to the space before (as a scheduler ping-pongs between two processes, which is what
+    /// KVM's root cache serves), else another space, now and then the loaded one again.
+    mutating func emitSwitch() {
+        let others = model.spaceNames.filter { $0 != model.loadedSpace }
+        let name: String
+        if let previous = model.previousSpace, others.contains(previous), chance(50) {
+            name = previous
+        } else {
+            name = others.isEmpty || chance(10) ? model.loadedSpace : pick(others)
+        }
+        var pcid: UInt16 = 0
+        var noFlush = false
+        if controls.pcidEnable {
+            pcid = self.pcid(for: name)
+            noFlush = chance(50)
+        }
+        emit(.switchSpace(name: name, pcid: pcid, noFlush: noFlush))
+    }
+
+    /// INVPCID of a random type, now and then with an operand the instruction refuses (#GP): a PCID
+    /// above 4095, a non-zero one without CR4.PCIDE, a non-canonical address.
+    mutating func emitINVPCID() {
+        let type = pick(INVPCIDType.allCases)
+        var pcid: UInt64 = 0
+        var gva: UInt64 = 0
+        if type == .individualAddress || type == .singleContext {
+            pcid = chance(90) ? UInt64(self.pcid(for: pick(model.spaceNames))) : pick([4096, 0x1001, UInt64.max])
+            if !controls.pcidEnable && chance(70) { pcid = 0 }
+        }
+        if type == .individualAddress {
+            gva = chance(80) ? (recent.isEmpty || chance(50) ? addressInMappedPage() : pick(recent)) : wildAddress()
+        }
+        emit(.invpcid(type, pcid: pcid, gva: GuestVirtualAddress(gva)))
     }
 
     // MARK: Guest writes to its page tables

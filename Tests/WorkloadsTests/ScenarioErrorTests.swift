@@ -27,7 +27,7 @@ private let preludeLines = 3
 struct ScenarioErrorTests {
     static let cases: [BadCase] = [
         // Directives
-        BadCase("frobnicate 1", line: 1, column: 1, "unknown directive 'frobnicate' (known directives: mem, cpu, set, map, access, pte, invlpg, reload-cr3, host, space, switch, invpcid, cr0, cr4, efer, cr3, zap, memslot, dirty-log)"),
+        BadCase("frobnicate 1", line: 1, column: 1, "unknown directive 'frobnicate' (known directives: mem, cpu, set, map, access, pte, invlpg, reload-cr3, host, space, switch, invpcid, cr0, cr4, efer, cr3, zap, memslot, dirty-log, expect)"),
         BadCase("  maps 0x1000", line: 1, column: 3, "unknown directive 'maps'"),
         BadCase("reload-cr3 now", line: 1, column: 12, "reload-cr3: unexpected 'now'"),
         BadCase("invlpg", line: 1, column: 1, "invlpg: missing GVA (usage: invlpg GVA)"),
@@ -144,6 +144,10 @@ struct ScenarioErrorTests {
         BadCase("pte 0x800000000000 1 P", line: 1, "is not canonical"),
         BadCase("set paging=32\npte 0x1000 1 raw=0x100000000", line: 2, "raw: 0x100000000 does not fit in the 4-byte entries"),
         BadCase("set paging=32\npte 0x1000 1 NX", line: 2, "NX does not exist in the 4-byte entries"),
+        BadCase("expect", line: 1, "expected at least one NAME=N"),
+        BadCase("expect pf_fixed=1 tlb_flushes=2", line: 1, column: 19, "unknown counter 'tlb_flushes'"),
+        BadCase("expect mmu_unsync=0 MMU_UNSYNC=1", line: 1, column: 21, "counter 'mmu_unsync' given twice"),
+        BadCase("expect pf_fixed=-1", line: 1, column: 17, "pf_fixed: '-1' is not a number"),
         // Errors on later lines after valid ones.
         BadCase("mem 64M\nmap 0x1000 0x2000 4k P\naccess read 0x1000\n\n# fine so far\naccess jump 0x1000", line: 6, "access kind"),
     ]

@@ -208,8 +208,30 @@ struct ScenarioParserTests {
         #expect(single("invlpg 0") == .invlpg(GuestVirtualAddress(0)))
     }
 
+    @Test func expectNamesCountersInOrder() {
+        #expect(single("expect mmu_unsync=1 PF_FIXED=0x3 root_cache_hits=2") == .expect([
+            ExpectedCounter(name: "mmu_unsync", value: 1), ExpectedCounter(name: "pf_fixed", value: 3),
+            ExpectedCounter(name: "root_cache_hits", value: 2),
+        ]))
+        // Not a guest operation: `mem` may still follow, and the machine is not booted by it.
+        let scenario = parseOK("expect shadow_pages=0\nmem 32M")
+        #expect(scenario?.memorySize == 32 << 20)
+        #expect(ExpectedCounter.names.count == Set(ExpectedCounter.names).count)
+    }
+
+    @Test func expectRefusesWhatItCannotCheck() {
+        #expect(parseError("expect")?.message.contains("at least one NAME=N") == true)
+        #expect(parseError("expect pf_fixd=1")?.message.contains("unknown counter 'pf_fixd'") == true)
+        #expect(parseError("expect pf_fixed=1 pf_fixed=2")?.message.contains("given twice") == true)
+        #expect(parseError("expect pf_fixed")?.message.contains("expected NAME=N") == true)
+        #expect(parseError("expect pf_fixed=")?.message.contains("missing value") == true)
+        let error = parseError("expect pf_fixed=x1")
+        #expect(error?.message.contains("'x1' is not a number") == true)
+        #expect(error?.column == 17)
+    }
+
     @Test func knownDirectives() {
-        #expect(Scenario.knownDirectives == ["mem", "cpu", "set", "map", "access", "pte", "invlpg", "reload-cr3", "host", "space", "switch", "invpcid", "cr0", "cr4", "efer", "cr3", "zap", "memslot", "dirty-log"])
+        #expect(Scenario.knownDirectives == ["mem", "cpu", "set", "map", "access", "pte", "invlpg", "reload-cr3", "host", "space", "switch", "invpcid", "cr0", "cr4", "efer", "cr3", "zap", "memslot", "dirty-log", "expect"])
     }
 
     @Test func parseContentsOfFile() throws {

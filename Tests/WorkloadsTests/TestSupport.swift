@@ -113,7 +113,7 @@ struct ScenarioGenerator {
 
         let thirtyTwo = mode == .legacy32
         for _ in 0..<int(0...25) {
-            switch int(0...6) {
+            switch int(0...7) {
             case 0, 1:
                 let sizes = PageSize.sizes(for: mode)
                 let size = sizes[int(0...(sizes.count - 1))]
@@ -141,6 +141,9 @@ struct ScenarioGenerator {
                                        value: value, cpl: bool() ? 0 : 3))
             case 5:
                 directives.append(.invlpg(GuestVirtualAddress(gva(mode: mode, canonical: false))))
+            case 6:
+                let names = ExpectedCounter.names.shuffled(using: &rng).prefix(int(1...4))
+                directives.append(.expect(names.map { ExpectedCounter(name: $0, value: bool() ? u64() : UInt64(int(0...9))) }))
             default:
                 if bool() { directives.append(.reloadCR3) } else { directives.append(.set(randomControlsNonEmpty())) }
             }
