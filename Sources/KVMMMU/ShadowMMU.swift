@@ -110,7 +110,9 @@ public final class ShadowMMU {
 
     /// The vCPU counters the VM side counts (`exits`, `insn_emulation`, `tlb_flush`, `pf_guest`,
     /// `remote_tlb_flush`, `mmio_exits`).
-    public enum VCPUCounter: Sendable { case exit, instructionEmulation, tlbFlush, guestFault, remoteTLBFlush, mmioExit }
+    public enum VCPUCounter: Sendable {
+        case exit, instructionEmulation, tlbFlush, guestFault, remoteTLBFlush, remoteTLBFlushRequest, mmioExit
+    }
 
     /// Counts one VM-side event. Out of line on purpose: the exclusivity exemption of `stats`
     /// holds only inside this module, and an inlined increment would put a dynamic check (and,
@@ -123,6 +125,7 @@ public final class ShadowMMU {
         case .tlbFlush: stats.tlbFlush += 1
         case .guestFault: stats.pfGuest += 1
         case .remoteTLBFlush: stats.remoteTLBFlush += 1
+        case .remoteTLBFlushRequest: stats.remoteTLBFlushRequests += 1
         case .mmioExit: stats.mmioExits += 1
         }
     }

@@ -111,7 +111,11 @@ public final class VirtualMachine {
         mmu = ShadowMMU(memory: memory, pool: pool, variant: variant)
         mmu.setMaxPages(limit)
         mmu.flushRemoteTLBs = { [unowned self] in
-            self.mmu.count(.remoteTLBFlush)
+            // kvm_flush_remote_tlbs counts every call, and a flush only when the request had to
+            // kick a vCPU running the guest: the vCPU whose exit KVM is handling is not, the
+            // others are.
+            self.mmu.count(.remoteTLBFlushRequest)
+            if self.vcpus.count > 1 { self.mmu.count(.remoteTLBFlush) }
             for vcpu in self.vcpus { vcpu.requestFlushAll() }
         }
         mmu.freeObsoleteRoots = { [unowned self] in
@@ -244,6 +248,7 @@ public final class VCPU {
     /// through KVM's context rules; the TLB flushes it requests happen at the next entry.
     public func setRegisters(_ new: PagingRegisters) throws(VirtualMachineError) {
         try Self.checkSupported(new, hostLevels: hostLevels)
+        countRegisterWriteExits(from: registers, to: new)
         do {
             hot.pointee.requests.formUnion(try context.setRegisters(new))
         } catch {
@@ -253,6 +258,17 @@ public final class VCPU {
         hot.pointee.narrowLinearAddresses = !new.mode.isLongMode
         hot.pointee.canonicalWidth = new.mode.isLongMode ? new.mode.linearAddressWidth : 64
         serviceRequests()
+    }
+
+    /// The exits a register write takes under shadow paging: a MOV to CR0 or CR4 exits when it
+    /// changes a bit the guest does not own (KVM leaves the guest only CR0.TS; the model's
+    /// registers hold no TS), a MOV to CR3 always, and WRMSR to EFER always (intercepted). One
+    /// exit for each register the write changes; RFLAGS.AC and PKRU are the guest's own.
+    private func countRegisterWriteExits(from old: PagingRegisters, to new: PagingRegisters) {
+        if new.cr0 != old.cr0 { mmu.count(.exit) }
+        if new.cr3 != old.cr3 { mmu.count(.exit) }
+        if new.cr4 != old.cr4 { mmu.count(.exit) }
+        if new.efer != old.efer { mmu.count(.exit) }
     }
 
     /// Until the next entry loads a root, no TLB entry matches: entries stay tagged with the
@@ -283,6 +299,7 @@ public final class VCPU {
         if noFlush && !registers.cr4.contains(.pcidEnable) {
             throw .invalidAccess("MOV to CR3 with bit 63 (no flush) needs CR4.PCIDE")
         }
+        mmu.count(.exit)  // CR3-load exiting: shadow paging intercepts every MOV to CR3
         do {
             hot.pointee.requests.formUnion(try context.loadCR3(value, noFlush: noFlush))
         } catch {
@@ -297,6 +314,8 @@ public final class VCPU {
     /// non-zero PCID for the types that name one while CR4.PCIDE is clear, or a non-canonical
     /// address for an individual-address invalidation.
     public func invalidatePCID(_ type: INVPCIDType, pcid: UInt64, address: GuestVirtualAddress) -> Bool {
+        // With INVLPG exiting (shadow paging) INVPCID exits too, before its operand checks.
+        mmu.count(.exit)
         guard !registers.invpcidFaults(type, pcid: pcid, address: address) else { return false }
         let outcome = context.invalidatePCID(type, pcid: UInt16(pcid), address: address)
         if outcome.flushesAddressInCurrent { tlb.invalidate(address) }
@@ -358,6 +377,7 @@ public final class VCPU {
 
     /// INVLPG.
     public func invalidatePage(_ address: GuestVirtualAddress) {
+        mmu.count(.exit)  // INVLPG exiting
         context.invalidatePage(address)
         tlb.invalidate(address)
         serviceRequests()

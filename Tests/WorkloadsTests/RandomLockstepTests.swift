@@ -363,7 +363,7 @@ struct CoverageTotals {
                                        "supervisor-read", "supervisor-write", "supervisor-fetch", "#GP"]
     static let requiredCounters = ["pf_fixed", "pf_emulate", "pf_spurious", "pf_guest", "mmu_pte_write",
                                    "mmu_shadow_zapped", "mmu_pde_zapped", "mmu_flooded", "mmu_cache_miss",
-                                   "invlpg", "tlb_flush", "remote_tlb_flush"]
+                                   "invlpg", "tlb_flush", "remote_tlb_flush_requests"]
     /// The directives beyond one address space, each of which some passing seed must use.
     static let requiredDirectiveKinds = ["host levels=4", "host levels=5", "space", "switch", "switch pcid",
                                          "switch noflush", "invpcid individual", "invpcid single", "invpcid all",
