@@ -622,6 +622,20 @@ public final class MMUContext {
         return result
     }
 
+    /// The #PF KVM injects when the guest walk cannot read a table (outside every memslot):
+    /// `FNAME(walk_addr_generic)`'s error path, not present, with the access's W and U bits and
+    /// I/D for a fetch when EFER.NX or CR4.SMEP is set (KVM's rule, which unlike the SDM's also
+    /// reports it under 32-bit paging with EFER.NXE).
+    public func unreadableTableErrorCode(_ access: Access) -> PageFaultErrorCode {
+        var code = PageFaultErrorCode()
+        if access.kind == .write { code.insert(.write) }
+        if access.privilege == .user { code.insert(.user) }
+        if access.kind == .fetch && (registers.efer.contains(.noExecuteEnable) || registers.cr4.contains(.smep)) {
+            code.insert(.fetch)
+        }
+        return code
+    }
+
     /// The guest walk's answer, in the form `FNAME(fetch)` consumes (KVM's `struct guest_walker`).
     /// Fixed-size fields, no arrays: it lives on the fault path.
     struct GuestWalk {
@@ -689,12 +703,7 @@ public final class MMUContext {
         case .pageFault:
             return .injectGuestFault(address: address, errorCode: PageFaultErrorCode(rawValue: UInt64(fault.errorCode.architectural)))
         case .noMemory:
-            // A guest table outside every memslot reads as a failed walk: KVM injects a
-            // not-present #PF carrying the access bits.
-            var code = PageFaultErrorCode()
-            if isWrite { code.insert(.write) }
-            if access.privilege == .user { code.insert(.user) }
-            return .injectGuestFault(address: address, errorCode: code)
+            return .injectGuestFault(address: address, errorCode: unreadableTableErrorCode(access))
         case .generalProtection, .addressTooWide:
             return .injectGeneralProtection
         }

@@ -644,11 +644,9 @@ public final class VCPU {
         case .failure(.generalProtection), .failure(.addressTooWide):
             return AccessOutcome(result: .generalProtection, exits: exits, emulated: true, tlbHit: false)
         case .failure(.noMemory):
-            var code = PageFaultErrorCode()
-            if access.kind == .write { code.insert(.write) }
-            if access.privilege == .user { code.insert(.user) }
             mmu.count(.guestFault)
-            return AccessOutcome(result: .pageFault(errorCode: code, cr2: address), exits: exits, emulated: true, tlbHit: false)
+            return AccessOutcome(result: .pageFault(errorCode: context.unreadableTableErrorCode(access), cr2: address),
+                                 exits: exits, emulated: true, tlbHit: false)
         }
         let gpa = translation.physicalAddress
         guard let slot = vm.memory.slot(containing: gpa.frame), !(access.kind == .write && slot.flags.contains(.readOnly)) else {

@@ -200,7 +200,14 @@ import X86Paging
             Issue.record("\(outcome.result)")
             return
         }
-        #expect(!code.contains(.present))
+        #expect(code == [.user])
+        // KVM's walk error path: W and U from the access, I/D for a fetch when EFER.NX (set
+        // here) or CR4.SMEP is.
+        for (access, expected) in [(Access.write(.user), PageFaultErrorCode([.write, .user])),
+                                   (.fetch(.user), [.user, .fetch]), (.fetch(.supervisor), [.fetch])] {
+            let result = try m.vcpu.access(GuestVirtualAddress(0x40_0000), access, size: 8).result
+            #expect(result == .pageFault(errorCode: expected, cr2: GuestVirtualAddress(0x40_0000)), "\(access)")
+        }
         try m.vcpu.loadCR3(m.spaces[0])
         _ = try read(m, 0x40_0000)
         #expect(!m.vcpu.context.usesDummyRoot)
