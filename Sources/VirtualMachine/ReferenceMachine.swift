@@ -61,8 +61,11 @@ public final class ReferenceMachine {
     private var levelOneTables: Set<UInt64> = []
     /// Entry values at the places the pending write may land (see `expect`).
     private var valuesBeforeWrite: [UInt64: UInt64] = [:]
-    /// Every PCID the guest has had active.
-    private var knownPCIDs: Set<UInt16> = [0]
+    /// The PCID current in each period between PCID changes, oldest first (the last is current):
+    /// a translation can be cached only under a PCID current while it was valid.
+    private var pcidPeriods: [UInt16] = [0]
+    /// By entry GPA: the period in which the guest last wrote the entry (before boot: period 0).
+    private var entryWrittenInPeriod: [UInt64: Int] = [:]
     /// Leaf entries (by GPA) the guest last wrote, with the value written.
     private var guestWrittenEntries: [UInt64: UInt64] = [:]
     /// Leaf entries a write access went through since the guest last wrote them.
@@ -74,6 +77,7 @@ public final class ReferenceMachine {
         self.cpu = cpu
         self.registers = registers
         walker = try PageWalker(registers: registers, cpu: cpu, memory: memory)
+        pcidPeriods = [registers.pcid]
     }
 
     /// The architecture's answer for an access about to be made (a probe: nothing is written).
@@ -234,8 +238,12 @@ public final class ReferenceMachine {
         let entryAddress = registers.mode == .legacy32 ? gpa.rawValue & ~3 : gpa.rawValue & ~7
         if let old = valuesBeforeWrite[entryAddress], old & 1 != 0, old & (1 << 5) != 0,
            walker.reservedBitsSet(in: old, level: 1) == 0, old != readEntry(GuestPhysicalAddress(entryAddress)) {
-            staleLeaves[entryAddress, default: []].append(StaleLeaf(value: old, pcids: knownPCIDs.union([registers.pcid])))
+            // The old value was valid from its own write until now: only the PCIDs current in
+            // that time may have cached a translation through it.
+            let since = entryWrittenInPeriod[entryAddress] ?? 0
+            staleLeaves[entryAddress, default: []].append(StaleLeaf(value: old, pcids: Set(pcidPeriods[since...])))
         }
+        entryWrittenInPeriod[entryAddress] = pcidPeriods.count - 1
         guestWrittenEntries[entryAddress] = readEntry(GuestPhysicalAddress(entryAddress))
         writtenThrough.remove(entryAddress)
     }
@@ -355,7 +363,7 @@ public final class ReferenceMachine {
         let newWalker = try PageWalker(registers: new, cpu: cpu, memory: memory, pdpteValues: keptPDPTEs)
         registers = new
         walker = newWalker
-        knownPCIDs.insert(new.pcid)
+        notePCID(new.pcid)
         if new.invalidatesAllTranslations(from: old) {
             cached.removeAll()
             dropStaleLeaves(pcid: nil)
@@ -372,8 +380,12 @@ public final class ReferenceMachine {
         new.cr3 = value
         walker = try PageWalker(registers: new, cpu: cpu, memory: memory)
         registers = new
-        knownPCIDs.insert(new.pcid)
+        notePCID(new.pcid)
         if !(noFlush && new.cr4.contains(.pcidEnable)) { dropNonGlobalTranslations(of: new.pcid) }
+    }
+
+    private func notePCID(_ pcid: UInt16) {
+        if pcidPeriods[pcidPeriods.count - 1] != pcid { pcidPeriods.append(pcid) }
     }
 
     /// A CR3 load of the value CR3 holds, flushing.

@@ -35,6 +35,47 @@ import X86Paging
         }
     }
 
+    /// Shadow pages are shared by every root that reaches the same guest table, whatever its
+    /// PCID, and unsync pages are synced per page. Here spaces a (PCID 1) and b (PCID 2) share the
+    /// kernel window's last-level table. Under PCID 2 the guest rewrites an entry (KVM unsyncs the
+    /// page) and INVLPGs it, which syncs the shared shadow page; it rewrites the entry again (no
+    /// exit: the page is unsync) and switches to PCID 1 without a flush, which does not sync. PCID
+    /// 1 then sees the middle value, which was never in the entry while PCID 1 was current: the
+    /// architecture allows only its own old translation or a fresh walk.
+    @Test func unsyncSharedAcrossPCIDsLeaksAnotherPCIDsTranslation() throws {
+        let scenario = try Scenario.parse("""
+        set pcid=1
+        space a
+        space b
+        map 0xffffe00040000000 0x1000000 4k P,RW,A,D
+        switch a pcid=1
+        access read 0xffffe00040000000
+        switch b pcid=2
+        pte 0xffffe00040000000 1 raw=0x1001063
+        invlpg 0xffffe00040000000
+        access read 0xffffe00040000000
+        pte 0xffffe00040000000 1 raw=0x1002063
+        switch a pcid=1 noflush
+        access read 0xffffe00040000000
+        """, name: "pcid-unsync-gap")
+        do {
+            _ = try ScenarioRunner(scenario: scenario).run()
+            Issue.record("the run finished: the lockstep machine missed KVM's shared-unsync gap")
+        } catch .disagreement(let line, let disagreement, _) {
+            #expect(line == 13)
+            #expect(disagreement.expected.contains("0x1002000"))
+            #expect(disagreement.actual.contains("0x1001000"))
+        } catch {
+            Issue.record("unexpected failure: \(error)")
+        }
+        // Flushing on the switch back syncs (KVM_REQ_MMU_SYNC via kvm_invalidate_pcid): no gap.
+        let flushed = try ScenarioRunner(scenario: try Scenario.parse(
+            scenario.directives.map(\.directive.rendered).joined(separator: "\n")
+                .replacingOccurrences(of: "switch a pcid=1 noflush", with: "switch a pcid=1"),
+            name: "pcid-unsync-flushed")).run()
+        #expect(flushed.accesses.last?.outcome.result == .completed(gpa: GuestPhysicalAddress(0x100_2000), value: 0))
+    }
+
     /// The same scenario with AC=0 throughout: the supervisor write faults under SMAP before
     /// KVM's trick applies, exactly as mmu.rst assumes, and everything agrees.
     @Test func withoutACTheTrickNeverApplies() throws {
