@@ -8,3 +8,5 @@
 //                          and constructors from spte.h / spte.c
 //   MMUStats.swift         KVM's MMU statistics under KVM's names
 //   MMUEvents.swift        KVM's kvmmmu tracepoints as events, and a bounded event log
+//   SPP.swift              sub-page write protection: per-memslot bitmaps, the SPP table KVM builds,
+//                          the `spp` role bit, SPTE arming, the fault path's and emulator's checks

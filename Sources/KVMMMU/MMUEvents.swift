@@ -53,14 +53,25 @@ public enum MMUEvent: Sendable, Equatable {
     case kvmMMUSplitHugePage(gfn: GuestFrameNumber, spte: SPTE, level: Int, errno: Int)
     /// `kvm_page_fault` (trace system `kvm`): a page fault exit reached KVM.
     case kvmPageFault(vcpuID: Int, address: UInt64, errorCode: PageFaultErrorCode)
+    /// `kvm_spp_set_subpages` (the SPP series; never merged): `gfn`'s sub-page write bitmap was
+    /// stored by KVM_SUBPAGES_SET_ACCESS (`vcpuID` nil) or written into the SPP table while a
+    /// vCPU's SPPT miss rebuilt it.
+    case kvmSPPSetSubpages(vcpuID: Int?, gfn: GuestFrameNumber, access: SubPageWriteMask)
+    /// `kvm_spp_induced_exit` (SPP series): an SPPT-miss or SPPT-misconfiguration VM exit
+    /// (EXIT_REASON_SPP) with its exit qualification.
+    case kvmSPPInducedExit(vcpuID: Int, gpa: GuestPhysicalAddress, qualification: SPPExitQualification)
+    /// `kvm_spp_induced_page_fault` (SPP series): a write refused by sub-page permissions went to
+    /// the VMM (KVM_EXIT_SPP) with the writing instruction's length.
+    case kvmSPPInducedPageFault(vcpuID: Int, gpa: GuestPhysicalAddress, instructionLength: Int)
 
-    /// The tracepoint names, in mmutrace.h order, then `kvm_page_fault`.
+    /// The tracepoint names, in mmutrace.h order, then `kvm_page_fault`, then the SPP series' three.
     public static let allNames: [String] = [
         "kvm_mmu_pagetable_walk", "kvm_mmu_paging_element", "kvm_mmu_set_accessed_bit",
         "kvm_mmu_set_dirty_bit", "kvm_mmu_walker_error", "kvm_mmu_get_page", "kvm_mmu_sync_page",
         "kvm_mmu_unsync_page", "kvm_mmu_prepare_zap_page", "mark_mmio_spte", "handle_mmio_page_fault",
         "fast_page_fault", "kvm_mmu_zap_all_fast", "check_mmio_spte", "kvm_mmu_set_spte",
         "kvm_mmu_spte_requested", "kvm_tdp_mmu_spte_changed", "kvm_mmu_split_huge_page", "kvm_page_fault",
+        "kvm_spp_set_subpages", "kvm_spp_induced_exit", "kvm_spp_induced_page_fault",
     ]
 
     /// The exact tracepoint name.
@@ -85,6 +96,9 @@ public enum MMUEvent: Sendable, Equatable {
         case .kvmTDPMMUSPTEChanged: "kvm_tdp_mmu_spte_changed"
         case .kvmMMUSplitHugePage: "kvm_mmu_split_huge_page"
         case .kvmPageFault: "kvm_page_fault"
+        case .kvmSPPSetSubpages: "kvm_spp_set_subpages"
+        case .kvmSPPInducedExit: "kvm_spp_induced_exit"
+        case .kvmSPPInducedPageFault: "kvm_spp_induced_page_fault"
         }
     }
 }
@@ -130,6 +144,13 @@ extension MMUEvent: CustomStringConvertible {
             return "gfn \(hexDigits(gfn.rawValue)) spte \(hexDigits(spte.rawValue)) level \(level) errno \(errno)"
         case let .kvmPageFault(vcpuID, address, errorCode):
             return "vcpu \(vcpuID) address \(hex(address)) error_code \(hex(errorCode.rawValue))"
+        case let .kvmSPPSetSubpages(vcpuID, gfn, access):
+            let origin = vcpuID.map { "vcpu \($0) " } ?? ""
+            return origin + "gfn \(hexDigits(gfn.rawValue)) access \(hexDigits(access.rawValue))"
+        case let .kvmSPPInducedExit(vcpuID, gpa, qualification):
+            return "vcpu \(vcpuID) gpa \(hexDigits(gpa.rawValue)) qualification \(hexDigits(qualification.rawValue))"
+        case let .kvmSPPInducedPageFault(vcpuID, gpa, instructionLength):
+            return "vcpu \(vcpuID) gpa \(hexDigits(gpa.rawValue)) insn_len \(instructionLength)"
         }
     }
 

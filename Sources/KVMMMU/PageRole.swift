@@ -220,7 +220,8 @@ public struct PageRole: Hashable, Sendable {
 extension PageRole: CustomStringConvertible {
     /// KVM's tracepoint rendering of a role (`l%u %u-byte q%u%s %s%s %snxe %sad`), followed by the
     /// bits that print omits: `[!]wp`, `smep_andnot_wp`, `smap_andnot_wp`, `guest_mode`,
-    /// `passthrough`, `smm`, and any unused bit as raw hex.
+    /// `passthrough`, `smm`, the SPP extension's `spp` (SPP.swift), and any other unused bit as raw
+    /// hex.
     public var description: String {
         var text = "l\(level) \(guestEntryBytes)-byte q\(quadrant)"
         if isDirect { text += " direct" }
@@ -234,7 +235,8 @@ extension PageRole: CustomStringConvertible {
         if guestMode { text += " guest_mode" }
         if isPassthrough { text += " passthrough" }
         if smm { text += " smm" }
-        let unused = word & Self.unusedBits
+        if isSubPageProtectionTable { text += " spp" }
+        let unused = word & Self.unusedBits & ~(1 << Self.subPageProtectionTableBit)
         if unused != 0 { text += " unused=" + hex(unused) }
         let smmByte = (word >> Self.smmShift) & Self.smmMask
         if smmByte > 1 { text += " smm_byte=" + hex(smmByte) }

@@ -28,6 +28,9 @@ private let sampleEvents: [MMUEvent] = {
         .kvmTDPMMUSPTEChanged(addressSpaceID: 0, gfn: GuestFrameNumber(0x200), level: 2, old: SPTE.nonPresent, new: spte),
         .kvmMMUSplitHugePage(gfn: GuestFrameNumber(0x200), spte: spte, level: 2, errno: -12),
         .kvmPageFault(vcpuID: 0, address: 0x7000, errorCode: [.write]),
+        .kvmSPPSetSubpages(vcpuID: nil, gfn: GuestFrameNumber(0x1234), access: 0xFFFF_0000),
+        .kvmSPPInducedExit(vcpuID: 2, gpa: GuestPhysicalAddress(0x123_4080), qualification: .sppTableMiss),
+        .kvmSPPInducedPageFault(vcpuID: 1, gpa: GuestPhysicalAddress(0x123_4100), instructionLength: 3),
     ]
 }()
 
@@ -54,6 +57,11 @@ private let sampleEvents: [MMUEvent] = {
         #expect(text[15] == "gfn 1234 pfn 5678 level 2")
         #expect(text[16] == "as id 0 gfn 200 level 2 old_spte 0 new_spte 8000000001234907")
         #expect(text[17] == "gfn 200 spte 8000000001234907 level 2 errno -12")
+        #expect(text[19] == "gfn 1234 access ffff0000")
+        #expect(MMUEvent.kvmSPPSetSubpages(vcpuID: 3, gfn: GuestFrameNumber(0x10), access: 0).description
+                == "vcpu 3 gfn 10 access 0")
+        #expect(text[20] == "vcpu 2 gpa 1234080 qualification 800")
+        #expect(text[21] == "vcpu 1 gpa 1234100 insn_len 3")
         let x86Leaf = SPTE.leaf(pfn: HostFrameNumber(0x99), level: 1, access: ACC.user, hostWritable: true,
                                 writable: true, masks: .shadowPaging)
         let setSPTE = MMUEvent.kvmMMUSetSPTE(level: 1, gfn: GuestFrameNumber(0x99), spte: x86Leaf)
