@@ -24,6 +24,8 @@ public enum HostPagePoolError: Error, Equatable, Sendable, CustomStringConvertib
     case doubleFree(HostFrameNumber)
     /// `frame` lies in the pool but was never handed out.
     case neverAllocated(HostFrameNumber)
+    /// An allocation aligned to 0 frames.
+    case invalidAlignment(UInt64)
 
     public var description: String {
         switch self {
@@ -38,6 +40,7 @@ public enum HostPagePoolError: Error, Equatable, Sendable, CustomStringConvertib
             "\(frame) (+\(pages) pages) is outside the host page pool (\(pool.lowerBound) through \(pool.upperBound))"
         case .doubleFree(let frame): "double free of \(frame): it is already free"
         case .neverAllocated(let frame): "cannot free \(frame): it was never allocated"
+        case .invalidAlignment(let alignment): "cannot align an allocation to \(alignment) frames"
         }
     }
 }
@@ -154,9 +157,16 @@ public final class HostPagePool: @unchecked Sendable {
 
     /// A run of `pages` contiguous zeroed frames (the lowest run that fits); its first frame.
     public func allocate(pages: Int) throws(HostPagePoolError) -> HostFrameNumber {
+        try allocate(pages: pages, alignment: 1, remainder: 0)
+    }
+
+    /// The lowest run of `pages` contiguous zeroed frames whose first frame number is `remainder`
+    /// modulo `alignment` (how a VMM aligns a mapping of guest memory for huge host pages).
+    public func allocate(pages: Int, alignment: UInt64, remainder: UInt64) throws(HostPagePoolError) -> HostFrameNumber {
         guard pages > 0 else { throw .invalidPageCount(pages) }
+        guard alignment > 0 else { throw .invalidAlignment(alignment) }
         return try lock.withLock { () throws(HostPagePoolError) -> HostFrameNumber in
-            guard pages <= capacityPages - allocatedCount, let start = findRun(pages) else {
+            guard pages <= capacityPages - allocatedCount, let start = findRun(pages, alignment: alignment, remainder: remainder) else {
                 throw .exhausted(requested: pages, capacity: capacityPages, allocated: allocatedCount,
                                  largestFreeRun: largestRun())
             }
@@ -201,13 +211,20 @@ public final class HostPagePool: @unchecked Sendable {
 
     // MARK: The bitmap (lock held)
 
-    /// The lowest index of a run of `count` clear bits, or nil.
-    private func findRun(_ count: Int) -> Int? {
+    /// The lowest index of a run of `count` clear bits whose frame number is `remainder` modulo
+    /// `alignment`, or nil.
+    private func findRun(_ count: Int, alignment: UInt64, remainder: UInt64) -> Int? {
         var start = searchStart
-        while let candidate = nextClear(from: start) {
+        while let free = nextClear(from: start) {
+            // The first index at or after `free` with the wanted frame number modulo `alignment`.
+            let frame = firstFrameNumber + UInt64(free)
+            let skip = (remainder % alignment + alignment - frame % alignment) % alignment
+            guard skip < UInt64(capacityPages - free) else { return nil }
+            let candidate = free + Int(skip)
+            guard candidate + count <= capacityPages else { return nil }
             let end = nextSet(from: candidate, limit: candidate + count)
             if end - candidate >= count { return candidate }
-            start = end
+            start = max(end, candidate + 1)
         }
         return nil
     }

@@ -262,9 +262,13 @@ public final class MemslotSet: PhysicalMemory, ByteAccessibleMemory, @unchecked 
 
     /// Adds a slot of zeroed memory at `base` (KVM_SET_USER_MEMORY_REGION creating a slot): base and
     /// size page-aligned, size > 0, the range inside 52 bits, no overlap with another slot, a new
-    /// id. Its host frames come from the pool as one contiguous run.
+    /// id. Its host frames come from the pool as one contiguous run, placed so that its first host
+    /// frame is the slot's first guest frame plus `hostSkew` modulo `hostAlignment` frames (KVM's
+    /// huge pages need the two aligned alike: a VMM aligns its mapping, `userspace_addr`, for
+    /// that). The default places the run anywhere.
     @discardableResult
-    public func addSlot(id: Int, base: GuestPhysicalAddress, size: UInt64, flags: MemslotFlags = []) throws(MemslotError) -> Memslot {
+    public func addSlot(id: Int, base: GuestPhysicalAddress, size: UInt64, flags: MemslotFlags = [],
+                        hostAlignment: UInt64 = 1, hostSkew: UInt64 = 0) throws(MemslotError) -> Memslot {
         guard flags.isSubset(of: .all) else { throw .invalidFlags(id: id, flags.subtracting(.all)) }
         guard (0..<Self.slotLimit).contains(id) else { throw .invalidSlotID(id) }
         guard size > 0 else { throw .emptySlot(id: id) }
@@ -286,7 +290,8 @@ public final class MemslotSet: PhysicalMemory, ByteAccessibleMemory, @unchecked 
         }
         let hostBase: HostFrameNumber
         do throws(HostPagePoolError) {
-            hostBase = try pool.allocate(pages: Int(pages))
+            hostBase = try pool.allocate(pages: Int(pages), alignment: hostAlignment,
+                                         remainder: (baseFrame % max(hostAlignment, 1) + hostSkew % max(hostAlignment, 1)))
         } catch {
             throw .hostMemory(id: id, error)
         }
@@ -445,6 +450,49 @@ public final class MemslotSet: PhysicalMemory, ByteAccessibleMemory, @unchecked 
         }
         guard let cleared else { throw .dirtyLoggingDisabled(id: id) }
         return cleared
+    }
+
+    /// Clears the bits of `mask` in the 64 dirty bits of pages `firstPage..<firstPage + 64` of the
+    /// slot, and returns the ones that were set (KVM_CLEAR_DIRTY_LOG's `atomic_long_fetch_andnot`).
+    /// `firstPage` must be a multiple of 64; bits past the slot's end are ignored.
+    public func clearDirty(slot id: Int, firstPage: UInt64, mask: UInt64) throws(MemslotError) -> UInt64 {
+        guard let record = recordsByID[id] else { throw .noSuchSlot(id) }
+        precondition(firstPage % 64 == 0, "dirty bits are cleared a word at a time")
+        let cleared: UInt64? = dirtyLock.withLock {
+            guard record.dirty != nil else { return nil }
+            let word = Int(firstPage / 64)
+            guard word < record.dirty!.count else { return 0 }
+            let set = record.dirty![word] & mask
+            record.dirty![word] &= ~mask
+            return set
+        }
+        guard let cleared else { throw .dirtyLoggingDisabled(id: id) }
+        return cleared
+    }
+
+    /// Sets every dirty bit of the slot (KVM_DIRTY_LOG_INITIALLY_SET when logging starts).
+    public func markAllDirty(slot id: Int) throws(MemslotError) {
+        guard let record = recordsByID[id] else { throw .noSuchSlot(id) }
+        let done: Bool = dirtyLock.withLock {
+            guard record.dirty != nil else { return false }
+            let pages = record.slot.pageCount
+            for word in record.dirty!.indices {
+                let first = UInt64(word) * 64
+                record.dirty![word] = pages - first >= 64 ? ~0 : (UInt64(1) << (pages - first)) - 1
+            }
+            return true
+        }
+        guard done else { throw .dirtyLoggingDisabled(id: id) }
+    }
+
+    /// Whether `frame` is marked dirty in its slot's bitmap (false when the slot does not log).
+    public func isDirty(_ frame: GuestFrameNumber) -> Bool {
+        guard let record = record(containing: frame) else { return false }
+        let page = frame.rawValue - record.slot.baseFrame.rawValue
+        return dirtyLock.withLock {
+            guard let bitmap = record.dirty else { return false }
+            return bitmap[Int(page >> 6)] & (1 << (page & 63)) != 0
+        }
     }
 
     // MARK: Reading and writing guest bytes

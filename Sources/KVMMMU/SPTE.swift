@@ -377,6 +377,56 @@ public struct SPTE: RawRepresentable, Hashable, Sendable {
         return SPTE(bits | saved)
     }
 
+    /// `modify_spte_protections`: sets and clears permission bits of a present SPTE, keeping an
+    /// access-tracked SPTE tracked (its permissions live in the saved bits until it is restored).
+    @inlinable
+    public func withProtections(setting set: UInt64, clearing clear: UInt64, masks: SPTEMasks) -> SPTE {
+        let tracked = isAccessTracked(masks)
+        var spte = tracked ? restoredFromAccessTrack(masks) : self
+        spte = SPTE((spte.rawValue | set) & ~clear)
+        return tracked ? spte.markedForAccessTrack(masks) : spte
+    }
+
+    /// `make_spte_executable`.
+    @inlinable public func madeExecutable(_ masks: SPTEMasks) -> SPTE {
+        withProtections(setting: masks.x, clearing: masks.nx, masks: masks)
+    }
+
+    /// `make_spte_nonexecutable`.
+    @inlinable public func madeNonExecutable(_ masks: SPTEMasks) -> SPTE {
+        withProtections(setting: masks.nx, clearing: masks.x, masks: masks)
+    }
+
+    /// `make_small_spte`: entry `index` of the table that replaces this huge leaf, mapping the same
+    /// memory with the same permissions and state one level down. At level 1 the entry loses PS, and
+    /// becomes executable again when the NX huge-page mitigation (`nxHugePages`) was what took X away
+    /// and the table's role grants exec.
+    /// - Precondition: a shadow-present huge leaf, `childLevel` one below its level, `index < 512`.
+    @inlinable
+    public func smallSPTE(index: Int, childLevel: Int, roleAccess: UInt8, nxHugePages: Bool, masks: SPTEMasks) -> SPTE {
+        precondition(isShadowPresent && isLarge && (0..<KVMLevel.entriesPerPage).contains(index),
+                     "only a present huge leaf splits")
+        // The huge page's frame is aligned to its size, so the child's offset ORs in.
+        var child = SPTE(rawValue | UInt64(index) << UInt64(9 * (childLevel - 1) + pageShift))
+        if childLevel == KVMLevel.pageTable {
+            child.rawValue &= ~Self.pageSizeBit
+            if roleAccess & ACC.exec != 0 && nxHugePages { child = child.madeExecutable(masks) }
+        }
+        return child
+    }
+
+    /// `make_huge_spte`: a huge leaf at `level` built from one of the small leaves it replaces: PS
+    /// set, the frame rounded down to the huge page, and not executable under the NX huge-page
+    /// mitigation.
+    @inlinable
+    public func hugeSPTE(level: Int, nxHugePages: Bool, masks: SPTEMasks) -> SPTE {
+        precondition(isShadowPresent && level > KVMLevel.pageTable, "only a present SPTE becomes a huge leaf above 4K")
+        let offsetBits = (UInt64(1) << UInt64(9 * (level - 1) + pageShift)) - 1
+        var huge = SPTE((rawValue | Self.pageSizeBit) & ~(offsetBits & Self.baseAddressMask))
+        if nxHugePages { huge = huge.madeNonExecutable(masks) }
+        return huge
+    }
+
     /// `spte_write_protect`: clear W; for a gfn KVM shadows as a guest page table (`forPageTable`), clear
     /// MMU-writable too so only an unsync can make it writable again. Nil when nothing would change.
     @inlinable public func writeProtected(forPageTable: Bool, masks: SPTEMasks) -> SPTE? {
