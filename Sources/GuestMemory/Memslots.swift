@@ -348,6 +348,12 @@ public final class MemslotSet: PhysicalMemory, ByteAccessibleMemory, @unchecked 
 
     // MARK: Dirty logging
 
+    /// Whether the slot holding `frame` logs dirty pages. A method rather than a property test for
+    /// callers in other modules: read from there, the slot state costs a dynamic exclusivity check.
+    public func logsDirtyPages(_ frame: GuestFrameNumber) -> Bool {
+        isLoggingDirtyPages && record(containing: frame)?.slot.logsDirtyPages == true
+    }
+
     /// Records a write to `frame` in its slot's dirty bitmap when the slot logs dirty pages
     /// (KVM's mark_page_dirty). Returns whether a bit was recorded.
     @discardableResult
