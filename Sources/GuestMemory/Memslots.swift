@@ -385,6 +385,12 @@ public final class MemslotSet: PhysicalMemory, ByteAccessibleMemory, @unchecked 
 
     // MARK: Dirty logging
 
+    /// Whether the slot holding `frame` logs dirty pages. A method rather than a property test for
+    /// callers in other modules: read from there, the slot state costs a dynamic exclusivity check.
+    public func logsDirtyPages(_ frame: GuestFrameNumber) -> Bool {
+        isLoggingDirtyPages && record(containing: frame)?.slot.logsDirtyPages == true
+    }
+
     /// The page walker set accessed/dirty bits in a guest table here: a write like any other.
     public func didWriteEntry(in frame: GuestFrameNumber) { markDirty(frame) }
 

@@ -148,6 +148,15 @@ struct RmapTables {
         return true
     }
 
+    /// Calls `body` with every SPTE mapping `frame` at `level`, without building a list; `body`
+    /// must not change the map.
+    func forEachSPTE(_ frame: UInt64, level: Int, _ body: (SPTEPointer) -> Void) {
+        let head = heads[level - 1][frame]
+        if head == 0 { return }
+        if head & 1 == 0 { return body(SPTEPointer(bitPattern: head)!) }
+        for pointer in lists[Int(head >> 1)] { body(pointer) }
+    }
+
     /// Every SPTE mapping `frame` at `level`.
     func sptes(_ frame: UInt64, level: Int) -> [SPTEPointer] {
         let head = heads[level - 1][frame]

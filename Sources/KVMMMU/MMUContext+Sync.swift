@@ -29,13 +29,19 @@ extension MMUContext {
             mmu.zap(page, flushing: false)
             return -1
         }
+        let result = page.role.hasFourByteGPTE ? syncSPTEs(of: page, format: legacy32) : syncSPTEs(of: page, format: long64)
+        if result < 0 { mmu.zap(page, flushing: false) }
+        return result
+    }
+
+    /// The SPTE loop of `kvm_sync_page`: -1 at the first guest entry that cannot be read,
+    /// otherwise whether a TLB flush is due.
+    private func syncSPTEs<Format: PagingFormat>(of page: ShadowPage, format: Format) -> Int {
+        let entries = ShadowedGuestEntries(of: page, in: mmu.memory)
         var flush = false
         for index in 0..<KVMLevel.entriesPerPage where page.spte(index).pointee != SPTE.nonPresent.rawValue {
-            let result = syncSPTE(page, index)
-            if result < 0 {
-                mmu.zap(page, flushing: false)
-                return -1
-            }
+            let result = syncSPTE(page, index, from: entries, format: format)
+            if result < 0 { return -1 }
             if result > 0 { flush = true }
         }
         return flush ? 1 : 0
@@ -44,15 +50,24 @@ extension MMUContext {
     /// `FNAME(sync_spte)`: one SPTE of an unsync page from the guest entry it shadows. -1 when the
     /// entry cannot be read, 1 when the SPTE changed so that a TLB flush is due, 0 otherwise.
     func syncSPTE(_ page: ShadowPage, _ index: Int) -> Int {
+        let entries = ShadowedGuestEntries(of: page, in: mmu.memory)
+        return page.role.hasFourByteGPTE
+            ? syncSPTE(page, index, from: entries, format: legacy32)
+            : syncSPTE(page, index, from: entries, format: long64)
+    }
+
+    @inline(__always)
+    private func syncSPTE<Format: PagingFormat>(_ page: ShadowPage, _ index: Int, from entries: ShadowedGuestEntries,
+                                                format: Format) -> Int {
         let pointer = page.spte(index)
         guard pointer.pointee != SPTE.nonPresent.rawValue else { return 0 }
-        guard let gpte = guestEntry(of: page, at: index) else { return -1 }
+        guard let gpte = entries.entry(Format.Entry.self, at: index) else { return -1 }
         let old = SPTE(rawValue: pointer.pointee)
-        if isPrefetchInvalid(gpte) {
+        if format.isPrefetchInvalid(gpte) {
             dropSPTE(pointer, in: page)
             return 1
         }
-        let (gfn, access) = leafTranslation(gpte, in: page)
+        let (gfn, access) = format.leafTranslation(gpte, pageAccess: page.role.access)
         if old.isMMIO(mmu.masks) {
             // `sync_mmio_spte`: an MMIO SPTE for another gfn goes; otherwise it is made again
             // with the new access.
@@ -102,19 +117,20 @@ extension MMUContext {
     /// and syncs them, then clears the bits that led there.
     func syncChildren(of parent: ShadowPage) {
         guard parent.level > 1, parent.unsyncChildren > 0 else { return }
-        let leaves = mmu.unsyncLeaves(under: parent)
-        guard !leaves.isEmpty else { return }
-        var protected = false
-        for leaf in leaves where mmu.writeProtect(leaf.gfn) { protected = true }
-        if protected { mmu.flushRemoteTLBs() }
-        var flush = false
-        for leaf in leaves where leaf.unsync && !mmu.isObsolete(leaf) {
-            mmu.unlinkUnsync(leaf)
-            mmu.events.record(.kvmMMUSyncPage(gfn: leaf.gfn, role: leaf.role))
-            if syncPage(leaf) != 0 { flush = true }
+        mmu.withUnsyncLeaves(under: parent) { leaves in
+            guard !leaves.isEmpty else { return }
+            var protected = false
+            for leaf in leaves where mmu.writeProtect(leaf.gfn) { protected = true }
+            if protected { mmu.flushRemoteTLBs() }
+            var flush = false
+            for leaf in leaves where leaf.unsync && !mmu.isObsolete(leaf) {
+                mmu.unlinkUnsync(leaf)
+                mmu.events.record(.kvmMMUSyncPage(gfn: leaf.gfn, role: leaf.role))
+                if syncPage(leaf) != 0 { flush = true }
+            }
+            mmu.clearSyncedChildren(under: parent)
+            if flush { mmu.flushRemoteTLBs() }
         }
-        mmu.clearSyncedChildren(under: parent)
-        if flush { mmu.flushRemoteTLBs() }
     }
 
     /// `kvm_mmu_sync_roots`: the current root's unsync pages, or those under each PAE root.

@@ -74,10 +74,14 @@ public final class MMUContext {
     @exclusivity(unchecked) public private(set) var previousRoots = [CachedRoot?](repeating: nil, count: previousRootCount)
     /// KVM_MMU_NUM_PREV_ROOTS.
     public static let previousRootCount = 3
+    /// The guest walkers of the address spaces CR3 loads left, as many as there are cached roots.
+    /// They are for the current registers but CR3: a register write other than a CR3 load
+    /// empties the list.
+    @exclusivity(unchecked) private var recentGuestWalkers = RecentWalkers(count: previousRootCount)
     /// CR3 loads that found their root cached (current or previous) and ones that did not; not
     /// KVM counters, the model's view of `fast_pgd_switch`.
-    public private(set) var rootCacheHits: UInt64 = 0
-    public private(set) var rootCacheMisses: UInt64 = 0
+    @exclusivity(unchecked) public private(set) var rootCacheHits: UInt64 = 0
+    @exclusivity(unchecked) public private(set) var rootCacheMisses: UInt64 = 0
     /// The paging depth of the host format the shadow tables are built in, or nil to follow the
     /// guest (see `VirtualMachine.hostLevels`).
     public let hostLevels: Int?
@@ -91,8 +95,9 @@ public final class MMUContext {
     /// Root shadow pages this context allocated (a root lookup that missed the hash), special
     /// roots not included.
     public private(set) var rootsCreated: UInt64 = 0
-    @exclusivity(unchecked) private var long64: Long64Format
-    @exclusivity(unchecked) private var legacy32: Legacy32Format
+    /// The guest's entry formats under the current registers (the guest walker's rules).
+    @exclusivity(unchecked) private(set) var long64: Long64Format
+    @exclusivity(unchecked) private(set) var legacy32: Legacy32Format
 
     public init(mmu: ShadowMMU, registers: PagingRegisters, cpu: CPUModel = CPUModel(),
                 hostLevels: Int? = nil, variant: MMUVariant = .upstream) throws(ControlStateError) {
@@ -177,11 +182,24 @@ public final class MMUContext {
         if changed || registers.mode == .pae {
             var new = registers
             new.cr3 = value
-            let walker = try guestWalker.loadingCR3(value, memory: mmu.memory)
-            let pdptesChanged = walker.mode == .pae && (0..<4).contains { walker.pdpte($0) != guestWalker.pdpte($0) }
+            // The walker kept from an earlier load of this CR3, else the current one pointed at the
+            // new root. In 4- and 5-level paging a walker is a function of the registers (and of the
+            // CPU model, the same for all of the context's); a PAE walker also holds the PDPTEs it
+            // loaded, which every CR3 load reloads from memory.
+            let reusable = guestWalkerBox.walker.mode.isLongMode
+            var box: WalkerBox
+            if reusable, let kept = recentGuestWalkers.take(cr3: value) {
+                assert(kept.walker.registers == new, "a walker kept for other registers")
+                box = kept
+            } else {
+                box = WalkerBox(try guestWalker.loadingCR3(value, memory: mmu.memory))
+            }
+            let pdptesChanged = box.walker.mode == .pae
+                && (0..<4).contains { box.walker.pdpte($0) != guestWalkerBox.walker.pdpte($0) }
             // Only CR3 changed: the formats derived from CR4 and EFER stay.
             registers = new
-            guestWalkerBox = WalkerBox(walker)
+            swap(&box, &guestWalkerBox)
+            if reusable { recentGuestWalkers.keep(consume box) }  // the walker of the address space left
             if pdptesChanged { freeCurrentRoot() }
             if changed { switchRoot(to: value) }
         }
@@ -220,30 +238,32 @@ public final class MMUContext {
         // `using_local_root_page` asks of the roles, which is the same while they are unchanged).
         if rootsLoaded && (root == nil || root!.isPerVCPURoot) { freeCurrentRoot() }
         let hit = rootsLoaded ? findCachedRootKeepingCurrent(pgd) : findCachedRootWithoutCurrent(pgd)
-        guard hit, let root else {
+        guard hit, root != nil else {
             rootCacheMisses += 1
             return
         }
         rootCacheHits += 1
-        if !rootRole.isDirect { root.writeFloodingCount = 0 }
+        if !rootRole.isDirect { root?.writeFloodingCount = 0 }
     }
 
     /// `cached_root_find_and_keep_current`: rotates the current root through the cache until a
     /// usable one is current (C 0 1 2 -> 0 C 1 2 -> 1 C 0 2 -> 2 C 0 1); with none, the root that
-    /// fell off the end is freed.
+    /// fell off the end is freed. The roots are moved, not copied, so a switch pays no reference
+    /// counting for them.
     private func findCachedRootKeepingCurrent(_ pgd: UInt64) -> Bool {
-        var current: CachedRoot? = root.map { CachedRoot(pgd: rootPGD, page: $0) }
-        if isUsable(current, pgd: pgd) { return true }
-        for index in previousRoots.indices {
-            swap(&current, &previousRoots[index])
-            if isUsable(current, pgd: pgd) {
-                setCurrentRoot(current!)
-                return true
-            }
+        var current: CachedRoot?
+        switch root.take() {
+        case .some(let page): current = CachedRoot(pgd: rootPGD, page: page)
+        case .none: current = nil
         }
-        setCurrentRoot(current)
-        freeCurrentRoot()
-        return false
+        var found = isUsable(current, pgd: pgd)
+        for index in previousRoots.indices where !found {
+            swap(&current, &previousRoots[index])
+            found = isUsable(current, pgd: pgd)
+        }
+        setCurrentRoot(consume current)
+        if !found { freeCurrentRoot() }
+        return found
     }
 
     /// `cached_root_find_without_current`: the first usable cached root becomes current and the
@@ -256,11 +276,17 @@ public final class MMUContext {
         return true
     }
 
-    private func setCurrentRoot(_ cached: CachedRoot?) {
-        root = cached?.page
-        rootPGD = cached?.pgd ?? 0
+    private func setCurrentRoot(_ cached: consuming CachedRoot?) {
         rootsLoaded = cached != nil
         usesDummyRoot = false
+        switch consume cached {
+        case .some(let entry):
+            rootPGD = entry.pgd
+            root = entry.page
+        case .none:
+            rootPGD = 0
+            root = nil
+        }
     }
 
     func freePreviousRoot(at index: Int) {
@@ -272,6 +298,7 @@ public final class MMUContext {
     private func install(_ new: PagingRegisters, _ walker: PageWalker) {
         registers = new
         guestWalkerBox = WalkerBox(walker)
+        recentGuestWalkers.removeAll()
         long64 = Long64Format(mode: walker.mode, efer: new.efer, cpu: cpu)
         legacy32 = Legacy32Format(cr4: new.cr4, cpu: cpu)
     }
@@ -684,12 +711,6 @@ public final class MMUContext {
         }
     }
 
-    /// The ACC bits one guest entry grants (`FNAME(gpte_access)`).
-    func guestAccess(_ gpte: UInt64) -> UInt8 {
-        if rootRole.hasFourByteGPTE { return legacy32.permissions(Legacy32Entry(bits: gpte)) }
-        return long64.permissions(Entry64(rawValue: gpte))
-    }
-
     private func shadowPageFault(_ address: GuestVirtualAddress, access: Access,
                                  errorCode: PageFaultErrorCode) throws(ShadowMMUError) -> PageFaultResult {
         let isWrite = errorCode.contains(.write)
@@ -1027,60 +1048,45 @@ public final class MMUContext {
     private func prefetchNeighbours(of faulting: SPTEPointer, in page: ShadowPage) {
         guard page.level == 1 else { return }
         let first = page.index(of: faulting) & ~(ShadowMMU.prefetchCount - 1)
-        for index in first..<first + ShadowMMU.prefetchCount {
+        let group = first..<first + ShadowMMU.prefetchCount
+        if !page.role.isDirect {
+            if page.role.hasFourByteGPTE {
+                prefetchGuestPTEs(group, around: faulting, in: page, format: legacy32)
+            } else {
+                prefetchGuestPTEs(group, around: faulting, in: page, format: long64)
+            }
+            return
+        }
+        for index in group {
             let pointer = page.spte(index)
             if pointer == faulting || SPTE(rawValue: pointer.pointee).isShadowPresent { continue }
-            if page.role.isDirect {
-                let gfn = GuestFrameNumber(page.gfn.rawValue + UInt64(index))
-                guard let backing = mmu.memory.backing(of: gfn), !(page.role.access & ACC.write != 0 && logsDirtyPages(gfn))
-                else { continue }
-                _ = setSPTE(pointer, in: page, access: page.role.access, gfn: gfn, hostFrame: backing.frame, prefetch: true,
-                            isWrite: false, hostWritable: backing.writable)
-                continue
-            }
-            guard prefetchGuestPTE(pointer, index: index, in: page) else { break }
+            let gfn = GuestFrameNumber(page.gfn.rawValue + UInt64(index))
+            guard let backing = mmu.memory.backing(of: gfn), !(page.role.access & ACC.write != 0 && logsDirtyPages(gfn))
+            else { continue }
+            _ = setSPTE(pointer, in: page, access: page.role.access, gfn: gfn, hostFrame: backing.frame, prefetch: true,
+                        isWrite: false, hostWritable: backing.writable)
+        }
+    }
+
+    /// `FNAME(pte_prefetch)` over a page with guest PTEs in `format`.
+    private func prefetchGuestPTEs<Format: PagingFormat>(_ group: Range<Int>, around faulting: SPTEPointer, in page: ShadowPage,
+                                                         format: Format) {
+        let entries = ShadowedGuestEntries(of: page, in: mmu.memory)
+        for index in group {
+            let pointer = page.spte(index)
+            if pointer == faulting || SPTE(rawValue: pointer.pointee).isShadowPresent { continue }
+            // `FNAME(prefetch_gpte)`.
+            guard let gpte = entries.entry(Format.Entry.self, at: index), !format.isPrefetchInvalid(gpte) else { return }
+            let (gfn, access) = format.leafTranslation(gpte, pageAccess: page.role.access)
+            guard let backing = mmu.memory.backing(of: gfn), !(access & ACC.write != 0 && logsDirtyPages(gfn)) else { return }
+            _ = setSPTE(pointer, in: page, access: access, gfn: gfn, hostFrame: backing.frame, prefetch: true, isWrite: false,
+                        hostWritable: backing.writable)
         }
     }
 
     /// KVM does not prefetch writable mappings of pages whose writes it logs (the prefetched
     /// SPTE would let a write through unlogged).
-    private func logsDirtyPages(_ gfn: GuestFrameNumber) -> Bool {
-        mmu.memory.isLoggingDirtyPages && mmu.memory.slot(containing: gfn)?.logsDirtyPages == true
-    }
-
-    /// `FNAME(prefetch_gpte)`.
-    private func prefetchGuestPTE(_ pointer: SPTEPointer, index: Int, in page: ShadowPage) -> Bool {
-        guard let gpte = guestEntry(of: page, at: index), !isPrefetchInvalid(gpte) else { return false }
-        let (gfn, access) = leafTranslation(gpte, in: page)
-        guard let backing = mmu.memory.backing(of: gfn), !(access & ACC.write != 0 && logsDirtyPages(gfn)) else { return false }
-        _ = setSPTE(pointer, in: page, access: access, gfn: gfn, hostFrame: backing.frame, prefetch: true, isWrite: false,
-                    hostWritable: backing.writable)
-        return true
-    }
-
-    /// The guest entry shadowed by SPTE `index` of `page`, read from guest memory (nil when the
-    /// table is in no memslot).
-    func guestEntry(of page: ShadowPage, at index: Int) -> UInt64? {
-        let address = GuestPhysicalAddress(page.firstGuestEntryAddress.rawValue + UInt64(index * page.guestEntrySize))
-        return page.guestEntrySize == 4
-            ? mmu.memory.readEntry(Legacy32Entry.self, at: address).map { UInt64($0.bits) }
-            : mmu.memory.readEntry(Entry64.self, at: address)?.rawValue
-    }
-
-    /// `FNAME(prefetch_invalid_gpte)`: a guest leaf that is not present, has reserved bits set, or
-    /// was never accessed is not mapped ahead of a fault.
-    func isPrefetchInvalid(_ gpte: UInt64) -> Bool {
-        gpte & 1 == 0 || gpte & (1 << 5) == 0 || guestWalkerBox.walker.reservedBitsSet(in: gpte, level: 1) != 0
-    }
-
-    /// The gfn a guest leaf of `page` maps and the access it grants under the page's
-    /// (`gpte_to_gfn`, `gpte_access`, `protect_clean_gpte`: a clean page is mapped read-only).
-    func leafTranslation(_ gpte: UInt64, in page: ShadowPage) -> (gfn: GuestFrameNumber, access: UInt8) {
-        let frameAddress = page.guestEntrySize == 4 ? Legacy32Entry(bits: gpte).frameAddress : Entry64(rawValue: gpte).frameAddress
-        var access = page.role.access & guestAccess(gpte)
-        if gpte & (1 << 6) == 0 { access &= ~ACC.write }
-        return (GuestFrameNumber(frameAddress >> 12), access)
-    }
+    private func logsDirtyPages(_ gfn: GuestFrameNumber) -> Bool { mmu.memory.logsDirtyPages(gfn) }
 
     // MARK: Invalidation
 
@@ -1130,6 +1136,51 @@ public final class MMUContext {
     }
 }
 
+/// Where the guest entries a shadow page shadows lie in host memory, for a pass over the page's
+/// SPTEs (sync, prefetch): looked up once per pass, as a table is one guest frame and nothing a pass
+/// does changes the memslots. The entries themselves are read afresh each time, so a pass sees every
+/// write to the table.
+struct ShadowedGuestEntries {
+    /// The host address of the page's first guest entry; nil when the table is in no memslot.
+    let first: UnsafeRawPointer?
+
+    // Borrowing: an initializer takes its arguments owned, a retain and release of each per pass.
+    init(of page: borrowing ShadowPage, in memory: borrowing MemslotSet) {
+        let address = page.firstGuestEntryAddress
+        first = memory.hostPage(address.frame).map { UnsafeRawPointer($0.bytes) + Int(address.pageOffset) }
+    }
+
+    /// The guest entry shadowed by SPTE `index`, nil when the table is in no memslot.
+    @inline(__always)
+    func entry<Entry: PageTableEntry>(_: Entry.Type, at index: Int) -> UInt64? {
+        guard let first else { return nil }
+        let raw = first.load(fromByteOffset: index &* Entry.size, as: Entry.RawValue.self)
+        return UInt64(truncatingIfNeeded: Entry.RawValue(littleEndian: raw))
+    }
+}
+
+// What sync (`FNAME(sync_spte)`) and prefetch (`FNAME(prefetch_gpte)`) ask of a guest leaf, in the
+// guest's entry format.
+extension PagingFormat {
+    /// `FNAME(prefetch_invalid_gpte)`: a guest leaf that is not present, has reserved bits set, or
+    /// was never accessed is not mapped ahead of a fault (and a synced SPTE for it is dropped).
+    @inline(__always)
+    func isPrefetchInvalid(_ gpte: UInt64) -> Bool {
+        let entry = Entry(bits: gpte)
+        return !isPresent(entry) || gpte & accessedBit == 0 || hasReservedBits(entry, level: 1)
+    }
+
+    /// The gfn a guest leaf maps and the access it grants under a page made for `pageAccess`
+    /// (`gpte_to_gfn`, `gpte_access`, `protect_clean_gpte`: a clean page is mapped read-only).
+    @inline(__always)
+    func leafTranslation(_ gpte: UInt64, pageAccess: UInt8) -> (gfn: GuestFrameNumber, access: UInt8) {
+        let entry = Entry(bits: gpte)
+        var access = pageAccess & permissions(entry)
+        if gpte & dirtyBit == 0 { access &= ~ACC.write }
+        return (GuestFrameNumber(pageBase(entry, level: 1) >> 12), access)
+    }
+}
+
 /// A page walker held by reference, so that hot paths walk with it in place: a walker is a large
 /// struct, and calling it from a class property or through a pointer copied it (267 bytes, with
 /// retains) on every walk. Called from a method of the box, whose `walker` is an immutable stored
@@ -1144,6 +1195,42 @@ public final class WalkerBox {
     public func walkGuest(_ address: GuestVirtualAddress, _ access: Access, in memory: MemslotSet,
                           fault: inout WalkFaultSummary) -> Translation {
         walker.translate(address, access, in: memory, setAccessedDirty: true, sink: &fault)
+    }
+}
+
+/// Walkers kept for the address spaces (CR3 values) left most recently, for a switch back to one:
+/// a guest switching between a few address spaces (the switches `fast_pgd_switch` serves from the
+/// cached roots) reuses their walkers rather than building and boxing one per switch. The owner
+/// keeps only walkers that differ from its current one in CR3 alone, and empties the list when
+/// anything else changes. Walkers are moved in and out with swaps: a switch pays no reference
+/// counting for them.
+public struct RecentWalkers {
+    /// Most recent first; a walker taken out leaves a hole until the next one is kept.
+    private var boxes: [WalkerBox?]
+
+    public init(count: Int) { boxes = [WalkerBox?](repeating: nil, count: count) }
+
+    /// The most recent walker kept.
+    public var mostRecent: WalkerBox? {
+        for case let box? in boxes { return box }
+        return nil
+    }
+
+    /// Takes out the walker kept for `cr3`, if there is one.
+    public mutating func take(cr3: UInt64) -> WalkerBox? {
+        guard let index = boxes.firstIndex(where: { $0?.walker.registers.cr3 == cr3 }) else { return nil }
+        return boxes[index].take()
+    }
+
+    /// Keeps `box` as the most recent; the ones before the first hole move back a place (with no
+    /// hole, all of them, and the least recent goes): C 0 1 2 -> C 0 1, or C 0 _ 2 -> C 0 2.
+    public mutating func keep(_ box: consuming WalkerBox) {
+        var carried: WalkerBox? = consume box
+        for index in boxes.indices where carried != nil { swap(&carried, &boxes[index]) }
+    }
+
+    public mutating func removeAll() {
+        for index in boxes.indices { boxes[index] = nil }
     }
 }
 

@@ -38,8 +38,9 @@ extension ShadowMMU {
                     problems.append("\(page): has unsync children, but its parent \(parent) has no bit for SPTE \(parent.index(of: pointer))")
                 }
             }
-            if page.unsyncChildIndexes.count != page.unsyncChildren {
-                problems.append("\(page): unsync_children = \(page.unsyncChildren) but \(page.unsyncChildIndexes.count) bits are set")
+            let bitsSet = Array(page.unsyncChildIndexes).count
+            if bitsSet != page.unsyncChildren {
+                problems.append("\(page): unsync_children = \(page.unsyncChildren) but \(bitsSet) bits are set")
             }
         }
         if stats.mmuUnsync != UInt64(unsyncPages) {

@@ -11,8 +11,11 @@ extension ShadowMMU {
     /// write-protected; one holding last-level tables does too while syncing (`canUnsync` false)
     /// or for a prefetch that would have to unsync a page; otherwise its shadow pages go unsync.
     func mustWriteProtect(_ gfn: GuestFrameNumber, canUnsync: Bool, prefetch: Bool) -> Bool {
-        if isWriteTracked(gfn) { return true }
-        guard hasShadowedTable(at: gfn) else { return false }
+        // `isWriteTracked` and `hasShadowedTable` with one memslot lookup: this runs for every
+        // writable SPTE made, a sync's included.
+        guard let frame = memory.hostFrame(of: gfn)?.rawValue else { return false }
+        if writeTrack[frame] != 0 { return true }
+        guard shadowedTableCount[frame] != 0 else { return false }
         for page in hashBuckets[Self.bucket(gfn)] where page.gfn == gfn && page.hasGPTEs && !isObsolete(page) {
             if !canUnsync { return true }
             if page.unsync { continue }
@@ -50,12 +53,18 @@ extension ShadowMMU {
         if parent.unsyncChildren == 1 { markParentsUnsync(parent) }
     }
 
-    /// `mmu_unsync_walk`: the unsync last-level pages under `parent`, following the bitmaps and
-    /// clearing the bits of children that are gone or in sync.
-    func unsyncLeaves(under parent: ShadowPage) -> [ShadowPage] {
-        var leaves: [ShadowPage] = []
+    /// `mmu_unsync_walk`: runs `body` with the unsync last-level pages under `parent`, found by
+    /// following the bitmaps and clearing the bits of children that are gone or in sync. The list
+    /// lives in a buffer kept from one call to the next, so that a sync allocates nothing.
+    func withUnsyncLeaves<Result>(under parent: ShadowPage, _ body: ([ShadowPage]) -> Result) -> Result {
+        // Taken, not borrowed: a walk started from `body` (none is expected) gets an empty buffer.
+        var leaves = unsyncLeafBuffer
+        unsyncLeafBuffer = []
         collectUnsyncLeaves(under: parent, into: &leaves)
-        return leaves
+        let result = body(leaves)
+        leaves.removeAll(keepingCapacity: true)
+        unsyncLeafBuffer = leaves
+        return result
     }
 
     private func collectUnsyncLeaves(under parent: ShadowPage, into leaves: inout [ShadowPage]) {
@@ -93,8 +102,8 @@ extension ShadowMMU {
     /// `mmu_zap_unsync_children`: zapping a page zaps the unsync pages below it first.
     func zapUnsyncChildren(of parent: ShadowPage) {
         guard parent.level > 1, parent.unsyncChildren > 0 else { return }
-        for leaf in unsyncLeaves(under: parent) where !isObsolete(leaf) {
-            zap(leaf, flushing: false)
+        withUnsyncLeaves(under: parent) { leaves in
+            for leaf in leaves where !isObsolete(leaf) { zap(leaf, flushing: false) }
         }
         clearSyncedChildren(under: parent)
     }

@@ -21,6 +21,9 @@ public final class ShadowMMU {
     /// KVM_REQ_MMU_FREE_OBSOLETE_ROOTS on every vCPU: the VM installs it.
     @exclusivity(unchecked) public var freeObsoleteRoots: () -> Void = {}
 
+    /// The list `withUnsyncLeaves` fills, kept empty between calls for its capacity.
+    @exclusivity(unchecked) var unsyncLeafBuffer: [ShadowPage] = []
+
     /// `mmu_page_hash`: KVM_NUM_MMU_PAGES buckets, indexed by `hash_64(gfn, 12)`.
     @exclusivity(unchecked) var hashBuckets = [[ShadowPage]](repeating: [], count: ShadowMMU.hashBucketCount)
     static let hashBucketCount = 1 << 12
@@ -378,12 +381,16 @@ public final class ShadowMMU {
     /// mapping `gfn`. True when something changed (the caller flushes).
     @discardableResult
     func writeProtect(_ gfn: GuestFrameNumber) -> Bool {
+        guard let frame = memory.hostFrame(of: gfn)?.rawValue else { return false }
         var changed = false
-        for pointer in mappings(of: gfn) {
-            let spte = SPTE(rawValue: pointer.pointee)
-            guard spte.isWritable || spte.isMMUWritable(masks) else { continue }
-            pointer.pointee = spte.rawValue & ~(SPTE.writableBit | masks.mmuWritable)
-            changed = true
+        // The rmaps in place, not `mappings(of:)`: a sync write-protects each page it syncs.
+        for level in 1...3 {
+            rmaps.forEachSPTE(frame, level: level) { pointer in
+                let spte = SPTE(rawValue: pointer.pointee)
+                guard spte.isWritable || spte.isMMUWritable(masks) else { return }
+                pointer.pointee = spte.rawValue & ~(SPTE.writableBit | masks.mmuWritable)
+                changed = true
+            }
         }
         return changed
     }

@@ -106,18 +106,29 @@ public final class ShadowPage {
         unsyncChildren -= 1
     }
 
-    /// The indexes whose unsync-child bit is set, in order.
-    var unsyncChildIndexes: [Int] {
-        guard let unsyncChildBitmap, unsyncChildren > 0 else { return [] }
-        var indexes: [Int] = []
-        for word in 0..<Self.bitmapWords {
-            var bits = unsyncChildBitmap[word]
-            while bits != 0 {
-                indexes.append(word * 64 + bits.trailingZeroBitCount)
-                bits &= bits - 1
+    /// The indexes whose unsync-child bit is set, in order, without allocating. Each word of the
+    /// bitmap is read when the iteration reaches it: a loop may clear the bit it is visiting.
+    var unsyncChildIndexes: UnsyncChildIndexes { UnsyncChildIndexes(page: self) }
+
+    struct UnsyncChildIndexes: Sequence, IteratorProtocol {
+        let page: ShadowPage
+        private var word = -1
+        /// The bits of `word` not visited yet.
+        private var bits: UInt64 = 0
+
+        init(page: ShadowPage) { self.page = page }
+
+        mutating func next() -> Int? {
+            guard let bitmap = page.unsyncChildBitmap else { return nil }
+            while bits == 0 {
+                word += 1
+                guard word < ShadowPage.bitmapWords else { return nil }
+                bits = bitmap[word]
             }
+            let index = word * 64 + bits.trailingZeroBitCount
+            bits &= bits - 1
+            return index
         }
-        return indexes
     }
 
     /// KVM's `is_unsync_root`.

@@ -170,8 +170,9 @@ public final class VCPU {
     public let tlb = TLB()
     public var registers: PagingRegisters { context.registers }
     @exclusivity(unchecked) private var hardware: WalkerBox?
-    /// The hardware walker of the root before the last CR3 load (see `retargetHardwareWalker`).
-    @exclusivity(unchecked) private var hardwareBeforeCR3Load: WalkerBox?
+    /// The hardware walkers of the roots CR3 loads left (see `retargetHardwareWalker`), as many as
+    /// the context caches roots.
+    @exclusivity(unchecked) private var recentHardwareWalkers = RecentWalkers(count: MMUContext.previousRootCount)
     private let host: HostPhysicalView
     private let pool: HostPagePool
     /// The VM's MMU, held directly: reaching it through `unowned vm` costs an unowned retain.
@@ -275,17 +276,16 @@ public final class VCPU {
     /// root they were walked from, which a later switch back to it (a cached root) may use.
     private func dropHardwareWalker() {
         hardware = nil
-        hardwareBeforeCR3Load = nil
+        recentHardwareWalkers.removeAll()
         hot.pointee.refusals = ~0
         hot.pointee.rootFrame = Self.noRoot
     }
 
     /// After a MOV to CR3 the next entry loads another root, but the guest's SMEP, SMAP and
-    /// RFLAGS.AC (all the hardware walker's rules depend on) are unchanged: the walker is kept to
-    /// be pointed at that root. No TLB entry matches until then.
+    /// RFLAGS.AC (all the hardware walker's rules depend on) are unchanged: the walker is kept, to
+    /// be pointed at that root or used again on a switch back. No TLB entry matches until then.
     private func retargetHardwareWalker() {
-        if let hardware { hardwareBeforeCR3Load = hardware }
-        hardware = nil
+        if let hardware = hardware.take() { recentHardwareWalkers.keep(hardware) }
         hot.pointee.rootFrame = Self.noRoot
     }
 
@@ -401,22 +401,25 @@ public final class VCPU {
         // frame may have been another root's before (uncounted: KVM calls the flush directly, not
         // as a request). A cached root (`fast_pgd_switch`) keeps the translations tagged with it.
         if allocated { tlb.flush() }
-        // After a CR3 load only the root changed: the walker of the previous root is pointed at
-        // the new one, keeping its permission rules and the refusals derived from them.
-        if let previous = hardwareBeforeCR3Load, previous.walker.mode == root.mode, root.mode != .pae {
-            hardwareBeforeCR3Load = nil
-            let walker: PageWalker
-            do {
-                walker = try previous.walker.loadingCR3(root.rootFrame.rawValue << 12, memory: host)
-            } catch {
-                throw .corruptShadowTables("the hardware refuses KVM's root: \(error)")
+        // After CR3 loads only the root changed: the walker kept for the new root, or the last
+        // one pointed at it, keeps the permission rules and the refusals derived from them.
+        if let latest = recentHardwareWalkers.mostRecent, latest.walker.mode == root.mode, root.mode != .pae {
+            let cr3 = root.rootFrame.rawValue << 12
+            let box: WalkerBox
+            if let kept = recentHardwareWalkers.take(cr3: cr3) {
+                box = kept
+            } else {
+                do {
+                    box = WalkerBox(try latest.walker.loadingCR3(cr3, memory: host))
+                } catch {
+                    throw .corruptShadowTables("the hardware refuses KVM's root: \(error)")
+                }
             }
-            let box = WalkerBox(walker)
             hardware = box
             hot.pointee.rootFrame = root.rootFrame.rawValue
             return box
         }
-        hardwareBeforeCR3Load = nil
+        recentHardwareWalkers.removeAll()
         let guest = context.registers
         // KVM runs shadow-paging guests with CR0.WP=1 and EFER.NX=1 in hardware, in PAE or
         // long mode; SMEP and SMAP stay the guest's.
