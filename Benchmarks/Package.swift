@@ -7,6 +7,10 @@
 //   swift run -c release --scratch-path .build-bench shadow-timer
 import PackageDescription
 
+// SwiftPM names a path dependency after its folder, so the root package's name is that of the
+// folder the clone lives in ("main", "virtmmu", "ci-clone"...), not a fixed word.
+let root = String(Context.packageDirectory.split(separator: "/").dropLast().last ?? "main").lowercased()
+
 let package = Package(
     name: "VirtMMUBenchmarks",
     platforms: [.macOS(.v13)],
@@ -21,8 +25,8 @@ let package = Package(
         .target(
             name: "PagingFixtures",
             dependencies: [
-                .product(name: "X86Paging", package: "main"),
-                .product(name: "GuestMemory", package: "main"),
+                .product(name: "X86Paging", package: root),
+                .product(name: "GuestMemory", package: root),
             ]
         ),
         .executableTarget(
@@ -40,11 +44,11 @@ let package = Package(
         .target(
             name: "ShadowFixtures",
             dependencies: [
-                .product(name: "X86Paging", package: "main"),
-                .product(name: "GuestMemory", package: "main"),
-                .product(name: "KVMMMU", package: "main"),
-                .product(name: "VirtualMachine", package: "main"),
-                .product(name: "Workloads", package: "main"),
+                .product(name: "X86Paging", package: root),
+                .product(name: "GuestMemory", package: root),
+                .product(name: "KVMMMU", package: root),
+                .product(name: "VirtualMachine", package: root),
+                .product(name: "Workloads", package: root),
             ]
         ),
         .executableTarget(
@@ -63,8 +67,8 @@ let package = Package(
             dependencies: [
                 "ShadowFixtures",
                 "PagingFixtures",
-                .product(name: "VirtualMachine", package: "main"),
-                .product(name: "X86Paging", package: "main"),
+                .product(name: "VirtualMachine", package: root),
+                .product(name: "X86Paging", package: root),
             ]
         ),
     ]
