@@ -146,6 +146,19 @@ public struct MMUStats: Sendable, Equatable {
         }
     }
 
+    /// The counters of two MMUs of one VM as KVM shows them together: counts and levels add up,
+    /// peaks take the larger.
+    public func merged(with other: MMUStats) -> MMUStats {
+        var result = self
+        for field in Self.fields {
+            switch field.kind {
+            case .cumulative, .instant: result[keyPath: field.path] &+= other[keyPath: field.path]
+            case .peak: result[keyPath: field.path] = max(self[keyPath: field.path], other[keyPath: field.path])
+            }
+        }
+        return result
+    }
+
     /// The pre-5.14 `lpages` counter: present huge leaf SPTEs.
     public var lpages: UInt64 { pages2M + pages1G }
 

@@ -171,6 +171,9 @@ extension TDPMMU {
         }
     }
 
+    /// The memslots push dirty gfns onto dirty rings instead of setting bitmap bits.
+    private var dirtyStateInRings: Bool { memory.dirtyRingSink != nil }
+
     private func auditLeaf(_ spte: SPTE, gfn: UInt64, level: Int, root: TDPRoot, walk: AuditWalk,
                            place: @autoclosure () -> String,
                            _ problems: inout [String]) {
@@ -212,7 +215,7 @@ extension TDPMMU {
             }
             // KVM write-protects huge leaves when logging starts, except in initially-all-set mode,
             // where every page starts dirty and CLEAR_DIRTY_LOG write-protects before it cleans.
-            if slot.logsDirtyPages && spte.isWritable
+            if slot.logsDirtyPages && spte.isWritable && !dirtyStateInRings
                 && !walk.allDirty(slot: slot.id, first: gfn - slot.baseFrame.rawValue, count: pages) {
                 problems.append("\(place()): writable huge leaf in dirty-logging \(slot) over gfns not marked dirty")
             }
@@ -224,7 +227,9 @@ extension TDPMMU {
         if metadata.isWriteTracked(gfn) && (spte.isWritable || spte.isMMUWritable(masks)) {
             problems.append("\(place()): write-tracked gfn mapped \(description)")
         }
-        if slot.logsDirtyPages && spte.isWritable {
+        // With dirty rings a logged gfn sits in a vCPU's ring (not the bitmap) until the VMM
+        // harvests it and KVM_RESET_DIRTY_RINGS re-protects it: the bitmap cannot be checked.
+        if slot.logsDirtyPages && spte.isWritable && !dirtyStateInRings {
             // With PML and hardware A/D, a write sets D and logs the gfn; until then D is clear.
             let writesLogByD = configuration.dirtyLogging == .pml && spte.adState == .enabled
             if (!writesLogByD || spte.isDirty(masks))

@@ -52,6 +52,34 @@ extension TDPMMU {
         }
     }
 
+    /// Moves a memslot (KVM_MR_MOVE): the same host memory at another guest-physical base. KVM
+    /// flushes the old slot as for a deletion (`kvm_arch_flush_shadow_memslot`: every root with
+    /// KVM_X86_QUIRK_SLOT_ZAP_ALL, else the slot's leaves) and gives the new slot fresh metadata
+    /// (`lpage_info`, write tracking), as `kvm_arch_prepare_memory_region` does for a move. Takes the
+    /// lock for write.
+    @discardableResult
+    public func moveMemslot(id: Int, to base: GuestPhysicalAddress) throws(TDPMMUError) -> Memslot {
+        try withExclusiveLock { () throws(TDPMMUError) -> Memslot in
+            try checkMemslotsUnchanged()
+            guard let metadata = slotMetadata(id: id) else { throw .noSuchMemslot(id) }
+            let old = metadata.slot
+            guard base != old.baseAddress else { return old }
+            if configuration.zapAllOnMemslotDeletion {
+                invalidateAllRootsLocked()
+                freeObsoleteRoots()
+                zapInvalidatedRootsLocked(shared: false)
+            } else if zapLeaves(old.baseFrame.rawValue..<old.endFrame.rawValue, roots: rootsToVisit(validOnly: false)) {
+                requestRemoteTLBFlush()
+            }
+            let moved: Memslot
+            do throws(MemslotError) { moved = try memory.moveSlot(id: id, to: base) } catch { throw .memslot(error) }
+            slotIndex.removeAll { $0 === metadata }
+            insertMetadata(MemslotMetadata(slot: moved, hostMapping: metadata.hostMapping))
+            memslotsChanged()
+            return moved
+        }
+    }
+
     /// Changes a memslot's flags (KVM_MR_FLAGS_ONLY) and applies what that means to the SPTEs
     /// (`kvm_mmu_slot_apply_flags`). Turning dirty logging on: nothing more in initially-all-set
     /// mode (every bit starts set); otherwise eager splitting to 4K if enabled, then with PML the

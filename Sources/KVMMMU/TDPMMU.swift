@@ -53,11 +53,13 @@
 //
 //     func addMemslot(id:base:size:flags:hostMapping:hostAlignment:hostSkew:) throws(TDPMMUError) -> Memslot
 //     func deleteMemslot(id:) throws(TDPMMUError)
+//     func moveMemslot(id:to:) throws(TDPMMUError) -> Memslot   // KVM_MR_MOVE: flushed as a delete
 //     func setMemslotFlags(id:flags:) throws(TDPMMUError)       // kvm_mmu_slot_apply_flags
 //     func hostMapping(ofSlot:) -> HostMappingSize?
 //
 // Dirty logging (spec section 8):
 //
+//     func setDirtyLogProtection(_:) throws(TDPMMUError)   // KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 on/off
 //     func getDirtyLog(slot:) throws(TDPMMUError) -> [UInt64]                     // KVM_GET_DIRTY_LOG
 //     func clearDirtyLog(slot:firstPage:bitmap:) throws(TDPMMUError)              // KVM_CLEAR_DIRTY_LOG
 //     func writeProtectSlot(_:minLevel:) throws(TDPMMUError)                      // read lock
@@ -359,7 +361,9 @@ final class TDPCounters: Sendable {
 public final class TDPMMU: @unchecked Sendable {
     public let memory: MemslotSet
     public let pool: HostPagePool
-    public let configuration: TDPMMUConfiguration
+    /// Fixed but for the dirty-log protection, which `setDirtyLogProtection` changes while no
+    /// memslot logs dirty pages (KVM_ENABLE_CAP of KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2).
+    @exclusivity(unchecked) public private(set) var configuration: TDPMMUConfiguration
     public let masks: SPTEMasks
     /// KVM's mmu_lock, shared with whatever else changes this VM's MMU state.
     public let lock: MMULock
@@ -434,6 +438,17 @@ public final class TDPMMU: @unchecked Sendable {
         }
         reclaimDeferredPages()
         records.release()
+    }
+
+    /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 turned on or off: refused while a memslot logs dirty
+    /// pages. Takes the lock for write.
+    public func setDirtyLogProtection(_ protection: TDPMMUConfiguration.DirtyLogProtection) throws(TDPMMUError) {
+        try withExclusiveLock { () throws(TDPMMUError) in
+            if let logging = memory.slots.first(where: \.logsDirtyPages) {
+                throw .invalidConfiguration("the dirty-log protection cannot change while memslot \(logging.id) logs dirty pages")
+            }
+            configuration.dirtyLogProtection = protection
+        }
     }
 
     // MARK: Statistics

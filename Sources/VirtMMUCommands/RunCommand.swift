@@ -1,5 +1,6 @@
 import ArgumentParser
 import KVMMMU
+import VirtualMachine
 import Workloads
 import X86Paging
 
@@ -13,12 +14,16 @@ import Darwin
 enum MMUChoice: String, ExpressibleByArgument, CaseIterable, Sendable {
     /// KVM's shadow MMU: the guest's page tables shadowed, write-protected and kept in sync.
     case shadow
+    /// KVM's TDP MMU with EPT: the guest's paging in hardware over KVM's EPT tables.
+    case tdp
+    /// KVM's TDP MMU with AMD's NPT.
+    case npt
 }
 
 struct RunCommand: FailureReportingCommand {
     static let configuration = CommandConfiguration(
         commandName: "run",
-        abstract: "Run a scenario under KVM's shadow MMU, every guest access checked in lockstep against the architecture.",
+        abstract: "Run a scenario under KVM's shadow MMU (or its TDP MMU: --mmu tdp|npt), every guest access checked in lockstep against the architecture.",
         discussion: """
         A scenario is a text file with one directive per line (mem, cpu, set, map, access, pte, invlpg, \
         reload-cr3, host, space, switch, invpcid, cr0, cr4, efer, cr3, zap, memslot, dirty-log, expect); docs/SCENARIOS.md describes the language and examples/ holds samples. The report \
@@ -46,7 +51,7 @@ struct RunCommand: FailureReportingCommand {
     @Argument(help: "The scenario file, or - for standard input; without one, a built-in tour of the shadow MMU.")
     var file: String?
 
-    @Option(help: "The MMU that virtualizes the guest's paging (only shadow for now).")
+    @Option(help: "The MMU that virtualizes the guest's paging: shadow, tdp (EPT) or npt (`expect` lines pin shadow counters).")
     var mmu: MMUChoice = .shadow
 
     @Option(help: ArgumentHelp("The MMU design to run (\(MMUVariant.names.joined(separator: ", "))); docs/VARIANTS.md.",
@@ -92,12 +97,16 @@ struct RunCommand: FailureReportingCommand {
             let message = [error.directive, error.message].compactMap { $0 }.joined(separator: ": ")
             return outcome(of: .badScenario(line: error.line ?? 0, message: message), name: name, pagingMode: nil)
         }
-        switch mmu {
-        case .shadow: break  // the runner's only MMU so far; TDP will choose here
+        let machineMMU: VirtualMachineMMU = switch mmu {
+        case .shadow: .shadow
+        case .tdp: .ept(cpu: scenario.cpuModel)
+        case .npt: .npt(cpu: scenario.cpuModel)
         }
         let report: RunReport
         do {
-            report = try ScenarioRunner(scenario: scenario, traceEvents: trace, variant: variant).run()
+            // `expect` lines pin the shadow MMU's counters: under TDP they are not checked.
+            report = try ScenarioRunner(scenario: scenario, traceEvents: trace, variant: variant,
+                                        checksExpectations: mmu == .shadow, mmu: machineMMU).run()
         } catch {
             return outcome(of: error, name: name, pagingMode: scenario.pagingMode)
         }

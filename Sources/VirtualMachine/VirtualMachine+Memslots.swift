@@ -80,6 +80,15 @@ extension VirtualMachine {
     /// SPTEs made for that range before are stale.
     @discardableResult
     public func addMemslot(id: Int, base: GuestPhysicalAddress, size: UInt64, readOnly: Bool = false) throws(VirtualMachineError) -> Memslot {
+        if let tdp {
+            // Host frames aligned with the guest's modulo 2 MiB, as a VMM aligns its mapping, so
+            // that 2 MiB-aligned guest pages can map huge.
+            do {
+                return try tdp.addMemslot(id: id, base: base, size: size, flags: readOnly ? .readOnly : [], hostAlignment: 512)
+            } catch {
+                throw .memslot("\(error)")
+            }
+        }
         do {
             return try memory.addSlot(id: id, base: base, size: size, flags: readOnly ? .readOnly : [])
         } catch {
@@ -92,6 +101,10 @@ extension VirtualMachine {
     /// every shadow page at once), while the slot's gfns still lead to their host frames.
     public func deleteMemslot(id: Int) throws(VirtualMachineError) {
         guard memory.slot(id: id) != nil else { throw .memslot("there is no memslot \(id)") }
+        if let tdp {
+            do { try tdp.deleteMemslot(id: id) } catch { throw .memslot("\(error)") }
+            return
+        }
         mmu.zapAllFast()
         do { try memory.deleteSlot(id: id) } catch { throw .memslot("\(error)") }
     }
@@ -105,6 +118,7 @@ extension VirtualMachine {
         do {
             // Refused layouts are refused before anything is zapped.
             try checkMove(slot, to: base)
+            if let tdp { return try tdp.moveMemslot(id: id, to: base) }
             mmu.zapAllFast()
             return try memory.moveSlot(id: id, to: base)
         } catch let error as VirtualMachineError {
@@ -131,6 +145,12 @@ extension VirtualMachine {
         guard slot.logsDirtyPages != enabled else { return }
         var flags = slot.flags
         if enabled { flags.insert(.logDirtyPages) } else { flags.remove(.logDirtyPages) }
+        if let tdp {
+            // kvm_mmu_slot_apply_flags: eager splitting, write protection (or D bits cleared with
+            // PML), a remote TLB flush.
+            do { try tdp.setMemslotFlags(id: id, flags: flags) } catch { throw .memslot("\(error)") }
+            return
+        }
         do { try memory.setFlags(id: id, flags: flags) } catch { throw .memslot("\(error)") }
         if enabled {
             mmu.removeWriteAccess(from: slot)
@@ -154,7 +174,12 @@ extension VirtualMachine {
                 throw .memslot("a dirty ring holds a power of two of entries from 256 to \(DirtyRing.maximumEntries), not \(ringEntries)")
             }
             dirtyRingEntries = ringEntries
+            if let tdp {
+                do { try tdp.setDirtyLogProtection(.automatic) } catch { throw .memslot("\(error)") }
+            }
             memory.dirtyRingSink = { [unowned self] slot, offset in self.pushDirty(slot: slot, offset: offset) }
+        } else if let tdp {
+            do { try tdp.setDirtyLogProtection(new == .manualProtect ? .manual : .automatic) } catch { throw .memslot("\(error)") }
         }
         dirtyLogProtocol = new
     }
@@ -199,6 +224,17 @@ extension VirtualMachine {
             for entry in vcpu.takeHarvestedDirtyEntries() {
                 reset += 1
                 guard let slot = memory.slot(id: entry.slot), slot.logsDirtyPages else { continue }
+                if let tdp {
+                    // kvm_arch_mmu_enable_log_dirty_pt_masked: D cleared with PML, else W.
+                    let offset = entry.offset & ~63, mask = UInt64(1) << (entry.offset & 63)
+                    if tdp.configuration.dirtyLogging == .pml {
+                        try? tdp.clearDirtyMasked(slot: entry.slot, gfnOffset: offset, mask: mask)
+                    } else {
+                        try? tdp.writeProtectMasked(slot: entry.slot, gfnOffset: offset, mask: mask)
+                    }
+                    flush = true
+                    continue
+                }
                 if mmu.writeProtect(base: GuestFrameNumber(slot.baseFrame.rawValue + entry.offset), mask: 1) { flush = true }
             }
         }
@@ -211,6 +247,13 @@ extension VirtualMachine {
     /// write-protects the pages it reports in the same step and flushes the TLBs if it did.
     public func getDirtyLog(slot id: Int) throws(VirtualMachineError) -> [GuestFrameNumber] {
         guard let slot = memory.slot(id: id) else { throw .memslot("there is no memslot \(id)") }
+        if let tdp {
+            do {
+                return Self.frames(in: try tdp.getDirtyLog(slot: id), base: slot.baseFrame.rawValue)
+            } catch {
+                throw .memslot("\(error)")
+            }
+        }
         let bitmap: [UInt64]
         do {
             bitmap = dirtyLogProtocol == .getAndReset ? try memory.getAndClearDirtyLog(slot: id) : try memory.dirtyBitmap(slot: id)
@@ -247,6 +290,21 @@ extension VirtualMachine {
             throw .memslot("the page count (\(count)) must be a multiple of 64 unless the range ends at the slot's end")
         }
         guard count > 0 else { return [] }
+        if let tdp {
+            // The bits that were set in the range, then KVM_CLEAR_DIRTY_LOG of the whole range.
+            let before: [UInt64]
+            do { before = try memory.dirtyBitmap(slot: id) } catch { throw .memslot("\(error)") }
+            var request = [UInt64](repeating: ~0, count: Int((count + 63) / 64))
+            if count % 64 != 0 { request[request.count - 1] = (1 << (count % 64)) - 1 }
+            var cleared = [UInt64](repeating: 0, count: request.count)
+            for word in 0..<request.count {
+                let page = first + UInt64(word) * 64
+                let index = Int(page / 64)
+                if index < before.count { cleared[word] = before[index] & request[word] }
+            }
+            do { try tdp.clearDirtyLog(slot: id, firstPage: first, bitmap: request) } catch { throw .memslot("\(error)") }
+            return Self.frames(in: cleared, base: slot.baseFrame.rawValue + first)
+        }
         let cleared: [UInt64]
         do { cleared = try memory.clearDirtyLog(slot: id, first: first, count: count) } catch { throw .memslot("\(error)") }
         var flush = false

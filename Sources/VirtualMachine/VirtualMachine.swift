@@ -56,11 +56,55 @@ public enum VirtualMachineError: Error, Equatable, Sendable, CustomStringConvert
     }
 }
 
-/// A virtual machine under KVM's shadow MMU: guest memory in memslots, the MMU, and vCPUs.
+/// Which MMU runs the guest's paging.
+public enum VirtualMachineMMU: Sendable {
+    /// KVM's shadow MMU: the guest's tables shadowed, CR3 loads, INVLPG and INVPCID intercepted.
+    case shadow
+    /// The TDP MMU with EPT (`TDPMMUConfiguration.ept(...)`) or NPT (`.npt(...)`): the guest's own
+    /// paging runs in hardware over KVM's EPT/NPT tables; only EPT violations and
+    /// misconfigurations (or #NPF) exit.
+    case tdp(TDPMMUConfiguration)
+
+    /// TDP with EPT as a VMX host of `cpu` offers it (A/D bits, 2M and 1G pages, write-protect
+    /// dirty logging unless `pml`).
+    public static func ept(cpu: CPUModel = CPUModel(), pml: Bool = false) -> VirtualMachineMMU {
+        .tdp(.ept(capabilities: EPTCapabilities(pages1GiB: cpu.supports1GiBPages,
+                                                maxPhysicalAddressBits: cpu.maxPhysicalAddressBits),
+                  guestMaxPhysicalAddressBits: cpu.maxPhysicalAddressBits, pml: pml))
+    }
+
+    /// TDP with NPT as an SVM host of `cpu` offers it (4-level nCR3, 1G pages if the host has them).
+    public static func npt(cpu: CPUModel = CPUModel()) -> VirtualMachineMMU {
+        .tdp(.npt(hostLevels: 4, hostPhysicalAddressBits: cpu.maxPhysicalAddressBits,
+                  supports1GiBPages: cpu.supports1GiBPages))
+    }
+
+    public var isTDP: Bool { if case .tdp = self { true } else { false } }
+    /// The name reports give it: "shadow", "tdp" (EPT) or "npt".
+    public var name: String {
+        switch self {
+        case .shadow: "shadow"
+        case .tdp(let configuration): configuration.masks.isEPT ? "tdp" : "npt"
+        }
+    }
+}
+
+/// The VM, unowned, for the TDP MMU's `@Sendable` callbacks (the VM runs its vCPUs on one thread).
+private final class UnownedVM: @unchecked Sendable {
+    unowned let vm: VirtualMachine
+    init(_ vm: VirtualMachine) { self.vm = vm }
+}
+
+/// A virtual machine under KVM's shadow MMU or its TDP MMU: guest memory in memslots, the MMU,
+/// and vCPUs.
 public final class VirtualMachine {
     public let pool: HostPagePool
     public let memory: MemslotSet
+    /// The shadow MMU. Under TDP it maps nothing (KVM keeps it for nested guests); the VM keeps
+    /// its own counters (exits, TLB flushes, emulation) in it either way.
     public let mmu: ShadowMMU
+    /// The TDP MMU, when the VM runs under TDP (`VirtualMachineMMU.tdp`).
+    public let tdp: TDPMMU?
     public let cpu: CPUModel
     public private(set) var vcpus: [VCPU] = []
 
@@ -87,7 +131,8 @@ public final class VirtualMachine {
     /// committed only when used).
     public init(memorySize: UInt64, cpu: CPUModel = CPUModel(), shadowPageLimit: Int? = nil,
                 shadowPageBudget: Int = 1 << 16, hostLevels: Int? = nil,
-                variant: MMUVariant = .upstream, hotplugPages: Int = 1 << 20) throws(VirtualMachineError) {
+                variant: MMUVariant = .upstream, hotplugPages: Int = 1 << 20,
+                mmu choice: VirtualMachineMMU = .shadow) throws(VirtualMachineError) {
         if let hostLevels, hostLevels != 4 && hostLevels != 5 {
             throw .unsupported("the host pages with 4 or 5 levels, not \(hostLevels)")
         }
@@ -110,6 +155,16 @@ public final class VirtualMachine {
         }
         mmu = ShadowMMU(memory: memory, pool: pool, variant: variant)
         mmu.setMaxPages(limit)
+        if case .tdp(let configuration) = choice {
+            if hostLevels != nil { throw .unsupported("a host paging depth (`host`) is for shadow paging; TDP chooses its own") }
+            do {
+                tdp = try TDPMMU(memory: memory, configuration: configuration, events: mmu.events)
+            } catch {
+                throw .unsupported("\(error)")
+            }
+        } else {
+            tdp = nil
+        }
         mmu.flushRemoteTLBs = { [unowned self] in
             // kvm_flush_remote_tlbs counts every call, and a flush only when the request had to
             // kick a vCPU running the guest: the vCPU whose exit KVM is handling is not, the
@@ -121,6 +176,33 @@ public final class VirtualMachine {
         mmu.freeObsoleteRoots = { [unowned self] in
             for vcpu in self.vcpus { vcpu.requestFreeObsoleteRoots() }
         }
+        guard let tdp = self.tdp else { return }
+        let unowned = UnownedVM(self)
+        // The TDP MMU counts its remote flushes itself.
+        tdp.flushRemoteTLBs = { for vcpu in unowned.vm.vcpus { vcpu.requestFlushAll() } }
+        tdp.freeObsoleteRoots = { for vcpu in unowned.vm.vcpus { vcpu.requestFreeObsoleteRoots() } }
+    }
+
+    /// Every counter: the VM's and the shadow MMU's, plus the TDP MMU's under TDP.
+    public var stats: MMUStats {
+        guard let tdp else { return mmu.stats }
+        return mmu.stats.merged(with: tdp.stats)
+    }
+
+    /// Every broken invariant the MMU's auditor finds (empty when all hold).
+    public func audit() -> [String] {
+        guard let tdp else { return mmu.audit() }
+        return mmu.audit() + tdp.audit()
+    }
+
+    /// `kvm_mmu_zap_all_fast`, of the MMU the VM runs.
+    public func zapAllFast() {
+        if let tdp { tdp.zapAllFast() } else { mmu.zapAllFast() }
+    }
+
+    /// `kvm_zap_gfn_range`, of the MMU the VM runs.
+    public func zapGFNRange(_ gfns: Range<UInt64>) {
+        if let tdp { tdp.zapGFNRange(gfns) } else { _ = mmu.zapGFNRange(gfns) }
     }
 
     /// Adds a vCPU with the given registers.
@@ -168,15 +250,17 @@ public final class VCPU {
     public let id: Int
     public let context: MMUContext
     public let tlb = TLB()
-    public var registers: PagingRegisters { context.registers }
+    public var registers: PagingRegisters { tdpState?.registers ?? context.registers }
+    /// Under TDP: the guest's registers, KVM's root and the hardware's EPT walker (VCPU+TDP.swift).
+    let tdpState: TDPVCPUState?
     @exclusivity(unchecked) private var hardware: WalkerBox?
     /// The hardware walkers of the roots CR3 loads left (see `retargetHardwareWalker`), as many as
     /// the context caches roots.
     @exclusivity(unchecked) private var recentHardwareWalkers = RecentWalkers(count: MMUContext.previousRootCount)
-    private let host: HostPhysicalView
-    private let pool: HostPagePool
+    let host: HostPhysicalView
+    let pool: HostPagePool
     /// The VM's MMU, held directly: reaching it through `unowned vm` costs an unowned retain.
-    private let mmu: ShadowMMU
+    let mmu: ShadowMMU
     private let hostLevels: Int?
     /// With dirty rings, this vCPU's (`kvm_dirty_ring`).
     public private(set) var dirtyRing: DirtyRing?
@@ -188,7 +272,7 @@ public final class VCPU {
 
     /// What every access reads, behind a pointer: a class's `var`s would cost an exclusivity
     /// check each, and a TLB hit must cost a few loads.
-    private struct HotState {
+    struct HotState {
         /// TLB flushes requested of this vCPU, serviced at the next entry.
         var requests: TLBFlushRequests = []
         var flushAllRequested = false
@@ -206,7 +290,7 @@ public final class VCPU {
         /// walker is set up, so no TLB entry is used before.
         var refusals: UInt128 = ~0
     }
-    private let hot: UnsafeMutablePointer<HotState>
+    let hot: UnsafeMutablePointer<HotState>
     /// A bound on exits for one access: each exit must make progress.
     public static let maxExitsPerAccess = 64
 
@@ -221,7 +305,12 @@ public final class VCPU {
                                     canonicalWidth: registers.mode.isLongMode ? registers.mode.linearAddressWidth : 64))
         hostLevels = vm.hostLevels
         if vm.dirtyLogProtocol == .ring { dirtyRing = DirtyRing(size: vm.dirtyRingEntries) }
-        try Self.checkSupported(registers, hostLevels: vm.hostLevels)
+        if let tdp = vm.tdp {
+            tdpState = try TDPVCPUState(tdp: tdp, registers: registers, cpu: vm.cpu, memory: vm.memory)
+        } else {
+            tdpState = nil
+            try Self.checkSupported(registers, hostLevels: vm.hostLevels)
+        }
         do {
             context = try MMUContext(mmu: vm.mmu, registers: registers, cpu: vm.cpu, hostLevels: vm.hostLevels,
                                      variant: vm.variant)
@@ -248,6 +337,7 @@ public final class VCPU {
     /// A write to the control registers (MOV to CR0/CR3/CR4, WRMSR EFER, WRPKRU, STAC/CLAC),
     /// through KVM's context rules; the TLB flushes it requests happen at the next entry.
     public func setRegisters(_ new: PagingRegisters) throws(VirtualMachineError) {
+        if let tdpState { return try tdpSetRegisters(new, tdpState) }
         try Self.checkSupported(new, hostLevels: hostLevels)
         countRegisterWriteExits(from: registers, to: new)
         do {
@@ -290,7 +380,7 @@ public final class VCPU {
     }
 
     /// A root tag no host frame has.
-    private static let noRoot = UInt64.max
+    static let noRoot = UInt64.max
 
     /// MOV to CR3, also of the value it already holds. `value` carries the PCID in bits 11:0 with
     /// CR4.PCIDE; `noFlush` is the source's bit 63 (keep the PCID's translations), which needs
@@ -299,6 +389,7 @@ public final class VCPU {
         if noFlush && !registers.cr4.contains(.pcidEnable) {
             throw .invalidAccess("MOV to CR3 with bit 63 (no flush) needs CR4.PCIDE")
         }
+        if let tdpState { return try tdpLoadCR3(value, noFlush: noFlush, tdpState) }
         mmu.count(.exit)  // CR3-load exiting: shadow paging intercepts every MOV to CR3
         do {
             hot.pointee.requests.formUnion(try context.loadCR3(value, noFlush: noFlush))
@@ -314,6 +405,7 @@ public final class VCPU {
     /// non-zero PCID for the types that name one while CR4.PCIDE is clear, or a non-canonical
     /// address for an individual-address invalidation.
     public func invalidatePCID(_ type: INVPCIDType, pcid: UInt64, address: GuestVirtualAddress) -> Bool {
+        if let tdpState { return tdpInvalidatePCID(type, pcid: pcid, address: address, tdpState) }
         // With INVLPG exiting (shadow paging) INVPCID exits too, before its operand checks.
         mmu.count(.exit)
         guard !registers.invpcidFaults(type, pcid: pcid, address: address) else { return false }
@@ -333,7 +425,7 @@ public final class VCPU {
     /// The TLB-flush requests a VM entry services (`kvm_vcpu_flush_tlb_all`, then
     /// `kvm_service_local_tlb_flush_requests`), each counted in `tlb_flush`.
     @inline(__always)
-    private func serviceRequests() {
+    func serviceRequests() {
         guard hot.pointee.flushAllRequested || !hot.pointee.requests.isEmpty || hot.pointee.freeObsoleteRootsRequested
         else { return }
         servicePendingRequests()
@@ -343,6 +435,7 @@ public final class VCPU {
     /// state, with its cross-module exclusivity check, is hoisted into every access).
     @inline(never)
     private func servicePendingRequests() {
+        if let tdpState { return tdpServiceRequests(tdpState) }
         if hot.pointee.freeObsoleteRootsRequested {
             hot.pointee.freeObsoleteRootsRequested = false
             context.freeObsoleteRoots()
@@ -377,6 +470,10 @@ public final class VCPU {
 
     /// INVLPG.
     public func invalidatePage(_ address: GuestVirtualAddress) {
+        if tdpState != nil {
+            tlb.invalidate(address)  // no exit: the hardware invalidates (INVLPG is not intercepted)
+            return
+        }
         mmu.count(.exit)  // INVLPG exiting
         context.invalidatePage(address)
         tlb.invalidate(address)
@@ -502,6 +599,7 @@ public final class VCPU {
         if !address.isCanonical(width: hot.pointee.canonicalWidth) {
             return AccessOutcome(result: .generalProtection, exits: 0, emulated: false, tlbHit: false)
         }
+        if let tdpState { return try tdpRun(address, access, size: size, value: value, tdpState) }
         var exits = 0
         var firstTry = true
         while exits <= Self.maxExitsPerAccess {
@@ -545,7 +643,8 @@ public final class VCPU {
                 case .fixed, .spurious, .retry:
                     continue
                 case .emulate:
-                    return try emulate(address, access, size: size, value: value, exits: exits)
+                    return try emulate(address, access, size: size, value: value, exits: exits,
+                                       guestWalker: context.guestWalkerBox)
                 case .injectGuestFault(let cr2, let errorCode):
                     return AccessOutcome(result: .pageFault(errorCode: errorCode, cr2: cr2), exits: exits, emulated: false,
                                          tlbHit: false)
@@ -566,13 +665,13 @@ public final class VCPU {
     /// Out of line: reading the context's registers on the hot path would cost a cross-module
     /// exclusivity check on every access, hoisted there by the optimiser.
     @inline(never)
-    private func tooWide(_ address: GuestVirtualAddress) -> VirtualMachineError {
+    func tooWide(_ address: GuestVirtualAddress) -> VirtualMachineError {
         .invalidAccess("\(address) is wider than the 32-bit linear addresses of \(registers.mode.displayName)")
     }
 
     /// KVM_REQ_DIRTY_RING_SOFT_FULL: instead of entering, the vCPU exits to the VMM, which must
     /// harvest and reset the rings before it can run again.
-    private func exitForFullDirtyRing() throws(VirtualMachineError) {
+    func exitForFullDirtyRing() throws(VirtualMachineError) {
         dirtyRingFullExits += 1
         guard let dirtyRingFullHandler else { throw .dirtyRingFull(vcpu: id) }
         dirtyRingFullHandler()
@@ -607,7 +706,7 @@ public final class VCPU {
     }
 
     @inline(__always)
-    private func perform(hostAddress: UInt64, _ kind: AccessKind, size: Int, value: UInt64) -> UInt64 {
+    func perform(hostAddress: UInt64, _ kind: AccessKind, size: Int, value: UInt64) -> UInt64 {
         let pointer = pool.pointer(HostFrameNumber(hostAddress >> 12)) + Int(hostAddress & pageOffsetMask)
         // Fixed-size loads and stores (x86 is little-endian, as is every host we build for).
         if kind == .write {
@@ -627,15 +726,27 @@ public final class VCPU {
         }
     }
 
+    /// The #PF KVM's emulator injects when a guest table lies where no memory is (see
+    /// `MMUContext.unreadableTableErrorCode`).
+    private func unreadableTableErrorCode(_ access: Access) -> PageFaultErrorCode {
+        guard tdpState != nil else { return context.unreadableTableErrorCode(access) }
+        var code = PageFaultErrorCode()
+        if access.kind == .write { code.insert(.write) }
+        if access.privilege == .user { code.insert(.user) }
+        if access.kind == .fetch && (registers.efer.contains(.noExecuteEnable) || registers.cr4.contains(.smep)) {
+            code.insert(.fetch)
+        }
+        return code
+    }
+
     /// KVM's emulator: the guest walk (with A/D updates and fault injection), then the access on
     /// guest memory; a write to a shadowed table goes through `kvm_mmu_track_write`.
     @inline(never)  // the slow path; see `tooWide`
-    private func emulate(_ address: GuestVirtualAddress, _ access: Access, size: Int, value: UInt64,
-                         exits: Int) throws(VirtualMachineError) -> AccessOutcome {
+    func emulate(_ address: GuestVirtualAddress, _ access: Access, size: Int, value: UInt64,
+                 exits: Int, guestWalker: WalkerBox) throws(VirtualMachineError) -> AccessOutcome {
         // KVM emulates with the guest's own walk; no TLB entry is used or filled.
         mmu.count(.instructionEmulation)
         let translation: Translation
-        let guestWalker = context.guestWalkerBox
         switch guestWalker.walker.translate(address, access, in: vm.memory, setAccessedDirty: true) {
         case .success(let result):
             translation = result
@@ -648,7 +759,7 @@ public final class VCPU {
             return AccessOutcome(result: .generalProtection, exits: exits, emulated: true, tlbHit: false)
         case .failure(.noMemory):
             mmu.count(.guestFault)
-            return AccessOutcome(result: .pageFault(errorCode: context.unreadableTableErrorCode(access), cr2: address),
+            return AccessOutcome(result: .pageFault(errorCode: unreadableTableErrorCode(access), cr2: address),
                                  exits: exits, emulated: true, tlbHit: false)
         }
         let gpa = translation.physicalAddress
@@ -662,7 +773,8 @@ public final class VCPU {
         let result = perform(hostAddress: hostAddress, access.kind, size: size, value: value)
         if access.kind == .write {
             _ = vm.memory.markDirty(gpa.frame)
-            mmu.trackWrite(gpa, bytes: size, fourByteGuestEntries: registers.mode == .legacy32)
+            // Under TDP nothing is write-tracked (no shadow pages).
+            if tdpState == nil { mmu.trackWrite(gpa, bytes: size, fourByteGuestEntries: registers.mode == .legacy32) }
         }
         return AccessOutcome(result: .completed(gpa: gpa, value: result), exits: exits, emulated: true, tlbHit: false)
     }

@@ -184,6 +184,7 @@ extension RunReport {
         object.add("type", "result")
         object.add("status", status)
         object.add("scenario", scenario)
+        if mmu != "shadow" { object.add("mmu", mmu) }
         object.add("operations", accesses.count)
         object.add("lockstep_checks", lockstepChecks)
         let pages = shadowPagesByLevel.keys.sorted().map { "\"\($0)\":\(shadowPagesByLevel[$0]!)" }
@@ -284,7 +285,7 @@ extension RunReport {
     /// the lockstep verdict (or, when `failure` is given, what went wrong).
     public func text(failure: RunFailure? = nil, pagingMode: PagingMode? = nil) -> String {
         var out = "Scenario \(scenario)"
-        if let pagingMode { out += " (\(pagingMode.displayName), shadow MMU)" }
+        if let pagingMode { out += " (\(pagingMode.displayName), \(mmu == "tdp" ? "TDP MMU (EPT)" : mmu == "npt" ? "TDP MMU (NPT)" : "shadow MMU"))" }
         out += "\n\n"
 
         out += "Guest operations (\(accesses.count)):\n"

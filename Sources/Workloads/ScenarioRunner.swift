@@ -28,6 +28,8 @@ public struct EntryRecord: Sendable {
 /// Everything a run produced.
 public struct RunReport: Sendable {
     public var scenario: String
+    /// The MMU the guest ran under: "shadow", "tdp" (EPT) or "npt".
+    public var mmu = "shadow"
     public var accesses: [AccessRecord] = []
     public var entries: [EntryRecord] = []
     public var statsBefore = MMUStats()
@@ -145,10 +147,13 @@ public final class ScenarioRunner {
     /// Whether `expect` lines are checked (a comparison of variants, whose counters may differ by
     /// design, skips them).
     public let checksExpectations: Bool
+    /// The MMU the guest runs under (shadow paging, or TDP with EPT).
+    public let mmu: VirtualMachineMMU
 
     public init(scenario: Scenario, traceEvents: Bool = false, shadowPageLimit: Int? = nil,
-                variant: MMUVariant = .upstream, checksExpectations: Bool = true) {
+                variant: MMUVariant = .upstream, checksExpectations: Bool = true, mmu: VirtualMachineMMU = .shadow) {
         self.scenario = scenario
+        self.mmu = mmu
         self.variant = variant
         self.checksExpectations = checksExpectations
         tracesEvents = traceEvents
@@ -156,6 +161,7 @@ public final class ScenarioRunner {
         controls = scenario.initialControls
         registers = scenario.initialControls.registers(cr3: 0)
         report = RunReport(scenario: scenario.name)
+        report.mmu = mmu.name
     }
 
     public func run() throws(RunFailure) -> RunReport {
@@ -166,7 +172,7 @@ public final class ScenarioRunner {
         } catch {
             throw .badScenario(line: 0, message: "\(error)")
         }
-        report.statsBefore = vm.mmu.stats
+        report.statsBefore = vm.stats
         vm.mmu.events.isRecording = tracesEvents
         for statement in scenario.directives {
             currentLine = statement.line
@@ -189,9 +195,17 @@ public final class ScenarioRunner {
         return report
     }
 
+    /// The MMU for this scenario: under TDP, the EPT capabilities follow the scenario's CPU.
+    private func mmuForScenario() -> VirtualMachineMMU {
+        guard case .tdp(var configuration) = mmu else { return mmu }
+        if !scenario.cpuModel.supports1GiBPages { configuration.maxHugePageLevel = min(configuration.maxHugePageLevel, 2) }
+        return .tdp(configuration)
+    }
+
     private func setUp() throws {
         vm = try VirtualMachine(memorySize: scenario.memorySize, cpu: scenario.cpuModel, shadowPageLimit: shadowPageLimit,
-                                hostLevels: scenario.hostLevels, variant: variant)
+                                hostLevels: mmu.isTDP ? nil : scenario.hostLevels, variant: variant,
+                                mmu: mmuForScenario())
         kernel = try GuestKernel(vm: vm, mode: controls.pagingMode)
         kernel.store = { [unowned self] entry, value, size in
             // The kernel reaches its tables through the window of the mode in force (or, with paging
@@ -207,7 +221,7 @@ public final class ScenarioRunner {
     }
 
     private func finish() {
-        report.statsAfter = vm.mmu.stats
+        report.statsAfter = vm.stats
         report.dirtyRingFullExits = vcpu?.dirtyRingFullExits ?? 0
         report.lockstepChecks = reference?.checkedAccesses ?? 0
         var seen = Set<Mapping>()
@@ -257,7 +271,7 @@ public final class ScenarioRunner {
                 // Checked now so that an impossible combination names this line.
                 let root = try kernel.root(of: Scenario.kernelSpace, mode: controls.pagingMode)
                 let booting = controls.registers(cr3: root.rawValue)
-                try VCPU.checkSupported(booting)
+                if !mmu.isTDP { try VCPU.checkSupported(booting) }
                 _ = try PageWalker(registers: booting, cpu: scenario.cpuModel, memory: vm.memory)
                 return
             }
@@ -334,9 +348,9 @@ public final class ScenarioRunner {
         case .dirtyLog(let request):
             try apply(request)
         case .zap(.all):
-            vm.mmu.zapAllFast()
+            vm.zapAllFast()
         case .zap(.gfns(let first, let count)):
-            vm.mmu.zapGFNRange(first..<first + count)
+            vm.zapGFNRange(first..<first + count)
         case .invlpg(let gva):
             vcpu.invalidatePage(gva)
             reference.invalidatePage(gva)
@@ -353,7 +367,7 @@ public final class ScenarioRunner {
     /// run (instant and peak ones as they are), a context counter since the vCPU was made (0 before
     /// boot), or the shadow pages alive (KVM's `n_used_mmu_pages`).
     private func counterValue(_ name: String) -> UInt64? {
-        if let value = vm.mmu.stats.delta(from: report.statsBefore)[kvmName: name] { return value }
+        if let value = vm.stats.delta(from: report.statsBefore)[kvmName: name] { return value }
         let context = vcpu?.context
         switch name {
         case "context_resets": return context?.contextResets ?? 0
@@ -527,7 +541,7 @@ public final class ScenarioRunner {
         let expected = reference.expect(gva, access)
         let outcome = try vcpu.access(gva, access, size: size, value: value)
         try reference.check(gva, access, size: size, value: value, expected: expected, actual: outcome.result)
-        if let problem = vm.mmu.audit().first {
+        if let problem = vm.audit().first {
             finish()
             throw RunFailure.brokenInvariant(line: currentLine, message: problem, partial: report)
         }

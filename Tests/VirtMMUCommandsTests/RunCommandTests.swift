@@ -291,7 +291,7 @@ let examplesDirectory = URL(fileURLWithPath: #filePath).deletingLastPathComponen
     }
 
     @Test func badArgumentsExitOne() {
-        for arguments in [["run", "x.vmm", "--mmu", "tdp"], ["run", "x.vmm", "--bogus"], ["run", "a", "b"]] {
+        for arguments in [["run", "x.vmm", "--mmu", "vmx"], ["run", "x.vmm", "--bogus"], ["run", "a", "b"]] {
             do {
                 _ = try VirtMMU.parseAsRoot(arguments)
                 Issue.record("\(arguments) parsed")
@@ -313,6 +313,43 @@ let examplesDirectory = URL(fileURLWithPath: #filePath).deletingLastPathComponen
             #expect(VirtMMU.exitStatus(for: error, arguments: ["run", "--help"]) == 0)
         }
         #expect((try? VirtMMU.parseAsRoot(["run", "x.vmm", "--mmu", "shadow", "--json"])) is RunCommand)
+    }
+
+    /// `--mmu tdp` (and `npt`) runs every example under the TDP MMU (EPT, NPT), skipping `expect` lines (they pin
+    /// the shadow MMU's counters); the report names the MMU.
+    @Test func everyExampleRunsUnderTDP() throws {
+        let files = try FileManager.default.contentsOfDirectory(atPath: examplesDirectory.path)
+            .filter { $0.hasSuffix(".vmm") }.sorted()
+        for file in files {
+            for (mmu, header) in [("tdp", "TDP MMU (EPT)"), ("npt", "TDP MMU (NPT)")] {
+                let path = examplesDirectory.appendingPathComponent(file).path
+                let outcome = try runCommand([path, "--mmu", mmu, "--json"])
+                #expect(outcome.status == 0, "\(file): \(outcome.message ?? "")")
+                let objects = try jsonObjects(outcome.output)
+                #expect(objects.last?["status"] as? String == "ok", "\(file)")
+                #expect(objects.last?["mmu"] as? String == mmu, "\(file)")
+                let text = try runCommand([path, "--mmu", mmu])
+                #expect(text.output.contains(header), "\(file)")
+                #expect(text.output.contains("checked in lockstep: all agree"), "\(file)")
+            }
+        }
+    }
+
+    /// Protection keys need TDP: refused under shadow paging, run under TDP.
+    @Test func protectionKeysRunUnderTDP() throws {
+        let scenario = """
+            mem 64M
+            set pke=1 wp=1 nx=1
+            map 0x600000 0x1000000 4k P,RW,US pkey=3
+            access write 0x600000 cpl=3 value=7
+            set pkru=0xc0
+            access read 0x600000 cpl=3
+            """
+        #expect(try runCommand(["-"], input: scenario).status == 1)
+        let outcome = try runCommand(["-", "--mmu", "tdp", "--json"], input: scenario)
+        #expect(outcome.status == 0, "\(outcome.message ?? "")")
+        let accesses = try jsonObjects(outcome.output).filter { $0["type"] as? String == "access" }
+        #expect(accesses.map { $0["error_code"] as? String } == ["0x0", "0x25"])
     }
 
     @Test func everyExampleRunsCleanly() throws {

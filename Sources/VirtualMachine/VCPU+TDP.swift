@@ -1,0 +1,447 @@
+import GuestMemory
+import KVMMMU
+import X86Paging
+
+// A vCPU under the TDP MMU (EPT or NPT): the guest's CR0/CR3/CR4/EFER run in hardware, so register
+// writes, CR3 loads, INVLPG and INVPCID take no exit; the hardware walks the guest's tables at
+// guest-physical addresses it translates through KVM's EPT or NPT tables (the two-dimensional
+// walk), and only an EPT violation or misconfiguration, or a #NPF, exits to `TDPMMU.pageFault`.
+
+/// The hardware's walker of KVM's TDP tables: EPT's, or NPT's (x86 64-bit tables walked as the
+/// host's paging mode does, every access a user access).
+enum NestedWalker {
+    case ept(EPTWalker)
+    case npt(PageWalker)
+}
+
+/// A guest-physical address translated through the TDP tables.
+struct NestedTranslation {
+    var host: UInt64
+    var readable: Bool
+    var writable: Bool
+    var executable: Bool
+    /// The leaf's D bit is set (or the tables have no D bit).
+    var leafDirty: Bool
+}
+
+/// Why the TDP walk gave no translation.
+enum NestedFault {
+    case ept(EPTWalkFault)
+    case npt(WalkFault)
+}
+
+/// What a vCPU keeps under TDP.
+final class TDPVCPUState {
+    let tdp: TDPMMU
+    /// The guest's own paging registers (in hardware: no KVM context involved).
+    var registers: PagingRegisters
+    /// The guest's walker, as the hardware runs it (PAE's PDPTE registers loaded with CR3).
+    var guestWalker: PageWalker
+    /// The root this vCPU runs on (the EPTP), with its reference; nil until the next entry loads one.
+    var root: TDPRoot?
+    /// The hardware's walker of `root`'s tables.
+    var ept: NestedWalker?
+    /// The EPT capabilities the EPTP is walked with (EPT only).
+    let capabilities: EPTCapabilities
+    let cpu: CPUModel
+    /// With EPT A/D bits, the processor's accesses to guest paging structures are writes as far as
+    /// EPT is concerned (SDM 29.3.3.2): they need W and set D.
+    let tableAccess: AccessKind
+    /// PML: the hardware logs the gfn of a write that sets an EPT leaf's D bit.
+    let pml: Bool
+
+    init(tdp: TDPMMU, registers: PagingRegisters, cpu: CPUModel, memory: MemslotSet) throws(VirtualMachineError) {
+        self.tdp = tdp
+        self.registers = registers
+        self.cpu = cpu
+        let masks = tdp.masks
+        capabilities = EPTCapabilities(executeOnly: masks.present & 1 == 0, fiveLevel: true,
+                                       accessedDirty: masks.accessedDirtyEnabled,
+                                       maxPhysicalAddressBits: masks.hostPhysicalAddressBits)
+        // NPT: KVM's own model of the nested walk treats guest table accesses as writes too
+        // (`nested_access` in `FNAME(walk_addr_generic)`, the x86 tables having A/D bits).
+        tableAccess = masks.accessedDirtyEnabled || !masks.isEPT ? .write : .read
+        pml = tdp.configuration.dirtyLogging == .pml
+        do {
+            guestWalker = try PageWalker(registers: registers, cpu: cpu, memory: memory)
+        } catch {
+            throw .impossibleRegisters(error)
+        }
+    }
+
+    /// The TLB tag of the current root and PCID.
+    var tag: UInt64 {
+        guard let root else { return VCPU.noRoot }
+        let pcid = registers.cr4.contains(.pcidEnable) ? registers.cr3 & 0xFFF : 0
+        return root.frame.rawValue | pcid << 48
+    }
+}
+
+/// The memory the guest walker reads its tables from: guest-physical frames translated through
+/// EPT as the hardware does (with the EPT A/D updates it makes). A frame EPT refuses reads as no
+/// memory, with the EPT fault kept for the exit.
+struct TwoDimensionalMemory: PhysicalMemory {
+    final class Faults {
+        var fault: NestedFault?
+        /// Guest frames whose EPT leaf refused writes (the guest's A/D updates there were skipped).
+        var readOnlyFrames: [UInt64] = []
+        var dirtied: [GuestFrameNumber] = []
+    }
+    let ept: NestedWalker
+    let host: HostPhysicalView
+    let kind: AccessKind
+    let pml: Bool
+    let faults: Faults
+
+    func hostPage(_ frame: GuestFrameNumber) -> HostPage? {
+        guard faults.fault == nil else { return nil }
+        guard let translation = VCPU.translateNested(ept, frame.address, kind, host: host, pml: pml, faults: faults) else {
+            return nil
+        }
+        if !translation.writable { faults.readOnlyFrames.append(frame.rawValue) }
+        return HostPage(bytes: host.pool.pointer(HostFrameNumber(translation.host >> 12)), isWritable: translation.writable)
+    }
+}
+
+/// One hardware access's two-dimensional walk.
+enum TDPWalkOutcome {
+    case translated(host: UInt64, gpa: GuestPhysicalAddress, permissions: UInt8, dirty: Bool, cacheable: Bool)
+    case guestFault(PageFaultErrorCode)
+    case generalProtection
+    /// An EPT violation or misconfiguration: KVM's fault handler with this error code.
+    case exit(GuestPhysicalAddress, PageFaultErrorCode)
+}
+
+extension VCPU {
+    /// An EPT walk; on a fault, nil with the fault kept. With PML, a write that sets a leaf's D bit
+    /// logs the gfn.
+    static func translateNested(_ walker: NestedWalker, _ gpa: GuestPhysicalAddress, _ kind: AccessKind,
+                                host: HostPhysicalView, pml: Bool,
+                                faults: TwoDimensionalMemory.Faults) -> NestedTranslation? {
+        switch walker {
+        case .ept(let ept):
+            guard let translation = translateEPT(ept, gpa, kind, host: host, pml: pml, faults: faults) else { return nil }
+            return NestedTranslation(host: translation.outputAddress.rawValue, readable: translation.isReadable,
+                                     writable: translation.isWritable, executable: translation.isExecutable,
+                                     leafDirty: !ept.pointer.accessedDirtyEnabled
+                                        || translation.path.entryValue(level: translation.level) & (1 << 9) != 0)
+        case .npt(let npt):
+            switch npt.translate(GuestVirtualAddress(gpa.rawValue), Access(kind, .user), in: host, setAccessedDirty: true) {
+            case .success(let translation):
+                return NestedTranslation(host: translation.physicalAddress.rawValue, readable: true,
+                                         writable: translation.isWritable, executable: translation.isExecutable,
+                                         leafDirty: translation.path.entryValue(level: translation.level) & 0x40 != 0)
+            case .failure(let fault):
+                faults.fault = .npt(fault)
+                return nil
+            }
+        }
+    }
+
+    static func translateEPT(_ ept: EPTWalker, _ gpa: GuestPhysicalAddress, _ kind: AccessKind, host: HostPhysicalView,
+                             pml: Bool, faults: TwoDimensionalMemory.Faults) -> EPTTranslation? {
+        var wasClean = false
+        if pml && kind == .write, case .success(let probe) = ept.translate(gpa, .write, in: host, setAccessedDirty: false) {
+            wasClean = probe.path.entryValue(level: probe.level) & (1 << 9) == 0
+        }
+        var fault: EPTWalkFault?
+        let translation = ept.translate(gpa, kind, in: host, setAccessedDirty: true, fault: &fault)
+        if let fault {
+            faults.fault = .ept(fault)
+            return nil
+        }
+        if wasClean { faults.dirtied.append(gpa.frame) }
+        return translation
+    }
+
+    // MARK: Registers
+
+    func tdpSetRegisters(_ new: PagingRegisters, _ state: TDPVCPUState) throws(VirtualMachineError) {
+        let old = state.registers
+        let walker: PageWalker
+        do {
+            if new.reloadsPDPTEs(from: old) || new.mode != .pae || old.mode != .pae {
+                walker = try PageWalker(registers: new, cpu: state.cpu, memory: vm.memory)
+            } else {
+                let pdptes = (0..<4).map { state.guestWalker.pdpte($0).rawValue }
+                walker = try PageWalker(registers: new, cpu: state.cpu, memory: vm.memory, pdpteValues: pdptes)
+            }
+        } catch {
+            throw .impossibleRegisters(error)
+        }
+        state.registers = new
+        state.guestWalker = walker
+        // The architecture flushes what CR0/CR4/EFER changes require; flushing everything on any
+        // change of them is allowed (a TLB may drop entries at any time).
+        if new.cr0 != old.cr0 || new.cr4 != old.cr4 || new.efer != old.efer { tlb.flush() }
+        tdpRetag(state)
+    }
+
+    func tdpLoadCR3(_ value: UInt64, noFlush: Bool, _ state: TDPVCPUState) throws(VirtualMachineError) {
+        var new = state.registers
+        new.cr3 = value
+        let walker: PageWalker
+        do {
+            walker = try state.guestWalker.loadingCR3(value, memory: vm.memory)
+        } catch {
+            throw .impossibleRegisters(error)
+        }
+        state.registers = new
+        state.guestWalker = walker
+        // A MOV to CR3 invalidates the PCID's non-global translations (without PCIDs, all
+        // non-global ones) unless bit 63 keeps them; this TLB has no per-PCID flush and flushes
+        // everything (more than the architecture asks, which it allows).
+        if !noFlush { tlb.flush() }
+        tdpRetag(state)
+    }
+
+    func tdpInvalidatePCID(_ type: INVPCIDType, pcid: UInt64, address: GuestVirtualAddress,
+                           _ state: TDPVCPUState) -> Bool {
+        guard !state.registers.invpcidFaults(type, pcid: pcid, address: address) else { return false }
+        if case .individualAddress = type {
+            tlb.invalidate(address)
+        } else {
+            tlb.flush()
+        }
+        return true
+    }
+
+    /// The TLB tag, the address checks and the permission refusals of the guest's registers.
+    func tdpRetag(_ state: TDPVCPUState) {
+        let registers = state.registers
+        hot.pointee.narrowLinearAddresses = !registers.mode.isLongMode
+        hot.pointee.canonicalWidth = registers.mode.isLongMode ? registers.mode.linearAddressWidth : 64
+        hot.pointee.rootFrame = state.tag
+        // Protection keys are checked on every access, which the TLB fast path does not do: with
+        // them on, every access walks.
+        if registers.cr4.contains(.protectionKeys) || registers.cr4.contains(.supervisorProtectionKeys) {
+            hot.pointee.refusals = ~0
+            return
+        }
+        var refusals: UInt128 = 0
+        let rules = state.guestWalker.rules
+        for kind in AccessKind.allCases {
+            for privilege in Privilege.allCases {
+                let refused = rules.refusedPermissions(Access(kind, privilege),
+                                                       alignmentCheck: registers.rflags.contains(.alignmentCheck))
+                refusals |= UInt128(refused) << UInt128(8 * (3 * Int(kind.rawValue) + Int(privilege.rawValue)))
+            }
+        }
+        hot.pointee.refusals = refusals
+    }
+
+    // MARK: Entry
+
+    /// The requests a VM entry services under TDP: a remote TLB flush (KVM_REQ_TLB_FLUSH), and
+    /// KVM_REQ_MMU_FREE_OBSOLETE_ROOTS (an invalid root is put; the entry loads a new one).
+    func tdpServiceRequests(_ state: TDPVCPUState) {
+        if hot.pointee.freeObsoleteRootsRequested {
+            hot.pointee.freeObsoleteRootsRequested = false
+            if let root = state.root, root.isInvalid {
+                try? state.tdp.putRoot(root)
+                state.root = nil
+                state.ept = nil
+                hot.pointee.rootFrame = Self.noRoot
+            }
+        }
+        if hot.pointee.flushAllRequested || !hot.pointee.requests.isEmpty {
+            mmu.count(.tlbFlush)
+            tlb.flush()
+        }
+        hot.pointee.flushAllRequested = false
+        hot.pointee.requests = []
+    }
+
+    /// `kvm_mmu_load` under TDP: a root (and the EPTP) for the next entry.
+    private func tdpLoadRoot(_ state: TDPVCPUState) throws(VirtualMachineError) -> NestedWalker {
+        if let root = state.root, root.isInvalid {
+            try? state.tdp.putRoot(root)
+            state.root = nil
+            state.ept = nil
+        }
+        if let ept = state.ept { return ept }
+        let root: TDPRoot
+        do {
+            root = try state.tdp.allocateRoot()
+        } catch {
+            throw .hostMemory("\(error)")
+        }
+        let ept: NestedWalker
+        if state.tdp.masks.isEPT {
+            do {
+                ept = .ept(try EPTWalker(pointer: EPTPointer(root: root.frame.address.rawValue, levels: root.level,
+                                                             accessedDirty: state.tdp.masks.accessedDirtyEnabled),
+                                         capabilities: state.capabilities))
+            } catch {
+                throw .corruptShadowTables("the hardware refuses KVM's EPTP: \(error)")
+            }
+        } else {
+            // nCR3 walked in the host's paging mode (64-bit, NX on).
+            var cr4: CR4 = [.physicalAddressExtension]
+            if root.level == 5 { cr4.insert(.la57) }
+            let registers = PagingRegisters(cr0: [.protectionEnable, .writeProtect, .paging], cr3: root.frame.address.rawValue,
+                                            cr4: cr4, efer: [.noExecuteEnable, .longModeEnable, .longModeActive])
+            do {
+                ept = .npt(try PageWalker(registers: registers,
+                                          cpu: CPUModel(maxPhysicalAddressBits: state.tdp.masks.hostPhysicalAddressBits),
+                                          memory: host))
+            } catch {
+                throw .corruptShadowTables("the hardware refuses KVM's nCR3: \(error)")
+            }
+        }
+        state.root = root
+        state.ept = ept
+        // A new root's frame may have been another root's: flush what is tagged with it.
+        tlb.flush()
+        tdpRetag(state)
+        return ept
+    }
+
+    // MARK: Accesses
+
+    func tdpRun(_ address: GuestVirtualAddress, _ access: Access, size: Int, value: UInt64,
+                _ state: TDPVCPUState) throws(VirtualMachineError) -> AccessOutcome {
+        var exits = 0
+        var firstTry = true
+        while exits <= Self.maxExitsPerAccess {
+            serviceRequests()
+            if dirtyRing?.isSoftFull == true { try exitForFullDirtyRing() }
+            let ept = try tdpLoadRoot(state)
+            let tag = hot.pointee.rootFrame
+            if let entry = tlb.lookup(address, root: tag), tdpAllows(entry, access) {
+                let offset = address.rawValue & pageOffsetMask
+                let result = perform(hostAddress: entry.hostFrame << 12 | offset, access.kind, size: size, value: value)
+                return AccessOutcome(result: .completed(gpa: GuestPhysicalAddress(entry.guestFrame << 12 | offset), value: result),
+                                     exits: exits, emulated: false, tlbHit: firstTry)
+            }
+            firstTry = false
+            tlb.invalidate(address, root: tag)
+            let outcome = tdpWalk(address, access, ept: ept, state)
+            switch outcome {
+            case .translated(let hostAddress, let gpa, let permissions, let dirty, let cacheable):
+                if cacheable {
+                    tlb.insert(address, root: tag, hostFrame: hostAddress >> 12, permissions: permissions, dirty: dirty,
+                               guestFrame: gpa.rawValue >> 12)
+                }
+                let result = perform(hostAddress: hostAddress, access.kind, size: size, value: value)
+                return AccessOutcome(result: .completed(gpa: gpa, value: result), exits: exits, emulated: false, tlbHit: false)
+            case .guestFault(let errorCode):
+                // Delivered by the hardware straight to the guest: no exit.
+                return AccessOutcome(result: .pageFault(errorCode: errorCode, cr2: address), exits: exits, emulated: false,
+                                     tlbHit: false)
+            case .generalProtection:
+                return AccessOutcome(result: .generalProtection, exits: exits, emulated: false, tlbHit: false)
+            case .exit(let gpa, let errorCode):
+                exits += 1
+                mmu.count(.exit)
+                guard let root = state.root else { continue }
+                let decision: PageFaultResult
+                do {
+                    decision = try state.tdp.pageFault(at: gpa, errorCode: errorCode, root: root, vcpuID: id)
+                } catch {
+                    throw .hostMemory("\(error)")
+                }
+                switch decision {
+                case .emulate:
+                    return try emulate(address, access, size: size, value: value, exits: exits,
+                                       guestWalker: WalkerBox(state.guestWalker))
+                case .injectGuestFault(let cr2, let errorCode):
+                    return AccessOutcome(result: .pageFault(errorCode: errorCode, cr2: cr2), exits: exits, emulated: false,
+                                         tlbHit: false)
+                case .injectGeneralProtection:
+                    return AccessOutcome(result: .generalProtection, exits: exits, emulated: false, tlbHit: false)
+                default:
+                    continue
+                }
+            }
+        }
+        throw .livelock(address, exits: exits)
+    }
+
+    /// Whether a TLB entry lets the access through (as `allows`, for the slow path).
+    private func tdpAllows(_ entry: TLB.Entry, _ access: Access) -> Bool {
+        if access.kind == .write && !entry.dirty { return false }
+        let refused = hot.pointee.refusals >> UInt128(8 * (3 * Int(access.kind.rawValue) + Int(access.privilege.rawValue)))
+        return (UInt8(truncatingIfNeeded: refused) >> entry.permissions) & 1 == 0
+    }
+
+    /// The hardware's two-dimensional walk, under the MMU lock held for read (as KVM's vCPUs in
+    /// guest mode keep page tables from being freed): the guest's tables read at guest-physical
+    /// addresses translated through EPT, the guest's A/D bits set (EPT writes), then the final
+    /// guest-physical address translated for the access.
+    private func tdpWalk(_ address: GuestVirtualAddress, _ access: Access, ept: NestedWalker,
+                         _ state: TDPVCPUState) -> TDPWalkOutcome {
+        let lock = state.tdp.lock
+        lock.lockShared()
+        let faults = TwoDimensionalMemory.Faults()
+        let outcome = tdpWalkLocked(address, access, ept: ept, state, faults)
+        lock.unlockShared()
+        for gfn in faults.dirtied { _ = vm.memory.markDirty(gfn) }
+        return outcome
+    }
+
+    private func tdpWalkLocked(_ address: GuestVirtualAddress, _ access: Access, ept: NestedWalker,
+                               _ state: TDPVCPUState, _ faults: TwoDimensionalMemory.Faults) -> TDPWalkOutcome {
+        let memory = TwoDimensionalMemory(ept: ept, host: host, kind: state.tableAccess, pml: state.pml, faults: faults)
+        let translation: Translation
+        switch state.guestWalker.translate(address, access, in: memory, setAccessedDirty: true) {
+        case .success(let result):
+            translation = result
+        case .failure(.pageFault(let fault)):
+            return .guestFault(PageFaultErrorCode(rawValue: UInt64(fault.errorCode.architectural)))
+        case .failure(.generalProtection), .failure(.addressTooWide):
+            return .generalProtection
+        case .failure(.noMemory(let gpa, _, _)):
+            return tdpExit(faults.fault, gpa: gpa, final: false)
+        }
+        // Without EPT A/D the guest's tables were read with reads; an A/D update the EPT leaf did
+        // not allow was skipped and is an EPT violation of a write to that table.
+        if !faults.readOnlyFrames.isEmpty {
+            let path = translation.path
+            let top = path.topIsRegister ? path.topLevel - 1 : path.topLevel
+            var level = top
+            while level >= path.bottomLevel {
+                let entryAddress = path.entryAddress(level: level)
+                let value = path.entryValue(level: level)
+                let needs: UInt64 = level == path.bottomLevel && access.kind == .write ? 0x60 : 0x20
+                if value & needs != needs && faults.readOnlyFrames.contains(entryAddress.frame.rawValue) {
+                    faults.fault = nil
+                    _ = Self.translateNested(ept, entryAddress, .write, host: host, pml: false, faults: faults)
+                    return tdpExit(faults.fault, gpa: entryAddress, final: false)
+                }
+                level -= 1
+            }
+        }
+        let gpa = translation.physicalAddress
+        guard let final = Self.translateNested(ept, gpa, access.kind, host: host, pml: state.pml, faults: faults) else {
+            return tdpExit(faults.fault, gpa: gpa, final: true)
+        }
+        let guestDirty = translation.path.entryValue(level: translation.level) & 0x40 != 0
+            || state.registers.mode == .disabled
+        return .translated(host: final.host, gpa: gpa, permissions: translation.permissions,
+                           dirty: guestDirty && final.leafDirty && final.writable,
+                           cacheable: final.readable && final.executable)
+    }
+
+    /// The exit an EPT fault makes: a violation's error code from its qualification (the guest
+    /// linear address valid; a guest table or the final translation), RSVD for a misconfiguration.
+    /// An NPT fault's #NPF error code is the nested walk's #PF error code with GUEST_FINAL or
+    /// GUEST_PAGE (bits 32, 33).
+    private func tdpExit(_ fault: NestedFault?, gpa: GuestPhysicalAddress, final: Bool) -> TDPWalkOutcome {
+        switch fault {
+        case .ept(.violation(_, var qualification, _, _))?:
+            qualification.insert(.linearAddressValid)
+            if final { qualification.insert(.finalTranslation) }
+            return .exit(gpa, TDPMMU.errorCode(forEPTViolation: qualification))
+        case .ept(.misconfiguration)?:
+            return .exit(gpa, [.reservedBit])
+        case .npt(.pageFault(let pageFault))?:
+            var code = PageFaultErrorCode(rawValue: UInt64(pageFault.errorCode.architectural))
+            code.insert(final ? .guestFinal : .guestPage)
+            return .exit(gpa, code)
+        case .ept?, .npt?, nil:
+            // No EPT fault recorded: the guest's table is beyond what the EPT walk can reach.
+            return .exit(gpa, [.reservedBit])
+        }
+    }
+}
