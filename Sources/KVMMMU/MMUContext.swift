@@ -654,6 +654,12 @@ public final class MMUContext {
     /// I/D for a fetch when EFER.NX or CR4.SMEP is set (KVM's rule, which unlike the SDM's also
     /// reports it under 32-bit paging with EFER.NXE).
     public func unreadableTableErrorCode(_ access: Access) -> PageFaultErrorCode {
+        Self.unreadableTableErrorCode(access, registers: registers)
+    }
+
+    /// `unreadableTableErrorCode` for a vCPU in the given register state (under TDP the registers
+    /// are the guest's own, with no shadow context).
+    public static func unreadableTableErrorCode(_ access: Access, registers: PagingRegisters) -> PageFaultErrorCode {
         var code = PageFaultErrorCode()
         if access.kind == .write { code.insert(.write) }
         if access.privilege == .user { code.insert(.user) }

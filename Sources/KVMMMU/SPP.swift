@@ -771,13 +771,16 @@ public final class SubPageProtection: @unchecked Sendable {
     }
 }
 
-/// The host page pool as the processor sees it when it walks KVM's SPP table: host frame numbers
-/// in the walker's frame-number slot (as VirtualMachine's hardware view does for SPTEs).
-struct PoolPhysicalView: PhysicalMemory {
-    let pool: HostPagePool
+/// The host page pool as the processor sees it when it walks KVM's own tables (SPTEs, the SPP
+/// table): the walkers speak of guest-physical frames, and here those numbers are host frame
+/// numbers, so the same reference walkers that walk guest tables walk KVM's.
+public struct PoolPhysicalView: PhysicalMemory {
+    public let pool: HostPagePool
+
+    @inlinable public init(pool: HostPagePool) { self.pool = pool }
 
     @inlinable
-    func hostPage(_ frame: GuestFrameNumber) -> HostPage? {
+    public func hostPage(_ frame: GuestFrameNumber) -> HostPage? {
         let host = HostFrameNumber(frame.rawValue)
         guard pool.contains(host) else { return nil }
         return HostPage(bytes: pool.pointer(host), isWritable: true)

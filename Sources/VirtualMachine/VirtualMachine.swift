@@ -2,19 +2,8 @@ import GuestMemory
 import KVMMMU
 import X86Paging
 
-/// The host-physical address space as the hardware walker sees it: the host page pool. The walker
-/// speaks of guest-physical frames; here those numbers are host frame numbers (one adapter, so the
-/// same reference walker that walks guest tables walks KVM's SPTEs).
-struct HostPhysicalView: PhysicalMemory {
-    let pool: HostPagePool
-
-    @inlinable
-    func hostPage(_ frame: GuestFrameNumber) -> HostPage? {
-        let host = HostFrameNumber(frame.rawValue)
-        guard pool.contains(host) else { return nil }
-        return HostPage(bytes: pool.pointer(host), isWritable: true)
-    }
-}
+/// The host-physical address space as the hardware walker sees it: the host page pool.
+typealias HostPhysicalView = PoolPhysicalView
 
 extension WalkerBox {
     /// The hardware's walk of KVM's SPTEs (setting their A/D bits as the processor does), with the
@@ -729,14 +718,7 @@ public final class VCPU {
     /// The #PF KVM's emulator injects when a guest table lies where no memory is (see
     /// `MMUContext.unreadableTableErrorCode`).
     private func unreadableTableErrorCode(_ access: Access) -> PageFaultErrorCode {
-        guard tdpState != nil else { return context.unreadableTableErrorCode(access) }
-        var code = PageFaultErrorCode()
-        if access.kind == .write { code.insert(.write) }
-        if access.privilege == .user { code.insert(.user) }
-        if access.kind == .fetch && (registers.efer.contains(.noExecuteEnable) || registers.cr4.contains(.smep)) {
-            code.insert(.fetch)
-        }
-        return code
+        MMUContext.unreadableTableErrorCode(access, registers: registers)
     }
 
     /// KVM's emulator: the guest walk (with A/D updates and fault injection), then the access on

@@ -9,18 +9,6 @@ import X86Paging
 
 private let ept = SPTEMasks.ept(accessedDirty: true, executeOnly: false)
 
-/// SplitMix64, for deterministic random bitmaps.
-private struct Mix: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
 /// The plain rule, byte by byte: a write is allowed when no byte lands in a protected sub-page.
 private func plainPermits(_ masks: (UInt64) -> UInt32, address: UInt64, count: UInt64) -> Bool {
     for byte in address..<address + count {
@@ -170,7 +158,7 @@ struct SPPAccessTests {
 
     @Test func setThenGetAcrossAdjacentSlots() throws {
         let f = try Fixture()
-        var rng = Mix(state: 7)
+        var rng = TDPRandom(seed: 7)
         let first: UInt64 = (4 << 8) - 100  // 100 pages in slot 0, 412 in slot 1
         let masks = (0..<512).map { _ in UInt32(truncatingIfNeeded: rng.next()) | (rng.next() % 4 == 0 ? 0xFFFF_FFFF : 0) }
         try f.set(first, masks)
@@ -282,7 +270,7 @@ struct SPPTableTests {
     /// present bit), and nothing of the neighbouring blocks.
     @Test func missRebuildsTheWholeBlock() throws {
         let f = try Fixture()
-        var rng = Mix(state: 11)
+        var rng = TDPRandom(seed: 11)
         let masks = (0..<512).map { _ in UInt32(truncatingIfNeeded: rng.next()) }
         try f.set(0x200, Array(masks[0..<256]))
         try f.set(0x300, Array(masks[256...]))
@@ -536,7 +524,7 @@ struct SPPFaultTests {
     /// random bitmaps and random writes, including writes across sub-page and page boundaries.
     @Test func emulatorHardwareAndPlainRuleAgree() throws {
         let f = try Fixture()
-        var rng = Mix(state: 0x5EED)
+        var rng = TDPRandom(seed: 0x5EED)
         var masks = (0..<512).map { _ in UInt32(truncatingIfNeeded: rng.next()) }
         masks[17] = 0xFFFF_FFFF
         masks[18] = 0
