@@ -40,12 +40,14 @@ public final class ShadowGuest {
     public let kernel: GuestKernel
     public let vcpu: VCPU
 
-    /// - Parameter dataBytes: guest RAM above the 16 MiB table pool.
-    public init(dataBytes: UInt64, map: (GuestKernel) throws -> Void) {
+    /// - Parameters:
+    ///   - dataBytes: guest RAM above the 16 MiB table pool.
+    ///   - mmu: the shadow MMU (default) or the TDP MMU.
+    public init(dataBytes: UInt64, mmu: VirtualMachineMMU = .shadow, map: (GuestKernel) throws -> Void) {
         // A shadow-page cache large enough that no fixture recycles pages (KVM_SET_NR_MMU_PAGES):
         // the cold-fault fixtures create thousands of shadow pages, which KVM's default limit for
         // this little memory would recycle.
-        vm = try! VirtualMachine(memorySize: dataBase + dataBytes, shadowPageLimit: 1 << 14)
+        vm = try! VirtualMachine(memorySize: dataBase + dataBytes, shadowPageLimit: 1 << 14, mmu: mmu)
         kernel = try! GuestKernel(vm: vm, mode: .fourLevel)
         try! map(kernel)
         vcpu = try! vm.addVCPU(registers: longModeRegisters(cr3: kernel.root.rawValue))
@@ -435,4 +437,50 @@ public final class SyncFixture {
     }
 
     public var unsyncPages: UInt64 { guest.vm.mmu.stats.mmuUnsync }
+}
+
+/// A fresh VM under the TDP MMU (EPT, 4 KiB mappings only) whose targets each take exactly one EPT
+/// violation: the guest's tables are mapped in EPT already (one warm-up access per page table), and
+/// each target is the first touch of its data page. Single-use.
+public final class TDPFaultFixture {
+    public let guest: ShadowGuest
+    public let targets: [GuestVirtualAddress]
+    let pagesBefore: UInt64
+
+    static let base: UInt64 = 0x0000_0000_4000_0000
+    static let pages = 16_384
+    public static let capacity = pages - pages / 512
+
+    public init() {
+        var configuration = TDPMMUConfiguration.ept(capabilities: EPTCapabilities(), guestMaxPhysicalAddressBits: 46)
+        configuration.maxHugePageLevel = 1  // every fault maps one 4 KiB page
+        let guest = ShadowGuest(dataBytes: UInt64(Self.pages) << 12, mmu: .tdp(configuration)) { kernel in
+            for page in 0..<Self.pages {
+                try ShadowGuest.map4K(kernel, Self.base + UInt64(page) << 12, dataBase + UInt64(page) << 12,
+                                      flags: GuestBits.userLeaf)
+            }
+        }
+        var targetList: [UInt64] = []
+        var dataPages: [UInt64] = []
+        for page in 0..<Self.pages {
+            dataPages.append(dataBase + UInt64(page) << 12)
+            // The first page under each page table maps the table itself in EPT: not a target.
+            if page % 512 == 0 {
+                _ = guest.mustComplete(Self.base + UInt64(page) << 12)
+            } else {
+                targetList.append(Self.base + UInt64(page) << 12)
+            }
+        }
+        guest.populate(dataPages)
+        guest.prefaultShadowFrames(targetList.count + 64)
+        self.guest = guest
+        targets = shuffled(targetList).map { GuestVirtualAddress($0) }
+        pagesBefore = guest.vm.stats.pages4K
+    }
+
+    /// Each access took one exit and mapped one 4 KiB page.
+    public func verify(count: Int, exits: Int) {
+        precondition(exits == count, "TDP faults: \(exits) exits for \(count) accesses")
+        precondition(guest.vm.stats.pages4K == pagesBefore + UInt64(count), "TDP faults: pages_4k did not grow by \(count)")
+    }
 }

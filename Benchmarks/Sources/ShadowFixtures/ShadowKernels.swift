@@ -32,6 +32,23 @@ public func runFaults(_ fixture: FaultFixture, count: Int) -> (exits: Int, check
     }
 }
 
+/// The first `count` targets of a TDP fixture: each an EPT violation, the TDP MMU's fault, and
+/// the retried access through the two-dimensional walk.
+@inline(never)
+public func runTDPFaults(_ fixture: TDPFaultFixture, count: Int) -> (exits: Int, checksum: UInt64) {
+    let vcpu = fixture.guest.vcpu
+    return fixture.targets.withUnsafeBufferPointer { buffer in
+        var exits = 0
+        var sum: UInt64 = 0
+        for index in 0..<count {
+            let outcome = try! vcpu.access(buffer[index], .read(.user), size: 8)
+            exits &+= outcome.exits
+            if case .completed(let gpa, let value) = outcome.result { sum &+= gpa.rawValue &+ value } else { sum &+= 1 << 40 }
+        }
+        return (exits, sum)
+    }
+}
+
 /// The floor under a fault's retried access: one 8-byte host load from each target's page, in
 /// the same order, on a fixture in the same state (the pages were populated when it was built,
 /// then the rest of the fixture was built). Each address depends on the previous load (its value

@@ -149,6 +149,23 @@ let kernels: [Kernel] = [
     faults("fault-4k-write", .warm, access: .write(.user)),
     faults("fault-4k-prefetch8", .warmPrefetch),
     faults("fault-cold-pt", .coldPT),
+    // TDP (EPT) faults of 4 KiB pages whose guest tables are mapped already.
+    Kernel(name: "tdp-fault-4k", defaultCount: 100_000) { count in
+        var remaining = count
+        var elapsed: UInt64 = 0
+        var checksum: UInt64 = 0
+        while remaining > 0 {
+            let fixture = TDPFaultFixture()
+            let batch = min(remaining, fixture.targets.count)
+            let start = now()
+            let (exits, sum) = runTDPFaults(fixture, count: batch)
+            elapsed += now() - start
+            fixture.verify(count: batch, exits: exits)
+            checksum &+= sum
+            remaining -= batch
+        }
+        return (elapsed, checksum)
+    },
     faults("fault-cold-pd-pt", .coldPD),
     // As fault-cold-pt, but guest RAM and the pool's free frames are not pre-faulted: the host
     // kernel's own page faults on the anonymous mappings land inside the timed accesses.
