@@ -437,27 +437,6 @@ public final class MemslotSet: PhysicalMemory, ByteAccessibleMemory, @unchecked 
         return bitmap
     }
 
-    /// Clears the slot's dirty bits for pages `first..<first + count` (slot-relative), returning
-    /// the bits that were set there as a bitmap whose bit 0 is page `first` (KVM_CLEAR_DIRTY_LOG's
-    /// part in the bitmap; write-protecting the pages again is the MMU's part).
-    public func clearDirtyLog(slot id: Int, first: UInt64, count: UInt64) throws(MemslotError) -> [UInt64] {
-        guard let record = recordsByID[id] else { throw .noSuchSlot(id) }
-        precondition(first + count <= record.slot.pageCount, "the range lies inside the slot")
-        let cleared: [UInt64]? = dirtyLock.withLock {
-            guard record.dirty != nil else { return nil }
-            var cleared = [UInt64](repeating: 0, count: Int((count + 63) / 64))
-            for page in first..<first + count {
-                let word = Int(page >> 6), bit: UInt64 = 1 << (page & 63)
-                guard record.dirty![word] & bit != 0 else { continue }
-                record.dirty![word] &= ~bit
-                cleared[Int((page - first) >> 6)] |= 1 << ((page - first) & 63)
-            }
-            return cleared
-        }
-        guard let cleared else { throw .dirtyLoggingDisabled(id: id) }
-        return cleared
-    }
-
     /// Clears the bits of `mask` in the 64 dirty bits of pages `firstPage..<firstPage + 64` of the
     /// slot, and returns the ones that were set (KVM_CLEAR_DIRTY_LOG's `atomic_long_fetch_andnot`).
     /// `firstPage` must be a multiple of 64; bits past the slot's end are ignored.

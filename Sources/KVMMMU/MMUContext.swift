@@ -411,12 +411,12 @@ public final class MMUContext {
 
     private static func hostMode(levels: Int) -> PagingMode { levels == 5 ? .fiveLevel : .fourLevel }
 
-    /// The PDPTEs a VM entry in PAE paging loads from the current root: nil unless the hardware
-    /// runs the guest in PAE paging.
-    public var hardwarePDPTEs: [UInt64]? {
-        guard rootsLoaded else { return nil }
-        let root = hardwareRoot
-        return root.mode == .pae ? root.pdptes : nil
+    /// PDPTE `index` of a loaded per-vCPU PAE root (local-roots on a PAE-paging host), the only
+    /// PAE root whose entries change while it stays loaded; nil for every other root (upstream's
+    /// special PAE root changes only when roots are loaded, which gives the hardware a new walker).
+    public func changeablePDPTE(_ index: Int) -> UInt64? {
+        guard rootsLoaded, let root, root.isPerVCPURoot, root.level == 3 else { return nil }
+        return root.spte(index).pointee
     }
 
     /// Seed 2's `using_local_root_page` (Sean's name: `kvm_mmu_has_per_vcpu_root_page`): under the
@@ -513,13 +513,9 @@ public final class MMUContext {
             let gfn: GuestFrameNumber
             if rootRole.isDirect {
                 gfn = GuestFrameNumber(UInt64(index) << 18)
-            } else if rootRole.hasFourByteGPTE {
-                gfn = rootGFN
             } else {
-                let pdpte = guestWalker.pdpte(index)
-                let tableGFN = GuestFrameNumber(pdpte.frameAddress >> 12)
-                guard pdpte.isPresent, mmu.memory.hostFrame(of: tableGFN) != nil else { continue }
-                gfn = tableGFN
+                guard let table = guestDirectoryGFN(forPAERoot: index, rootGFN: rootGFN) else { continue }
+                gfn = table
             }
             let role = variant.childRole(of: paeRoot.role, parentIndex: index, direct: rootRole.isDirect, access: rootRole.access)
             let page = try mmu.getShadowPage(gfn, role, for: self).page
@@ -568,6 +564,18 @@ public final class MMUContext {
         }
     }
 
+    /// The guest page directory behind PAE root `index` of a 32-bit or PAE guest: the one
+    /// directory at CR3 for 4-byte entries (each root shadows a quarter of it), else the table
+    /// PDPTE `index` names; nil when that PDPTE is not present or names memory outside every
+    /// memslot, which KVM treats alike.
+    private func guestDirectoryGFN(forPAERoot index: Int, rootGFN: GuestFrameNumber) -> GuestFrameNumber? {
+        if rootRole.hasFourByteGPTE { return rootGFN }
+        let pdpte = guestWalker.pdpte(index)
+        let table = GuestFrameNumber(pdpte.frameAddress >> 12)
+        guard pdpte.isPresent, mmu.memory.hostFrame(of: table) != nil else { return nil }
+        return table
+    }
+
     /// `mmu_alloc_shadow_roots`.
     private func allocateShadowRoots() throws(ShadowMMUError) {
         rootPGD = registers.cr3
@@ -592,19 +600,9 @@ public final class MMUContext {
         for index in 0..<4 {
             var role = rootRole
             role.level = 2
-            let gfn: GuestFrameNumber
-            if rootRole.hasFourByteGPTE {
-                // The four roots shadow quarters of the one guest page directory.
-                gfn = rootGFN
-                role.quadrant = index
-            } else {
-                let pdpte = guestWalker.pdpte(index)
-                let tableGFN = GuestFrameNumber(pdpte.frameAddress >> 12)
-                // A PDPTE naming memory outside every memslot is treated as not present.
-                guard pdpte.isPresent, mmu.memory.hostFrame(of: tableGFN) != nil else { continue }
-                gfn = tableGFN
-                role.quadrant = 0
-            }
+            guard let gfn = guestDirectoryGFN(forPAERoot: index, rootGFN: rootGFN) else { continue }
+            // The four roots of a 32-bit guest shadow quarters of its one page directory.
+            role.quadrant = rootRole.hasFourByteGPTE ? index : 0
             role = variant.encodingGuestLevel(role, guestRootLevel: guestLevel)
             let page = try takeRoot(gfn, role)
             paeRoots[index] = page

@@ -290,27 +290,31 @@ extension VirtualMachine {
             throw .memslot("the page count (\(count)) must be a multiple of 64 unless the range ends at the slot's end")
         }
         guard count > 0 else { return [] }
+        // KVM_CLEAR_DIRTY_LOG's bitmap: every page of the range, a word for each 64.
+        var request = [UInt64](repeating: ~0, count: Int((count + 63) / 64))
+        if count % 64 != 0 { request[request.count - 1] = (1 << (count % 64)) - 1 }
         if let tdp {
-            // The bits that were set in the range, then KVM_CLEAR_DIRTY_LOG of the whole range.
+            // The bits that were set in the range, then the TDP MMU's KVM_CLEAR_DIRTY_LOG of it.
             let before: [UInt64]
             do { before = try memory.dirtyBitmap(slot: id) } catch { throw .memslot("\(error)") }
-            var request = [UInt64](repeating: ~0, count: Int((count + 63) / 64))
-            if count % 64 != 0 { request[request.count - 1] = (1 << (count % 64)) - 1 }
             var cleared = [UInt64](repeating: 0, count: request.count)
             for word in 0..<request.count {
-                let page = first + UInt64(word) * 64
-                let index = Int(page / 64)
+                let index = Int(first / 64) + word
                 if index < before.count { cleared[word] = before[index] & request[word] }
             }
             do { try tdp.clearDirtyLog(slot: id, firstPage: first, bitmap: request) } catch { throw .memslot("\(error)") }
             return Self.frames(in: cleared, base: slot.baseFrame.rawValue + first)
         }
-        let cleared: [UInt64]
-        do { cleared = try memory.clearDirtyLog(slot: id, first: first, count: count) } catch { throw .memslot("\(error)") }
+        var cleared = [UInt64](repeating: 0, count: request.count)
         var flush = false
-        for (word, mask) in cleared.enumerated() where mask != 0 {
+        for word in 0..<request.count {
+            let firstPage = first + UInt64(word) * 64
+            do { cleared[word] = try memory.clearDirty(slot: id, firstPage: firstPage, mask: request[word]) } catch {
+                throw .memslot("\(error)")
+            }
+            guard cleared[word] != 0 else { continue }
             flush = true
-            mmu.writeProtect(base: GuestFrameNumber(slot.baseFrame.rawValue + first + UInt64(word) * 64), mask: mask)
+            mmu.writeProtect(base: GuestFrameNumber(slot.baseFrame.rawValue + firstPage), mask: cleared[word])
         }
         if flush { mmu.flushRemoteTLBs() }
         return Self.frames(in: cleared, base: slot.baseFrame.rawValue + first)

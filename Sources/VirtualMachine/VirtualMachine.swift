@@ -675,8 +675,10 @@ public final class VCPU {
     /// PAE root's entries only when it loads or frees roots, which drops the walker anyway; the
     /// `local-roots` variant links and unlinks page directories under a loaded per-vCPU PAE root.
     private func reloadPDPTEsIfChanged() {
-        guard let hardware, hardware.walker.mode == .pae, let pdptes = context.hardwarePDPTEs else { return }
-        if (0..<4).contains(where: { hardware.walker.pdpte($0).rawValue != pdptes[$0] }) { dropHardwareWalker() }
+        guard let hardware, hardware.walker.mode == .pae else { return }
+        if (0..<4).contains(where: { index in
+            context.changeablePDPTE(index).map { $0 != hardware.walker.pdpte(index).rawValue } ?? false
+        }) { dropHardwareWalker() }
     }
 
     /// Whether a TLB entry's permissions let the access through under the hardware's rules (a
