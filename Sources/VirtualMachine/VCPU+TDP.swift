@@ -49,6 +49,8 @@ final class TDPVCPUState {
     let tableAccess: AccessKind
     /// PML: the hardware logs the gfn of a write that sets an EPT leaf's D bit.
     let pml: Bool
+    /// What the walks leave behind, and the PML buffer.
+    let walkFaults = TwoDimensionalMemory.Faults()
 
     init(tdp: TDPMMU, registers: PagingRegisters, cpu: CPUModel, memory: MemslotSet) throws(VirtualMachineError) {
         self.tdp = tdp
@@ -81,11 +83,35 @@ final class TDPVCPUState {
 /// EPT as the hardware does (with the EPT A/D updates it makes). A frame EPT refuses reads as no
 /// memory, with the EPT fault kept for the exit.
 struct TwoDimensionalMemory: PhysicalMemory {
+    /// One vCPU's, reused by every walk.
     final class Faults {
         var fault: NestedFault?
         /// Guest frames whose EPT leaf refused writes (the guest's A/D updates there were skipped).
         var readOnlyFrames: [UInt64] = []
-        var dirtied: [GuestFrameNumber] = []
+        /// The PML buffer: gfns whose EPT leaf the hardware set D in, logged in guest mode and
+        /// drained into the dirty log at the next exit (`vmx_flush_pml_buffer`). Locked so that
+        /// the auditor can count its entries as logged.
+        let pmlBuffer = LockedValue<[GuestFrameNumber]>([])
+        /// Entries in `pmlBuffer`, kept by the vCPU's own thread.
+        var pmlLogged = 0
+
+        /// The PML buffer's entries (PML_LOG_NR_ENTRIES); a full buffer exits.
+        static let pmlEntries = 512
+
+        init() {
+            readOnlyFrames.reserveCapacity(8)
+            pmlBuffer.withLock { $0.reserveCapacity(Self.pmlEntries) }
+        }
+
+        func logInPMLBuffer(_ gfn: GuestFrameNumber) {
+            pmlBuffer.withLock { $0.append(gfn) }
+            pmlLogged += 1
+        }
+
+        func startWalk() {
+            fault = nil
+            readOnlyFrames.removeAll(keepingCapacity: true)
+        }
     }
     let ept: NestedWalker
     let host: HostPhysicalView
@@ -110,6 +136,8 @@ enum TDPWalkOutcome {
     case generalProtection
     /// An EPT violation or misconfiguration: KVM's fault handler with this error code.
     case exit(GuestPhysicalAddress, PageFaultErrorCode)
+    /// A writer holds mmu_lock (or waits for it): the walk did not start.
+    case mmuLockBusy
 }
 
 extension VCPU {
@@ -150,7 +178,7 @@ extension VCPU {
             faults.fault = .ept(fault)
             return nil
         }
-        if wasClean { faults.dirtied.append(gpa.frame) }
+        if wasClean { faults.logInPMLBuffer(gpa.frame) }
         return translation
     }
 
@@ -235,8 +263,7 @@ extension VCPU {
     /// The requests a VM entry services under TDP: a remote TLB flush (KVM_REQ_TLB_FLUSH), and
     /// KVM_REQ_MMU_FREE_OBSOLETE_ROOTS (an invalid root is put; the entry loads a new one).
     func tdpServiceRequests(_ state: TDPVCPUState) {
-        if hot.pointee.freeObsoleteRootsRequested {
-            hot.pointee.freeObsoleteRootsRequested = false
+        if checkRequest(.freeObsoleteRoots) {
             if let root = state.root, root.isInvalid {
                 try? state.tdp.putRoot(root)
                 state.root = nil
@@ -244,11 +271,10 @@ extension VCPU {
                 hot.pointee.rootFrame = Self.noRoot
             }
         }
-        if hot.pointee.flushAllRequested || !hot.pointee.requests.isEmpty {
-            mmu.count(.tlbFlush)
+        if checkRequest(.flushAll) || !hot.pointee.requests.isEmpty {
+            count(.tlbFlush)
             tlb.flush()
         }
-        hot.pointee.flushAllRequested = false
         hot.pointee.requests = []
     }
 
@@ -304,9 +330,7 @@ extension VCPU {
         var exits = 0
         var firstTry = true
         while exits <= Self.maxExitsPerAccess {
-            serviceRequests()
-            if dirtyRing?.isSoftFull == true { try exitForFullDirtyRing() }
-            let ept = try tdpLoadRoot(state)
+            let ept = try tdpEnterGuest(state)
             let tag = hot.pointee.rootFrame
             if let entry = tlb.lookup(address, root: tag), tdpAllows(entry, access) {
                 let offset = address.rawValue & pageOffsetMask
@@ -317,6 +341,12 @@ extension VCPU {
             firstTry = false
             tlb.invalidate(address, root: tag)
             let outcome = tdpWalk(address, access, ept: ept, state)
+            if state.walkFaults.pmlLogged >= TwoDimensionalMemory.Faults.pmlEntries {
+                // EXIT_REASON_PML_FULL.
+                leaveGuestMode()
+                count(.exit)
+                tdpDrainPML(state)
+            }
             switch outcome {
             case .translated(let hostAddress, let gpa, let permissions, let dirty, let cacheable):
                 if cacheable {
@@ -331,10 +361,20 @@ extension VCPU {
                                      tlbHit: false)
             case .generalProtection:
                 return AccessOutcome(result: .generalProtection, exits: exits, emulated: false, tlbHit: false)
+            case .mmuLockBusy:
+                // The hardware cannot wait for a lock: the vCPU exits (as a kick would make it),
+                // and waits for the writer outside guest mode.
+                waitOutsideGuestMode(for: state.tdp.lock)
             case .exit(let gpa, let errorCode):
+                leaveGuestMode()
                 exits += 1
-                mmu.count(.exit)
+                count(.exit)
+                tdpDrainPML(state)
                 guard let root = state.root else { continue }
+                // The exit's handling reads the memslots (KVM's srcu read side).
+                let srcu = vm.memslotsSRCU
+                srcu.lockShared()
+                defer { srcu.unlockShared() }
                 let decision: PageFaultResult
                 do {
                     decision = try state.tdp.pageFault(at: gpa, errorCode: errorCode, root: root, vcpuID: id)
@@ -358,6 +398,36 @@ extension VCPU {
         throw .livelock(address, exits: exits)
     }
 
+    /// VM entry under TDP (`vcpu_enter_guest`): requests serviced and a root loaded outside guest
+    /// mode, then guest mode, retried while requests arrive; a vCPU already in guest mode with
+    /// nothing pending runs on.
+    private func tdpEnterGuest(_ state: TDPVCPUState) throws(VirtualMachineError) -> NestedWalker {
+        while true {
+            if staysInGuestMode, let ept = state.ept { return ept }
+            leaveGuestMode()
+            serviceRequests()
+            if dirtyRing?.isSoftFull == true { try exitForFullDirtyRing() }
+            let ept = try tdpLoadRoot(state)
+            if tryEnterGuestMode() { return ept }
+        }
+    }
+
+    /// Drains the PML buffer into the dirty log (`vmx_flush_pml_buffer`, at every exit), outside
+    /// guest mode and under the memslots' srcu.
+    func tdpDrainPML(_ state: TDPVCPUState) {
+        let faults = state.walkFaults
+        guard faults.pmlLogged > 0 else { return }
+        let srcu = vm.memslotsSRCU
+        srcu.lockShared()
+        // Marked before they leave the buffer (see `TDPMMU.pmlBufferedGFNs`).
+        faults.pmlBuffer.withLock { buffer in
+            for gfn in buffer { _ = vm.memory.markDirty(gfn) }
+            buffer.removeAll(keepingCapacity: true)
+        }
+        srcu.unlockShared()
+        faults.pmlLogged = 0
+    }
+
     /// Whether a TLB entry lets the access through (as `allows`, for the slow path).
     private func tdpAllows(_ entry: TLB.Entry, _ access: Access) -> Bool {
         if access.kind == .write && !entry.dirty { return false }
@@ -372,11 +442,15 @@ extension VCPU {
     private func tdpWalk(_ address: GuestVirtualAddress, _ access: Access, ept: NestedWalker,
                          _ state: TDPVCPUState) -> TDPWalkOutcome {
         let lock = state.tdp.lock
-        lock.lockShared()
-        let faults = TwoDimensionalMemory.Faults()
+        if runsOnOwnThread {
+            guard lock.tryLockShared() else { return .mmuLockBusy }
+        } else {
+            lock.lockShared()
+        }
+        let faults = state.walkFaults
+        faults.startWalk()
         let outcome = tdpWalkLocked(address, access, ept: ept, state, faults)
         lock.unlockShared()
-        for gfn in faults.dirtied { _ = vm.memory.markDirty(gfn) }
         return outcome
     }
 
