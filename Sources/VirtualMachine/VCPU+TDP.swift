@@ -118,12 +118,22 @@ struct TwoDimensionalMemory: PhysicalMemory {
     let kind: AccessKind
     let pml: Bool
     let faults: Faults
+    /// Where the hardware keeps the guest-physical mappings it used, and the root they are of.
+    let tlb: TLB
+    let root: UInt64
 
     func hostPage(_ frame: GuestFrameNumber) -> HostPage? {
         guard faults.fault == nil else { return nil }
+        if let cached = tlb.lookupGuestPhysical(frame.rawValue, root: root) {
+            if !cached.writable { faults.readOnlyFrames.append(frame.rawValue) }
+            return HostPage(bytes: host.pool.pointer(HostFrameNumber(cached.hostFrame)), isWritable: cached.writable)
+        }
         guard let translation = VCPU.translateNested(ept, frame.address, kind, host: host, pml: pml, faults: faults) else {
             return nil
         }
+        // Kept only once the walk set the EPT entries' A (and, for a write, D): a later use of the
+        // mapping has nothing left to set until KVM clears them, which it follows with a flush.
+        tlb.insertGuestPhysical(frame.rawValue, root: root, hostFrame: translation.host >> 12, writable: translation.writable)
         if !translation.writable { faults.readOnlyFrames.append(frame.rawValue) }
         return HostPage(bytes: host.pool.pointer(HostFrameNumber(translation.host >> 12)), isWritable: translation.writable)
     }
@@ -456,7 +466,8 @@ extension VCPU {
 
     private func tdpWalkLocked(_ address: GuestVirtualAddress, _ access: Access, ept: NestedWalker,
                                _ state: TDPVCPUState, _ faults: TwoDimensionalMemory.Faults) -> TDPWalkOutcome {
-        let memory = TwoDimensionalMemory(ept: ept, host: host, kind: state.tableAccess, pml: state.pml, faults: faults)
+        let memory = TwoDimensionalMemory(ept: ept, host: host, kind: state.tableAccess, pml: state.pml, faults: faults,
+                                          tlb: tlb, root: state.root?.frame.rawValue ?? Self.noRoot)
         let translation: Translation
         switch state.guestWalker.translate(address, access, in: memory, setAccessedDirty: true) {
         case .success(let result):
