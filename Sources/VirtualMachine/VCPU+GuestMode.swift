@@ -138,9 +138,13 @@ extension VirtualMachine {
 /// A per-thread value: KVM's per-CPU `kvm_running_vcpu`, the vCPU whose exit (or guest code)
 /// this thread is running. Unretained: set only while the vCPU runs.
 final class RunningVCPU: @unchecked Sendable {
-    private var key = pthread_key_t()
+    private let key: pthread_key_t
 
-    init() { pthread_key_create(&key, nil) }
+    init() {
+        var key = pthread_key_t()
+        pthread_key_create(&key, nil)
+        self.key = key
+    }
 
     var vcpu: VCPU? {
         guard let raw = pthread_getspecific(key) else { return nil }

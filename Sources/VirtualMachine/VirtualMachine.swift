@@ -302,6 +302,8 @@ public final class VCPU: @unchecked Sendable {
         /// In guest mode (only with a thread of its own), and the entries made.
         var inGuestMode = false
         var guestEntries: UInt64 = 0
+        /// The VM has dirty rings (`dirtyRing` is set): reading the ring costs a copy.
+        var usesDirtyRing = false
         /// The guest's linear addresses are 32 bits wide (not IA-32e).
         var narrowLinearAddresses: Bool
         /// The width an IA-32e guest's addresses must be canonical in (48 or 57): the hardware may
@@ -332,7 +334,10 @@ public final class VCPU: @unchecked Sendable {
         hot.initialize(to: HotState(narrowLinearAddresses: !registers.mode.isLongMode,
                                     canonicalWidth: registers.mode.isLongMode ? registers.mode.linearAddressWidth : 64))
         hostLevels = vm.hostLevels
-        if vm.dirtyLogProtocol == .ring { dirtyRing = DirtyRing(size: vm.dirtyRingEntries) }
+        if vm.dirtyLogProtocol == .ring {
+            dirtyRing = DirtyRing(size: vm.dirtyRingEntries)
+            hot.pointee.usesDirtyRing = true
+        }
         if let tdp = vm.tdp {
             tdpState = try TDPVCPUState(tdp: tdp, registers: registers, cpu: vm.cpu, memory: vm.memory)
         } else {
@@ -632,7 +637,7 @@ public final class VCPU: @unchecked Sendable {
         var firstTry = true
         while exits <= Self.maxExitsPerAccess {
             serviceRequests()  // VM entry, which loads the roots (kvm_mmu_reload) before the guest runs
-            if dirtyRing?.isSoftFull == true { try exitForFullDirtyRing() }
+            if hot.pointee.usesDirtyRing, dirtyRing?.isSoftFull == true { try exitForFullDirtyRing() }
             reloadPDPTEsIfChanged()
             if hardware == nil { _ = try hardwareWalker() }
             if let entry = tlb.lookup(address, root: hot.pointee.rootFrame), allows(entry, access) {
