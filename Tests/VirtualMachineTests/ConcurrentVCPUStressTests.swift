@@ -6,7 +6,7 @@ import Testing
 import VirtualMachine
 import X86Paging
 
-// vCPUs on threads of their own under the TDP MMU, with the VMM's threads working at the same time:
+// vCPUs on threads of their own under the TDP MMU and the shadow MMU, with the VMM's threads working at the same time:
 // the migration loop (a thread collecting and clearing the dirty log and copying the pages it
 // names) and a thread that toggles another memslot's dirty logging (eager splitting, huge-page
 // recovery), zaps gfn ranges, zaps everything at once and runs the auditor. Bounded by counts,
@@ -24,16 +24,21 @@ import X86Paging
 @Suite("vCPUs on threads: the dirty log under concurrent writers, collectors and memslot changes")
 struct ConcurrentVCPUStressTests {
     struct Case: CustomStringConvertible, Sendable {
+        var shadow = false
         var pml: Bool
         var dirtyLogProtocol: DirtyLogProtocol
         var vcpus: Int
-        var description: String { "\(pml ? "PML" : "write protection"), \(dirtyLogProtocol.rawValue), \(vcpus) vCPUs" }
+        var description: String {
+            "\(shadow ? "shadow paging" : "TDP"), \(pml ? "PML" : "write protection"), \(dirtyLogProtocol.rawValue), \(vcpus) vCPUs"
+        }
     }
 
     static let cases = [
         Case(pml: false, dirtyLogProtocol: .getAndReset, vcpus: 3),
         Case(pml: true, dirtyLogProtocol: .manualProtect, vcpus: 3),
         Case(pml: false, dirtyLogProtocol: .manualProtect, vcpus: 2),
+        Case(shadow: true, pml: false, dirtyLogProtocol: .getAndReset, vcpus: 3),
+        Case(shadow: true, pml: false, dirtyLogProtocol: .manualProtect, vcpus: 2),
     ]
 
     /// Guest-physical layout: tables below 1 MiB, memslot 0 (logged) is 32 MiB at 0, memslot 1
@@ -49,7 +54,8 @@ struct ConcurrentVCPUStressTests {
     @Test(arguments: cases)
     func noDirtyPageIsLost(_ testCase: Case) throws {
         let cpu = CPUModel()
-        let vm = try VirtualMachine(memorySize: Self.slot0Size, cpu: cpu, mmu: .ept(cpu: cpu, pml: testCase.pml))
+        let vm = try VirtualMachine(memorySize: Self.slot0Size, cpu: cpu,
+                                    mmu: testCase.shadow ? .shadow : .ept(cpu: cpu, pml: testCase.pml))
         try vm.addMemslot(id: 1, base: GuestPhysicalAddress(Self.slot1Base), size: Self.slot1Size)
         try Self.buildIdentityMap(vm.memory)
         try vm.setDirtyLogProtocol(testCase.dirtyLogProtocol)
