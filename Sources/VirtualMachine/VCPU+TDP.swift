@@ -160,8 +160,8 @@ struct TwoDimensionalMemory: PhysicalMemory {
         }
 
         func startWalk() {
-            fault = nil
-            readOnlyFrames.removeAll(keepingCapacity: true)
+            if hasFault { fault = nil }
+            if !readOnlyFrames.isEmpty { readOnlyFrames.removeAll(keepingCapacity: true) }
         }
     }
     // Unretained: a walk's memory lives only during the walk, whose caller holds them all (the
