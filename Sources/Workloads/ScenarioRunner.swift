@@ -54,6 +54,8 @@ public struct RunReport: Sendable {
     public var dirtyRingFullExits = 0
     /// The `expect` lines the run checked (all of them met, or the run failed).
     public var expectationsChecked = 0
+    /// The vCPUs the run brought up.
+    public var vcpuCount = 0
 }
 
 /// What one `dirty-log get` returned.
@@ -128,6 +130,21 @@ public final class ScenarioRunner {
     private var dirtyLogBaselines: [Int: [UInt64]] = [:]
     /// With dirty rings: gfns harvested from the rings, by slot, until that slot's `dirty-log get`.
     private var harvestedDirtyGFNs: [Int: Set<UInt64>] = [:]
+
+    /// The vCPUs brought up, each with its reference processor and what its lines left; the
+    /// current one's state is in `vcpu`, `reference`, `controls`, `registers` and `loadedSpace`
+    /// (its entry here is stale until `vcpu N` switches away).
+    private var processors: [ProcessorState] = []
+    /// The index of the vCPU guest operations run on.
+    public private(set) var currentVCPU = 0
+
+    private struct ProcessorState {
+        var vcpu: VCPU
+        var reference: ReferenceMachine
+        var controls: ControlState
+        var registers: PagingRegisters
+        var loadedSpace: String?
+    }
 
     private struct Mapping: Hashable {
         var gva: GuestVirtualAddress
@@ -222,8 +239,10 @@ public final class ScenarioRunner {
 
     private func finish() {
         report.statsAfter = vm.stats
-        report.dirtyRingFullExits = vcpu?.dirtyRingFullExits ?? 0
-        report.lockstepChecks = reference?.checkedAccesses ?? 0
+        if !processors.isEmpty { processors[currentVCPU] = currentProcessor }
+        report.dirtyRingFullExits = processors.reduce(0) { $0 + $1.vcpu.dirtyRingFullExits }
+        report.lockstepChecks = processors.reduce(0) { $0 + $1.reference.checkedAccesses }
+        report.vcpuCount = processors.count
         var seen = Set<Mapping>()
         let distinct = mappings.filter { seen.insert($0).inserted }
         report.entries = distinct.flatMap { mapping in
@@ -235,13 +254,12 @@ public final class ScenarioRunner {
         report.shadowPagesByLevel = Dictionary(grouping: pages, by: \.level).mapValues(\.count)
         report.shadowPagesByRole = Dictionary(grouping: pages, by: { vm.variant.describe($0.role) }).mapValues(\.count)
         report.shadowPageKeys = Set(pages.map { ShadowPageKey(gfn: $0.gfn.rawValue, role: $0.role.word) })
-        if let context = vcpu?.context {
-            report.contextResets = context.contextResets
-            report.roleReinitializations = context.roleReinitializations
-            report.rootsCreated = context.rootsCreated
-            report.rootCacheHits = context.rootCacheHits
-            report.rootCacheMisses = context.rootCacheMisses
-        }
+        let contexts = processors.map(\.vcpu.context)
+        report.contextResets = contexts.reduce(0) { $0 + $1.contextResets }
+        report.roleReinitializations = contexts.reduce(0) { $0 + $1.roleReinitializations }
+        report.rootsCreated = contexts.reduce(0) { $0 + $1.rootsCreated }
+        report.rootCacheHits = contexts.reduce(0) { $0 + $1.rootCacheHits }
+        report.rootCacheMisses = contexts.reduce(0) { $0 + $1.rootCacheMisses }
     }
 
     /// The first guest operation: the kernel has built its tables with paging off and now turns
@@ -255,7 +273,30 @@ public final class ScenarioRunner {
         vcpu.dirtyRingFullHandler = { [unowned self] in self.harvestAndResetDirtyRings() }
         reference = try ReferenceMachine(memory: vm.memory, registers: registers, cpu: scenario.cpuModel)
         loadedSpace = Scenario.kernelSpace
+        processors = [currentProcessor]
         kernel.booted = true
+    }
+
+    private var currentProcessor: ProcessorState {
+        ProcessorState(vcpu: vcpu, reference: reference, controls: controls, registers: registers, loadedSpace: loadedSpace)
+    }
+
+    /// `vcpu N`: the current vCPU's state is put away and vCPU `index`'s taken up; a new vCPU
+    /// comes up in the current one's state (registers, loaded space) with its own empty TLB.
+    private func selectVCPU(_ index: Int) throws {
+        processors[currentVCPU] = currentProcessor
+        if index == processors.count {
+            let new = try vm.addVCPU(registers: registers)
+            new.dirtyRingFullHandler = { [unowned self] in self.harvestAndResetDirtyRings() }
+            processors.append(ProcessorState(vcpu: new, reference: try reference.bringUpProcessor(registers: registers),
+                                             controls: controls, registers: registers, loadedSpace: loadedSpace))
+        }
+        guard processors.indices.contains(index) else {
+            throw RunFailure.badScenario(line: currentLine, message: "vcpu: vCPU \(index) is not up (\(processors.count) so far)")
+        }
+        let next = processors[index]
+        (vcpu, reference, controls, registers, loadedSpace) = (next.vcpu, next.reference, next.controls, next.registers, next.loadedSpace)
+        currentVCPU = index
     }
 
     private func execute(_ directive: ScenarioDirective) throws {
@@ -360,6 +401,8 @@ public final class ScenarioRunner {
         case .expect(let counters):
             guard checksExpectations else { return }
             try check(counters)
+        case .vcpu(let index):
+            try selectVCPU(index)
         }
     }
 
@@ -368,13 +411,15 @@ public final class ScenarioRunner {
     /// boot), or the shadow pages alive (KVM's `n_used_mmu_pages`).
     private func counterValue(_ name: String) -> UInt64? {
         if let value = vm.stats.delta(from: report.statsBefore)[kvmName: name] { return value }
-        let context = vcpu?.context
+        if !processors.isEmpty { processors[currentVCPU] = currentProcessor }
+        let contexts = processors.map(\.vcpu.context)
+        func sum(_ counter: KeyPath<MMUContext, UInt64>) -> UInt64 { contexts.reduce(0) { $0 + $1[keyPath: counter] } }
         switch name {
-        case "context_resets": return context?.contextResets ?? 0
-        case "role_reinitializations": return context?.roleReinitializations ?? 0
-        case "roots_created": return context?.rootsCreated ?? 0
-        case "root_cache_hits": return context?.rootCacheHits ?? 0
-        case "root_cache_misses": return context?.rootCacheMisses ?? 0
+        case "context_resets": return sum(\.contextResets)
+        case "role_reinitializations": return sum(\.roleReinitializations)
+        case "roots_created": return sum(\.rootsCreated)
+        case "root_cache_hits": return sum(\.rootCacheHits)
+        case "root_cache_misses": return sum(\.rootCacheMisses)
         case "shadow_pages": return UInt64(vm.mmu.usedPages)
         default: return nil
         }
