@@ -48,11 +48,16 @@ struct RunCommand: FailureReportingCommand {
         static let unmetExpectation: Int32 = 3
     }
 
-    @Argument(help: "The scenario file, or - for standard input; without one, a built-in tour of the shadow MMU.")
+    @Argument(help: "The scenario file, or - for standard input; without one, the built-in workload (--workload).")
     var file: String?
 
-    @Option(help: "The MMU that virtualizes the guest's paging: shadow, tdp (EPT) or npt (`expect` lines pin shadow counters).")
-    var mmu: MMUChoice = .shadow
+    @Option(name: .customLong("mmu"), help: "The MMU that virtualizes the guest's paging: shadow, tdp (EPT) or npt (`expect` lines pin shadow counters). A scenario file runs under shadow by default; a workload under shadow and tdp side by side.")
+    var mmuOption: MMUChoice?
+
+    @OptionGroup var workloadOptions: WorkloadOptions
+
+    /// The MMU a scenario file runs under.
+    var mmu: MMUChoice { mmuOption ?? .shadow }
 
     @Option(help: ArgumentHelp("The MMU design to run (\(MMUVariant.names.joined(separator: ", "))); docs/VARIANTS.md.",
                                valueName: "name"))
@@ -73,7 +78,15 @@ struct RunCommand: FailureReportingCommand {
         var status: Int32
     }
 
+    func validate() throws {
+        try workloadOptions.validate(file: file, trace: trace)
+    }
+
     func execute() throws {
+        if file == nil || workloadOptions.replay != nil {
+            try runWorkload()
+            return
+        }
         let outcome = perform()
         var output = ByteWriter(fileDescriptor: 1)
         output.append(outcome.output)

@@ -56,6 +56,26 @@ public struct RunReport: Sendable {
     public var expectationsChecked = 0
     /// The vCPUs the run brought up.
     public var vcpuCount = 0
+    /// The counters every `ScenarioRunner.timelineInterval` directives, and at the end.
+    public var timeline: [TimelineSample] = []
+    /// Table pages the MMU holds at the end: shadow pages, or the TDP MMU's tables.
+    public var tablePages = 0
+}
+
+/// The counters of a run after `directives` directives: one point of the report's charts.
+public struct TimelineSample: Sendable {
+    public var directives: Int
+    /// Guest operations recorded so far (`AccessRecord`s).
+    public var operations: Int
+    /// Guest accesses the reference machine checked so far.
+    public var lockstepChecks: Int
+    /// KVM's counters, cumulative from the start of the run.
+    public var stats: MMUStats
+    /// Shadow pages alive (`n_used_mmu_pages`); under TDP, the TDP MMU's table pages.
+    public var tablePages: Int
+    /// CR3 loads that found their root cached, and those that did not, over every vCPU.
+    public var rootCacheHits: UInt64
+    public var rootCacheMisses: UInt64
 }
 
 /// What one `dirty-log get` returned.
@@ -166,6 +186,11 @@ public final class ScenarioRunner {
     public let checksExpectations: Bool
     /// The MMU the guest runs under (shadow paging, or TDP with EPT).
     public let mmu: VirtualMachineMMU
+    /// Take a `TimelineSample` every this many directives (0: none but the last).
+    public var timelineInterval = 0
+    /// Called every `progressInterval` directives with (directives done, directives in all).
+    public var progress: ((Int, Int) -> Void)?
+    public var progressInterval = 500
 
     public init(scenario: Scenario, traceEvents: Bool = false, shadowPageLimit: Int? = nil,
                 variant: MMUVariant = .upstream, checksExpectations: Bool = true, mmu: VirtualMachineMMU = .shadow) {
@@ -191,7 +216,9 @@ public final class ScenarioRunner {
         }
         report.statsBefore = vm.stats
         vm.mmu.events.isRecording = tracesEvents
-        for statement in scenario.directives {
+        for (index, statement) in scenario.directives.enumerated() {
+            if index > 0 && timelineInterval > 0 && index % timelineInterval == 0 { sampleTimeline(directives: index) }
+            if index > 0 && index % progressInterval == 0 { progress?(index, scenario.directives.count) }
             currentLine = statement.line
             if tracesEvents { firstEventOfDirective = nextEventSequence() }
             do {
@@ -209,8 +236,21 @@ public final class ScenarioRunner {
             }
         }
         finish()
+        sampleTimeline(directives: scenario.directives.count)
         return report
     }
+
+    private func sampleTimeline(directives: Int) {
+        if !processors.isEmpty { processors[currentVCPU] = currentProcessor }
+        let contexts = processors.map(\.vcpu.context)
+        report.timeline.append(TimelineSample(
+            directives: directives, operations: report.accesses.count,
+            lockstepChecks: processors.reduce(0) { $0 + $1.reference.checkedAccesses },
+            stats: vm.stats.delta(from: report.statsBefore), tablePages: tablePages,
+            rootCacheHits: contexts.reduce(0) { $0 + $1.rootCacheHits }, rootCacheMisses: contexts.reduce(0) { $0 + $1.rootCacheMisses }))
+    }
+
+    private var tablePages: Int { vm.tdp?.pageTableCount ?? vm.mmu.usedPages }
 
     /// The MMU for this scenario: under TDP, the EPT capabilities follow the scenario's CPU.
     private func mmuForScenario() -> VirtualMachineMMU {
@@ -243,6 +283,7 @@ public final class ScenarioRunner {
         report.dirtyRingFullExits = processors.reduce(0) { $0 + $1.vcpu.dirtyRingFullExits }
         report.lockstepChecks = processors.reduce(0) { $0 + $1.reference.checkedAccesses }
         report.vcpuCount = processors.count
+        report.tablePages = tablePages
         var seen = Set<Mapping>()
         let distinct = mappings.filter { seen.insert($0).inserted }
         report.entries = distinct.flatMap { mapping in

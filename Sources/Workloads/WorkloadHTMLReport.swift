@@ -1,0 +1,3 @@
+extension WorkloadComparison {
+    public func html() -> String { "" }
+}
