@@ -12,8 +12,8 @@ import Darwin
 
 extension WorkloadKind: ExpressibleByArgument {}
 
-/// `run`'s options for the built-in workloads and for recording and replaying them.
-struct WorkloadOptions: ParsableArguments {
+/// The workload to run and its size: `run`'s and `dump`'s.
+struct WorkloadSizeOptions: ParsableArguments {
     @Option(help: ArgumentHelp("The built-in workload to run when no scenario file is given: "
                                 + WorkloadKind.allCases.map(\.rawValue).joined(separator: ", ") + " (default mixed).",
                                valueName: "name"))
@@ -32,14 +32,6 @@ struct WorkloadOptions: ParsableArguments {
     @Flag(name: .customLong("no-la57"), help: "A CPU without 5-level paging (boot stops at 4-level paging).")
     var noLA57 = false
 
-    @Option(help: ArgumentHelp("Write the workload's guest operations to FILE as a scenario (docs/SCENARIOS.md).", valueName: "FILE"))
-    var record: String?
-    @Option(help: ArgumentHelp("Run the operations recorded in FILE (by --record) with the workload report, under any --mmu and --variant.",
-                               valueName: "FILE"))
-    var replay: String?
-    @Option(help: ArgumentHelp("Also write the workload report as one self-contained HTML page with charts.", valueName: "FILE.html"))
-    var report: String?
-
     var parameters: WorkloadParameters {
         let defaults = WorkloadParameters()
         return WorkloadParameters(processes: processes ?? defaults.processes, pages: pages ?? defaults.pages,
@@ -49,17 +41,52 @@ struct WorkloadOptions: ParsableArguments {
 
     var sizeGiven: Bool { processes != nil || pages != nil || iterations != nil || vcpus != nil || seed != nil || noLA57 }
 
-    func validate(file: String?, trace: Bool) throws {
-        if file != nil && (workload != nil || replay != nil) {
-            throw ValidationError("a scenario file runs on its own: --workload and --replay run without one")
+    /// The workload asked for (the mix by default), generated.
+    func generate() throws -> GeneratedWorkload {
+        let kind = workload ?? .mixed
+        do {
+            return try kind.generate(parameters)
+        } catch {
+            throw CommandFailure(message: "error: workload \(kind.rawValue): \(error)", code: RunCommand.Status.badInput)
         }
-        if workload != nil && replay != nil {
-            throw ValidationError("--workload generates a workload and --replay runs a recorded one: give one of them")
+    }
+
+    /// A scenario file (or a replay) has its operations already: no workload or size with it.
+    func validate(scenarioFile: String?) throws {
+        if scenarioFile != nil && workload != nil {
+            throw ValidationError("a scenario file runs on its own: --workload generates operations without one")
         }
-        if sizeGiven && (file != nil || replay != nil) {
+        if sizeGiven && scenarioFile != nil {
             throw ValidationError("--processes, --pages, --iterations, --vcpus, --seed and --no-la57 size a built-in workload; "
                                   + "a scenario file or a replay has its operations already")
         }
+        if let problem = parameters.problem() { throw ValidationError(problem) }
+    }
+}
+
+/// `run`'s options for the built-in workloads and for recording and replaying them.
+struct WorkloadOptions: ParsableArguments {
+    @OptionGroup var size: WorkloadSizeOptions
+
+    @Option(help: ArgumentHelp("Write the workload's guest operations to FILE as a scenario (docs/SCENARIOS.md).", valueName: "FILE"))
+    var record: String?
+    @Option(help: ArgumentHelp("Run the operations recorded in FILE (by --record) with the workload report, under any --mmu and --variant.",
+                               valueName: "FILE"))
+    var replay: String?
+    @Option(help: ArgumentHelp("Also write the workload report as one self-contained HTML page with charts.", valueName: "FILE.html"))
+    var report: String?
+
+    @Option(help: ArgumentHelp("Which root's page tree the HTML report shows: 0 the largest, 1 the next...", valueName: "N"))
+    var root = 0
+
+    func validate(file: String?, trace: Bool) throws {
+        if file != nil && replay != nil {
+            throw ValidationError("a scenario file runs on its own: --replay runs a recording without one")
+        }
+        if size.workload != nil && replay != nil {
+            throw ValidationError("--workload generates a workload and --replay runs a recorded one: give one of them")
+        }
+        try size.validate(scenarioFile: file ?? replay)
         if record != nil && (file != nil || replay != nil) {
             throw ValidationError("--record writes a built-in workload's operations; a scenario file is already one")
         }
@@ -72,7 +99,7 @@ struct WorkloadOptions: ParsableArguments {
         if record != nil && record == report {
             throw ValidationError("--record and --report name the same file")
         }
-        if let problem = parameters.problem() { throw ValidationError(problem) }
+        if root < 0 { throw ValidationError("--root counts roots from 0 (the largest), not \(root)") }
     }
 }
 
@@ -102,13 +129,8 @@ extension RunCommand {
             phases = []
             parameters = nil
         } else {
-            let kind = workloadOptions.workload ?? .mixed
-            let generated: GeneratedWorkload
-            do {
-                generated = try kind.generate(workloadOptions.parameters)
-            } catch {
-                throw CommandFailure(message: "error: workload \(kind.rawValue): \(error)", code: Status.badInput)
-            }
+            let generated = try workloadOptions.size.generate()
+            let kind = generated.kind
             title = kind.rawValue
             scenario = generated.scenario
             phases = generated.phases
@@ -133,7 +155,7 @@ extension RunCommand {
         output.append(json ? comparison.jsonLines() : comparison.text())
         output.flush()
         if let path = workloadOptions.report {
-            try writeFile(path, comparison.html())
+            try writeFile(path, comparison.html(treeRoot: workloadOptions.root))
         }
         if let run = comparison.runs.first(where: { $0.failure != nil }), let failure = run.failure {
             throw CommandFailure(message: "error: workload \(comparison.title) under \(run.mmu): \(failure)", code: failure.exitCode)

@@ -191,7 +191,8 @@ extension VirtMMU {
     /// but 1 instead of 64 for a command-line error under `run`.
     static func exitStatus(for error: any Error, arguments: [String]) -> Int32 {
         let code = exitCode(for: error)
-        let documentsOwnStatuses = [RunCommand.configuration.commandName, CompareCommand.configuration.commandName]
+        let documentsOwnStatuses = [RunCommand.configuration.commandName, CompareCommand.configuration.commandName,
+                                    DumpCommand.configuration.commandName]
         if code == .validationFailure && documentsOwnStatuses.contains(arguments.first ?? "") {
             return RunCommand.Status.badInput
         }
