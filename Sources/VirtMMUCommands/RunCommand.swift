@@ -102,6 +102,7 @@ struct RunCommand: FailureReportingCommand {
         let scenario: Scenario
         do {
             switch file {
+            // The command runs a workload without a file; a caller of `perform` gets the tour.
             case nil: scenario = try Scenario.parse(BuiltInScenario.tour, name: name)
             case "-": scenario = try Scenario.parse(standardInput(), name: name)
             case let path?: scenario = try Scenario.parse(contentsOfFile: path)

@@ -287,28 +287,27 @@ extension GuestOS {
             if iteration == switchIteration { enablePCIDAndKPTI() }
             let vcpu = iteration % vcpuCount
             onVCPU(vcpu)
+            // Room for the child: the process here exits when the machine is full.
+            if processes.count >= parameters.processes, let victim = running[vcpu] {
+                exit(victim)
+                try burst(parameters.pages / 2)
+            }
             if running[vcpu] == nil {
                 let pid = createProcess()
                 schedule(pid)
                 try exec(pid)
             }
             let parent = running[vcpu]!
-            if processes.count < parameters.processes {
-                let child = fork(parent)
-                try burst(parameters.pages)  // the parent writes: copy-on-write faults
-                let other = (vcpu + 1) % vcpuCount
-                onVCPU(other)
-                schedule(child)
-                try burst(parameters.pages)  // the child reads what it shares and writes its copies
-                if random.next() % 2 == 0 {
-                    try exec(child)
-                    try burst(parameters.pages)
-                }
-                onVCPU(vcpu)
-            } else {
-                exit(parent)
-                try burst(parameters.pages / 2)
+            let child = fork(parent)
+            try burst(parameters.pages)  // the parent writes: copy-on-write faults
+            onVCPU((vcpu + 1) % vcpuCount)
+            schedule(child)
+            try burst(parameters.pages)  // the child reads what it shares and writes its copies
+            if random.next() % 2 == 0 {
+                try exec(child)
+                try burst(parameters.pages)
             }
+            onVCPU(vcpu)
             // Every vCPU switches to a process that is not running (or keeps its own).
             for other in 0..<vcpuCount {
                 onVCPU(other)
