@@ -160,10 +160,12 @@ enum SVGChart {
         var out = "<svg class=\"chart\" id=\"\(id)\" data-chart=\"\(id)\" xmlns=\"http://www.w3.org/2000/svg\" width=\"\(Int(width))\" "
             + "height=\(quoted(height + legendHeight)) viewBox=\"0 0 \(Int(width)) \(Int(height + legendHeight))\">\n"
         out += axes(xLabel: xLabel, yLabel: yLabel, xMax: xMax, yMax: yMax)
-        for marker in markers {
+        for (index, marker) in markers.enumerated() {
+            // Phases can be short: their labels step down in four rows so that neighbours stay legible.
+            let labelY = top + 10 + Double(index % 4) * 11
             out += "<line x1=\(quoted(x(marker.x))) y1=\(quoted(top)) x2=\(quoted(x(marker.x))) y2=\(quoted(top + plotHeight)) "
                 + "stroke=\"#999\" stroke-dasharray=\"4 3\"/>"
-                + "<text x=\(quoted(x(marker.x) + 3)) y=\(quoted(top + 10)) fill=\"#666\" font-size=\"10\">\(escapeHTML(marker.label))</text>\n"
+                + "<text x=\(quoted(x(marker.x) + 3)) y=\(quoted(labelY)) fill=\"#666\" font-size=\"10\">\(escapeHTML(marker.label))</text>\n"
         }
         for (index, line) in series.enumerated() {
             let color = colors[index % colors.count]

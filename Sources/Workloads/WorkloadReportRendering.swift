@@ -31,7 +31,7 @@ extension WorkloadComparison {
         }
         out += "\n  \(scenario.directives.count) directives (\(runs.first?.report.accesses.count ?? 0) guest operations reported), "
             + "\(scenario.memorySize >> 20) MiB of guest memory"
-        if !phases.isEmpty { out += "; phases: " + phases.map(\.name).joined(separator: ", ") }
+        if !phases.isEmpty { out += "\n  phases: " + phases.map(\.name).joined(separator: ", ") }
         out += "\n\n"
         var table = TextTable(header: [""] + runs.map(Self.columnName), rightAligned: Set(1...max(1, runs.count)))
         func section(_ name: String) { table.add([name] + runs.map { _ in "" }) }
