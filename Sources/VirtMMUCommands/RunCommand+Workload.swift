@@ -19,7 +19,7 @@ struct WorkloadSizeOptions: ParsableArguments {
                                valueName: "name"))
     var workload: WorkloadKind?
 
-    @Option(help: "Processes alive at most at once (default 4).")
+    @Option(help: "Processes alive at once before one exits to make room for the next fork (default 4).")
     var processes: Int?
     @Option(help: "Pages each process or mapping touches (default 12).")
     var pages: Int?

@@ -23,8 +23,15 @@ enum MMUChoice: String, ExpressibleByArgument, CaseIterable, Sendable {
 struct RunCommand: FailureReportingCommand {
     static let configuration = CommandConfiguration(
         commandName: "run",
-        abstract: "Run a scenario under KVM's shadow MMU (or its TDP MMU: --mmu tdp|npt), every guest access checked in lockstep against the architecture.",
+        abstract: "Run a built-in guest workload under KVM's shadow MMU and TDP MMU side by side, or a scenario file, every guest access checked in lockstep against the architecture.",
         discussion: """
+        Without a file, a built-in workload (--workload boot, processes, mmap, migration or mixed, the \
+        default) runs under shadow paging and TDP (or the --mmu given) and the report compares them: \
+        faults, shadow pages, roots, TLB flushes, exits, the MMU's table pages, wall time and the lockstep \
+        verdict; --json for JSON Lines, --report FILE.html for a page with charts, --record FILE to write \
+        the operations as a scenario and --replay FILE to run such a recording. A workload run exits 1 \
+        for bad parameters and 2 when a run failed its checks.
+
         A scenario is a text file with one directive per line (mem, cpu, set, map, access, pte, invlpg, \
         reload-cr3, host, space, switch, invpcid, cr0, cr4, efer, cr3, zap, memslot, dirty-log, expect); docs/SCENARIOS.md describes the language and examples/ holds samples. The report \
         gives each access's outcome (GPA and value, or the #PF error code and CR2), the final value and \

@@ -11,7 +11,7 @@ extension GuestOS {
         let space = takeSpace(user: false)
         let userSpace = kptiEnabled ? takeSpace(user: true) : nil
         let slot = UInt16(pid % 2000)
-        processes[pid] = Process(pid: pid, space: space, userSpace: userSpace, pcid: 1 + slot)
+        processes[pid] = Process(space: space, userSpace: userSpace, pcid: 1 + slot)
         // A new mm: whatever its PCID last held on any vCPU is someone else's.
         staleTLB[pid] = Set(0..<vcpuCount)
         return pid

@@ -55,7 +55,6 @@ struct GuestOS {
 
     /// The paging mode the kernel runs in (after boot).
     var mode: PagingMode = .fourLevel
-    var booted = false
     private var nextFrame: UInt64 = firstUserFrame
     private var freeFrames: [UInt64] = []
     private var freeHugeFrames: [UInt64] = []
@@ -95,7 +94,6 @@ struct GuestOS {
     }
 
     struct Process {
-        var pid: Int
         /// The space the kernel runs the process in (its only one without KPTI).
         var space: String
         /// KPTI: the space user code runs in.
@@ -268,7 +266,6 @@ struct GuestOS {
         // The vCPU starts with the boot tables' CR3; firmware clears PG and runs on physical
         // addresses, building the 32-bit direct map with stores at the tables' physical addresses.
         emit(.writeRegister(.cr0, value: 0x11))
-        booted = true
         for step in 0..<UInt64(8) {
             emit(.access(kind: .write, gva: GuestVirtualAddress(Self.kernelImageStart + Self.kernelImageSize / 2 + step << 3),
                          cpl: 0, value: 0xb007 + step))
@@ -305,7 +302,6 @@ struct GuestOS {
         buildDirectMap()
         mapKernelImage()
         phase("boot")
-        booted = true
         kernelActivity(4)
         bringUpApplicationProcessors()
     }

@@ -37,7 +37,8 @@ public enum WorkloadKind: String, CaseIterable, Sendable, Hashable {
 
 /// The size of a workload run and its seed: the same parameters give the same operations.
 public struct WorkloadParameters: Sendable, Hashable {
-    /// Processes alive at most at once (`processes`, `mixed`; `migration` runs one per vCPU).
+    /// Processes alive at once before one exits to make room for the next fork (`processes`,
+    /// `mixed`; at least one per vCPU, and `migration` runs one per vCPU).
     public var processes: Int
     /// Pages each process (or mapping) touches.
     public var pages: Int
