@@ -46,6 +46,8 @@ extension WorkloadComparison {
         counter("pf_spurious", "pf_spurious")
         counter("pf_guest (#PF injected)", "pf_guest")
         row("#PF the guest saw") { String($0.report.accesses.filter(\.outcome.result.isPageFault).count) }
+        row("  not present (demand paging)") { String($0.report.guestPageFaults { !$0.contains(.present) }) }
+        row("  protection (copy-on-write...)") { String($0.report.guestPageFaults { $0.contains(.present) }) }
         section("Shadow pages")
         counter("mmu_cache_miss (created)", "mmu_cache_miss")
         counter("mmu_shadow_zapped", "mmu_shadow_zapped")
@@ -194,6 +196,13 @@ extension WorkloadComparison {
         result.add("same_guest_outcomes", sameGuestOutcomes)
         lines.append(result.text)
         return lines.map { $0 + "\n" }.joined()
+    }
+}
+
+extension RunReport {
+    /// The #PF the guest took whose error code `matches`.
+    func guestPageFaults(_ matches: (PageFaultErrorCode) -> Bool) -> Int {
+        accesses.filter { if case .pageFault(let code, _) = $0.outcome.result { matches(code) } else { false } }.count
     }
 }
 

@@ -112,6 +112,26 @@ import X86Paging
         }
     }
 
+    /// A run reports its progress every `progressInterval` directives (the command shows it on a
+    /// terminal) and samples its counters for the charts.
+    @Test func progressAndTimelineFollowTheRun() throws {
+        let scenario = try WorkloadKind.processes.generate(Self.small).scenario
+        let runner = ScenarioRunner(scenario: scenario)
+        runner.progressInterval = 50
+        runner.timelineInterval = 40
+        var seen: [Int] = []
+        runner.progress = { done, total in
+            #expect(total == scenario.directives.count)
+            seen.append(done)
+        }
+        let report = try runner.run()
+        #expect(seen == Array(stride(from: 50, to: scenario.directives.count, by: 50)))
+        let samples = report.timeline.map(\.directives)
+        #expect(samples == Array(stride(from: 40, to: scenario.directives.count, by: 40)) + [scenario.directives.count])
+        #expect(zip(report.timeline, report.timeline.dropFirst()).allSatisfy { $0.stats.pfTaken <= $1.stats.pfTaken })
+        #expect(report.timeline.last?.lockstepChecks == report.lockstepChecks)
+    }
+
     @Test func badParametersAreRefusedWithTheirLimits() {
         var parameters = Self.small
         parameters.pages = 0
