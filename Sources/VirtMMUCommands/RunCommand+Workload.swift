@@ -11,6 +11,7 @@ import Darwin
 #endif
 
 extension WorkloadKind: ExpressibleByArgument {}
+extension DirtyLogProtocol: ExpressibleByArgument {}
 
 /// The workload to run and its size: `run`'s and `dump`'s.
 struct WorkloadSizeOptions: ParsableArguments {
@@ -31,15 +32,20 @@ struct WorkloadSizeOptions: ParsableArguments {
     var seed: UInt64?
     @Flag(name: .customLong("no-la57"), help: "A CPU without 5-level paging (boot stops at 4-level paging).")
     var noLA57 = false
+    @Option(help: ArgumentHelp("How the migration reads the dirty log: reset (KVM_GET_DIRTY_LOG), manual (get, then "
+                                + "KVM_CLEAR_DIRTY_LOG) or ring (per-vCPU dirty rings); default reset.", valueName: "mode"))
+    var dirtyLog: DirtyLogProtocol?
 
     var parameters: WorkloadParameters {
         let defaults = WorkloadParameters()
         return WorkloadParameters(processes: processes ?? defaults.processes, pages: pages ?? defaults.pages,
                                   iterations: iterations ?? defaults.iterations, vcpus: vcpus ?? defaults.vcpus,
-                                  seed: seed ?? defaults.seed, la57: !noLA57)
+                                  seed: seed ?? defaults.seed, la57: !noLA57, dirtyLog: dirtyLog ?? defaults.dirtyLog)
     }
 
-    var sizeGiven: Bool { processes != nil || pages != nil || iterations != nil || vcpus != nil || seed != nil || noLA57 }
+    var sizeGiven: Bool {
+        processes != nil || pages != nil || iterations != nil || vcpus != nil || seed != nil || noLA57 || dirtyLog != nil
+    }
 
     /// The workload asked for (the mix by default), generated.
     func generate() throws -> GeneratedWorkload {
@@ -57,8 +63,11 @@ struct WorkloadSizeOptions: ParsableArguments {
             throw ValidationError("a scenario file runs on its own: --workload generates operations without one")
         }
         if sizeGiven && scenarioFile != nil {
-            throw ValidationError("--processes, --pages, --iterations, --vcpus, --seed and --no-la57 size a built-in workload; "
-                                  + "a scenario file or a replay has its operations already")
+            throw ValidationError("--processes, --pages, --iterations, --vcpus, --seed, --no-la57 and --dirty-log shape a built-in "
+                                  + "workload; a scenario file or a replay has its operations already")
+        }
+        if dirtyLog != nil && !(workload ?? .mixed).migrates {
+            throw ValidationError("--dirty-log chooses how a migration reads the dirty log; the \((workload ?? .mixed).rawValue) workload migrates nothing")
         }
         if let problem = parameters.problem() { throw ValidationError(problem) }
     }
@@ -138,7 +147,8 @@ extension RunCommand {
             if let path = workloadOptions.record {
                 let header = "# virtmmu run --workload \(kind.rawValue) --processes \(parameters!.processes) --pages \(parameters!.pages) "
                     + "--iterations \(parameters!.iterations) --vcpus \(parameters!.vcpus) --seed \(parameters!.seed)"
-                    + (parameters!.la57 ? "" : " --no-la57") + "\n# replay: virtmmu run --replay FILE [--mmu shadow|tdp|npt] [--variant NAME]\n"
+                    + (parameters!.la57 ? "" : " --no-la57")
+                    + (parameters!.dirtyLog == .getAndReset ? "" : " --dirty-log \(parameters!.dirtyLog.rawValue)") + "\n# replay: virtmmu run --replay FILE [--mmu shadow|tdp|npt] [--variant NAME]\n"
                 try writeFile(path, header + scenario.render())
             }
         }

@@ -429,6 +429,13 @@ extension GuestOS {
     /// writes shrink round by round, and a last round runs with the vCPUs stopped. Every read of
     /// the log is checked: a page changed since it was last sent and not reported is a page the
     /// destination would lack.
+    /// One pass: the VMM reads the log (and, with manual protection, clears it, write-protecting
+    /// the pages again before it sends them).
+    private mutating func readDirtyLog() {
+        emit(.dirtyLog(.get(slot: 0)))
+        if parameters.dirtyLog == .manualProtect { emit(.dirtyLog(.clear(slot: 0, first: 0, count: memorySize >> 12))) }
+    }
+
     mutating func runMigration() throws(WorkloadError) {
         phase("populate")
         for vcpu in 0..<vcpuCount {
@@ -437,6 +444,7 @@ extension GuestOS {
             for gva in processes[pid]!.heapPages { try userAccess(.write, gva) }
         }
         phase("pre-copy")
+        if parameters.dirtyLog == .manualProtect { emit(.dirtyLog(.mode(.manualProtect, ringEntries: 4096))) }
         emit(.dirtyLog(.setLogging(slot: 0, enabled: true)))
         for round in 0..<parameters.iterations {
             let writes = max(1, parameters.pages * (parameters.iterations - round) / parameters.iterations)
@@ -449,10 +457,10 @@ extension GuestOS {
                     try userAccess(.write, page + (random.next() % 512) << 3)
                 }
             }
-            emit(.dirtyLog(.get(slot: 0)))
+            readDirtyLog()
         }
         phase("stop and copy")
-        emit(.dirtyLog(.get(slot: 0)))
+        readDirtyLog()
         emit(.dirtyLog(.setLogging(slot: 0, enabled: false)))
         onVCPU(0)
     }

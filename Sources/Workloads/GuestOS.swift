@@ -49,6 +49,9 @@ struct GuestOS {
 
     let parameters: WorkloadParameters
     let memorySize: UInt64
+    /// The workload ends with a migration: dirty rings, which KVM enables only before a vCPU
+    /// exists, are chosen at the start.
+    var migrates = false
     var directives: [ScenarioDirective] = []
     var phases: [WorkloadPhase] = []
     var random: SeededGenerator
@@ -259,6 +262,7 @@ struct GuestOS {
     /// Firmware to kernel, one mode at a time, then the application processors.
     mutating func boot() throws(WorkloadError) {
         emit(.mem(bytes: memorySize))
+        chooseDirtyRings()
         if !parameters.la57 { emit(.cpu(CPUSettings(supportsLA57: false))) }
         emit(.set(ControlSettings(pagingMode: .legacy32)))
         mode = .legacy32
@@ -298,12 +302,18 @@ struct GuestOS {
     /// start of every workload but `boot`.
     mutating func quickBoot() throws(WorkloadError) {
         emit(.mem(bytes: memorySize))
+        chooseDirtyRings()
         mode = .fourLevel
         buildDirectMap()
         mapKernelImage()
         phase("boot")
         kernelActivity(4)
         bringUpApplicationProcessors()
+    }
+
+    private mutating func chooseDirtyRings() {
+        guard migrates && parameters.dirtyLog == .ring else { return }
+        emit(.dirtyLog(.mode(.ring, ringEntries: 4096)))
     }
 
     private mutating func bringUpApplicationProcessors() {

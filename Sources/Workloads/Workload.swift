@@ -3,6 +3,7 @@
 // directives, so it runs through `ScenarioRunner` with every access checked in lockstep, renders to a
 // scenario file (`--record`) and replays from one under any MMU (`--replay`).
 
+import VirtualMachine
 import X86Paging
 
 /// The built-in workloads by name.
@@ -22,6 +23,9 @@ public enum WorkloadKind: String, CaseIterable, Sendable, Hashable {
     /// `boot`, `processes`, `mmap`, then a live migration of the VM: what `virtmmu run` runs with
     /// no argument.
     case mixed
+
+    /// Whether the workload ends with a live migration (and so reads the dirty log).
+    public var migrates: Bool { self == .migration || self == .mixed }
 
     /// One line on what the workload exercises.
     public var summary: String {
@@ -50,8 +54,13 @@ public struct WorkloadParameters: Sendable, Hashable {
     public var seed: UInt64
     /// Whether the CPU model has 5-level paging (`boot` then goes on to 5-level paging).
     public var la57: Bool
+    /// How the migration reads the dirty log: KVM_GET_DIRTY_LOG alone, get then
+    /// KVM_CLEAR_DIRTY_LOG (manual protection, as QEMU does), or per-vCPU dirty rings.
+    public var dirtyLog: DirtyLogProtocol
 
-    public init(processes: Int = 4, pages: Int = 12, iterations: Int = 4, vcpus: Int = 2, seed: UInt64 = 1, la57: Bool = true) {
+    public init(processes: Int = 4, pages: Int = 12, iterations: Int = 4, vcpus: Int = 2, seed: UInt64 = 1, la57: Bool = true,
+                dirtyLog: DirtyLogProtocol = .getAndReset) {
+        self.dirtyLog = dirtyLog
         self.processes = processes
         self.pages = pages
         self.iterations = iterations
@@ -103,6 +112,7 @@ extension WorkloadKind {
     public func generate(_ parameters: WorkloadParameters) throws(WorkloadError) -> GeneratedWorkload {
         if let problem = parameters.problem() { throw WorkloadError(problem) }
         var os = GuestOS(parameters: parameters, memorySize: memorySize(parameters))
+        os.migrates = migrates
         if self == .mmap || self == .mixed { os.reserveHugePool(pages: Self.hugePoolPages) }
         switch self {
         case .boot:

@@ -2,7 +2,8 @@
 //
 // JSON LINES (one object per line, keys in this order)
 //   {"type":"workload","title":"mixed","processes":4,"pages":12,"iterations":4,"vcpus":2,"seed":1,
-//    "memory":"0x...","directives":N}                   (the size keys only for a generated workload)
+//    "la57":true,"dirty_log":"reset","memory":"0x...","directives":N}
+//                                                       (the size keys only for a generated workload)
 //   {"type":"phase","name":"processes","first_directive":N}            one per phase
 //   {"type":"mmu_run","mmu":"shadow","variant":"upstream","status":"ok","operations":N,
 //    "lockstep_checks":N,"wall_seconds":0.0,"checks_per_second":0,"table_pages":N,"peak_table_pages":N,
@@ -28,6 +29,7 @@ extension WorkloadComparison {
         if let parameters {
             out += ": \(parameters.processes) processes, \(parameters.pages) pages, \(parameters.iterations) iterations, "
                 + "\(parameters.vcpus) vCPU\(parameters.vcpus == 1 ? "" : "s"), seed \(parameters.seed)"
+                + (parameters.dirtyLog == .getAndReset ? "" : ", dirty log: \(parameters.dirtyLog.rawValue)")
         }
         out += "\n  \(scenario.directives.count) directives (\(runs.first?.report.accesses.count ?? 0) guest operations reported), "
             + "\(scenario.memorySize >> 20) MiB of guest memory"
@@ -126,6 +128,8 @@ extension WorkloadComparison {
             header.add("iterations", parameters.iterations)
             header.add("vcpus", parameters.vcpus)
             header.add("seed", Int(truncatingIfNeeded: parameters.seed))
+            header.add("la57", parameters.la57)
+            header.add("dirty_log", parameters.dirtyLog.rawValue)
         }
         header.addHex("memory", scenario.memorySize)
         header.add("directives", scenario.directives.count)

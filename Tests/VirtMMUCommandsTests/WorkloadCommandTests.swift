@@ -62,7 +62,7 @@ import Workloads
         (["run", "--pages", "0"], "--pages must be in 1...256, not 0"),
         (["run", "--vcpus", "65"], "--vcpus must be in 1...64, not 65"),
         (["run", "x.vmm", "--workload", "boot"], "a scenario file runs on its own"),
-        (["run", "x.vmm", "--seed", "3"], "size a built-in workload"),
+        (["run", "x.vmm", "--seed", "3"], "shape a built-in workload"),
         (["run", "--replay", "r.vmm", "--workload", "mmap"], "give one of them"),
         (["run", "--replay", "r.vmm", "--record", "s.vmm"], "--record writes a built-in workload's operations"),
         (["run", "x.vmm", "--report", "r.html"], "--report is for workload runs"),
@@ -70,6 +70,8 @@ import Workloads
         (["run", "--workload", "kernel"], "'kernel' is invalid for '--workload <name>'"),
         (["run", "--root=-1"], "--root counts roots from 0"),
         (["dump", "--workload", "boot"], "give --dot"),
+        (["run", "--workload", "mmap", "--dirty-log", "ring"], "the mmap workload migrates nothing"),
+        (["run", "--dirty-log", "sometimes"], "'sometimes' is invalid for '--dirty-log <mode>'"),
     ])
     func badFlagsAreClearErrors(arguments: [String], message: String) {
         do {

@@ -91,8 +91,13 @@ import X86Paging
         #expect(comparison.runs[1].report.timeline.contains { $0.stats.pages2M > 0 })
     }
 
-    @Test func migrationLosesNoDirtyPageAndConverges() throws {
-        let comparison = try run(.migration)
+    @Test(arguments: DirtyLogProtocol.allCases)
+    func migrationLosesNoDirtyPageAndConverges(protocol dirtyLog: DirtyLogProtocol) throws {
+        var parameters = Self.small
+        parameters.dirtyLog = dirtyLog
+        let comparison = try run(.migration, parameters)
+        #expect(directives(comparison).contains(.dirtyLog(.mode(dirtyLog, ringEntries: 4096))) == (dirtyLog != .getAndReset))
+        #expect(directives(comparison).contains { if case .dirtyLog(.clear) = $0 { true } else { false } } == (dirtyLog == .manualProtect))
         for run in comparison.runs {
             let passes = run.report.dirtyLogs.map(\.gfns.count)
             #expect(passes.count == Self.small.iterations + 1)
