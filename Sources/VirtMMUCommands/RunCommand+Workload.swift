@@ -128,6 +128,7 @@ extension RunCommand {
         let scenario: Scenario
         let phases: [WorkloadPhase]
         let parameters: WorkloadParameters?
+        var expectedLoads: [Int: UInt64] = [:]
         if let path = workloadOptions.replay {
             do {
                 scenario = try Scenario.parse(contentsOfFile: path)
@@ -144,6 +145,7 @@ extension RunCommand {
             scenario = generated.scenario
             phases = generated.phases
             parameters = generated.parameters
+            expectedLoads = generated.expectedLoads
             if let path = workloadOptions.record {
                 let header = "# virtmmu run --workload \(kind.rawValue) --processes \(parameters!.processes) --pages \(parameters!.pages) "
                     + "--iterations \(parameters!.iterations) --vcpus \(parameters!.vcpus) --seed \(parameters!.seed)"
@@ -155,7 +157,8 @@ extension RunCommand {
         let mmus = (mmuOption.map { [$0] } ?? [.shadow, .tdp]).map { Self.machineMMU($0, cpu: scenario.cpuModel) }
         let progress = isatty(2) == 1 ? ProgressLine() : nil
         defer { progress?.finish() }
-        return WorkloadComparison.run(title: title, parameters: parameters, scenario: scenario, phases: phases, mmus: mmus,
+        return WorkloadComparison.run(title: title, parameters: parameters, scenario: scenario, phases: phases,
+                                      expectedLoads: expectedLoads, mmus: mmus,
                                       variant: variant, progress: progress.map { line in { line.show($0, $1, $2) } })
     }
 
@@ -169,6 +172,12 @@ extension RunCommand {
         }
         if let run = comparison.runs.first(where: { $0.failure != nil }), let failure = run.failure {
             throw CommandFailure(message: "error: workload \(comparison.title) under \(run.mmu): \(failure)", code: failure.exitCode)
+        }
+        if let run = comparison.runs.first(where: { !comparison.loadMismatches($0).isEmpty }),
+           let mismatch = comparison.loadMismatches(run).first {
+            throw CommandFailure(message: "error: workload \(comparison.title) under \(run.mmu): the load of directive "
+                                    + "\(mismatch.directive + 1) returned \(hex(mismatch.read)), the guest had stored \(hex(mismatch.expected))",
+                                 code: RunCommand.Status.failed)
         }
     }
 }

@@ -146,7 +146,7 @@ extension GuestOS {
             install(pid, gva & ~0xFFF, UserPage(frame: frame, writable: true, copyOnWrite: false, executable: false, huge: false))
             returnToUser()
             emit(access)
-            noteUserStore(pid, gva, value)
+            noteCompletedAccess(pid, gva, value)
             return
         }
         if kind == .write && !page.writable {
@@ -158,13 +158,15 @@ extension GuestOS {
         } else if kind == .fetch && !page.executable {
             return
         }
-        noteUserStore(pid, gva, value)
+        noteCompletedAccess(pid, gva, value)
     }
 
-    private mutating func noteUserStore(_ pid: Int, _ gva: UInt64, _ value: UInt64?) {
-        guard let value, let (base, page) = mapping(pid, gva) else { return }
+    /// The access just emitted completes: a store changes the page, a load must return what the
+    /// page holds.
+    private mutating func noteCompletedAccess(_ pid: Int, _ gva: UInt64, _ value: UInt64?) {
+        guard let (base, page) = mapping(pid, gva) else { return }
         let gpa = page.frame + (gva - base)
-        contentsSet(gpa, value)
+        if let value { contentsSet(gpa, value) } else { expectLoad(of: gpa) }
     }
 
     /// The write fault on a copy-on-write page: the last sharer takes the frame back writable,

@@ -54,6 +54,8 @@ struct GuestOS {
     var migrates = false
     var directives: [ScenarioDirective] = []
     var phases: [WorkloadPhase] = []
+    /// By directive index: the value each load the guest makes must return.
+    var expectedLoads: [Int: UInt64] = [:]
     var random: SeededGenerator
 
     /// The paging mode the kernel runs in (after boot).
@@ -138,7 +140,16 @@ struct GuestOS {
         editSpace = space
     }
 
-    mutating func kernelRead(_ gpa: UInt64) { emit(.access(kind: .read, gva: directMap(gpa), cpl: 0, value: nil)) }
+    mutating func kernelRead(_ gpa: UInt64) {
+        emit(.access(kind: .read, gva: directMap(gpa), cpl: 0, value: nil))
+        expectLoad(of: gpa)
+    }
+
+    /// The load just emitted reads guest-physical `gpa`: it must return what the guest last stored
+    /// there.
+    mutating func expectLoad(of gpa: UInt64) {
+        expectedLoads[directives.count - 1] = contents[gpa & ~0xFFF]?[gpa & 0xFFF] ?? 0
+    }
 
     mutating func kernelWrite(_ gpa: UInt64, _ value: UInt64) {
         emit(.access(kind: .write, gva: directMap(gpa), cpl: 0, value: value))
@@ -243,6 +254,7 @@ struct GuestOS {
         for step in 0..<count {
             let text = UInt64(random.next() % (Self.kernelImageSize / 2)) & ~7
             emit(.access(kind: .fetch, gva: kernelText(text), cpl: 0, value: nil))
+            expectLoad(of: Self.kernelImageStart + text)
             let data = Self.kernelImageStart + Self.kernelImageSize / 2 + UInt64(currentVCPU) << 16 + UInt64(step % 64) << 6
             if step % 2 == 0 { kernelWrite(data, nonZeroValue()) } else { kernelRead(data) }
         }
@@ -271,8 +283,9 @@ struct GuestOS {
         // addresses, building the 32-bit direct map with stores at the tables' physical addresses.
         emit(.writeRegister(.cr0, value: 0x11))
         for step in 0..<UInt64(8) {
-            emit(.access(kind: .write, gva: GuestVirtualAddress(Self.kernelImageStart + Self.kernelImageSize / 2 + step << 3),
-                         cpl: 0, value: 0xb007 + step))
+            let gpa = Self.kernelImageStart + Self.kernelImageSize / 2 + step << 3
+            emit(.access(kind: .write, gva: GuestVirtualAddress(gpa), cpl: 0, value: 0xb007 + step))
+            contentsSet(gpa, 0xb007 + step)
         }
         buildDirectMap()
         phase("32-bit paging")

@@ -99,6 +99,9 @@ public struct GeneratedWorkload: Sendable {
     public var parameters: WorkloadParameters
     public var scenario: Scenario
     public var phases: [WorkloadPhase]
+    /// By directive index: the value each of the guest's loads must return, what its OS last
+    /// stored there (the test of copy-on-write copies, huge-page collapses, cleared frames).
+    public var expectedLoads: [Int: UInt64]
 }
 
 /// Why a workload could not be generated.
@@ -138,7 +141,8 @@ extension WorkloadKind {
         } catch {
             throw WorkloadError("\(rawValue): the generated operations do not parse (a bug in the generator): \(error)")
         }
-        return GeneratedWorkload(kind: self, parameters: parameters, scenario: scenario, phases: os.phases)
+        return GeneratedWorkload(kind: self, parameters: parameters, scenario: scenario, phases: os.phases,
+                                 expectedLoads: os.expectedLoads)
     }
 
     /// 2 MiB frames for transparent huge pages: mmap holds two at a time.

@@ -8,7 +8,8 @@
 //   {"type":"mmu_run","mmu":"shadow","variant":"upstream","status":"ok","operations":N,
 //    "lockstep_checks":N,"wall_seconds":0.0,"checks_per_second":0,"table_pages":N,"peak_table_pages":N,
 //    "vcpus":N,"roots_created":N,"root_cache_hits":N,"root_cache_misses":N,"shadow_pages":{"1":N,...},
-//    "stats":{...every counter, KVM's names, counted over the run...}}        one per MMU
+//    "stats":{...every counter, KVM's names, counted over the run...},"loads_checked":N,
+//    "load_mismatches":N}                                                    one per MMU
 //   {"type":"timeline","mmu":"shadow","directives":N,"operations":N,"lockstep_checks":N,"table_pages":N,
 //    "root_cache_hits":N,"root_cache_misses":N,"stats":{...}}               the samples, per MMU
 //   {"type":"migration_pass","mmu":"shadow","pass":1,"line":N,"slot":0,"dirty_pages":N}  per dirty-log get
@@ -94,6 +95,12 @@ extension WorkloadComparison {
                 out += "\(run.report.lockstepChecks) accesses checked in lockstep on \(run.report.vcpuCount) vCPU"
                     + "\(run.report.vcpuCount == 1 ? "" : "s"): all agree; the structural auditor found nothing\n"
             }
+            if let mismatch = loadMismatches(run).first {
+                out += "    MEMORY MISMATCH: the load of directive \(mismatch.directive + 1) returned \(hex(mismatch.read)), "
+                    + "the guest had stored \(hex(mismatch.expected)) (\(loadMismatches(run).count) loads wrong)\n"
+            } else if !expectedLoads.isEmpty {
+                out += "    and each of its \(loadsChecked(run)) loads returned what the guest had last stored there\n"
+            }
         }
         if runs.count > 1 && succeeded {
             out += sameGuestOutcomes
@@ -161,6 +168,8 @@ extension WorkloadComparison {
             let levels = report.shadowPagesByLevel.keys.sorted().map { "\"\($0)\":\(report.shadowPagesByLevel[$0]!)" }
             line.addRaw("shadow_pages", "{" + levels.joined(separator: ",") + "}")
             line.addRaw("stats", report.statsAfter.delta(from: report.statsBefore).jsonObject)
+            line.add("loads_checked", loadsChecked(run))
+            line.add("load_mismatches", loadMismatches(run).count)
             lines.append(line.text)
         }
         for run in runs {
@@ -194,7 +203,8 @@ extension WorkloadComparison {
         }
         var result = JSONLine()
         result.add("type", "result")
-        result.add("status", runs.compactMap(\.failure).first.map(RunReport.status(of:)) ?? "ok")
+        result.add("status", runs.compactMap(\.failure).first.map(RunReport.status(of:))
+                   ?? (succeeded ? "ok" : "memory_mismatch"))
         result.add("title", title)
         result.addRaw("mmus", "[" + runs.map { jsonString($0.mmu) }.joined(separator: ",") + "]")
         result.add("same_guest_outcomes", sameGuestOutcomes)

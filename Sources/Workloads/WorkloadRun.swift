@@ -30,10 +30,32 @@ public struct WorkloadComparison {
     public var parameters: WorkloadParameters?
     public var scenario: Scenario
     public var phases: [WorkloadPhase]
+    /// By directive index, what each of the guest's loads must return (empty for a replay).
+    public var expectedLoads: [Int: UInt64]
     public var runs: [WorkloadMMURun]
 
-    /// Whether every run finished and agreed with the reference machine.
-    public var succeeded: Bool { runs.allSatisfy { $0.failure == nil } }
+    /// Whether every run finished, agreed with the reference machine, and every load returned
+    /// what the guest last stored.
+    public var succeeded: Bool { runs.allSatisfy { $0.failure == nil && loadMismatches($0).isEmpty } }
+
+    /// The loads of `run` that returned something other than what the guest last stored there:
+    /// (directive index, value read, value expected).
+    public func loadMismatches(_ run: WorkloadMMURun) -> [(directive: Int, read: UInt64, expected: UInt64)] {
+        run.report.accesses.compactMap { access in
+            // A generated scenario's directive i is on line i + 1.
+            guard let expected = expectedLoads[access.line - 1], case .completed(_, let value) = access.outcome.result,
+                  value != expected else { return nil }
+            return (access.line - 1, value, expected)
+        }
+    }
+
+    /// How many of `run`'s loads had an expected value and returned it.
+    public func loadsChecked(_ run: WorkloadMMURun) -> Int {
+        run.report.accesses.filter { access in
+            guard expectedLoads[access.line - 1] != nil, case .completed = access.outcome.result else { return false }
+            return true
+        }.count - loadMismatches(run).count
+    }
 
     /// Whether the guest saw the same in every run: each operation's outcome (completed at the
     /// same GPA with the same value, the same fault, MMIO) and every dirty log.
@@ -47,7 +69,7 @@ public struct WorkloadComparison {
     /// Runs `scenario` under each of `mmus`, one after the other. `progress` hears (MMU name,
     /// directives done, directives in all) now and then.
     public static func run(title: String, parameters: WorkloadParameters?, scenario: Scenario, phases: [WorkloadPhase],
-                           mmus: [VirtualMachineMMU], variant: MMUVariant = .upstream, timelinePoints: Int = 120,
+                           expectedLoads: [Int: UInt64] = [:], mmus: [VirtualMachineMMU], variant: MMUVariant = .upstream, timelinePoints: Int = 120,
                            progress: ((String, Int, Int) -> Void)? = nil) -> WorkloadComparison {
         let runs = mmus.map { mmu in
             let runner = ScenarioRunner(scenario: scenario, variant: variant, checksExpectations: !mmu.isTDP, mmu: mmu)
@@ -69,6 +91,7 @@ public struct WorkloadComparison {
             let roots = runner.vm.map { PageTree.roots(of: $0) } ?? []
             return WorkloadMMURun(mmu: mmu.name, variant: variant, report: report, failure: failure, wallSeconds: seconds, roots: roots)
         }
-        return WorkloadComparison(title: title, parameters: parameters, scenario: scenario, phases: phases, runs: runs)
+        return WorkloadComparison(title: title, parameters: parameters, scenario: scenario, phases: phases,
+                                  expectedLoads: expectedLoads, runs: runs)
     }
 }

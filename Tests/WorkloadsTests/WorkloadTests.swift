@@ -13,12 +13,16 @@ import X86Paging
              mmus: [VirtualMachineMMU] = [.shadow, .ept()]) throws -> WorkloadComparison {
         let workload = try kind.generate(parameters)
         let comparison = WorkloadComparison.run(title: kind.rawValue, parameters: parameters, scenario: workload.scenario,
-                                                phases: workload.phases, mmus: mmus)
+                                                phases: workload.phases, expectedLoads: workload.expectedLoads, mmus: mmus)
         for run in comparison.runs {
             #expect(run.failure == nil, "\(kind) under \(run.mmu): \(String(describing: run.failure))")
             #expect(run.report.lockstepChecks > 0)
             #expect(run.report.vcpuCount == parameters.vcpus)
+            // Every load returned what the guest OS last stored there.
+            #expect(comparison.loadMismatches(run).isEmpty, "\(kind) under \(run.mmu): \(comparison.loadMismatches(run).prefix(3))")
+            #expect(comparison.loadsChecked(run) > 0)
         }
+        #expect(comparison.succeeded)
         #expect(comparison.sameGuestOutcomes, "\(kind): the guest saw different outcomes under shadow and TDP")
         return comparison
     }
@@ -105,6 +109,18 @@ import X86Paging
             // The last round runs with the vCPUs stopped: nothing left to send.
             #expect(passes.last == 0)
         }
+    }
+
+    /// A load that returns something else than what the guest stored fails the comparison.
+    @Test func aWrongLoadIsAMismatch() throws {
+        let comparison = try run(.processes)
+        var wrong = comparison
+        let (directive, value) = try #require(comparison.expectedLoads.first { $0.value != 0 })
+        wrong.expectedLoads[directive] = value ^ 1
+        #expect(!wrong.succeeded)
+        #expect(wrong.runs.allSatisfy { run in wrong.loadMismatches(run).map(\.directive) == [directive] })
+        #expect(wrong.text().contains("MEMORY MISMATCH: the load of directive \(directive + 1) returned \(hex(value))"))
+        #expect(wrong.jsonLines().contains(#""load_mismatches":1"#) && wrong.jsonLines().contains(#""status":"memory_mismatch""#))
     }
 
     @Test func theSameSeedGivesTheSameOperations() throws {
