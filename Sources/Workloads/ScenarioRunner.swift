@@ -241,14 +241,19 @@ public final class ScenarioRunner {
     }
 
     private func sampleTimeline(directives: Int) {
-        if !processors.isEmpty { processors[currentVCPU] = currentProcessor }
-        let contexts = processors.map(\.vcpu.context)
         report.timeline.append(TimelineSample(
-            directives: directives, operations: report.accesses.count,
-            lockstepChecks: processors.reduce(0) { $0 + $1.reference.checkedAccesses },
+            directives: directives, operations: report.accesses.count, lockstepChecks: lockstepChecks,
             stats: vm.stats.delta(from: report.statsBefore), tablePages: tablePages,
-            rootCacheHits: contexts.reduce(0) { $0 + $1.rootCacheHits }, rootCacheMisses: contexts.reduce(0) { $0 + $1.rootCacheMisses }))
+            rootCacheHits: contextTotal(\.rootCacheHits), rootCacheMisses: contextTotal(\.rootCacheMisses)))
     }
+
+    /// A context counter summed over the vCPUs (0 before boot). The processors' vCPU and
+    /// reference objects are the current ones even while the current vCPU's entry is stale.
+    private func contextTotal(_ counter: KeyPath<MMUContext, UInt64>) -> UInt64 {
+        processors.reduce(0) { $0 + $1.vcpu.context[keyPath: counter] }
+    }
+
+    private var lockstepChecks: Int { processors.reduce(0) { $0 + $1.reference.checkedAccesses } }
 
     private var tablePages: Int { vm.tdp?.pageTableCount ?? vm.mmu.usedPages }
 
@@ -279,9 +284,8 @@ public final class ScenarioRunner {
 
     private func finish() {
         report.statsAfter = vm.stats
-        if !processors.isEmpty { processors[currentVCPU] = currentProcessor }
         report.dirtyRingFullExits = processors.reduce(0) { $0 + $1.vcpu.dirtyRingFullExits }
-        report.lockstepChecks = processors.reduce(0) { $0 + $1.reference.checkedAccesses }
+        report.lockstepChecks = lockstepChecks
         report.vcpuCount = processors.count
         report.tablePages = tablePages
         var seen = Set<Mapping>()
@@ -295,12 +299,11 @@ public final class ScenarioRunner {
         report.shadowPagesByLevel = Dictionary(grouping: pages, by: \.level).mapValues(\.count)
         report.shadowPagesByRole = Dictionary(grouping: pages, by: { vm.variant.describe($0.role) }).mapValues(\.count)
         report.shadowPageKeys = Set(pages.map { ShadowPageKey(gfn: $0.gfn.rawValue, role: $0.role.word) })
-        let contexts = processors.map(\.vcpu.context)
-        report.contextResets = contexts.reduce(0) { $0 + $1.contextResets }
-        report.roleReinitializations = contexts.reduce(0) { $0 + $1.roleReinitializations }
-        report.rootsCreated = contexts.reduce(0) { $0 + $1.rootsCreated }
-        report.rootCacheHits = contexts.reduce(0) { $0 + $1.rootCacheHits }
-        report.rootCacheMisses = contexts.reduce(0) { $0 + $1.rootCacheMisses }
+        report.contextResets = contextTotal(\.contextResets)
+        report.roleReinitializations = contextTotal(\.roleReinitializations)
+        report.rootsCreated = contextTotal(\.rootsCreated)
+        report.rootCacheHits = contextTotal(\.rootCacheHits)
+        report.rootCacheMisses = contextTotal(\.rootCacheMisses)
     }
 
     /// The first guest operation: the kernel has built its tables with paging off and now turns
@@ -452,15 +455,12 @@ public final class ScenarioRunner {
     /// boot), or the shadow pages alive (KVM's `n_used_mmu_pages`).
     private func counterValue(_ name: String) -> UInt64? {
         if let value = vm.stats.delta(from: report.statsBefore)[kvmName: name] { return value }
-        if !processors.isEmpty { processors[currentVCPU] = currentProcessor }
-        let contexts = processors.map(\.vcpu.context)
-        func sum(_ counter: KeyPath<MMUContext, UInt64>) -> UInt64 { contexts.reduce(0) { $0 + $1[keyPath: counter] } }
         switch name {
-        case "context_resets": return sum(\.contextResets)
-        case "role_reinitializations": return sum(\.roleReinitializations)
-        case "roots_created": return sum(\.rootsCreated)
-        case "root_cache_hits": return sum(\.rootCacheHits)
-        case "root_cache_misses": return sum(\.rootCacheMisses)
+        case "context_resets": return contextTotal(\.contextResets)
+        case "role_reinitializations": return contextTotal(\.roleReinitializations)
+        case "roots_created": return contextTotal(\.rootsCreated)
+        case "root_cache_hits": return contextTotal(\.rootCacheHits)
+        case "root_cache_misses": return contextTotal(\.rootCacheMisses)
         case "shadow_pages": return UInt64(vm.mmu.usedPages)
         default: return nil
         }
