@@ -33,7 +33,7 @@ struct RunCommand: FailureReportingCommand {
         for bad parameters and 2 when a run failed its checks.
 
         A scenario is a text file with one directive per line (mem, cpu, set, map, access, pte, invlpg, \
-        reload-cr3, host, space, switch, invpcid, cr0, cr4, efer, cr3, zap, memslot, dirty-log, expect); docs/SCENARIOS.md describes the language and examples/ holds samples. The report \
+        reload-cr3, host, space, switch, invpcid, cr0, cr4, efer, cr3, zap, memslot, dirty-log, expect, vcpu); docs/SCENARIOS.md describes the language and examples/ holds samples. The report \
         gives each access's outcome (GPA and value, or the #PF error code and CR2), the final value and \
         A/D bits of every guest entry the scenario mapped, and KVM's MMU counters before and after the \
         run and their difference. With --json the same as JSON Lines, the last line a "result" object.

@@ -79,6 +79,7 @@ extension GuestOS {
     /// TLB and sends a shootdown to every other vCPU running the process (an IPI: the handler
     /// enters the kernel there). vCPUs not running it flush when they switch to it again.
     mutating func flush(_ pid: Int, _ gvas: [UInt64]?) {
+        if let gvas, gvas.isEmpty { return }
         let origin = currentVCPU
         let pages = gvas.flatMap { $0.count <= GuestOS.singlePageFlushCeiling ? $0 : nil }
         let userPCID = processes[pid]!.userSpace != nil ? processes[pid]!.pcid | GuestOS.userPCIDBit : nil
