@@ -535,8 +535,9 @@ extension VCPU {
         guard let final = Self.translateNested(ept, gpa, access.kind, host: host, pml: state.pml, faults: faults) else {
             return tdpExit(faults.fault, gpa: gpa, final: true)
         }
-        let guestDirty = translation.path.entryValue(level: translation.level) & 0x40 != 0
-            || state.registers.mode == .disabled
+        // With paging off there is no guest entry (level 0) to read D from.
+        let guestDirty = state.registers.mode == .disabled
+            || translation.path.entryValue(level: translation.level) & 0x40 != 0
         return .translated(host: final.host, gpa: gpa, permissions: translation.permissions,
                            dirty: guestDirty && final.leafDirty && final.writable,
                            cacheable: final.readable && final.executable)

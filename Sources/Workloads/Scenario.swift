@@ -24,6 +24,8 @@ public struct Scenario: Hashable, Sendable {
     /// The host's paging depth for shadow pages (`host levels=4|5`), or nil to follow the guest.
     public var hostLevels: Int?
 
+    /// The most vCPUs a scenario may bring up (`vcpu N` takes 0 ..< this).
+    public static let maximumVCPUs = 64
     /// 64 MiB.
     public static let defaultMemorySize: UInt64 = 64 << 20
     /// The largest `mem` accepted, 64 GiB.
@@ -116,6 +118,9 @@ public enum ScenarioDirective: Hashable, Sendable {
     /// `expect NAME=VALUE...`: the counters must have these values at this point of the run (a run
     /// that finds otherwise fails); in source order.
     case expect([ExpectedCounter])
+    /// `vcpu N`: the following guest operations run on vCPU `N` (brought up, when new, in the state
+    /// the current vCPU is in, as an OS's AP trampoline leaves an application processor).
+    case vcpu(Int)
 
     /// The directive's keyword.
     public var name: String {
@@ -138,6 +143,7 @@ public enum ScenarioDirective: Hashable, Sendable {
         case .memslot: "memslot"
         case .dirtyLog: "dirty-log"
         case .expect: "expect"
+        case .vcpu: "vcpu"
         }
     }
 
@@ -147,7 +153,7 @@ public enum ScenarioDirective: Hashable, Sendable {
         switch self {
         case .mem, .set, .cpu, .host, .expect: false
         case .map, .access, .pte, .invlpg, .reloadCR3, .space, .switchSpace, .invpcid, .writeRegister, .loadCR3, .zap,
-             .memslot, .dirtyLog: true
+             .memslot, .dirtyLog, .vcpu: true
         }
     }
 
@@ -157,7 +163,7 @@ public enum ScenarioDirective: Hashable, Sendable {
         switch self {
         // The VMM's own requests (memslots, the dirty log, a zap) need the machine but not the guest.
         case .mem, .set, .cpu, .host, .map, .space, .zap, .memslot, .dirtyLog, .expect: false
-        case .access, .pte, .invlpg, .reloadCR3, .switchSpace, .invpcid, .writeRegister, .loadCR3: true
+        case .access, .pte, .invlpg, .reloadCR3, .switchSpace, .invpcid, .writeRegister, .loadCR3, .vcpu: true
         }
     }
 }
