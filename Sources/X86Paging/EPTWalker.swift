@@ -403,7 +403,10 @@ public struct EPTWalker: Sendable {
         case .write: .dataWrite
         case .fetch: .instructionFetch
         }
-        if access.origin == .guestPagingStructure && pointer.accessedDirtyEnabled { result = [.dataRead, .dataWrite] }
+        // A guest paging-structure write (an A/D update, or any table access under EPT A/D) is a
+        // locked read-modify-write: bit 1, and bit 0 too, which the SDM leaves to the
+        // implementation and which KVM's nested walk reports (`nested_access` is W|U).
+        if access.origin == .guestPagingStructure && isWrite(access) { result = [.dataRead, .dataWrite] }
         if permissions & accessUser != 0 { result.insert(.readable) }
         if permissions & accessWrite != 0 { result.insert(.writable) }
         if permissions & accessExecute != 0 { result.insert(.executable) }

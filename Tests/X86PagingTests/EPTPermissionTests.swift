@@ -50,8 +50,11 @@ enum EPTRuleOutcome: Equatable {
 func eptRuleOutcome(entries: [EPTRuleBits], topLevel: Int, kind: AccessKind, origin: EPTAccess.Origin,
                     userModeAddress: Bool, machine: EPTRuleMachine) -> EPTRuleOutcome {
     var allRead = true, allWrite = true, allExecute = true, allUserExecute = true
-    // Guest paging-structure accesses are writes for EPT when its A/D flags are on (29.3.3.2).
-    let tableWrite = origin == .guestPagingStructure && machine.accessedDirty
+    // Guest paging-structure accesses are writes for EPT when its A/D flags are on (29.3.3.2),
+    // and a write to a guest paging structure (an A/D update) is a locked read-modify-write,
+    // reported as a read and a write.
+    let tableAsWrite = origin == .guestPagingStructure && machine.accessedDirty
+    let tableWrite = origin == .guestPagingStructure && (machine.accessedDirty || kind == .write)
     func qualification() -> UInt64 {
         var q: UInt64 = 0
         if tableWrite {
@@ -88,7 +91,7 @@ func eptRuleOutcome(entries: [EPTRuleBits], topLevel: Int, kind: AccessKind, ori
         if writeOnly || (executeOnly && !machine.executeOnlySupported) { return .misconfiguration(level: level) }
     }
     let allowed: Bool
-    if tableWrite || kind == .write {
+    if tableAsWrite || kind == .write {
         allowed = allWrite
     } else if kind == .read {
         allowed = allRead
