@@ -41,8 +41,11 @@ public final class MMUContext {
     /// The vCPU this context belongs to, for tracepoints.
     public var vcpuID = 0
     @exclusivity(unchecked) public private(set) var registers: PagingRegisters
-    @exclusivity(unchecked) public private(set) var cpuRole: CPURole
-    @exclusivity(unchecked) public private(set) var rootRole: PageRole
+    @exclusivity(unchecked) public internal(set) var cpuRole: CPURole
+    @exclusivity(unchecked) public internal(set) var rootRole: PageRole
+    /// For `guest_mmu`, the context of L1's EPT whose tables it shadows (MMUContext+ShadowEPT.swift);
+    /// nil for the MMU of the guest's own paging.
+    @exclusivity(unchecked) public internal(set) var nestedEPT: NestedEPTContext?
     /// The guest-table walker for the current registers (KVM's `gva_to_gpa` / `walk_addr`).
     public var guestWalker: PageWalker { guestWalkerBox.walker }
     /// The walker in a box: a `let` of a class is borrowed in place, where a `var` walker (a
@@ -232,7 +235,7 @@ public final class MMUContext {
     /// take a usable cached one (the current root becomes the most recent cached one, the least
     /// recent is freed); special and dummy roots are freed, never cached. Without a hit the next
     /// entry allocates a root.
-    private func switchRoot(to pgd: UInt64) {
+    func switchRoot(to pgd: UInt64) {
         // Under local-roots a per-vCPU root cannot be cached or kept either: its PAE root would be
         // shared by two roots (seed 2; the variant asks of the root what Lai's
         // `using_local_root_page` asks of the roles, which is the same while they are unchanged).
@@ -330,7 +333,7 @@ public final class MMUContext {
 
     /// `shadow_page_table_clear_flood`: the guest is using every shadow page on the path of
     /// `address`, so none of them is flooded.
-    private func clearFloodingAlongShadowPath(_ address: GuestVirtualAddress) {
+    func clearFloodingAlongShadowPath(_ address: GuestVirtualAddress) {
         guard rootsLoaded, var (page, level) = shadowWalkStart(address) else { return }
         while true {
             page.writeFloodingCount = 0
@@ -477,9 +480,11 @@ public final class MMUContext {
         }
     }
 
-    /// The guest's root table: CR3's frame (a 32-bit guest's CR3 holds a 20-bit frame number).
+    /// The guest's root table: CR3's frame (a 32-bit guest's CR3 holds a 20-bit frame number), or
+    /// for `guest_mmu` the EPTP's.
     private var guestRootGFN: GuestFrameNumber {
-        GuestFrameNumber((registers.cr3 & (cpuRole.base.level == 2 ? 0xFFFF_F000 : bitRange(12, 51))) >> 12)
+        if let nestedEPT { return GuestFrameNumber(nestedEPT.pointer.rootAddress >> 12) }
+        return GuestFrameNumber((registers.cr3 & (cpuRole.base.level == 2 ? 0xFFFF_F000 : bitRange(12, 51))) >> 12)
     }
 
     /// Seed 2's root allocation: per-vCPU pages from the host's top level down to level 3, each
@@ -578,7 +583,7 @@ public final class MMUContext {
 
     /// `mmu_alloc_shadow_roots`.
     private func allocateShadowRoots() throws(ShadowMMUError) {
-        rootPGD = registers.cr3
+        rootPGD = nestedEPT?.pointer.rawValue ?? registers.cr3
         let guestLevel = cpuRole.base.level
         let rootGFN = guestRootGFN
         // A root table in no memslot: the hardware walks KVM's dummy root (every access faults).
@@ -637,6 +642,12 @@ public final class MMUContext {
         } else {
             result = try shadowPageFault(address, access: access, errorCode: errorCode)
         }
+        count(result)
+        return result
+    }
+
+    /// `kvm_mmu_do_page_fault`'s counters for a fault's outcome.
+    func count(_ result: PageFaultResult) {
         switch result {
         case .fixed: mmu.stats.pfFixed += 1
         case .emulate: mmu.stats.pfEmulate += 1
@@ -644,7 +655,6 @@ public final class MMUContext {
         case .injectGuestFault, .injectGeneralProtection: mmu.stats.pfGuest += 1
         case .retry: break
         }
-        return result
     }
 
     /// The #PF KVM injects when the guest walk cannot read a table (outside every memslot):
@@ -852,7 +862,7 @@ public final class MMUContext {
     /// `FNAME(fetch)`: builds the shadow path for the walk and installs the leaf.
     /// `hostFrame` nil: the gfn is in no memslot (KVM's `KVM_PFN_NOSLOT`), and the leaf becomes an
     /// MMIO SPTE.
-    private func fetch(_ walk: GuestWalk, address: GuestVirtualAddress, hostFrame: HostFrameNumber?, hostWritable: Bool,
+    func fetch(_ walk: GuestWalk, address: GuestVirtualAddress, hostFrame: HostFrameNumber?, hostWritable: Bool,
                        isWrite: Bool) throws(ShadowMMUError) -> PageFaultResult {
         guard let (start, startLevel) = shadowWalkStart(address), !isFaultStale(start) else { return .retry }
         var page = Unmanaged.passUnretained(start)
@@ -925,7 +935,7 @@ public final class MMUContext {
     /// `handle_mmio_page_fault`: the SPTE for `address` is an MMIO SPTE of the current memslots
     /// generation, so the access is emulated at once. False sends the fault down the slow path (a
     /// stale generation, or no MMIO SPTE after all).
-    private func handleMMIOPageFault(_ address: GuestVirtualAddress) -> Bool {
+    func handleMMIOPageFault(_ address: GuestVirtualAddress) -> Bool {
         guard rootsLoaded, var (page, level) = shadowWalkStart(address) else { return false }
         while true {
             let spte = SPTE(rawValue: page.spte(Self.index(address.rawValue, level: level)).pointee)
@@ -1054,7 +1064,9 @@ public final class MMUContext {
         let first = page.index(of: faulting) & ~(ShadowMMU.prefetchCount - 1)
         let group = first..<first + ShadowMMU.prefetchCount
         if !page.role.isDirect {
-            if page.role.hasFourByteGPTE {
+            if let nestedEPT {
+                prefetchGuestPTEs(group, around: faulting, in: page, format: nestedEPT.walker.format)
+            } else if page.role.hasFourByteGPTE {
                 prefetchGuestPTEs(group, around: faulting, in: page, format: legacy32)
             } else {
                 prefetchGuestPTEs(group, around: faulting, in: page, format: long64)
@@ -1171,7 +1183,9 @@ extension PagingFormat {
     @inline(__always)
     func isPrefetchInvalid(_ gpte: UInt64) -> Bool {
         let entry = Entry(bits: gpte)
-        return !isPresent(entry) || gpte & accessedBit == 0 || hasReservedBits(entry, level: 1)
+        // Only a format with A/D bits (x86 always, EPT when L1's EPTP enables them) can say "never
+        // accessed".
+        return !isPresent(entry) || (accessedBit != 0 && gpte & accessedBit == 0) || hasReservedBits(entry, level: 1)
     }
 
     /// The gfn a guest leaf maps and the access it grants under a page made for `pageAccess`
@@ -1180,7 +1194,7 @@ extension PagingFormat {
     func leafTranslation(_ gpte: UInt64, pageAccess: UInt8) -> (gfn: GuestFrameNumber, access: UInt8) {
         let entry = Entry(bits: gpte)
         var access = pageAccess & permissions(entry)
-        if gpte & dirtyBit == 0 { access &= ~ACC.write }
+        if dirtyBit != 0 && gpte & dirtyBit == 0 { access &= ~ACC.write }
         return (GuestFrameNumber(pageBase(entry, level: 1) >> 12), access)
     }
 }

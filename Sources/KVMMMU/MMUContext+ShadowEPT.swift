@@ -1,0 +1,81 @@
+import GuestMemory
+import X86Paging
+
+// `guest_mmu` for an L1 that runs L2 with EPT: the shadow MMU over L1's EPT tables. It is the same
+// MMUContext as for a guest's own paging (KVM's `paging_tmpl.h` is compiled for EPT entries for
+// the same reason): roots keyed by the EPTP with guest-mode roles, shadow pages for L1's EPT
+// tables, write-tracked and unsynced like guest page tables, the same `FNAME(fetch)`, sync and
+// prefetch, with the guest entry format EPT's. The guest walk is `NestedEPTContext.walk`, whose
+// failures are reflected to L1 rather than injected into L2.
+
+/// What KVM does with an L2 EPT violation or misconfiguration under shadow EPT.
+public enum ShadowEPTFaultResult: Equatable, Sendable {
+    /// Handled in L0, as a fault on a guest's own tables is.
+    case handled(PageFaultResult)
+    /// L1's EPT refuses the access: the exit goes to L1 (`nested_ept_inject_page_fault`).
+    case reflect(NestedVMExit)
+}
+
+extension MMUContext {
+    /// `guest_mmu` as `nested_ept_init_mmu_context` sets it up for L1's EPTP. Its roots are built
+    /// at the next `load()`. (The seed threads' variants change roles of a guest's own paging;
+    /// shadow EPT roles are upstream's under every variant.)
+    public convenience init(mmu: ShadowMMU, nestedEPT: NestedEPTContext, cpu: CPUModel = CPUModel()) {
+        // Paging off never fails validation; the registers are unused by a shadow EPT context.
+        try! self.init(mmu: mmu, registers: PagingRegisters(), cpu: cpu, variant: mmu.variant)
+        self.nestedEPT = nestedEPT
+        cpuRole = nestedEPT.cpuRole
+        rootRole = nestedEPT.rootRole
+    }
+
+    /// A nested VM entry with `new` (`nested_ept_new_eptp`): `kvm_init_shadow_ept_mmu` takes the
+    /// new roles when the level, A/D bit or capability changed, then `kvm_mmu_new_pgd` moves to
+    /// the root for the EPTP (the current one, a cached one, or a new one at the next load).
+    public func loadEPTP(_ new: NestedEPTContext) {
+        precondition(nestedEPT != nil, "only guest_mmu has an EPTP")
+        nestedEPT = new
+        if new.cpuRole != cpuRole {
+            cpuRole = new.cpuRole
+            rootRole = new.rootRole
+        }
+        switchRoot(to: new.pointer.rawValue)
+    }
+
+    /// `kvm_mmu_page_fault` through `ept_page_fault` for an L2 EPT violation (or misconfiguration:
+    /// `errorCode` has RSVD) at `gpa`, with the error code KVM made of the hardware's exit
+    /// qualification. The shadow walk indexes L2's guest-physical address as shadow paging
+    /// indexes a linear address.
+    @inline(never)  // see `pageFault(at:access:errorCode:)`
+    public func pageFault(atL2 gpa: GuestPhysicalAddress, errorCode: PageFaultErrorCode) throws(ShadowMMUError)
+        -> ShadowEPTFaultResult {
+        guard let nestedEPT else { preconditionFailure("not a shadow EPT context") }
+        let address = GuestVirtualAddress(gpa.rawValue)
+        mmu.events.record(.kvmPageFault(vcpuID: vcpuID, address: gpa.rawValue, errorCode: errorCode))
+        if errorCode.contains(.reservedBit), handleMMIOPageFault(address) { return .handled(.emulate) }
+        mmu.stats.pfTaken += 1
+        let walk: GuestWalk
+        switch nestedEPT.walk(gpa, errorCode: errorCode, in: mmu.memory) {
+        case .success(let result): walk = result
+        case .failure(let exit): return .reflect(exit)
+        }
+        let result = try mapShadowEPT(walk, address: address, errorCode: errorCode)
+        count(result)
+        return .handled(result)
+    }
+
+    /// The rest of `FNAME(page_fault)` after a successful walk of L1's EPT.
+    private func mapShadowEPT(_ walk: GuestWalk, address: GuestVirtualAddress,
+                              errorCode: PageFaultErrorCode) throws(ShadowMMUError) -> PageFaultResult {
+        let isWrite = errorCode.contains(.write)
+        // L2 writing a frame of L1's that holds a shadowed table (L1's EPT or L1's own paging).
+        if errorCode.contains(.present) && isWrite && mmu.isWriteTracked(walk.gfn) {
+            clearFloodingAlongShadowPath(address)
+            return .emulate
+        }
+        let backing = mmu.memory.backing(of: walk.gfn)
+        if backing == nil && !mmu.masks.isMMIOCachingEnabled { return .emulate }
+        try mmu.makePagesAvailable()
+        return try fetch(walk, address: address, hostFrame: backing?.frame, hostWritable: backing?.writable ?? false,
+                         isWrite: isWrite)
+    }
+}
