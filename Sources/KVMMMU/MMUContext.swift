@@ -46,6 +46,8 @@ public final class MMUContext {
     /// For `guest_mmu`, the context of L1's EPT whose tables it shadows (MMUContext+ShadowEPT.swift);
     /// nil for the MMU of the guest's own paging.
     @exclusivity(unchecked) public internal(set) var nestedEPT: NestedEPTContext?
+    /// This context is `guest_mmu` for L1's nested page tables (SVM): its "CR3" is L1's nCR3.
+    @exclusivity(unchecked) public internal(set) var shadowsNestedPageTables = false
     /// The guest-table walker for the current registers (KVM's `gva_to_gpa` / `walk_addr`).
     public var guestWalker: PageWalker { guestWalkerBox.walker }
     /// The walker in a box: a `let` of a class is borrowed in place, where a `var` walker (a
@@ -725,7 +727,7 @@ public final class MMUContext {
         }
     }
 
-    private func shadowPageFault(_ address: GuestVirtualAddress, access: Access,
+    func shadowPageFault(_ address: GuestVirtualAddress, access: Access,
                                  errorCode: PageFaultErrorCode) throws(ShadowMMUError) -> PageFaultResult {
         let isWrite = errorCode.contains(.write)
         let box = guestWalkerBox
