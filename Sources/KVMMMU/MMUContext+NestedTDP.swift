@@ -124,3 +124,36 @@ extension MMUContext {
         }
     }
 }
+
+// MARK: - INVEPT
+
+/// The INVEPT types L1 can use (SDM 30.3, "INVEPT"; type 1 single-context, type 2 global).
+public enum INVEPTType: Hashable, Sendable {
+    /// Mappings derived from the given EPTP.
+    case singleContext(EPTPointer)
+    /// Every EPTP's mappings.
+    case allContexts
+}
+
+extension MMUContext {
+    /// `handle_invept` for `guest_mmu`: KVM does not sync on INVEPT, it frees every root, current
+    /// or cached, whose EPTP names the same root table as the given one (`nested_ept_root_matches`
+    /// compares the address bits only), or every root for a global INVEPT. The next nested entry
+    /// builds the root anew from L1's tables. Returns whether the current root went.
+    @discardableResult
+    public func invalidateEPT(_ type: INVEPTType) -> Bool {
+        precondition(nestedEPT != nil, "INVEPT applies to the shadow EPT context")
+        func matches(_ pgd: UInt64) -> Bool {
+            switch type {
+            case .allContexts: true
+            case .singleContext(let pointer): EPTPointer(pgd).rootAddress == pointer.rootAddress
+            }
+        }
+        for index in previousRoots.indices {
+            if let cached = previousRoots[index], matches(cached.pgd) { freePreviousRoot(at: index) }
+        }
+        guard rootsLoaded, matches(rootPGD) else { return false }
+        freeCurrentRoot()
+        return true
+    }
+}

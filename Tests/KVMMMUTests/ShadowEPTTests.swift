@@ -274,3 +274,31 @@ struct ShadowEPTTests {
         #expect(context.root !== first && context.root?.role.adDisabled == false)
     }
 }
+
+@Suite("INVEPT on guest_mmu")
+struct INVEPTTests {
+    @Test("Single-context INVEPT frees the roots of that EPTP's table, current and cached; global frees all")
+    func invept() throws {
+        let fixture = try ShadowEPTFixture()
+        fixture.map(0x1234_5000, to: 0x80_0000, permissions: 7)
+        let context = try fixture.context()
+        let first = try #require(context.root)
+        context.loadEPTP(try fixture.nestedEPT(root: 0xF0_0000))
+        _ = try context.load()
+        let second = try #require(context.root)
+        #expect(context.previousRoots.contains { $0?.page === first })
+        // Another EPTP: nothing of these roots goes.
+        #expect(!context.invalidateEPT(.singleContext(EPTPointer(root: 0xE0_0000, levels: 4, accessedDirty: false))))
+        #expect(context.root === second && context.previousRoots.contains { $0?.page === first })
+        // The first EPTP, named with other attribute bits (A/D): its cached root is freed.
+        #expect(!context.invalidateEPT(.singleContext(EPTPointer(root: fixture.root, levels: 4, accessedDirty: true))))
+        #expect(!context.previousRoots.contains { $0?.page === first } && context.root === second)
+        #expect(context.invalidateEPT(.allContexts))
+        #expect(context.root == nil && !context.rootsLoaded)
+        // The next entry rebuilds from L1's tables.
+        context.loadEPTP(try fixture.nestedEPT())
+        _ = try context.load()
+        #expect(try context.pageFault(atL2: GuestPhysicalAddress(0x1234_5000), errorCode: [.user, .guestFinal]) == .handled(.fixed))
+        #expect(fixture.mmu.audit() == [])
+    }
+}
