@@ -11,17 +11,11 @@ import GuestMemory
 import Testing
 import X86Paging
 
-/// A deterministic generator for a test's choices (SplitMix64).
-struct Choices {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    mutating func below(_ bound: Int) -> Int { Int(next() % UInt64(bound)) }
+/// The test's choices: the target's SplitMix64, with an `Int` bound.
+typealias Choices = TDPRandom
+
+extension TDPRandom {
+    mutating func below(_ bound: Int) -> Int { Int(below(UInt64(bound))) }
 }
 
 @Suite("Shadow EPT in lockstep with the architecture")
@@ -47,7 +41,7 @@ struct ShadowEPTLockstepTests {
     enum Outcome: Hashable { case translated, violation, misconfiguration, emulated, failed }
 
     func run(levels: Int, ad: Bool, seed: UInt64, steps: Int, outcomes: inout [Outcome: Int]) throws {
-        var choices = Choices(state: seed &* 7919 &+ UInt64(levels) &+ (ad ? 1 << 32 : 0))
+        var choices = Choices(seed: seed &* 7919 &+ UInt64(levels) &+ (ad ? 1 << 32 : 0))
         let fixture = try ShadowEPTFixture(levels: levels)
         let context = try fixture.context(ad: ad)
         for page in Self.l2Pages { fixture.map(page, to: Self.l1Pages[choices.below(Self.l1Pages.count)], permissions: 7) }
