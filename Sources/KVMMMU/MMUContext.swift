@@ -43,7 +43,7 @@ public final class MMUContext {
     @exclusivity(unchecked) public private(set) var registers: PagingRegisters
     @exclusivity(unchecked) public internal(set) var cpuRole: CPURole
     @exclusivity(unchecked) public internal(set) var rootRole: PageRole
-    /// For `guest_mmu`, the context of L1's EPT whose tables it shadows (MMUContext+ShadowEPT.swift);
+    /// For `guest_mmu`, the context of L1's EPT whose tables it shadows (MMUContext+NestedTDP.swift);
     /// nil for the MMU of the guest's own paging.
     @exclusivity(unchecked) public internal(set) var nestedEPT: NestedEPTContext?
     /// This context is `guest_mmu` for L1's nested page tables (SVM): its "CR3" is L1's nCR3.
@@ -482,11 +482,9 @@ public final class MMUContext {
         }
     }
 
-    /// The guest's root table: CR3's frame (a 32-bit guest's CR3 holds a 20-bit frame number), or
-    /// for `guest_mmu` the EPTP's.
+    /// The guest's root table: CR3's frame (a 32-bit guest's CR3 holds a 20-bit frame number).
     private var guestRootGFN: GuestFrameNumber {
-        if let nestedEPT { return GuestFrameNumber(nestedEPT.pointer.rootAddress >> 12) }
-        return GuestFrameNumber((registers.cr3 & (cpuRole.base.level == 2 ? 0xFFFF_F000 : bitRange(12, 51))) >> 12)
+        GuestFrameNumber((registers.cr3 & (cpuRole.base.level == 2 ? 0xFFFF_F000 : bitRange(12, 51))) >> 12)
     }
 
     /// Seed 2's root allocation: per-vCPU pages from the host's top level down to level 3, each
@@ -587,7 +585,8 @@ public final class MMUContext {
     private func allocateShadowRoots() throws(ShadowMMUError) {
         rootPGD = nestedEPT?.pointer.rawValue ?? registers.cr3
         let guestLevel = cpuRole.base.level
-        let rootGFN = guestRootGFN
+        // guest_mmu's root table is the EPTP's.
+        let rootGFN = nestedEPT.map { GuestFrameNumber($0.pointer.rootAddress >> 12) } ?? guestRootGFN
         // A root table in no memslot: the hardware walks KVM's dummy root (every access faults).
         guard mmu.memory.hostFrame(of: rootGFN) != nil else {
             _ = try mmu.allocateDummyRoot()
@@ -649,6 +648,7 @@ public final class MMUContext {
     }
 
     /// `kvm_mmu_do_page_fault`'s counters for a fault's outcome.
+    @inline(__always)
     func count(_ result: PageFaultResult) {
         switch result {
         case .fixed: mmu.stats.pfFixed += 1
@@ -728,7 +728,7 @@ public final class MMUContext {
     }
 
     func shadowPageFault(_ address: GuestVirtualAddress, access: Access,
-                                 errorCode: PageFaultErrorCode) throws(ShadowMMUError) -> PageFaultResult {
+                         errorCode: PageFaultErrorCode) throws(ShadowMMUError) -> PageFaultResult {
         let isWrite = errorCode.contains(.write)
         let box = guestWalkerBox
         var fault = WalkFaultSummary(keepsPath: mmu.events.isRecording)
@@ -865,7 +865,7 @@ public final class MMUContext {
     /// `hostFrame` nil: the gfn is in no memslot (KVM's `KVM_PFN_NOSLOT`), and the leaf becomes an
     /// MMIO SPTE.
     func fetch(_ walk: GuestWalk, address: GuestVirtualAddress, hostFrame: HostFrameNumber?, hostWritable: Bool,
-                       isWrite: Bool) throws(ShadowMMUError) -> PageFaultResult {
+               isWrite: Bool) throws(ShadowMMUError) -> PageFaultResult {
         guard let (start, startLevel) = shadowWalkStart(address), !isFaultStale(start) else { return .retry }
         var page = Unmanaged.passUnretained(start)
         var level = startLevel
@@ -1066,7 +1066,9 @@ public final class MMUContext {
         let first = page.index(of: faulting) & ~(ShadowMMU.prefetchCount - 1)
         let group = first..<first + ShadowMMU.prefetchCount
         if !page.role.isDirect {
-            if let nestedEPT {
+            // Only L2's pages (guest mode) can shadow L1's EPT: the role bit, already at hand, keeps
+            // the shadow paging of a guest's own tables from reading the context's EPT state.
+            if page.role.guestMode, let nestedEPT {
                 prefetchGuestPTEs(group, around: faulting, in: page, format: nestedEPT.walker.format)
             } else if page.role.hasFourByteGPTE {
                 prefetchGuestPTEs(group, around: faulting, in: page, format: legacy32)
