@@ -113,3 +113,51 @@ struct ShadowNPTTests {
         #expect(fixture.mmu.stats.pfTaken == 3 && fixture.mmu.stats.pfGuest == 0 && fixture.mmu.stats.pfFixed == 0)
     }
 }
+
+@Suite("guest_mmu: shadow NPT of a 32-bit or PAE L1 (KVM's special roots)")
+struct ShadowLegacyNPTTests {
+    /// L1's nested page tables in PAE (8-byte entries, a 4-entry PDPT at `nestedCR3`) or 32-bit
+    /// format (4-byte entries), mapping L2's `gpa` to L1's `l1` with `flags`.
+    func legacyNPT(pae: Bool, _ fixture: ShadowNPTFixture, _ gpa: UInt64, _ l1: UInt64, flags: UInt64) {
+        let directory: UInt64 = 0x20_0000, pageTable: UInt64 = 0x20_1000
+        if pae {
+            // A PDPTE has P and the address only (its R/W and U/S bits are reserved).
+            fixture.store64(directory | 1, at: fixture.nestedCR3 + ((gpa >> 30) & 3) * 8)
+            fixture.store64(pageTable | 7, at: directory + ((gpa >> 21) & 0x1FF) * 8)
+            fixture.store64(l1 | flags, at: pageTable + ((gpa >> 12) & 0x1FF) * 8)
+        } else {
+            let page = { (address: UInt64) in fixture.memory.hostPage(GuestPhysicalAddress(address).frame)!.bytes }
+            page(fixture.nestedCR3).storeBytes(of: UInt32(pageTable | 7), toByteOffset: Int((gpa >> 22) * 4), as: UInt32.self)
+            page(pageTable).storeBytes(of: UInt32(l1 | flags), toByteOffset: Int((gpa >> 12) & 0x3FF) * 4, as: UInt32.self)
+        }
+    }
+
+    @Test("Special roots above the L1's top table; faults map through them; refusals are #NPFs",
+          arguments: [(true, 4), (true, 5), (false, 4), (false, 5)])
+    func specialRoots(pae: Bool, hostLevels: Int) throws {
+        let fixture = try ShadowNPTFixture()
+        let l2: UInt64 = 0x8040_3000, l1: UInt64 = 0x80_0000
+        legacyNPT(pae: pae, fixture, l2, l1, flags: 0x7)
+        legacyNPT(pae: pae, fixture, l2 + 0x1000, l1, flags: 0x5)
+        let context = try MMUContext(mmu: fixture.mmu, nestedCR3: fixture.nestedCR3,
+                                     l1CR4: pae ? [.physicalAddressExtension] : [],
+                                     l1EFER: pae ? [.noExecuteEnable] : [], hostLevels: hostLevels)
+        let (root, _) = try context.load()
+        #expect(context.root == nil && root.mode == (hostLevels == 5 ? .fiveLevel : .fourLevel))
+        #expect(context.cpuRole.base.level == (pae ? 3 : 2) && context.cpuRole.base.hasFourByteGPTE == !pae)
+        #expect(context.rootRole.level == hostLevels && !context.rootRole.isPassthrough && context.rootRole.guestMode)
+        // The level-2 root for L2's quarter holds its guest mode and (32-bit) quadrant.
+        let quarter = Int(l2 >> 30) & 3
+        let directoryRoot = try #require(context.paeRoots[quarter])
+        #expect(directoryRoot.role.guestMode && directoryRoot.role.quadrant == (pae ? 0 : quarter))
+        #expect(try context.pageFault(atL2: GuestPhysicalAddress(l2 | 0x18), errorCode: [.write, .user, .guestFinal])
+            == .handled(.fixed))
+        let host = fixture.memory.hostFrame(of: GuestPhysicalAddress(l1).frame)!.rawValue
+        #expect(try fixture.hardwareWalk(context, l2 | 0x18, .write).get().physicalAddress.rawValue == host << 12 | 0x18)
+        #expect(try context.pageFault(atL2: GuestPhysicalAddress(l2 + 0x1000), errorCode: [.write, .user, .guestFinal])
+            == .reflect(.nestedPageFault(GuestPhysicalAddress(l2 + 0x1000), errorCode: [.present, .write, .user, .guestFinal])))
+        #expect(try context.pageFault(atL2: GuestPhysicalAddress(0x4000_0000), errorCode: [.user, .guestPage])
+            == .reflect(.nestedPageFault(GuestPhysicalAddress(0x4000_0000), errorCode: [.user, .guestPage])))
+        #expect(fixture.mmu.audit() == [], "\(fixture.mmu.audit())")
+    }
+}
