@@ -29,7 +29,11 @@ extension MMUContext {
             mmu.zap(page, flushing: false)
             return -1
         }
-        let result = page.role.hasFourByteGPTE ? syncSPTEs(of: page, format: legacy32) : syncSPTEs(of: page, format: long64)
+        let result = if page.role.guestMode, let nestedEPT {
+            syncSPTEs(of: page, format: nestedEPT.walker.format)
+        } else {
+            page.role.hasFourByteGPTE ? syncSPTEs(of: page, format: legacy32) : syncSPTEs(of: page, format: long64)
+        }
         if result < 0 { mmu.zap(page, flushing: false) }
         return result
     }
@@ -51,6 +55,7 @@ extension MMUContext {
     /// entry cannot be read, 1 when the SPTE changed so that a TLB flush is due, 0 otherwise.
     func syncSPTE(_ page: ShadowPage, _ index: Int) -> Int {
         let entries = ShadowedGuestEntries(of: page, in: mmu.memory)
+        if page.role.guestMode, let nestedEPT { return syncSPTE(page, index, from: entries, format: nestedEPT.walker.format) }
         return page.role.hasFourByteGPTE
             ? syncSPTE(page, index, from: entries, format: legacy32)
             : syncSPTE(page, index, from: entries, format: long64)

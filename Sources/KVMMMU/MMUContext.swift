@@ -41,8 +41,13 @@ public final class MMUContext {
     /// The vCPU this context belongs to, for tracepoints.
     public var vcpuID = 0
     @exclusivity(unchecked) public private(set) var registers: PagingRegisters
-    @exclusivity(unchecked) public private(set) var cpuRole: CPURole
-    @exclusivity(unchecked) public private(set) var rootRole: PageRole
+    @exclusivity(unchecked) public internal(set) var cpuRole: CPURole
+    @exclusivity(unchecked) public internal(set) var rootRole: PageRole
+    /// For `guest_mmu`, the context of L1's EPT whose tables it shadows (MMUContext+NestedTDP.swift);
+    /// nil for the MMU of the guest's own paging.
+    @exclusivity(unchecked) public internal(set) var nestedEPT: NestedEPTContext?
+    /// This context is `guest_mmu` for L1's nested page tables (SVM): its "CR3" is L1's nCR3.
+    @exclusivity(unchecked) public internal(set) var shadowsNestedPageTables = false
     /// The guest-table walker for the current registers (KVM's `gva_to_gpa` / `walk_addr`).
     public var guestWalker: PageWalker { guestWalkerBox.walker }
     /// The walker in a box: a `let` of a class is borrowed in place, where a `var` walker (a
@@ -232,7 +237,7 @@ public final class MMUContext {
     /// take a usable cached one (the current root becomes the most recent cached one, the least
     /// recent is freed); special and dummy roots are freed, never cached. Without a hit the next
     /// entry allocates a root.
-    private func switchRoot(to pgd: UInt64) {
+    func switchRoot(to pgd: UInt64) {
         // Under local-roots a per-vCPU root cannot be cached or kept either: its PAE root would be
         // shared by two roots (seed 2; the variant asks of the root what Lai's
         // `using_local_root_page` asks of the roles, which is the same while they are unchanged).
@@ -330,7 +335,7 @@ public final class MMUContext {
 
     /// `shadow_page_table_clear_flood`: the guest is using every shadow page on the path of
     /// `address`, so none of them is flooded.
-    private func clearFloodingAlongShadowPath(_ address: GuestVirtualAddress) {
+    func clearFloodingAlongShadowPath(_ address: GuestVirtualAddress) {
         guard rootsLoaded, var (page, level) = shadowWalkStart(address) else { return }
         while true {
             page.writeFloodingCount = 0
@@ -578,9 +583,10 @@ public final class MMUContext {
 
     /// `mmu_alloc_shadow_roots`.
     private func allocateShadowRoots() throws(ShadowMMUError) {
-        rootPGD = registers.cr3
+        rootPGD = nestedEPT?.pointer.rawValue ?? registers.cr3
         let guestLevel = cpuRole.base.level
-        let rootGFN = guestRootGFN
+        // guest_mmu's root table is the EPTP's.
+        let rootGFN = nestedEPT.map { GuestFrameNumber($0.pointer.rootAddress >> 12) } ?? guestRootGFN
         // A root table in no memslot: the hardware walks KVM's dummy root (every access faults).
         guard mmu.memory.hostFrame(of: rootGFN) != nil else {
             _ = try mmu.allocateDummyRoot()
@@ -637,6 +643,13 @@ public final class MMUContext {
         } else {
             result = try shadowPageFault(address, access: access, errorCode: errorCode)
         }
+        count(result)
+        return result
+    }
+
+    /// `kvm_mmu_do_page_fault`'s counters for a fault's outcome.
+    @inline(__always)
+    func count(_ result: PageFaultResult) {
         switch result {
         case .fixed: mmu.stats.pfFixed += 1
         case .emulate: mmu.stats.pfEmulate += 1
@@ -644,7 +657,6 @@ public final class MMUContext {
         case .injectGuestFault, .injectGeneralProtection: mmu.stats.pfGuest += 1
         case .retry: break
         }
-        return result
     }
 
     /// The #PF KVM injects when the guest walk cannot read a table (outside every memslot):
@@ -715,8 +727,8 @@ public final class MMUContext {
         }
     }
 
-    private func shadowPageFault(_ address: GuestVirtualAddress, access: Access,
-                                 errorCode: PageFaultErrorCode) throws(ShadowMMUError) -> PageFaultResult {
+    func shadowPageFault(_ address: GuestVirtualAddress, access: Access,
+                         errorCode: PageFaultErrorCode) throws(ShadowMMUError) -> PageFaultResult {
         let isWrite = errorCode.contains(.write)
         let box = guestWalkerBox
         var fault = WalkFaultSummary(keepsPath: mmu.events.isRecording)
@@ -852,8 +864,8 @@ public final class MMUContext {
     /// `FNAME(fetch)`: builds the shadow path for the walk and installs the leaf.
     /// `hostFrame` nil: the gfn is in no memslot (KVM's `KVM_PFN_NOSLOT`), and the leaf becomes an
     /// MMIO SPTE.
-    private func fetch(_ walk: GuestWalk, address: GuestVirtualAddress, hostFrame: HostFrameNumber?, hostWritable: Bool,
-                       isWrite: Bool) throws(ShadowMMUError) -> PageFaultResult {
+    func fetch(_ walk: GuestWalk, address: GuestVirtualAddress, hostFrame: HostFrameNumber?, hostWritable: Bool,
+               isWrite: Bool) throws(ShadowMMUError) -> PageFaultResult {
         guard let (start, startLevel) = shadowWalkStart(address), !isFaultStale(start) else { return .retry }
         var page = Unmanaged.passUnretained(start)
         var level = startLevel
@@ -925,7 +937,7 @@ public final class MMUContext {
     /// `handle_mmio_page_fault`: the SPTE for `address` is an MMIO SPTE of the current memslots
     /// generation, so the access is emulated at once. False sends the fault down the slow path (a
     /// stale generation, or no MMIO SPTE after all).
-    private func handleMMIOPageFault(_ address: GuestVirtualAddress) -> Bool {
+    func handleMMIOPageFault(_ address: GuestVirtualAddress) -> Bool {
         guard rootsLoaded, var (page, level) = shadowWalkStart(address) else { return false }
         while true {
             let spte = SPTE(rawValue: page.spte(Self.index(address.rawValue, level: level)).pointee)
@@ -1054,7 +1066,11 @@ public final class MMUContext {
         let first = page.index(of: faulting) & ~(ShadowMMU.prefetchCount - 1)
         let group = first..<first + ShadowMMU.prefetchCount
         if !page.role.isDirect {
-            if page.role.hasFourByteGPTE {
+            // Only L2's pages (guest mode) can shadow L1's EPT: the role bit, already at hand, keeps
+            // the shadow paging of a guest's own tables from reading the context's EPT state.
+            if page.role.guestMode, let nestedEPT {
+                prefetchGuestPTEs(group, around: faulting, in: page, format: nestedEPT.walker.format)
+            } else if page.role.hasFourByteGPTE {
                 prefetchGuestPTEs(group, around: faulting, in: page, format: legacy32)
             } else {
                 prefetchGuestPTEs(group, around: faulting, in: page, format: long64)
@@ -1172,7 +1188,9 @@ extension PagingFormat {
     @inline(__always)
     func isPrefetchInvalid(_ gpte: UInt64) -> Bool {
         let entry = Entry(bits: gpte)
-        return !isPresent(entry) || gpte & accessedBit == 0 || hasReservedBits(entry, level: 1)
+        // Only a format with A/D bits (x86 always, EPT when L1's EPTP enables them) can say "never
+        // accessed".
+        return !isPresent(entry) || (accessedBit != 0 && gpte & accessedBit == 0) || hasReservedBits(entry, level: 1)
     }
 
     /// The gfn a guest leaf maps and the access it grants under a page made for `pageAccess`
@@ -1181,7 +1199,7 @@ extension PagingFormat {
     func leafTranslation(_ gpte: UInt64, pageAccess: UInt8) -> (gfn: GuestFrameNumber, access: UInt8) {
         let entry = Entry(bits: gpte)
         var access = pageAccess & permissions(entry)
-        if gpte & dirtyBit == 0 { access &= ~ACC.write }
+        if dirtyBit != 0 && gpte & dirtyBit == 0 { access &= ~ACC.write }
         return (GuestFrameNumber(pageBase(entry, level: 1) >> 12), access)
     }
 }

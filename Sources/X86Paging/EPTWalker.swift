@@ -13,15 +13,20 @@ public struct EPTCapabilities: Hashable, Sendable {
     public var pages1GiB: Bool
     /// Bit 21: accessed and dirty flags.
     public var accessedDirty: Bool
+    /// The "mode-based execute control for EPT" VM-execution control (secondary control bit 22)
+    /// can be set: EPT bit 10 then grants execute for user-mode linear addresses and bit 2 only
+    /// for supervisor-mode ones.
+    public var modeBasedExecute: Bool
     public var maxPhysicalAddressBits: Int
 
     public init(executeOnly: Bool = true, fiveLevel: Bool = true, pages2MiB: Bool = true, pages1GiB: Bool = true,
-                accessedDirty: Bool = true, maxPhysicalAddressBits: Int = 46) {
+                accessedDirty: Bool = true, modeBasedExecute: Bool = false, maxPhysicalAddressBits: Int = 46) {
         self.executeOnly = executeOnly
         self.fiveLevel = fiveLevel
         self.pages2MiB = pages2MiB
         self.pages1GiB = pages1GiB
         self.accessedDirty = accessedDirty
+        self.modeBasedExecute = modeBasedExecute
         self.maxPhysicalAddressBits = min(max(maxPhysicalAddressBits, 36), 52)
     }
 }
@@ -53,6 +58,8 @@ public enum EPTPointerError: Error, Equatable, Sendable, CustomStringConvertible
     case badWalkLength(Int)
     case accessedDirtyUnsupported
     case reservedBits(UInt64)
+    /// Mode-based execute control enabled on a CPU without it (VM entry fails its control checks).
+    case modeBasedExecuteUnsupported
 
     public var description: String {
         switch self {
@@ -60,6 +67,7 @@ public enum EPTPointerError: Error, Equatable, Sendable, CustomStringConvertible
         case .badWalkLength(let levels): "EPTP page-walk length \(levels) is not supported"
         case .accessedDirtyUnsupported: "EPTP enables accessed/dirty flags the CPU does not support"
         case .reservedBits(let bits): "EPTP has reserved bits set (\(hex(bits)))"
+        case .modeBasedExecuteUnsupported: "mode-based execute control is enabled but the CPU does not support it"
         }
     }
 }
@@ -71,10 +79,13 @@ public struct EPTFormat: PagingFormat {
     public let reserved: ReservedBitMasks
     public let executeOnly: Bool
     public let accessedDirty: Bool
+    /// Mode-based execute control is on: bit 10 is a permission (user-mode execute).
+    public let modeBasedExecute: Bool
 
-    public init(capabilities: EPTCapabilities, accessedDirty: Bool) {
+    public init(capabilities: EPTCapabilities, accessedDirty: Bool, modeBasedExecute: Bool = false) {
         executeOnly = capabilities.executeOnly
         self.accessedDirty = accessedDirty
+        self.modeBasedExecute = modeBasedExecute
         let high = bitRange(capabilities.maxPhysicalAddressBits, 51)
         let no1GiB: UInt64 = capabilities.pages1GiB ? 0 : 1 << 7
         let no2MiB: UInt64 = capabilities.pages2MiB ? 0 : 1 << 7
@@ -89,16 +100,21 @@ public struct EPTFormat: PagingFormat {
         reserved = masks
     }
 
-    @inlinable public func isPresent(_ entry: Entry) -> Bool { entry.isPresent }
+    /// Present when any of bits 2:0 is set, or (mode-based execute control) bit 10 (SDM 29.3.2).
+    @inlinable public func isPresent(_ entry: Entry) -> Bool {
+        entry.isPresent || (modeBasedExecute && entry.isUserExecutable)
+    }
 
-    /// Misconfigured: reserved bits, write without read, execute-only without the capability, or
-    /// a leaf memory type of 2, 3 or 7 (SDM 29.3.3.1).
+    /// Misconfigured: reserved bits, write without read, execute-only without the capability
+    /// (bit 0 clear with bit 2 set, or with bit 10 set under mode-based execute control), or a
+    /// leaf memory type of 2, 3 or 7 (SDM 29.3.3.1).
     @inlinable public func hasReservedBits(_ entry: Entry, level: Int) -> Bool {
         let bits = entry.rawValue
         if bits & reserved.mask(pageSize: level > 1 && entry.isPageSize, level: level) != 0 { return true }
-        let xwr = bits & 7
-        if xwr == 0b010 || xwr == 0b110 { return true }
-        if xwr == 0b100 && !executeOnly { return true }
+        if entry.isWritable && !entry.isReadable { return true }
+        if !executeOnly && !entry.isReadable && (entry.isExecutable || (modeBasedExecute && entry.isUserExecutable)) {
+            return true
+        }
         if isLeaf(entry, level: level) {
             let type = entry.memoryType
             if type == 2 || type == 3 || type == 7 { return true }
@@ -106,10 +122,14 @@ public struct EPTFormat: PagingFormat {
         return false
     }
     @inlinable public func isLeaf(_ entry: Entry, level: Int) -> Bool { level == 1 || entry.isPageSize }
-    /// ACC bits: 1 execute, 2 write, 4 read (KVM's "user means readable" for EPT).
+    /// ACC bits: 1 execute (supervisor-mode execute under mode-based execute control), 2 write,
+    /// 4 read (KVM's "user means readable" for EPT), 8 user-mode execute: bit 10 under mode-based
+    /// execute control, else the same bit 2 as supervisor execute.
     @inlinable public func permissions(_ entry: Entry) -> UInt8 {
         let bits = UInt8(truncatingIfNeeded: entry.rawValue & 7)
-        return (bits & 1) << 2 | (bits & 2) | (bits >> 2) & 1
+        let execute = (bits >> 2) & 1
+        let userExecute = modeBasedExecute ? UInt8(truncatingIfNeeded: (entry.rawValue >> 10) & 1) : execute
+        return (bits & 1) << 2 | (bits & 2) | execute | userExecute << 3
     }
     @inlinable public func nextTableAddress(_ entry: Entry) -> UInt64 { entry.frameAddress }
     @inlinable public func pageBase(_ entry: Entry, level: Int) -> UInt64 {
@@ -126,7 +146,7 @@ public struct EPTTranslation: Sendable, Equatable {
     public var outputAddress: GuestPhysicalAddress
     public var level: Int
     public var pageSize: UInt64
-    /// Combined permissions, ACC-encoded (1 execute, 2 write, 4 read).
+    /// Combined permissions, ACC-encoded (1 execute, 2 write, 4 read, 8 user-mode execute).
     public var permissions: UInt8
     public var memoryType: Int
     public var ignoresPAT: Bool
@@ -157,9 +177,19 @@ public struct EPTTranslation: Sendable, Equatable {
     public var isReadable: Bool { permissions & accessUser != 0 }
     public var isWritable: Bool { permissions & accessWrite != 0 }
     public var isExecutable: Bool { permissions & accessExecute != 0 }
+    /// Executable for user-mode linear addresses (the same as `isExecutable` without mode-based
+    /// execute control).
+    public var isUserExecutable: Bool { permissions & accessUserExecute != 0 }
 }
 
-/// The exit qualification of an EPT violation (SDM 28.2.1, Table 28-7).
+/// ACC bit 3 of an EPT walk's combined permissions: execute for user-mode linear addresses.
+@usableFromInline let accessUserExecute: UInt8 = 8
+/// Every EPT permission: read, write, supervisor and user execute.
+@usableFromInline let eptAccessAll: UInt8 = 0xF
+
+/// The exit qualification of an EPT violation (SDM 28.2.1, Table 28-7). Bits 9-11 (advanced
+/// VM-exit information) are not reported: neither the model's CPU nor KVM's nested VMX offers that
+/// capability. Bit 12 (NMI unblocking due to IRET) stays clear: no guest here executes IRET.
 @frozen
 public struct EPTViolationQualification: OptionSet, Hashable, Sendable {
     public var rawValue: UInt64
@@ -168,14 +198,45 @@ public struct EPTViolationQualification: OptionSet, Hashable, Sendable {
     @inlinable public static var dataRead: Self { Self(rawValue: 1 << 0) }
     @inlinable public static var dataWrite: Self { Self(rawValue: 1 << 1) }
     @inlinable public static var instructionFetch: Self { Self(rawValue: 1 << 2) }
-    /// Bits 3-5: the AND over every entry used of its R, W and X bits.
+    /// Bits 3-5: the AND over every entry used of its R, W and X bits (X: supervisor-mode execute
+    /// under mode-based execute control).
     @inlinable public static var readable: Self { Self(rawValue: 1 << 3) }
     @inlinable public static var writable: Self { Self(rawValue: 1 << 4) }
     @inlinable public static var executable: Self { Self(rawValue: 1 << 5) }
+    /// Bit 6: the AND of bit 10 (user-mode execute) over every entry used, under mode-based
+    /// execute control; undefined without it, and then reported clear.
+    @inlinable public static var userExecutable: Self { Self(rawValue: 1 << 6) }
     /// Bit 7: the guest linear-address field is valid.
     @inlinable public static var linearAddressValid: Self { Self(rawValue: 1 << 7) }
     /// Bit 8 (with bit 7): the access was to the final translation, not a guest paging structure.
     @inlinable public static var finalTranslation: Self { Self(rawValue: 1 << 8) }
+}
+
+/// One access by guest-physical address, as an EPT walk sees it.
+@frozen
+public struct EPTAccess: Hashable, Sendable {
+    /// What used the guest-physical address (bits 7 and 8 of a violation's qualification).
+    public enum Origin: UInt8, Hashable, Sendable, CaseIterable {
+        /// No linear address behind it (the PAE PDPTE loads of a MOV to CR3, say): bit 7 clear.
+        case guestPhysical
+        /// A guest paging-structure entry read or written while translating a linear address.
+        case guestPagingStructure
+        /// The translation of a linear address: the access itself.
+        case finalTranslation
+    }
+
+    public var kind: AccessKind
+    public var origin: Origin
+    /// The linear address is a user-mode address (U/S set at every level of the guest's walk).
+    /// Under mode-based execute control a fetch from it needs bit 10 rather than bit 2.
+    public var userModeAddress: Bool
+
+    @inlinable
+    public init(_ kind: AccessKind, origin: Origin = .guestPhysical, userModeAddress: Bool = false) {
+        self.kind = kind
+        self.origin = origin
+        self.userModeAddress = userModeAddress
+    }
 }
 
 /// Why an EPT walk gave no translation.
@@ -193,7 +254,9 @@ public struct EPTWalker: Sendable {
     public let capabilities: EPTCapabilities
     public let format: EPTFormat
 
-    public init(pointer: EPTPointer, capabilities: EPTCapabilities = EPTCapabilities()) throws(EPTPointerError) {
+    /// Validates the EPTP (and the mode-based execute control) as VM entry does.
+    public init(pointer: EPTPointer, capabilities: EPTCapabilities = EPTCapabilities(),
+                modeBasedExecute: Bool = false) throws(EPTPointerError) {
         let type = pointer.memoryType
         guard type == 0 || type == 6 else { throw .badMemoryType(type) }
         guard pointer.levels == 4 || (pointer.levels == 5 && capabilities.fiveLevel) else {
@@ -202,18 +265,29 @@ public struct EPTWalker: Sendable {
         if pointer.accessedDirtyEnabled && !capabilities.accessedDirty { throw .accessedDirtyUnsupported }
         let reserved = pointer.rawValue & (bitRange(7, 11) | bitRange(capabilities.maxPhysicalAddressBits, 63))
         guard reserved == 0 else { throw .reservedBits(reserved) }
+        if modeBasedExecute && !capabilities.modeBasedExecute { throw .modeBasedExecuteUnsupported }
         self.pointer = pointer
         self.capabilities = capabilities
-        format = EPTFormat(capabilities: capabilities, accessedDirty: pointer.accessedDirtyEnabled)
+        format = EPTFormat(capabilities: capabilities, accessedDirty: pointer.accessedDirtyEnabled,
+                           modeBasedExecute: modeBasedExecute)
     }
 
-    /// Translates `address` for an access of `kind`. A/D handling is as in `PageWalker.walk`.
+    /// Translates `address` for an access of `kind` with no linear address behind it. A/D
+    /// handling is as in `PageWalker.walk`.
     @inlinable
     public func walk<Memory: PhysicalMemory>(
         _ address: GuestPhysicalAddress, _ kind: AccessKind, in memory: Memory, setAccessedDirty: Bool = true
     ) throws(EPTWalkFault) -> EPTTranslation {
+        try walk(address, EPTAccess(kind), in: memory, setAccessedDirty: setAccessedDirty)
+    }
+
+    /// Translates `address` for `access`.
+    @inlinable
+    public func walk<Memory: PhysicalMemory>(
+        _ address: GuestPhysicalAddress, _ access: EPTAccess, in memory: Memory, setAccessedDirty: Bool = true
+    ) throws(EPTWalkFault) -> EPTTranslation {
         var sink = ThrowingFaultSink<EPTWalkFault>()
-        return try translate(address, kind, in: memory, setAccessedDirty: setAccessedDirty, sink: &sink)
+        return try translate(address, access, in: memory, setAccessedDirty: setAccessedDirty, sink: &sink)
     }
 
     /// `walk` without throwing (see `PageWalker.translate`).
@@ -221,8 +295,16 @@ public struct EPTWalker: Sendable {
     public func translate<Memory: PhysicalMemory>(
         _ address: GuestPhysicalAddress, _ kind: AccessKind, in memory: Memory, setAccessedDirty: Bool = true
     ) -> Result<EPTTranslation, EPTWalkFault> {
+        translate(address, EPTAccess(kind), in: memory, setAccessedDirty: setAccessedDirty)
+    }
+
+    /// `walk` without throwing (see `PageWalker.translate`).
+    @inlinable
+    public func translate<Memory: PhysicalMemory>(
+        _ address: GuestPhysicalAddress, _ access: EPTAccess, in memory: Memory, setAccessedDirty: Bool = true
+    ) -> Result<EPTTranslation, EPTWalkFault> {
         var fault: EPTWalkFault?
-        let translation = translate(address, kind, in: memory, setAccessedDirty: setAccessedDirty, fault: &fault)
+        let translation = translate(address, access, in: memory, setAccessedDirty: setAccessedDirty, sink: &fault)
         if let fault { return .failure(fault) }
         return .success(translation)
     }
@@ -233,23 +315,41 @@ public struct EPTWalker: Sendable {
         _ address: GuestPhysicalAddress, _ kind: AccessKind, in memory: Memory, setAccessedDirty: Bool = true,
         fault: inout EPTWalkFault?
     ) -> EPTTranslation {
-        translate(address, kind, in: memory, setAccessedDirty: setAccessedDirty, sink: &fault)
+        translate(address, EPTAccess(kind), in: memory, setAccessedDirty: setAccessedDirty, sink: &fault)
+    }
+
+    /// The walk for hot paths that expect faults, for `access`.
+    @inlinable
+    public func translate<Memory: PhysicalMemory>(
+        _ address: GuestPhysicalAddress, _ access: EPTAccess, in memory: Memory, setAccessedDirty: Bool = true,
+        fault: inout EPTWalkFault?
+    ) -> EPTTranslation {
+        translate(address, access, in: memory, setAccessedDirty: setAccessedDirty, sink: &fault)
+    }
+
+    /// With EPT A/D flags enabled, the processor's accesses to guest paging structures count as
+    /// writes for EPT (SDM 29.3.3.2): they need W, set the leaf's D, and a violation reports both
+    /// a read and a write.
+    @inlinable @inline(__always)
+    func isWrite(_ access: EPTAccess) -> Bool {
+        access.kind == .write || (access.origin == .guestPagingStructure && pointer.accessedDirtyEnabled)
     }
 
     /// The walk, with its fault delivered to `sink` (see `WalkFaultSink`).
     @inlinable @inline(__always)
     func translate<Memory: PhysicalMemory, Sink: WalkFaultSink<EPTWalkFault>>(
-        _ address: GuestPhysicalAddress, _ kind: AccessKind, in memory: Memory, setAccessedDirty: Bool,
+        _ address: GuestPhysicalAddress, _ access: EPTAccess, in memory: Memory, setAccessedDirty: Bool,
         sink: inout Sink
     ) throws(Sink.Failure) -> EPTTranslation {
         guard address.rawValue >> 52 == 0 else {
             try sink.record(.addressTooWide(address))
             return .failed(address)
         }
+        let write = isWrite(access)
         var restartsLeft = 16
         while true {
             var path = WalkPath()
-            var permissions = accessAll
+            var permissions = eptAccessAll
             let stop = walkTables(format, table: pointer.rootAddress, level: pointer.levels, address: address.rawValue,
                                   memory: memory, path: &path, permissions: &permissions)
             let leafLevel: Int
@@ -257,7 +357,7 @@ public struct EPTWalker: Sendable {
             case .leaf(let level):
                 leafLevel = level
             case .notPresent(let level):
-                try sink.record(.violation(address, qualification: qualification(kind, permissions), level: level, path: path))
+                try sink.record(.violation(address, qualification: qualification(access, permissions), level: level, path: path))
                 return .failed(address)
             case .reservedBits(let level):
                 try sink.record(.misconfiguration(address, level: level, path: path))
@@ -266,18 +366,13 @@ public struct EPTWalker: Sendable {
                 try sink.record(.noMemory(GuestPhysicalAddress(entryAddress), level: level, path: path))
                 return .failed(address)
             }
-            let needed: UInt8 = switch kind {
-            case .read: accessUser
-            case .write: accessWrite
-            case .fetch: accessExecute
-            }
-            guard permissions & needed != 0 else {
-                try sink.record(.violation(address, qualification: qualification(kind, permissions), level: leafLevel,
+            guard permissions & needed(access) == needed(access) else {
+                try sink.record(.violation(address, qualification: qualification(access, permissions), level: leafLevel,
                                            path: path))
                 return .failed(address)
             }
             let leafWasDirty = path.entryValue(level: leafLevel) & format.dirtyBit != 0
-            if setAccessedDirty && !X86Paging.setAccessedDirty(format, path: &path, isWrite: kind == .write, memory: memory)
+            if setAccessedDirty && !X86Paging.setAccessedDirty(format, path: &path, isWrite: write, memory: memory)
                 && restartsLeft > 0 {
                 restartsLeft -= 1
                 continue
@@ -294,16 +389,38 @@ public struct EPTWalker: Sendable {
         }
     }
 
+    /// The ACC bits `access` needs at every level (SDM 29.3.3.2).
+    @inlinable @inline(__always)
+    func needed(_ access: EPTAccess) -> UInt8 {
+        if isWrite(access) { return accessWrite }
+        switch access.kind {
+        case .read, .write: return accessUser
+        case .fetch: return access.userModeAddress ? accessUserExecute : accessExecute
+        }
+    }
+
+    /// A violation's exit qualification: the access, what the entries used allowed, and where the
+    /// guest-physical address came from.
     @inlinable
-    func qualification(_ kind: AccessKind, _ permissions: UInt8) -> EPTViolationQualification {
-        var result: EPTViolationQualification = switch kind {
+    func qualification(_ access: EPTAccess, _ permissions: UInt8) -> EPTViolationQualification {
+        var result: EPTViolationQualification = switch access.kind {
         case .read: .dataRead
         case .write: .dataWrite
         case .fetch: .instructionFetch
         }
+        // A guest paging-structure write (an A/D update, or any table access under EPT A/D) is a
+        // locked read-modify-write: bit 1, and bit 0 too, which the SDM leaves to the
+        // implementation and which KVM's nested walk reports (`nested_access` is W|U).
+        if access.origin == .guestPagingStructure && isWrite(access) { result = [.dataRead, .dataWrite] }
         if permissions & accessUser != 0 { result.insert(.readable) }
         if permissions & accessWrite != 0 { result.insert(.writable) }
         if permissions & accessExecute != 0 { result.insert(.executable) }
+        if format.modeBasedExecute && permissions & accessUserExecute != 0 { result.insert(.userExecutable) }
+        switch access.origin {
+        case .guestPhysical: break
+        case .guestPagingStructure: result.insert(.linearAddressValid)
+        case .finalTranslation: result.formUnion([.linearAddressValid, .finalTranslation])
+        }
         return result
     }
 }

@@ -120,6 +120,20 @@ let benchmarks: @Sendable () -> Void = {
     faults("ShadowFault/4K read + prefetch 7 (1 exit, 8 SPTEs)", .warmPrefetch)
     faults("ShadowFault/cold, new PT shadow page", .coldPT)
     faults("ShadowFault/cold, new PD + PT shadow pages", .coldPD)
+    // KVM's fault handler alone (no vCPU): an L1 4 KiB fault and an L2 one through shadow EPT.
+    func nestedFaults(_ name: String, nested: Bool) {
+        precondition(NestedFaultFixture.capacity >= 1000)
+        Benchmark(name, configuration: perFault) { benchmark in
+            let fixture = NestedFaultFixture(nested: nested)
+            let count = benchmark.scaledIterations.count
+            benchmark.startMeasurement()
+            let fixed = runNestedFaults(fixture, count: count)
+            benchmark.stopMeasurement()
+            fixture.verify(count: count, fixed: fixed)
+        }
+    }
+    nestedFaults("NestedFault/L1 4K at KVM's handler (shadow paging)", nested: false)
+    nestedFaults("NestedFault/L2 4K at KVM's handler (shadow EPT)", nested: true)
 
     // TLB hits, 1,000,000 accesses per iteration.
     loop("Baseline/TLB floor: probe + load (64 pages)", { _ = Shared.floorFixture() }) {

@@ -126,6 +126,27 @@ func floor() -> TLBFloorFixture {
     return fixture
 }
 
+/// 4 KiB faults at `MMUContext`'s handler, L1's own or L2's through shadow EPT: fresh fixtures
+/// batch after batch, only the faults timed.
+func nestedFaults(_ name: String, nested: Bool) -> Kernel {
+    Kernel(name: name, defaultCount: 100_000) { count in
+        var remaining = count
+        var elapsed: UInt64 = 0
+        var checksum: UInt64 = 0
+        while remaining > 0 {
+            let fixture = NestedFaultFixture(nested: nested)
+            let batch = min(remaining, fixture.targets.count)
+            let start = now()
+            let fixed = runNestedFaults(fixture, count: batch)
+            elapsed += now() - start
+            fixture.verify(count: batch, fixed: fixed)
+            checksum &+= UInt64(fixed)
+            remaining -= batch
+        }
+        return (elapsed, checksum)
+    }
+}
+
 func tlbHits(_ name: String, _ addresses: @escaping (TLBFixture) -> [GuestVirtualAddress], _ access: Access) -> Kernel {
     timed(name, count: 20_000_000) { count in
         let fixture = tlb()
@@ -213,6 +234,9 @@ let kernels: [Kernel] = [
     // KVM_GET_DIRTY_LOG and KVM_CLEAR_DIRTY_LOG of a 4 GiB slot, every page dirty; ns per collection.
     dirtyLogCollection("tdp-dirty-log-4g", tdp: true),
     dirtyLogCollection("shadow-dirty-log-4g", tdp: false),
+    // An L1 fault and an L2 fault through shadow EPT at KVM's fault handler (NestedFixtures.swift).
+    nestedFaults("kvm-fault-4k", nested: false),
+    nestedFaults("kvm-shadow-ept-fault-4k", nested: true),
     faults("fault-cold-pd-pt", .coldPD),
     // As fault-cold-pt, but guest RAM and the pool's free frames are not pre-faulted: the host
     // kernel's own page faults on the anonymous mappings land inside the timed accesses.

@@ -1,0 +1,343 @@
+// The nested walk: an L2 linear address through L2's own paging to an L2 guest-physical address,
+// with every guest-physical address that walk uses (each L2 paging-structure entry, then the final
+// address) itself translated through L1's EPT or NPT tables (SDM 29.3.3, APM 15.25.5-15.25.6).
+// It is the same generic level loop twice over: `PageWalker` walks L2's tables in a
+// `PhysicalMemory` whose frames are L2 guest-physical frames found through L1's tables.
+
+/// L1's tables for L2's guest-physical addresses.
+public enum NestedPagingTables: Sendable {
+    /// L1's EPT.
+    case ept(EPTWalker)
+    /// L1's nested page tables: x86 tables walked in the paging mode L1 ran VMRUN in, every access
+    /// a user access.
+    case npt(PageWalker)
+}
+
+/// Which access an L2 paging-structure read is, as far as L1's tables are concerned.
+public enum GuestTableAccessRule: Sendable, Hashable {
+    /// The processor's: a read (under EPT A/D flags, a write: the EPT walker applies that), and a
+    /// write for each A/D update the walk makes in L2's tables. Under NPT every guest table access
+    /// is a user write, as the A/D updates may need it.
+    case architectural
+    /// KVM's nested MMU walk (`nested_access` in `FNAME(walk_addr_generic)`): every guest table
+    /// access a write, whether or not it updates A/D bits.
+    case alwaysWrite
+}
+
+/// Where L1's tables refused an address of L2's walk.
+public struct NestedFaultSite: Sendable, Hashable {
+    /// The L2 guest-physical address.
+    public var address: GuestPhysicalAddress
+    /// The level of L2's paging-structure entry being read or updated at `address`; 0 when
+    /// `address` is the final translation of the linear address.
+    public var guestLevel: Int
+    /// The level of L1's table entry that refused it (for a misconfiguration, the one
+    /// misconfigured).
+    public var nestedLevel: Int
+
+    @inlinable
+    public init(address: GuestPhysicalAddress, guestLevel: Int, nestedLevel: Int) {
+        self.address = address
+        self.guestLevel = guestLevel
+        self.nestedLevel = nestedLevel
+    }
+
+    /// The access was to the final translation rather than to one of L2's paging structures.
+    @inlinable public var isFinal: Bool { guestLevel == 0 }
+}
+
+/// Why a nested walk gave no translation.
+public enum NestedPagingFault: Error, Sendable, Equatable {
+    /// L2's own fault (#PF with its error code, #GP): delivered to L2, no exit.
+    case guest(WalkFault)
+    /// An EPT violation: a VM exit to L1 with this exit qualification (bits 7 and 8 say whether the
+    /// access was to one of L2's paging structures or to the final translation).
+    case eptViolation(NestedFaultSite, qualification: EPTViolationQualification)
+    /// An EPT misconfiguration: a VM exit to L1 (no qualification).
+    case eptMisconfiguration(NestedFaultSite)
+    /// A nested page fault (#NPF, VMEXIT_NPF) to L1: EXITINFO1 is this error code, with
+    /// GUEST_FINAL (bit 32) or GUEST_PAGE (bit 33), and EXITINFO2 the site's address.
+    case nestedPageFault(NestedFaultSite, errorCode: PageFaultErrorCode)
+    /// L1 has no memory at this L1 guest-physical address, where L1's tables, or the L2 table
+    /// they map, would be.
+    case noMemory(GuestPhysicalAddress)
+
+    /// The exit to L1 this fault makes, if it makes one.
+    public var site: NestedFaultSite? {
+        switch self {
+        case .eptViolation(let site, _), .eptMisconfiguration(let site), .nestedPageFault(let site, _): site
+        case .guest, .noMemory: nil
+        }
+    }
+}
+
+/// A successful nested walk.
+public struct NestedPagingTranslation: Sendable, Equatable {
+    /// L2's walk: the L2 guest-physical address and L2's combined permissions.
+    public var guest: Translation
+    /// L1's guest-physical address of the access.
+    public var outputAddress: GuestPhysicalAddress
+    /// L1's tables' combined permissions for the final address, as ACC bits (EPT: 1 supervisor
+    /// execute, 2 write, 4 read, 8 user execute; NPT: 1 execute, 2 write, 4 user).
+    public var nestedPermissions: UInt8
+    /// The level of L1's leaf for the final address.
+    public var nestedLevel: Int
+
+    @inlinable
+    public init(guest: Translation, outputAddress: GuestPhysicalAddress, nestedPermissions: UInt8, nestedLevel: Int) {
+        self.guest = guest
+        self.outputAddress = outputAddress
+        self.nestedPermissions = nestedPermissions
+        self.nestedLevel = nestedLevel
+    }
+}
+
+/// Walks L2's linear addresses through L2's paging and L1's EPT or NPT.
+public struct NestedPagingWalker: Sendable {
+    public let guest: PageWalker
+    public let tables: NestedPagingTables
+    public let rule: GuestTableAccessRule
+
+    public init(guest: PageWalker, tables: NestedPagingTables, rule: GuestTableAccessRule = .architectural) {
+        self.guest = guest
+        self.tables = tables
+        self.rule = rule
+    }
+
+    /// L2's walker for `registers`, with PAE's PDPTE registers loaded through L1's tables as VM
+    /// entry or a MOV to CR3 in L2 loads them: guest-physical accesses with no linear address.
+    public static func guestWalker<Memory: PhysicalMemory>(
+        registers: PagingRegisters, cpu: CPUModel, tables: NestedPagingTables, memory: Memory
+    ) throws(NestedGuestSetupError) -> PageWalker {
+        var pdptes: [UInt64]?
+        if registers.mode == .pae {
+            var values: [UInt64] = []
+            let base = registers.cr3 & 0xFFFF_FFE0
+            for index in 0..<4 {
+                let address = GuestPhysicalAddress(base + UInt64(index) * 8)
+                var fault: NestedTableFault?
+                let page = withUnsafeMutablePointer(to: &fault) { slot in
+                    NestedTableMemory(tables: tables, memory: memory, writes: false, setAccessedDirty: true,
+                                      origin: .guestPhysical, fault: slot).hostPage(address.frame)
+                }
+                guard let page else {
+                    throw .pdpteLoad(fault?.fault(at: address, guestLevel: 3) ?? .noMemory(address))
+                }
+                // The PDPT is 32-byte aligned, so each PDPTE is 8-byte aligned in its page.
+                values.append(UInt64(littleEndian: page.bytes.load(fromByteOffset: Int(address.pageOffset),
+                                                                 as: UInt64.self)))
+            }
+            pdptes = values
+        }
+        do {
+            return try PageWalker(registers: registers, cpu: cpu, memory: memory, pdpteValues: pdptes)
+        } catch {
+            throw .registers(error)
+        }
+    }
+
+    /// Translates `address` for `access`. With `setAccessedDirty`, a successful walk sets the A/D
+    /// bits of L2's entries and of L1's EPT/NPT entries it used, as the processor does; a
+    /// faulting one sets none in L2's tables.
+    @inlinable
+    public func translate<Memory: PhysicalMemory>(
+        _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool = true
+    ) -> Result<NestedPagingTranslation, NestedPagingFault> {
+        let tableWrites: Bool
+        switch (tables, rule) {
+        case (.npt, _), (.ept, .alwaysWrite): tableWrites = true
+        case (.ept, .architectural): tableWrites = false
+        }
+        var tableFault: NestedTableFault?
+        let walked = withUnsafeMutablePointer(to: &tableFault) { slot in
+            guest.translate(address, access,
+                            in: NestedTableMemory(tables: tables, memory: memory, writes: tableWrites,
+                                                  setAccessedDirty: setAccessedDirty, origin: .guestPagingStructure,
+                                                  fault: slot),
+                            setAccessedDirty: setAccessedDirty)
+        }
+        let translation: Translation
+        switch walked {
+        case .success(let result):
+            translation = result
+        case .failure(.noMemory(let tableAddress, let level, _)):
+            return .failure(tableFault?.fault(at: tableAddress, guestLevel: level) ?? .noMemory(tableAddress))
+        case .failure(let fault):
+            return .failure(.guest(fault))
+        }
+        if setAccessedDirty && !tableWrites, let refused = refusedAccessedDirtyUpdate(translation, access, memory) {
+            return .failure(refused)
+        }
+        return translateFinal(translation, access, memory, setAccessedDirty: setAccessedDirty)
+    }
+
+    /// An L2 A/D update the walk skipped because L1's EPT does not let L2's table be written: the
+    /// processor's write to that entry is an EPT violation. (A table in memory L1 itself cannot
+    /// write, a read-only memslot, is skipped silently, as KVM does.)
+    @inlinable
+    func refusedAccessedDirtyUpdate<Memory: PhysicalMemory>(
+        _ translation: Translation, _ access: Access, _ memory: Memory
+    ) -> NestedPagingFault? {
+        let path = translation.path
+        guard path.topLevel > 0 else { return nil }
+        var level = path.topIsRegister ? path.topLevel - 1 : path.topLevel
+        while level >= path.bottomLevel {
+            let needed: UInt64 = level == path.bottomLevel && access.kind == .write ? 0x60 : 0x20
+            if path.entryValue(level: level) & needed != needed {
+                let entryAddress = path.entryAddress(level: level)
+                var fault: NestedTableFault?
+                _ = withUnsafeMutablePointer(to: &fault) { slot in
+                    NestedTableMemory(tables: tables, memory: memory, writes: true, setAccessedDirty: true,
+                                      origin: .guestPagingStructure, fault: slot).hostPage(entryAddress.frame)
+                }
+                if let fault { return fault.fault(at: entryAddress, guestLevel: level) }
+            }
+            level -= 1
+        }
+        return nil
+    }
+
+    @inlinable
+    func translateFinal<Memory: PhysicalMemory>(
+        _ translation: Translation, _ access: Access, _ memory: Memory, setAccessedDirty: Bool
+    ) -> Result<NestedPagingTranslation, NestedPagingFault> {
+        let address = translation.physicalAddress
+        switch tables {
+        case .ept(let ept):
+            // Under mode-based execute control a fetch needs bit 10 when the linear address is a
+            // user-mode one: U/S set at every level of L2's walk (with L2's paging off, the model
+            // takes every address as supervisor-mode).
+            let userMode = translation.level > 0 && translation.isUser
+            var fault: EPTWalkFault?
+            let final = ept.translate(address, EPTAccess(access.kind, origin: .finalTranslation, userModeAddress: userMode),
+                                      in: memory, setAccessedDirty: setAccessedDirty, fault: &fault)
+            if let fault { return .failure(NestedTableFault.ept(fault).fault(at: address, guestLevel: 0)) }
+            return .success(NestedPagingTranslation(guest: translation, outputAddress: final.outputAddress,
+                                                    nestedPermissions: final.permissions, nestedLevel: final.level))
+        case .npt(let npt):
+            var fault: WalkFault?
+            let final = npt.translate(GuestVirtualAddress(address.rawValue), Access(access.kind, .user), in: memory,
+                                      setAccessedDirty: setAccessedDirty, fault: &fault)
+            if let fault { return .failure(NestedTableFault.npt(fault).fault(at: address, guestLevel: 0)) }
+            return .success(NestedPagingTranslation(guest: translation, outputAddress: final.physicalAddress,
+                                                    nestedPermissions: final.permissions, nestedLevel: final.level))
+        }
+    }
+}
+
+/// L2's walker could not be built.
+public enum NestedGuestSetupError: Error, Sendable, Equatable {
+    case registers(ControlStateError)
+    /// Loading a PAE PDPTE through L1's tables faulted (a VM exit to L1).
+    case pdpteLoad(NestedPagingFault)
+}
+
+/// What L1's tables said about one of L2's table frames.
+@usableFromInline
+enum NestedTableFault {
+    case ept(EPTWalkFault)
+    case npt(WalkFault)
+    /// L1's tables map the frame to an L1 address without memory.
+    case noMemory(GuestPhysicalAddress)
+
+    /// The nested fault at `address`, met while reading L2's level-`guestLevel` entry (0: the
+    /// final translation).
+    @inlinable
+    func fault(at address: GuestPhysicalAddress, guestLevel: Int) -> NestedPagingFault {
+        switch self {
+        case .ept(.violation(_, let qualification, let level, _)):
+            return .eptViolation(NestedFaultSite(address: address, guestLevel: guestLevel, nestedLevel: level),
+                                 qualification: qualification)
+        case .ept(.misconfiguration(_, let level, _)):
+            return .eptMisconfiguration(NestedFaultSite(address: address, guestLevel: guestLevel, nestedLevel: level))
+        case .ept(.noMemory(let tableAddress, _, _)), .npt(.noMemory(let tableAddress, _, _)):
+            return .noMemory(tableAddress)
+        case .ept(.addressTooWide):
+            // An L2 table or page address beyond 52 bits cannot come out of an x86 entry.
+            return .noMemory(address)
+        case .npt(.pageFault(let pageFault)):
+            var code = PageFaultErrorCode(rawValue: UInt64(pageFault.errorCode.architectural))
+            code.insert(guestLevel == 0 ? .guestFinal : .guestPage)
+            return .nestedPageFault(NestedFaultSite(address: address, guestLevel: guestLevel, nestedLevel: pageFault.level),
+                                    errorCode: code)
+        case .npt(.generalProtection), .npt(.addressTooWide):
+            // An L2 guest-physical address L1's paging mode cannot hold: a #NPF that reports the
+            // address as reserved, as the nested walk's RSVD fault would.
+            return .nestedPageFault(NestedFaultSite(address: address, guestLevel: guestLevel, nestedLevel: 0),
+                                    errorCode: [.present, .reservedBit, .user,
+                                                guestLevel == 0 ? .guestFinal : .guestPage])
+        case .noMemory(let l1Address):
+            return .noMemory(l1Address)
+        }
+    }
+}
+
+/// L2's guest-physical memory as L2's walker reads its tables: each frame found through L1's
+/// tables, then in L1's memory. A frame L1's tables refuse reads as no memory, with the refusal
+/// kept in `fault` for the exit.
+@usableFromInline
+struct NestedTableMemory<Memory: PhysicalMemory>: PhysicalMemory {
+    @usableFromInline let tables: NestedPagingTables
+    @usableFromInline let memory: Memory
+    /// Table accesses go to L1's tables as writes.
+    @usableFromInline let writes: Bool
+    @usableFromInline let setAccessedDirty: Bool
+    @usableFromInline let origin: EPTAccess.Origin
+    /// The caller's slot for the first refusal (a walk stops at the first frame it cannot read).
+    @usableFromInline let fault: UnsafeMutablePointer<NestedTableFault?>
+
+    @inlinable
+    init(tables: NestedPagingTables, memory: Memory, writes: Bool, setAccessedDirty: Bool, origin: EPTAccess.Origin,
+         fault: UnsafeMutablePointer<NestedTableFault?>) {
+        self.tables = tables
+        self.memory = memory
+        self.writes = writes
+        self.setAccessedDirty = setAccessedDirty
+        self.origin = origin
+        self.fault = fault
+    }
+
+    @inlinable
+    func hostPage(_ frame: GuestFrameNumber) -> HostPage? {
+        guard let (output, writable) = translate(frame, setAccessedDirty: setAccessedDirty) else {
+            return nil
+        }
+        guard let page = memory.hostPage(output) else {
+            fault.pointee = .noMemory(output.address)
+            return nil
+        }
+        return HostPage(bytes: page.bytes, isWritable: page.isWritable && writable)
+    }
+
+    /// L2's table frame's L1 frame, and whether L1's tables let L2's walker write it.
+    @inlinable
+    func translate(_ frame: GuestFrameNumber, setAccessedDirty: Bool) -> (GuestFrameNumber, Bool)? {
+        let kind: AccessKind = writes ? .write : .read
+        switch tables {
+        case .ept(let ept):
+            var eptFault: EPTWalkFault?
+            let translation = ept.translate(frame.address, EPTAccess(kind, origin: origin), in: memory,
+                                            setAccessedDirty: setAccessedDirty, fault: &eptFault)
+            if let eptFault {
+                fault.pointee = .ept(eptFault)
+                return nil
+            }
+            return (translation.outputAddress.frame, translation.isWritable)
+        case .npt(let npt):
+            var nptFault: WalkFault?
+            let translation = npt.translate(GuestVirtualAddress(frame.address.rawValue), Access(kind, .user), in: memory,
+                                            setAccessedDirty: setAccessedDirty, fault: &nptFault)
+            if let nptFault {
+                fault.pointee = .npt(nptFault)
+                return nil
+            }
+            return (translation.physicalAddress.frame, translation.isWritable)
+        }
+    }
+
+    /// L2's walker wrote an A/D bit into `frame`: L1's memory records its own frame.
+    @inlinable
+    func didWriteEntry(in frame: GuestFrameNumber) {
+        if let (output, _) = translate(frame, setAccessedDirty: false) { memory.didWriteEntry(in: output) }
+    }
+}
