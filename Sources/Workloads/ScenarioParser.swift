@@ -24,6 +24,7 @@
 //   dirty-log enable|disable SLOT | dirty-log mode reset|manual|ring [entries=N] | dirty-log get SLOT
 //   dirty-log clear SLOT FIRST COUNT
 //   expect NAME=N...                                the counters must have these values here
+//   spp set GFN MASK | spp get GFN                  sub-page write permissions (--mmu tdp; MASK 32 bits)
 //
 //   NUMBER  decimal or 0x-hexadecimal, `_` allowed between digits, at most 2^64-1
 //   SIZE    NUMBER with an optional K, M or G suffix (x1024, x1024^2, x1024^3)
@@ -192,6 +193,8 @@ struct ScenarioParser {
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseDirtyLog() }),
         DirectiveSpec(name: "expect", usage: "expect NAME=N... (a KVM statistic or a context counter)",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseExpect() }),
+        DirectiveSpec(name: "spp", usage: "spp set GFN MASK | spp get GFN",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseSubPageProtection() }),
     ]
 
     static let tableByName: [String: DirectiveSpec] = Dictionary(uniqueKeysWithValues: table.map { ($0.name, $0) })
@@ -274,7 +277,7 @@ struct ScenarioParser {
             state.registers = registers
         case .loadCR3(let value, _):
             state.registers.cr3 = value & 0xFFF
-        case .map, .access, .pte, .invlpg, .reloadCR3, .invpcid, .zap, .memslot, .dirtyLog, .expect:
+        case .map, .access, .pte, .invlpg, .reloadCR3, .invpcid, .zap, .memslot, .dirtyLog, .expect, .subPageProtection:
             break
         }
         if directive.isGuestOperation && state.firstOperation == nil { state.firstOperation = (line, directive.name) }
