@@ -427,11 +427,13 @@ extension VCPU {
             }
         }
         let gpa = translation.physicalAddress
-        let guestDirty = translation.path.entryValue(level: translation.level) & 0x40 != 0
-            || state.registers.mode == .disabled
+        // With paging off there is no guest entry (level 0) to read.
+        let guestDirty = state.registers.mode == .disabled
+            || translation.path.entryValue(level: translation.level) & 0x40 != 0
         guard let final = Self.translateNested(ept, gpa, access.kind, host: host, pml: state.pml, faults: faults) else {
             if access.kind == .write, let protection = state.tdp.subPageProtection, case .ept(let walker) = ept,
                case .ept(.violation(_, _, let level, let path))? = faults.fault,
+               level == 1, path.bottomLevel == 1,  // SPP applies to 4 KiB leaves only
                let checked = subPageCheckedWrite(at: gpa, size: size, leaf: SPTE(path.entryValue(level: level)), level: level,
                                                  guestPermissions: translation.permissions, guestDirty: guestDirty,
                                                  walker: walker, protection: protection) {

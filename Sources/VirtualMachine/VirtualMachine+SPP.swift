@@ -17,6 +17,11 @@ public struct SubPageProtectionCapability: Equatable, Sendable {
     public var exposedToL1: Bool
 
     public var isSupported: Bool { maxPagesPerRequest > 0 }
+
+    public init(maxPagesPerRequest: Int, exposedToL1: Bool) {
+        self.maxPagesPerRequest = maxPagesPerRequest
+        self.exposedToL1 = exposedToL1
+    }
 }
 
 extension VirtualMachine {
