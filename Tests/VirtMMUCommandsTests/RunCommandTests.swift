@@ -59,7 +59,7 @@ let examplesDirectory = URL(fileURLWithPath: #filePath).deletingLastPathComponen
         #expect(accesses.map { $0["cpl"] as? Int } == [3, 3, 3, 3, 3, 3, 0, 3, 0])
         for access in accesses {
             #expect(Set(access.keys) == ["type", "i", "line", "op", "cpl", "gva", "fault", "error_code", "cr2", "gpa", "value",
-                                         "exception", "mmio", "exits", "emulated", "tlb_hit"])
+                                         "exception", "mmio", "exits", "emulated", "tlb_hit", "exit"])
         }
 
         // A write, then a read of the same bytes through the TLB entry the write filled.
