@@ -345,8 +345,8 @@ extension TDPMMU {
                 guard iterator.level <= KVMLevel.pageDirectoryPointer, old.isShadowPresent,
                       !old.isLast(level: iterator.level), iterator.gfn >= start, iterator.gfn < end,
                       metadata.maxMappingLevel(iterator.gfn, maxLevel: configuration.maxHugePageLevel) >= iterator.level,
-                      subPageProtection.map({ $0.maxMappingLevel(for: GuestFrameNumber(iterator.gfn), limit: iterator.level) })
-                        ?? iterator.level >= iterator.level
+                      (subPageProtection?.maxMappingLevel(for: GuestFrameNumber(iterator.gfn), limit: iterator.level)
+                        ?? iterator.level) >= iterator.level
                 else {
                     iterator.next()
                     continue

@@ -603,7 +603,7 @@ public final class VCPU {
             if dirtyRing?.isSoftFull == true { try exitForFullDirtyRing() }
             reloadPDPTEsIfChanged()
             if hardware == nil { _ = try hardwareWalker() }
-            if let entry = tlb.lookup(address, root: hot.pointee.rootFrame), allows(entry, access) {
+            if let entry = tlb.lookup(address, root: hot.pointee.rootFrame), allows(entry, access, at: address, size: size) {
                 let hostAddress = entry.hostFrame << 12 | (address.rawValue & pageOffsetMask)
                 let value = perform(hostAddress: hostAddress, access.kind, size: size, value: value)
                 return AccessOutcome(result: .completed(gpa: GuestPhysicalAddress(entry.guestFrame << 12 | (address.rawValue & pageOffsetMask)),
@@ -690,21 +690,19 @@ public final class VCPU {
         }) { dropHardwareWalker() }
     }
 
-    /// Whether a TLB entry's permissions let the access through under the hardware's rules (a
-    /// write needs the entry dirty too, else the hardware walks to set D).
+    /// Whether a TLB entry's permissions let the access of `size` bytes at `address` through under
+    /// the hardware's rules: a write needs the entry dirty too (else the hardware walks to set D),
+    /// and every sub-page it touches writable when the entry carries SPP's bitmap (else it walks,
+    /// and the walk gives the SPP exit).
     @inline(__always)
-    private func allows(_ entry: TLB.Entry, _ access: Access) -> Bool {
-        if access.kind == .write && !entry.dirty { return false }
+    private func allows(_ entry: TLB.Entry, _ access: Access, at address: GuestVirtualAddress, size: Int) -> Bool {
+        if access.kind == .write {
+            guard entry.dirty else { return false }
+            if entry.subPageWriteMask != UInt32.max
+                && !entry.permitsSubPageWrite(atPageOffset: address.rawValue & pageOffsetMask, size: size) { return false }
+        }
         let refused = hot.pointee.refusals >> UInt128(8 * (3 * Int(access.kind.rawValue) + Int(access.privilege.rawValue)))
         return (UInt8(truncatingIfNeeded: refused) >> entry.permissions) & 1 == 0
-    }
-
-    /// `allows`, and for a write the sub-page permissions cached with the entry (SPP, under TDP):
-    /// a write to a refused sub-page walks, and the walk gives the SPP exit.
-    @inline(__always)
-    func allows(_ entry: TLB.Entry, _ access: Access, at address: GuestVirtualAddress, size: Int) -> Bool {
-        allows(entry, access)
-            && (access.kind != .write || entry.permitsSubPageWrite(atPageOffset: address.rawValue & pageOffsetMask, size: size))
     }
 
     /// The guest frame a leaf SPTE maps, from its shadow page's record of it.

@@ -455,6 +455,45 @@ struct SPPScenarioTests {
         }
     }
 
+    /// Random scenarios: four user pages (one inside a 2 MiB mapping), random bitmaps set as the
+    /// guest writes at random offsets, reads between them, zaps now and then. The runner checks
+    /// every access against the reference machine and audits after each; the test checks each
+    /// write's outcome against the byte rule too.
+    @Test(arguments: [11, 12, 13] as [UInt64])
+    func randomScenariosInLockstep(seed: UInt64) throws {
+        var rng = SplitMix64(seed: seed)
+        var lines = ["map 0x400000 0x2000000 4k P,RW,US", "map 0x401000 0x2001000 4k P,RW,US",
+                     "map 0x402000 0x2002000 4k P,RW,US", "map 0x600000 0x2200000 2m P,RW,US"]
+        let pages: [(gva: UInt64, gfn: UInt64)] = [(0x400000, 0x2000), (0x401000, 0x2001), (0x402000, 0x2002), (0x603000, 0x2203)]
+        var masks = [UInt32](repeating: UInt32.max, count: pages.count)
+        var expected: [(line: Int, refused: Bool)] = []
+        for _ in 0..<150 {
+            let page = Int.random(in: 0..<pages.count, using: &rng)
+            switch Int.random(in: 0..<10, using: &rng) {
+            case 0, 1:
+                masks[page] = rng.chance(20) ? UInt32.max : UInt32.random(in: 0...UInt32.max, using: &rng)
+                lines.append("spp set \(hex(pages[page].gfn)) \(hex(masks[page]))")
+            case 2:
+                lines.append("access read \(hex(pages[page].gva + UInt64.random(in: 0...4088, using: &rng))) cpl=3")
+            case 3 where rng.chance(30):
+                lines.append("zap all")
+            default:
+                let offset = Int.random(in: 0...4088, using: &rng)
+                lines.append("access write \(hex(pages[page].gva + UInt64(offset))) cpl=3 value=\(hex(rng.next()))")
+                expected.append((lines.count, !ruleAllows(masks[page], offset: offset, size: 8)))
+            }
+        }
+        let report = try run(lines.joined(separator: "\n"))
+        let refusedLines = Set(report.accesses.compactMap { access -> Int? in
+            if case .subPageWriteExit = access.outcome.result { return access.line }
+            return nil
+        })
+        for (line, refused) in expected {
+            #expect(refusedLines.contains(line) == refused, "seed \(seed) line \(line): \(lines[line - 1])")
+        }
+        #expect(report.lockstepChecks >= expected.count)
+    }
+
     /// `spp` lines render back to themselves.
     @Test func roundTrip() throws {
         let scenario = try Scenario.parse("spp set 0x2000 0xffff0000\nspp get 0x2000", name: "rt")
