@@ -359,6 +359,55 @@ struct SPPInteractionTests {
         machine.expectAuditClean()
     }
 
+    /// With 5-level EPT (guest MAXPHYADDR 52) the SPP table stays 4-level: pages below 2^48 are
+    /// protected as with 4-level EPT, a page at 2^48 cannot be.
+    @Test func fiveLevelEPT() throws {
+        let cpu = CPUModel(maxPhysicalAddressBits: 52)
+        let vm = try VirtualMachine(memorySize: 64 << 20, cpu: cpu, mmu: .ept(cpu: cpu))
+        #expect(vm.tdp?.configuration.rootLevel == 5)
+        try vm.enableSubPageProtection()
+        let vcpu = try vm.addVCPU(registers: PagingRegisters(cr0: [.protectionEnable]))
+        try vm.setSubpageAccess(gfn: GuestFrameNumber(0x2000), masks: [0xFFFF_FFFE])
+        #expect(try vcpu.access(GuestVirtualAddress(0x200_0000), Access(.write, .supervisor)).result
+                == .subPageWriteExit(gpa: GuestPhysicalAddress(0x200_0000)))
+        #expect(try vcpu.access(GuestVirtualAddress(0x200_0080), Access(.write, .supervisor), value: 9).result
+                == .completed(gpa: GuestPhysicalAddress(0x200_0080), value: 9))
+        let high = GuestFrameNumber(UInt64(1) << 36)
+        _ = try vm.addMemslot(id: 1, base: high.address, size: 2 << 20)
+        #expect(throws: VirtualMachineError.subPageProtection(.beyondTableReach(high))) {
+            try vm.setSubpageAccess(gfn: high, masks: [0])
+        }
+        #expect(vm.audit().isEmpty, "\(vm.audit())")
+    }
+
+    /// The processor's own A/D writes to a guest page table in a protected page are not SPP's to
+    /// grant: the walk meets the armed leaf's W=0, and KVM exits to the VMM with KVM_EXIT_SPP at the
+    /// table (docs/SPP.md) — even for a read. Lifting the protection lets the walk through.
+    @Test func guestTablesInAProtectedPage() throws {
+        let machine = try SPPMachine()
+        // 4-level tables at 0x100000..0x103fff mapping 0x400000 -> 0x2000000, A bits clear.
+        let tables: [(UInt64, UInt64)] = [(0x10_0000, 0x10_1007), (0x10_1000, 0x10_2007), (0x10_2010, 0x10_3007),
+                                          (0x10_3000, 0x200_0007)]
+        for (address, value) in tables {
+            try withUnsafeBytes(of: value.littleEndian) { try machine.vm.memory.write(GuestPhysicalAddress(address), from: $0) }
+        }
+        let vcpu = try machine.vm.addVCPU(registers: PagingRegisters(
+            cr0: [.protectionEnable, .paging, .writeProtect], cr3: 0x10_0000, cr4: [.physicalAddressExtension],
+            efer: [.longModeEnable, .longModeActive, .noExecuteEnable]))
+        try machine.set(0x103, 0xFFFF_FFFE)                // the page table's page, PTE 0 in sub-page 0
+        let read = try vcpu.access(GuestVirtualAddress(0x40_0000), Access(.read, .supervisor))
+        guard case .subPageWriteExit(let gpa) = read.result else {
+            Issue.record("a walk through a protected table page completed: \(read.result)")
+            return
+        }
+        #expect(gpa.frame == GuestFrameNumber(0x103))
+        machine.expectAuditClean()
+        try machine.set(0x103, UInt32.max)
+        #expect(try vcpu.access(GuestVirtualAddress(0x40_0000), Access(.read, .supervisor)).result
+                == .completed(gpa: GuestPhysicalAddress(0x200_0000), value: 0))
+        machine.expectAuditClean()
+    }
+
     /// The requests KVM refuses, and the VMs that cannot have SPP.
     @Test func refusals() throws {
         let machine = try SPPMachine()
