@@ -481,8 +481,11 @@ extension VCPU {
         if case .miss = fault {
             do {
                 try state.tdp.handleSubPageTableMiss(at: gpa, vcpuID: id)
+            } catch .subPageProtection(.hostMemory(let shortage)) {
+                throw .hostMemory("no host page for the SPP table: \(shortage)")
             } catch {
-                throw .hostMemory("\(error)")
+                // A miss KVM cannot build (beyond the table's reach) means it armed a leaf it must not.
+                throw .corruptShadowTables("the SPP-table miss at \(gpa) cannot be handled: \(error)")
             }
             return
         }
