@@ -424,6 +424,16 @@ public final class MemslotSet: PhysicalMemory, ByteAccessibleMemory, @unchecked 
         return bitmap
     }
 
+    /// Copies the page at `frame` into `buffer` (512 words) with 8-byte single-copy-atomic loads:
+    /// how a VMM reads guest memory while vCPUs write it (a live migration's page copy). False
+    /// when no memslot holds `frame`.
+    public func copyPageWhileRunning(_ frame: GuestFrameNumber, into buffer: UnsafeMutableBufferPointer<UInt64>) -> Bool {
+        precondition(buffer.count >= 512, "a page is 512 words")
+        guard let page = hostPage(frame) else { return false }
+        for word in 0..<512 { buffer[word] = AtomicAccess.load(page.bytes + 8 * word, size: 8) }
+        return true
+    }
+
     /// The slot's dirty bitmap, cleared in the same step (KVM_GET_DIRTY_LOG without manual
     /// protection; write-protecting the pages again is the MMU's part).
     public func getAndClearDirtyLog(slot id: Int) throws(MemslotError) -> [UInt64] {

@@ -46,6 +46,9 @@ public final class MMULock: @unchecked Sendable {
     /// `write_unlock`.
     public func unlockExclusive() { pthread_rwlock_unlock(rwlock) }
 
+    /// Takes the lock for read only if no writer holds it or waits for it; true when it did.
+    public func tryLockShared() -> Bool { pthread_rwlock_tryrdlock(rwlock) == 0 }
+
     /// Takes the lock for write only if no one holds it; true when it did.
     public func tryLockExclusive() -> Bool { pthread_rwlock_trywrlock(rwlock) == 0 }
 
@@ -69,11 +72,11 @@ public final class MMULock: @unchecked Sendable {
 /// A value guarded by a pthread mutex: KVM's spinlocks inside mmu_lock (`tdp_mmu_pages_lock`).
 /// pthread rather than `Synchronization.Mutex` so that ThreadSanitizer, which runs the concurrency
 /// tests, sees the lock (it does not see the futex-based `Mutex` on Linux).
-final class LockedValue<Value>: @unchecked Sendable {
+public final class LockedValue<Value>: @unchecked Sendable {
     private let mutex: UnsafeMutablePointer<pthread_mutex_t>
     private var value: Value
 
-    init(_ value: Value) {
+    public init(_ value: Value) {
         self.value = value
         mutex = .allocate(capacity: 1)
         mutex.initialize(to: pthread_mutex_t())
@@ -85,7 +88,7 @@ final class LockedValue<Value>: @unchecked Sendable {
         mutex.deallocate()
     }
 
-    func withLock<Result, Failure: Error>(_ body: (inout Value) throws(Failure) -> Result) throws(Failure) -> Result {
+    public func withLock<Result, Failure: Error>(_ body: (inout Value) throws(Failure) -> Result) throws(Failure) -> Result {
         pthread_mutex_lock(mutex)
         defer { pthread_mutex_unlock(mutex) }
         return try body(&value)

@@ -159,6 +159,20 @@ public struct MMUStats: Sendable, Equatable {
         return result
     }
 
+    /// Counts one event of the VM side (a vCPU's exit, emulation, TLB flush, injected #PF, MMIO
+    /// exit, or a remote flush).
+    public mutating func count(_ counter: ShadowMMU.VCPUCounter) {
+        switch counter {
+        case .exit: exits += 1
+        case .instructionEmulation: insnEmulation += 1
+        case .tlbFlush: tlbFlush += 1
+        case .guestFault: pfGuest += 1
+        case .remoteTLBFlush: remoteTLBFlush += 1
+        case .remoteTLBFlushRequest: remoteTLBFlushRequests += 1
+        case .mmioExit: mmioExits += 1
+        }
+    }
+
     /// The pre-5.14 `lpages` counter: present huge leaf SPTEs.
     public var lpages: UInt64 { pages2M + pages1G }
 

@@ -111,26 +111,10 @@ public final class ShadowMMU {
         hashBuckets.joined().sorted { $0.serial < $1.serial }
     }
 
-    /// The vCPU counters the VM side counts (`exits`, `insn_emulation`, `tlb_flush`, `pf_guest`,
-    /// `remote_tlb_flush`, `mmio_exits`).
+    /// The counters the VM side counts (`exits`, `insn_emulation`, `tlb_flush`, `pf_guest` and
+    /// `mmio_exits` in each vCPU's `stat`, as KVM's `vcpu->stat`; the remote flushes in the VM's).
     public enum VCPUCounter: Sendable {
         case exit, instructionEmulation, tlbFlush, guestFault, remoteTLBFlush, remoteTLBFlushRequest, mmioExit
-    }
-
-    /// Counts one VM-side event. Out of line on purpose: the exclusivity exemption of `stats`
-    /// holds only inside this module, and an inlined increment would put a dynamic check (and,
-    /// hoisted by the optimiser, on every guest access).
-    @inline(never)
-    public func count(_ counter: VCPUCounter) {
-        switch counter {
-        case .exit: stats.exits += 1
-        case .instructionEmulation: stats.insnEmulation += 1
-        case .tlbFlush: stats.tlbFlush += 1
-        case .guestFault: stats.pfGuest += 1
-        case .remoteTLBFlush: stats.remoteTLBFlush += 1
-        case .remoteTLBFlushRequest: stats.remoteTLBFlushRequests += 1
-        case .mmioExit: stats.mmioExits += 1
-        }
     }
 
     // MARK: Finding and creating shadow pages

@@ -40,6 +40,8 @@ extension TDPMMU {
         if pendingFrees.load(ordering: .relaxed) != 0 { problems.append("tables still queued to be freed") }
 
         var walk = AuditWalk()
+        // Before the bitmaps: a vCPU drains its PML buffer into the bitmap under the buffer's lock.
+        walk.pmlBuffered = pmlBufferedGFNs()
         for metadata in slotIndex where metadata.slot.logsDirtyPages {
             walk.dirtyBitmaps[metadata.slot.id] = try? memory.dirtyBitmap(slot: metadata.slot.id)
         }
@@ -96,6 +98,8 @@ extension TDPMMU {
         var rootsWithPresentEntries = Set<UInt64>()
         /// The dirty bitmaps of the logging slots, copied once.
         var dirtyBitmaps: [Int: [UInt64]] = [:]
+        /// The gfns logged in vCPUs' PML buffers and not yet in the bitmaps.
+        var pmlBuffered = Set<UInt64>()
         func presentInRoot(_ frame: UInt64) -> Bool { rootsWithPresentEntries.contains(frame) }
 
         /// Whether pages `first..<first + count` of the slot are all marked dirty.
@@ -235,7 +239,8 @@ extension TDPMMU {
             // With PML and hardware A/D, a write sets D and logs the gfn; until then D is clear.
             let writesLogByD = configuration.dirtyLogging == .pml && spte.adState == .enabled
             if (!writesLogByD || spte.isDirty(masks))
-                && !walk.allDirty(slot: slot.id, first: gfn - slot.baseFrame.rawValue, count: 1) {
+                && !walk.allDirty(slot: slot.id, first: gfn - slot.baseFrame.rawValue, count: 1)
+                && !walk.pmlBuffered.contains(gfn) {
                 problems.append("\(place()): \(description) can be written in dirty-logging \(slot) but the gfn is not marked dirty")
             }
         }

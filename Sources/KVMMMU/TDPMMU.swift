@@ -375,6 +375,9 @@ public final class TDPMMU: @unchecked Sendable {
     /// tables) before it runs the guest again. Called with the lock held; counted here
     /// (`remote_tlb_flush`, `remote_tlb_flush_requests`). Set before vCPUs run.
     @exclusivity(unchecked) public var flushRemoteTLBs: @Sendable () -> Void = {}
+    /// The gfns vCPUs logged in their PML buffers and have not yet drained into the dirty bitmap
+    /// (at their next exit); the auditor counts them as marked. Called with the lock held.
+    @exclusivity(unchecked) public var pmlBufferedGFNs: @Sendable () -> Set<UInt64> = { [] }
     /// KVM_REQ_MMU_FREE_OBSOLETE_ROOTS to every vCPU: roots were invalidated. Set before vCPUs run.
     @exclusivity(unchecked) public var freeObsoleteRoots: @Sendable () -> Void = {}
     /// Sub-page write protection, once enabled (`enableSubPageProtection`, TDPMMU+SPP.swift).

@@ -33,7 +33,21 @@ public final class TLB {
         }
     }
 
+    /// A guest-physical mapping (SDM Vol. 3, 29.4.1): a guest frame translated through the EPT
+    /// (or NPT) tables of `root`, which the hardware keeps for its accesses to the guest's paging
+    /// structures. Flushed with everything else; INVLPG leaves it.
+    public struct GuestPhysicalEntry {
+        var guestFrame: UInt64
+        var root: UInt64
+        var generation: UInt64
+        public var hostFrame: UInt64
+        /// The EPT leaf lets the guest's table be written (its A/D updates).
+        public var writable: Bool
+    }
+
     private let entries: UnsafeMutablePointer<Entry>
+    private let guestPhysicalEntries: UnsafeMutablePointer<GuestPhysicalEntry>
+    private static let guestPhysicalCapacity = 64
     private let mask: Int
     public let capacity: Int
     /// The mutable counters, behind a pointer: a class's `var` would cost an exclusivity check
@@ -59,12 +73,17 @@ public final class TLB {
                                             dirty: false, subPageWriteMask: UInt32.max),
                            count: capacity)
         mask = capacity - 1
+        guestPhysicalEntries = .allocate(capacity: Self.guestPhysicalCapacity)
+        guestPhysicalEntries.initialize(repeating: GuestPhysicalEntry(guestFrame: 0, root: 0, generation: 0, hostFrame: 0,
+                                                                      writable: false),
+                                        count: Self.guestPhysicalCapacity)
         counters = .allocate(capacity: 1)
         counters.initialize(to: Counters())
     }
 
     deinit {
         entries.deallocate()
+        guestPhysicalEntries.deallocate()
         counters.deallocate()
     }
 
@@ -94,6 +113,20 @@ public final class TLB {
         entries[slot(page, root)] = Entry(tag: page, root: root, generation: generation, hostFrame: hostFrame,
                                     guestFrame: guestFrame, permissions: permissions, dirty: dirty,
                                     subPageWriteMask: subPageWriteMask)
+    }
+
+    /// The cached guest-physical mapping of `guestFrame` under the TDP root `root`.
+    @inline(__always)
+    public func lookupGuestPhysical(_ guestFrame: UInt64, root: UInt64) -> GuestPhysicalEntry? {
+        let entry = guestPhysicalEntries[Int(truncatingIfNeeded: guestFrame) & (Self.guestPhysicalCapacity - 1)]
+        guard entry.generation == generation, entry.guestFrame == guestFrame, entry.root == root else { return nil }
+        return entry
+    }
+
+    public func insertGuestPhysical(_ guestFrame: UInt64, root: UInt64, hostFrame: UInt64, writable: Bool) {
+        guestPhysicalEntries[Int(truncatingIfNeeded: guestFrame) & (Self.guestPhysicalCapacity - 1)] =
+            GuestPhysicalEntry(guestFrame: guestFrame, root: root, generation: generation, hostFrame: hostFrame,
+                               writable: writable)
     }
 
     /// Drops the entry for the page of `address` under `root` (a fault on it).

@@ -8,10 +8,51 @@ import X86Paging
 // walk), and only an EPT violation or misconfiguration, or a #NPF, exits to `TDPMMU.pageFault`.
 
 /// The hardware's walker of KVM's TDP tables: EPT's, or NPT's (x86 64-bit tables walked as the
-/// host's paging mode does, every access a user access).
+/// host's paging mode does, every access a user access). The walkers are held by reference, so
+/// that a walk borrows them in place instead of copying them.
 enum NestedWalker {
-    case ept(EPTWalker)
-    case npt(PageWalker)
+    case ept(EPTHardwareWalker)
+    case npt(NPTHardwareWalker)
+}
+
+final class EPTHardwareWalker {
+    let walker: EPTWalker
+    init(_ walker: EPTWalker) { self.walker = walker }
+
+    /// The walk, setting A/D; on a fault, nil with the fault kept. With PML, a walk that sets a
+    /// leaf's D logs the gfn.
+    func translate(_ gpa: GuestPhysicalAddress, _ kind: AccessKind, host: HostPhysicalView, pml: Bool,
+                   faults: TwoDimensionalMemory.Faults) -> NestedTranslation? {
+        var fault: EPTWalkFault?
+        let translation = walker.translate(gpa, kind, in: host, setAccessedDirty: true, fault: &fault)
+        if let fault {
+            faults.fault = .ept(fault)
+            return nil
+        }
+        if pml && translation.dirtiedLeaf { faults.logInPMLBuffer(gpa.frame) }
+        return NestedTranslation(host: translation.outputAddress.rawValue, readable: translation.isReadable,
+                                 writable: translation.isWritable, executable: translation.isExecutable,
+                                 leafDirty: !walker.pointer.accessedDirtyEnabled
+                                    || translation.path.entryValue(level: translation.level) & (1 << 9) != 0)
+    }
+}
+
+final class NPTHardwareWalker {
+    let walker: PageWalker
+    init(_ walker: PageWalker) { self.walker = walker }
+
+    func translate(_ gpa: GuestPhysicalAddress, _ kind: AccessKind, host: HostPhysicalView,
+                   faults: TwoDimensionalMemory.Faults) -> NestedTranslation? {
+        switch walker.translate(GuestVirtualAddress(gpa.rawValue), Access(kind, .user), in: host, setAccessedDirty: true) {
+        case .success(let translation):
+            return NestedTranslation(host: translation.physicalAddress.rawValue, readable: true,
+                                     writable: translation.isWritable, executable: translation.isExecutable,
+                                     leafDirty: translation.path.entryValue(level: translation.level) & 0x40 != 0)
+        case .failure(let fault):
+            faults.fault = .npt(fault)
+            return nil
+        }
+    }
 }
 
 /// A guest-physical address translated through the TDP tables.
@@ -33,14 +74,17 @@ enum NestedFault {
 /// What a vCPU keeps under TDP.
 final class TDPVCPUState {
     let tdp: TDPMMU
-    /// The guest's own paging registers (in hardware: no KVM context involved).
-    var registers: PagingRegisters
-    /// The guest's walker, as the hardware runs it (PAE's PDPTE registers loaded with CR3).
-    var guestWalker: PageWalker
+    /// The guest's own paging registers (in hardware: no KVM context involved). This state's
+    /// `var`s are the vCPU thread's own, read on every walk: exempt from dynamic exclusivity checks.
+    @exclusivity(unchecked) var registers: PagingRegisters
+    /// The guest's walker, as the hardware runs it (PAE's PDPTE registers loaded with CR3), boxed
+    /// so that a walk borrows it in place.
+    @exclusivity(unchecked) var guestWalkerBox: WalkerBox
+    var guestWalker: PageWalker { guestWalkerBox.walker }
     /// The root this vCPU runs on (the EPTP), with its reference; nil until the next entry loads one.
-    var root: TDPRoot?
+    @exclusivity(unchecked) var root: TDPRoot?
     /// The hardware's walker of `root`'s tables.
-    var ept: NestedWalker?
+    @exclusivity(unchecked) var ept: NestedWalker?
     /// The EPT capabilities the EPTP is walked with (EPT only).
     let capabilities: EPTCapabilities
     let cpu: CPUModel
@@ -49,6 +93,8 @@ final class TDPVCPUState {
     let tableAccess: AccessKind
     /// PML: the hardware logs the gfn of a write that sets an EPT leaf's D bit.
     let pml: Bool
+    /// What the walks leave behind, and the PML buffer.
+    let walkFaults = TwoDimensionalMemory.Faults()
 
     init(tdp: TDPMMU, registers: PagingRegisters, cpu: CPUModel, memory: MemslotSet) throws(VirtualMachineError) {
         self.tdp = tdp
@@ -63,7 +109,7 @@ final class TDPVCPUState {
         tableAccess = masks.accessedDirtyEnabled || !masks.isEPT ? .write : .read
         pml = tdp.configuration.dirtyLogging == .pml
         do {
-            guestWalker = try PageWalker(registers: registers, cpu: cpu, memory: memory)
+            guestWalkerBox = WalkerBox(try PageWalker(registers: registers, cpu: cpu, memory: memory))
         } catch {
             throw .impossibleRegisters(error)
         }
@@ -81,23 +127,61 @@ final class TDPVCPUState {
 /// EPT as the hardware does (with the EPT A/D updates it makes). A frame EPT refuses reads as no
 /// memory, with the EPT fault kept for the exit.
 struct TwoDimensionalMemory: PhysicalMemory {
+    /// One vCPU's, reused by every walk.
+    /// Its `var`s are exempt from dynamic exclusivity checks (as the vCPU's `hot` state is): only
+    /// the vCPU's own thread touches them, and every walk touches them several times.
     final class Faults {
-        var fault: NestedFault?
+        @exclusivity(unchecked) var fault: NestedFault?
         /// Guest frames whose EPT leaf refused writes (the guest's A/D updates there were skipped).
-        var readOnlyFrames: [UInt64] = []
-        var dirtied: [GuestFrameNumber] = []
+        @exclusivity(unchecked) var readOnlyFrames: [UInt64] = []
+        /// The PML buffer: gfns whose EPT leaf the hardware set D in, logged in guest mode and
+        /// drained into the dirty log at the next exit (`vmx_flush_pml_buffer`). Locked so that
+        /// the auditor can count its entries as logged.
+        let pmlBuffer = LockedValue<[GuestFrameNumber]>([])
+        /// Entries in `pmlBuffer`, kept by the vCPU's own thread.
+        @exclusivity(unchecked) var pmlLogged = 0
+
+        /// The PML buffer's entries (PML_LOG_NR_ENTRIES); a full buffer exits.
+        static let pmlEntries = 512
+
+        init() {
+            readOnlyFrames.reserveCapacity(8)
+            pmlBuffer.withLock { $0.reserveCapacity(Self.pmlEntries) }
+        }
+
+        func logInPMLBuffer(_ gfn: GuestFrameNumber) {
+            pmlBuffer.withLock { $0.append(gfn) }
+            pmlLogged += 1
+        }
+
+        func startWalk() {
+            fault = nil
+            readOnlyFrames.removeAll(keepingCapacity: true)
+        }
     }
+    // Unretained: a walk's memory lives only during the walk, whose caller holds them all (the
+    // walker copies this value into every level's read, and each copy would retain them).
     let ept: NestedWalker
     let host: HostPhysicalView
     let kind: AccessKind
     let pml: Bool
-    let faults: Faults
+    unowned(unsafe) let faults: Faults
+    /// Where the hardware keeps the guest-physical mappings it used, and the root they are of.
+    unowned(unsafe) let tlb: TLB
+    let root: UInt64
 
     func hostPage(_ frame: GuestFrameNumber) -> HostPage? {
         guard faults.fault == nil else { return nil }
+        if let cached = tlb.lookupGuestPhysical(frame.rawValue, root: root) {
+            if !cached.writable { faults.readOnlyFrames.append(frame.rawValue) }
+            return HostPage(bytes: host.pool.pointer(HostFrameNumber(cached.hostFrame)), isWritable: cached.writable)
+        }
         guard let translation = VCPU.translateNested(ept, frame.address, kind, host: host, pml: pml, faults: faults) else {
             return nil
         }
+        // Kept only once the walk set the EPT entries' A (and, for a write, D): a later use of the
+        // mapping has nothing left to set until KVM clears them, which it follows with a flush.
+        tlb.insertGuestPhysical(frame.rawValue, root: root, hostFrame: translation.host >> 12, writable: translation.writable)
         if !translation.writable { faults.readOnlyFrames.append(frame.rawValue) }
         return HostPage(bytes: host.pool.pointer(HostFrameNumber(translation.host >> 12)), isWritable: translation.writable)
     }
@@ -116,48 +200,30 @@ enum TDPWalkOutcome {
     case generalProtection
     /// An EPT violation or misconfiguration: KVM's fault handler with this error code.
     case exit(GuestPhysicalAddress, PageFaultErrorCode)
+    /// A writer holds mmu_lock (or waits for it): the walk did not start.
+    case mmuLockBusy
+}
+
+extension WalkerBox {
+    /// The guest's walk under TDP, its tables read through the TDP tables, with the walker borrowed
+    /// in place (see `WalkerBox`).
+    @inline(never)
+    func walkTwoDimensional(_ address: GuestVirtualAddress, _ access: Access, in memory: TwoDimensionalMemory,
+                            fault: inout WalkFaultSummary) -> Translation {
+        walker.translate(address, access, in: memory, setAccessedDirty: true, sink: &fault)
+    }
 }
 
 extension VCPU {
-    /// An EPT walk; on a fault, nil with the fault kept. With PML, a write that sets a leaf's D bit
-    /// logs the gfn.
+    /// A TDP walk; on a fault, nil with the fault kept.
+    @inline(__always)
     static func translateNested(_ walker: NestedWalker, _ gpa: GuestPhysicalAddress, _ kind: AccessKind,
                                 host: HostPhysicalView, pml: Bool,
                                 faults: TwoDimensionalMemory.Faults) -> NestedTranslation? {
         switch walker {
-        case .ept(let ept):
-            guard let translation = translateEPT(ept, gpa, kind, host: host, pml: pml, faults: faults) else { return nil }
-            return NestedTranslation(host: translation.outputAddress.rawValue, readable: translation.isReadable,
-                                     writable: translation.isWritable, executable: translation.isExecutable,
-                                     leafDirty: !ept.pointer.accessedDirtyEnabled
-                                        || translation.path.entryValue(level: translation.level) & (1 << 9) != 0)
-        case .npt(let npt):
-            switch npt.translate(GuestVirtualAddress(gpa.rawValue), Access(kind, .user), in: host, setAccessedDirty: true) {
-            case .success(let translation):
-                return NestedTranslation(host: translation.physicalAddress.rawValue, readable: true,
-                                         writable: translation.isWritable, executable: translation.isExecutable,
-                                         leafDirty: translation.path.entryValue(level: translation.level) & 0x40 != 0)
-            case .failure(let fault):
-                faults.fault = .npt(fault)
-                return nil
-            }
+        case .ept(let ept): ept.translate(gpa, kind, host: host, pml: pml, faults: faults)
+        case .npt(let npt): npt.translate(gpa, kind, host: host, faults: faults)
         }
-    }
-
-    static func translateEPT(_ ept: EPTWalker, _ gpa: GuestPhysicalAddress, _ kind: AccessKind, host: HostPhysicalView,
-                             pml: Bool, faults: TwoDimensionalMemory.Faults) -> EPTTranslation? {
-        var wasClean = false
-        if pml && kind == .write, case .success(let probe) = ept.translate(gpa, .write, in: host, setAccessedDirty: false) {
-            wasClean = probe.path.entryValue(level: probe.level) & (1 << 9) == 0
-        }
-        var fault: EPTWalkFault?
-        let translation = ept.translate(gpa, kind, in: host, setAccessedDirty: true, fault: &fault)
-        if let fault {
-            faults.fault = .ept(fault)
-            return nil
-        }
-        if wasClean { faults.dirtied.append(gpa.frame) }
-        return translation
     }
 
     // MARK: Registers
@@ -176,7 +242,7 @@ extension VCPU {
             throw .impossibleRegisters(error)
         }
         state.registers = new
-        state.guestWalker = walker
+        state.guestWalkerBox = WalkerBox(walker)
         // The architecture flushes what CR0/CR4/EFER changes require; flushing everything on any
         // change of them is allowed (a TLB may drop entries at any time).
         if new.cr0 != old.cr0 || new.cr4 != old.cr4 || new.efer != old.efer { tlb.flush() }
@@ -193,7 +259,7 @@ extension VCPU {
             throw .impossibleRegisters(error)
         }
         state.registers = new
-        state.guestWalker = walker
+        state.guestWalkerBox = WalkerBox(walker)
         // A MOV to CR3 invalidates the PCID's non-global translations (without PCIDs, all
         // non-global ones) unless bit 63 keeps them; this TLB has no per-PCID flush and flushes
         // everything (more than the architecture asks, which it allows).
@@ -241,8 +307,7 @@ extension VCPU {
     /// The requests a VM entry services under TDP: a remote TLB flush (KVM_REQ_TLB_FLUSH), and
     /// KVM_REQ_MMU_FREE_OBSOLETE_ROOTS (an invalid root is put; the entry loads a new one).
     func tdpServiceRequests(_ state: TDPVCPUState) {
-        if hot.pointee.freeObsoleteRootsRequested {
-            hot.pointee.freeObsoleteRootsRequested = false
+        if checkRequest(.freeObsoleteRoots) {
             if let root = state.root, root.isInvalid {
                 try? state.tdp.putRoot(root)
                 state.root = nil
@@ -250,11 +315,10 @@ extension VCPU {
                 hot.pointee.rootFrame = Self.noRoot
             }
         }
-        if hot.pointee.flushAllRequested || !hot.pointee.requests.isEmpty {
-            mmu.count(.tlbFlush)
+        if checkRequest(.flushAll) || !hot.pointee.requests.isEmpty {
+            count(.tlbFlush)
             tlb.flush()
         }
-        hot.pointee.flushAllRequested = false
         hot.pointee.requests = []
     }
 
@@ -275,9 +339,9 @@ extension VCPU {
         let ept: NestedWalker
         if state.tdp.masks.isEPT {
             do {
-                ept = .ept(try EPTWalker(pointer: EPTPointer(root: root.frame.address.rawValue, levels: root.level,
-                                                             accessedDirty: state.tdp.masks.accessedDirtyEnabled),
-                                         capabilities: state.capabilities))
+                ept = .ept(EPTHardwareWalker(try EPTWalker(pointer: EPTPointer(root: root.frame.address.rawValue, levels: root.level,
+                                                                               accessedDirty: state.tdp.masks.accessedDirtyEnabled),
+                                                           capabilities: state.capabilities)))
             } catch {
                 throw .corruptShadowTables("the hardware refuses KVM's EPTP: \(error)")
             }
@@ -288,9 +352,9 @@ extension VCPU {
             let registers = PagingRegisters(cr0: [.protectionEnable, .writeProtect, .paging], cr3: root.frame.address.rawValue,
                                             cr4: cr4, efer: [.noExecuteEnable, .longModeEnable, .longModeActive])
             do {
-                ept = .npt(try PageWalker(registers: registers,
-                                          cpu: CPUModel(maxPhysicalAddressBits: state.tdp.masks.hostPhysicalAddressBits),
-                                          memory: host))
+                ept = .npt(NPTHardwareWalker(try PageWalker(registers: registers,
+                                                            cpu: CPUModel(maxPhysicalAddressBits: state.tdp.masks.hostPhysicalAddressBits),
+                                                            memory: host)))
             } catch {
                 throw .corruptShadowTables("the hardware refuses KVM's nCR3: \(error)")
             }
@@ -310,9 +374,7 @@ extension VCPU {
         var exits = 0
         var firstTry = true
         while exits <= Self.maxExitsPerAccess {
-            serviceRequests()
-            if dirtyRing?.isSoftFull == true { try exitForFullDirtyRing() }
-            let ept = try tdpLoadRoot(state)
+            let ept = try tdpEnterGuest(state)
             let tag = hot.pointee.rootFrame
             if let entry = tlb.lookup(address, root: tag), tdpAllows(entry, access),
                access.kind != .write || entry.permitsSubPageWrite(atPageOffset: address.rawValue & pageOffsetMask, size: size) {
@@ -324,6 +386,12 @@ extension VCPU {
             firstTry = false
             tlb.invalidate(address, root: tag)
             let outcome = tdpWalk(address, access, size: size, ept: ept, state)
+            if state.walkFaults.pmlLogged >= TwoDimensionalMemory.Faults.pmlEntries {
+                // EXIT_REASON_PML_FULL.
+                leaveGuestMode()
+                count(.exit)
+                tdpDrainPML(state)
+            }
             switch outcome {
             case .translated(let hostAddress, let gpa, let permissions, let dirty, let cacheable, let subPageWriteMask):
                 if cacheable {
@@ -339,13 +407,28 @@ extension VCPU {
             case .generalProtection:
                 return AccessOutcome(result: .generalProtection, exits: exits, emulated: false, tlbHit: false)
             case .subPageTableFault(let gpa, let fault):
+                leaveGuestMode()
                 exits += 1
-                mmu.count(.exit)
+                count(.exit)
+                // `handle_spp` reads the memslots for the bitmaps (KVM's srcu read side).
+                let srcu = vm.memslotsSRCU
+                srcu.lockShared()
+                defer { srcu.unlockShared() }
                 try handleSubPageTableFault(fault, at: gpa, state)
+            case .mmuLockBusy:
+                // The hardware cannot wait for a lock: the vCPU exits (as a kick would make it),
+                // and waits for the writer outside guest mode.
+                waitOutsideGuestMode(for: state.tdp.lock)
             case .exit(let gpa, let errorCode):
+                leaveGuestMode()
                 exits += 1
-                mmu.count(.exit)
+                count(.exit)
+                tdpDrainPML(state)
                 guard let root = state.root else { continue }
+                // The exit's handling reads the memslots (KVM's srcu read side).
+                let srcu = vm.memslotsSRCU
+                srcu.lockShared()
+                defer { srcu.unlockShared() }
                 let decision: PageFaultResult
                 do {
                     decision = try state.tdp.pageFault(at: gpa, errorCode: errorCode, root: root, vcpuID: id)
@@ -355,7 +438,7 @@ extension VCPU {
                 switch decision {
                 case .emulate:
                     return try emulate(address, access, size: size, value: value, exits: exits,
-                                       guestWalker: WalkerBox(state.guestWalker))
+                                       guestWalker: state.guestWalkerBox)
                 case .injectGuestFault(let cr2, let errorCode):
                     return AccessOutcome(result: .pageFault(errorCode: errorCode, cr2: cr2), exits: exits, emulated: false,
                                          tlbHit: false)
@@ -372,6 +455,36 @@ extension VCPU {
         throw .livelock(address, exits: exits)
     }
 
+    /// VM entry under TDP (`vcpu_enter_guest`): requests serviced and a root loaded outside guest
+    /// mode, then guest mode, retried while requests arrive; a vCPU already in guest mode with
+    /// nothing pending runs on.
+    private func tdpEnterGuest(_ state: TDPVCPUState) throws(VirtualMachineError) -> NestedWalker {
+        while true {
+            if staysInGuestMode, let ept = state.ept { return ept }
+            leaveGuestMode()
+            serviceRequests()
+            if hot.pointee.usesDirtyRing, dirtyRing?.isSoftFull == true { try exitForFullDirtyRing() }
+            let ept = try tdpLoadRoot(state)
+            if tryEnterGuestMode() { return ept }
+        }
+    }
+
+    /// Drains the PML buffer into the dirty log (`vmx_flush_pml_buffer`, at every exit), outside
+    /// guest mode and under the memslots' srcu.
+    func tdpDrainPML(_ state: TDPVCPUState) {
+        let faults = state.walkFaults
+        guard faults.pmlLogged > 0 else { return }
+        let srcu = vm.memslotsSRCU
+        srcu.lockShared()
+        // Marked before they leave the buffer (see `TDPMMU.pmlBufferedGFNs`).
+        faults.pmlBuffer.withLock { buffer in
+            for gfn in buffer { _ = vm.memory.markDirty(gfn) }
+            buffer.removeAll(keepingCapacity: true)
+        }
+        srcu.unlockShared()
+        faults.pmlLogged = 0
+    }
+
     /// Whether a TLB entry lets the access through (as `allows`, for the slow path).
     private func tdpAllows(_ entry: TLB.Entry, _ access: Access) -> Bool {
         if access.kind == .write && !entry.dirty { return false }
@@ -386,27 +499,33 @@ extension VCPU {
     private func tdpWalk(_ address: GuestVirtualAddress, _ access: Access, size: Int, ept: NestedWalker,
                          _ state: TDPVCPUState) -> TDPWalkOutcome {
         let lock = state.tdp.lock
-        lock.lockShared()
-        let faults = TwoDimensionalMemory.Faults()
+        if runsOnOwnThread {
+            guard lock.tryLockShared() else { return .mmuLockBusy }
+        } else {
+            lock.lockShared()
+        }
+        let faults = state.walkFaults
+        faults.startWalk()
         let outcome = tdpWalkLocked(address, access, size: size, ept: ept, state, faults)
         lock.unlockShared()
-        for gfn in faults.dirtied { _ = vm.memory.markDirty(gfn) }
         return outcome
     }
 
     private func tdpWalkLocked(_ address: GuestVirtualAddress, _ access: Access, size: Int, ept: NestedWalker,
                                _ state: TDPVCPUState, _ faults: TwoDimensionalMemory.Faults) -> TDPWalkOutcome {
-        let memory = TwoDimensionalMemory(ept: ept, host: host, kind: state.tableAccess, pml: state.pml, faults: faults)
-        let translation: Translation
-        switch state.guestWalker.translate(address, access, in: memory, setAccessedDirty: true) {
-        case .success(let result):
-            translation = result
-        case .failure(.pageFault(let fault)):
-            return .guestFault(PageFaultErrorCode(rawValue: UInt64(fault.errorCode.architectural)))
-        case .failure(.generalProtection), .failure(.addressTooWide):
+        let memory = TwoDimensionalMemory(ept: ept, host: host, kind: state.tableAccess, pml: state.pml, faults: faults,
+                                          tlb: tlb, root: state.root?.frame.rawValue ?? Self.noRoot)
+        var walkFault = WalkFaultSummary()
+        let translation = state.guestWalkerBox.walkTwoDimensional(address, access, in: memory, fault: &walkFault)
+        switch walkFault.kind {
+        case .none:
+            break
+        case .pageFault:
+            return .guestFault(PageFaultErrorCode(rawValue: UInt64(walkFault.errorCode.architectural)))
+        case .generalProtection, .addressTooWide:
             return .generalProtection
-        case .failure(.noMemory(let gpa, _, _)):
-            return tdpExit(faults.fault, gpa: gpa, final: false)
+        case .noMemory:
+            return tdpExit(faults.fault, gpa: walkFault.unbackedEntry, final: false)
         }
         // Without EPT A/D the guest's tables were read with reads; an A/D update the EPT leaf did
         // not allow was skipped and is an EPT violation of a write to that table.
@@ -431,12 +550,12 @@ extension VCPU {
         let guestDirty = state.registers.mode == .disabled
             || translation.path.entryValue(level: translation.level) & 0x40 != 0
         guard let final = Self.translateNested(ept, gpa, access.kind, host: host, pml: state.pml, faults: faults) else {
-            if access.kind == .write, let protection = state.tdp.subPageProtection, case .ept(let walker) = ept,
+            if access.kind == .write, let protection = state.tdp.subPageProtection, case .ept(let hardware) = ept,
                case .ept(.violation(_, _, let level, let path))? = faults.fault,
                level == 1, path.bottomLevel == 1,  // SPP applies to 4 KiB leaves only
                let checked = subPageCheckedWrite(at: gpa, size: size, leaf: SPTE(path.entryValue(level: level)), level: level,
                                                  guestPermissions: translation.permissions, guestDirty: guestDirty,
-                                                 walker: walker, protection: protection) {
+                                                 walker: hardware.walker, protection: protection) {
                 return checked
             }
             return tdpExit(faults.fault, gpa: gpa, final: true)

@@ -80,19 +80,21 @@ extension VirtualMachine {
     /// SPTEs made for that range before are stale.
     @discardableResult
     public func addMemslot(id: Int, base: GuestPhysicalAddress, size: UInt64, readOnly: Bool = false) throws(VirtualMachineError) -> Memslot {
-        if let tdp {
-            // Host frames aligned with the guest's modulo 2 MiB, as a VMM aligns its mapping, so
-            // that 2 MiB-aligned guest pages can map huge.
+        try changingMemslots { () throws(VirtualMachineError) in
+            if let tdp {
+                // Host frames aligned with the guest's modulo 2 MiB, as a VMM aligns its mapping, so
+                // that 2 MiB-aligned guest pages can map huge.
+                do {
+                    return try tdp.addMemslot(id: id, base: base, size: size, flags: readOnly ? .readOnly : [], hostAlignment: 512)
+                } catch {
+                    throw .memslot("\(error)")
+                }
+            }
             do {
-                return try tdp.addMemslot(id: id, base: base, size: size, flags: readOnly ? .readOnly : [], hostAlignment: 512)
+                return try memory.addSlot(id: id, base: base, size: size, flags: readOnly ? .readOnly : [])
             } catch {
                 throw .memslot("\(error)")
             }
-        }
-        do {
-            return try memory.addSlot(id: id, base: base, size: size, flags: readOnly ? .readOnly : [])
-        } catch {
-            throw .memslot("\(error)")
         }
     }
 
@@ -100,31 +102,35 @@ extension VirtualMachine {
     /// (`kvm_arch_flush_shadow_memslot`, which with the default KVM_X86_QUIRK_SLOT_ZAP_ALL zaps
     /// every shadow page at once), while the slot's gfns still lead to their host frames.
     public func deleteMemslot(id: Int) throws(VirtualMachineError) {
-        guard memory.slot(id: id) != nil else { throw .memslot("there is no memslot \(id)") }
-        if let tdp {
-            do { try tdp.deleteMemslot(id: id) } catch { throw .memslot("\(error)") }
-            return
+        try changingMemslots { () throws(VirtualMachineError) in
+            guard memory.slot(id: id) != nil else { throw .memslot("there is no memslot \(id)") }
+            if let tdp {
+                do { try tdp.deleteMemslot(id: id) } catch { throw .memslot("\(error)") }
+                return
+            }
+            mmu.zapAllFast()
+            do { try memory.deleteSlot(id: id) } catch { throw .memslot("\(error)") }
         }
-        mmu.zapAllFast()
-        do { try memory.deleteSlot(id: id) } catch { throw .memslot("\(error)") }
     }
 
     /// Moves a slot (KVM_MR_MOVE): the same memory at another guest-physical address; the shadow
     /// MMU is flushed as for a deletion.
     @discardableResult
     public func moveMemslot(id: Int, to base: GuestPhysicalAddress) throws(VirtualMachineError) -> Memslot {
-        guard let slot = memory.slot(id: id) else { throw .memslot("there is no memslot \(id)") }
-        guard base != slot.baseAddress else { return slot }
-        do {
-            // Refused layouts are refused before anything is zapped.
-            try checkMove(slot, to: base)
-            if let tdp { return try tdp.moveMemslot(id: id, to: base) }
-            mmu.zapAllFast()
-            return try memory.moveSlot(id: id, to: base)
-        } catch let error as VirtualMachineError {
-            throw error
-        } catch {
-            throw .memslot("\(error)")
+        try changingMemslots { () throws(VirtualMachineError) in
+            guard let slot = memory.slot(id: id) else { throw .memslot("there is no memslot \(id)") }
+            guard base != slot.baseAddress else { return slot }
+            do {
+                // Refused layouts are refused before anything is zapped.
+                try checkMove(slot, to: base)
+                if let tdp { return try tdp.moveMemslot(id: id, to: base) }
+                mmu.zapAllFast()
+                return try memory.moveSlot(id: id, to: base)
+            } catch let error as VirtualMachineError {
+                throw error
+            } catch {
+                throw .memslot("\(error)")
+            }
         }
     }
 
@@ -141,20 +147,22 @@ extension VirtualMachine {
     /// Turning it on gives the slot a clear bitmap and write-protects every SPTE mapping it, so
     /// that the first write to each page faults and is logged; then the TLBs are flushed.
     public func setDirtyLogging(slot id: Int, _ enabled: Bool) throws(VirtualMachineError) {
-        guard let slot = memory.slot(id: id) else { throw .memslot("there is no memslot \(id)") }
-        guard slot.logsDirtyPages != enabled else { return }
-        var flags = slot.flags
-        if enabled { flags.insert(.logDirtyPages) } else { flags.remove(.logDirtyPages) }
-        if let tdp {
-            // kvm_mmu_slot_apply_flags: eager splitting, write protection (or D bits cleared with
-            // PML), a remote TLB flush.
-            do { try tdp.setMemslotFlags(id: id, flags: flags) } catch { throw .memslot("\(error)") }
-            return
-        }
-        do { try memory.setFlags(id: id, flags: flags) } catch { throw .memslot("\(error)") }
-        if enabled {
-            mmu.removeWriteAccess(from: slot)
-            mmu.flushRemoteTLBs()
+        try changingMemslots { () throws(VirtualMachineError) in
+            guard let slot = memory.slot(id: id) else { throw .memslot("there is no memslot \(id)") }
+            guard slot.logsDirtyPages != enabled else { return }
+            var flags = slot.flags
+            if enabled { flags.insert(.logDirtyPages) } else { flags.remove(.logDirtyPages) }
+            if let tdp {
+                // kvm_mmu_slot_apply_flags: eager splitting, write protection (or D bits cleared with
+                // PML), a remote TLB flush.
+                do { try tdp.setMemslotFlags(id: id, flags: flags) } catch { throw .memslot("\(error)") }
+                return
+            }
+            do { try memory.setFlags(id: id, flags: flags) } catch { throw .memslot("\(error)") }
+            if enabled {
+                mmu.removeWriteAccess(from: slot)
+                mmu.flushRemoteTLBs()
+            }
         }
     }
 
@@ -163,32 +171,34 @@ extension VirtualMachine {
     /// (`ringEntries` entries a vCPU: a power of two from 256 to 65536) only before the first
     /// vCPU exists, and once chosen it stays.
     public func setDirtyLogProtocol(_ new: DirtyLogProtocol, ringEntries: Int = 4096) throws(VirtualMachineError) {
-        guard new != dirtyLogProtocol else { return }
-        if dirtyLogProtocol == .ring { throw .memslot("a VM with dirty rings cannot go back to the dirty bitmap") }
-        if let logging = memory.slots.first(where: \.logsDirtyPages) {
-            throw .memslot("the dirty-log protocol cannot change while memslot \(logging.id) logs dirty pages")
-        }
-        if new == .ring {
-            guard vcpus.isEmpty else { throw .memslot("dirty rings must be enabled before the first vCPU is created") }
-            guard ringEntries >= 256, ringEntries <= DirtyRing.maximumEntries, ringEntries & (ringEntries - 1) == 0 else {
-                throw .memslot("a dirty ring holds a power of two of entries from 256 to \(DirtyRing.maximumEntries), not \(ringEntries)")
+        try withSlotsLock { () throws(VirtualMachineError) in
+            guard new != dirtyLogProtocol else { return }
+            if dirtyLogProtocol == .ring { throw .memslot("a VM with dirty rings cannot go back to the dirty bitmap") }
+            if let logging = memory.slots.first(where: \.logsDirtyPages) {
+                throw .memslot("the dirty-log protocol cannot change while memslot \(logging.id) logs dirty pages")
             }
-            dirtyRingEntries = ringEntries
-            if let tdp {
-                do { try tdp.setDirtyLogProtection(.automatic) } catch { throw .memslot("\(error)") }
+            if new == .ring {
+                guard vcpus.isEmpty else { throw .memslot("dirty rings must be enabled before the first vCPU is created") }
+                guard ringEntries >= 256, ringEntries <= DirtyRing.maximumEntries, ringEntries & (ringEntries - 1) == 0 else {
+                    throw .memslot("a dirty ring holds a power of two of entries from 256 to \(DirtyRing.maximumEntries), not \(ringEntries)")
+                }
+                dirtyRingEntries = ringEntries
+                if let tdp {
+                    do { try tdp.setDirtyLogProtection(.automatic) } catch { throw .memslot("\(error)") }
+                }
+                memory.dirtyRingSink = { [unowned self] slot, offset in self.pushDirty(slot: slot, offset: offset) }
+            } else if let tdp {
+                do { try tdp.setDirtyLogProtection(new == .manualProtect ? .manual : .automatic) } catch { throw .memslot("\(error)") }
             }
-            memory.dirtyRingSink = { [unowned self] slot, offset in self.pushDirty(slot: slot, offset: offset) }
-        } else if let tdp {
-            do { try tdp.setDirtyLogProtection(new == .manualProtect ? .manual : .automatic) } catch { throw .memslot("\(error)") }
+            dirtyLogProtocol = new
         }
-        dirtyLogProtocol = new
     }
 
     /// `mark_page_dirty_in_slot` with dirty rings: onto the running vCPU's ring. A write made
     /// with no vCPU running (the VMM's own, through KVM) goes to the slot's bitmap, as with
     /// KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP.
     private func pushDirty(slot: Int, offset: UInt64) {
-        if let id = runningVCPU, vcpus[id].pushDirty(DirtyRing.Entry(slot: slot, offset: offset)) { return }
+        if let vcpu = Self.running.vcpu, vcpu.vm === self, vcpu.pushDirty(DirtyRing.Entry(slot: slot, offset: offset)) { return }
         let sink = memory.dirtyRingSink
         memory.dirtyRingSink = nil
         defer { memory.dirtyRingSink = sink }
@@ -246,30 +256,32 @@ extension VirtualMachine {
     /// whose bits have not been cleared (manual protection), in ascending order. Get-and-reset
     /// write-protects the pages it reports in the same step and flushes the TLBs if it did.
     public func getDirtyLog(slot id: Int) throws(VirtualMachineError) -> [GuestFrameNumber] {
-        guard let slot = memory.slot(id: id) else { throw .memslot("there is no memslot \(id)") }
-        if let tdp {
+        try withSlotsLock { () throws(VirtualMachineError) in
+            guard let slot = memory.slot(id: id) else { throw .memslot("there is no memslot \(id)") }
+            if let tdp {
+                do {
+                    return Self.frames(in: try tdp.getDirtyLog(slot: id), base: slot.baseFrame.rawValue)
+                } catch {
+                    throw .memslot("\(error)")
+                }
+            }
+            let bitmap: [UInt64]
             do {
-                return Self.frames(in: try tdp.getDirtyLog(slot: id), base: slot.baseFrame.rawValue)
+                bitmap = dirtyLogProtocol == .getAndReset ? try memory.getAndClearDirtyLog(slot: id) : try memory.dirtyBitmap(slot: id)
             } catch {
                 throw .memslot("\(error)")
             }
-        }
-        let bitmap: [UInt64]
-        do {
-            bitmap = dirtyLogProtocol == .getAndReset ? try memory.getAndClearDirtyLog(slot: id) : try memory.dirtyBitmap(slot: id)
-        } catch {
-            throw .memslot("\(error)")
-        }
-        if dirtyLogProtocol == .getAndReset {
-            var flush = false
-            for (word, mask) in bitmap.enumerated() where mask != 0 {
-                // KVM flushes whenever a word had bits, write-protected or not.
-                flush = true
-                mmu.writeProtect(base: GuestFrameNumber(slot.baseFrame.rawValue + UInt64(word) * 64), mask: mask)
+            if dirtyLogProtocol == .getAndReset {
+                var flush = false
+                for (word, mask) in bitmap.enumerated() where mask != 0 {
+                    // KVM flushes whenever a word had bits, write-protected or not.
+                    flush = true
+                    mmu.writeProtect(base: GuestFrameNumber(slot.baseFrame.rawValue + UInt64(word) * 64), mask: mask)
+                }
+                if flush { mmu.flushRemoteTLBs() }
             }
-            if flush { mmu.flushRemoteTLBs() }
+            return Self.frames(in: bitmap, base: slot.baseFrame.rawValue)
         }
-        return Self.frames(in: bitmap, base: slot.baseFrame.rawValue)
     }
 
     /// KVM_CLEAR_DIRTY_LOG (manual protection only): clears the bits of `count` pages from page
@@ -278,46 +290,96 @@ extension VirtualMachine {
     /// slot. Returns the gfns whose bits were set.
     @discardableResult
     public func clearDirtyLog(slot id: Int, first: UInt64, count: UInt64) throws(VirtualMachineError) -> [GuestFrameNumber] {
-        guard dirtyLogProtocol == .manualProtect else {
-            throw .memslot("clearing the dirty log needs manual protection (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)")
-        }
-        guard let slot = memory.slot(id: id) else { throw .memslot("there is no memslot \(id)") }
-        guard first & 63 == 0 else { throw .memslot("the first page to clear (\(first)) must be a multiple of 64") }
-        guard first <= slot.pageCount, count <= slot.pageCount - first else {
-            throw .memslot("pages \(first)..<\(first &+ count) are not all in memslot \(id) (\(slot.pageCount) pages)")
-        }
-        guard count & 63 == 0 || first + count == slot.pageCount else {
-            throw .memslot("the page count (\(count)) must be a multiple of 64 unless the range ends at the slot's end")
-        }
-        guard count > 0 else { return [] }
-        // KVM_CLEAR_DIRTY_LOG's bitmap: every page of the range, a word for each 64.
-        var request = [UInt64](repeating: ~0, count: Int((count + 63) / 64))
-        if count % 64 != 0 { request[request.count - 1] = (1 << (count % 64)) - 1 }
-        if let tdp {
-            // The bits that were set in the range, then the TDP MMU's KVM_CLEAR_DIRTY_LOG of it.
-            let before: [UInt64]
-            do { before = try memory.dirtyBitmap(slot: id) } catch { throw .memslot("\(error)") }
-            var cleared = [UInt64](repeating: 0, count: request.count)
-            for word in 0..<request.count {
-                let index = Int(first / 64) + word
-                if index < before.count { cleared[word] = before[index] & request[word] }
+        try withSlotsLock { () throws(VirtualMachineError) in
+            guard dirtyLogProtocol == .manualProtect else {
+                throw .memslot("clearing the dirty log needs manual protection (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)")
             }
-            do { try tdp.clearDirtyLog(slot: id, firstPage: first, bitmap: request) } catch { throw .memslot("\(error)") }
+            guard let slot = memory.slot(id: id) else { throw .memslot("there is no memslot \(id)") }
+            guard first & 63 == 0 else { throw .memslot("the first page to clear (\(first)) must be a multiple of 64") }
+            guard first <= slot.pageCount, count <= slot.pageCount - first else {
+                throw .memslot("pages \(first)..<\(first &+ count) are not all in memslot \(id) (\(slot.pageCount) pages)")
+            }
+            guard count & 63 == 0 || first + count == slot.pageCount else {
+                throw .memslot("the page count (\(count)) must be a multiple of 64 unless the range ends at the slot's end")
+            }
+            guard count > 0 else { return [] }
+            // KVM_CLEAR_DIRTY_LOG's bitmap: every page of the range, a word for each 64.
+            var request = [UInt64](repeating: ~0, count: Int((count + 63) / 64))
+            if count % 64 != 0 { request[request.count - 1] = (1 << (count % 64)) - 1 }
+            if let tdp {
+                // The bits that were set in the range, then the TDP MMU's KVM_CLEAR_DIRTY_LOG of it.
+                let before: [UInt64]
+                do { before = try memory.dirtyBitmap(slot: id) } catch { throw .memslot("\(error)") }
+                var cleared = [UInt64](repeating: 0, count: request.count)
+                for word in 0..<request.count {
+                    let index = Int(first / 64) + word
+                    if index < before.count { cleared[word] = before[index] & request[word] }
+                }
+                do { try tdp.clearDirtyLog(slot: id, firstPage: first, bitmap: request) } catch { throw .memslot("\(error)") }
+                return Self.frames(in: cleared, base: slot.baseFrame.rawValue + first)
+            }
+            var cleared = [UInt64](repeating: 0, count: request.count)
+            var flush = false
+            for word in 0..<request.count {
+                let firstPage = first + UInt64(word) * 64
+                do { cleared[word] = try memory.clearDirty(slot: id, firstPage: firstPage, mask: request[word]) } catch {
+                    throw .memslot("\(error)")
+                }
+                guard cleared[word] != 0 else { continue }
+                flush = true
+                mmu.writeProtect(base: GuestFrameNumber(slot.baseFrame.rawValue + firstPage), mask: cleared[word])
+            }
+            if flush { mmu.flushRemoteTLBs() }
             return Self.frames(in: cleared, base: slot.baseFrame.rawValue + first)
         }
-        var cleared = [UInt64](repeating: 0, count: request.count)
-        var flush = false
-        for word in 0..<request.count {
-            let firstPage = first + UInt64(word) * 64
-            do { cleared[word] = try memory.clearDirty(slot: id, firstPage: firstPage, mask: request[word]) } catch {
-                throw .memslot("\(error)")
+    }
+
+    /// KVM_CLEAR_DIRTY_LOG as the ioctl takes it: the pages of `bitmap` (bit `i` of word `w` is
+    /// page `firstPage + 64 * w + i` of the slot), normally the bits a KVM_GET_DIRTY_LOG returned
+    /// and whose pages the VMM has copied, are cleared where set and write-protected again. Only
+    /// those: a page dirtied since that get stays dirty for the next one.
+    public func clearDirtyLog(slot id: Int, firstPage: UInt64, bitmap: [UInt64]) throws(VirtualMachineError) {
+        try withSlotsLock { () throws(VirtualMachineError) in
+            guard dirtyLogProtocol == .manualProtect else {
+                throw .memslot("clearing the dirty log needs manual protection (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)")
             }
-            guard cleared[word] != 0 else { continue }
-            flush = true
-            mmu.writeProtect(base: GuestFrameNumber(slot.baseFrame.rawValue + firstPage), mask: cleared[word])
+            guard let slot = memory.slot(id: id) else { throw .memslot("there is no memslot \(id)") }
+            if let tdp {
+                do { try tdp.clearDirtyLog(slot: id, firstPage: firstPage, bitmap: bitmap) } catch { throw .memslot("\(error)") }
+                return
+            }
+            let pages = UInt64(bitmap.count) * 64
+            guard firstPage & 63 == 0, firstPage < slot.pageCount, pages > 0,
+                  firstPage + pages <= slot.pageCount || firstPage + pages - slot.pageCount < 64
+            else { throw .memslot("pages \(firstPage)..<\(firstPage + pages) are not a range KVM_CLEAR_DIRTY_LOG takes in memslot \(id)") }
+            var flush = false
+            for (word, requested) in bitmap.enumerated() where requested != 0 {
+                let offset = firstPage + UInt64(word) * 64
+                let cleared: UInt64
+                do { cleared = try memory.clearDirty(slot: id, firstPage: offset, mask: requested) } catch { throw .memslot("\(error)") }
+                guard cleared != 0 else { continue }
+                flush = true
+                mmu.writeProtect(base: GuestFrameNumber(slot.baseFrame.rawValue + offset), mask: cleared)
+            }
+            if flush { mmu.flushRemoteTLBs() }
         }
-        if flush { mmu.flushRemoteTLBs() }
-        return Self.frames(in: cleared, base: slot.baseFrame.rawValue + first)
+    }
+
+    /// A memslot change (KVM_SET_USER_MEMORY_REGION): under `slots_lock`, and with the memslots'
+    /// srcu held for write, so that no vCPU's exit reads the memslots while they change.
+    private func changingMemslots<Result>(_ body: () throws(VirtualMachineError) -> Result) throws(VirtualMachineError) -> Result {
+        slotsLock.lockExclusive()
+        defer { slotsLock.unlockExclusive() }
+        memslotsSRCU.lockExclusive()
+        defer { memslotsSRCU.unlockExclusive() }
+        return try body()
+    }
+
+    /// A dirty-log operation, under `slots_lock` as KVM's ioctls take it.
+    private func withSlotsLock<Result>(_ body: () throws(VirtualMachineError) -> Result) throws(VirtualMachineError) -> Result {
+        slotsLock.lockExclusive()
+        defer { slotsLock.unlockExclusive() }
+        return try body()
     }
 
     static func frames(in bitmap: [UInt64], base: UInt64) -> [GuestFrameNumber] {

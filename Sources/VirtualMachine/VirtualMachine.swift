@@ -1,4 +1,5 @@
 import GuestMemory
+import Synchronization
 import KVMMMU
 import X86Paging
 
@@ -89,7 +90,11 @@ private final class UnownedVM: @unchecked Sendable {
 
 /// A virtual machine under KVM's shadow MMU or its TDP MMU: guest memory in memslots, the MMU,
 /// and vCPUs.
-public final class VirtualMachine {
+///
+/// Threads: the vCPUs may run on threads of their own (`runVCPUsOnThreads`, under TDP) while one
+/// VMM thread calls the VM's memslot, dirty-log and zap operations; everything else (adding vCPUs,
+/// scenario-style use of `VCPU.access`) runs on one thread at a time.
+public final class VirtualMachine: @unchecked Sendable {
     public let pool: HostPagePool
     public let memory: MemslotSet
     /// The shadow MMU. Under TDP it maps nothing (KVM keeps it for nested guests); the VM keeps
@@ -110,8 +115,17 @@ public final class VirtualMachine {
     public internal(set) var dirtyLogProtocol = DirtyLogProtocol.getAndReset
     /// Each vCPU's dirty-ring size, with the `ring` protocol.
     public internal(set) var dirtyRingEntries = 0
-    /// The vCPU whose access is being handled: where a dirty page is pushed with dirty rings.
-    @exclusivity(unchecked) var runningVCPU: Int?
+    /// The vCPU whose access the calling thread is handling: where a dirty page is pushed with
+    /// dirty rings.
+    static let running = RunningVCPU()
+    /// KVM's `kvm->srcu` for the memslots: a vCPU's exit handling reads them under it, and a
+    /// memslot change holds it for write (`synchronize_srcu`: no exit still reads the old layout).
+    let memslotsSRCU = MMULock()
+    /// KVM's `kvm->slots_lock`: the VMM's memslot and dirty-log operations, one at a time.
+    let slotsLock = MMULock()
+    /// `remote_tlb_flush_requests` and `remote_tlb_flush`, counted by whichever thread flushes.
+    private let remoteFlushRequests = Atomic<UInt64>(0)
+    private let remoteFlushes = Atomic<UInt64>(0)
 
     /// A VM with `memorySize` bytes of guest RAM in memslot 0 at GPA 0. The shadow-page cache holds
     /// `shadowPageLimit` pages (KVM_SET_NR_MMU_PAGES), by default what KVM derives from the
@@ -161,24 +175,36 @@ public final class VirtualMachine {
             // kvm_flush_remote_tlbs counts every call, and a flush only when the request had to
             // kick a vCPU running the guest: the vCPU whose exit KVM is handling is not, the
             // others are.
-            self.mmu.count(.remoteTLBFlushRequest)
-            if self.vcpus.count > 1 { self.mmu.count(.remoteTLBFlush) }
-            for vcpu in self.vcpus { vcpu.requestFlushAll() }
+            self.remoteFlushRequests.add(1, ordering: .relaxed)
+            if self.vcpus.count > 1 { self.remoteFlushes.add(1, ordering: .relaxed) }
+            for vcpu in self.vcpus { vcpu.makeRequest(.flushAll, wait: true) }
         }
         mmu.freeObsoleteRoots = { [unowned self] in
-            for vcpu in self.vcpus { vcpu.requestFreeObsoleteRoots() }
+            for vcpu in self.vcpus { vcpu.makeRequest(.freeObsoleteRoots, wait: false) }
         }
         guard let tdp = self.tdp else { return }
         let unowned = UnownedVM(self)
         // The TDP MMU counts its remote flushes itself.
-        tdp.flushRemoteTLBs = { for vcpu in unowned.vm.vcpus { vcpu.requestFlushAll() } }
-        tdp.freeObsoleteRoots = { for vcpu in unowned.vm.vcpus { vcpu.requestFreeObsoleteRoots() } }
+        tdp.flushRemoteTLBs = { for vcpu in unowned.vm.vcpus { vcpu.makeRequest(.flushAll, wait: true) } }
+        tdp.pmlBufferedGFNs = {
+            var gfns = Set<UInt64>()
+            for vcpu in unowned.vm.vcpus {
+                vcpu.tdpState?.walkFaults.pmlBuffer.withLock { for gfn in $0 { gfns.insert(gfn.rawValue) } }
+            }
+            return gfns
+        }
+        tdp.freeObsoleteRoots = { for vcpu in unowned.vm.vcpus { vcpu.makeRequest(.freeObsoleteRoots, wait: false) } }
     }
 
-    /// Every counter: the VM's and the shadow MMU's, plus the TDP MMU's under TDP.
+    /// Every counter: the VM's, every vCPU's and the shadow MMU's, plus the TDP MMU's under TDP.
+    /// Read it when no vCPU thread runs.
     public var stats: MMUStats {
-        guard let tdp else { return mmu.stats }
-        return mmu.stats.merged(with: tdp.stats)
+        var stats = mmu.stats
+        stats.remoteTLBFlushRequests &+= remoteFlushRequests.load(ordering: .relaxed)
+        stats.remoteTLBFlush &+= remoteFlushes.load(ordering: .relaxed)
+        for vcpu in vcpus { stats = stats.merged(with: vcpu.stat) }
+        guard let tdp else { return stats }
+        return stats.merged(with: tdp.stats)
     }
 
     /// Every broken invariant the MMU's auditor finds (empty when all hold).
@@ -240,8 +266,9 @@ public struct AccessOutcome: Equatable, Sendable {
 }
 
 /// A vCPU: the guest's registers, KVM's MMU context for it, and the host hardware (TLB and the
-/// page walker over KVM's SPTEs) that runs its accesses.
-public final class VCPU {
+/// page walker over KVM's SPTEs) that runs its accesses. One thread at a time runs it; other
+/// threads reach it only through its requests (`makeRequest`).
+public final class VCPU: @unchecked Sendable {
     public unowned let vm: VirtualMachine
     public let id: Int
     public let context: MMUContext
@@ -265,15 +292,25 @@ public final class VCPU {
     public var dirtyRingFullHandler: (() -> Void)?
     /// KVM_EXIT_DIRTY_RING_FULL exits taken.
     public private(set) var dirtyRingFullExits = 0
+    /// This vCPU's counters (KVM's `vcpu->stat`: `exits`, `tlb_flush`, `insn_emulation`,
+    /// `pf_guest`, `mmio_exits`), written only by the thread running it.
+    @exclusivity(unchecked) public private(set) var stat = MMUStats()
+    /// Other threads' requests and this vCPU's mode (VCPU+GuestMode.swift).
+    let signals = VCPUSignals()
 
     /// What every access reads, behind a pointer: a class's `var`s would cost an exclusivity
     /// check each, and a TLB hit must cost a few loads.
     struct HotState {
-        /// TLB flushes requested of this vCPU, serviced at the next entry.
+        /// TLB flushes this vCPU's own exits requested, serviced at the next entry (other threads'
+        /// requests are in `signals`).
         var requests: TLBFlushRequests = []
-        var flushAllRequested = false
-        /// KVM_REQ_MMU_FREE_OBSOLETE_ROOTS.
-        var freeObsoleteRootsRequested = false
+        /// The vCPU runs on a thread of its own (`VirtualMachine.runVCPUsOnThreads`).
+        var runsOnOwnThread = false
+        /// In guest mode (only with a thread of its own), and the entries made.
+        var inGuestMode = false
+        var guestEntries: UInt64 = 0
+        /// The VM has dirty rings (`dirtyRing` is set): reading the ring costs a copy.
+        var usesDirtyRing = false
         /// The guest's linear addresses are 32 bits wide (not IA-32e).
         var narrowLinearAddresses: Bool
         /// The width an IA-32e guest's addresses must be canonical in (48 or 57): the hardware may
@@ -287,6 +324,10 @@ public final class VCPU {
         var refusals: UInt128 = ~0
     }
     let hot: UnsafeMutablePointer<HotState>
+    /// Counts one of this vCPU's events. Out of line: see `ShadowMMU.count`.
+    @inline(never)
+    func count(_ counter: ShadowMMU.VCPUCounter) { stat.count(counter) }
+
     /// A bound on exits for one access: each exit must make progress.
     public static let maxExitsPerAccess = 64
 
@@ -300,7 +341,10 @@ public final class VCPU {
         hot.initialize(to: HotState(narrowLinearAddresses: !registers.mode.isLongMode,
                                     canonicalWidth: registers.mode.isLongMode ? registers.mode.linearAddressWidth : 64))
         hostLevels = vm.hostLevels
-        if vm.dirtyLogProtocol == .ring { dirtyRing = DirtyRing(size: vm.dirtyRingEntries) }
+        if vm.dirtyLogProtocol == .ring {
+            dirtyRing = DirtyRing(size: vm.dirtyRingEntries)
+            hot.pointee.usesDirtyRing = true
+        }
         if let tdp = vm.tdp {
             tdpState = try TDPVCPUState(tdp: tdp, registers: registers, cpu: vm.cpu, memory: vm.memory)
         } else {
@@ -352,10 +396,10 @@ public final class VCPU {
     /// registers hold no TS), a MOV to CR3 always, and WRMSR to EFER always (intercepted). One
     /// exit for each register the write changes; RFLAGS.AC and PKRU are the guest's own.
     private func countRegisterWriteExits(from old: PagingRegisters, to new: PagingRegisters) {
-        if new.cr0 != old.cr0 { mmu.count(.exit) }
-        if new.cr3 != old.cr3 { mmu.count(.exit) }
-        if new.cr4 != old.cr4 { mmu.count(.exit) }
-        if new.efer != old.efer { mmu.count(.exit) }
+        if new.cr0 != old.cr0 { count(.exit) }
+        if new.cr3 != old.cr3 { count(.exit) }
+        if new.cr4 != old.cr4 { count(.exit) }
+        if new.efer != old.efer { count(.exit) }
     }
 
     /// Until the next entry loads a root, no TLB entry matches: entries stay tagged with the
@@ -386,7 +430,7 @@ public final class VCPU {
             throw .invalidAccess("MOV to CR3 with bit 63 (no flush) needs CR4.PCIDE")
         }
         if let tdpState { return try tdpLoadCR3(value, noFlush: noFlush, tdpState) }
-        mmu.count(.exit)  // CR3-load exiting: shadow paging intercepts every MOV to CR3
+        count(.exit)  // CR3-load exiting: shadow paging intercepts every MOV to CR3
         do {
             hot.pointee.requests.formUnion(try context.loadCR3(value, noFlush: noFlush))
         } catch {
@@ -403,7 +447,7 @@ public final class VCPU {
     public func invalidatePCID(_ type: INVPCIDType, pcid: UInt64, address: GuestVirtualAddress) -> Bool {
         if let tdpState { return tdpInvalidatePCID(type, pcid: pcid, address: address, tdpState) }
         // With INVLPG exiting (shadow paging) INVPCID exits too, before its operand checks.
-        mmu.count(.exit)
+        count(.exit)
         guard !registers.invpcidFaults(type, pcid: pcid, address: address) else { return false }
         let outcome = context.invalidatePCID(type, pcid: UInt16(pcid), address: address)
         if outcome.flushesAddressInCurrent { tlb.invalidate(address) }
@@ -414,16 +458,11 @@ public final class VCPU {
     }
 
     /// KVM_REQ_TLB_FLUSH, raised on every vCPU by `kvm_flush_remote_tlbs`.
-    func requestFlushAll() { hot.pointee.flushAllRequested = true }
-
-    func requestFreeObsoleteRoots() { hot.pointee.freeObsoleteRootsRequested = true }
-
     /// The TLB-flush requests a VM entry services (`kvm_vcpu_flush_tlb_all`, then
     /// `kvm_service_local_tlb_flush_requests`), each counted in `tlb_flush`.
     @inline(__always)
     func serviceRequests() {
-        guard hot.pointee.flushAllRequested || !hot.pointee.requests.isEmpty || hot.pointee.freeObsoleteRootsRequested
-        else { return }
+        guard hasRemoteRequests || !hot.pointee.requests.isEmpty else { return }
         servicePendingRequests()
     }
 
@@ -432,8 +471,7 @@ public final class VCPU {
     @inline(never)
     private func servicePendingRequests() {
         if let tdpState { return tdpServiceRequests(tdpState) }
-        if hot.pointee.freeObsoleteRootsRequested {
-            hot.pointee.freeObsoleteRootsRequested = false
+        if checkRequest(.freeObsoleteRoots) {
             context.freeObsoleteRoots()
             if !context.rootsLoaded { dropHardwareWalker() }
         }
@@ -443,25 +481,24 @@ public final class VCPU {
     private func serviceFlushRequests() {
         var requests = hot.pointee.requests
         if requests.contains(.syncRoots) { context.syncRoots() }  // KVM_REQ_MMU_SYNC
-        if hot.pointee.flushAllRequested {
-            mmu.count(.tlbFlush)
+        if checkRequest(.flushAll) {
+            count(.tlbFlush)
             tlb.flush()
             requests.remove(.flushCurrent)  // flushing everything flushed the current root too
         }
         if requests.contains(.flushCurrent) {
-            mmu.count(.tlbFlush)
+            count(.tlbFlush)
             tlb.flush()
         }
         if requests.contains(.flushGuest) {
             // `kvm_vcpu_flush_tlb_guest`: without TDP the guest's flush syncs the current roots and
             // frees the cached ones that are unsync.
-            mmu.count(.tlbFlush)
+            count(.tlbFlush)
             context.syncRoots()
             context.syncPreviousRoots()
             tlb.flush()
         }
         hot.pointee.requests = []
-        hot.pointee.flushAllRequested = false
     }
 
     /// INVLPG.
@@ -470,7 +507,7 @@ public final class VCPU {
             tlb.invalidate(address)  // no exit: the hardware invalidates (INVLPG is not intercepted)
             return
         }
-        mmu.count(.exit)  // INVLPG exiting
+        count(.exit)  // INVLPG exiting
         context.invalidatePage(address)
         tlb.invalidate(address)
         serviceRequests()
@@ -561,7 +598,7 @@ public final class VCPU {
     private func tlbHit(_ address: GuestVirtualAddress, _ access: Access, size: Int, value: UInt64) -> AccessOutcome? {
         guard size & (size - 1) == 0, size <= 8, address.rawValue & pageOffsetMask <= pageSize - UInt64(size),
               !(hot.pointee.narrowLinearAddresses && address.rawValue >> 32 != 0),
-              !hot.pointee.flushAllRequested, hot.pointee.requests.isEmpty, !hot.pointee.freeObsoleteRootsRequested,
+              !hasRemoteRequests, hot.pointee.requests.isEmpty, mayRunGuest,
               let entry = tlb.lookup(address, root: hot.pointee.rootFrame), allows(entry, access, at: address, size: size)
         else { return nil }
         let offset = address.rawValue & pageOffsetMask
@@ -573,10 +610,17 @@ public final class VCPU {
     @inline(never)
     private func slowAccess(_ address: GuestVirtualAddress, _ access: Access, size: Int,
                             value: UInt64) throws(VirtualMachineError) -> AccessOutcome {
-        vm.runningVCPU = id
-        defer { vm.runningVCPU = nil }
+        let wasRunning = VirtualMachine.running.vcpu
+        VirtualMachine.running.set(self)
+        defer { VirtualMachine.running.set(wasRunning) }
         let outcome = try run(address, access, size: size, value: value)
-        serviceRequests()  // the entry that resumes the guest after any exit the access took
+        // The entry that resumes the guest after any exit the access took (a vCPU on its own
+        // thread makes it before its next access). Without a thread of its own the vCPU exits to
+        // the VMM after each access, which drains the PML buffer.
+        if !runsOnOwnThread {
+            if let tdpState { tdpDrainPML(tdpState) }
+            serviceRequests()
+        }
         return outcome
     }
 
@@ -600,7 +644,7 @@ public final class VCPU {
         var firstTry = true
         while exits <= Self.maxExitsPerAccess {
             serviceRequests()  // VM entry, which loads the roots (kvm_mmu_reload) before the guest runs
-            if dirtyRing?.isSoftFull == true { try exitForFullDirtyRing() }
+            if hot.pointee.usesDirtyRing, dirtyRing?.isSoftFull == true { try exitForFullDirtyRing() }
             reloadPDPTEsIfChanged()
             if hardware == nil { _ = try hardwareWalker() }
             if let entry = tlb.lookup(address, root: hot.pointee.rootFrame), allows(entry, access, at: address, size: size) {
@@ -628,7 +672,7 @@ public final class VCPU {
                 continue
             case .pageFault:
                 exits += 1
-                mmu.count(.exit)
+                count(.exit)
                 let decision: PageFaultResult
                 do {
                     decision = try context.pageFault(at: address, access: access, errorCode: fault.errorCode)
@@ -670,6 +714,7 @@ public final class VCPU {
     /// KVM_REQ_DIRTY_RING_SOFT_FULL: instead of entering, the vCPU exits to the VMM, which must
     /// harvest and reset the rings before it can run again.
     func exitForFullDirtyRing() throws(VirtualMachineError) {
+        leaveGuestMode()
         dirtyRingFullExits += 1
         guard let dirtyRingFullHandler else { throw .dirtyRingFull(vcpu: id) }
         dirtyRingFullHandler()
@@ -714,21 +759,28 @@ public final class VCPU {
     @inline(__always)
     func perform(hostAddress: UInt64, _ kind: AccessKind, size: Int, value: UInt64) -> UInt64 {
         let pointer = pool.pointer(HostFrameNumber(hostAddress >> 12)) + Int(hostAddress & pageOffsetMask)
-        // Fixed-size loads and stores (x86 is little-endian, as is every host we build for).
+        // An aligned access is single-copy atomic on x86: other vCPUs' threads and the VMM (a
+        // dirty-log copy) may touch the same word at once. Unaligned ones are not atomic on x86
+        // either. (x86 is little-endian, as is every host we build for.)
+        if hostAddress & UInt64(size - 1) == 0 {
+            if kind == .write {
+                AtomicAccess.store(value, to: pointer, size: size)
+                return value
+            }
+            return AtomicAccess.load(pointer, size: size)
+        }
         if kind == .write {
             switch size {
             case 8: pointer.storeBytes(of: value.littleEndian, as: UInt64.self)
             case 4: pointer.storeBytes(of: UInt32(truncatingIfNeeded: value).littleEndian, as: UInt32.self)
-            case 2: pointer.storeBytes(of: UInt16(truncatingIfNeeded: value).littleEndian, as: UInt16.self)
-            default: pointer.storeBytes(of: UInt8(truncatingIfNeeded: value), as: UInt8.self)
+            default: pointer.storeBytes(of: UInt16(truncatingIfNeeded: value).littleEndian, as: UInt16.self)
             }
             return value
         }
         switch size {
         case 8: return UInt64(littleEndian: pointer.loadUnaligned(as: UInt64.self))
         case 4: return UInt64(UInt32(littleEndian: pointer.loadUnaligned(as: UInt32.self)))
-        case 2: return UInt64(UInt16(littleEndian: pointer.loadUnaligned(as: UInt16.self)))
-        default: return UInt64(pointer.load(as: UInt8.self))
+        default: return UInt64(UInt16(littleEndian: pointer.loadUnaligned(as: UInt16.self)))
         }
     }
 
@@ -744,26 +796,26 @@ public final class VCPU {
     func emulate(_ address: GuestVirtualAddress, _ access: Access, size: Int, value: UInt64,
                  exits: Int, guestWalker: WalkerBox) throws(VirtualMachineError) -> AccessOutcome {
         // KVM emulates with the guest's own walk; no TLB entry is used or filled.
-        mmu.count(.instructionEmulation)
+        count(.instructionEmulation)
         let translation: Translation
         switch guestWalker.walker.translate(address, access, in: vm.memory, setAccessedDirty: true) {
         case .success(let result):
             translation = result
         case .failure(.pageFault(let fault)):
-            mmu.count(.guestFault)
+            count(.guestFault)
             return AccessOutcome(result: .pageFault(errorCode: PageFaultErrorCode(rawValue: UInt64(fault.errorCode.architectural)),
                                                     cr2: address),
                                  exits: exits, emulated: true, tlbHit: false)
         case .failure(.generalProtection), .failure(.addressTooWide):
             return AccessOutcome(result: .generalProtection, exits: exits, emulated: true, tlbHit: false)
         case .failure(.noMemory):
-            mmu.count(.guestFault)
+            count(.guestFault)
             return AccessOutcome(result: .pageFault(errorCode: unreadableTableErrorCode(access), cr2: address),
                                  exits: exits, emulated: true, tlbHit: false)
         }
         let gpa = translation.physicalAddress
         guard let slot = vm.memory.slot(containing: gpa.frame), !(access.kind == .write && slot.flags.contains(.readOnly)) else {
-            mmu.count(.mmioExit)  // the access goes to the VMM's device model
+            count(.mmioExit)  // the access goes to the VMM's device model
             let allOnes: UInt64 = size == 8 ? ~0 : (1 << UInt64(8 * size)) - 1
             return AccessOutcome(result: .mmio(gpa: gpa, value: access.kind == .write ? value : allOnes), exits: exits,
                                  emulated: true, tlbHit: false)

@@ -131,6 +131,8 @@ public struct EPTTranslation: Sendable, Equatable {
     public var memoryType: Int
     public var ignoresPAT: Bool
     public var path: WalkPath
+    /// The walk set the leaf's dirty bit, which was clear (what PML logs).
+    public var dirtiedLeaf = false
 
     @inlinable
     public init(guestPhysicalAddress: GuestPhysicalAddress, outputAddress: GuestPhysicalAddress, level: Int,
@@ -274,6 +276,7 @@ public struct EPTWalker: Sendable {
                                            path: path))
                 return .failed(address)
             }
+            let leafWasDirty = path.entryValue(level: leafLevel) & format.dirtyBit != 0
             if setAccessedDirty && !X86Paging.setAccessedDirty(format, path: &path, isWrite: kind == .write, memory: memory)
                 && restartsLeft > 0 {
                 restartsLeft -= 1
@@ -282,10 +285,12 @@ public struct EPTWalker: Sendable {
             let leaf = EPTEntry(rawValue: path.entryValue(level: leafLevel))
             let size = EPTFormat.pageSize(level: leafLevel)
             let base = format.pageBase(leaf, level: leafLevel)
-            return EPTTranslation(guestPhysicalAddress: address,
-                                  outputAddress: GuestPhysicalAddress(base | (address.rawValue & (size - 1))),
-                                  level: leafLevel, pageSize: size, permissions: permissions,
-                                  memoryType: leaf.memoryType, ignoresPAT: leaf.ignoresPAT, path: path)
+            var translation = EPTTranslation(guestPhysicalAddress: address,
+                                             outputAddress: GuestPhysicalAddress(base | (address.rawValue & (size - 1))),
+                                             level: leafLevel, pageSize: size, permissions: permissions,
+                                             memoryType: leaf.memoryType, ignoresPAT: leaf.ignoresPAT, path: path)
+            translation.dirtiedLeaf = !leafWasDirty && format.dirtyBit != 0 && leaf.rawValue & format.dirtyBit != 0
+            return translation
         }
     }
 

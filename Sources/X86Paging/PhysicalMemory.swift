@@ -34,8 +34,9 @@ extension PhysicalMemory {
     @inlinable
     public func readEntry<E: PageTableEntry>(_: E.Type, at address: GuestPhysicalAddress) -> E? {
         guard let page = hostPage(address.frame) else { return nil }
-        let raw = page.bytes.load(fromByteOffset: Int(address.pageOffset), as: E.RawValue.self)
-        return E(rawValue: E.RawValue(littleEndian: raw))
+        // Atomic: another vCPU's walker may be setting A/D in the same entry.
+        let raw = AtomicAccess.load(page.bytes + Int(address.pageOffset), size: E.size)
+        return E(rawValue: E.RawValue(littleEndian: E.RawValue(truncatingIfNeeded: raw)))
     }
 
     /// Replaces the entry at `address` with `desired` if it still holds `expected`. Returns false
@@ -47,10 +48,12 @@ extension PhysicalMemory {
         at address: GuestPhysicalAddress, expected: E, desired: E
     ) -> Bool? {
         guard let page = hostPage(address.frame), page.isWritable else { return nil }
-        let offset = Int(address.pageOffset)
-        let current = E.RawValue(littleEndian: page.bytes.load(fromByteOffset: offset, as: E.RawValue.self))
-        guard current == expected.rawValue else { return false }
-        page.bytes.storeBytes(of: desired.rawValue.littleEndian, toByteOffset: offset, as: E.RawValue.self)
+        // The processor's locked update: it fails if another processor (or the guest) changed the
+        // entry since the walk read it.
+        guard AtomicAccess.compareExchange(page.bytes + Int(address.pageOffset),
+                                           expected: UInt64(expected.rawValue.littleEndian),
+                                           desired: UInt64(desired.rawValue.littleEndian), size: E.size)
+        else { return false }
         didWriteEntry(in: address.frame)
         return true
     }

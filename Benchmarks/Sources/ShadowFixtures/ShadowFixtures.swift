@@ -525,3 +525,52 @@ public final class TDPFaultFixture {
         precondition(guest.vm.stats.pages4K == pagesBefore + UInt64(count), "TDP faults: pages_4k did not grow by \(count)")
     }
 }
+
+/// Populating guest memory: a guest that maps `bytes` of RAM 1:1 with 1 GiB pages (two table
+/// pages in all), whose every 4 KiB page is then touched once, so that each access faults once
+/// and the MMU maps it with a 4 KiB page (TDP with huge pages off; shadow paging splits the guest's
+/// 1 GiB pages into 4 KiB SPTEs). Guest RAM is backed by the host beforehand, so the timed faults
+/// do not include the host kernel's own page faults.
+public final class PopulationFixture {
+    public let vm: VirtualMachine
+    public let vcpus: [VCPU]
+    /// Every page to touch, in a shuffled order, split into one list per vCPU.
+    public let targets: [[GuestVirtualAddress]]
+    public let pageCount: Int
+
+    public init(bytes: UInt64, tdp: Bool, vcpus vcpuCount: Int = 1) {
+        precondition(bytes % (1 << 30) == 0 && bytes > 0, "whole GiB")
+        let cpu = CPUModel()
+        var configuration = TDPMMUConfiguration.ept(capabilities: EPTCapabilities(), guestMaxPhysicalAddressBits: 46)
+        configuration.maxHugePageLevel = 1
+        vm = try! VirtualMachine(memorySize: bytes, cpu: cpu, shadowPageLimit: Int(bytes >> 21) + 4096,
+                                 mmu: tdp ? .tdp(configuration) : .shadow)
+        let memory = vm.memory
+        try! memory.store64(0x2000 | GuestBits.userTable, at: GuestPhysicalAddress(0x1000))
+        for gib in 0..<(bytes >> 30) {
+            try! memory.store64(gib << 30 | GuestBits.userLeaf | 0x80, at: GuestPhysicalAddress(0x2000 + gib * 8))
+        }
+        // Back every page of guest RAM (a write per host page), as a running guest's memory is.
+        for page in stride(from: UInt64(0x3000), to: bytes, by: 4096) {
+            try! memory.store64(page, at: GuestPhysicalAddress(page))
+        }
+        let pages = shuffled(Array(stride(from: UInt64(0x3000), to: bytes, by: 4096)))
+        pageCount = pages.count
+        var lists = [[GuestVirtualAddress]](repeating: [], count: vcpuCount)
+        for (index, page) in pages.enumerated() { lists[index % vcpuCount].append(GuestVirtualAddress(page)) }
+        targets = lists
+        var made: [VCPU] = []
+        for _ in 0..<vcpuCount { made.append(try! vm.addVCPU(registers: longModeRegisters(cr3: 0x1000))) }
+        vcpus = made
+        // The two table pages, walked once before the clock starts.
+        for vcpu in made { _ = try! vcpu.access(GuestVirtualAddress(0x1000), .read(.user), size: 8) }
+    }
+
+    /// Every target was mapped by exactly one 4 KiB leaf.
+    public func verify() {
+        let stats = vm.stats
+        let mapped = vm.tdp != nil ? stats.pages4K : stats.pfFixed
+        precondition(mapped >= UInt64(pageCount), "population: \(mapped) pages mapped for \(pageCount) targets")
+    }
+}
+

@@ -181,3 +181,45 @@ public func runTLBFloor(_ floor: TLBFloorFixture, count: Int) -> UInt64 {
         }
     }
 }
+
+/// One vCPU's share of a population: each target read once (each a fault). Returns the exits.
+@inline(never)
+public func runPopulation(_ vcpu: VCPU, _ targets: [GuestVirtualAddress]) -> Int {
+    targets.withUnsafeBufferPointer { buffer in
+        var exits = 0
+        for address in buffer {
+            let outcome = try! vcpu.access(address, .read(.user), size: 8)
+            guard case .completed(let gpa, let value) = outcome.result, gpa.rawValue == value else {
+                preconditionFailure("population: \(address) came to \(outcome.result)")
+            }
+            exits &+= outcome.exits
+        }
+        return exits
+    }
+}
+
+/// Writes every target once (with dirty logging on, each a fault that logs the page and makes its
+/// SPTE writable). Returns the exits.
+@inline(never)
+public func writeEveryPage(_ vcpu: VCPU, _ targets: [GuestVirtualAddress]) -> Int {
+    var exits = 0
+    for address in targets {
+        let outcome = try! vcpu.access(address, .write(.user), size: 8, value: address.rawValue)
+        guard case .completed = outcome.result else { preconditionFailure("\(address) came to \(outcome.result)") }
+        exits &+= outcome.exits
+    }
+    return exits
+}
+
+/// One round of a live migration's dirty-log loop over memslot 0 with manual protection:
+/// KVM_GET_DIRTY_LOG, then KVM_CLEAR_DIRTY_LOG of everything it returned (which write-protects
+/// those pages again). Returns the pages the log named.
+@inline(never)
+public func collectAndClearDirtyLog(_ vm: VirtualMachine) -> Int {
+    let frames = try! vm.getDirtyLog(slot: 0)
+    let pages = vm.memory.slot(id: 0)!.pageCount
+    var bitmap = [UInt64](repeating: 0, count: Int((pages + 63) / 64))
+    for frame in frames { bitmap[Int(frame.rawValue / 64)] |= 1 << (frame.rawValue % 64) }
+    try! vm.clearDirtyLog(slot: 0, firstPage: 0, bitmap: bitmap)
+    return frames.count
+}

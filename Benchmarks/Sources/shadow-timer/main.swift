@@ -135,6 +135,45 @@ func tlbHits(_ name: String, _ addresses: @escaping (TLBFixture) -> [GuestVirtua
     }
 }
 
+/// Populating `count` pages (4 KiB each, about `count` / 2^18 GiB) with one fault each, on one
+/// vCPU or on `vcpus` vCPU threads; a fresh guest per run, only the faults timed.
+func population(_ name: String, tdp: Bool, vcpus: Int = 1) -> Kernel {
+    Kernel(name: name, defaultCount: (1 << 20) - 3) { count in
+        let gib = UInt64(max(1, (count + 3 + (1 << 18) - 1) >> 18))
+        let fixture = PopulationFixture(bytes: gib << 30, tdp: tdp, vcpus: vcpus)
+        let shares = fixture.targets.map { Array($0.prefix((count + vcpus - 1) / vcpus)) }
+        let start = now()
+        if vcpus == 1 {
+            _ = runPopulation(fixture.vcpus[0], shares[0])
+        } else {
+            try! fixture.vm.runVCPUsOnThreads { vcpu in _ = runPopulation(vcpu, shares[vcpu.id]) }
+        }
+        let elapsed = now() - start
+        if count + 3 == Int(gib << 18) { fixture.verify() }
+        return (elapsed, UInt64(count))
+    }
+}
+
+/// Collecting and clearing the dirty log of a slot of `count` GiB whose every page was written
+/// since logging began (4 GiB by default); a fresh guest, only the collection timed, reported per
+/// collection.
+func dirtyLogCollection(_ name: String, tdp: Bool) -> Kernel {
+    Kernel(name: name, defaultCount: 4) { count in
+        let fixture = PopulationFixture(bytes: UInt64(max(1, count)) << 30, tdp: tdp)
+        let targets = fixture.targets[0]
+        _ = runPopulation(fixture.vcpus[0], targets)
+        try! fixture.vm.setDirtyLogProtocol(.manualProtect)
+        try! fixture.vm.setDirtyLogging(slot: 0, true)
+        _ = writeEveryPage(fixture.vcpus[0], targets)
+        let start = now()
+        let pages = collectAndClearDirtyLog(fixture.vm)
+        let elapsed = now() - start
+        precondition(pages >= targets.count, "\(name): \(pages) dirty pages for \(targets.count) written")
+        // Reported per collection: `count` is the slot's size in GiB.
+        return (elapsed * UInt64(max(1, count)), UInt64(pages))
+    }
+}
+
 nonisolated(unsafe) var sppFixture: SPPTLBFixture?
 func spp() -> SPPTLBFixture {
     if let sppFixture { return sppFixture }
@@ -184,6 +223,14 @@ let kernels: [Kernel] = [
         }
         return (elapsed, checksum)
     },
+    // Populating 4 GiB with 4 KiB pages (1M faults), TDP on one and two vCPU threads, and shadow
+    // paging on the same guest; ns per fault.
+    population("tdp-populate-4g", tdp: true),
+    population("tdp-populate-4g-2vcpus", tdp: true, vcpus: 2),
+    population("shadow-populate-4g", tdp: false),
+    // KVM_GET_DIRTY_LOG and KVM_CLEAR_DIRTY_LOG of a 4 GiB slot, every page dirty; ns per collection.
+    dirtyLogCollection("tdp-dirty-log-4g", tdp: true),
+    dirtyLogCollection("shadow-dirty-log-4g", tdp: false),
     faults("fault-cold-pd-pt", .coldPD),
     // As fault-cold-pt, but guest RAM and the pool's free frames are not pre-faulted: the host
     // kernel's own page faults on the anonymous mappings land inside the timed accesses.

@@ -1,0 +1,245 @@
+import Foundation
+import GuestMemory
+import KVMMMU
+import Synchronization
+import Testing
+import VirtualMachine
+import X86Paging
+
+// vCPUs on threads of their own under the TDP MMU, with the VMM's threads working at the same time:
+// the migration loop (a thread collecting and clearing the dirty log and copying the pages it
+// names) and a thread that toggles another memslot's dirty logging (eager splitting, huge-page
+// recovery), zaps gfn ranges, zaps everything at once and runs the auditor. Bounded by counts,
+// not time. Run it under ThreadSanitizer with
+// `swift test --sanitize=thread --scratch-path .build-tsan --filter ConcurrentVCPUStressTests`.
+//
+// What must hold at the end:
+// - no lost dirty page: every write a vCPU completed appears in a collection that ended after the
+//   write completed (so the copy made after that collection saw it), and the destination built
+//   from the copies equals guest memory, byte for byte, page-table pages (A/D bits) included;
+// - every access completed at the guest-physical address the guest's tables give, and each vCPU
+//   read back what it last wrote (its words are its own);
+// - the auditor finds nothing, during the run or after.
+
+@Suite("vCPUs on threads: the dirty log under concurrent writers, collectors and memslot changes")
+struct ConcurrentVCPUStressTests {
+    struct Case: CustomStringConvertible, Sendable {
+        var pml: Bool
+        var dirtyLogProtocol: DirtyLogProtocol
+        var vcpus: Int
+        var description: String { "\(pml ? "PML" : "write protection"), \(dirtyLogProtocol.rawValue), \(vcpus) vCPUs" }
+    }
+
+    static let cases = [
+        Case(pml: false, dirtyLogProtocol: .getAndReset, vcpus: 3),
+        Case(pml: true, dirtyLogProtocol: .manualProtect, vcpus: 3),
+        Case(pml: false, dirtyLogProtocol: .manualProtect, vcpus: 2),
+    ]
+
+    /// Guest-physical layout: tables below 1 MiB, memslot 0 (logged) is 32 MiB at 0, memslot 1
+    /// (whose logging the toggler flips) is 8 MiB at 256 MiB. The guest maps the first GiB 1:1
+    /// with 2 MiB pages.
+    static let slot0Size: UInt64 = 32 << 20
+    static let slot1Base: UInt64 = 256 << 20
+    static let slot1Size: UInt64 = 8 << 20
+    static let dataFirstPage: UInt64 = 256  // 1 MiB
+    static let dataPages: UInt64 = 2048  // the pages the writers use in memslot 0 (8 MiB)
+    static let writesPerVCPU = 3000
+
+    @Test(arguments: cases)
+    func noDirtyPageIsLost(_ testCase: Case) throws {
+        let cpu = CPUModel()
+        let vm = try VirtualMachine(memorySize: Self.slot0Size, cpu: cpu, mmu: .ept(cpu: cpu, pml: testCase.pml))
+        try vm.addMemslot(id: 1, base: GuestPhysicalAddress(Self.slot1Base), size: Self.slot1Size)
+        try Self.buildIdentityMap(vm.memory)
+        try vm.setDirtyLogProtocol(testCase.dirtyLogProtocol)
+        try vm.setDirtyLogging(slot: 0, true)
+        let registers = PagingRegisters(cr0: [.protectionEnable, .writeProtect, .paging], cr3: 0x1000,
+                                        cr4: [.physicalAddressExtension],
+                                        efer: [.noExecuteEnable, .longModeEnable, .longModeActive])
+        for _ in 0..<testCase.vcpus { try vm.addVCPU(registers: registers) }
+
+        let shared = Shared()
+        let collector = Collector(vm: vm, manual: testCase.dirtyLogProtocol == .manualProtect)
+
+        let vmmThreads = DispatchGroup()
+        vmmThreads.enter()
+        Thread {
+            defer { vmmThreads.leave() }
+            do {
+                while !shared.stop.load(ordering: .acquiring) { try collector.round(clock: shared.clock) }
+            } catch {
+                shared.failures.withLock { $0.append("collector: \(error)") }
+            }
+        }.start()
+        vmmThreads.enter()
+        Thread {
+            defer { vmmThreads.leave() }
+            var random = SplitMix(seed: 99)
+            var round = 0
+            do {
+                while !shared.stop.load(ordering: .acquiring) {
+                    round += 1
+                    try vm.setDirtyLogging(slot: 1, round % 2 == 1)
+                    let first = random.next() % Self.dataPages + Self.dataFirstPage
+                    vm.zapGFNRange(first..<(first + random.next() % 64 + 1))
+                    if round % 16 == 0 { vm.zapAllFast() }
+                    if round % 8 == 0 {
+                        let problems = vm.audit()
+                        if !problems.isEmpty { shared.failures.withLock { $0.append("auditor, round \(round): \(problems)") } }
+                    }
+                }
+            } catch {
+                shared.failures.withLock { $0.append("toggler: \(error)") }
+            }
+        }.start()
+
+        try vm.runVCPUsOnThreads { vcpu in
+            let log = Self.runWriter(vcpu, vcpus: testCase.vcpus, shared: shared)
+            shared.writeLogs.withLock { $0.append(log) }
+        }
+        shared.stop.store(true, ordering: .releasing)
+        vmmThreads.wait()
+        // The last round: the vCPUs have stopped (and drained their PML buffers).
+        try collector.round(clock: shared.clock)
+
+        let problems = shared.failures.withLock { $0 }
+        #expect(problems.isEmpty, "\(problems.prefix(10))")
+        var lost: [String] = []
+        for log in shared.writeLogs.withLock({ $0 }) {
+            for write in log where collector.lastReported[write.gfn, default: 0] <= write.ticket {
+                lost.append("gfn \(hex(write.gfn)) written at \(write.ticket), last reported at \(collector.lastReported[write.gfn, default: 0])")
+            }
+        }
+        #expect(lost.isEmpty, "lost dirty pages: \(lost.prefix(10))")
+        #expect(shared.writeLogs.withLock { $0.count } == testCase.vcpus)
+        let mismatched = collector.pagesDifferingFromGuestMemory()
+        #expect(mismatched.isEmpty, "destination pages differ from the guest's: \(mismatched.prefix(10).map { hex($0) })")
+        #expect(vm.audit().isEmpty)
+        #expect(collector.rounds > 1)
+        let stats = vm.stats
+        #expect(stats.remoteTLBFlush > 0 && stats.tlbFlush > 0)
+    }
+
+    /// One vCPU's guest code: writes to its own words of random pages, reading some back.
+    static func runWriter(_ vcpu: VCPU, vcpus: Int, shared: Shared) -> [(gfn: UInt64, ticket: UInt64)] {
+        var random = SplitMix(seed: UInt64(vcpu.id) &* 7919 &+ 1)
+        var log: [(gfn: UInt64, ticket: UInt64)] = []
+        var mine: [UInt64: UInt64] = [:]  // address -> the value this vCPU last wrote there
+        func fail(_ message: String) { shared.failures.withLock { $0.append("vCPU \(vcpu.id): \(message)") } }
+        for sequence in 0..<writesPerVCPU {
+            // Mostly memslot 0 (logged), sometimes memslot 1 (whose logging flips).
+            let address: UInt64
+            let page = random.next() % dataPages
+            let word = (random.next() % UInt64(512 / vcpus)) * UInt64(vcpus) + UInt64(vcpu.id)
+            if sequence % 8 == 7 {
+                address = slot1Base + (page % (slot1Size >> 12)) << 12 + word * 8
+            } else {
+                address = (dataFirstPage + page) << 12 + word * 8
+            }
+            let value = UInt64(vcpu.id) << 56 | UInt64(sequence + 1)
+            do {
+                let outcome = try vcpu.access(GuestVirtualAddress(address), .write(.supervisor), size: 8, value: value)
+                guard case .completed(let gpa, _) = outcome.result, gpa.rawValue == address else {
+                    fail("write to \(hex(address)) came to \(outcome.result)")
+                    return log
+                }
+                mine[address] = value
+                if address < slot0Size { log.append((address >> 12, shared.clock.add(1, ordering: .sequentiallyConsistent).newValue)) }
+                if sequence % 4 == 0, let (check, expected) = mine.randomElement(using: &random) {
+                    let read = try vcpu.access(GuestVirtualAddress(check), .read(.supervisor), size: 8)
+                    guard case .completed(let gpa, let found) = read.result, gpa.rawValue == check, found == expected else {
+                        fail("read of \(hex(check)) came to \(read.result), expected \(hex(expected))")
+                        return log
+                    }
+                }
+            } catch {
+                fail("\(error)")
+                return log
+            }
+        }
+        return log
+    }
+
+    /// The guest's page tables: the first GiB mapped 1:1 with 2 MiB supervisor-writable pages.
+    static func buildIdentityMap(_ memory: MemslotSet) throws {
+        try memory.store64(0x2000 | 0x3, at: GuestPhysicalAddress(0x1000))  // PML4[0] -> PDPT
+        try memory.store64(0x3000 | 0x3, at: GuestPhysicalAddress(0x2000))  // PDPT[0] -> PD
+        for index in 0..<512 {
+            try memory.store64(UInt64(index) << 21 | 0x83, at: GuestPhysicalAddress(0x3000 + UInt64(index) * 8))
+        }
+    }
+}
+
+/// What the test's threads share.
+final class Shared: @unchecked Sendable {
+    /// Tickets ordering the vCPUs' completed writes against the collections.
+    let clock = Atomic<UInt64>(1)
+    let stop = Atomic<Bool>(false)
+    // pthread-based locks (ThreadSanitizer does not see `Synchronization.Mutex` on Linux).
+    let failures = LockedValue<[String]>([])
+    let writeLogs = LockedValue<[[(gfn: UInt64, ticket: UInt64)]]>([])
+}
+
+/// The VMM's migration loop over memslot 0: collect the dirty log (and, with manual protection,
+/// clear what it returned), then copy the pages it named to the destination.
+final class Collector: @unchecked Sendable {
+    let vm: VirtualMachine
+    let manual: Bool
+    /// The destination's copy of memslot 0, a page per gfn.
+    private(set) var destination: [UInt64: [UInt64]] = [:]
+    /// For each gfn, the ticket of the last collection that named it.
+    private(set) var lastReported: [UInt64: UInt64] = [:]
+    private(set) var rounds = 0
+    private var page = [UInt64](repeating: 0, count: 512)
+
+    init(vm: VirtualMachine, manual: Bool) {
+        self.vm = vm
+        self.manual = manual
+    }
+
+    func round(clock: borrowing Atomic<UInt64>) throws {
+        rounds += 1
+        let frames = try vm.getDirtyLog(slot: 0)
+        if manual, !frames.isEmpty {
+            let pages = ConcurrentVCPUStressTests.slot0Size >> 12
+            var bitmap = [UInt64](repeating: 0, count: Int((pages + 63) / 64))
+            for frame in frames { bitmap[Int(frame.rawValue / 64)] |= 1 << (frame.rawValue % 64) }
+            try vm.clearDirtyLog(slot: 0, firstPage: 0, bitmap: bitmap)
+        }
+        // Every write completed before this ticket is in guest memory for the copies below.
+        let ticket = clock.add(1, ordering: .sequentiallyConsistent).newValue
+        for frame in frames {
+            lastReported[frame.rawValue] = ticket
+            page.withUnsafeMutableBufferPointer { _ = vm.memory.copyPageWhileRunning(frame, into: $0) }
+            destination[frame.rawValue] = page
+        }
+    }
+
+    /// The gfns of memslot 0 whose destination copy differs from guest memory (a page never
+    /// reported must still be all zeros, as it was when logging began).
+    func pagesDifferingFromGuestMemory() -> [UInt64] {
+        var differing: [UInt64] = []
+        let zero = [UInt64](repeating: 0, count: 512)
+        for gfn in 0..<(ConcurrentVCPUStressTests.slot0Size >> 12) {
+            page.withUnsafeMutableBufferPointer { _ = vm.memory.copyPageWhileRunning(GuestFrameNumber(gfn), into: $0) }
+            if page != destination[gfn] ?? zero { differing.append(gfn) }
+        }
+        return differing
+    }
+}
+
+/// A small deterministic generator (SplitMix64).
+struct SplitMix: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+func hex(_ value: UInt64) -> String { "0x" + String(value, radix: 16) }
