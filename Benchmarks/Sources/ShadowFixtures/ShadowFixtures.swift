@@ -329,7 +329,10 @@ public final class SPPTLBFixture {
         try! guest.vm.setSubpageAccess(gfn: GuestFrameNumber(dataFrame + 64),
                                        masks: [SubPageWriteMask](repeating: SubPageWriteMask(Self.mask), count: 64))
         // Sub-page 2 * (page % 16): a writable one, at a different offset on each page.
-        let pages = (0..<128).map { base + UInt64($0) << 12 | UInt64(($0 % 16) * 256 + 8) }
+        let pages: [UInt64] = (0..<128).map { (page: Int) -> UInt64 in
+            let offset = UInt64((page % 16) * 256 + 8)
+            return base + UInt64(page) << 12 | offset
+        }
         for gva in pages {
             _ = guest.mustComplete(gva, .write(.user))
             _ = guest.mustComplete(gva, .write(.user))
