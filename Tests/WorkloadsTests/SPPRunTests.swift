@@ -4,6 +4,7 @@
 // directives. Every outcome is compared with a byte-by-byte restatement of the rule written here.
 
 import Foundation
+import Synchronization
 import Testing
 import GuestMemory
 import KVMMMU
@@ -228,6 +229,72 @@ struct SPPHardwareTests {
         #expect(try machine.write(Self.page + 0xFF0).result == .completed(gpa: GuestPhysicalAddress(Self.page + 0xFF0),
                                                                             value: 0x1122_3344_5566_7788))
         machine.expectAuditClean()
+    }
+}
+
+@Suite("SPP with vCPUs on threads")
+struct SPPThreadedTests {
+    /// Three vCPUs on threads of their own write at random into pages of their own whose bitmaps
+    /// stay fixed, while the VMM's thread changes other pages' bitmaps (remote TLB flushes that
+    /// kick the vCPUs), toggles and reads the dirty log and zaps: every write's outcome is the
+    /// rule's, and the auditor finds nothing afterwards.
+    @Test func writersAgainstTheVMM() throws {
+        let vm = try VirtualMachine(memorySize: 64 << 20, mmu: .ept())
+        try vm.enableSubPageProtection()
+        let vcpus = 3, pagesEach: UInt64 = 4
+        let base: UInt64 = 0x200_0000
+        var masks: [UInt32] = []
+        var rng = SplitMix64(seed: 77)
+        for page in 0..<UInt64(vcpus) * pagesEach {
+            let mask = UInt32.random(in: 0...UInt32.max, using: &rng)
+            masks.append(mask)
+            try vm.setSubpageAccess(gfn: GuestFrameNumber((base >> 12) + page), masks: [SubPageWriteMask(mask)])
+        }
+        for _ in 0..<vcpus { try vm.addVCPU(registers: PagingRegisters(cr0: [.protectionEnable])) }
+        let fixedMasks = masks
+        let mismatches = Mutex<[String]>([])
+        let running = Atomic<Int>(vcpus)
+        let vmmDone = DispatchSemaphore(value: 0)
+        let vmm = Thread {
+            defer { vmmDone.signal() }
+            var random = SplitMix64(seed: 78)
+            var logging = false
+            var rounds = 0
+            while running.load(ordering: .acquiring) > 0 || rounds < 50 {
+                rounds += 1
+                let spare = GuestFrameNumber((base >> 12) + 64 + UInt64.random(in: 0..<8, using: &random))
+                do {
+                    switch Int.random(in: 0..<4, using: &random) {
+                    case 0, 1: try vm.setSubpageAccess(gfn: spare, masks: [SubPageWriteMask(UInt32.random(in: 0...UInt32.max, using: &random))])
+                    case 2:
+                        logging.toggle()
+                        try vm.setDirtyLogging(slot: 0, logging)
+                    default:
+                        if logging { _ = try vm.getDirtyLog(slot: 0) } else { vm.zapGFNRange((base >> 12)..<(base >> 12) + 16) }
+                    }
+                } catch {
+                    mismatches.withLock { $0.append("VMM: \(error)") }
+                }
+            }
+        }
+        vmm.start()
+        try vm.runVCPUsOnThreads { vcpu in
+            defer { running.subtract(1, ordering: .releasing) }
+            var random = SplitMix64(seed: UInt64(vcpu.id) &+ 100)
+            for _ in 0..<400 {
+                let page = UInt64(vcpu.id) * pagesEach + UInt64.random(in: 0..<pagesEach, using: &random)
+                let size = [1, 2, 4, 8].randomElement(using: &random)!
+                let offset = Int.random(in: 0...(4096 / size - 1), using: &random) * size  // aligned: single-copy atomic
+                let gpa = base + page << 12 + UInt64(offset)
+                let outcome = try vcpu.access(GuestVirtualAddress(gpa), Access(.write, .supervisor), size: size, value: 0x5A)
+                if !matchesRule(outcome, gpa: gpa, size: size, mask: fixedMasks[Int(page)]) {
+                    mismatches.withLock { $0.append("vCPU \(vcpu.id): \(size) bytes at \(hex(gpa)): \(outcome.result)") }
+                }
+            }
+        }
+        vmmDone.wait()
+        #expect(mismatches.withLock { $0 }.isEmpty, "\(mismatches.withLock { $0 }.prefix(5))")
+        #expect(vm.audit().isEmpty, "\(vm.audit().prefix(5))")
     }
 }
 
