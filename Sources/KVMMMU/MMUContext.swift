@@ -1161,8 +1161,9 @@ struct ShadowedGuestEntries {
     @inline(__always)
     func entry<Entry: PageTableEntry>(_: Entry.Type, at index: Int) -> UInt64? {
         guard let first else { return nil }
-        let raw = first.load(fromByteOffset: index &* Entry.size, as: Entry.RawValue.self)
-        return UInt64(truncatingIfNeeded: Entry.RawValue(littleEndian: raw))
+        // Atomic: another vCPU's guest may be writing the (unsync) table.
+        let raw = AtomicAccess.load(UnsafeMutableRawPointer(mutating: first) + index &* Entry.size, size: Entry.size)
+        return UInt64(truncatingIfNeeded: Entry.RawValue(littleEndian: Entry.RawValue(truncatingIfNeeded: raw)))
     }
 }
 

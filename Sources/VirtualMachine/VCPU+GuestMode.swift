@@ -108,9 +108,6 @@ extension VirtualMachine {
     /// the VMM's work; returns when every vCPU's thread has finished, with the first error one
     /// threw. vCPUs are added before: the set of vCPUs does not change while they run.
     public func runVCPUsOnThreads(_ guest: @escaping @Sendable (VCPU) throws -> Void) throws {
-        // The shadow MMU's exits are not yet made safe to run at once (its state would need
-        // mmu_lock held for write around every exit).
-        guard tdp != nil else { throw VirtualMachineError.unsupported("vCPUs on threads of their own need --mmu tdp or npt") }
         let finished = DispatchGroup()
         let errors = Mutex<[Error]>([])
         for vcpu in vcpus {

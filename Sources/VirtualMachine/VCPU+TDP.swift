@@ -131,7 +131,12 @@ struct TwoDimensionalMemory: PhysicalMemory {
     /// Its `var`s are exempt from dynamic exclusivity checks (as the vCPU's `hot` state is): only
     /// the vCPU's own thread touches them, and every walk touches them several times.
     final class Faults {
-        @exclusivity(unchecked) var fault: NestedFault?
+        @exclusivity(unchecked) var fault: NestedFault? {
+            didSet { hasFault = fault != nil }
+        }
+        /// `fault != nil`, kept apart: testing the optional enum copies it, and every read of a
+        /// guest table tests it.
+        @exclusivity(unchecked) private(set) var hasFault = false
         /// Guest frames whose EPT leaf refused writes (the guest's A/D updates there were skipped).
         @exclusivity(unchecked) var readOnlyFrames: [UInt64] = []
         /// The PML buffer: gfns whose EPT leaf the hardware set D in, logged in guest mode and
@@ -155,8 +160,8 @@ struct TwoDimensionalMemory: PhysicalMemory {
         }
 
         func startWalk() {
-            fault = nil
-            readOnlyFrames.removeAll(keepingCapacity: true)
+            if hasFault { fault = nil }
+            if !readOnlyFrames.isEmpty { readOnlyFrames.removeAll(keepingCapacity: true) }
         }
     }
     // Unretained: a walk's memory lives only during the walk, whose caller holds them all (the
@@ -171,7 +176,7 @@ struct TwoDimensionalMemory: PhysicalMemory {
     let root: UInt64
 
     func hostPage(_ frame: GuestFrameNumber) -> HostPage? {
-        guard faults.fault == nil else { return nil }
+        guard !faults.hasFault else { return nil }
         if let cached = tlb.lookupGuestPhysical(frame.rawValue, root: root) {
             if !cached.writable { faults.readOnlyFrames.append(frame.rawValue) }
             return HostPage(bytes: host.pool.pointer(HostFrameNumber(cached.hostFrame)), isWritable: cached.writable)

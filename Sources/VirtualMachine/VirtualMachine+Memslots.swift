@@ -108,8 +108,10 @@ extension VirtualMachine {
                 do { try tdp.deleteMemslot(id: id) } catch { throw .memslot("\(error)") }
                 return
             }
-            mmu.zapAllFast()
-            do { try memory.deleteSlot(id: id) } catch { throw .memslot("\(error)") }
+            try withShadowMMULock { () throws(VirtualMachineError) in
+                mmu.zapAllFast()
+                do { try memory.deleteSlot(id: id) } catch { throw .memslot("\(error)") }
+            }
         }
     }
 
@@ -124,8 +126,10 @@ extension VirtualMachine {
                 // Refused layouts are refused before anything is zapped.
                 try checkMove(slot, to: base)
                 if let tdp { return try tdp.moveMemslot(id: id, to: base) }
-                mmu.zapAllFast()
-                return try memory.moveSlot(id: id, to: base)
+                return try withShadowMMULock {
+                    mmu.zapAllFast()
+                    return try memory.moveSlot(id: id, to: base)
+                }
             } catch let error as VirtualMachineError {
                 throw error
             } catch {
@@ -158,10 +162,12 @@ extension VirtualMachine {
                 do { try tdp.setMemslotFlags(id: id, flags: flags) } catch { throw .memslot("\(error)") }
                 return
             }
-            do { try memory.setFlags(id: id, flags: flags) } catch { throw .memslot("\(error)") }
-            if enabled {
-                mmu.removeWriteAccess(from: slot)
-                mmu.flushRemoteTLBs()
+            try withShadowMMULock { () throws(VirtualMachineError) in
+                do { try memory.setFlags(id: id, flags: flags) } catch { throw .memslot("\(error)") }
+                if enabled {
+                    mmu.removeWriteAccess(from: slot)
+                    mmu.flushRemoteTLBs()
+                }
             }
         }
     }
@@ -228,6 +234,11 @@ extension VirtualMachine {
     /// Returns how many entries were reset.
     @discardableResult
     public func resetDirtyRings() -> Int {
+        if tdp == nil { return withShadowMMULock { resetDirtyRingsLocked() } }
+        return resetDirtyRingsLocked()
+    }
+
+    private func resetDirtyRingsLocked() -> Int {
         var reset = 0
         var flush = false
         for vcpu in vcpus {
@@ -265,20 +276,23 @@ extension VirtualMachine {
                     throw .memslot("\(error)")
                 }
             }
-            let bitmap: [UInt64]
-            do {
-                bitmap = dirtyLogProtocol == .getAndReset ? try memory.getAndClearDirtyLog(slot: id) : try memory.dirtyBitmap(slot: id)
-            } catch {
-                throw .memslot("\(error)")
-            }
-            if dirtyLogProtocol == .getAndReset {
-                var flush = false
-                for (word, mask) in bitmap.enumerated() where mask != 0 {
-                    // KVM flushes whenever a word had bits, write-protected or not.
-                    flush = true
-                    mmu.writeProtect(base: GuestFrameNumber(slot.baseFrame.rawValue + UInt64(word) * 64), mask: mask)
+            let bitmap = try withShadowMMULock { () throws(VirtualMachineError) -> [UInt64] in
+                let bitmap: [UInt64]
+                do {
+                    bitmap = dirtyLogProtocol == .getAndReset ? try memory.getAndClearDirtyLog(slot: id) : try memory.dirtyBitmap(slot: id)
+                } catch {
+                    throw .memslot("\(error)")
                 }
-                if flush { mmu.flushRemoteTLBs() }
+                if dirtyLogProtocol == .getAndReset {
+                    var flush = false
+                    for (word, mask) in bitmap.enumerated() where mask != 0 {
+                        // KVM flushes whenever a word had bits, write-protected or not.
+                        flush = true
+                        mmu.writeProtect(base: GuestFrameNumber(slot.baseFrame.rawValue + UInt64(word) * 64), mask: mask)
+                    }
+                    if flush { mmu.flushRemoteTLBs() }
+                }
+                return bitmap
             }
             return Self.frames(in: bitmap, base: slot.baseFrame.rawValue)
         }
@@ -318,18 +332,21 @@ extension VirtualMachine {
                 do { try tdp.clearDirtyLog(slot: id, firstPage: first, bitmap: request) } catch { throw .memslot("\(error)") }
                 return Self.frames(in: cleared, base: slot.baseFrame.rawValue + first)
             }
-            var cleared = [UInt64](repeating: 0, count: request.count)
-            var flush = false
-            for word in 0..<request.count {
-                let firstPage = first + UInt64(word) * 64
-                do { cleared[word] = try memory.clearDirty(slot: id, firstPage: firstPage, mask: request[word]) } catch {
-                    throw .memslot("\(error)")
+            let cleared = try withShadowMMULock { () throws(VirtualMachineError) -> [UInt64] in
+                var cleared = [UInt64](repeating: 0, count: request.count)
+                var flush = false
+                for word in 0..<request.count {
+                    let firstPage = first + UInt64(word) * 64
+                    do { cleared[word] = try memory.clearDirty(slot: id, firstPage: firstPage, mask: request[word]) } catch {
+                        throw .memslot("\(error)")
+                    }
+                    guard cleared[word] != 0 else { continue }
+                    flush = true
+                    mmu.writeProtect(base: GuestFrameNumber(slot.baseFrame.rawValue + firstPage), mask: cleared[word])
                 }
-                guard cleared[word] != 0 else { continue }
-                flush = true
-                mmu.writeProtect(base: GuestFrameNumber(slot.baseFrame.rawValue + firstPage), mask: cleared[word])
+                if flush { mmu.flushRemoteTLBs() }
+                return cleared
             }
-            if flush { mmu.flushRemoteTLBs() }
             return Self.frames(in: cleared, base: slot.baseFrame.rawValue + first)
         }
     }
@@ -352,16 +369,18 @@ extension VirtualMachine {
             guard firstPage & 63 == 0, firstPage < slot.pageCount, pages > 0,
                   firstPage + pages <= slot.pageCount || firstPage + pages - slot.pageCount < 64
             else { throw .memslot("pages \(firstPage)..<\(firstPage + pages) are not a range KVM_CLEAR_DIRTY_LOG takes in memslot \(id)") }
-            var flush = false
-            for (word, requested) in bitmap.enumerated() where requested != 0 {
-                let offset = firstPage + UInt64(word) * 64
-                let cleared: UInt64
-                do { cleared = try memory.clearDirty(slot: id, firstPage: offset, mask: requested) } catch { throw .memslot("\(error)") }
-                guard cleared != 0 else { continue }
-                flush = true
-                mmu.writeProtect(base: GuestFrameNumber(slot.baseFrame.rawValue + offset), mask: cleared)
+            try withShadowMMULock { () throws(VirtualMachineError) in
+                var flush = false
+                for (word, requested) in bitmap.enumerated() where requested != 0 {
+                    let offset = firstPage + UInt64(word) * 64
+                    let cleared: UInt64
+                    do { cleared = try memory.clearDirty(slot: id, firstPage: offset, mask: requested) } catch { throw .memslot("\(error)") }
+                    guard cleared != 0 else { continue }
+                    flush = true
+                    mmu.writeProtect(base: GuestFrameNumber(slot.baseFrame.rawValue + offset), mask: cleared)
+                }
+                if flush { mmu.flushRemoteTLBs() }
             }
-            if flush { mmu.flushRemoteTLBs() }
         }
     }
 

@@ -123,6 +123,9 @@ public final class VirtualMachine: @unchecked Sendable {
     let memslotsSRCU = MMULock()
     /// KVM's `kvm->slots_lock`: the VMM's memslot and dirty-log operations, one at a time.
     let slotsLock = MMULock()
+    /// KVM's `mmu_lock`: the TDP MMU's own, or for the shadow MMU one held for write around every
+    /// exit and every VMM operation that changes shadow pages or SPTEs.
+    let mmuLock: MMULock
     /// `remote_tlb_flush_requests` and `remote_tlb_flush`, counted by whichever thread flushes.
     private let remoteFlushRequests = Atomic<UInt64>(0)
     private let remoteFlushes = Atomic<UInt64>(0)
@@ -171,6 +174,7 @@ public final class VirtualMachine: @unchecked Sendable {
         } else {
             tdp = nil
         }
+        mmuLock = tdp?.lock ?? MMULock()
         mmu.flushRemoteTLBs = { [unowned self] in
             // kvm_flush_remote_tlbs counts every call, and a flush only when the request had to
             // kick a vCPU running the guest: the vCPU whose exit KVM is handling is not, the
@@ -209,18 +213,36 @@ public final class VirtualMachine: @unchecked Sendable {
 
     /// Every broken invariant the MMU's auditor finds (empty when all hold).
     public func audit() -> [String] {
-        guard let tdp else { return mmu.audit() }
+        guard let tdp else { return withShadowMMULock { mmu.audit() } }
         return mmu.audit() + tdp.audit()
     }
 
     /// `kvm_mmu_zap_all_fast`, of the MMU the VM runs.
     public func zapAllFast() {
-        if let tdp { tdp.zapAllFast() } else { mmu.zapAllFast() }
+        if let tdp { tdp.zapAllFast() } else { withShadowMMULock { mmu.zapAllFast() } }
     }
 
     /// `kvm_zap_gfn_range`, of the MMU the VM runs.
     public func zapGFNRange(_ gfns: Range<UInt64>) {
-        if let tdp { tdp.zapGFNRange(gfns) } else { _ = mmu.zapGFNRange(gfns) }
+        if let tdp { tdp.zapGFNRange(gfns) } else { _ = withShadowMMULock { mmu.zapGFNRange(gfns) } }
+    }
+
+    /// A VMM operation on the shadow MMU: `mmu_lock` held for write (vCPUs may be running).
+    func withShadowMMULock<Result, Failure: Error>(_ body: () throws(Failure) -> Result) throws(Failure) -> Result {
+        mmuLock.lockExclusive()
+        defer { mmuLock.unlockExclusive() }
+        return try body()
+    }
+
+    /// A vCPU's exit under shadow paging: the memslots' srcu, then `mmu_lock` held for write.
+    func lockForShadowExit() {
+        memslotsSRCU.lockShared()
+        mmuLock.lockExclusive()
+    }
+
+    func unlockAfterShadowExit() {
+        mmuLock.unlockExclusive()
+        memslotsSRCU.unlockShared()
     }
 
     /// Adds a vCPU with the given registers.
@@ -379,6 +401,9 @@ public final class VCPU: @unchecked Sendable {
     public func setRegisters(_ new: PagingRegisters) throws(VirtualMachineError) {
         if let tdpState { return try tdpSetRegisters(new, tdpState) }
         try Self.checkSupported(new, hostLevels: hostLevels)
+        leaveGuestMode()
+        vm.lockForShadowExit()
+        defer { vm.unlockAfterShadowExit() }
         countRegisterWriteExits(from: registers, to: new)
         do {
             hot.pointee.requests.formUnion(try context.setRegisters(new))
@@ -430,6 +455,9 @@ public final class VCPU: @unchecked Sendable {
             throw .invalidAccess("MOV to CR3 with bit 63 (no flush) needs CR4.PCIDE")
         }
         if let tdpState { return try tdpLoadCR3(value, noFlush: noFlush, tdpState) }
+        leaveGuestMode()
+        vm.lockForShadowExit()
+        defer { vm.unlockAfterShadowExit() }
         count(.exit)  // CR3-load exiting: shadow paging intercepts every MOV to CR3
         do {
             hot.pointee.requests.formUnion(try context.loadCR3(value, noFlush: noFlush))
@@ -446,6 +474,9 @@ public final class VCPU: @unchecked Sendable {
     /// address for an individual-address invalidation.
     public func invalidatePCID(_ type: INVPCIDType, pcid: UInt64, address: GuestVirtualAddress) -> Bool {
         if let tdpState { return tdpInvalidatePCID(type, pcid: pcid, address: address, tdpState) }
+        leaveGuestMode()
+        vm.lockForShadowExit()
+        defer { vm.unlockAfterShadowExit() }
         // With INVLPG exiting (shadow paging) INVPCID exits too, before its operand checks.
         count(.exit)
         guard !registers.invpcidFaults(type, pcid: pcid, address: address) else { return false }
@@ -507,6 +538,9 @@ public final class VCPU: @unchecked Sendable {
             tlb.invalidate(address)  // no exit: the hardware invalidates (INVLPG is not intercepted)
             return
         }
+        leaveGuestMode()
+        vm.lockForShadowExit()
+        defer { vm.unlockAfterShadowExit() }
         count(.exit)  // INVLPG exiting
         context.invalidatePage(address)
         tlb.invalidate(address)
@@ -613,6 +647,18 @@ public final class VCPU: @unchecked Sendable {
         let wasRunning = VirtualMachine.running.vcpu
         VirtualMachine.running.set(self)
         defer { VirtualMachine.running.set(wasRunning) }
+        if tdpState == nil {
+            // Under shadow paging the access's exits, and the hardware's walks of shadow tables
+            // between them, run with mmu_lock held for write; the guest mode the access ends in
+            // only uses the TLB.
+            leaveGuestMode()
+            vm.lockForShadowExit()
+            defer { vm.unlockAfterShadowExit() }
+            let outcome = try run(address, access, size: size, value: value)
+            serviceRequests()
+            if runsOnOwnThread { _ = tryEnterGuestMode() }
+            return outcome
+        }
         let outcome = try run(address, access, size: size, value: value)
         // The entry that resumes the guest after any exit the access took (a vCPU on its own
         // thread makes it before its next access). Without a thread of its own the vCPU exits to
@@ -717,7 +763,10 @@ public final class VCPU: @unchecked Sendable {
         leaveGuestMode()
         dirtyRingFullExits += 1
         guard let dirtyRingFullHandler else { throw .dirtyRingFull(vcpu: id) }
+        // The exit to the VMM leaves KVM: a shadow-paging exit lets go of its locks meanwhile.
+        if tdpState == nil { vm.unlockAfterShadowExit() }
         dirtyRingFullHandler()
+        if tdpState == nil { vm.lockForShadowExit() }
         if dirtyRing?.isSoftFull == true { throw .dirtyRingFull(vcpu: id) }
     }
 

@@ -6,7 +6,7 @@ import Testing
 import VirtualMachine
 import X86Paging
 
-// vCPUs on threads of their own under the TDP MMU, with the VMM's threads working at the same time:
+// vCPUs on threads of their own under the TDP MMU and the shadow MMU, with the VMM's threads working at the same time:
 // the migration loop (a thread collecting and clearing the dirty log and copying the pages it
 // names) and a thread that toggles another memslot's dirty logging (eager splitting, huge-page
 // recovery), zaps gfn ranges, zaps everything at once and runs the auditor. Bounded by counts,
@@ -24,16 +24,21 @@ import X86Paging
 @Suite("vCPUs on threads: the dirty log under concurrent writers, collectors and memslot changes")
 struct ConcurrentVCPUStressTests {
     struct Case: CustomStringConvertible, Sendable {
+        var shadow = false
         var pml: Bool
         var dirtyLogProtocol: DirtyLogProtocol
         var vcpus: Int
-        var description: String { "\(pml ? "PML" : "write protection"), \(dirtyLogProtocol.rawValue), \(vcpus) vCPUs" }
+        var description: String {
+            "\(shadow ? "shadow paging" : "TDP"), \(pml ? "PML" : "write protection"), \(dirtyLogProtocol.rawValue), \(vcpus) vCPUs"
+        }
     }
 
     static let cases = [
         Case(pml: false, dirtyLogProtocol: .getAndReset, vcpus: 3),
         Case(pml: true, dirtyLogProtocol: .manualProtect, vcpus: 3),
         Case(pml: false, dirtyLogProtocol: .manualProtect, vcpus: 2),
+        Case(shadow: true, pml: false, dirtyLogProtocol: .getAndReset, vcpus: 3),
+        Case(shadow: true, pml: false, dirtyLogProtocol: .manualProtect, vcpus: 2),
     ]
 
     /// Guest-physical layout: tables below 1 MiB, memslot 0 (logged) is 32 MiB at 0, memslot 1
@@ -42,6 +47,11 @@ struct ConcurrentVCPUStressTests {
     static let slot0Size: UInt64 = 32 << 20
     static let slot1Base: UInt64 = 256 << 20
     static let slot1Size: UInt64 = 8 << 20
+    /// Where the toggler moves memslot 1 now and then (KVM_MR_MOVE), and memslot 2, which it
+    /// deletes and creates again.
+    static let slot1MovedBase: UInt64 = 512 << 20
+    static let slot2Base: UInt64 = 384 << 20
+    static let slot2Size: UInt64 = 2 << 20
     static let dataFirstPage: UInt64 = 256  // 1 MiB
     static let dataPages: UInt64 = 2048  // the pages the writers use in memslot 0 (8 MiB)
     static let writesPerVCPU = 3000
@@ -49,8 +59,10 @@ struct ConcurrentVCPUStressTests {
     @Test(arguments: cases)
     func noDirtyPageIsLost(_ testCase: Case) throws {
         let cpu = CPUModel()
-        let vm = try VirtualMachine(memorySize: Self.slot0Size, cpu: cpu, mmu: .ept(cpu: cpu, pml: testCase.pml))
+        let vm = try VirtualMachine(memorySize: Self.slot0Size, cpu: cpu,
+                                    mmu: testCase.shadow ? .shadow : .ept(cpu: cpu, pml: testCase.pml))
         try vm.addMemslot(id: 1, base: GuestPhysicalAddress(Self.slot1Base), size: Self.slot1Size)
+        try vm.addMemslot(id: 2, base: GuestPhysicalAddress(Self.slot2Base), size: Self.slot2Size)
         try Self.buildIdentityMap(vm.memory)
         try vm.setDirtyLogProtocol(testCase.dirtyLogProtocol)
         try vm.setDirtyLogging(slot: 0, true)
@@ -84,6 +96,14 @@ struct ConcurrentVCPUStressTests {
                     let first = random.next() % Self.dataPages + Self.dataFirstPage
                     vm.zapGFNRange(first..<(first + random.next() % 64 + 1))
                     if round % 16 == 0 { vm.zapAllFast() }
+                    if round % 24 == 0 {
+                        // Memory the vCPUs are writing comes and goes: where it is not, their
+                        // accesses are MMIO.
+                        let moved = round % 48 == 0
+                        try vm.moveMemslot(id: 1, to: GuestPhysicalAddress(moved ? Self.slot1MovedBase : Self.slot1Base))
+                        try vm.deleteMemslot(id: 2)
+                        try vm.addMemslot(id: 2, base: GuestPhysicalAddress(Self.slot2Base), size: Self.slot2Size)
+                    }
                     if round % 8 == 0 {
                         let problems = vm.audit()
                         if !problems.isEmpty { shared.failures.withLock { $0.append("auditor, round \(round): \(problems)") } }
@@ -128,23 +148,32 @@ struct ConcurrentVCPUStressTests {
         var mine: [UInt64: UInt64] = [:]  // address -> the value this vCPU last wrote there
         func fail(_ message: String) { shared.failures.withLock { $0.append("vCPU \(vcpu.id): \(message)") } }
         for sequence in 0..<writesPerVCPU {
-            // Mostly memslot 0 (logged), sometimes memslot 1 (whose logging flips).
+            // Mostly memslot 0 (logged), sometimes memslot 1 (whose logging flips and which moves)
+            // or memslot 2 (deleted and created again).
             let address: UInt64
             let page = random.next() % dataPages
             let word = (random.next() % UInt64(512 / vcpus)) * UInt64(vcpus) + UInt64(vcpu.id)
             if sequence % 8 == 7 {
                 address = slot1Base + (page % (slot1Size >> 12)) << 12 + word * 8
+            } else if sequence % 16 == 3 {
+                address = slot2Base + (page % (slot2Size >> 12)) << 12 + word * 8
             } else {
                 address = (dataFirstPage + page) << 12 + word * 8
             }
+            let comesAndGoes = address >= slot1Base
             let value = UInt64(vcpu.id) << 56 | UInt64(sequence + 1)
             do {
                 let outcome = try vcpu.access(GuestVirtualAddress(address), .write(.supervisor), size: 8, value: value)
-                guard case .completed(let gpa, _) = outcome.result, gpa.rawValue == address else {
+                switch outcome.result {
+                case .completed(let gpa, _) where gpa.rawValue == address:
+                    // A slot that comes and goes loses what was written while it was elsewhere.
+                    if comesAndGoes { mine[address] = nil } else { mine[address] = value }
+                case .mmio(let gpa, _) where gpa.rawValue == address && comesAndGoes:
+                    mine[address] = nil
+                default:
                     fail("write to \(hex(address)) came to \(outcome.result)")
                     return log
                 }
-                mine[address] = value
                 if address < slot0Size { log.append((address >> 12, shared.clock.add(1, ordering: .sequentiallyConsistent).newValue)) }
                 if sequence % 4 == 0, let (check, expected) = mine.randomElement(using: &random) {
                     let read = try vcpu.access(GuestVirtualAddress(check), .read(.supervisor), size: 8)
