@@ -23,10 +23,17 @@ enum MMUChoice: String, ExpressibleByArgument, CaseIterable, Sendable {
 struct RunCommand: FailureReportingCommand {
     static let configuration = CommandConfiguration(
         commandName: "run",
-        abstract: "Run a scenario under KVM's shadow MMU (or its TDP MMU: --mmu tdp|npt), every guest access checked in lockstep against the architecture.",
+        abstract: "Run a built-in guest workload under KVM's shadow MMU and TDP MMU side by side, or a scenario file, every guest access checked in lockstep against the architecture.",
         discussion: """
+        Without a file, a built-in workload (--workload boot, processes, mmap, migration or mixed, the \
+        default) runs under shadow paging and TDP (or the --mmu given) and the report compares them: \
+        faults, shadow pages, roots, TLB flushes, exits, the MMU's table pages, wall time and the lockstep \
+        verdict; --json for JSON Lines, --report FILE.html for a page with charts, --record FILE to write \
+        the operations as a scenario and --replay FILE to run such a recording. A workload run exits 1 \
+        for bad parameters and 2 when a run failed its checks.
+
         A scenario is a text file with one directive per line (mem, cpu, set, map, access, pte, invlpg, \
-        reload-cr3, host, space, switch, invpcid, cr0, cr4, efer, cr3, zap, memslot, dirty-log, expect); docs/SCENARIOS.md describes the language and examples/ holds samples. The report \
+        reload-cr3, host, space, switch, invpcid, cr0, cr4, efer, cr3, zap, memslot, dirty-log, expect, vcpu); docs/SCENARIOS.md describes the language and examples/ holds samples. The report \
         gives each access's outcome (GPA and value, or the #PF error code and CR2), the final value and \
         A/D bits of every guest entry the scenario mapped, and KVM's MMU counters before and after the \
         run and their difference. With --json the same as JSON Lines, the last line a "result" object.
@@ -48,11 +55,16 @@ struct RunCommand: FailureReportingCommand {
         static let unmetExpectation: Int32 = 3
     }
 
-    @Argument(help: "The scenario file, or - for standard input; without one, a built-in tour of the shadow MMU.")
+    @Argument(help: "The scenario file, or - for standard input; without one, the built-in workload (--workload).")
     var file: String?
 
-    @Option(help: "The MMU that virtualizes the guest's paging: shadow, tdp (EPT) or npt (`expect` lines pin shadow counters).")
-    var mmu: MMUChoice = .shadow
+    @Option(name: .customLong("mmu"), help: "The MMU that virtualizes the guest's paging: shadow, tdp (EPT) or npt (`expect` lines pin shadow counters). A scenario file runs under shadow by default; a workload under shadow and tdp side by side.")
+    var mmuOption: MMUChoice?
+
+    @OptionGroup var workloadOptions: WorkloadOptions
+
+    /// The MMU a scenario file runs under.
+    var mmu: MMUChoice { mmuOption ?? .shadow }
 
     @Option(help: ArgumentHelp("The MMU design to run (\(MMUVariant.names.joined(separator: ", "))); docs/VARIANTS.md.",
                                valueName: "name"))
@@ -73,7 +85,15 @@ struct RunCommand: FailureReportingCommand {
         var status: Int32
     }
 
+    func validate() throws {
+        try workloadOptions.validate(file: file, trace: trace)
+    }
+
     func execute() throws {
+        if file == nil || workloadOptions.replay != nil {
+            try runWorkload()
+            return
+        }
         let outcome = perform()
         var output = ByteWriter(fileDescriptor: 1)
         output.append(outcome.output)
@@ -89,6 +109,7 @@ struct RunCommand: FailureReportingCommand {
         let scenario: Scenario
         do {
             switch file {
+            // The command runs a workload without a file; a caller of `perform` gets the tour.
             case nil: scenario = try Scenario.parse(BuiltInScenario.tour, name: name)
             case "-": scenario = try Scenario.parse(standardInput(), name: name)
             case let path?: scenario = try Scenario.parse(contentsOfFile: path)
@@ -178,7 +199,8 @@ extension VirtMMU {
     /// but 1 instead of 64 for a command-line error under `run`.
     static func exitStatus(for error: any Error, arguments: [String]) -> Int32 {
         let code = exitCode(for: error)
-        let documentsOwnStatuses = [RunCommand.configuration.commandName, CompareCommand.configuration.commandName]
+        let documentsOwnStatuses = [RunCommand.configuration.commandName, CompareCommand.configuration.commandName,
+                                    DumpCommand.configuration.commandName]
         if code == .validationFailure && documentsOwnStatuses.contains(arguments.first ?? "") {
             return RunCommand.Status.badInput
         }

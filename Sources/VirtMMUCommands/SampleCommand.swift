@@ -55,7 +55,8 @@ public struct VirtMMU: ParsableCommand {
         invariant. `compare` adds 4: the two variants showed the guest different outcomes. \
         `run --variant NAME` runs one of the seed threads' designs (docs/VARIANTS.md).
         """,
-        subcommands: [WalkCommand.self, MapsCommand.self, SampleCommand.self, RunCommand.self, CompareCommand.self, RolesCommand.self],
+        subcommands: [WalkCommand.self, MapsCommand.self, SampleCommand.self, RunCommand.self, CompareCommand.self, RolesCommand.self,
+                      DumpCommand.self],
         defaultSubcommand: WalkCommand.self)
 
     public init() {}

@@ -57,8 +57,6 @@ public final class ReferenceMachine {
     }
     /// By entry GPA: older values of last-level entries whose translations may still be cached.
     private var staleLeaves: [UInt64: [StaleLeaf]] = [:]
-    /// Frames the reference has walked as last-level tables.
-    private var levelOneTables: Set<UInt64> = []
     /// Entry values at the places the pending write may land (see `expect`).
     private var valuesBeforeWrite: [UInt64: UInt64] = [:]
     /// The PCID current in each period between PCID changes, oldest first (the last is current):
@@ -66,22 +64,47 @@ public final class ReferenceMachine {
     private var pcidPeriods: [UInt16] = [0]
     /// By entry GPA: the period in which the guest last wrote the entry (before boot: period 0).
     private var entryWrittenInPeriod: [UInt64: Int] = [:]
-    /// Leaf entries (by GPA) the guest last wrote, with the value written.
-    private var guestWrittenEntries: [UInt64: UInt64] = [:]
-    /// Leaf entries a write access went through since the guest last wrote them.
-    private var writtenThrough: Set<UInt64> = []
+    /// What the processors of one guest know about its memory together: a store or a write-through
+    /// by one processor changes what every other may see.
+    final class SharedMemoryFacts {
+        /// Frames any processor has walked as last-level tables.
+        var levelOneTables: Set<UInt64> = []
+        /// Leaf entries (by GPA) the guest last wrote, with the value written.
+        var guestWrittenEntries: [UInt64: UInt64] = [:]
+        /// Leaf entries a write access went through since the guest last wrote them.
+        var writtenThrough: Set<UInt64> = []
+        /// Every processor of the guest (weakly: the machines own the facts, not the reverse).
+        var processors: [WeakProcessor] = []
+        /// The sub-page write permissions the VMM gave pages (SPP), by gfn, for the pages it
+        /// restricted: a write touching a refused sub-page is KVM_EXIT_SPP, not a #PF, and changes
+        /// nothing. Kept here from the VMM's requests, not read from KVM; the VM's, so every
+        /// processor's.
+        var subPageWriteMasks: [UInt64: SubPageWriteMask] = [:]
+    }
+    struct WeakProcessor {
+        weak var machine: ReferenceMachine?
+    }
+    private let shared: SharedMemoryFacts
     public private(set) var checkedAccesses = 0
-    /// The sub-page write permissions the VMM gave pages (SPP), by gfn, for the pages it restricted:
-    /// a write touching a refused sub-page is KVM_EXIT_SPP, not a #PF, and changes nothing. Kept
-    /// here from the VMM's requests, not read from KVM.
-    private var subPageWriteMasks: [UInt64: SubPageWriteMask] = [:]
 
-    public init(memory: MemslotSet, registers: PagingRegisters, cpu: CPUModel = CPUModel()) throws(ControlStateError) {
+    public convenience init(memory: MemslotSet, registers: PagingRegisters, cpu: CPUModel = CPUModel()) throws(ControlStateError) {
+        try self.init(memory: memory, registers: registers, cpu: cpu, shared: SharedMemoryFacts())
+    }
+
+    private init(memory: MemslotSet, registers: PagingRegisters, cpu: CPUModel, shared: SharedMemoryFacts) throws(ControlStateError) {
         self.memory = memory
         self.cpu = cpu
         self.registers = registers
+        self.shared = shared
         walker = try PageWalker(registers: registers, cpu: cpu, memory: memory)
         pcidPeriods = [registers.pcid]
+        shared.processors.append(WeakProcessor(machine: self))
+    }
+
+    /// Another processor of the same guest, starting with `registers` and an empty TLB: it sees
+    /// the stores and write-throughs of every processor of the guest, and they see its own.
+    public func bringUpProcessor(registers: PagingRegisters) throws(ControlStateError) -> ReferenceMachine {
+        try ReferenceMachine(memory: memory, registers: registers, cpu: cpu, shared: shared)
     }
 
     /// The architecture's answer for an access about to be made (a probe: nothing is written).
@@ -93,7 +116,7 @@ public final class ReferenceMachine {
         if access.kind == .write {
             var frames = allowedStale(address, expected).map(\.gpaFrame)
             if case .success(let translation) = expected { frames.append(translation.physicalAddress.frame.rawValue) }
-            for frame in frames where levelOneTables.contains(frame) {
+            for frame in frames where shared.levelOneTables.contains(frame) {
                 let entry = frame << 12 | (address.rawValue & pageOffsetMask & ~UInt64(entrySize - 1))
                 valuesBeforeWrite[entry] = readEntry(GuestPhysicalAddress(entry))
             }
@@ -219,10 +242,10 @@ public final class ReferenceMachine {
                 remember(page, Cached(gpaFrame: gpa.frame.rawValue, permissions: translation.permissions,
                                       isGlobal: translation.isGlobal, pcid: pcid, dirty: leafDirty || access.kind == .write))
                 if translation.level == 1 {
-                    levelOneTables.insert(translation.path.entryAddress(level: 1).frame.rawValue)
+                    shared.levelOneTables.insert(translation.path.entryAddress(level: 1).frame.rawValue)
                     cacheNeighbours(of: address, access)
                 }
-                if access.kind == .write { writtenThrough.insert(translation.path.entryAddress(level: translation.level).rawValue) }
+                if access.kind == .write { shared.writtenThrough.insert(translation.path.entryAddress(level: translation.level).rawValue) }
             default:
                 break
             }
@@ -236,31 +259,31 @@ public final class ReferenceMachine {
 
     /// The VMM set `mask` for page `gfn` (KVM_SUBPAGES_SET_ACCESS went through).
     public func setSubPageWriteMask(_ mask: SubPageWriteMask, for gfn: GuestFrameNumber) {
-        subPageWriteMasks[gfn.rawValue] = mask == .allWritable ? nil : mask
+        shared.subPageWriteMasks[gfn.rawValue] = mask == .allWritable ? nil : mask
     }
 
     /// The permissions the VMM gave page `gfn` (all writable unless it restricted them).
     public func subPageWriteMask(for gfn: GuestFrameNumber) -> SubPageWriteMask {
-        subPageWriteMasks[gfn.rawValue] ?? .allWritable
+        shared.subPageWriteMasks[gfn.rawValue] ?? .allWritable
     }
 
     /// A memslot holding `gfns` moved to start at `newBase`: permissions belong to the slot's
     /// pages and move with them.
     public func subPageWriteMasksMoved(from gfns: Range<UInt64>, to newBase: UInt64) {
-        let moving = subPageWriteMasks.filter { gfns.contains($0.key) }
-        for gfn in moving.keys { subPageWriteMasks[gfn] = nil }
-        for (gfn, mask) in moving { subPageWriteMasks[gfn - gfns.lowerBound + newBase] = mask }
+        let moving = shared.subPageWriteMasks.filter { gfns.contains($0.key) }
+        for gfn in moving.keys { shared.subPageWriteMasks[gfn] = nil }
+        for (gfn, mask) in moving { shared.subPageWriteMasks[gfn - gfns.lowerBound + newBase] = mask }
     }
 
     /// A memslot holding `gfns` was deleted: its pages' permissions went with it.
     public func subPageWriteMasksDeleted(_ gfns: Range<UInt64>) {
-        subPageWriteMasks = subPageWriteMasks.filter { !gfns.contains($0.key) }
+        shared.subPageWriteMasks = shared.subPageWriteMasks.filter { !gfns.contains($0.key) }
     }
 
     /// The architecture's rule, a sub-page at a time: a write (within one page) goes through only
     /// if every 128-byte sub-page it touches is writable.
     private func permitsSubPageWrite(at gpa: GuestPhysicalAddress, size: Int) -> Bool {
-        guard let mask = subPageWriteMasks[gpa.frame.rawValue] else { return true }
+        guard let mask = shared.subPageWriteMasks[gpa.frame.rawValue] else { return true }
         return (try? mask.permitsWrite(atPageOffset: gpa.pageOffset, byteCount: UInt64(size))) ?? false
     }
 
@@ -292,16 +315,27 @@ public final class ReferenceMachine {
     /// guest invalidates it.
     func noteGuestWrite(_ gpa: GuestPhysicalAddress, size: Int, value: UInt64) {
         let entryAddress = registers.mode == .legacy32 ? gpa.rawValue & ~3 : gpa.rawValue & ~7
+        let replaced: UInt64?
         if let old = valuesBeforeWrite[entryAddress], old & 1 != 0, old & (1 << 5) != 0,
            walker.reservedBitsSet(in: old, level: 1) == 0, old != readEntry(GuestPhysicalAddress(entryAddress)) {
+            replaced = old
+        } else {
+            replaced = nil
+        }
+        // Any processor of the guest may have cached a translation through the old value.
+        for processor in shared.processors { processor.machine?.noteEntryWritten(entryAddress, replacing: replaced) }
+        shared.guestWrittenEntries[entryAddress] = readEntry(GuestPhysicalAddress(entryAddress))
+        shared.writtenThrough.remove(entryAddress)
+    }
+
+    private func noteEntryWritten(_ entryAddress: UInt64, replacing old: UInt64?) {
+        if let old {
             // The old value was valid from its own write until now: only the PCIDs current in
             // that time may have cached a translation through it.
             let since = entryWrittenInPeriod[entryAddress] ?? 0
             staleLeaves[entryAddress, default: []].append(StaleLeaf(value: old, pcids: Set(pcidPeriods[since...])))
         }
         entryWrittenInPeriod[entryAddress] = pcidPeriods.count - 1
-        guestWrittenEntries[entryAddress] = readEntry(GuestPhysicalAddress(entryAddress))
-        writtenThrough.remove(entryAddress)
     }
 
     private func checkAccessedDirty(_ translation: Translation, _ access: Access, servedByCache: Bool,
@@ -316,8 +350,8 @@ public final class ReferenceMachine {
             if !servedByCache && now & (1 << 5) == 0 { throw fail("A set in the level-\(level) entry used") }
             if level == path.bottomLevel {
                 if !servedByCache && access.kind == .write && now & (1 << 6) == 0 { throw fail("D set in the leaf written through") }
-                if now & (1 << 6) != 0, let written = guestWrittenEntries[address.rawValue], written & (1 << 6) == 0,
-                   !writtenThrough.contains(address.rawValue) && access.kind != .write {
+                if now & (1 << 6) != 0, let written = shared.guestWrittenEntries[address.rawValue], written & (1 << 6) == 0,
+                   !shared.writtenThrough.contains(address.rawValue) && access.kind != .write {
                     throw fail("D clear: the guest wrote this leaf clean and nothing wrote through it since")
                 }
             }

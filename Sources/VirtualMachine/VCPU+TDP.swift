@@ -551,7 +551,7 @@ extension VCPU {
             }
         }
         let gpa = translation.physicalAddress
-        // With paging off there is no guest entry (level 0) to read.
+        // With paging off there is no guest entry (level 0) to read D from.
         let guestDirty = state.registers.mode == .disabled
             || translation.path.entryValue(level: translation.level) & 0x40 != 0
         guard let final = Self.translateNested(ept, gpa, access.kind, host: host, pml: state.pml, faults: faults) else {

@@ -24,6 +24,8 @@ public struct Scenario: Hashable, Sendable {
     /// The host's paging depth for shadow pages (`host levels=4|5`), or nil to follow the guest.
     public var hostLevels: Int?
 
+    /// The most vCPUs a scenario may bring up (`vcpu N` takes 0 ..< this).
+    public static let maximumVCPUs = 64
     /// 64 MiB.
     public static let defaultMemorySize: UInt64 = 64 << 20
     /// The largest `mem` accepted, 64 GiB.
@@ -119,6 +121,9 @@ public enum ScenarioDirective: Hashable, Sendable {
     /// `spp set GFN MASK` / `spp get GFN`: the VMM's sub-page write protection requests
     /// (KVM_SUBPAGES_SET_ACCESS / GET_ACCESS, one page each; `--mmu tdp` only).
     case subPageProtection(SubPageProtectionRequest)
+    /// `vcpu N`: the following guest operations run on vCPU `N` (brought up, when new, in the state
+    /// the current vCPU is in, as an OS's AP trampoline leaves an application processor).
+    case vcpu(Int)
 
     /// The directive's keyword.
     public var name: String {
@@ -141,6 +146,7 @@ public enum ScenarioDirective: Hashable, Sendable {
         case .memslot: "memslot"
         case .dirtyLog: "dirty-log"
         case .expect: "expect"
+        case .vcpu: "vcpu"
         case .subPageProtection: "spp"
         }
     }
@@ -151,7 +157,7 @@ public enum ScenarioDirective: Hashable, Sendable {
         switch self {
         case .mem, .set, .cpu, .host, .expect: false
         case .map, .access, .pte, .invlpg, .reloadCR3, .space, .switchSpace, .invpcid, .writeRegister, .loadCR3, .zap,
-             .memslot, .dirtyLog, .subPageProtection: true
+             .memslot, .dirtyLog, .vcpu, .subPageProtection: true
         }
     }
 
@@ -162,7 +168,7 @@ public enum ScenarioDirective: Hashable, Sendable {
         // The VMM's own requests (memslots, the dirty log, a zap) need the machine but not the guest.
         case .mem, .set, .cpu, .host, .map, .space, .zap, .memslot, .dirtyLog, .expect: false
         // SPP's permissions are checked by the reference machine, which the boot makes.
-        case .access, .pte, .invlpg, .reloadCR3, .switchSpace, .invpcid, .writeRegister, .loadCR3, .subPageProtection: true
+        case .access, .pte, .invlpg, .reloadCR3, .switchSpace, .invpcid, .writeRegister, .loadCR3, .vcpu, .subPageProtection: true
         }
     }
 }

@@ -26,6 +26,18 @@ extension DirectiveArguments {
         return token.text
     }
 
+    /// `vcpu N`: vCPUs are brought up in order, so N is one already up or the next one.
+    mutating func parseVCPU() throws(ScenarioError) -> ScenarioDirective {
+        let token = try positional(["N"])[0]
+        try noOptions()
+        let index = Int(try number(token, what: "vCPU", in: 0...UInt64(Scenario.maximumVCPUs - 1)))
+        guard index <= state.vcpus.count else {
+            throw error("vCPU \(index) cannot come up before vCPU \(state.vcpus.count) (vCPUs are brought up in order; "
+                        + "\(state.vcpus.count) so far)", at: token)
+        }
+        return .vcpu(index)
+    }
+
     mutating func parseSpace() throws(ScenarioError) -> ScenarioDirective {
         let name = try spaceName(try positional(["NAME"])[0])
         try noOptions()

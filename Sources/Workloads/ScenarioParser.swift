@@ -24,6 +24,7 @@
 //   dirty-log enable|disable SLOT | dirty-log mode reset|manual|ring [entries=N] | dirty-log get SLOT
 //   dirty-log clear SLOT FIRST COUNT
 //   expect NAME=N...                                the counters must have these values here
+//   vcpu N                                          later guest operations run on vCPU N (0...63)
 //   spp set GFN MASK | spp get GFN                  sub-page write permissions (--mmu tdp; MASK 32 bits)
 //
 //   NUMBER  decimal or 0x-hexadecimal, `_` allowed between digits, at most 2^64-1
@@ -119,6 +120,11 @@ struct ScenarioState: Sendable {
     var spaces: Set<String> = [Scenario.kernelSpace]
     /// The first guest operation: its line and keyword.
     var firstOperation: (line: Int, name: String)?
+    /// Every vCPU brought up so far, with the registers and settings its lines left; the current
+    /// one's live in `registers` and `controls` (its entry here is stale until `vcpu` switches away).
+    var vcpus: [(registers: PagingRegisters, controls: ControlState)] = [(ControlState.defaults.registers(cr3: 0), .defaults)]
+    /// The vCPU the lines run on.
+    var currentVCPU = 0
 
     /// The mode whose tables `map` and `pte` edit: the one the registers select, or with paging off
     /// the one they prepare.
@@ -193,6 +199,8 @@ struct ScenarioParser {
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseDirtyLog() }),
         DirectiveSpec(name: "expect", usage: "expect NAME=N... (a KVM statistic or a context counter)",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseExpect() }),
+        DirectiveSpec(name: "vcpu", usage: "vcpu N (0 for the boot vCPU; a new one is N = the number brought up so far)",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseVCPU() }),
         DirectiveSpec(name: "spp", usage: "spp set GFN MASK | spp get GFN",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseSubPageProtection() }),
     ]
@@ -277,6 +285,12 @@ struct ScenarioParser {
             state.registers = registers
         case .loadCR3(let value, _):
             state.registers.cr3 = value & 0xFFF
+        case .vcpu(let index):
+            // Each vCPU has its own registers; a new one starts as the current one is.
+            state.vcpus[state.currentVCPU] = (state.registers, state.controls)
+            if index == state.vcpus.count { state.vcpus.append((state.registers, state.controls)) }
+            state.currentVCPU = index
+            (state.registers, state.controls) = state.vcpus[index]
         case .map, .access, .pte, .invlpg, .reloadCR3, .invpcid, .zap, .memslot, .dirtyLog, .expect, .subPageProtection:
             break
         }

@@ -17,6 +17,7 @@
 //   cr0 0x80010011                  cr4 / efer likewise, values hex
 //   cr3 0x100000 noflush
 //   expect mmu_unsync=1 pf_fixed=3   counters in the order given, values decimal
+//   vcpu 1
 
 import X86Paging
 
@@ -131,6 +132,8 @@ extension ScenarioDirective {
             return "dirty-log get \(slot)"
         case .dirtyLog(.clear(let slot, let first, let count)):
             return "dirty-log clear \(slot) \(first) \(count)"
+        case .vcpu(let index):
+            return "vcpu \(index)"
         case .expect(let counters):
             return (["expect"] + counters.map { "\($0.name)=\($0.value)" }).joined(separator: " ")
         }

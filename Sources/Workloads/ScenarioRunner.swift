@@ -56,6 +56,28 @@ public struct RunReport: Sendable {
     public var expectationsChecked = 0
     /// Every `spp get`, in order.
     public var subPageMasks: [SubPageMaskRecord] = []
+    /// The vCPUs the run brought up.
+    public var vcpuCount = 0
+    /// The counters every `ScenarioRunner.timelineInterval` directives, and at the end.
+    public var timeline: [TimelineSample] = []
+    /// Table pages the MMU holds at the end: shadow pages, or the TDP MMU's tables.
+    public var tablePages = 0
+}
+
+/// The counters of a run after `directives` directives: one point of the report's charts.
+public struct TimelineSample: Sendable {
+    public var directives: Int
+    /// Guest operations recorded so far (`AccessRecord`s).
+    public var operations: Int
+    /// Guest accesses the reference machine checked so far.
+    public var lockstepChecks: Int
+    /// KVM's counters, cumulative from the start of the run.
+    public var stats: MMUStats
+    /// Shadow pages alive (`n_used_mmu_pages`); under TDP, the TDP MMU's table pages.
+    public var tablePages: Int
+    /// CR3 loads that found their root cached, and those that did not, over every vCPU.
+    public var rootCacheHits: UInt64
+    public var rootCacheMisses: UInt64
 }
 
 /// What one `spp get` returned.
@@ -140,6 +162,21 @@ public final class ScenarioRunner {
     /// With dirty rings: gfns harvested from the rings, by slot, until that slot's `dirty-log get`.
     private var harvestedDirtyGFNs: [Int: Set<UInt64>] = [:]
 
+    /// The vCPUs brought up, each with its reference processor and what its lines left; the
+    /// current one's state is in `vcpu`, `reference`, `controls`, `registers` and `loadedSpace`
+    /// (its entry here is stale until `vcpu N` switches away).
+    private var processors: [ProcessorState] = []
+    /// The index of the vCPU guest operations run on.
+    public private(set) var currentVCPU = 0
+
+    private struct ProcessorState {
+        var vcpu: VCPU
+        var reference: ReferenceMachine
+        var controls: ControlState
+        var registers: PagingRegisters
+        var loadedSpace: String?
+    }
+
     private struct Mapping: Hashable {
         var gva: GuestVirtualAddress
         var space: String
@@ -160,6 +197,11 @@ public final class ScenarioRunner {
     public let checksExpectations: Bool
     /// The MMU the guest runs under (shadow paging, or TDP with EPT).
     public let mmu: VirtualMachineMMU
+    /// Take a `TimelineSample` every this many directives (0: none but the last).
+    public var timelineInterval = 0
+    /// Called every `progressInterval` directives with (directives done, directives in all).
+    public var progress: ((Int, Int) -> Void)?
+    public var progressInterval = 500
 
     public init(scenario: Scenario, traceEvents: Bool = false, shadowPageLimit: Int? = nil,
                 variant: MMUVariant = .upstream, checksExpectations: Bool = true, mmu: VirtualMachineMMU = .shadow) {
@@ -185,7 +227,9 @@ public final class ScenarioRunner {
         }
         report.statsBefore = vm.stats
         vm.mmu.events.isRecording = tracesEvents
-        for statement in scenario.directives {
+        for (index, statement) in scenario.directives.enumerated() {
+            if index > 0 && timelineInterval > 0 && index % timelineInterval == 0 { sampleTimeline(directives: index) }
+            if index > 0 && index % progressInterval == 0 { progress?(index, scenario.directives.count) }
             currentLine = statement.line
             if tracesEvents { firstEventOfDirective = nextEventSequence() }
             do {
@@ -203,8 +247,26 @@ public final class ScenarioRunner {
             }
         }
         finish()
+        sampleTimeline(directives: scenario.directives.count)
         return report
     }
+
+    private func sampleTimeline(directives: Int) {
+        report.timeline.append(TimelineSample(
+            directives: directives, operations: report.accesses.count, lockstepChecks: lockstepChecks,
+            stats: vm.stats.delta(from: report.statsBefore), tablePages: tablePages,
+            rootCacheHits: contextTotal(\.rootCacheHits), rootCacheMisses: contextTotal(\.rootCacheMisses)))
+    }
+
+    /// A context counter summed over the vCPUs (0 before boot). The processors' vCPU and
+    /// reference objects are the current ones even while the current vCPU's entry is stale.
+    private func contextTotal(_ counter: KeyPath<MMUContext, UInt64>) -> UInt64 {
+        processors.reduce(0) { $0 + $1.vcpu.context[keyPath: counter] }
+    }
+
+    private var lockstepChecks: Int { processors.reduce(0) { $0 + $1.reference.checkedAccesses } }
+
+    private var tablePages: Int { vm.tdp?.pageTableCount ?? vm.mmu.usedPages }
 
     /// The MMU for this scenario: under TDP, the EPT capabilities follow the scenario's CPU.
     private func mmuForScenario() -> VirtualMachineMMU {
@@ -233,8 +295,10 @@ public final class ScenarioRunner {
 
     private func finish() {
         report.statsAfter = vm.stats
-        report.dirtyRingFullExits = vcpu?.dirtyRingFullExits ?? 0
-        report.lockstepChecks = reference?.checkedAccesses ?? 0
+        report.dirtyRingFullExits = processors.reduce(0) { $0 + $1.vcpu.dirtyRingFullExits }
+        report.lockstepChecks = lockstepChecks
+        report.vcpuCount = processors.count
+        report.tablePages = tablePages
         var seen = Set<Mapping>()
         let distinct = mappings.filter { seen.insert($0).inserted }
         report.entries = distinct.flatMap { mapping in
@@ -246,13 +310,11 @@ public final class ScenarioRunner {
         report.shadowPagesByLevel = Dictionary(grouping: pages, by: \.level).mapValues(\.count)
         report.shadowPagesByRole = Dictionary(grouping: pages, by: { vm.variant.describe($0.role) }).mapValues(\.count)
         report.shadowPageKeys = Set(pages.map { ShadowPageKey(gfn: $0.gfn.rawValue, role: $0.role.word) })
-        if let context = vcpu?.context {
-            report.contextResets = context.contextResets
-            report.roleReinitializations = context.roleReinitializations
-            report.rootsCreated = context.rootsCreated
-            report.rootCacheHits = context.rootCacheHits
-            report.rootCacheMisses = context.rootCacheMisses
-        }
+        report.contextResets = contextTotal(\.contextResets)
+        report.roleReinitializations = contextTotal(\.roleReinitializations)
+        report.rootsCreated = contextTotal(\.rootsCreated)
+        report.rootCacheHits = contextTotal(\.rootCacheHits)
+        report.rootCacheMisses = contextTotal(\.rootCacheMisses)
     }
 
     /// The first guest operation: the kernel has built its tables with paging off and now turns
@@ -266,7 +328,30 @@ public final class ScenarioRunner {
         vcpu.dirtyRingFullHandler = { [unowned self] in self.harvestAndResetDirtyRings() }
         reference = try ReferenceMachine(memory: vm.memory, registers: registers, cpu: scenario.cpuModel)
         loadedSpace = Scenario.kernelSpace
+        processors = [currentProcessor]
         kernel.booted = true
+    }
+
+    private var currentProcessor: ProcessorState {
+        ProcessorState(vcpu: vcpu, reference: reference, controls: controls, registers: registers, loadedSpace: loadedSpace)
+    }
+
+    /// `vcpu N`: the current vCPU's state is put away and vCPU `index`'s taken up; a new vCPU
+    /// comes up in the current one's state (registers, loaded space) with its own empty TLB.
+    private func selectVCPU(_ index: Int) throws {
+        processors[currentVCPU] = currentProcessor
+        if index == processors.count {
+            let new = try vm.addVCPU(registers: registers)
+            new.dirtyRingFullHandler = { [unowned self] in self.harvestAndResetDirtyRings() }
+            processors.append(ProcessorState(vcpu: new, reference: try reference.bringUpProcessor(registers: registers),
+                                             controls: controls, registers: registers, loadedSpace: loadedSpace))
+        }
+        guard processors.indices.contains(index) else {
+            throw RunFailure.badScenario(line: currentLine, message: "vcpu: vCPU \(index) is not up (\(processors.count) so far)")
+        }
+        let next = processors[index]
+        (vcpu, reference, controls, registers, loadedSpace) = (next.vcpu, next.reference, next.controls, next.registers, next.loadedSpace)
+        currentVCPU = index
     }
 
     private func execute(_ directive: ScenarioDirective) throws {
@@ -371,6 +456,8 @@ public final class ScenarioRunner {
         case .expect(let counters):
             guard checksExpectations else { return }
             try check(counters)
+        case .vcpu(let index):
+            try selectVCPU(index)
         case .subPageProtection(let request):
             try apply(request)
         }
@@ -412,13 +499,12 @@ public final class ScenarioRunner {
     /// boot), or the shadow pages alive (KVM's `n_used_mmu_pages`).
     private func counterValue(_ name: String) -> UInt64? {
         if let value = vm.stats.delta(from: report.statsBefore)[kvmName: name] { return value }
-        let context = vcpu?.context
         switch name {
-        case "context_resets": return context?.contextResets ?? 0
-        case "role_reinitializations": return context?.roleReinitializations ?? 0
-        case "roots_created": return context?.rootsCreated ?? 0
-        case "root_cache_hits": return context?.rootCacheHits ?? 0
-        case "root_cache_misses": return context?.rootCacheMisses ?? 0
+        case "context_resets": return contextTotal(\.contextResets)
+        case "role_reinitializations": return contextTotal(\.roleReinitializations)
+        case "roots_created": return contextTotal(\.rootsCreated)
+        case "root_cache_hits": return contextTotal(\.rootCacheHits)
+        case "root_cache_misses": return contextTotal(\.rootCacheMisses)
         case "shadow_pages": return UInt64(vm.mmu.usedPages)
         default: return nil
         }

@@ -883,7 +883,7 @@ struct GuestTableModel {
             }
             booted = true
             return true
-        case .writeRegister, .loadCR3, .expect:
+        case .writeRegister, .loadCR3, .expect, .vcpu:
             return false  // the model knows one paging mode and the spaces' roots; the generator never emits these
         }
     }

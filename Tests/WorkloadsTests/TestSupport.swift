@@ -2,21 +2,10 @@ import Testing
 import Workloads
 import X86Paging
 
-/// SplitMix64 (Steele, Lea, Flood 2014): tiny and seedable, so every property and fuzz failure
-/// reproduces from its seed.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
+/// The workloads' SplitMix64: every property and fuzz failure reproduces from its seed.
+typealias SplitMix64 = SeededGenerator
 
-    init(seed: UInt64) { state = seed }
-
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-
+extension SeededGenerator {
     mutating func chance(_ percent: Int) -> Bool { Int.random(in: 0..<100, using: &self) < percent }
 }
 
