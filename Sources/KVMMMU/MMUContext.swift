@@ -15,6 +15,9 @@ public enum PageFaultResult: Equatable, Sendable {
     case injectGuestFault(address: GuestVirtualAddress, errorCode: PageFaultErrorCode)
     /// The guest's tables point at a non-canonical address or the walk was impossible.
     case injectGeneralProtection
+    /// A write sub-page write protection refuses: the VMM gets KVM_EXIT_SPP (the SPP series'
+    /// RET_PF_USERSPACE; TDP with EPT only, docs/SPP.md).
+    case subPageWriteExit
 }
 
 /// What the host hardware walks: the root KVM loaded and the paging mode it runs the guest in.
@@ -655,7 +658,7 @@ public final class MMUContext {
         case .emulate: mmu.stats.pfEmulate += 1
         case .spurious: mmu.stats.pfSpurious += 1
         case .injectGuestFault, .injectGeneralProtection: mmu.stats.pfGuest += 1
-        case .retry: break
+        case .retry, .subPageWriteExit: break
         }
     }
 

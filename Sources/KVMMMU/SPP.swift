@@ -123,6 +123,11 @@ public enum SubPageProtectionError: Error, Equatable, Sendable, CustomStringConv
     case requiresEPT
     /// The series made SPP and nested virtualization exclusive (`spp_init` returned -EPERM).
     case exclusiveWithNestedVirtualization
+    /// Dirty logging by PML clears D instead of W, and whether the processor sets D on a write SPP
+    /// lets through is not documented: SPP is enabled only with write-protection dirty logging.
+    case requiresWriteProtectDirtyLogging
+    /// SPP was not enabled for this VM (-ENODEV).
+    case notEnabled
     /// The SPP table's root is not a valid SPPTP on this host.
     case tablePointer(SPPTablePointerError)
     /// No host page was left for an SPP-table page.
@@ -147,6 +152,8 @@ public enum SubPageProtectionError: Error, Equatable, Sendable, CustomStringConv
         switch self {
         case .requiresEPT: "sub-page write protection needs EPT"
         case .exclusiveWithNestedVirtualization: "sub-page write protection and nested virtualization exclude each other"
+        case .requiresWriteProtectDirtyLogging: "sub-page write protection needs write-protection dirty logging, not PML"
+        case .notEnabled: "sub-page write protection is not enabled for this VM"
         case .tablePointer(let error): "the SPP table cannot be used: \(error)"
         case .hostMemory(let error): "no host page for the SPP table: \(error)"
         case .invalidFlags(let flags): "SPP request flags \(hex(flags)) must be 0"

@@ -36,6 +36,7 @@ extension TDPMMU {
             problems.append("the MMU's memslots \(slotIndex.map(\.slot)) differ from the VM's \(slots)")
         }
         for metadata in slotIndex { auditDisallowCounts(metadata, &problems) }
+        if let protection = subPageProtection { problems += protection.audit().map { "SPP: " + $0 } }
         if pendingFrees.load(ordering: .relaxed) != 0 { problems.append("tables still queued to be freed") }
 
         var walk = AuditWalk()
@@ -200,6 +201,7 @@ extension TDPMMU {
         if spte.pfn.rawValue != expectedFrame {
             problems.append("\(place()): leaf maps \(spte.pfn), but \(slot) puts \(hex(expectedFrame)) there")
         }
+        if let problem = auditSubPageProtection(spte, gfn: gfn, level: level) { problems.append("\(place()): \(problem)") }
         if !spte.checkWritableInvariants(masks) { problems.append("\(place()): \(description) breaks W => MMU-writable => host-writable") }
         if spte.isHostWritable(masks) == slot.isReadOnly {
             problems.append("\(place()): \(description) host-writable does not match \(slot)")
@@ -267,5 +269,19 @@ extension TDPMMU {
                 }
             }
         }
+    }
+}
+
+extension TDPMMU {
+    /// SPP's invariants of one leaf: none of its bits without SPP, `SubPageProtection.auditLeaf`
+    /// with it, and no huge leaf over a block holding a protected page.
+    fileprivate func auditSubPageProtection(_ spte: SPTE, gfn: UInt64, level: Int) -> String? {
+        guard let protection = subPageProtection else {
+            return spte.isSubPageArmed || spte.hasSavedSubPageArming ? "SPP bits on a leaf, but SPP is not enabled" : nil
+        }
+        if level > KVMLevel.pageTable && protection.maxMappingLevel(for: GuestFrameNumber(gfn), limit: level) < level {
+            return "a level-\(level) leaf covers a page sub-page write protection protects"
+        }
+        return protection.auditLeaf(spte, gfn: GuestFrameNumber(gfn), level: level)
     }
 }

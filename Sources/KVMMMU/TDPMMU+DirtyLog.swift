@@ -30,11 +30,14 @@ extension TDPMMU {
                                        start: slot.baseFrame.rawValue, end: slot.endFrame.rawValue, pool: pool)
             while iterator.isValid {
                 let old = iterator.oldSPTE
-                guard old.isShadowPresent, old.isLast(level: iterator.level), old.isWritable else {
+                // An SPP-armed leaf (W already clear) sets its arming aside too, or writes to its
+                // writable sub-pages would go unlogged.
+                guard old.isShadowPresent, old.isLast(level: iterator.level),
+                      let protected = old.writeProtectedForDirtyLogging() else {
                     iterator.next()
                     continue
                 }
-                if !setSPTEAtomic(&iterator, SPTE(old.rawValue & ~SPTE.writableBit)) { continue }
+                if !setSPTEAtomic(&iterator, protected) { continue }
                 changed = true
                 iterator.next()
             }
@@ -65,19 +68,27 @@ extension TDPMMU {
                                        start: slot.baseFrame.rawValue, end: slot.endFrame.rawValue, pool: pool)
             while iterator.isValid {
                 let old = iterator.oldSPTE
-                guard old.isShadowPresent, old.isLast(level: iterator.level), old.rawValue & dirtyBit != 0 else {
+                guard old.isShadowPresent, old.isLast(level: iterator.level),
+                      let cleaned = Self.dirtyStateCleared(old, dirtyBit: dirtyBit) else {
                     iterator.next()
                     continue
                 }
                 if dirtyBit == masks.dirty && old.needsADWriteProtect {
                     warn("clearing D of \(old.describe(masks)), which needs write protection instead")
                 }
-                if !setSPTEAtomic(&iterator, SPTE(old.rawValue & ~dirtyBit)) { continue }
+                if !setSPTEAtomic(&iterator, cleaned) { continue }
                 changed = true
                 iterator.next()
             }
         }
         return changed
+    }
+
+    /// `old` with its dirty state taken: D cleared, or (`dirtyBit` W) write-protected the SPP-aware
+    /// way (`SPTE.writeProtectedForDirtyLogging`). Nil when it has none to take.
+    static func dirtyStateCleared(_ old: SPTE, dirtyBit: UInt64) -> SPTE? {
+        if dirtyBit == SPTE.writableBit { return old.writeProtectedForDirtyLogging() }
+        return old.rawValue & dirtyBit == 0 ? nil : SPTE(old.rawValue & ~dirtyBit)
     }
 
     // MARK: gfn masks (KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG)
@@ -127,14 +138,20 @@ extension TDPMMU {
                 let bit = UInt64(1) << (iterator.gfn - base)
                 guard remaining & bit != 0 else { continue }
                 remaining &= ~bit
-                guard old.rawValue & dirtyBit != 0 else { continue }
+                guard Self.dirtyStateCleared(old, dirtyBit: dirtyBit) != nil else { continue }
                 if dirtyBit == masks.dirty && old.needsADWriteProtect {
                     warn("clearing D of \(old.describe(masks)), which needs write protection instead")
                 }
-                // Atomic: the processor may set D (or the fast path W) meanwhile.
-                let before = iterator.slot.clearBits(dirtyBit)
-                events.record(.kvmTDPMMUSPTEChanged(addressSpaceID: 0, gfn: GuestFrameNumber(iterator.gfn), level: 1,
-                                                    old: before, new: SPTE(before.rawValue & ~dirtyBit)))
+                // Atomic: the processor may set A or D (or the fast path W) meanwhile; a lost
+                // exchange leaves what is there now in `before`, and the loop tries again.
+                var before = old
+                while let cleaned = Self.dirtyStateCleared(before, dirtyBit: dirtyBit) {
+                    if iterator.slot.compareExchange(expected: &before, desired: cleaned) {
+                        events.record(.kvmTDPMMUSPTEChanged(addressSpaceID: 0, gfn: GuestFrameNumber(iterator.gfn), level: 1,
+                                                            old: before, new: cleaned))
+                        break
+                    }
+                }
             }
         }
     }
@@ -223,7 +240,9 @@ extension TDPMMU {
             while iterator.isValid {
                 let old = iterator.oldSPTE
                 if old.isShadowPresent && old.isLast(level: iterator.level) {
-                    let new = SPTE(old.rawValue & ~(SPTE.writableBit | masks.mmuWritable))
+                    // Without MMU-writable a leaf must not keep SPP's grant of writes either.
+                    let new = SPTE(old.rawValue & ~(SPTE.writableBit | masks.mmuWritable | SPTE.subPagePermissionBit
+                                                    | SPTE.savedSubPagePermissionBit))
                     if new != old {
                         setSPTE(&iterator, new)
                         changed = true
@@ -325,7 +344,9 @@ extension TDPMMU {
                 // zapped before the walk came down to it. A table straddling the slot's edge cannot.
                 guard iterator.level <= KVMLevel.pageDirectoryPointer, old.isShadowPresent,
                       !old.isLast(level: iterator.level), iterator.gfn >= start, iterator.gfn < end,
-                      metadata.maxMappingLevel(iterator.gfn, maxLevel: configuration.maxHugePageLevel) >= iterator.level
+                      metadata.maxMappingLevel(iterator.gfn, maxLevel: configuration.maxHugePageLevel) >= iterator.level,
+                      (subPageProtection?.maxMappingLevel(for: GuestFrameNumber(iterator.gfn), limit: iterator.level)
+                        ?? iterator.level) >= iterator.level
                 else {
                     iterator.next()
                     continue

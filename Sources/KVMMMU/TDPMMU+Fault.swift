@@ -114,6 +114,11 @@ extension TDPMMU {
            let slot = fault.slot, slot.isWriteTracked(gfn) {
             return .emulate
         }
+        // SPP first: the fast path must never make an armed leaf writable.
+        if fault.isWrite && fault.isPresent && !errorCode.contains(.reservedBit), let protection = subPageProtection,
+           let result = subPageWriteFault(fault, root: root, protection: protection) {
+            return result
+        }
         if let fixed = fastPageFault(fault, gpa: gpa, root: root, vcpuID: vcpuID) { return fixed }
         if let slot = fault.slot {
             // A write to a read-only memslot is MMIO to the VMM (KVM_PFN_ERR_RO_FAULT).
@@ -162,16 +167,10 @@ extension TDPMMU {
         var new = SPTE.nonPresent
         var lastSlot: SPTESlot?
         while true {
-            // kvm_tdp_mmu_fast_pf_get_last_sptep: the lowest SPTE on the walk for the gfn.
-            var iterator = TDPIterator(root: root.table, rootLevel: rootLevel, minLevel: 1, start: fault.gfn,
-                                       end: fault.gfn + 1, pool: pool)
-            var level = 0
-            while iterator.isValid {
-                lastSlot = iterator.slot
-                old = iterator.oldSPTE
-                level = iterator.level
-                iterator.next()
-            }
+            let lowest = lowestSPTE(fault.gfn, in: root)
+            if let lowest { lastSlot = lowest.slot }
+            old = lowest?.spte ?? .nonPresent
+            let level = lowest?.level ?? 0
             new = old
             guard let slot = lastSlot, old.isShadowPresent, old.isLast(level: level) else { break }
             if isAccessAllowed(fault, old) {
@@ -208,6 +207,19 @@ extension TDPMMU {
         return result
     }
 
+    /// `kvm_tdp_mmu_fast_pf_get_last_sptep`: the lowest SPTE on the walk for `gfn` (a leaf, or
+    /// where the walk stops), with its slot and level; nil when the walk reads nothing.
+    func lowestSPTE(_ gfn: UInt64, in root: TDPRoot) -> (slot: SPTESlot, spte: SPTE, level: Int)? {
+        var iterator = TDPIterator(root: root.table, rootLevel: rootLevel, minLevel: KVMLevel.pageTable, start: gfn,
+                                   end: gfn + 1, pool: pool)
+        var lowest: (slot: SPTESlot, spte: SPTE, level: Int)?
+        while iterator.isValid {
+            lowest = (iterator.slot, iterator.oldSPTE, iterator.level)
+            iterator.next()
+        }
+        return lowest
+    }
+
     // MARK: Huge pages
 
     /// `kvm_mmu_hugepage_adjust`: the level to map at. Nothing but 4K for MMIO, for a memslot that
@@ -218,6 +230,10 @@ extension TDPMMU {
         fault.hugePageDisallowed = fault.isExec && configuration.nxHugePages
         guard fault.maxLevel > KVMLevel.pageTable, let slot = fault.slot, !slot.slot.logsDirtyPages else { return }
         fault.reqLevel = slot.maxMappingLevel(fault.gfn, maxLevel: min(fault.maxLevel, configuration.maxHugePageLevel))
+        // SPP arms only 4 KiB leaves: a protected page keeps its block from mapping huge.
+        if let protection = subPageProtection {
+            fault.reqLevel = protection.maxMappingLevel(for: GuestFrameNumber(fault.gfn), limit: fault.reqLevel)
+        }
         guard fault.reqLevel > KVMLevel.pageTable, !fault.hugePageDisallowed else { return }
         fault.goalLevel = fault.reqLevel
         fault.pfn &= ~(pagesPerHugePage(fault.goalLevel) - 1)
@@ -275,11 +291,14 @@ extension TDPMMU {
     /// `tdp_mmu_map_handle_target_level`.
     private func mapTargetLevel(_ iterator: inout TDPIterator, _ fault: TDPFault, root: TDPRoot) -> PageFaultResult {
         let old = iterator.oldSPTE, level = iterator.level
-        let new: SPTE
+        var new: SPTE
         var writeProtected = false
         if let slot = fault.slot {
             (new, writeProtected) = makeLeafSPTE(level: level, gfn: iterator.gfn, pfn: fault.pfn, old: old,
                                                  hostWritable: fault.mapWritable, slot: slot, role: root.role)
+            if let protection = subPageProtection {
+                new = protection.applyingProtection(to: new, gfn: GuestFrameNumber(iterator.gfn), level: level)
+            }
         } else {
             new = .mmio(gfn: GuestFrameNumber(iterator.gfn), access: ACC.all, generation: memory.generation, masks: masks)
         }

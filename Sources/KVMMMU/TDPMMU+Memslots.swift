@@ -48,6 +48,7 @@ extension TDPMMU {
             }
             do throws(MemslotError) { try memory.deleteSlot(id: id) } catch { throw .memslot(error) }
             slotIndex.removeAll { $0 === metadata }
+            subPageProtection?.memslotDeleted(id: id)
             memslotsChanged()
         }
     }
@@ -64,6 +65,13 @@ extension TDPMMU {
             guard let metadata = slotMetadata(id: id) else { throw .noSuchMemslot(id) }
             let old = metadata.slot
             guard base != old.baseAddress else { return old }
+            if let protection = subPageProtection {
+                do throws(SubPageProtectionError) {
+                    try protection.validateMemslotMove(id: id, to: base)
+                } catch {
+                    throw .subPageProtection(error)
+                }
+            }
             if configuration.zapAllOnMemslotDeletion {
                 invalidateAllRootsLocked()
                 freeObsoleteRoots()
@@ -75,6 +83,8 @@ extension TDPMMU {
             do throws(MemslotError) { moved = try memory.moveSlot(id: id, to: base) } catch { throw .memslot(error) }
             slotIndex.removeAll { $0 === metadata }
             insertMetadata(MemslotMetadata(slot: moved, hostMapping: metadata.hostMapping))
+            // The pages keep their permissions at their new addresses.
+            subPageProtection?.memslotMoved(id: id)
             memslotsChanged()
             return moved
         }

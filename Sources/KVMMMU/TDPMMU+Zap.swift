@@ -25,12 +25,13 @@ extension TDPMMU {
         }
     }
 
-    /// Zaps leaves of `roots` in `gfns`; whether a TLB flush is needed (not for leaves of invalid
-    /// roots: no vCPU may run on them again without flushing). Lock held for write.
-    func zapLeaves(_ gfns: Range<UInt64>, roots: [TDPRoot]) -> Bool {
+    /// Zaps leaves of `roots` in `gfns` at `minLevel` or above; whether a TLB flush is needed (not
+    /// for leaves of invalid roots: no vCPU may run on them again without flushing). Lock held for
+    /// write.
+    func zapLeaves(_ gfns: Range<UInt64>, roots: [TDPRoot], minLevel: Int = KVMLevel.pageTable) -> Bool {
         var flush = false
         for root in roots where !gfns.isEmpty {
-            var iterator = TDPIterator(root: root.table, rootLevel: rootLevel, minLevel: 1, start: gfns.lowerBound,
+            var iterator = TDPIterator(root: root.table, rootLevel: rootLevel, minLevel: minLevel, start: gfns.lowerBound,
                                        end: gfns.upperBound, pool: pool)
             while iterator.isValid {
                 let old = iterator.oldSPTE

@@ -250,6 +250,8 @@ public enum TDPMMUError: Error, Equatable, Sendable, CustomStringConvertible {
     case countOutOfRange(gfn: UInt64, String)
     /// A dirty-log range KVM_CLEAR_DIRTY_LOG refuses (unaligned, or beyond the slot).
     case invalidDirtyLogRange(slot: Int, firstPage: UInt64, pages: UInt64)
+    /// Sub-page write protection refused the request.
+    case subPageProtection(SubPageProtectionError)
 
     public var description: String {
         switch self {
@@ -265,6 +267,7 @@ public enum TDPMMUError: Error, Equatable, Sendable, CustomStringConvertible {
         case .memslot(let error): "\(error)"
         case .noSuchMemslot(let id): "there is no memslot \(id)"
         case .gfnNotInMemslot(let gfn): "gfn \(hex(gfn)) is in no memslot"
+        case .subPageProtection(let error): "\(error)"
         case .invalidLevel(let level, let why): "level \(level): \(why)"
         case .countOutOfRange(let gfn, let why): "gfn \(hex(gfn)): \(why)"
         case .invalidDirtyLogRange(let slot, let first, let pages):
@@ -377,6 +380,8 @@ public final class TDPMMU: @unchecked Sendable {
     @exclusivity(unchecked) public var pmlBufferedGFNs: @Sendable () -> Set<UInt64> = { [] }
     /// KVM_REQ_MMU_FREE_OBSOLETE_ROOTS to every vCPU: roots were invalidated. Set before vCPUs run.
     @exclusivity(unchecked) public var freeObsoleteRoots: @Sendable () -> Void = {}
+    /// Sub-page write protection, once enabled (`enableSubPageProtection`, TDPMMU+SPP.swift).
+    @exclusivity(unchecked) public internal(set) var subPageProtection: SubPageProtection?
 
     /// A test seam (spec 15: keep the atomic-update failure paths injectable): called with the slot
     /// and its level just before every compare-and-exchange of the read-locked paths, so a test can

@@ -149,6 +149,7 @@ struct VariantComparison {
         case .pageFault(let errorCode, let cr2): "#PF error \(hex(errorCode.rawValue)) cr2 \(hex(cr2.rawValue))"
         case .generalProtection: "#GP"
         case .mmio(let gpa, let value): "mmio gpa \(hex(gpa.rawValue)) value \(hex(value))"
+        case .subPageWriteExit(let gpa): "spp exit gpa \(hex(gpa.rawValue))"
         }
     }
 

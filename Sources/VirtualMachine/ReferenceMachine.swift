@@ -75,6 +75,11 @@ public final class ReferenceMachine {
         var writtenThrough: Set<UInt64> = []
         /// Every processor of the guest (weakly: the machines own the facts, not the reverse).
         var processors: [WeakProcessor] = []
+        /// The sub-page write permissions the VMM gave pages (SPP), by gfn, for the pages it
+        /// restricted: a write touching a refused sub-page is KVM_EXIT_SPP, not a #PF, and changes
+        /// nothing. Kept here from the VMM's requests, not read from KVM; the VM's, so every
+        /// processor's.
+        var subPageWriteMasks: [UInt64: SubPageWriteMask] = [:]
     }
     struct WeakProcessor {
         weak var machine: ReferenceMachine?
@@ -163,13 +168,31 @@ public final class ReferenceMachine {
     /// Checks the virtualized outcome of an access against `expected` (from `expect`, taken just
     /// before the access), then records what the access lets the guest cache.
     public func check(_ address: GuestVirtualAddress, _ access: Access, size: Int, value: UInt64,
-                      expected: Result<Translation, WalkFault>, actual: AccessResult) throws(LockstepDisagreement) {
+                      expected: Result<Translation, WalkFault>, actual reported: AccessResult) throws(LockstepDisagreement) {
         checkedAccesses += 1
+        // An SPP exit is a write the guest's translation allowed and its sub-page permissions
+        // refused: its translation is checked as a completed write's, and nothing was stored.
+        var actual = reported
+        var refusedBySubPages = false
+        if case .subPageWriteExit(let gpa) = reported {
+            guard access.kind == .write, !permitsSubPageWrite(at: gpa, size: size) else {
+                throw LockstepDisagreement(address: address, access: access, expected: access.kind == .write
+                                           ? "no SPP exit: every sub-page the write touches at \(gpa) is writable"
+                                           : "no SPP exit: SPP governs writes only",
+                                           actual: "\(reported)", entries: entries(of: expected))
+            }
+            actual = .completed(gpa: gpa, value: value)
+            refusedBySubPages = true
+        } else if access.kind == .write, case .completed(let gpa, _) = reported, !permitsSubPageWrite(at: gpa, size: size) {
+            throw LockstepDisagreement(address: address, access: access, expected:
+                "KVM_EXIT_SPP at \(gpa): sub-page \(SubPageWriteMask.subPage(containing: gpa.pageOffset)) of its page "
+                + "is write-protected (\(subPageWriteMask(for: gpa.frame)))", actual: "\(reported)", entries: entries(of: expected))
+        }
         let page = address.rawValue >> 12
         let pcid = registers.pcid
         let allowedStale = allowedStale(address, expected)
         func fail(_ expectedText: String) -> LockstepDisagreement {
-            LockstepDisagreement(address: address, access: access, expected: expectedText, actual: "\(actual)",
+            LockstepDisagreement(address: address, access: access, expected: expectedText, actual: "\(reported)",
                                  entries: entries(of: expected))
         }
         func staleAllows(_ gpa: GuestPhysicalAddress) -> Bool {
@@ -227,7 +250,41 @@ public final class ReferenceMachine {
                 break
             }
         }
-        if access.kind == .write, case .completed(let gpa, _) = actual { noteGuestWrite(gpa, size: size, value: value) }
+        if access.kind == .write, !refusedBySubPages, case .completed(let gpa, _) = actual {
+            noteGuestWrite(gpa, size: size, value: value)
+        }
+    }
+
+    // MARK: Sub-page write permissions (SPP)
+
+    /// The VMM set `mask` for page `gfn` (KVM_SUBPAGES_SET_ACCESS went through).
+    public func setSubPageWriteMask(_ mask: SubPageWriteMask, for gfn: GuestFrameNumber) {
+        shared.subPageWriteMasks[gfn.rawValue] = mask == .allWritable ? nil : mask
+    }
+
+    /// The permissions the VMM gave page `gfn` (all writable unless it restricted them).
+    public func subPageWriteMask(for gfn: GuestFrameNumber) -> SubPageWriteMask {
+        shared.subPageWriteMasks[gfn.rawValue] ?? .allWritable
+    }
+
+    /// A memslot holding `gfns` moved to start at `newBase`: permissions belong to the slot's
+    /// pages and move with them.
+    public func subPageWriteMasksMoved(from gfns: Range<UInt64>, to newBase: UInt64) {
+        let moving = shared.subPageWriteMasks.filter { gfns.contains($0.key) }
+        for gfn in moving.keys { shared.subPageWriteMasks[gfn] = nil }
+        for (gfn, mask) in moving { shared.subPageWriteMasks[gfn - gfns.lowerBound + newBase] = mask }
+    }
+
+    /// A memslot holding `gfns` was deleted: its pages' permissions went with it.
+    public func subPageWriteMasksDeleted(_ gfns: Range<UInt64>) {
+        shared.subPageWriteMasks = shared.subPageWriteMasks.filter { !gfns.contains($0.key) }
+    }
+
+    /// The architecture's rule, a sub-page at a time: a write (within one page) goes through only
+    /// if every 128-byte sub-page it touches is writable.
+    private func permitsSubPageWrite(at gpa: GuestPhysicalAddress, size: Int) -> Bool {
+        guard let mask = shared.subPageWriteMasks[gpa.frame.rawValue] else { return true }
+        return (try? mask.permitsWrite(atPageOffset: gpa.pageOffset, byteCount: UInt64(size))) ?? false
     }
 
     private func remember(_ page: UInt64, _ entry: Cached) {

@@ -18,6 +18,19 @@ public final class TLB {
         public var permissions: UInt8
         /// The leaf SPTE was dirty: a write may use the entry without walking.
         public var dirty: Bool
+        /// The page's sub-page write permissions as the SPP-table walk gave them (bit i: sub-page i
+        /// writable), all ones for a page SPP does not check. Cached with the translation, as a
+        /// processor may cache them, so a write hitting the TLB is still checked sub-page by
+        /// sub-page; an SPP change flushes every TLB.
+        public var subPageWriteMask: UInt32
+
+        /// Whether the cached sub-page permissions let through a write of `size` bytes at
+        /// `pageOffset` (the write lies in the page: the callers check that first).
+        @inline(__always)
+        public func permitsSubPageWrite(atPageOffset pageOffset: UInt64, size: Int) -> Bool {
+            subPageWriteMask == UInt32.max
+                || SubPageWriteMask(subPageWriteMask).permitsWriteWithinPage(atPageOffset: pageOffset, byteCount: UInt64(size))
+        }
     }
 
     /// A guest-physical mapping (SDM Vol. 3, 29.4.1): a guest frame translated through the EPT
@@ -57,7 +70,7 @@ public final class TLB {
         self.capacity = capacity
         entries = .allocate(capacity: capacity)
         entries.initialize(repeating: Entry(tag: 0, root: 0, generation: 0, hostFrame: 0, guestFrame: 0, permissions: 0,
-                                            dirty: false),
+                                            dirty: false, subPageWriteMask: UInt32.max),
                            count: capacity)
         mask = capacity - 1
         guestPhysicalEntries = .allocate(capacity: Self.guestPhysicalCapacity)
@@ -95,10 +108,11 @@ public final class TLB {
     }
 
     public func insert(_ address: GuestVirtualAddress, root: UInt64, hostFrame: UInt64, permissions: UInt8, dirty: Bool,
-                       guestFrame: UInt64) {
+                       guestFrame: UInt64, subPageWriteMask: UInt32 = UInt32.max) {
         let page = address.rawValue >> 12
         entries[slot(page, root)] = Entry(tag: page, root: root, generation: generation, hostFrame: hostFrame,
-                                    guestFrame: guestFrame, permissions: permissions, dirty: dirty)
+                                    guestFrame: guestFrame, permissions: permissions, dirty: dirty,
+                                    subPageWriteMask: subPageWriteMask)
     }
 
     /// The cached guest-physical mapping of `guestFrame` under the TDP root `root`.

@@ -194,7 +194,13 @@ struct TwoDimensionalMemory: PhysicalMemory {
 
 /// One hardware access's two-dimensional walk.
 enum TDPWalkOutcome {
-    case translated(host: UInt64, gpa: GuestPhysicalAddress, permissions: UInt8, dirty: Bool, cacheable: Bool)
+    /// `subPageWriteMask`: the sub-page permissions the SPP-table walk gave a write it let through
+    /// (all ones when SPP did not check the access), cached with the translation.
+    case translated(host: UInt64, gpa: GuestPhysicalAddress, permissions: UInt8, dirty: Bool, cacheable: Bool,
+                    subPageWriteMask: UInt32)
+    /// The SPP-table walk for a write through an armed leaf failed: an SPPT miss (KVM builds the
+    /// table and the write is retried) or a table KVM should never have built.
+    case subPageTableFault(GuestPhysicalAddress, SPPTWalkFault)
     case guestFault(PageFaultErrorCode)
     case generalProtection
     /// An EPT violation or misconfiguration: KVM's fault handler with this error code.
@@ -375,7 +381,8 @@ extension VCPU {
         while exits <= Self.maxExitsPerAccess {
             let ept = try tdpEnterGuest(state)
             let tag = hot.pointee.rootFrame
-            if let entry = tlb.lookup(address, root: tag), tdpAllows(entry, access) {
+            if let entry = tlb.lookup(address, root: tag), tdpAllows(entry, access),
+               access.kind != .write || entry.permitsSubPageWrite(atPageOffset: address.rawValue & pageOffsetMask, size: size) {
                 let offset = address.rawValue & pageOffsetMask
                 let result = perform(hostAddress: entry.hostFrame << 12 | offset, access.kind, size: size, value: value)
                 return AccessOutcome(result: .completed(gpa: GuestPhysicalAddress(entry.guestFrame << 12 | offset), value: result),
@@ -383,7 +390,7 @@ extension VCPU {
             }
             firstTry = false
             tlb.invalidate(address, root: tag)
-            let outcome = tdpWalk(address, access, ept: ept, state)
+            let outcome = tdpWalk(address, access, size: size, ept: ept, state)
             if state.walkFaults.pmlLogged >= TwoDimensionalMemory.Faults.pmlEntries {
                 // EXIT_REASON_PML_FULL.
                 leaveGuestMode()
@@ -391,10 +398,10 @@ extension VCPU {
                 tdpDrainPML(state)
             }
             switch outcome {
-            case .translated(let hostAddress, let gpa, let permissions, let dirty, let cacheable):
+            case .translated(let hostAddress, let gpa, let permissions, let dirty, let cacheable, let subPageWriteMask):
                 if cacheable {
                     tlb.insert(address, root: tag, hostFrame: hostAddress >> 12, permissions: permissions, dirty: dirty,
-                               guestFrame: gpa.rawValue >> 12)
+                               guestFrame: gpa.rawValue >> 12, subPageWriteMask: subPageWriteMask)
                 }
                 let result = perform(hostAddress: hostAddress, access.kind, size: size, value: value)
                 return AccessOutcome(result: .completed(gpa: gpa, value: result), exits: exits, emulated: false, tlbHit: false)
@@ -404,6 +411,15 @@ extension VCPU {
                                      tlbHit: false)
             case .generalProtection:
                 return AccessOutcome(result: .generalProtection, exits: exits, emulated: false, tlbHit: false)
+            case .subPageTableFault(let gpa, let fault):
+                leaveGuestMode()
+                exits += 1
+                count(.exit)
+                // `handle_spp` reads the memslots for the bitmaps (KVM's srcu read side).
+                let srcu = vm.memslotsSRCU
+                srcu.lockShared()
+                defer { srcu.unlockShared() }
+                try handleSubPageTableFault(fault, at: gpa, state)
             case .mmuLockBusy:
                 // The hardware cannot wait for a lock: the vCPU exits (as a kick would make it),
                 // and waits for the writer outside guest mode.
@@ -433,6 +449,9 @@ extension VCPU {
                                          tlbHit: false)
                 case .injectGeneralProtection:
                     return AccessOutcome(result: .generalProtection, exits: exits, emulated: false, tlbHit: false)
+                case .subPageWriteExit:
+                    return AccessOutcome(result: .subPageWriteExit(gpa: subPageWriteExit(at: gpa, state)), exits: exits,
+                                         emulated: false, tlbHit: false)
                 default:
                     continue
                 }
@@ -482,7 +501,7 @@ extension VCPU {
     /// guest mode keep page tables from being freed): the guest's tables read at guest-physical
     /// addresses translated through EPT, the guest's A/D bits set (EPT writes), then the final
     /// guest-physical address translated for the access.
-    private func tdpWalk(_ address: GuestVirtualAddress, _ access: Access, ept: NestedWalker,
+    private func tdpWalk(_ address: GuestVirtualAddress, _ access: Access, size: Int, ept: NestedWalker,
                          _ state: TDPVCPUState) -> TDPWalkOutcome {
         let lock = state.tdp.lock
         if runsOnOwnThread {
@@ -492,12 +511,12 @@ extension VCPU {
         }
         let faults = state.walkFaults
         faults.startWalk()
-        let outcome = tdpWalkLocked(address, access, ept: ept, state, faults)
+        let outcome = tdpWalkLocked(address, access, size: size, ept: ept, state, faults)
         lock.unlockShared()
         return outcome
     }
 
-    private func tdpWalkLocked(_ address: GuestVirtualAddress, _ access: Access, ept: NestedWalker,
+    private func tdpWalkLocked(_ address: GuestVirtualAddress, _ access: Access, size: Int, ept: NestedWalker,
                                _ state: TDPVCPUState, _ faults: TwoDimensionalMemory.Faults) -> TDPWalkOutcome {
         let memory = TwoDimensionalMemory(ept: ept, host: host, kind: state.tableAccess, pml: state.pml, faults: faults,
                                           tlb: tlb, root: state.root?.frame.rawValue ?? Self.noRoot)
@@ -532,15 +551,79 @@ extension VCPU {
             }
         }
         let gpa = translation.physicalAddress
-        guard let final = Self.translateNested(ept, gpa, access.kind, host: host, pml: state.pml, faults: faults) else {
-            return tdpExit(faults.fault, gpa: gpa, final: true)
-        }
         // With paging off there is no guest entry (level 0) to read D from.
         let guestDirty = state.registers.mode == .disabled
             || translation.path.entryValue(level: translation.level) & 0x40 != 0
+        guard let final = Self.translateNested(ept, gpa, access.kind, host: host, pml: state.pml, faults: faults) else {
+            if access.kind == .write, let protection = state.tdp.subPageProtection, case .ept(let hardware) = ept,
+               case .ept(.violation(_, _, let level, let path))? = faults.fault,
+               level == 1, path.bottomLevel == 1,  // SPP applies to 4 KiB leaves only
+               let checked = subPageCheckedWrite(at: gpa, size: size, leaf: SPTE(path.entryValue(level: level)), level: level,
+                                                 guestPermissions: translation.permissions, guestDirty: guestDirty,
+                                                 walker: hardware.walker, protection: protection) {
+                return checked
+            }
+            return tdpExit(faults.fault, gpa: gpa, final: true)
+        }
         return .translated(host: final.host, gpa: gpa, permissions: translation.permissions,
                            dirty: guestDirty && final.leafDirty && final.writable,
-                           cacheable: final.readable && final.executable)
+                           cacheable: final.readable && final.executable, subPageWriteMask: UInt32.max)
+    }
+
+    /// The processor's SPP check of a write EPT refused at a leaf: a 4 KiB leaf with bit 61 set
+    /// and W clear sends the write through the SPP table. The write goes through when every
+    /// sub-page it touches is writable (EPT's A bits set as for the read it also is; D is left
+    /// alone, see docs/SPP.md); nil when EPT's violation stands — SPP does not apply, or it
+    /// refused the write (an SPP-induced EPT violation, which KVM turns into KVM_EXIT_SPP).
+    private func subPageCheckedWrite(at gpa: GuestPhysicalAddress, size: Int, leaf: SPTE, level: Int,
+                                     guestPermissions: UInt8, guestDirty: Bool, walker: EPTWalker,
+                                     protection: SubPageProtection) -> TDPWalkOutcome? {
+        let verdict: SubPageWriteVerdict
+        do {
+            verdict = try protection.hardwareCheckWrite(at: gpa, byteCount: UInt64(size), leaf: leaf, level: level)
+        } catch {
+            return nil  // an access never crosses its page (`run` refuses those first)
+        }
+        switch verdict {
+        case .notApplicable, .denied:
+            return nil
+        case .tableFault(let fault):
+            return .subPageTableFault(gpa, fault)
+        case .permitted:
+            guard case .success(let read) = walker.translate(gpa, .read, in: host, setAccessedDirty: true),
+                  let lookup = try? protection.hardwareLookUp(gpa)
+            else { return nil }
+            return .translated(host: read.outputAddress.rawValue, gpa: gpa, permissions: guestPermissions, dirty: guestDirty,
+                               cacheable: read.isReadable && read.isExecutable, subPageWriteMask: lookup.writeMask.rawValue)
+        }
+    }
+
+    /// An SPP-table exit: a miss makes KVM build the table (`handle_spp`) and the write is retried;
+    /// anything else is a table KVM built wrong, which it cannot repair (KVM_EXIT_UNKNOWN).
+    private func handleSubPageTableFault(_ fault: SPPTWalkFault, at gpa: GuestPhysicalAddress,
+                                         _ state: TDPVCPUState) throws(VirtualMachineError) {
+        if case .miss = fault {
+            do {
+                try state.tdp.handleSubPageTableMiss(at: gpa, vcpuID: id)
+            } catch .subPageProtection(.hostMemory(let shortage)) {
+                throw .hostMemory("no host page for the SPP table: \(shortage)")
+            } catch {
+                // A miss KVM cannot build (beyond the table's reach) means it armed a leaf it must not.
+                throw .corruptShadowTables("the SPP-table miss at \(gpa) cannot be handled: \(error)")
+            }
+            return
+        }
+        if let protection = state.tdp.subPageProtection { _ = protection.handleTableMisconfiguration(at: gpa, vcpuID: id) }
+        throw .corruptShadowTables("the SPP table walk for \(gpa) failed (\(fault)): KVM_EXIT_UNKNOWN, hardware exit reason "
+            + "\(SPPExitQualification.exitReason)")
+    }
+
+    /// KVM_EXIT_SPP for a write KVM's fault path refused for sub-page permissions: traced, and the
+    /// refused address for the VMM. The model's accesses have no instruction bytes, so the exit's
+    /// `insn_len` is 0.
+    private func subPageWriteExit(at gpa: GuestPhysicalAddress, _ state: TDPVCPUState) -> GuestPhysicalAddress {
+        guard let protection = state.tdp.subPageProtection else { return gpa }
+        return protection.subPageWriteExit(vcpuID: id, address: gpa, instructionLength: 0).address
     }
 
     /// The exit an EPT fault makes: a violation's error code from its qualification (the guest

@@ -31,6 +31,8 @@ public enum VirtualMachineError: Error, Equatable, Sendable, CustomStringConvert
     case corruptShadowTables(String)
     /// A memslot change or dirty-log request KVM refuses (its ioctl's -EINVAL, -ENOENT...).
     case memslot(String)
+    /// A sub-page write protection request KVM refuses (KVM_SUBPAGES_SET_ACCESS / GET_ACCESS).
+    case subPageProtection(SubPageProtectionError)
 
     public var description: String {
         switch self {
@@ -41,6 +43,7 @@ public enum VirtualMachineError: Error, Equatable, Sendable, CustomStringConvert
         case .livelock(let address, let exits): "no progress on \(address) after \(exits) exits"
         case .corruptShadowTables(let why): "corrupt shadow tables: \(why)"
         case .memslot(let why): "memslot: \(why)"
+        case .subPageProtection(let error): "\(error)"
         case .dirtyRingFull(let vcpu): "vCPU \(vcpu) exited with its dirty ring full (KVM_EXIT_DIRTY_RING_FULL) and nothing harvested it"
         }
     }
@@ -261,6 +264,10 @@ public enum AccessResult: Equatable, Sendable {
     case generalProtection
     /// The address is emulated MMIO (no memslot): reads give all ones, writes go nowhere.
     case mmio(gpa: GuestPhysicalAddress, value: UInt64)
+    /// A write sub-page write protection refused (an SPP-induced EPT violation, or the emulator's
+    /// check): KVM_EXIT_SPP to the VMM with the refused write's guest-physical address (for a write
+    /// cut at a page boundary, the start of the refused page's part). Memory is unchanged.
+    case subPageWriteExit(gpa: GuestPhysicalAddress)
 }
 
 /// One access with how the VM handled it.
@@ -626,7 +633,7 @@ public final class VCPU: @unchecked Sendable {
         guard size & (size - 1) == 0, size <= 8, address.rawValue & pageOffsetMask <= pageSize - UInt64(size),
               !(hot.pointee.narrowLinearAddresses && address.rawValue >> 32 != 0),
               !hasRemoteRequests, hot.pointee.requests.isEmpty, mayRunGuest,
-              let entry = tlb.lookup(address, root: hot.pointee.rootFrame), allows(entry, access)
+              let entry = tlb.lookup(address, root: hot.pointee.rootFrame), allows(entry, access, at: address, size: size)
         else { return nil }
         let offset = address.rawValue & pageOffsetMask
         let result = perform(hostAddress: entry.hostFrame << 12 | offset, access.kind, size: size, value: value)
@@ -686,7 +693,7 @@ public final class VCPU: @unchecked Sendable {
             if hot.pointee.usesDirtyRing, dirtyRing?.isSoftFull == true { try exitForFullDirtyRing() }
             reloadPDPTEsIfChanged()
             if hardware == nil { _ = try hardwareWalker() }
-            if let entry = tlb.lookup(address, root: hot.pointee.rootFrame), allows(entry, access) {
+            if let entry = tlb.lookup(address, root: hot.pointee.rootFrame), allows(entry, access, at: address, size: size) {
                 let hostAddress = entry.hostFrame << 12 | (address.rawValue & pageOffsetMask)
                 let value = perform(hostAddress: hostAddress, access.kind, size: size, value: value)
                 return AccessOutcome(result: .completed(gpa: GuestPhysicalAddress(entry.guestFrame << 12 | (address.rawValue & pageOffsetMask)),
@@ -729,6 +736,8 @@ public final class VCPU: @unchecked Sendable {
                                          tlbHit: false)
                 case .injectGeneralProtection:
                     return AccessOutcome(result: .generalProtection, exits: exits, emulated: false, tlbHit: false)
+                case .subPageWriteExit:
+                    throw .corruptShadowTables("the shadow MMU answered a fault with an SPP exit; SPP needs TDP with EPT")
                 }
             case .generalProtection:
                 return AccessOutcome(result: .generalProtection, exits: exits, emulated: false, tlbHit: false)
@@ -775,11 +784,17 @@ public final class VCPU: @unchecked Sendable {
         }) { dropHardwareWalker() }
     }
 
-    /// Whether a TLB entry's permissions let the access through under the hardware's rules (a
-    /// write needs the entry dirty too, else the hardware walks to set D).
+    /// Whether a TLB entry's permissions let the access of `size` bytes at `address` through under
+    /// the hardware's rules: a write needs the entry dirty too (else the hardware walks to set D),
+    /// and every sub-page it touches writable when the entry carries SPP's bitmap (else it walks,
+    /// and the walk gives the SPP exit).
     @inline(__always)
-    private func allows(_ entry: TLB.Entry, _ access: Access) -> Bool {
-        if access.kind == .write && !entry.dirty { return false }
+    private func allows(_ entry: TLB.Entry, _ access: Access, at address: GuestVirtualAddress, size: Int) -> Bool {
+        if access.kind == .write {
+            guard entry.dirty else { return false }
+            if entry.subPageWriteMask != UInt32.max
+                && !entry.permitsSubPageWrite(atPageOffset: address.rawValue & pageOffsetMask, size: size) { return false }
+        }
         let refused = hot.pointee.refusals >> UInt128(8 * (3 * Int(access.kind.rawValue) + Int(access.privilege.rawValue)))
         return (UInt8(truncatingIfNeeded: refused) >> entry.permissions) & 1 == 0
     }
@@ -853,6 +868,9 @@ public final class VCPU: @unchecked Sendable {
             let allOnes: UInt64 = size == 8 ? ~0 : (1 << UInt64(8 * size)) - 1
             return AccessOutcome(result: .mmio(gpa: gpa, value: access.kind == .write ? value : allOnes), exits: exits,
                                  emulated: true, tlbHit: false)
+        }
+        if access.kind == .write, let refused = emulatedWriteRefusal(at: gpa, size: size) {
+            return AccessOutcome(result: .subPageWriteExit(gpa: refused), exits: exits, emulated: true, tlbHit: false)
         }
         let hostAddress = vm.memory.hostFrame(of: gpa.frame)!.rawValue << 12 | gpa.pageOffset
         let result = perform(hostAddress: hostAddress, access.kind, size: size, value: value)

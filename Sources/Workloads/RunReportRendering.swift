@@ -6,14 +6,18 @@
 //
 //   {"type":"access","i":0,"line":2,"op":"read","cpl":3,"gva":"0x400000","fault":false,
 //    "error_code":"0x0","cr2":"0x0","gpa":"0x1000000","value":"0x0",
-//    "exception":"none","mmio":false,"exits":1,"emulated":false,"tlb_hit":false}
+//    "exception":"none","mmio":false,"exits":1,"emulated":false,"tlb_hit":false,"exit":"none"}
 //       one per `access` and `pte` directive, in order (`i` counts them from 0; `op` is read, write,
 //       exec or pte). A completed access: fault false, error_code and cr2 "0x0", gpa and value those
 //       of the access (the value read, or the value written; for `pte` the new entry). A #PF: fault
 //       true, exception "pf", the architectural error code and CR2, gpa and value "0x0". A #GP (a
 //       non-canonical address): fault true, exception "gp", error_code "0x0", cr2 "0x0" (a #GP does
 //       not write CR2), gpa and value "0x0". An access to a GPA outside every memslot: fault false,
-//       mmio true, gpa the MMIO address, value the value written or read (all ones).
+//       mmio true, gpa the MMIO address, value the value written or read (all ones). A write sub-page
+//       write protection refused (KVM_EXIT_SPP; memory unchanged): fault false, exit "spp", gpa the
+//       refused address, value "0x0"; exit is "none" for everything else.
+//   {"type":"spp","gfn":"0x1000","mask":"0xffff00ff"}
+//       one per `spp get`, placed among the access lines where it ran.
 //   {"type":"dirty","slot":1,"gfns":["0x10000","0x10003"]}
 //       one per `dirty-log get`, placed among the access lines where it ran: the gfns reported,
 //       ascending.
@@ -45,15 +49,21 @@ extension RunReport {
     public func jsonLines(failure: RunFailure? = nil) -> String {
         var text = ""
         var dirtyLogs = self.dirtyLogs[...]
+        var subPageMasks = self.subPageMasks[...]
         for access in accesses {
             while let log = dirtyLogs.first, log.precedingOperations <= access.index {
                 text += Self.dirtyJSON(log) + "\n"
                 dirtyLogs = dirtyLogs.dropFirst()
             }
+            while let record = subPageMasks.first, record.precedingOperations <= access.index {
+                text += Self.subPageMaskJSON(record) + "\n"
+                subPageMasks = subPageMasks.dropFirst()
+            }
             text += Self.accessJSON(access) + "\n"
             for event in access.events { text += Self.eventJSON(event, operation: access.index) + "\n" }
         }
         for log in dirtyLogs { text += Self.dirtyJSON(log) + "\n" }
+        for record in subPageMasks { text += Self.subPageMaskJSON(record) + "\n" }
         for (index, entry) in entries.enumerated() { text += Self.entryJSON(entry, isLeaf: isLeaf(entryAt: index)) + "\n" }
         text += Self.statsJSON(phase: "before", statsBefore) + "\n"
         text += Self.statsJSON(phase: "after", statsAfter) + "\n"
@@ -72,9 +82,18 @@ extension RunReport {
         return object.text
     }
 
+    /// The `"type":"spp"` line of one `spp get`.
+    public static func subPageMaskJSON(_ record: SubPageMaskRecord) -> String {
+        var object = JSONLine()
+        object.add("type", "spp")
+        object.addHex("gfn", record.gfn.rawValue)
+        object.addHex("mask", UInt64(record.mask.rawValue))
+        return object.text
+    }
+
     /// The `"type":"access"` line of one guest operation.
     public static func accessJSON(_ record: AccessRecord) -> String {
-        var fault = false, exception = "none", mmio = false
+        var fault = false, exception = "none", mmio = false, exit = "none"
         var errorCode: UInt64 = 0, cr2: UInt64 = 0, gpa: UInt64 = 0, value: UInt64 = 0
         switch record.outcome.result {
         case .completed(let address, let data):
@@ -92,6 +111,9 @@ extension RunReport {
             mmio = true
             gpa = address.rawValue
             value = data
+        case .subPageWriteExit(let address):
+            exit = "spp"
+            gpa = address.rawValue
         }
         var object = JSONLine()
         object.add("type", "access")
@@ -110,6 +132,7 @@ extension RunReport {
         object.add("exits", record.outcome.exits)
         object.add("emulated", record.outcome.emulated)
         object.add("tlb_hit", record.outcome.tlbHit)
+        object.add("exit", exit)
         return object.text
     }
 
@@ -318,6 +341,14 @@ extension RunReport {
             }
         }
 
+        if !subPageMasks.isEmpty {
+            out += "\nSub-page write permissions read (spp get; bit i: sub-page i writable):\n"
+            for record in subPageMasks {
+                out += "  line \(record.line), gfn \(hex(record.gfn.rawValue)): mask \(record.mask)"
+                    + " (\(record.mask.rawValue.nonzeroBitCount) of 32 sub-pages writable)\n"
+            }
+        }
+
         out += "\nGuest entries at the end (every entry of every mapped translation):\n"
         if entries.isEmpty {
             out += "  (none)\n"
@@ -380,6 +411,7 @@ extension RunReport {
         case .pageFault(let code, let cr2): "#PF error code \(code) cr2 \(hex(cr2.rawValue))"
         case .generalProtection: "#GP (error code 0x0)"
         case .mmio(let gpa, let value): "MMIO gpa \(hex(gpa.rawValue)) value \(hex(value))"
+        case .subPageWriteExit(let gpa): "SPP exit gpa \(hex(gpa.rawValue)) (sub-page write-protected)"
         }
     }
 

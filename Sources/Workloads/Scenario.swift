@@ -118,6 +118,9 @@ public enum ScenarioDirective: Hashable, Sendable {
     /// `expect NAME=VALUE...`: the counters must have these values at this point of the run (a run
     /// that finds otherwise fails); in source order.
     case expect([ExpectedCounter])
+    /// `spp set GFN MASK` / `spp get GFN`: the VMM's sub-page write protection requests
+    /// (KVM_SUBPAGES_SET_ACCESS / GET_ACCESS, one page each; `--mmu tdp` only).
+    case subPageProtection(SubPageProtectionRequest)
     /// `vcpu N`: the following guest operations run on vCPU `N` (brought up, when new, in the state
     /// the current vCPU is in, as an OS's AP trampoline leaves an application processor).
     case vcpu(Int)
@@ -144,6 +147,7 @@ public enum ScenarioDirective: Hashable, Sendable {
         case .dirtyLog: "dirty-log"
         case .expect: "expect"
         case .vcpu: "vcpu"
+        case .subPageProtection: "spp"
         }
     }
 
@@ -153,7 +157,7 @@ public enum ScenarioDirective: Hashable, Sendable {
         switch self {
         case .mem, .set, .cpu, .host, .expect: false
         case .map, .access, .pte, .invlpg, .reloadCR3, .space, .switchSpace, .invpcid, .writeRegister, .loadCR3, .zap,
-             .memslot, .dirtyLog, .vcpu: true
+             .memslot, .dirtyLog, .vcpu, .subPageProtection: true
         }
     }
 
@@ -163,7 +167,8 @@ public enum ScenarioDirective: Hashable, Sendable {
         switch self {
         // The VMM's own requests (memslots, the dirty log, a zap) need the machine but not the guest.
         case .mem, .set, .cpu, .host, .map, .space, .zap, .memslot, .dirtyLog, .expect: false
-        case .access, .pte, .invlpg, .reloadCR3, .switchSpace, .invpcid, .writeRegister, .loadCR3, .vcpu: true
+        // SPP's permissions are checked by the reference machine, which the boot makes.
+        case .access, .pte, .invlpg, .reloadCR3, .switchSpace, .invpcid, .writeRegister, .loadCR3, .vcpu, .subPageProtection: true
         }
     }
 }
@@ -192,6 +197,14 @@ public enum DirtyLogRequest: Hashable, Sendable {
     /// `dirty-log clear SLOT FIRST COUNT`: KVM_CLEAR_DIRTY_LOG of COUNT pages from page FIRST of
     /// the slot.
     case clear(slot: Int, first: UInt64, count: UInt64)
+}
+
+/// A sub-page write protection request.
+public enum SubPageProtectionRequest: Hashable, Sendable {
+    /// `spp set GFN MASK`: page `gfn` gets `mask` (bit i: sub-page i, bytes 128i..128i+127, writable).
+    case set(gfn: GuestFrameNumber, mask: SubPageWriteMask)
+    /// `spp get GFN`: the page's permissions, reported as a `spp` line.
+    case get(gfn: GuestFrameNumber)
 }
 
 /// What a `zap` directive zaps.

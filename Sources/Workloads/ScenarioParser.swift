@@ -25,6 +25,7 @@
 //   dirty-log clear SLOT FIRST COUNT
 //   expect NAME=N...                                the counters must have these values here
 //   vcpu N                                          later guest operations run on vCPU N (0...63)
+//   spp set GFN MASK | spp get GFN                  sub-page write permissions (--mmu tdp; MASK 32 bits)
 //
 //   NUMBER  decimal or 0x-hexadecimal, `_` allowed between digits, at most 2^64-1
 //   SIZE    NUMBER with an optional K, M or G suffix (x1024, x1024^2, x1024^3)
@@ -200,6 +201,8 @@ struct ScenarioParser {
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseExpect() }),
         DirectiveSpec(name: "vcpu", usage: "vcpu N (0 for the boot vCPU; a new one is N = the number brought up so far)",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseVCPU() }),
+        DirectiveSpec(name: "spp", usage: "spp set GFN MASK | spp get GFN",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseSubPageProtection() }),
     ]
 
     static let tableByName: [String: DirectiveSpec] = Dictionary(uniqueKeysWithValues: table.map { ($0.name, $0) })
@@ -288,7 +291,7 @@ struct ScenarioParser {
             if index == state.vcpus.count { state.vcpus.append((state.registers, state.controls)) }
             state.currentVCPU = index
             (state.registers, state.controls) = state.vcpus[index]
-        case .map, .access, .pte, .invlpg, .reloadCR3, .invpcid, .zap, .memslot, .dirtyLog, .expect:
+        case .map, .access, .pte, .invlpg, .reloadCR3, .invpcid, .zap, .memslot, .dirtyLog, .expect, .subPageProtection:
             break
         }
         if directive.isGuestOperation && state.firstOperation == nil { state.firstOperation = (line, directive.name) }

@@ -108,6 +108,10 @@ extension ScenarioDirective {
             return register.rawValue + " " + hex(value)
         case .loadCR3(let value, let noFlush):
             return "cr3 " + hex(value) + (noFlush ? " noflush" : "")
+        case .subPageProtection(.set(let gfn, let mask)):
+            return "spp set " + hex(gfn.rawValue) + " " + hex(mask.rawValue)
+        case .subPageProtection(.get(let gfn)):
+            return "spp get " + hex(gfn.rawValue)
         case .zap(.all):
             return "zap all"
         case .zap(.gfns(let first, let count)):

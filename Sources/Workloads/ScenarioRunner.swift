@@ -54,6 +54,8 @@ public struct RunReport: Sendable {
     public var dirtyRingFullExits = 0
     /// The `expect` lines the run checked (all of them met, or the run failed).
     public var expectationsChecked = 0
+    /// Every `spp get`, in order.
+    public var subPageMasks: [SubPageMaskRecord] = []
     /// The vCPUs the run brought up.
     public var vcpuCount = 0
     /// The counters every `ScenarioRunner.timelineInterval` directives, and at the end.
@@ -76,6 +78,15 @@ public struct TimelineSample: Sendable {
     /// CR3 loads that found their root cached, and those that did not, over every vCPU.
     public var rootCacheHits: UInt64
     public var rootCacheMisses: UInt64
+}
+
+/// What one `spp get` returned.
+public struct SubPageMaskRecord: Sendable, Equatable {
+    public var line: Int
+    public var gfn: GuestFrameNumber
+    public var mask: SubPageWriteMask
+    /// How many guest operations (`AccessRecord`s) came before it, to place it among them.
+    public var precedingOperations: Int
 }
 
 /// What one `dirty-log get` returned.
@@ -447,6 +458,39 @@ public final class ScenarioRunner {
             try check(counters)
         case .vcpu(let index):
             try selectVCPU(index)
+        case .subPageProtection(let request):
+            try apply(request)
+        }
+    }
+
+    // MARK: Sub-page write protection
+
+    /// `spp set` / `spp get` as the VMM makes them, enabling SPP (KVM_ENABLE_CAP) at the first.
+    /// The reference machine learns every permission set, and every GET must give back what was set.
+    private func apply(_ request: SubPageProtectionRequest) throws {
+        guard vm.subPageProtectionCapability.isSupported else {
+            throw RunFailure.badScenario(line: currentLine, message: "spp needs --mmu tdp (EPT)")
+        }
+        if vm.subPageProtection == nil { try vm.enableSubPageProtection() }
+        switch request {
+        case .set(let gfn, let mask):
+            // The guest kernel's tables live there, and its walks and stores must not meet SPP.
+            guard gfn.address.rawValue >= GuestKernel.tablePoolEnd else {
+                throw RunFailure.badScenario(line: currentLine, message: "spp: \(gfn) lies below 16 MiB, which holds the "
+                    + "guest kernel's page tables; protect pages from gfn 0x1000 up")
+            }
+            try vm.setSubpageAccess(gfn: gfn, masks: [mask])
+            reference.setSubPageWriteMask(mask, for: gfn)
+        case .get(let gfn):
+            let mask = try vm.getSubpageAccess(gfn: gfn)[0]
+            let set = reference.subPageWriteMask(for: gfn)
+            guard mask == set else {
+                finish()
+                throw RunFailure.brokenInvariant(line: currentLine, message:
+                    "KVM_SUBPAGES_GET_ACCESS gives \(mask) for \(gfn), but the VMM set \(set)", partial: report)
+            }
+            report.subPageMasks.append(SubPageMaskRecord(line: currentLine, gfn: gfn, mask: mask,
+                                                          precedingOperations: operationIndex))
         }
     }
 
@@ -536,10 +580,14 @@ public final class ScenarioRunner {
         case .add(let slot, let base, let size, let readOnly):
             try vm.addMemslot(id: slot, base: base, size: size, readOnly: readOnly)
         case .delete(let slot):
+            let pages = vm.memory.slot(id: slot).map { $0.baseFrame.rawValue..<$0.endFrame.rawValue }
             try vm.deleteMemslot(id: slot)
             dirtyLogBaselines[slot] = nil
+            if let pages { reference?.subPageWriteMasksDeleted(pages) }
         case .move(let slot, let base):
+            let pages = vm.memory.slot(id: slot).map { $0.baseFrame.rawValue..<$0.endFrame.rawValue }
             try vm.moveMemslot(id: slot, to: base)  // the same pages, so the baselines stand
+            if let pages { reference?.subPageWriteMasksMoved(from: pages, to: base.frame.rawValue) }
         case .flags(let slot, let logDirty):
             try setDirtyLogging(slot: slot, logDirty)
         }

@@ -58,12 +58,27 @@ public struct SubPageWriteMask: RawRepresentable, Hashable, Sendable, Expressibl
         guard byteCount <= pageSize - pageOffset else {
             throw .crossesPageBoundary(pageOffset: pageOffset, byteCount: byteCount)
         }
+        return subPagesTouched(byWriteWithinPageAt: pageOffset, byteCount: byteCount)
+    }
+
+    /// `subPagesTouched(byWriteAt:byteCount:)` for a write its caller knows lies in the page
+    /// (`pageOffset + byteCount <= 4096`), without the checks: the TLB's hot path.
+    @inlinable @inline(__always)
+    static func subPagesTouched(byWriteWithinPageAt pageOffset: UInt64, byteCount: UInt64) -> SubPageWriteMask {
         guard byteCount > 0 else { return .noneWritable }
-        let first = UInt32(pageOffset >> subPageShift)
-        // pageOffset + byteCount <= 4096 was checked, so the last byte's offset is below 4096 and
-        // its sub-page index below 32: both shifts stay in range.
-        let last = UInt32((pageOffset + byteCount - 1) >> subPageShift)
+        // Masked to the page so that a caller's broken promise gives a wrong answer, never a trap:
+        // the last byte's offset is then below 4096 and both sub-page indexes below 32, so both
+        // shifts stay in range.
+        let first = UInt32((pageOffset & pageOffsetMask) >> subPageShift)
+        let last = UInt32(((pageOffset &+ byteCount &- 1) & pageOffsetMask) >> subPageShift)
         return SubPageWriteMask((UInt32.max >> (31 - last)) & (UInt32.max << first))
+    }
+
+    /// Whether this bitmap lets through a write its caller knows lies in the page
+    /// (`pageOffset + byteCount <= 4096`): allocation- and check-free, for a TLB hit.
+    @inlinable @inline(__always)
+    public func permitsWriteWithinPage(atPageOffset pageOffset: UInt64, byteCount: UInt64) -> Bool {
+        Self.subPagesTouched(byWriteWithinPageAt: pageOffset, byteCount: byteCount).rawValue & ~rawValue == 0
     }
 
     /// Whether this bitmap lets through a write of `byteCount` bytes at `pageOffset`: every

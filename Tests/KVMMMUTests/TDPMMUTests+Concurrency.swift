@@ -50,17 +50,9 @@ import X86Paging
                 defer { group.leave() }
                 do {
                     var random = TDPRandom(seed: UInt64(vcpu) &+ 0xC0FFEE)
-                    var root = try mmu.allocateRoot()
                     defer { vcpusRunning.subtract(1, ordering: .releasing) }
                     startTogether()
-                    // 3000 operations, more while the mutator has not done 300 (at most 100000).
-                    var done = 0
-                    while done < 3000 || (mutatorOperations.load(ordering: .relaxed) < 300 && done < 100_000) {
-                        done += 1
-                        if root.isInvalid {
-                            try mmu.putRoot(root)
-                            root = try mmu.allocateRoot()
-                        }
+                    try Self.vcpuSteps(mmu, mutatorOperations: mutatorOperations) { root, done in
                         let slot = slots[Int(random.below(3))]
                         // Half the time every vCPU sweeps the 4K-only slot in the same order, so they
                         // reach the same unmapped gfns together; otherwise a few hot gfns per slot.
@@ -71,13 +63,12 @@ import X86Paging
                             : (random.chance(1, in: 40) ? 7 * pages1G + random.below(64) : slot.baseFrame.rawValue + min(offset, slot.pageCount - 1))
                         if !sweeping && random.chance(1, in: 3) {
                             Self.hardwareAccess(mmu, root: root, gfn: gfn, write: random.chance(1, in: 2))
-                            continue
+                            return
                         }
                         var code: PageFaultErrorCode = [[.user], [.write], [.fetch]][Int(random.below(3))]
                         if random.chance(1, in: 2) { code.insert(.present) }
                         _ = try mmu.pageFault(at: GuestFrameNumber(gfn).address, errorCode: code, root: root, vcpuID: vcpu)
                     }
-                    try mmu.putRoot(root)
                 } catch {
                     failures.withLock { $0.append("vCPU \(vcpu): \(error)") }
                 }
@@ -134,6 +125,24 @@ import X86Paging
         }
         fixture.expectClean("\(testCase.testDescription): after the race")
         #expect(mmu.roots.allSatisfy { !$0.isInvalid || $0.referenceCount > 0 })
+    }
+
+    /// A vCPU thread's loop: `step` runs 3000 times, more while the mutator has done fewer than
+    /// 300 operations (at most 100000), each time on a valid root (an invalid one is put and
+    /// replaced, as a vCPU drops an obsolete root at its next entry).
+    static func vcpuSteps(_ mmu: TDPMMU, mutatorOperations: borrowing Atomic<Int>,
+                          _ step: (_ root: TDPRoot, _ done: Int) throws -> Void) throws {
+        var root = try mmu.allocateRoot()
+        var done = 0
+        while done < 3000 || (mutatorOperations.load(ordering: .relaxed) < 300 && done < 100_000) {
+            done += 1
+            if root.isInvalid {
+                try mmu.putRoot(root)
+                root = try mmu.allocateRoot()
+            }
+            try step(root, done)
+        }
+        try mmu.putRoot(root)
     }
 
     /// What a processor does on a guest access through TDP tables it can use: set A (and D for a

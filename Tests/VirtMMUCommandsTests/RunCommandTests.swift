@@ -59,7 +59,7 @@ let examplesDirectory = URL(fileURLWithPath: #filePath).deletingLastPathComponen
         #expect(accesses.map { $0["cpl"] as? Int } == [3, 3, 3, 3, 3, 3, 0, 3, 0])
         for access in accesses {
             #expect(Set(access.keys) == ["type", "i", "line", "op", "cpl", "gva", "fault", "error_code", "cr2", "gpa", "value",
-                                         "exception", "mmio", "exits", "emulated", "tlb_hit"])
+                                         "exception", "mmio", "exits", "emulated", "tlb_hit", "exit"])
         }
 
         // A write, then a read of the same bytes through the TLB entry the write filled.
@@ -167,7 +167,7 @@ let examplesDirectory = URL(fileURLWithPath: #filePath).deletingLastPathComponen
         #expect(first == """
             {"type":"access","i":0,"line":2,"op":"write","cpl":0,"gva":"0xffffffff81000ff8","fault":false,\
             "error_code":"0x0","cr2":"0x0","gpa":"0x1abcff8","value":"0xabcdef","exception":"none","mmio":false,\
-            "exits":1,"emulated":false,"tlb_hit":false}
+            "exits":1,"emulated":false,"tlb_hit":false,"exit":"none"}
             """)
         let leaf = try #require(outcome.output.split(separator: "\n").first { $0.contains("\"leaf\":true") })
         #expect(leaf.hasPrefix("{\"type\":\"pte\",\"gva\":\"0xffffffff81000000\",\"level\":1,\"entry_gpa\":\"0x"))

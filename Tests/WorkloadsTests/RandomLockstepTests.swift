@@ -598,7 +598,7 @@ extension SeedSummary {
             case .pageFault(let code, _): faultClasses[Self.faultClass(code.architectural), default: 0] += 1
             case .generalProtection: faultClasses["#GP", default: 0] += 1
             case .mmio: mmioAccesses += 1
-            case .completed: break
+            case .completed, .subPageWriteExit: break
             }
             if access.operation == "pte" && access.outcome.emulated { emulatedPTEWrites += 1 }
             if access.outcome.tlbHit { tlbHits += 1 }
@@ -812,7 +812,7 @@ struct GuestTableModel {
     /// returns true (otherwise the model is unchanged).
     mutating func apply(_ directive: ScenarioDirective) -> Bool {
         switch directive {
-        case .mem, .cpu, .zap, .memslot, .dirtyLog:  // host-side requests change nothing the guest's tables say
+        case .mem, .cpu, .zap, .memslot, .dirtyLog, .subPageProtection:  // host-side requests change nothing the guest's tables say
             return true
         case .set(let settings):
             // CR4.PCIDE can be set only while CR3[11:0] is 0.

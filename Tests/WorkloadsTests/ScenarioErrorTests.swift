@@ -27,7 +27,7 @@ private let preludeLines = 3
 struct ScenarioErrorTests {
     static let cases: [BadCase] = [
         // Directives
-        BadCase("frobnicate 1", line: 1, column: 1, "unknown directive 'frobnicate' (known directives: mem, cpu, set, map, access, pte, invlpg, reload-cr3, host, space, switch, invpcid, cr0, cr4, efer, cr3, zap, memslot, dirty-log, expect, vcpu)"),
+        BadCase("frobnicate 1", line: 1, column: 1, "unknown directive 'frobnicate' (known directives: mem, cpu, set, map, access, pte, invlpg, reload-cr3, host, space, switch, invpcid, cr0, cr4, efer, cr3, zap, memslot, dirty-log, expect, vcpu, spp)"),
         BadCase("  maps 0x1000", line: 1, column: 3, "unknown directive 'maps'"),
         BadCase("reload-cr3 now", line: 1, column: 12, "reload-cr3: unexpected 'now'"),
         BadCase("invlpg", line: 1, column: 1, "invlpg: missing GVA (usage: invlpg GVA)"),

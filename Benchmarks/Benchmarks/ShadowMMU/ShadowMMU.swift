@@ -23,6 +23,14 @@ enum Shared {
     nonisolated(unsafe) static var tlb: TLBFixture?
     nonisolated(unsafe) static var breakdown: WalkBreakdownFixture?
     nonisolated(unsafe) static var floor: TLBFloorFixture?
+    nonisolated(unsafe) static var spp: SPPTLBFixture?
+
+    static func sppFixture() -> SPPTLBFixture {
+        if let spp { return spp }
+        let fixture = SPPTLBFixture()
+        spp = fixture
+        return fixture
+    }
 
     static func tlbFixture() -> TLBFixture {
         if let tlb { return tlb }
@@ -150,4 +158,15 @@ let benchmarks: @Sendable () -> Void = {
     hits("TLBHit/read, 1 page", { $0.one }, .read(.user))
     hits("TLBHit/read, 64 pages", { $0.sixtyFour }, .read(.user))
     hits("TLBHit/write, 64 pages", { $0.sixtyFour }, .write(.user))
+    // Issue 8: a write SPP checks and allows, against an ordinary write, both TLB hits under TDP.
+    func tdpWriteHits(_ name: String, _ addresses: @escaping @Sendable (SPPTLBFixture) -> [GuestVirtualAddress]) {
+        loop(name, { _ = Shared.sppFixture() }) { count in
+            let fixture = Shared.sppFixture()
+            let (hits, checksum) = runTLBHits(on: fixture.guest.vcpu, addresses(fixture), access: .write(.user), count: count)
+            precondition(hits == count, "\(count - hits) of \(count) writes missed the TLB")
+            return checksum
+        }
+    }
+    tdpWriteHits("TLBHit/TDP write, 64 pages", { $0.plain })
+    tdpWriteHits("TLBHit/TDP write SPP-allowed, 64 pages", { $0.protected })
 }

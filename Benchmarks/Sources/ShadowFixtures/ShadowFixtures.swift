@@ -304,6 +304,50 @@ public final class TLBFixture {
     }
 }
 
+/// TLB hits under the TDP MMU (EPT) with sub-page write protection enabled: 64 ordinary pages
+/// and 64 pages whose bitmaps protect every odd sub-page (0x5555_5555), each written in a
+/// writable sub-page. The writes to the second set are SPP-checked: the TLB entry carries the
+/// bitmap and every write hitting it is checked sub-page by sub-page.
+public final class SPPTLBFixture {
+    public let guest: ShadowGuest
+    /// 64 ordinary pages, in a fixed permuted order.
+    public let plain: [GuestVirtualAddress]
+    /// 64 protected pages, each address in a writable sub-page, in the same order.
+    public let protected: [GuestVirtualAddress]
+    public static let mask: UInt32 = 0x5555_5555
+
+    public init() {
+        let base: UInt64 = 0x0000_0000_4000_0000
+        let guest = ShadowGuest(dataBytes: 128 << 12, mmu: .ept()) { kernel in
+            for page in 0..<128 {
+                try ShadowGuest.map4K(kernel, base + UInt64(page) << 12, dataBase + UInt64(page) << 12,
+                                      flags: GuestBits.userLeaf)
+            }
+        }
+        try! guest.vm.enableSubPageProtection()
+        let dataFrame = dataBase >> 12
+        try! guest.vm.setSubpageAccess(gfn: GuestFrameNumber(dataFrame + 64),
+                                       masks: [SubPageWriteMask](repeating: SubPageWriteMask(Self.mask), count: 64))
+        // Sub-page 2 * (page % 16): a writable one, at a different offset on each page.
+        let pages: [UInt64] = (0..<128).map { (page: Int) -> UInt64 in
+            let offset = UInt64((page % 16) * 256 + 8)
+            return base + UInt64(page) << 12 | offset
+        }
+        for gva in pages {
+            _ = guest.mustComplete(gva, .write(.user))
+            _ = guest.mustComplete(gva, .write(.user))
+        }
+        for gva in pages {
+            let write = guest.mustComplete(gva, .write(.user))
+            precondition(write.tlbHit && write.exits == 0, "\(hex(gva)) is not a TLB hit")
+        }
+        let order = shuffled(Array(0..<64))
+        self.guest = guest
+        plain = order.map { GuestVirtualAddress(pages[$0]) }
+        protected = order.map { GuestVirtualAddress(pages[64 + $0]) }
+    }
+}
+
 // MARK: Walk fixtures over this VM's memory (breakdown baselines)
 
 /// The host page pool as the hardware sees it (the VM's own adapter is internal).

@@ -69,11 +69,16 @@ public func runFirstTouch(_ addresses: [UnsafeRawPointer], count: Int) -> UInt64
 
 /// `count` accesses cycling through `addresses` (a power-of-two count), all TLB hits. Returns the
 /// checksum and the number of accesses that were TLB hits without an exit.
-@inline(never)
 public func runTLBHits(_ fixture: TLBFixture, _ addresses: [GuestVirtualAddress], access: Access,
                        count: Int) -> (hits: Int, checksum: UInt64) {
-    let vcpu = fixture.guest.vcpu
-    return addresses.withUnsafeBufferPointer { buffer in
+    runTLBHits(on: fixture.guest.vcpu, addresses, access: access, count: count)
+}
+
+/// `runTLBHits` on any vCPU (the SPP fixture's runs under TDP with EPT).
+@inline(never)
+public func runTLBHits(on vcpu: VCPU, _ addresses: [GuestVirtualAddress], access: Access,
+                       count: Int) -> (hits: Int, checksum: UInt64) {
+    addresses.withUnsafeBufferPointer { buffer in
         let mask = buffer.count - 1
         var hits = 0
         var sum: UInt64 = 0

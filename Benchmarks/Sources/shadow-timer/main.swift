@@ -195,6 +195,24 @@ func dirtyLogCollection(_ name: String, tdp: Bool) -> Kernel {
     }
 }
 
+nonisolated(unsafe) var sppFixture: SPPTLBFixture?
+func spp() -> SPPTLBFixture {
+    if let sppFixture { return sppFixture }
+    let fixture = SPPTLBFixture()
+    sppFixture = fixture
+    return fixture
+}
+
+/// Writes hitting the TLB under TDP with SPP on: ordinary pages, or pages whose writes SPP checks.
+func tdpWriteHits(_ name: String, _ addresses: @escaping (SPPTLBFixture) -> [GuestVirtualAddress]) -> Kernel {
+    timed(name, count: 20_000_000) { count in
+        let fixture = spp()
+        let (hits, checksum) = runTLBHits(on: fixture.guest.vcpu, addresses(fixture), access: .write(.user), count: count)
+        precondition(hits == count, "\(name): \(count - hits) of \(count) writes missed the TLB")
+        return checksum
+    }
+}
+
 let kernels: [Kernel] = [
     // Baselines: the walker on the walk benchmarks' fixture (same numbers as walk-timer).
     timed("baseline-radix4") { radixChain64(Fixtures.fourLevel, levels: 4, count: $0) },
@@ -271,6 +289,10 @@ let kernels: [Kernel] = [
     tlbHits("tlb-hit-read-1", \.one, .read(.user)),
     tlbHits("tlb-hit-read-64", \.sixtyFour, .read(.user)),
     tlbHits("tlb-hit-write-64", \.sixtyFour, .write(.user)),
+    // Writes hitting the TLB under TDP (EPT) with SPP on: ordinary pages, then pages SPP checks
+    // (issue 8: an allowed SPP-checked write under 2x an ordinary TLB-hit write).
+    tdpWriteHits("tdp-tlb-hit-write-64", \.plain),
+    tdpWriteHits("spp-write-allowed-64", \.protected),
 ]
 
 let arguments = CommandLine.arguments.dropFirst()
