@@ -88,10 +88,11 @@ public final class TLB {
     }
 
     /// The slot of a page under a root: the root takes part, so that the same page under two
-    /// roots (two PCIDs) can be cached at once.
+    /// roots (two PCIDs) can be cached at once. Under TDP the PCID is in the tag's bits 48 and up,
+    /// folded down so that it reaches the slot.
     @inline(__always)
     private func slot(_ page: UInt64, _ root: UInt64) -> Int {
-        Int(truncatingIfNeeded: (page ^ (page >> 11) ^ (root &* 0x9E37_79B9)) & UInt64(mask))
+        Int(truncatingIfNeeded: (page ^ (page >> 11) ^ ((root ^ root >> 40) &* 0x9E37_79B9)) & UInt64(mask))
     }
 
     /// The entry for the page of `address` walked from `root`, if cached.
@@ -141,6 +142,12 @@ public final class TLB {
     public func invalidate(_ address: GuestVirtualAddress) {
         let page = address.rawValue >> 12
         for index in 0..<capacity where entries[index].tag == page { entries[index].generation = 0 }
+    }
+
+    /// Drops the entries walked from `root` (under TDP, one PCID of the current EPT root); the
+    /// guest-physical mappings stay.
+    public func flush(root: UInt64) {
+        for index in 0..<capacity where entries[index].root == root { entries[index].generation = 0 }
     }
 
     /// Drops every entry.

@@ -117,8 +117,12 @@ final class TDPVCPUState {
 
     /// The TLB tag of the current root and PCID.
     var tag: UInt64 {
+        tag(pcid: registers.cr4.contains(.pcidEnable) ? registers.cr3 & 0xFFF : 0)
+    }
+
+    /// The TLB tag of the current root and `pcid`.
+    func tag(pcid: UInt64) -> UInt64 {
         guard let root else { return VCPU.noRoot }
-        let pcid = registers.cr4.contains(.pcidEnable) ? registers.cr3 & 0xFFF : 0
         return root.frame.rawValue | pcid << 48
     }
 }
@@ -265,19 +269,23 @@ extension VCPU {
         }
         state.registers = new
         state.guestWalkerBox = WalkerBox(walker)
-        // A MOV to CR3 invalidates the PCID's non-global translations (without PCIDs, all
-        // non-global ones) unless bit 63 keeps them; this TLB has no per-PCID flush and flushes
-        // everything (more than the architecture asks, which it allows).
-        if !noFlush { tlb.flush() }
+        // A MOV to CR3 invalidates the new PCID's non-global translations (without PCIDs, every
+        // non-global one: PCID 0's) unless bit 63 keeps them. The TLB does not record G, so the
+        // PCID's global translations go too (a TLB may drop any entry); other PCIDs' stay, and
+        // so do the guest-physical mappings, which only INVEPT and KVM's flushes touch.
         tdpRetag(state)
+        if !noFlush { tlb.flush(root: hot.pointee.rootFrame) }
     }
 
     func tdpInvalidatePCID(_ type: INVPCIDType, pcid: UInt64, address: GuestVirtualAddress,
                            _ state: TDPVCPUState) -> Bool {
         guard !state.registers.invpcidFaults(type, pcid: pcid, address: address) else { return false }
-        if case .individualAddress = type {
-            tlb.invalidate(address)
-        } else {
+        switch type {
+        case .individualAddress:
+            tlb.invalidate(address)  // every PCID's entry for the address: more than asked, allowed
+        case .singleContext:
+            tlb.flush(root: state.tag(pcid: pcid))
+        case .allContextsIncludingGlobal, .allContextsExceptGlobal:
             tlb.flush()
         }
         return true
