@@ -29,10 +29,10 @@ final class L1Hypervisor {
     private var nextTable: UInt64
     private var nextL2Table = L1Hypervisor.l2TableBase + 0x1000
 
-    init(npt: Bool = false, levels: Int = 4) throws {
+    init(npt: Bool = false, levels: Int = 4, nptHostLevels: Int = 4) throws {
         self.npt = npt
         self.levels = levels
-        let vm = try VirtualMachine(memorySize: 16 << 20, mmu: npt ? .npt() : .ept())
+        let vm = try VirtualMachine(memorySize: 16 << 20, mmu: npt ? .tdp(.npt(hostLevels: nptHostLevels)) : .ept())
         self.vm = vm
         // L1's own identity map of its 16 MiB in 2 MiB pages, as its boot code left it (NPT is
         // walked in L1's paging mode: L1 runs in long mode).
@@ -133,7 +133,7 @@ final class L1Hypervisor {
         }
     }
 
-    func enter() throws { try vcpu.enterL2(paging, registers: Self.l2Registers) }
+    func enter(registers: PagingRegisters = L1Hypervisor.l2Registers) throws { try vcpu.enterL2(paging, registers: registers) }
 
     /// An L2 access checked against the architecture; the auditor after it.
     @discardableResult
@@ -322,6 +322,45 @@ struct NestedVCPUTests {
         // L2 reads and writes L1's EPT root: the write is emulated and tracked.
         _ = try l1.l2(0x40_0000, .read)
         _ = try l1.l2(0x40_0000 | 0x800, .write, value: 0)
+    }
+
+    @Test("L1's 2 MiB and 1 GiB EPT leaves, and L2 with its paging off (its linear addresses are its physical ones)")
+    func largeEPTLeavesAndL2PagingOff() throws {
+        for level in [2, 3] {
+            let l1 = try L1Hypervisor()
+            // L2's [0, 2 MiB) or [0, 1 GiB) in one leaf at L1 0 (L1's own memory: L2 sees L1's).
+            try l1.map(0, to: 0, level: level, rights: 0x7)
+            try l1.store(0x1234, at: 0x3008)
+            try l1.enter(registers: PagingRegisters())
+            let read = try l1.l2(0x3008, .read)
+            #expect(read.result == .completed(gpa: GuestPhysicalAddress(0x3008),
+                                              hostAddress: l1.vm.memory.hostFrame(of: GuestFrameNumber(3))!.rawValue << 12 | 8,
+                                              value: 0x1234), "level \(level)")
+            // Beyond L1's 16 MiB inside the 1 GiB leaf: MMIO, as the architecture's walk agrees.
+            if level == 3 {
+                guard case .mmio = try l1.l2(0x200_0000, .read).result else { Issue.record("beyond memory"); continue }
+            }
+            // Beyond the leaf: a violation at the final address (no L2 walk: level 0).
+            let beyond: UInt64 = level == 2 ? 0x20_0000 : 0x4000_0000
+            let exit = try l1.l2(beyond, .write)
+            guard case .exitToL1(.eptViolation(let address, _)) = exit.result else { Issue.record("\(exit)"); continue }
+            #expect(address.rawValue == beyond && exit.exitGuestLevel == 0)
+        }
+    }
+
+    @Test("A 4-level L1 NPT on a 5-level NPT host: the passthrough root")
+    func passthroughRoot() throws {
+        let l1 = try L1Hypervisor(npt: true, nptHostLevels: 5)
+        try l1.mapAllL2Memory(rights: 0x7)
+        try l1.mapL2(linear, to: 0x5000, flags: 0x7)
+        try l1.map(0x6000, to: 0x6000 + L1Hypervisor.l2Offset, rights: 0x5)
+        try l1.mapL2(linear + 0x1000, to: 0x6000, flags: 0x7)
+        try l1.enter()
+        guard case .completed = try l1.l2(linear, .write, value: 5).result else { Issue.record("write"); return }
+        let refused = try l1.l2(linear + 0x1000, .write, value: 5)
+        guard case .exitToL1(.nestedPageFault(let address, let errorCode)) = refused.result else { Issue.record("\(refused)"); return }
+        #expect(address.rawValue == 0x6000 && errorCode.contains(.guestFinal) && errorCode.contains(.write))
+        #expect(l1.vm.stats.nestedRun == 1)
     }
 
     @Test("Random L2 tables, random L1 rights and L1 rewrites, in lockstep", arguments: [(false, 4, false), (false, 4, true), (false, 5, true), (true, 4, false)])
