@@ -291,6 +291,8 @@ extension VCPU {
                                       _ tdpState: TDPVCPUState) throws(VirtualMachineError) -> NestedPagingWalker {
         let root: HardwareRoot
         do {
+            // KVM_REQ_MMU_FREE_OBSOLETE_ROOTS for guest_mmu: a zap since the last access.
+            nested.guestMMU.freeObsoleteRoots()
             root = try nested.guestMMU.load().root
         } catch {
             throw .hostMemory("\(error)")

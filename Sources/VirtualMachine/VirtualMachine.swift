@@ -219,14 +219,36 @@ public final class VirtualMachine: @unchecked Sendable {
         return mmu.audit() + tdp.audit()
     }
 
-    /// `kvm_mmu_zap_all_fast`, of the MMU the VM runs.
+    /// `kvm_mmu_zap_all_fast`: the MMU the VM runs, and under TDP the shadow pages of L2's
+    /// `guest_mmu` too (KVM zaps both MMUs).
     public func zapAllFast() {
-        if let tdp { tdp.zapAllFast() } else { withShadowMMULock { mmu.zapAllFast() } }
+        if let tdp {
+            tdp.zapAllFast()
+            if hasNestedShadowPages { withShadowMMULock { mmu.zapAllFast() } }
+        } else {
+            withShadowMMULock { mmu.zapAllFast() }
+        }
     }
 
-    /// `kvm_zap_gfn_range`, of the MMU the VM runs.
+    /// `kvm_zap_gfn_range`, of both MMUs as for `zapAllFast`.
     public func zapGFNRange(_ gfns: Range<UInt64>) {
-        if let tdp { tdp.zapGFNRange(gfns) } else { _ = withShadowMMULock { mmu.zapGFNRange(gfns) } }
+        if let tdp {
+            tdp.zapGFNRange(gfns)
+            if hasNestedShadowPages { _ = withShadowMMULock { mmu.zapGFNRange(gfns) } }
+        } else {
+            _ = withShadowMMULock { mmu.zapGFNRange(gfns) }
+        }
+    }
+
+    /// Under TDP, whether L2's `guest_mmu` has shadow pages (the only ones the shadow MMU then has).
+    var hasNestedShadowPages: Bool { tdp != nil && mmu.usedPages > 0 }
+
+    /// The dirty log's write protection reaches only the TDP MMU's SPTEs: with `guest_mmu` pages
+    /// alive an L2 write could go unlogged, so the operation is refused rather than answered wrong.
+    func refuseDirtyLogWithNestedShadowPages() throws(VirtualMachineError) {
+        if hasNestedShadowPages {
+            throw .unsupported("dirty logging while L2's shadow EPT/NPT pages exist is not modelled (docs/NESTED.md)")
+        }
     }
 
     /// A VMM operation on the shadow MMU: `mmu_lock` held for write (vCPUs may be running).

@@ -363,6 +363,30 @@ struct NestedVCPUTests {
         #expect(l1.vm.stats.nestedRun == 1)
     }
 
+    @Test("The VMM's zaps reach guest_mmu's pages too; a memslot deletion zaps them; the dirty log refuses rather than miss an L2 write")
+    func vmmOperationsWithL2Pages() throws {
+        let l1 = try booted()
+        try l1.enter()
+        _ = try l1.l2(linear | 8, .write, value: 9)
+        #expect(l1.vm.mmu.usedPages > 0)
+        l1.vm.zapAllFast()
+        #expect(l1.vm.audit().isEmpty)
+        let again = try l1.l2(linear | 8, .read)
+        #expect(again.exits > 0, "the zapped shadow EPT is built again")
+        guard case .completed(_, _, 9) = again.result else { Issue.record("\(again)"); return }
+        #expect(throws: VirtualMachineError.self) { try l1.vm.getDirtyLog(slot: 0) }
+        #expect(throws: VirtualMachineError.self) { try l1.vm.setDirtyLogging(slot: 0, true) }
+        try l1.vcpu.exitToL1()
+        try l1.vm.addMemslot(id: 1, base: GuestPhysicalAddress(0x4000_0000), size: 1 << 20)
+        try l1.vm.deleteMemslot(id: 1)
+        // What is left is guest_mmu's invalid root, freed at the next entry's load (as KVM's
+        // obsolete roots are), with nothing under it.
+        #expect(l1.vm.mmu.shadowPages.allSatisfy { $0.role.isInvalid }, "\(l1.vm.mmu.shadowPages.map(\.role))")
+        #expect(l1.vm.audit().isEmpty)
+        try l1.enter()
+        guard case .completed(_, _, 9) = try l1.l2(linear | 8, .read).result else { Issue.record("after the deletion"); return }
+    }
+
     @Test("Random L2 tables, random L1 rights and L1 rewrites, in lockstep", arguments: [(false, 4, false), (false, 4, true), (false, 5, true), (true, 4, false)])
     func randomLockstep(npt: Bool, levels: Int, ad: Bool) throws {
         var counts: [String: Int] = [:]
