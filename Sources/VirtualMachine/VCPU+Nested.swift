@@ -94,6 +94,13 @@ extension VCPU {
         switch paging {
         case .ept(let pointer, let capabilities):
             guard tdpState.tdp.masks.isEPT else { throw .unsupported("L1 on an NPT host has no EPT to give L2") }
+            // KVM offers L1 only what the host's EPT has (`nested_vmx_setup_ept_caps`).
+            let host = tdpState.capabilities
+            if capabilities.executeOnly && !host.executeOnly || capabilities.accessedDirty && !host.accessedDirty
+                || capabilities.fiveLevel && !host.fiveLevel {
+                throw .unsupported("L1's EPT capabilities exceed the host's (execute-only \(host.executeOnly), "
+                                   + "A/D \(host.accessedDirty), 5-level \(host.fiveLevel))")
+            }
             do {
                 tables = .ept(try EPTWalker(pointer: pointer, capabilities: capabilities))
             } catch {

@@ -300,6 +300,16 @@ struct NestedVCPUTests {
         #expect(throws: VirtualMachineError.self) { try l1.enter() }
         #expect(throws: VirtualMachineError.self) { try l1.vcpu.invalidateEPT(.allContexts) }
         #expect(throws: VirtualMachineError.self) { try l1.vcpu.enterL2(.npt(nestedCR3: 0), registers: L1Hypervisor.l2Registers) }
+        // Capabilities the host's EPT lacks are not L1's to have.
+        let noExecuteOnly = try VirtualMachine(memorySize: 16 << 20, mmu: .tdp(.ept(capabilities: EPTCapabilities(executeOnly: false),
+                                                                                            guestMaxPhysicalAddressBits: 46)))
+        let l1WithoutExecuteOnly = try noExecuteOnly.addVCPU(registers: PagingRegisters())
+        #expect(throws: VirtualMachineError.self) {
+            try l1WithoutExecuteOnly.enterL2(.ept(EPTPointer(root: 0x20_0000, levels: 4, accessedDirty: false),
+                                                  capabilities: EPTCapabilities(executeOnly: true)),
+                                             registers: L1Hypervisor.l2Registers)
+        }
+        #expect(!l1WithoutExecuteOnly.isInL2)
         let shadow = try VirtualMachine(memorySize: 16 << 20)
         let vcpu = try shadow.addVCPU(registers: PagingRegisters())
         #expect(throws: VirtualMachineError.self) {
