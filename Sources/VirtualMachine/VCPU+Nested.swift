@@ -62,6 +62,9 @@ final class NestedVCPUState {
     /// L1's tables as the architecture reads them from L1's memory.
     var l1Tables: NestedPagingTables
     var inL2 = false
+    /// The hardware's walker for L2 and the `guest_mmu` root it walks, kept while both stay (an
+    /// entry, which may change L2's registers, drops it).
+    var hardware: (root: HostFrameNumber, walker: NestedPagingWalker)?
 
     init(paging: L1NestedPaging, registers: PagingRegisters, guestMMU: MMUContext, guestWalker: PageWalker,
          l1Tables: NestedPagingTables) {
@@ -129,6 +132,7 @@ extension VCPU {
         state.registers = l2
         state.guestWalker = walker
         state.l1Tables = tables
+        state.hardware = nil
         state.inL2 = true
         count(.nestedRun)
         stat.guestMode = 1
@@ -304,6 +308,7 @@ extension VCPU {
         } catch {
             throw .hostMemory("\(error)")
         }
+        if let hardware = nested.hardware, hardware.root == root.rootFrame { return hardware.walker }
         let tables: NestedPagingTables
         do {
             switch nested.paging {
@@ -323,7 +328,9 @@ extension VCPU {
         } catch {
             throw .corruptShadowTables("the hardware refuses guest_mmu's root: \(error)")
         }
-        return NestedPagingWalker(guest: nested.guestWalker, tables: tables)
+        let walker = NestedPagingWalker(guest: nested.guestWalker, tables: tables)
+        nested.hardware = (root.rootFrame, walker)
+        return walker
     }
 
     /// KVM's emulator for an L2 access (`nested_mmu`'s walk, L2 linear -> L2 physical -> L1
