@@ -1,8 +1,8 @@
 // An L2 4 KiB fault through shadow EPT against an L1 4 KiB fault through shadow paging, both at
 // KVM's fault handler (`MMUContext.pageFault(atL2:errorCode:)` / `pageFault(at:access:errorCode:)`):
 // the walk of L1's EPT or of the guest's own tables, `FNAME(fetch)`, the SPTE, the prefetch that
-// finds nothing to map. No vCPU around them (an L1 vCPU entering L2 is not built yet), so neither
-// figure includes the exit, the hardware walk or the retried access of `fault-4k`.
+// finds nothing to map. No vCPU around them, so neither figure includes the exit, the hardware
+// walk or the retried access of `fault-4k`; `L2FaultFixture` below measures those through the vCPU.
 //
 // Same shape on both sides: 16,384 pages under 32 last-level tables, every eighth page accessed
 // (the targets, one per group of 8, so prefetch stops at the next page), each table shadowed
