@@ -68,6 +68,10 @@ public struct MMUStats: Sendable, Equatable {
     public var insnEmulation: UInt64 = 0
     /// `insn_emulation_fail`: emulation failures.
     public var insnEmulationFail: UInt64 = 0
+    /// `nested_run`: nested VM entries (VMLAUNCH/VMRESUME or VMRUN of L1's that entered L2).
+    public var nestedRun: UInt64 = 0
+    /// `guest_mode` (instant): vCPUs running L2 (`is_guest_mode`).
+    public var guestMode: UInt64 = 0
 
     public init() {}
 
@@ -116,6 +120,8 @@ public struct MMUStats: Sendable, Equatable {
             ("mmio_exits", .cumulative, \.mmioExits),
             ("insn_emulation", .cumulative, \.insnEmulation),
             ("insn_emulation_fail", .cumulative, \.insnEmulationFail),
+            ("nested_run", .cumulative, \.nestedRun),
+            ("guest_mode", .instant, \.guestMode),
         ]
     }
 
@@ -170,6 +176,7 @@ public struct MMUStats: Sendable, Equatable {
         case .remoteTLBFlush: remoteTLBFlush += 1
         case .remoteTLBFlushRequest: remoteTLBFlushRequests += 1
         case .mmioExit: mmioExits += 1
+        case .nestedRun: nestedRun += 1
         }
     }
 

@@ -20,6 +20,10 @@ public final class ShadowMMU {
     @exclusivity(unchecked) public var flushRemoteTLBs: () -> Void = {}
     /// KVM_REQ_MMU_FREE_OBSOLETE_ROOTS on every vCPU: the VM installs it.
     @exclusivity(unchecked) public var freeObsoleteRoots: () -> Void = {}
+    /// Under a TDP L1, the TDP MMU whose SPTEs must also stop L1 writing a table `guest_mmu`
+    /// shadows (KVM's write tracking and `kvm_mmu_slot_gfn_write_protect` cover both MMUs). Its
+    /// lock is the one every `guest_mmu` operation holds for write.
+    public unowned(unsafe) var tdpSharingWriteTracking: TDPMMU?
 
     /// The list `withUnsyncLeaves` fills, kept empty between calls for its capacity.
     @exclusivity(unchecked) var unsyncLeafBuffer: [ShadowPage] = []
@@ -114,7 +118,7 @@ public final class ShadowMMU {
     /// The counters the VM side counts (`exits`, `insn_emulation`, `tlb_flush`, `pf_guest` and
     /// `mmio_exits` in each vCPU's `stat`, as KVM's `vcpu->stat`; the remote flushes in the VM's).
     public enum VCPUCounter: Sendable {
-        case exit, instructionEmulation, tlbFlush, guestFault, remoteTLBFlush, remoteTLBFlushRequest, mmioExit
+        case exit, instructionEmulation, tlbFlush, guestFault, remoteTLBFlush, remoteTLBFlushRequest, mmioExit, nestedRun
     }
 
     // MARK: Finding and creating shadow pages
@@ -240,10 +244,15 @@ public final class ShadowMMU {
         // Level 1 too: a new shadow page starts in sync, its table write-protected; a later
         // write fault may unsync it.
         if writeProtect(page.gfn) { flushRemoteTLBs() }
+        // A TDP L1 writes its tables through the TDP MMU. Every level is write-tracked there, the
+        // last one too: the TDP MMU's make_spte does not unsync shadow pages (docs/NESTED.md), so
+        // L1's stores to a last-level table are emulated and reach `trackWrite` instead.
+        if let tdp = tdpSharingWriteTracking { try? tdp.addWriteTrackLocked(page.gfn.rawValue) }
     }
 
     func unaccountShadowed(_ page: ShadowPage) {
         indirectShadowPages -= 1
+        if let tdp = tdpSharingWriteTracking { try? tdp.removeWriteTrackLocked(page.gfn.rawValue) }
         if let frame = memory.hostFrame(of: page.gfn), shadowedTableCount[frame.rawValue] > 0 {
             shadowedTableCount[frame.rawValue] -= 1
         }

@@ -162,27 +162,34 @@ extension TDPMMU {
     /// table, an external tracker): no huge page may map it, and its leaves lose W and MMU-writable
     /// now. Takes the lock for write.
     public func addWriteTrack(_ gfn: UInt64) throws(TDPMMUError) {
-        try withExclusiveLock { () throws(TDPMMUError) in
-            guard let metadata = slotMetadata(containing: gfn) else { throw .gfnNotInMemslot(gfn) }
-            guard metadata.updateWriteTrack(gfn, delta: 1) else { throw .countOutOfRange(gfn: gfn, "write-track count overflows") }
-            guard metadata.updateDisallowCount(gfn, delta: 1) else {
-                _ = metadata.updateWriteTrack(gfn, delta: -1)
-                throw .countOutOfRange(gfn: gfn, "huge-page disallow count overflows")
-            }
-            if writeProtectGFNLocked(gfn, minLevel: KVMLevel.pageTable) { requestRemoteTLBFlush() }
+        try withExclusiveLock { () throws(TDPMMUError) in try addWriteTrackLocked(gfn) }
+    }
+
+    /// `addWriteTrack` with the lock already held for write (the shadow MMU's `account_shadowed`
+    /// of a `guest_mmu` page, which runs under it).
+    func addWriteTrackLocked(_ gfn: UInt64) throws(TDPMMUError) {
+        guard let metadata = slotMetadata(containing: gfn) else { throw .gfnNotInMemslot(gfn) }
+        guard metadata.updateWriteTrack(gfn, delta: 1) else { throw .countOutOfRange(gfn: gfn, "write-track count overflows") }
+        guard metadata.updateDisallowCount(gfn, delta: 1) else {
+            _ = metadata.updateWriteTrack(gfn, delta: -1)
+            throw .countOutOfRange(gfn: gfn, "huge-page disallow count overflows")
         }
+        if writeProtectGFNLocked(gfn, minLevel: KVMLevel.pageTable) { requestRemoteTLBFlush() }
     }
 
     /// `kvm_write_track_remove_gfn`. Takes the lock for write.
     public func removeWriteTrack(_ gfn: UInt64) throws(TDPMMUError) {
-        try withExclusiveLock { () throws(TDPMMUError) in
-            guard let metadata = slotMetadata(containing: gfn) else { throw .gfnNotInMemslot(gfn) }
-            guard metadata.writeTrackCount(gfn) > 0 else { throw .countOutOfRange(gfn: gfn, "the gfn is not write-tracked") }
-            _ = metadata.updateWriteTrack(gfn, delta: -1)
-            guard metadata.updateDisallowCount(gfn, delta: -1) else {
-                warn("huge-page disallow count of gfn \(hex(gfn)) was below its write tracking")
-                return
-            }
+        try withExclusiveLock { () throws(TDPMMUError) in try removeWriteTrackLocked(gfn) }
+    }
+
+    /// `removeWriteTrack` with the lock already held for write.
+    func removeWriteTrackLocked(_ gfn: UInt64) throws(TDPMMUError) {
+        guard let metadata = slotMetadata(containing: gfn) else { throw .gfnNotInMemslot(gfn) }
+        guard metadata.writeTrackCount(gfn) > 0 else { throw .countOutOfRange(gfn: gfn, "the gfn is not write-tracked") }
+        _ = metadata.updateWriteTrack(gfn, delta: -1)
+        guard metadata.updateDisallowCount(gfn, delta: -1) else {
+            warn("huge-page disallow count of gfn \(hex(gfn)) was below its write tracking")
+            return
         }
     }
 

@@ -105,6 +105,7 @@ extension VirtualMachine {
         try changingMemslots { () throws(VirtualMachineError) in
             guard memory.slot(id: id) != nil else { throw .memslot("there is no memslot \(id)") }
             if let tdp {
+                if hasNestedShadowPages { withShadowMMULock { mmu.zapAllFast() } }
                 do { try tdp.deleteMemslot(id: id) } catch { throw .memslot("\(error)") }
                 return
             }
@@ -125,7 +126,10 @@ extension VirtualMachine {
             do {
                 // Refused layouts are refused before anything is zapped.
                 try checkMove(slot, to: base)
-                if let tdp { return try tdp.moveMemslot(id: id, to: base) }
+                if let tdp {
+                    if hasNestedShadowPages { withShadowMMULock { mmu.zapAllFast() } }
+                    return try tdp.moveMemslot(id: id, to: base)
+                }
                 return try withShadowMMULock {
                     mmu.zapAllFast()
                     return try memory.moveSlot(id: id, to: base)
@@ -157,6 +161,7 @@ extension VirtualMachine {
             var flags = slot.flags
             if enabled { flags.insert(.logDirtyPages) } else { flags.remove(.logDirtyPages) }
             if let tdp {
+                try refuseDirtyLogWithNestedShadowPages()
                 // kvm_mmu_slot_apply_flags: eager splitting, write protection (or D bits cleared with
                 // PML), a remote TLB flush.
                 do { try tdp.setMemslotFlags(id: id, flags: flags) } catch { throw .memslot("\(error)") }
@@ -267,7 +272,8 @@ extension VirtualMachine {
     /// whose bits have not been cleared (manual protection), in ascending order. Get-and-reset
     /// write-protects the pages it reports in the same step and flushes the TLBs if it did.
     public func getDirtyLog(slot id: Int) throws(VirtualMachineError) -> [GuestFrameNumber] {
-        try withSlotsLock { () throws(VirtualMachineError) in
+        try refuseDirtyLogWithNestedShadowPages()
+        return try withSlotsLock { () throws(VirtualMachineError) in
             guard let slot = memory.slot(id: id) else { throw .memslot("there is no memslot \(id)") }
             if let tdp {
                 do {
@@ -304,7 +310,8 @@ extension VirtualMachine {
     /// slot. Returns the gfns whose bits were set.
     @discardableResult
     public func clearDirtyLog(slot id: Int, first: UInt64, count: UInt64) throws(VirtualMachineError) -> [GuestFrameNumber] {
-        try withSlotsLock { () throws(VirtualMachineError) in
+        try refuseDirtyLogWithNestedShadowPages()
+        return try withSlotsLock { () throws(VirtualMachineError) in
             guard dirtyLogProtocol == .manualProtect else {
                 throw .memslot("clearing the dirty log needs manual protection (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)")
             }
@@ -356,6 +363,7 @@ extension VirtualMachine {
     /// and whose pages the VMM has copied, are cleared where set and write-protected again. Only
     /// those: a page dirtied since that get stays dirty for the next one.
     public func clearDirtyLog(slot id: Int, firstPage: UInt64, bitmap: [UInt64]) throws(VirtualMachineError) {
+        try refuseDirtyLogWithNestedShadowPages()
         try withSlotsLock { () throws(VirtualMachineError) in
             guard dirtyLogProtocol == .manualProtect else {
                 throw .memslot("clearing the dirty log needs manual protection (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)")

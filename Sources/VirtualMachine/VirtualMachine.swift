@@ -162,7 +162,11 @@ public final class VirtualMachine: @unchecked Sendable {
         } catch {
             throw .hostMemory("\(error)")
         }
-        mmu = ShadowMMU(memory: memory, pool: pool, variant: variant)
+        // KVM sets one SPTE format for both MMUs (`kvm_mmu_set_ept_masks` under EPT): under TDP
+        // the shadow MMU's pages are `guest_mmu`'s, which the hardware walks as EPT (or NPT).
+        var shadowMasks = SPTEMasks.shadowPaging
+        if case .tdp(let configuration) = choice { shadowMasks = configuration.masks }
+        mmu = ShadowMMU(memory: memory, pool: pool, masks: shadowMasks, variant: variant)
         mmu.setMaxPages(limit)
         if case .tdp(let configuration) = choice {
             if hostLevels != nil { throw .unsupported("a host paging depth (`host`) is for shadow paging; TDP chooses its own") }
@@ -187,6 +191,7 @@ public final class VirtualMachine: @unchecked Sendable {
             for vcpu in self.vcpus { vcpu.makeRequest(.freeObsoleteRoots, wait: false) }
         }
         guard let tdp = self.tdp else { return }
+        mmu.tdpSharingWriteTracking = tdp
         let unowned = UnownedVM(self)
         // The TDP MMU counts its remote flushes itself.
         tdp.flushRemoteTLBs = { for vcpu in unowned.vm.vcpus { vcpu.makeRequest(.flushAll, wait: true) } }
@@ -217,14 +222,36 @@ public final class VirtualMachine: @unchecked Sendable {
         return mmu.audit() + tdp.audit()
     }
 
-    /// `kvm_mmu_zap_all_fast`, of the MMU the VM runs.
+    /// `kvm_mmu_zap_all_fast`: the MMU the VM runs, and under TDP the shadow pages of L2's
+    /// `guest_mmu` too (KVM zaps both MMUs).
     public func zapAllFast() {
-        if let tdp { tdp.zapAllFast() } else { withShadowMMULock { mmu.zapAllFast() } }
+        if let tdp {
+            tdp.zapAllFast()
+            if hasNestedShadowPages { withShadowMMULock { mmu.zapAllFast() } }
+        } else {
+            withShadowMMULock { mmu.zapAllFast() }
+        }
     }
 
-    /// `kvm_zap_gfn_range`, of the MMU the VM runs.
+    /// `kvm_zap_gfn_range`, of both MMUs as for `zapAllFast`.
     public func zapGFNRange(_ gfns: Range<UInt64>) {
-        if let tdp { tdp.zapGFNRange(gfns) } else { _ = withShadowMMULock { mmu.zapGFNRange(gfns) } }
+        if let tdp {
+            tdp.zapGFNRange(gfns)
+            if hasNestedShadowPages { _ = withShadowMMULock { mmu.zapGFNRange(gfns) } }
+        } else {
+            _ = withShadowMMULock { mmu.zapGFNRange(gfns) }
+        }
+    }
+
+    /// Under TDP, whether L2's `guest_mmu` has shadow pages (the only ones the shadow MMU then has).
+    var hasNestedShadowPages: Bool { tdp != nil && mmu.usedPages > 0 }
+
+    /// The dirty log's write protection reaches only the TDP MMU's SPTEs: with `guest_mmu` pages
+    /// alive an L2 write could go unlogged, so the operation is refused rather than answered wrong.
+    func refuseDirtyLogWithNestedShadowPages() throws(VirtualMachineError) {
+        if hasNestedShadowPages {
+            throw .unsupported("dirty logging while L2's shadow EPT/NPT pages exist is not modelled (docs/NESTED.md)")
+        }
     }
 
     /// A VMM operation on the shadow MMU: `mmu_lock` held for write (vCPUs may be running).
@@ -316,9 +343,12 @@ public final class VCPU: @unchecked Sendable {
     public private(set) var dirtyRingFullExits = 0
     /// This vCPU's counters (KVM's `vcpu->stat`: `exits`, `tlb_flush`, `insn_emulation`,
     /// `pf_guest`, `mmio_exits`), written only by the thread running it.
-    @exclusivity(unchecked) public private(set) var stat = MMUStats()
+    @exclusivity(unchecked) public internal(set) var stat = MMUStats()
     /// Other threads' requests and this vCPU's mode (VCPU+GuestMode.swift).
     let signals = VCPUSignals()
+    /// L1's nested state once it has entered L2 (VCPU+Nested.swift): `guest_mmu`, L2's registers,
+    /// and whether the vCPU runs L2 now.
+    var nested: NestedVCPUState?
 
     /// What every access reads, behind a pointer: a class's `var`s would cost an exclusivity
     /// check each, and a TLB hit must cost a few loads.
@@ -876,8 +906,13 @@ public final class VCPU: @unchecked Sendable {
         let result = perform(hostAddress: hostAddress, access.kind, size: size, value: value)
         if access.kind == .write {
             _ = vm.memory.markDirty(gpa.frame)
-            // Under TDP nothing is write-tracked (no shadow pages).
-            if tdpState == nil { mmu.trackWrite(gpa, bytes: size, fourByteGuestEntries: registers.mode == .legacy32) }
+            if tdpState == nil {
+                mmu.trackWrite(gpa, bytes: size, fourByteGuestEntries: registers.mode == .legacy32)
+            } else if mmu.indirectShadowPages > 0 {
+                // Under TDP only `guest_mmu` shadows tables (L1's EPT or NPT, in EPT's or x86's
+                // format, never 32-bit).
+                vm.withShadowMMULock { mmu.trackWrite(gpa, bytes: size, fourByteGuestEntries: false) }
+            }
         }
         return AccessOutcome(result: .completed(gpa: gpa, value: result), exits: exits, emulated: true, tlbHit: false)
     }

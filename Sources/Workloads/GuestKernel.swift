@@ -128,7 +128,7 @@ public final class GuestKernel {
         mode == .disabled ? GuestVirtualAddress(gpa.rawValue) : GuestVirtualAddress(TableFormat(mode).windowBase + gpa.rawValue)
     }
 
-    private func allocateTable() throws -> GuestPhysicalAddress {
+    func allocateTable() throws -> GuestPhysicalAddress {
         guard nextTable < Self.tablePoolEnd else {
             throw GuestKernelError("the page-table pool below 16 MiB is exhausted (\((Self.tablePoolEnd - Self.tablePoolStart) >> 12) tables)")
         }

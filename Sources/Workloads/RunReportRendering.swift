@@ -132,8 +132,33 @@ extension RunReport {
         object.add("exits", record.outcome.exits)
         object.add("emulated", record.outcome.emulated)
         object.add("tlb_hit", record.outcome.tlbHit)
-        object.add("exit", exit)
+        if record.inL2 { object.add("l2", true) }
+        switch record.exitToL1 {
+        case .eptViolation(_, let qualification)?:
+            object.add("exit", "ept_violation")
+            object.addHex("exit_qualification", qualification.rawValue)
+        case .eptMisconfiguration?:
+            object.add("exit", "ept_misconfig")
+            object.addHex("exit_qualification", 0)
+        case .nestedPageFault(_, let errorCode)?:
+            object.add("exit", "npf")
+            object.addHex("exit_info1", errorCode.rawValue)
+        case nil:
+            object.add("exit", exit)
+        }
         return object.text
+    }
+
+    /// An operation's outcome for the terminal: an L2 access's exit to L1, or the guest's outcome.
+    static func outcomeText(_ record: AccessRecord) -> String {
+        switch record.exitToL1 {
+        case .eptViolation(let gpa, let qualification)?:
+            "exit to L1: EPT violation at L2 gpa \(hex(gpa.rawValue)), qualification \(hex(qualification.rawValue))"
+        case .eptMisconfiguration(let gpa)?: "exit to L1: EPT misconfiguration at L2 gpa \(hex(gpa.rawValue))"
+        case .nestedPageFault(let gpa, let errorCode)?:
+            "exit to L1: #NPF at L2 gpa \(hex(gpa.rawValue)), EXITINFO1 \(hex(errorCode.rawValue))"
+        case nil: (record.inL2 ? "L2 " : "") + outcomeText(record.outcome.result)
+        }
     }
 
     /// The `"type":"pte"` line of one guest entry.
@@ -318,7 +343,7 @@ extension RunReport {
             var table = TextTable(header: ["#", "line", "op", "cpl", "gva", "outcome", "exits", "notes"])
             for access in accesses {
                 table.add([String(access.index), String(access.line), access.operation, String(access.cpl),
-                           hex(access.gva.rawValue), Self.outcomeText(access.outcome.result),
+                           hex(access.gva.rawValue), Self.outcomeText(access),
                            String(access.outcome.exits), Self.notes(access.outcome)])
             }
             out += table.render(indent: "  ")

@@ -124,6 +124,16 @@ public enum ScenarioDirective: Hashable, Sendable {
     /// `vcpu N`: the following guest operations run on vCPU `N` (brought up, when new, in the state
     /// the current vCPU is in, as an OS's AP trampoline leaves an application processor).
     case vcpu(Int)
+    /// `l1 ept|npt ...`: the paging L1 gives L2 (docs/NESTED.md).
+    case l1(NestedPagingSetting)
+    /// `ept-map L2GPA L1GPA 4k|2m|1g PERMS`: L1 writes its entry for an L2 page with L1 stores.
+    case eptMap(EPTMapDirective)
+    /// `vmenter`: L1 enters L2 (VMLAUNCH/VMRESUME, VMRUN).
+    case vmenter
+    /// `vmexit`: L2 exits to L1.
+    case vmexit
+    /// `invept single|global`: L1's INVEPT of its EPTP, or of every EPTP.
+    case invept(INVEPTScope)
 
     /// The directive's keyword.
     public var name: String {
@@ -148,6 +158,11 @@ public enum ScenarioDirective: Hashable, Sendable {
         case .expect: "expect"
         case .vcpu: "vcpu"
         case .subPageProtection: "spp"
+        case .l1: "l1"
+        case .eptMap: "ept-map"
+        case .vmenter: "vmenter"
+        case .vmexit: "vmexit"
+        case .invept: "invept"
         }
     }
 
@@ -155,9 +170,9 @@ public enum ScenarioDirective: Hashable, Sendable {
     /// `host` must come before the first one.
     public var isGuestOperation: Bool {
         switch self {
-        case .mem, .set, .cpu, .host, .expect: false
+        case .mem, .set, .cpu, .host, .expect, .l1: false
         case .map, .access, .pte, .invlpg, .reloadCR3, .space, .switchSpace, .invpcid, .writeRegister, .loadCR3, .zap,
-             .memslot, .dirtyLog, .vcpu, .subPageProtection: true
+             .memslot, .dirtyLog, .vcpu, .subPageProtection, .eptMap, .vmenter, .vmexit, .invept: true
         }
     }
 
@@ -166,9 +181,10 @@ public enum ScenarioDirective: Hashable, Sendable {
     public var runsGuest: Bool {
         switch self {
         // The VMM's own requests (memslots, the dirty log, a zap) need the machine but not the guest.
-        case .mem, .set, .cpu, .host, .map, .space, .zap, .memslot, .dirtyLog, .expect: false
+        case .mem, .set, .cpu, .host, .map, .space, .zap, .memslot, .dirtyLog, .expect, .l1: false
         // SPP's permissions are checked by the reference machine, which the boot makes.
-        case .access, .pte, .invlpg, .reloadCR3, .switchSpace, .invpcid, .writeRegister, .loadCR3, .vcpu, .subPageProtection: true
+        case .access, .pte, .invlpg, .reloadCR3, .switchSpace, .invpcid, .writeRegister, .loadCR3, .vcpu, .subPageProtection,
+             .eptMap, .vmenter, .vmexit, .invept: true
         }
     }
 }

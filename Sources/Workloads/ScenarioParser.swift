@@ -26,6 +26,9 @@
 //   expect NAME=N...                                the counters must have these values here
 //   vcpu N                                          later guest operations run on vCPU N (0...63)
 //   spp set GFN MASK | spp get GFN                  sub-page write permissions (--mmu tdp; MASK 32 bits)
+//   l1 ept [levels=4|5] [ad=0|1] [execonly=0|1] | l1 npt [levels=4|5]   L1's paging for L2 (TDP runs)
+//   ept-map L2GPA L1GPA 4k|2m|1g PERMS              L1 writes its entry (PERMS: letters of RWXAD, or 0)
+//   vmenter | vmexit | invept single|global         L1 enters L2, L2 exits, L1's INVEPT
 //
 //   NUMBER  decimal or 0x-hexadecimal, `_` allowed between digits, at most 2^64-1
 //   SIZE    NUMBER with an optional K, M or G suffix (x1024, x1024^2, x1024^3)
@@ -58,7 +61,10 @@
 //   - with 32-bit paging every flag, raw value and address fits in 32 bits (4-byte entries);
 //   - `access`/`invlpg` GVAs fit in 32 bits outside 4/5-level paging (non-canonical ones are allowed in
 //     4/5-level paging: they are how a scenario asks for a #GP);
-//   - `pkru` fits in 32 bits; every other number in 64.
+//   - `pkru` fits in 32 bits; every other number in 64;
+//   - `l1` comes before the first guest operation, at most once; `ept-map`, `vmenter` and `invept`
+//     need it (`invept` with `l1 ept`); `vmenter` only from L1, `vmexit` only in L2; in L2 only
+//     `access`, `vmexit` and `expect` (L2 runs with its paging off).
 // A `map` GPA need not lie inside `mem` (an unbacked GPA is a scenario's way to reach MMIO), nor below
 // MAXPHYADDR (address bits above it are reserved bits a scenario may want to set); `map ... 1g` is
 // accepted with `cpu gbpages=0` for the same reason (the PS bit is then reserved).
@@ -125,6 +131,10 @@ struct ScenarioState: Sendable {
     var vcpus: [(registers: PagingRegisters, controls: ControlState)] = [(ControlState.defaults.registers(cr3: 0), .defaults)]
     /// The vCPU the lines run on.
     var currentVCPU = 0
+    /// L1's paging for L2 and the line that gave it.
+    var nested: (setting: NestedPagingSetting, line: Int)?
+    /// Whether the lines run in L2 (after `vmenter`, until `vmexit`).
+    var inL2 = false
 
     /// The mode whose tables `map` and `pte` edit: the one the registers select, or with paging off
     /// the one they prepare.
@@ -203,6 +213,16 @@ struct ScenarioParser {
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseVCPU() }),
         DirectiveSpec(name: "spp", usage: "spp set GFN MASK | spp get GFN",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseSubPageProtection() }),
+        DirectiveSpec(name: "l1", usage: "l1 ept [levels=4|5] [ad=0|1] [execonly=0|1] | l1 npt [levels=4|5]",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseL1() }),
+        DirectiveSpec(name: "ept-map", usage: "ept-map L2GPA L1GPA 4k|2m|1g PERMS (letters of R W X A D, or 0)",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseEPTMap() }),
+        DirectiveSpec(name: "vmenter", usage: "vmenter",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseNoArguments(.vmenter) }),
+        DirectiveSpec(name: "vmexit", usage: "vmexit",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseNoArguments(.vmexit) }),
+        DirectiveSpec(name: "invept", usage: "invept single|global",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseINVEPT() }),
     ]
 
     static let tableByName: [String: DirectiveSpec] = Dictionary(uniqueKeysWithValues: table.map { ($0.name, $0) })
@@ -247,6 +267,7 @@ struct ScenarioParser {
                                  message: "\(what) must come before the first guest operation "
                                     + "(the \(first.name) on line \(first.line))")
         }
+        try checkNesting(directive, line: line, keyword: keyword)
         switch directive {
         case .mem(let bytes):
             if state.firstOperation != nil { throw tooLate("mem") }
@@ -291,13 +312,42 @@ struct ScenarioParser {
             if index == state.vcpus.count { state.vcpus.append((state.registers, state.controls)) }
             state.currentVCPU = index
             (state.registers, state.controls) = state.vcpus[index]
-        case .map, .access, .pte, .invlpg, .reloadCR3, .invpcid, .zap, .memslot, .dirtyLog, .expect, .subPageProtection:
+        case .l1(let setting):
+            if state.firstOperation != nil { throw tooLate("l1") }
+            state.nested = (setting, line)
+        case .vmenter:
+            state.inL2 = true
+        case .vmexit:
+            state.inL2 = false
+        case .map, .access, .pte, .invlpg, .reloadCR3, .invpcid, .zap, .memslot, .dirtyLog, .expect, .subPageProtection, .eptMap,
+             .invept:
             break
         }
         if directive.isGuestOperation && state.firstOperation == nil { state.firstOperation = (line, directive.name) }
         if state.hostLevels == 4 && state.mode == .fiveLevel {
             throw ScenarioError(line: line, column: keyword.column, directive: directive.name, text: keyword.text,
                                 message: "5-level paging needs a 5-level host (host levels=4 on line \(state.hostLine!))")
+        }
+    }
+
+    /// The rules of L1 and L2: which directives need `l1`, and which run in L1 or L2.
+    private func checkNesting(_ directive: ScenarioDirective, line: Int, keyword: Token) throws(ScenarioError) {
+        func fail(_ message: String) -> ScenarioError {
+            ScenarioError(line: line, column: keyword.column, directive: directive.name, text: keyword.text, message: message)
+        }
+        switch directive {
+        case .l1:
+            if let previous = state.nested { throw fail("L1's paging for L2 given twice (first on line \(previous.line))") }
+        case .eptMap, .vmenter, .invept:
+            guard let nested = state.nested else { throw fail("\(directive.name) needs L1's paging for L2 first (`l1 ept` or `l1 npt`)") }
+            if state.inL2 { throw fail("\(directive.name) is L1's: the vCPU runs L2 (vmexit first)") }
+            if case .invept = directive, case .npt = nested.setting { throw fail("invept needs `l1 ept` (L1 gives L2 NPT)") }
+        case .vmexit:
+            if !state.inL2 { throw fail("vmexit: the vCPU runs L1 (vmenter first)") }
+        case .access, .expect:
+            break
+        default:
+            if state.inL2 { throw fail("\(directive.name) in L2 is not modelled (L2 runs with its paging off; docs/NESTED.md): vmexit first") }
         }
     }
 

@@ -134,6 +134,19 @@ extension ScenarioDirective {
             return "dirty-log clear \(slot) \(first) \(count)"
         case .vcpu(let index):
             return "vcpu \(index)"
+        case .l1(.ept(let levels, let ad, let executeOnly)):
+            return "l1 ept levels=\(levels) ad=\(bit(ad)) execonly=\(bit(executeOnly))"
+        case .l1(.npt(let levels)):
+            return "l1 npt levels=\(levels)"
+        case .eptMap(let map):
+            return ["ept-map", hex(map.l2GPA.rawValue), hex(map.l1GPA.rawValue), map.pageSize.name, map.permissions.rendered]
+                .joined(separator: " ")
+        case .vmenter:
+            return "vmenter"
+        case .vmexit:
+            return "vmexit"
+        case .invept(let scope):
+            return "invept " + scope.rawValue
         case .expect(let counters):
             return (["expect"] + counters.map { "\($0.name)=\($0.value)" }).joined(separator: " ")
         }

@@ -13,6 +13,11 @@ public struct AccessRecord: Sendable {
     public var cpl: Int
     public var gva: GuestVirtualAddress
     public var outcome: AccessOutcome
+    /// The access was L2's (between `vmenter` and `vmexit`): `gpa` is L2's guest-physical
+    /// address (an MMIO access's is L1's).
+    public var inL2 = false
+    /// The VM exit to L1 an L2 access ended in (`outcome` then completes at the exit's L2 address).
+    public var exitToL1: NestedVMExit?
     /// The MMU events (KVM's tracepoints) the operation caused, when the run traces them.
     public var events: [MMUEventRecord] = []
 }
@@ -183,6 +188,11 @@ public final class ScenarioRunner {
         var mode: PagingMode
     }
 
+    /// L1's paging for L2 (`l1`), its root table once allocated, and the L2 accesses checked.
+    private var nestedSetting: NestedPagingSetting?
+    private var nestedRootTable: GuestPhysicalAddress?
+    private var l2Checks = 0
+
     /// Whether to keep the MMU events (KVM's tracepoints) each operation causes.
     public let tracesEvents: Bool
     /// Events from this sequence number on belong to the current directive.
@@ -264,7 +274,7 @@ public final class ScenarioRunner {
         processors.reduce(0) { $0 + $1.vcpu.context[keyPath: counter] }
     }
 
-    private var lockstepChecks: Int { processors.reduce(0) { $0 + $1.reference.checkedAccesses } }
+    private var lockstepChecks: Int { processors.reduce(l2Checks) { $0 + $1.reference.checkedAccesses } }
 
     private var tablePages: Int { vm.tdp?.pageTableCount ?? vm.mmu.usedPages }
 
@@ -415,6 +425,8 @@ public final class ScenarioRunner {
             mappings.append(Mapping(gva: map.gva, space: kernel.editSpace, mode: kernel.mode))
             try kernel.map(map.gva, to: map.gpa, leafLevel: map.pageSize.leafLevel, leafFlags: map.leafFlagsWithKey,
                            tableFlags: { map.tableFlags(level: $0) })
+        case .access(let kind, let gva, let cpl, let value) where vcpu.isInL2:
+            try l2Access(kind, gva, cpl: cpl, value: value ?? 0)
         case .access(let kind, let gva, let cpl, let value):
             let outcome = try guestAccess(gva, Access(kind, cpl == 3 ? .user : .supervisor), size: 8, value: value ?? 0)
             record(kind == .fetch ? "exec" : kind == .write ? "write" : "read", cpl: cpl, gva: gva, outcome: outcome)
@@ -458,6 +470,18 @@ public final class ScenarioRunner {
             try check(counters)
         case .vcpu(let index):
             try selectVCPU(index)
+        case .l1(let setting):
+            nestedSetting = setting
+        case .eptMap(let map):
+            try writeNestedEntry(map)
+        case .vmenter:
+            try enterL2()
+        case .vmexit:
+            try vcpu.exitToL1()
+        case .invept(let scope):
+            guard case .ept(let levels, let ad, _) = nestedSetting else { return }
+            try vcpu.invalidateEPT(scope == .global ? .allContexts
+                : .singleContext(EPTPointer(root: try nestedRoot().rawValue, levels: levels, accessedDirty: ad)))
         case .subPageProtection(let request):
             try apply(request)
         }
@@ -492,6 +516,110 @@ public final class ScenarioRunner {
             report.subPageMasks.append(SubPageMaskRecord(line: currentLine, gfn: gfn, mask: mask,
                                                           precedingOperations: operationIndex))
         }
+    }
+
+    // MARK: L1 and L2
+
+    /// L1's EPT or NPT root table, from the kernel's table pool (its window reaches it).
+    private func nestedRoot() throws -> GuestPhysicalAddress {
+        if let nestedRootTable { return nestedRootTable }
+        let root = try kernel.allocateTable()
+        nestedRootTable = root
+        return root
+    }
+
+    /// `ept-map`: L1 writes its entry for the L2 page (and any table above it) with L1 stores.
+    private func writeNestedEntry(_ map: EPTMapDirective) throws {
+        guard let setting = nestedSetting else { return }
+        let isEPT = if case .ept = setting { true } else { false }
+        let leafLevel = map.pageSize.leafLevel
+        var table = try nestedRoot().rawValue
+        var level = setting.levels
+        while true {
+            let entry = GuestPhysicalAddress(table + ((map.l2GPA.rawValue >> UInt64(12 + 9 * (level - 1))) & 0x1FF) * 8)
+            if level == leafLevel {
+                var value: UInt64 = 0
+                if !map.permissions.isEmpty || !isEPT {
+                    let bits = isEPT ? 6 << 3 | map.permissions.eptBits : map.permissions.nptBits
+                    value = bits == 0 ? 0 : map.l1GPA.rawValue | bits | (leafLevel > 1 ? 0x80 : 0)
+                }
+                return try l1Store(value, at: entry)
+            }
+            var value = vm.memory.hostPage(entry.frame)!.bytes.load(fromByteOffset: Int(entry.pageOffset), as: UInt64.self)
+            let present = isEPT ? value & 7 != 0 : value & 1 != 0
+            if !present || value & 0x80 != 0 {
+                // A new table (replacing a large leaf there, if any), every right in its entry.
+                value = try kernel.allocateTable().rawValue | 0x7
+                try l1Store(value, at: entry)
+            }
+            table = value & bitRange(12, 51)
+            guard table < GuestKernel.tablePoolEnd else {
+                throw RunFailure.badScenario(line: currentLine, message:
+                    "ept-map: L1's table at \(hex(table)) is outside the kernel's table pool below 16 MiB")
+            }
+            level -= 1
+        }
+    }
+
+    private func l1Store(_ value: UInt64, at entry: GuestPhysicalAddress) throws {
+        let outcome = try guestAccess(GuestKernel.linearAddress(of: entry, in: registers.mode), Access(.write, .supervisor),
+                                      size: 8, value: value)
+        guard case .completed = outcome.result else {
+            throw RunFailure.badScenario(line: currentLine, message:
+                "L1's store to its table entry at \(entry) did not complete: " + RunReport.outcomeText(outcome.result))
+        }
+    }
+
+    /// `vmenter`: L1's EPTP (or nCR3) with the scenario's settings; L2 runs with its paging off.
+    private func enterL2() throws {
+        guard let setting = nestedSetting else { return }
+        let paging: L1NestedPaging
+        switch setting {
+        case .ept(let levels, let ad, let executeOnly):
+            guard vm.tdp?.masks.isEPT == true else {
+                throw RunFailure.badScenario(line: currentLine, message: "vmenter: `l1 ept` needs L1 under EPT (run with --mmu tdp)")
+            }
+            paging = .ept(EPTPointer(root: try nestedRoot().rawValue, levels: levels, accessedDirty: ad),
+                          capabilities: EPTCapabilities(executeOnly: executeOnly, pages1GiB: scenario.cpuModel.supports1GiBPages,
+                                                        maxPhysicalAddressBits: scenario.cpuModel.maxPhysicalAddressBits))
+        case .npt(let levels):
+            guard let tdp = vm.tdp, !tdp.masks.isEPT else {
+                throw RunFailure.badScenario(line: currentLine, message: "vmenter: `l1 npt` needs L1 under NPT (run with --mmu npt)")
+            }
+            guard registers.mode.rootLevel == levels else {
+                throw RunFailure.badScenario(line: currentLine, message:
+                    "vmenter: L1's NPT is walked in L1's paging mode, \(registers.mode.displayName), not \(levels)-level")
+            }
+            paging = .npt(nestedCR3: try nestedRoot().rawValue)
+        }
+        try vcpu.enterL2(paging, registers: PagingRegisters())
+    }
+
+    /// An `access` of L2's, checked against the architecture's nested walk, the auditors after it.
+    private func l2Access(_ kind: AccessKind, _ gva: GuestVirtualAddress, cpl: Int, value: UInt64) throws {
+        let access = Access(kind, cpl == 3 ? .user : .supervisor)
+        let outcome = try vcpu.accessL2(gva, access, value: value)
+        try vcpu.checkL2(outcome, at: gva, access, expected: try vcpu.architecturalL2(gva, access))
+        l2Checks += 1
+        if let problem = vm.audit().first {
+            finish()
+            throw RunFailure.brokenInvariant(line: currentLine, message: problem, partial: report)
+        }
+        let result: AccessResult
+        var exit: NestedVMExit?
+        switch outcome.result {
+        case .completed(let gpa, _, let value): result = .completed(gpa: gpa, value: value)
+        case .pageFault(let errorCode, let cr2): result = .pageFault(errorCode: errorCode, cr2: cr2)
+        case .generalProtection: result = .generalProtection
+        case .mmio(let l1GPA, let value): result = .mmio(gpa: l1GPA, value: value)
+        case .exitToL1(let reflected):
+            exit = reflected
+            result = .completed(gpa: reflected.address, value: 0)
+        }
+        record(kind == .fetch ? "exec" : kind == .write ? "write" : "read", cpl: cpl, gva: gva,
+               outcome: AccessOutcome(result: result, exits: outcome.exits, emulated: outcome.emulated), inL2: true, exit: exit)
+        // L1 takes the exit and resumes L2 as it was (a scenario stays in L2 until `vmexit`).
+        if exit != nil { try enterL2() }
     }
 
     /// The value of an `expect` line's counter now: a KVM statistic counted from the start of the
@@ -657,9 +785,10 @@ public final class ScenarioRunner {
         }
     }
 
-    private func record(_ operation: String, cpl: Int, gva: GuestVirtualAddress, outcome: AccessOutcome) {
+    private func record(_ operation: String, cpl: Int, gva: GuestVirtualAddress, outcome: AccessOutcome, inL2: Bool = false,
+                        exit: NestedVMExit? = nil) {
         var access = AccessRecord(index: operationIndex, line: currentLine, operation: operation, cpl: cpl, gva: gva,
-                                  outcome: outcome)
+                                  outcome: outcome, inL2: inL2, exitToL1: exit)
         if tracesEvents {
             access.events = vm.mmu.events.events.filter { $0.sequence >= firstEventOfDirective }
             // The ring keeps the last events; take them out so each operation costs only its own.

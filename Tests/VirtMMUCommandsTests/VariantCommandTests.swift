@@ -13,7 +13,7 @@ func compareCommand(_ arguments: [String], input: String = "") throws -> RunComm
 }
 
 let exampleFiles: [String] = (try? FileManager.default.contentsOfDirectory(atPath: examplesDirectory.path))?
-    .filter { $0.hasSuffix(".vmm") }.sorted().map { examplesDirectory.appendingPathComponent($0).path } ?? []
+    .filter { $0.hasSuffix(".vmm") && !isNestedExample($0) }.sorted().map { examplesDirectory.appendingPathComponent($0).path } ?? []
 
 @Suite struct VariantCommandTests {
     static let variants = MMUVariant.allCases

@@ -27,12 +27,30 @@ private let preludeLines = 3
 struct ScenarioErrorTests {
     static let cases: [BadCase] = [
         // Directives
-        BadCase("frobnicate 1", line: 1, column: 1, "unknown directive 'frobnicate' (known directives: mem, cpu, set, map, access, pte, invlpg, reload-cr3, host, space, switch, invpcid, cr0, cr4, efer, cr3, zap, memslot, dirty-log, expect, vcpu, spp)"),
+        BadCase("frobnicate 1", line: 1, column: 1, "unknown directive 'frobnicate' (known directives: mem, cpu, set, map, access, pte, invlpg, reload-cr3, host, space, switch, invpcid, cr0, cr4, efer, cr3, zap, memslot, dirty-log, expect, vcpu, spp, l1, ept-map, vmenter, vmexit, invept)"),
         BadCase("  maps 0x1000", line: 1, column: 3, "unknown directive 'maps'"),
         BadCase("reload-cr3 now", line: 1, column: 12, "reload-cr3: unexpected 'now'"),
         BadCase("invlpg", line: 1, column: 1, "invlpg: missing GVA (usage: invlpg GVA)"),
         BadCase("invlpg 0x1000 0x2000", line: 1, column: 15, "unexpected '0x2000'"),
         BadCase("invlpg 0x1000 cpl=3", line: 1, column: 15, "invlpg: unexpected 'cpl=3' (usage: invlpg GVA)"),
+        // Nested virtualization
+        BadCase("l1 vmx", line: 1, column: 4, "l1: L1's paging for L2 is ept or npt, not 'vmx'"),
+        BadCase("l1 ept levels=3", line: 1, column: 15, "levels"),
+        BadCase("l1 ept\nl1 npt", line: 2, column: 1, "L1's paging for L2 given twice (first on line 1)"),
+        BadCase("access read 0\nl1 ept", line: 2, column: 1, "l1 must come before the first guest operation"),
+        BadCase("vmenter", line: 1, column: 1, "vmenter needs L1's paging for L2 first (`l1 ept` or `l1 npt`)"),
+        BadCase("ept-map 0 0x1000000 4k RWX", line: 1, column: 1, "ept-map needs L1's paging for L2 first"),
+        BadCase("l1 ept\nept-map 0x1000 0x1000000 2m RWX", line: 2, column: 9, "L2GPA 0x1000 is not aligned to 2m"),
+        BadCase("l1 ept\nept-map 0 0x1000000 4m RWX", line: 2, column: 21, "page size must be 4k, 2m or 1g, not '4m'"),
+        BadCase("l1 ept\nept-map 0 0x1000000 4k RWZ", line: 2, column: 24, "PERMS are letters from R W X A D (or 0 alone), not 'RWZ'"),
+        BadCase("l1 npt\ninvept single", line: 2, column: 1, "invept needs `l1 ept`"),
+        BadCase("l1 ept\ninvept local", line: 2, column: 8, "INVEPT type must be single or global, not 'local'"),
+        BadCase("l1 ept\nvmexit", line: 2, column: 1, "vmexit: the vCPU runs L1 (vmenter first)"),
+        BadCase("l1 ept\nvmenter\nvmenter", line: 3, column: 1, "vmenter is L1's: the vCPU runs L2 (vmexit first)"),
+        BadCase("l1 ept\nvmenter\nmap 0x400000 0x1000000 4k P", line: 3, column: 1, "map in L2 is not modelled"),
+        BadCase("l1 ept\nvmenter\nept-map 0 0x1000000 4k R", line: 3, column: 1, "ept-map is L1's: the vCPU runs L2"),
+        BadCase("l1 ept\nvmenter\nvcpu 1", line: 3, column: 1, "vcpu in L2 is not modelled"),
+        BadCase("l1 ept\nvmenter\nvmenter now", line: 3, column: 9, "unexpected 'now'"),
         // mem
         BadCase("mem", line: 1, "mem: missing SIZE"),
         BadCase("mem 0", line: 1, column: 5, "mem: memory size must be a positive multiple of 4 KiB, not '0'"),

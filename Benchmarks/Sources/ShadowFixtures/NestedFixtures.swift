@@ -1,8 +1,8 @@
 // An L2 4 KiB fault through shadow EPT against an L1 4 KiB fault through shadow paging, both at
 // KVM's fault handler (`MMUContext.pageFault(atL2:errorCode:)` / `pageFault(at:access:errorCode:)`):
 // the walk of L1's EPT or of the guest's own tables, `FNAME(fetch)`, the SPTE, the prefetch that
-// finds nothing to map. No vCPU around them (an L1 vCPU entering L2 is not built yet), so neither
-// figure includes the exit, the hardware walk or the retried access of `fault-4k`.
+// finds nothing to map. No vCPU around them, so neither figure includes the exit, the hardware
+// walk or the retried access of `fault-4k`; `L2FaultFixture` below measures those through the vCPU.
 //
 // Same shape on both sides: 16,384 pages under 32 last-level tables, every eighth page accessed
 // (the targets, one per group of 8, so prefetch stops at the next page), each table shadowed
@@ -10,6 +10,7 @@
 
 import GuestMemory
 import KVMMMU
+import VirtualMachine
 import X86Paging
 
 /// L1's memory: one memslot, every frame touched before the clock starts.
@@ -119,4 +120,70 @@ public func runNestedFaults(_ fixture: NestedFaultFixture, count: Int) -> Int {
         for index in 0..<count where NestedFaultFixture.fault(context, buffer[index], nested: nested) { fixed += 1 }
         return fixed
     }
+}
+
+// MARK: - L2 faults through the vCPU
+
+/// The figure the handler-level pair above leaves out: an L1 vCPU under TDP (EPT, 4 KiB pages) running L2 with its paging off over L1's 4-level EPT,
+/// which maps `pages` L2 pages (RWX) that L1 wrote before entering. Each target's first access is
+/// one EPT violation of the shadow EPT: the exit, KVM's `guest_mmu` fault, the retried access.
+public final class L2FaultFixture {
+    public let vm: VirtualMachine
+    public let vcpu: VCPU
+    public let targets: [GuestVirtualAddress]
+    static let pages = 8192
+    static let l1DataBase: UInt64 = 0x100_0000
+    static let eptBase: UInt64 = 0x80_0000
+
+    public init() {
+        var configuration = TDPMMUConfiguration.ept(capabilities: EPTCapabilities(), guestMaxPhysicalAddressBits: 46)
+        configuration.maxHugePageLevel = 1
+        vm = try! VirtualMachine(memorySize: 64 << 20, mmu: .tdp(configuration))
+        vcpu = try! vm.addVCPU(registers: PagingRegisters())
+        // L1's EPT: one table per level, 16 last-level tables, written before the first entry.
+        let memory = vm.memory
+        func store(_ value: UInt64, _ address: UInt64) {
+            memory.hostPage(GuestPhysicalAddress(address).frame)!.bytes
+                .storeBytes(of: value, toByteOffset: Int(address & 0xFFF), as: UInt64.self)
+        }
+        store((Self.eptBase + 0x1000) | 7, Self.eptBase)
+        store((Self.eptBase + 0x2000) | 7, Self.eptBase + 0x1000)
+        for page in 0..<Self.pages {
+            let table = Self.eptBase + 0x3000 + UInt64(page / 512) * 0x1000
+            if page % 512 == 0 { store(table | 7, Self.eptBase + 0x2000 + UInt64(page / 512) * 8) }
+            store((Self.l1DataBase + UInt64(page) << 12) | 6 << 3 | 7, table + UInt64(page % 512) * 8)
+        }
+        try! vcpu.enterL2(.ept(EPTPointer(root: Self.eptBase, levels: 4, accessedDirty: true), capabilities: EPTCapabilities()),
+                          registers: PagingRegisters())
+        // The first page of each last-level table builds the shadow tables above it: not a target.
+        // One target in each group of eight pages, so that KVM's prefetch maps no other target.
+        var list: [UInt64] = []
+        for page in 0..<Self.pages {
+            if page % 512 == 0 {
+                _ = try! vcpu.accessL2(GuestVirtualAddress(UInt64(page) << 12), Access(.read, .user))
+            } else if page % 8 == 4 {
+                list.append(UInt64(page) << 12)
+            }
+        }
+        var random = UInt64(0x9E37_79B9)
+        for index in stride(from: list.count - 1, to: 0, by: -1) {
+            random = random &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+            list.swapAt(index, Int(random >> 33) % (index + 1))
+        }
+        targets = list.map { GuestVirtualAddress($0) }
+    }
+}
+
+/// Each target's first L2 access, through the vCPU: exits taken, and a checksum of what completed.
+/// (`accessL2` takes the memslots' srcu and mmu_lock for write around the whole access.)
+@inline(never)
+public func runL2Faults(_ fixture: L2FaultFixture, count: Int) -> (exits: Int, checksum: UInt64) {
+    var exits = 0
+    var sum: UInt64 = 0
+    for index in 0..<count {
+        let outcome = try! fixture.vcpu.accessL2(fixture.targets[index], Access(.read, .user))
+        exits &+= outcome.exits
+        if case .completed(let gpa, _, let value) = outcome.result { sum &+= gpa.rawValue &+ value } else { sum &+= 1 << 40 }
+    }
+    return (exits, sum)
 }

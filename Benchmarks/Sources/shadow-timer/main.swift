@@ -147,6 +147,29 @@ func nestedFaults(_ name: String, nested: Bool) -> Kernel {
     }
 }
 
+/// Faults through a vCPU in batches, each on a fresh fixture (only the faults timed), each batch's
+/// exits checked by `verify`.
+func vcpuFaults<Fixture>(_ name: String, fixture make: @escaping () -> Fixture, targets: KeyPath<Fixture, Int>,
+                         run: @escaping (Fixture, Int) -> (exits: Int, checksum: UInt64),
+                         verify: @escaping (Fixture, Int, Int) -> Void) -> Kernel {
+    Kernel(name: name, defaultCount: 100_000) { count in
+        var remaining = count
+        var elapsed: UInt64 = 0
+        var checksum: UInt64 = 0
+        while remaining > 0 {
+            let fixture = make()
+            let batch = min(remaining, fixture[keyPath: targets])
+            let start = now()
+            let (exits, sum) = run(fixture, batch)
+            elapsed += now() - start
+            verify(fixture, batch, exits)
+            checksum &+= sum
+            remaining -= batch
+        }
+        return (elapsed, checksum)
+    }
+}
+
 func tlbHits(_ name: String, _ addresses: @escaping (TLBFixture) -> [GuestVirtualAddress], _ access: Access) -> Kernel {
     timed(name, count: 20_000_000) { count in
         let fixture = tlb()
@@ -228,22 +251,10 @@ let kernels: [Kernel] = [
     faults("fault-4k-prefetch8", .warmPrefetch),
     faults("fault-cold-pt", .coldPT),
     // TDP (EPT) faults of 4 KiB pages whose guest tables are mapped already.
-    Kernel(name: "tdp-fault-4k", defaultCount: 100_000) { count in
-        var remaining = count
-        var elapsed: UInt64 = 0
-        var checksum: UInt64 = 0
-        while remaining > 0 {
-            let fixture = TDPFaultFixture()
-            let batch = min(remaining, fixture.targets.count)
-            let start = now()
-            let (exits, sum) = runTDPFaults(fixture, count: batch)
-            elapsed += now() - start
-            fixture.verify(count: batch, exits: exits)
-            checksum &+= sum
-            remaining -= batch
-        }
-        return (elapsed, checksum)
-    },
+    vcpuFaults("tdp-fault-4k", fixture: TDPFaultFixture.init, targets: \.targets.count) { fixture, batch in
+        let (exits, sum) = runTDPFaults(fixture, count: batch)
+        return (exits, sum)
+    } verify: { fixture, batch, exits in fixture.verify(count: batch, exits: exits) },
     // Populating 4 GiB with 4 KiB pages (1M faults), TDP on one and two vCPU threads, and shadow
     // paging on the same guest; ns per fault.
     population("tdp-populate-4g", tdp: true),
@@ -254,6 +265,11 @@ let kernels: [Kernel] = [
     dirtyLogCollection("shadow-dirty-log-4g", tdp: false),
     // An L1 fault and an L2 fault through shadow EPT at KVM's fault handler (NestedFixtures.swift).
     nestedFaults("kvm-fault-4k", nested: false),
+    // An L2 access through the L1 vCPU whose first touch of a page exits to KVM's guest_mmu
+    // handler and is retried: the whole path, against tdp-fault-4k.
+    vcpuFaults("l2-vcpu-fault-4k", fixture: L2FaultFixture.init, targets: \.targets.count) { fixture, batch in
+        runL2Faults(fixture, count: batch)
+    } verify: { _, batch, exits in precondition(exits == batch, "L2 faults: \(exits) exits for \(batch) accesses") },
     nestedFaults("kvm-shadow-ept-fault-4k", nested: true),
     faults("fault-cold-pd-pt", .coldPD),
     // As fault-cold-pt, but guest RAM and the pool's free frames are not pre-faulted: the host

@@ -1,0 +1,141 @@
+// The nested-virtualization directives: L1's EPT or NPT for L2 (`l1`), L1's entries for L2's
+// guest-physical pages (`ept-map`), VM entry and exit (`vmenter`, `vmexit`) and INVEPT. Between
+// `vmenter` and `vmexit` the vCPU runs L2 (with its paging off: L2's linear addresses are its
+// guest-physical ones) and `access` is L2's. Grammar in ScenarioParser.swift.
+
+import X86Paging
+
+/// L1's paging for L2 (`l1 ept ...` or `l1 npt ...`).
+public enum NestedPagingSetting: Hashable, Sendable {
+    /// `l1 ept levels=4|5 ad=0|1 execonly=0|1`: the EPTP's levels and A/D enable, and whether the
+    /// EPT capabilities KVM gives L1 include execute-only pages.
+    case ept(levels: Int, accessedDirty: Bool, executeOnly: Bool)
+    /// `l1 npt levels=4|5`: L1's nested page tables, walked in L1's paging mode (which must have
+    /// as many levels).
+    case npt(levels: Int)
+
+    public var levels: Int {
+        switch self {
+        case .ept(let levels, _, _), .npt(let levels): levels
+        }
+    }
+}
+
+/// `ept-map L2GPA L1GPA 4k|2m|1g PERMS`.
+public struct EPTMapDirective: Hashable, Sendable {
+    public var l2GPA: GuestPhysicalAddress
+    public var l1GPA: GuestPhysicalAddress
+    public var pageSize: PageSize
+    public var permissions: EPTMapPermissions
+}
+
+/// `R W X A D` of an `ept-map` (in NPT terms: present and user, writable, executable, accessed,
+/// dirty).
+public struct EPTMapPermissions: OptionSet, Hashable, Sendable {
+    public let rawValue: UInt8
+    public init(rawValue: UInt8) { self.rawValue = rawValue }
+    public static let read = EPTMapPermissions(rawValue: 1)
+    public static let write = EPTMapPermissions(rawValue: 2)
+    public static let execute = EPTMapPermissions(rawValue: 4)
+    public static let accessed = EPTMapPermissions(rawValue: 8)
+    public static let dirty = EPTMapPermissions(rawValue: 16)
+
+    static let letters: [(Character, EPTMapPermissions)] = [("R", .read), ("W", .write), ("X", .execute),
+                                                            ("A", .accessed), ("D", .dirty)]
+
+    /// `RWXAD` letters in that order, or `0`.
+    public var rendered: String {
+        let text = String(Self.letters.filter { contains($0.1) }.map(\.0))
+        return text.isEmpty ? "0" : text
+    }
+
+    /// The EPT entry bits: R 0, W 1, X 2, A 8, D 9.
+    public var eptBits: UInt64 {
+        var bits = UInt64(rawValue & 7)
+        if contains(.accessed) { bits |= 1 << 8 }
+        if contains(.dirty) { bits |= 1 << 9 }
+        return bits
+    }
+
+    /// The NPT (x86) entry bits: R is P and U/S, W is R/W, no X is NX, A and D.
+    public var nptBits: UInt64 {
+        guard contains(.read) else { return 0 }
+        var bits: UInt64 = 0x5
+        if contains(.write) { bits |= 0x2 }
+        if !contains(.execute) { bits |= 1 << 63 }
+        if contains(.accessed) { bits |= 0x20 }
+        if contains(.dirty) { bits |= 0x40 }
+        return bits
+    }
+}
+
+/// INVEPT's types (`invept single|global`).
+public enum INVEPTScope: String, Hashable, Sendable {
+    case single, global
+}
+
+extension DirectiveArguments {
+    mutating func parseL1() throws(ScenarioError) -> ScenarioDirective {
+        let kindToken = try positional(["ept|npt"])[0]
+        switch asciiLowercased(kindToken.text) {
+        case "ept":
+            let options = try options(["levels", "ad", "execonly"])
+            let levels = try options["levels"].map { (token: Token) throws(ScenarioError) in Int(try number(token, what: "levels", in: 4...5)) } ?? 4
+            let ad = try options["ad"].map { (token: Token) throws(ScenarioError) in try number(token, what: "ad", in: 0...1) == 1 } ?? false
+            let executeOnly = try options["execonly"].map { (token: Token) throws(ScenarioError) in
+                try number(token, what: "execonly", in: 0...1) == 1
+            } ?? false
+            return .l1(.ept(levels: levels, accessedDirty: ad, executeOnly: executeOnly))
+        case "npt":
+            let options = try options(["levels"])
+            let levels = try options["levels"].map { (token: Token) throws(ScenarioError) in Int(try number(token, what: "levels", in: 4...5)) } ?? 4
+            return .l1(.npt(levels: levels))
+        default:
+            throw error("L1's paging for L2 is ept or npt, not '\(kindToken.text)'", at: kindToken)
+        }
+    }
+
+    mutating func parseEPTMap() throws(ScenarioError) -> ScenarioDirective {
+        let args = try positional(["L2GPA", "L1GPA", "4k|2m|1g", "PERMS"])
+        try noOptions()
+        guard case .value(let bytes) = parseSize(args[2].text), let size = PageSize(rawValue: bytes), size != .size4M else {
+            throw error("page size must be 4k, 2m or 1g, not '\(args[2].text)'", at: args[2])
+        }
+        let l2 = try number(args[0], what: "L2GPA")
+        let l1 = try number(args[1], what: "L1GPA")
+        for (value, token, what) in [(l2, args[0], "L2GPA"), (l1, args[1], "L1GPA")] {
+            guard value & (size.bytes - 1) == 0 else { throw error("\(what) \(hex(value)) is not aligned to \(size.name)", at: token) }
+            guard value < 1 << 52 else { throw error("\(what) \(hex(value)) does not fit in an entry's 52-bit address", at: token) }
+        }
+        return .eptMap(EPTMapDirective(l2GPA: GuestPhysicalAddress(l2), l1GPA: GuestPhysicalAddress(l1), pageSize: size,
+                                       permissions: try eptPermissions(args[3])))
+    }
+
+    private func eptPermissions(_ token: Token) throws(ScenarioError) -> EPTMapPermissions {
+        if token.text == "0" { return [] }
+        var permissions: EPTMapPermissions = []
+        for character in token.text.uppercased() where character != "," && character != "|" {
+            guard let (_, permission) = EPTMapPermissions.letters.first(where: { $0.0 == character }) else {
+                throw error("PERMS are letters from R W X A D (or 0 alone), not '\(token.text)'", at: token)
+            }
+            permissions.insert(permission)
+        }
+        guard !permissions.isEmpty else { throw error("PERMS are letters from R W X A D (or 0 alone), not '\(token.text)'", at: token) }
+        return permissions
+    }
+
+    mutating func parseINVEPT() throws(ScenarioError) -> ScenarioDirective {
+        let token = try positional(["single|global"])[0]
+        try noOptions()
+        guard let scope = INVEPTScope(rawValue: asciiLowercased(token.text)) else {
+            throw error("INVEPT type must be single or global, not '\(token.text)'", at: token)
+        }
+        return .invept(scope)
+    }
+
+    mutating func parseNoArguments(_ directive: ScenarioDirective) throws(ScenarioError) -> ScenarioDirective {
+        _ = try positional([])
+        try noOptions()
+        return directive
+    }
+}

@@ -1,0 +1,103 @@
+import Foundation
+import KVMMMU
+import Testing
+import VirtualMachine
+import Workloads
+import X86Paging
+
+// Nested scenarios: `l1`, `ept-map`, `vmenter`, `vmexit`, `invept`, and L2's accesses in lockstep
+// with the architecture's nested walk, reported with their exits to L1.
+
+private let nestedExample = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+    .deletingLastPathComponent().appendingPathComponent("examples/nested-ept.vmm").path
+
+@Suite("Nested scenarios: L1 under TDP running L2")
+struct NestedScenarioTests {
+    func run(_ text: String, mmu: VirtualMachineMMU = .ept()) throws -> RunReport {
+        try ScenarioRunner(scenario: try Scenario.parse(text, name: "nested"), mmu: mmu).run()
+    }
+
+    @Test("examples/nested-ept.vmm: completions, violations with their qualification, a misconfiguration, INVEPT")
+    func example() throws {
+        let report = try ScenarioRunner(scenario: try Scenario.parse(contentsOfFile: nestedExample), mmu: .ept()).run()
+        let l2 = report.accesses.filter(\.inL2)
+        #expect(l2.count == report.accesses.count)
+        let exits = l2.compactMap(\.exitToL1)
+        #expect(exits == [
+            .eptViolation(GuestPhysicalAddress(0x1008), qualification: [.dataWrite, .readable, .linearAddressValid, .finalTranslation]),
+            .eptViolation(GuestPhysicalAddress(0x2000), qualification: [.dataRead, .executable, .linearAddressValid, .finalTranslation]),
+            .eptMisconfiguration(GuestPhysicalAddress(0x3000)),
+            .eptViolation(GuestPhysicalAddress(0x40_0000), qualification: [.dataRead, .linearAddressValid, .finalTranslation]),
+        ])
+        #expect(l2[1].outcome.result == .completed(gpa: GuestPhysicalAddress(0x10), value: 0x1234))
+        #expect(l2.last?.outcome.result == .completed(gpa: GuestPhysicalAddress(0x1008), value: 2))
+        #expect(report.statsAfter.mmuPTEWrite > report.statsBefore.mmuPTEWrite, "L1's store to its shadowed EPT was tracked")
+        let json = RunReport.accessJSON(l2[2])
+        #expect(json.contains("\"gpa\":\"0x1008\""))
+        #expect(json.contains("\"l2\":true,\"exit\":\"ept_violation\",\"exit_qualification\":\"0x18a\""))
+        #expect(RunReport.accessJSON(l2[5]).contains("\"exit\":\"ept_misconfig\""))
+        // An access that completes without an exit to L1 says so as every access line does.
+        #expect(RunReport.accessJSON(l2[0]).contains("\"exit\":\"none\""))
+        #expect(!RunReport.accessJSON(l2[0]).contains("exit_qualification"))
+    }
+
+    @Test("A nested scenario needs L1 under TDP: a clear error under shadow paging and under NPT for `l1 ept`")
+    func needsTDP() throws {
+        let scenario = try Scenario.parse(contentsOfFile: nestedExample)
+        for mmu in [VirtualMachineMMU.shadow, .npt()] {
+            do {
+                _ = try ScenarioRunner(scenario: scenario, mmu: mmu).run()
+                Issue.record("ran under \(mmu.name)")
+            } catch {
+                guard case .badScenario(_, let message) = error else { Issue.record("\(error)"); continue }
+                #expect(message.contains("--mmu tdp"), "\(message)")
+            }
+        }
+    }
+
+    @Test("L1 under NPT: a #NPF exit with the error code, 5-level EPT without A/D or execute-only")
+    func nptAndFiveLevelEPT() throws {
+        let npt = try run("""
+            l1 npt levels=4
+            ept-map 0x0    0x1000000 4k RWX
+            ept-map 0x1000 0x1001000 4k RX
+            vmenter
+            access write 0x8 value=7
+            access write 0x1008 value=7
+            access exec 0x1000
+            vmexit
+            """, mmu: .npt())
+        guard case .nestedPageFault(let address, let errorCode)? = npt.accesses[1].exitToL1 else {
+            Issue.record("\(npt.accesses.map(\.exitToL1))")
+            return
+        }
+        #expect(address.rawValue == 0x1008 && errorCode.contains(.write) && errorCode.contains(.guestFinal))
+        #expect(RunReport.accessJSON(npt.accesses[1]).contains("\"exit\":\"npf\",\"exit_info1\":"))
+        #expect(npt.accesses[2].exitToL1 == nil)
+
+        let ept = try run("""
+            l1 ept levels=5 ad=0 execonly=0
+            ept-map 0x0 0x1000000 4k X
+            ept-map 0x1000 0x1001000 4k RWXAD
+            vmenter
+            access exec 0x0
+            access write 0x1000 value=3
+            access read 0x1000
+            vmexit
+            invept global
+            vmenter
+            access read 0x1000
+            """)
+        #expect(ept.accesses[0].exitToL1 == .eptMisconfiguration(GuestPhysicalAddress(0)), "execute-only without the capability")
+        #expect(ept.accesses[2].outcome.result == .completed(gpa: GuestPhysicalAddress(0x1000), value: 3))
+        #expect(ept.accesses[3].outcome.result == .completed(gpa: GuestPhysicalAddress(0x1000), value: 3))
+        #expect(ept.statsAfter.nestedRun == 3)
+    }
+
+    @Test("Nested directives render to what parses back the same")
+    func roundTrip() throws {
+        let scenario = try Scenario.parse(contentsOfFile: nestedExample)
+        let again = try Scenario.parse(scenario.render(), name: scenario.name)
+        #expect(again.directives.map(\.directive) == scenario.directives.map(\.directive))
+    }
+}
