@@ -33,7 +33,7 @@ let package = Package(
         .testTarget(name: "X86PagingTests", dependencies: ["X86Paging", "GuestMemory"]),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory", "X86Paging"]),
         .testTarget(name: "KVMMMUTests", dependencies: ["KVMMMU", "GuestMemory", "X86Paging"]),
-        .testTarget(name: "VirtualMachineTests", dependencies: ["VirtualMachine", "KVMMMU", "GuestMemory", "X86Paging"]),
+        .testTarget(name: "VirtualMachineTests", dependencies: ["VirtualMachine", "Workloads", "KVMMMU", "GuestMemory", "X86Paging"]),
         .testTarget(name: "WorkloadsTests", dependencies: ["Workloads", "VirtualMachine", "KVMMMU", "GuestMemory", "X86Paging"]),
         .testTarget(name: "VirtMMUCommandsTests", dependencies: ["VirtMMUCommands", "Workloads", "KVMMMU", "GuestMemory", "X86Paging"]),
     ]

@@ -4,6 +4,7 @@ import KVMMMU
 import Synchronization
 import Testing
 import VirtualMachine
+import Workloads
 import X86Paging
 
 // vCPUs on threads of their own under the TDP MMU and the shadow MMU, with the VMM's threads working at the same time:
@@ -87,7 +88,7 @@ struct ConcurrentVCPUStressTests {
         vmmThreads.enter()
         Thread {
             defer { vmmThreads.leave() }
-            var random = SplitMix(seed: 99)
+            var random = SeededGenerator(seed: 99)
             var round = 0
             do {
                 while !shared.stop.load(ordering: .acquiring) {
@@ -143,7 +144,7 @@ struct ConcurrentVCPUStressTests {
 
     /// One vCPU's guest code: writes to its own words of random pages, reading some back.
     static func runWriter(_ vcpu: VCPU, vcpus: Int, shared: Shared) -> [(gfn: UInt64, ticket: UInt64)] {
-        var random = SplitMix(seed: UInt64(vcpu.id) &* 7919 &+ 1)
+        var random = SeededGenerator(seed: UInt64(vcpu.id) &* 7919 &+ 1)
         var log: [(gfn: UInt64, ticket: UInt64)] = []
         var mine: [UInt64: UInt64] = [:]  // address -> the value this vCPU last wrote there
         func fail(_ message: String) { shared.failures.withLock { $0.append("vCPU \(vcpu.id): \(message)") } }
@@ -255,19 +256,6 @@ final class Collector: @unchecked Sendable {
             if page != destination[gfn] ?? zero { differing.append(gfn) }
         }
         return differing
-    }
-}
-
-/// A small deterministic generator (SplitMix64).
-struct SplitMix: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
 

@@ -2,12 +2,13 @@ import GuestMemory
 import KVMMMU
 import Testing
 import VirtualMachine
+import Workloads
 import X86Paging
 
 // An L1 vCPU under the TDP MMU entering L2: L1 writes its EPT or NPT tables and L2's tables with ordinary L1 stores, enters
 // L2, and every L2 access is checked against the architecture's nested walk over L1's memory.
 
-extension SplitMix {
+extension SeededGenerator {
     mutating func below(_ bound: Int) -> Int { Int(next() % UInt64(bound)) }
 }
 
@@ -401,7 +402,7 @@ struct NestedVCPUTests {
     func randomLockstep(npt: Bool, levels: Int, ad: Bool) throws {
         var counts: [String: Int] = [:]
         for seed in 0..<3 {
-            var random = SplitMix(seed: UInt64(seed) &* 0x9E37 &+ UInt64(levels) &+ (ad ? 7 : 0) &+ (npt ? 99 : 0))
+            var random = SeededGenerator(seed: UInt64(seed) &* 0x9E37 &+ UInt64(levels) &+ (ad ? 7 : 0) &+ (npt ? 99 : 0))
             let l1 = try L1Hypervisor(npt: npt, levels: levels)
             l1.ad = ad
             let eptRights: [UInt64] = [7, 7, 7, 7, 7, 7, 5, 3, 1, 0, 4, 2]
