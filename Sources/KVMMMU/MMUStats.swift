@@ -165,9 +165,16 @@ public struct MMUStats: Sendable, Equatable {
         return result
     }
 
+    /// The counters the VM side counts (`exits`, `insn_emulation`, `tlb_flush`, `pf_guest`,
+    /// `mmio_exits` and `nested_run` in each vCPU's `stat`, as KVM's `vcpu->stat`; the remote
+    /// flushes in the VM's).
+    public enum VCPUCounter: Sendable {
+        case exit, instructionEmulation, tlbFlush, guestFault, remoteTLBFlush, remoteTLBFlushRequest, mmioExit, nestedRun
+    }
+
     /// Counts one event of the VM side (a vCPU's exit, emulation, TLB flush, injected #PF, MMIO
-    /// exit, or a remote flush).
-    public mutating func count(_ counter: ShadowMMU.VCPUCounter) {
+    /// exit, L2 entry, or a remote flush).
+    public mutating func count(_ counter: VCPUCounter) {
         switch counter {
         case .exit: exits += 1
         case .instructionEmulation: insnEmulation += 1

@@ -115,12 +115,6 @@ public final class ShadowMMU {
         hashBuckets.joined().sorted { $0.serial < $1.serial }
     }
 
-    /// The counters the VM side counts (`exits`, `insn_emulation`, `tlb_flush`, `pf_guest` and
-    /// `mmio_exits` in each vCPU's `stat`, as KVM's `vcpu->stat`; the remote flushes in the VM's).
-    public enum VCPUCounter: Sendable {
-        case exit, instructionEmulation, tlbFlush, guestFault, remoteTLBFlush, remoteTLBFlushRequest, mmioExit, nestedRun
-    }
-
     // MARK: Finding and creating shadow pages
 
     /// `hash_64(gfn, 12)`.

@@ -389,8 +389,7 @@ extension VCPU {
         while exits <= Self.maxExitsPerAccess {
             let ept = try tdpEnterGuest(state)
             let tag = hot.pointee.rootFrame
-            if let entry = tlb.lookup(address, root: tag), tdpAllows(entry, access),
-               access.kind != .write || entry.permitsSubPageWrite(atPageOffset: address.rawValue & pageOffsetMask, size: size) {
+            if let entry = tlb.lookup(address, root: tag), allows(entry, access, at: address, size: size) {
                 let offset = address.rawValue & pageOffsetMask
                 let result = perform(hostAddress: entry.hostFrame << 12 | offset, access.kind, size: size, value: value)
                 return AccessOutcome(result: .completed(gpa: GuestPhysicalAddress(entry.guestFrame << 12 | offset), value: result),
@@ -448,20 +447,10 @@ extension VCPU {
                 } catch {
                     throw .hostMemory("\(error)")
                 }
-                switch decision {
-                case .emulate:
-                    return try emulate(address, access, size: size, value: value, exits: exits,
-                                       guestWalker: state.guestWalkerBox)
-                case .injectGuestFault(let cr2, let errorCode):
-                    return AccessOutcome(result: .pageFault(errorCode: errorCode, cr2: cr2), exits: exits, emulated: false,
-                                         tlbHit: false)
-                case .injectGeneralProtection:
-                    return AccessOutcome(result: .generalProtection, exits: exits, emulated: false, tlbHit: false)
-                case .subPageWriteExit:
-                    return AccessOutcome(result: .subPageWriteExit(gpa: subPageWriteExit(at: gpa, state)), exits: exits,
-                                         emulated: false, tlbHit: false)
-                default:
-                    continue
+                if let outcome = try ending(after: decision, address, access, size: size, value: value, exits: exits,
+                                            guestWalker: state.guestWalkerBox,
+                                            subPageWriteExit: { self.subPageWriteExit(at: gpa, state) }) {
+                    return outcome
                 }
             }
         }
@@ -496,13 +485,6 @@ extension VCPU {
         }
         srcu.unlockShared()
         faults.pmlLogged = 0
-    }
-
-    /// Whether a TLB entry lets the access through (as `allows`, for the slow path).
-    private func tdpAllows(_ entry: TLB.Entry, _ access: Access) -> Bool {
-        if access.kind == .write && !entry.dirty { return false }
-        let refused = hot.pointee.refusals >> UInt128(8 * (3 * Int(access.kind.rawValue) + Int(access.privilege.rawValue)))
-        return (UInt8(truncatingIfNeeded: refused) >> entry.permissions) & 1 == 0
     }
 
     /// The hardware's two-dimensional walk, under the MMU lock held for read (as KVM's vCPUs in

@@ -339,21 +339,7 @@ extension VirtualMachine {
                 do { try tdp.clearDirtyLog(slot: id, firstPage: first, bitmap: request) } catch { throw .memslot("\(error)") }
                 return Self.frames(in: cleared, base: slot.baseFrame.rawValue + first)
             }
-            let cleared = try withShadowMMULock { () throws(VirtualMachineError) -> [UInt64] in
-                var cleared = [UInt64](repeating: 0, count: request.count)
-                var flush = false
-                for word in 0..<request.count {
-                    let firstPage = first + UInt64(word) * 64
-                    do { cleared[word] = try memory.clearDirty(slot: id, firstPage: firstPage, mask: request[word]) } catch {
-                        throw .memslot("\(error)")
-                    }
-                    guard cleared[word] != 0 else { continue }
-                    flush = true
-                    mmu.writeProtect(base: GuestFrameNumber(slot.baseFrame.rawValue + firstPage), mask: cleared[word])
-                }
-                if flush { mmu.flushRemoteTLBs() }
-                return cleared
-            }
+            let cleared = try shadowClearDirtyLog(slot, firstPage: first, bitmap: request)
             return Self.frames(in: cleared, base: slot.baseFrame.rawValue + first)
         }
     }
@@ -377,18 +363,28 @@ extension VirtualMachine {
             guard firstPage & 63 == 0, firstPage < slot.pageCount, pages > 0,
                   firstPage + pages <= slot.pageCount || firstPage + pages - slot.pageCount < 64
             else { throw .memslot("pages \(firstPage)..<\(firstPage + pages) are not a range KVM_CLEAR_DIRTY_LOG takes in memslot \(id)") }
-            try withShadowMMULock { () throws(VirtualMachineError) in
-                var flush = false
-                for (word, requested) in bitmap.enumerated() where requested != 0 {
-                    let offset = firstPage + UInt64(word) * 64
-                    let cleared: UInt64
-                    do { cleared = try memory.clearDirty(slot: id, firstPage: offset, mask: requested) } catch { throw .memslot("\(error)") }
-                    guard cleared != 0 else { continue }
-                    flush = true
-                    mmu.writeProtect(base: GuestFrameNumber(slot.baseFrame.rawValue + offset), mask: cleared)
+            _ = try shadowClearDirtyLog(slot, firstPage: firstPage, bitmap: bitmap)
+        }
+    }
+
+    /// KVM_CLEAR_DIRTY_LOG under shadow paging, `mmu_lock` held for write: the bits of `bitmap`
+    /// that were set are cleared, their pages write-protected and the TLBs flushed if any were.
+    /// Returns the bits cleared, word by word.
+    private func shadowClearDirtyLog(_ slot: Memslot, firstPage: UInt64, bitmap: [UInt64]) throws(VirtualMachineError) -> [UInt64] {
+        try withShadowMMULock { () throws(VirtualMachineError) -> [UInt64] in
+            var cleared = [UInt64](repeating: 0, count: bitmap.count)
+            var flush = false
+            for (word, requested) in bitmap.enumerated() where requested != 0 {
+                let offset = firstPage + UInt64(word) * 64
+                do { cleared[word] = try memory.clearDirty(slot: slot.id, firstPage: offset, mask: requested) } catch {
+                    throw .memslot("\(error)")
                 }
-                if flush { mmu.flushRemoteTLBs() }
+                guard cleared[word] != 0 else { continue }
+                flush = true
+                mmu.writeProtect(base: GuestFrameNumber(slot.baseFrame.rawValue + offset), mask: cleared[word])
             }
+            if flush { mmu.flushRemoteTLBs() }
+            return cleared
         }
     }
 

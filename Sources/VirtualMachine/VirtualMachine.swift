@@ -378,7 +378,7 @@ public final class VCPU: @unchecked Sendable {
     let hot: UnsafeMutablePointer<HotState>
     /// Counts one of this vCPU's events. Out of line: see `ShadowMMU.count`.
     @inline(never)
-    func count(_ counter: ShadowMMU.VCPUCounter) { stat.count(counter) }
+    func count(_ counter: MMUStats.VCPUCounter) { stat.count(counter) }
 
     /// A bound on exits for one access: each exit must make progress.
     public static let maxExitsPerAccess = 64
@@ -755,19 +755,9 @@ public final class VCPU: @unchecked Sendable {
                 } catch {
                     throw .hostMemory("\(error)")
                 }
-                switch decision {
-                case .fixed, .spurious, .retry:
-                    continue
-                case .emulate:
-                    return try emulate(address, access, size: size, value: value, exits: exits,
-                                       guestWalker: context.guestWalkerBox)
-                case .injectGuestFault(let cr2, let errorCode):
-                    return AccessOutcome(result: .pageFault(errorCode: errorCode, cr2: cr2), exits: exits, emulated: false,
-                                         tlbHit: false)
-                case .injectGeneralProtection:
-                    return AccessOutcome(result: .generalProtection, exits: exits, emulated: false, tlbHit: false)
-                case .subPageWriteExit:
-                    throw .corruptShadowTables("the shadow MMU answered a fault with an SPP exit; SPP needs TDP with EPT")
+                if let outcome = try ending(after: decision, address, access, size: size, value: value, exits: exits,
+                                            guestWalker: context.guestWalkerBox, subPageWriteExit: nil) {
+                    return outcome
                 }
             case .generalProtection:
                 return AccessOutcome(result: .generalProtection, exits: exits, emulated: false, tlbHit: false)
@@ -778,6 +768,33 @@ public final class VCPU: @unchecked Sendable {
             }
         }
         throw .livelock(address, exits: exits)
+    }
+
+    /// How an access ends after KVM's fault handler decided `decision`, or nil when the access
+    /// retries (the fault was fixed, was spurious, or lost a race). `subPageWriteExit` gives the
+    /// address an SPP exit reports; an MMU without SPP passes nil and never decides one. The
+    /// guest's walker is read only for an emulation: reading the shadow context's costs an
+    /// exclusivity check and a retain, which no other fault should pay.
+    @inline(__always)
+    func ending(after decision: PageFaultResult, _ address: GuestVirtualAddress, _ access: Access, size: Int,
+                value: UInt64, exits: Int, guestWalker: @autoclosure () -> WalkerBox,
+                subPageWriteExit: (() -> GuestPhysicalAddress)?) throws(VirtualMachineError) -> AccessOutcome? {
+        switch decision {
+        case .fixed, .spurious, .retry:
+            return nil
+        case .emulate:
+            return try emulate(address, access, size: size, value: value, exits: exits, guestWalker: guestWalker())
+        case .injectGuestFault(let cr2, let errorCode):
+            return AccessOutcome(result: .pageFault(errorCode: errorCode, cr2: cr2), exits: exits, emulated: false, tlbHit: false)
+        case .injectGeneralProtection:
+            return AccessOutcome(result: .generalProtection, exits: exits, emulated: false, tlbHit: false)
+        case .subPageWriteExit:
+            guard let subPageWriteExit else {
+                throw .corruptShadowTables("the shadow MMU answered a fault with an SPP exit; SPP needs TDP with EPT")
+            }
+            return AccessOutcome(result: .subPageWriteExit(gpa: subPageWriteExit()), exits: exits, emulated: false,
+                                 tlbHit: false)
+        }
     }
 
     /// Out of line: reading the context's registers on the hot path would cost a cross-module
@@ -819,7 +836,7 @@ public final class VCPU: @unchecked Sendable {
     /// and every sub-page it touches writable when the entry carries SPP's bitmap (else it walks,
     /// and the walk gives the SPP exit).
     @inline(__always)
-    private func allows(_ entry: TLB.Entry, _ access: Access, at address: GuestVirtualAddress, size: Int) -> Bool {
+    func allows(_ entry: TLB.Entry, _ access: Access, at address: GuestVirtualAddress, size: Int) -> Bool {
         if access.kind == .write {
             guard entry.dirty else { return false }
             if entry.subPageWriteMask != UInt32.max
