@@ -56,4 +56,20 @@ struct TDPTLBTests {
         #expect(vcpu.invalidatePCID(.allContextsExceptGlobal, pcid: 0, address: GuestVirtualAddress(0)))
         #expect(try !read())
     }
+
+    /// The guest-physical mappings the hardware keeps for the guest's tables go with KVM's TLB
+    /// flushes: once KVM write-protects a table page again for dirty logging, the walk's next A/D
+    /// write to that table must fault and be logged, not go through a kept writable mapping.
+    @Test func tableWritesAfterAWriteProtectingCollectionAreLogged() throws {
+        try vm.setDirtyLogging(slot: 0, true)
+        let pde = GuestVirtualAddress(0x3000 + (Self.address.rawValue >> 21) * 8)  // the PD maps itself 1:1
+        _ = try vcpu.access(Self.address, .write(.supervisor), size: 8, value: 1)  // sets the PDE's A and D
+        #expect(try vm.getDirtyLog(slot: 0).contains(GuestFrameNumber(3)))
+        // The guest clears A and D in its PDE, and invalidates the translation.
+        _ = try vcpu.access(pde, .write(.supervisor), size: 8, value: (Self.address.rawValue & ~0x1F_FFFF) | 0x83)
+        vcpu.invalidatePage(Self.address)
+        #expect(try vm.getDirtyLog(slot: 0).contains(GuestFrameNumber(3)))  // the store; page 3 protected again
+        _ = try read()  // the walk sets A in the PDE again: a write to page 3
+        #expect(try vm.getDirtyLog(slot: 0).contains(GuestFrameNumber(3)))
+    }
 }
