@@ -167,6 +167,14 @@ public struct NestedMMU: Sendable {
         walker = NestedPagingWalker(guest: guest, tables: tables, rule: .alwaysWrite)
     }
 
+    /// The same over L2's walker as the vCPU holds it: in PAE paging with the PDPTE registers the
+    /// last VM entry or MOV to CR3 in L2 loaded (KVM's `kvm_pdptr_read` of the cached PDPTRs),
+    /// not what L2's PDPT holds now.
+    public init(l2Registers: PagingRegisters, loadedWalker: PageWalker, tables: NestedPagingTables) {
+        cpuRole = calcCPURole(cr0: l2Registers.cr0, cr4: l2Registers.cr4, efer: l2Registers.efer, guestMode: true)
+        walker = NestedPagingWalker(guest: loadedWalker, tables: tables, rule: .alwaysWrite)
+    }
+
     /// `gva_to_gpa` through `nested_mmu`. KVM asks L1's tables for the final address with the
     /// access plus PFERR_USER_MASK: under EPT "user" means readable, so a fetch also needs R (an
     /// execute-only page is not fetchable by the emulator), and a violation then reports a read

@@ -18,14 +18,26 @@ extension VCPU {
     public func architecturalL2(_ address: GuestVirtualAddress,
                                 _ access: Access) throws(VirtualMachineError) -> Result<NestedPagingTranslation, NestedPagingFault> {
         guard let nested else { throw .invalidAccess("vCPU \(id) has never entered L2") }
-        let guest: PageWalker
+        // L2's walker as VM entry or L2's last MOV to CR3 loaded it: in PAE paging its PDPTE
+        // registers hold what L2's PDPT had then, whatever L2 has written there since.
+        return NestedPagingWalker(guest: nested.guestWalker, tables: nested.l1Tables).translate(address, access, in: vm.memory)
+    }
+
+    /// The L1 guest-physical address L1's tables give L2's guest-physical `address` for a read,
+    /// as the architecture reads them, setting no A/D bit: how the software that owns L2's memory
+    /// (L2's kernel reading its own tables in a scenario) finds it without an access. The fault
+    /// when L1's tables refuse the read.
+    public func l1Address(ofL2Physical address: GuestPhysicalAddress) throws(VirtualMachineError) -> Result<GuestPhysicalAddress, NestedPagingFault> {
+        guard let nested else { throw .invalidAccess("vCPU \(id) has never entered L2") }
+        let pagingOff: PageWalker
         do {
-            guest = try NestedPagingWalker.guestWalker(registers: nested.registers, cpu: vm.cpu, tables: nested.l1Tables,
-                                                       memory: vm.memory)
+            pagingOff = try PageWalker(registers: PagingRegisters(), cpu: vm.cpu, memory: vm.memory)
         } catch {
-            throw .invalidAccess("the architecture cannot load L2's registers: \(error)")
+            throw .impossibleRegisters(error)
         }
-        return NestedPagingWalker(guest: guest, tables: nested.l1Tables).translate(address, access, in: vm.memory)
+        return NestedPagingWalker(guest: pagingOff, tables: nested.l1Tables)
+            .translate(GuestVirtualAddress(address.rawValue), Access(.read, .supervisor), in: vm.memory, setAccessedDirty: false)
+            .map(\.outputAddress)
     }
 
     /// Checks an L2 access's outcome against the architecture's answer `expected` (from

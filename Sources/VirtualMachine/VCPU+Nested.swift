@@ -120,10 +120,16 @@ extension VCPU {
             }
         }
         let walker: PageWalker
-        do {
-            walker = try NestedPagingWalker.guestWalker(registers: l2, cpu: vm.cpu, tables: tables, memory: vm.memory)
-        } catch {
-            throw .invalidAccess("VM entry fails loading L2's registers: \(error)")
+        if case .ept = paging, let nested, nested.registers == l2, nested.guestWalker.registers == l2 {
+            // Under EPT the exit stored L2's PDPTE registers in vmcs12 and this entry loads them
+            // from there, not from L2's PDPT (a resume with L2's registers as they were).
+            walker = nested.guestWalker
+        } else {
+            do {
+                walker = try NestedPagingWalker.guestWalker(registers: l2, cpu: vm.cpu, tables: tables, memory: vm.memory)
+            } catch {
+                throw .invalidAccess("VM entry fails loading L2's registers: \(error)")
+            }
         }
         let state = try vm.withShadowMMULock { () throws(VirtualMachineError) -> NestedVCPUState in
             try moveGuestMMU(to: paging, l1: l1, tables: tables, l2Walker: walker, tdpState)
@@ -208,6 +214,44 @@ extension VCPU {
         guard let nested else { return false }
         guard case .ept = nested.paging else { return false }
         return vm.withShadowMMULock { nested.guestMMU.invalidateEPT(type) }
+    }
+
+    /// A MOV to CR0/CR3/CR4 or WRMSR to EFER in L2 (L1 exits on none of them: EPT without CR-load
+    /// exiting, CR0/CR4 owned by L2, EFER not intercepted), so KVM is not involved: the hardware
+    /// takes L2's new registers and, in PAE paging, loads L2's PDPTEs through L1's tables. A load
+    /// L1's tables refuse is the exit this returns: the instruction does not complete, L2's
+    /// registers stay, and the vCPU runs L1. Registers the processor refuses (#GP) are the caller's
+    /// check (`PagingRegisters.transitionFault`); they throw here only when no walker takes them.
+    /// `noFlush` is a MOV to CR3's bit 63 (which needs L2's CR4.PCIDE).
+    public func setL2Registers(_ new: PagingRegisters, noFlush: Bool = false) throws(VirtualMachineError) -> NestedVMExit? {
+        if noFlush && !new.cr4.contains(.pcidEnable) { throw .invalidAccess("MOV to CR3 with bit 63 (no flush) needs CR4.PCIDE") }
+        guard let nested, nested.inL2 else { throw .invalidAccess("vCPU \(id) runs no L2 (vmenter first)") }
+        let walker: PageWalker
+        do {
+            walker = try NestedPagingWalker.guestWalker(registers: new, cpu: vm.cpu, tables: nested.l1Tables, memory: vm.memory)
+        } catch {
+            switch error {
+            case .registers(let error):
+                throw .impossibleRegisters(error)
+            case .pdpteLoad(let fault):
+                guard let exit = NestedVMExit(fault) else {
+                    throw .invalidAccess("L2's PDPTE load at CR3 \(GuestPhysicalAddress(new.cr3)) leads outside L1's memory: \(fault)")
+                }
+                try exitToL1()
+                return exit
+            }
+        }
+        nested.registers = new
+        nested.guestWalker = walker
+        nested.hardware = nil
+        return nil
+    }
+
+    /// INVLPG in L2 (L1 does not intercept it under EPT, and KVM is not involved). L2's
+    /// translations are cached nowhere in the model (no L2 TLB: every L2 access walks), so there
+    /// is nothing it could drop; it is checked to come from L2.
+    public func invalidateL2Page(_ address: GuestVirtualAddress) throws(VirtualMachineError) {
+        guard let nested, nested.inL2 else { throw .invalidAccess("vCPU \(id) runs no L2 (vmenter first)") }
     }
 
     /// `guest_mmu`, once L1 has entered L2.
@@ -339,12 +383,7 @@ extension VCPU {
     private func emulateL2(_ address: GuestVirtualAddress, _ access: Access, size: Int, value: UInt64, exits: Int,
                            _ nested: NestedVCPUState) throws(VirtualMachineError) -> L2AccessOutcome {
         count(.instructionEmulation)
-        let nestedMMU: NestedMMU
-        do {
-            nestedMMU = try NestedMMU(l2Registers: nested.registers, cpu: vm.cpu, tables: nested.l1Tables, memory: vm.memory)
-        } catch {
-            throw .invalidAccess("KVM's emulator cannot walk L2's tables: \(error)")
-        }
+        let nestedMMU = NestedMMU(l2Registers: nested.registers, loadedWalker: nested.guestWalker, tables: nested.l1Tables)
         switch nestedMMU.translate(address, access, in: vm.memory) {
         case .translated(let gpa, let l1GPA):
             guard let slot = vm.memory.slot(containing: l1GPA.frame), !(access.kind == .write && slot.flags.contains(.readOnly)) else {
@@ -370,6 +409,19 @@ extension VCPU {
             return L2AccessOutcome(result: .exitToL1(exit), exits: exits, emulated: true, exitGuestLevel: nil)
         case .noMemory(let l1Address):
             throw .invalidAccess("L1's tables for L2 lead outside L1's memory at \(l1Address)")
+        }
+    }
+}
+
+extension NestedVMExit {
+    /// The exit to L1 the architecture's nested fault makes (none for L2's own faults or missing
+    /// memory).
+    init?(_ fault: NestedPagingFault) {
+        switch fault {
+        case .eptViolation(let site, let qualification): self = .eptViolation(site.address, qualification: qualification)
+        case .eptMisconfiguration(let site): self = .eptMisconfiguration(site.address)
+        case .nestedPageFault(let site, let errorCode): self = .nestedPageFault(site.address, errorCode: errorCode)
+        case .guest, .noMemory: return nil
         }
     }
 }

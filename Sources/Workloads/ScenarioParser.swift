@@ -64,7 +64,8 @@
 //   - `pkru` fits in 32 bits; every other number in 64;
 //   - `l1` comes before the first guest operation, at most once; `ept-map`, `vmenter` and `invept`
 //     need it (`invept` with `l1 ept`); `vmenter` only from L1, `vmexit` only in L2; in L2 only
-//     `access`, `vmexit` and `expect` (L2 runs with its paging off).
+//     `set`, `map`, `pte`, `access`, `invlpg`, `space`, `switch`, `reload-cr3`, `expect` and `vmexit`, which act
+//     on L2 (its registers followed apart from L1's, from paging off at its first entry).
 // A `map` GPA need not lie inside `mem` (an unbacked GPA is a scenario's way to reach MMIO), nor below
 // MAXPHYADDR (address bits above it are reserved bits a scenario may want to set); `map ... 1g` is
 // accepted with `cpu gbpages=0` for the same reason (the PS bit is then reserved).
@@ -134,13 +135,30 @@ struct ScenarioState: Sendable {
     /// L1's paging for L2 and the line that gave it.
     var nested: (setting: NestedPagingSetting, line: Int)?
     /// Whether the lines run in L2 (after `vmenter`, until `vmexit`).
-    var inL2 = false
+    var inL2: Bool { suspendedL1 != nil }
+    /// While the lines run in L2: L1's registers, settings and spaces (`registers`, `controls` and
+    /// `spaces` are then L2's).
+    var suspendedL1: GuestLevelLines?
+    /// Each vCPU's L2 as its lines left it, while L1 runs (vmcs12 keeps L2's registers across
+    /// exits; an L2 starts with its paging off).
+    var l2Levels: [Int: GuestLevelLines] = [:]
 
     /// The mode whose tables `map` and `pte` edit: the one the registers select, or with paging off
     /// the one they prepare.
     var mode: PagingMode { registers.modeWithPagingOn }
     /// The mode accesses run in (`.disabled` with paging off: linear addresses are physical).
     var runningMode: PagingMode { registers.mode }
+}
+
+/// What the lines so far left of one guest level (L1, or an L2).
+struct GuestLevelLines: Sendable {
+    var registers: PagingRegisters
+    var controls: ControlState
+    var spaces: Set<String>
+
+    /// An L2 at its first entry: paging off, the default settings for the mode a `set paging=`
+    /// chooses, only the kernel space.
+    static let newL2 = GuestLevelLines(registers: PagingRegisters(), controls: .defaults, spaces: [Scenario.kernelSpace])
 }
 
 /// One whitespace-separated word of a line.
@@ -316,9 +334,15 @@ struct ScenarioParser {
             if state.firstOperation != nil { throw tooLate("l1") }
             state.nested = (setting, line)
         case .vmenter:
-            state.inL2 = true
+            state.suspendedL1 = GuestLevelLines(registers: state.registers, controls: state.controls, spaces: state.spaces)
+            let l2 = state.l2Levels[state.currentVCPU] ?? .newL2
+            (state.registers, state.controls, state.spaces) = (l2.registers, l2.controls, l2.spaces)
         case .vmexit:
-            state.inL2 = false
+            state.l2Levels[state.currentVCPU] = GuestLevelLines(registers: state.registers, controls: state.controls,
+                                                                spaces: state.spaces)
+            let l1 = state.suspendedL1!
+            (state.registers, state.controls, state.spaces) = (l1.registers, l1.controls, l1.spaces)
+            state.suspendedL1 = nil
         case .map, .access, .pte, .invlpg, .reloadCR3, .invpcid, .zap, .memslot, .dirtyLog, .expect, .subPageProtection, .eptMap,
              .invept:
             break
@@ -344,10 +368,10 @@ struct ScenarioParser {
             if case .invept = directive, case .npt = nested.setting { throw fail("invept needs `l1 ept` (L1 gives L2 NPT)") }
         case .vmexit:
             if !state.inL2 { throw fail("vmexit: the vCPU runs L1 (vmenter first)") }
-        case .access, .expect:
-            break
+        case .access, .expect, .set, .map, .pte, .invlpg, .space, .switchSpace, .reloadCR3:
+            break  // L1's, or L2's between `vmenter` and `vmexit`
         default:
-            if state.inL2 { throw fail("\(directive.name) in L2 is not modelled (L2 runs with its paging off; docs/NESTED.md): vmexit first") }
+            if state.inL2 { throw fail("\(directive.name) in L2 is not modelled (docs/NESTED.md): vmexit first") }
         }
     }
 

@@ -47,7 +47,7 @@ struct ScenarioErrorTests {
         BadCase("l1 ept\ninvept local", line: 2, column: 8, "INVEPT type must be single or global, not 'local'"),
         BadCase("l1 ept\nvmexit", line: 2, column: 1, "vmexit: the vCPU runs L1 (vmenter first)"),
         BadCase("l1 ept\nvmenter\nvmenter", line: 3, column: 1, "vmenter is L1's: the vCPU runs L2 (vmexit first)"),
-        BadCase("l1 ept\nvmenter\nmap 0x400000 0x1000000 4k P", line: 3, column: 1, "map in L2 is not modelled"),
+        BadCase("l1 ept\nvmenter\ncr3 0x1000", line: 3, column: 1, "cr3 in L2 is not modelled"),
         BadCase("l1 ept\nvmenter\nept-map 0 0x1000000 4k R", line: 3, column: 1, "ept-map is L1's: the vCPU runs L2"),
         BadCase("l1 ept\nvmenter\nvcpu 1", line: 3, column: 1, "vcpu in L2 is not modelled"),
         BadCase("l1 ept\nvmenter\nvmenter now", line: 3, column: 9, "unexpected 'now'"),
