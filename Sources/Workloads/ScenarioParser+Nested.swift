@@ -3,6 +3,7 @@
 // `vmenter` and `vmexit` the vCPU runs L2 (with its paging off: L2's linear addresses are its
 // guest-physical ones) and `access` is L2's. Grammar in ScenarioParser.swift.
 
+import VirtualMachine
 import X86Paging
 
 /// L1's paging for L2 (`l1 ept ...` or `l1 npt ...`).
@@ -133,9 +134,42 @@ extension DirectiveArguments {
         return .invept(scope)
     }
 
+    mutating func parseVMEnter() throws(ScenarioError) -> ScenarioDirective {
+        _ = try positional([])
+        let options = try options(["vpid"])
+        // VPID 0 with "enable VPID" is a VM entry its checks refuse: parsed, refused by the run.
+        let vpid = try options["vpid"].map { (token: Token) throws(ScenarioError) in UInt16(try number(token, what: "vpid", in: 0...0xFFFF)) }
+        return .vmenter(vpid: vpid)
+    }
+
+    mutating func parseINVVPID() throws(ScenarioError) -> ScenarioDirective {
+        let names = ["individual|single|all|single-globals", "VPID", "GVA"]
+        let args = try positional(Array(names.prefix(min(max(tokens.count, 1), 3))))
+        try noOptions()
+        let word = asciiLowercased(args[0].text)
+        guard let type = INVVPIDType.allCases.first(where: { $0.scenarioName == word || "\($0.rawValue)" == word }) else {
+            throw error("INVVPID type must be individual, single, all or single-globals (or 0...3), not '\(args[0].text)'", at: args[0])
+        }
+        let vpid = args.count > 1 ? UInt16(try number(args[1], what: "VPID", in: 0...0xFFFF)) : 0
+        let gva = args.count > 2 ? try number(args[2], what: "GVA") : 0
+        return .invvpid(type, vpid: vpid, gva: GuestVirtualAddress(gva))
+    }
+
     mutating func parseNoArguments(_ directive: ScenarioDirective) throws(ScenarioError) -> ScenarioDirective {
         _ = try positional([])
         try noOptions()
         return directive
+    }
+}
+
+extension INVVPIDType {
+    /// The type's name in the scenario language.
+    public var scenarioName: String {
+        switch self {
+        case .individualAddress: "individual"
+        case .singleContext: "single"
+        case .allContexts: "all"
+        case .singleContextRetainingGlobals: "single-globals"
+        }
     }
 }

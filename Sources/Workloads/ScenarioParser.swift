@@ -28,7 +28,8 @@
 //   spp set GFN MASK | spp get GFN                  sub-page write permissions (--mmu tdp; MASK 32 bits)
 //   l1 ept [levels=4|5] [ad=0|1] [execonly=0|1] | l1 npt [levels=4|5]   L1's paging for L2 (TDP runs)
 //   ept-map L2GPA L1GPA 4k|2m|1g PERMS              L1 writes its entry (PERMS: letters of RWXAD, or 0)
-//   vmenter | vmexit | invept single|global         L1 enters L2, L2 exits, L1's INVEPT
+//   vmenter [vpid=N] | vmexit | invept single|global   L1 enters L2 (with VPID N), L2 exits, L1's INVEPT
+//   invvpid individual|single|all|single-globals [VPID] [GVA]   L1's INVVPID (VPID and GVA default to 0)
 //
 //   NUMBER  decimal or 0x-hexadecimal, `_` allowed between digits, at most 2^64-1
 //   SIZE    NUMBER with an optional K, M or G suffix (x1024, x1024^2, x1024^3)
@@ -235,12 +236,14 @@ struct ScenarioParser {
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseL1() }),
         DirectiveSpec(name: "ept-map", usage: "ept-map L2GPA L1GPA 4k|2m|1g PERMS (letters of R W X A D, or 0)",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseEPTMap() }),
-        DirectiveSpec(name: "vmenter", usage: "vmenter",
-                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseNoArguments(.vmenter) }),
+        DirectiveSpec(name: "vmenter", usage: "vmenter [vpid=N]",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseVMEnter() }),
         DirectiveSpec(name: "vmexit", usage: "vmexit",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseNoArguments(.vmexit) }),
         DirectiveSpec(name: "invept", usage: "invept single|global",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseINVEPT() }),
+        DirectiveSpec(name: "invvpid", usage: "invvpid individual|single|all|single-globals [VPID] [GVA]",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseINVVPID() }),
     ]
 
     static let tableByName: [String: DirectiveSpec] = Dictionary(uniqueKeysWithValues: table.map { ($0.name, $0) })
@@ -344,7 +347,7 @@ struct ScenarioParser {
             (state.registers, state.controls, state.spaces) = (l1.registers, l1.controls, l1.spaces)
             state.suspendedL1 = nil
         case .map, .access, .pte, .invlpg, .reloadCR3, .invpcid, .zap, .memslot, .dirtyLog, .expect, .subPageProtection, .eptMap,
-             .invept:
+             .invept, .invvpid:
             break
         }
         if directive.isGuestOperation && state.firstOperation == nil { state.firstOperation = (line, directive.name) }
@@ -362,10 +365,16 @@ struct ScenarioParser {
         switch directive {
         case .l1:
             if let previous = state.nested { throw fail("L1's paging for L2 given twice (first on line \(previous.line))") }
-        case .eptMap, .vmenter, .invept:
+        case .eptMap, .vmenter, .invept, .invvpid:
             guard let nested = state.nested else { throw fail("\(directive.name) needs L1's paging for L2 first (`l1 ept` or `l1 npt`)") }
             if state.inL2 { throw fail("\(directive.name) is L1's: the vCPU runs L2 (vmexit first)") }
-            if case .invept = directive, case .npt = nested.setting { throw fail("invept needs `l1 ept` (L1 gives L2 NPT)") }
+            if case .npt = nested.setting {
+                switch directive {
+                case .invept, .invvpid: throw fail("\(directive.name) needs `l1 ept` (L1 gives L2 NPT)")
+                case .vmenter(let vpid?) where vpid != 0: throw fail("vpid= needs `l1 ept` (VPID is VMX's; L1 gives L2 NPT)")
+                default: break
+                }
+            }
         case .vmexit:
             if !state.inL2 { throw fail("vmexit: the vCPU runs L1 (vmenter first)") }
         case .access, .expect, .set, .map, .pte, .invlpg, .space, .switchSpace, .reloadCR3:

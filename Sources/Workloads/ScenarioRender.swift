@@ -141,8 +141,10 @@ extension ScenarioDirective {
         case .eptMap(let map):
             return ["ept-map", hex(map.l2GPA.rawValue), hex(map.l1GPA.rawValue), map.pageSize.name, map.permissions.rendered]
                 .joined(separator: " ")
-        case .vmenter:
-            return "vmenter"
+        case .vmenter(let vpid):
+            return "vmenter" + (vpid.map { " vpid=\($0)" } ?? "")
+        case .invvpid(let type, let vpid, let gva):
+            return "invvpid \(type.scenarioName) " + hex(vpid) + " " + hex(gva.rawValue)
         case .vmexit:
             return "vmexit"
         case .invept(let scope):

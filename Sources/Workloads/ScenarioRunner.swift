@@ -204,6 +204,8 @@ public final class ScenarioRunner {
     /// Each vCPU's L2 (by vCPU index) while L1 runs: L2's registers live on in vmcs12 across exits,
     /// and L2's kernel keeps its tables.
     private var l2Levels: [Int: GuestLevelState] = [:]
+    /// Each vCPU's vmcs12 VPID for L2 as its last `vmenter` gave it (nil: VPID not enabled).
+    private var l2VPIDs: [Int: UInt16?] = [:]
     /// Whether the directives act on L2 (the vCPU runs L2, or L1 handles an exit of L2's).
     private var directivesActOnL2: Bool { suspendedL1 != nil }
     /// L1's kernel, whichever level the directives act on.
@@ -476,12 +478,20 @@ public final class ScenarioRunner {
             nestedSetting = setting
         case .eptMap(let map):
             try writeNestedEntry(map)
-        case .vmenter:
+        case .vmenter(let vpid):
             switchLevel(toL2: true)
+            l2VPIDs[currentVCPU] = vpid
             try enterL2()
         case .vmexit:
             try vcpu.exitToL1()
+            noteL2Transition()
             switchLevel(toL2: false)
+        case .invvpid(let type, let vpid, let gva):
+            guard try vcpu.invalidateVPID(type, vpid: vpid, address: gva) else {
+                throw RunFailure.badScenario(line: currentLine, message:
+                    "invvpid \(type.scenarioName) VPID \(hex(vpid)) GVA \(gva) fails (VMfailValid, invalid operand): "
+                    + "VPID 0 names no L2 context, and the individual address must be canonical")
+            }
         case .invept(let scope):
             guard case .ept(let levels, let ad, _) = nestedSetting else { return }
             try vcpu.invalidateEPT(scope == .global ? .allContexts
@@ -598,7 +608,14 @@ public final class ScenarioRunner {
             }
             paging = .npt(nestedCR3: try nestedRoot().rawValue)
         }
-        try vcpu.enterL2(paging, registers: registers)
+        try vcpu.enterL2(paging, registers: registers, vpid: l2VPIDs[currentVCPU] ?? nil)
+        noteL2Transition()
+    }
+
+    /// A VM entry or exit: without VPID for L2, the architecture flushes VPID 0, which is L1's
+    /// too, so the reference drops what L1 may still use from its TLB.
+    private func noteL2Transition() {
+        if vcpu.l2SharesL1TLBTag { reference.invalidatePCID(.allContextsIncludingGlobal, pcid: 0, address: GuestVirtualAddress(0)) }
     }
 
     /// `vmenter` and `vmexit` as the directives see them: the registers, settings, kernel and
@@ -723,7 +740,8 @@ public final class ScenarioRunner {
     private func checkedL2Access(_ gva: GuestVirtualAddress, _ access: Access, size: Int,
                                  value: UInt64) throws -> (AccessOutcome, NestedVMExit?) {
         let outcome = try vcpu.accessL2(gva, access, size: size, value: value)
-        try vcpu.checkL2(outcome, at: gva, access, expected: try vcpu.architecturalL2(gva, access))
+        if outcome.result.isExit { noteL2Transition() }
+        try vcpu.checkL2(outcome, at: gva, access, expected: try vcpu.architecturalL2(gva, access, setAccessedDirty: !outcome.tlbHit))
         l2Checks += 1
         if let problem = vm.audit().first {
             finish()
@@ -740,7 +758,7 @@ public final class ScenarioRunner {
             exit = reflected
             result = .completed(gpa: reflected.address, value: 0)
         }
-        return (AccessOutcome(result: result, exits: outcome.exits, emulated: outcome.emulated), exit)
+        return (AccessOutcome(result: result, exits: outcome.exits, emulated: outcome.emulated, tlbHit: outcome.tlbHit), exit)
     }
 
     /// The value of an `expect` line's counter now: a KVM statistic counted from the start of the
@@ -793,7 +811,7 @@ public final class ScenarioRunner {
         if directivesActOnL2 {
             var new = registers
             new.cr3 = value
-            try writeL2(new, noFlush: noFlush)
+            try writeL2(new, loadsCR3: true, noFlush: noFlush)
             return
         }
         try vcpu.loadCR3(value, noFlush: noFlush)
@@ -804,8 +822,9 @@ public final class ScenarioRunner {
     /// L2's register write (a MOV to CR or WRMSR in L2, which L1 does not intercept); a PAE PDPTE
     /// load L1's tables refuse is an exit to L1 that the instruction would meet again after every
     /// resume, so the scenario stops there.
-    private func writeL2(_ new: PagingRegisters, noFlush: Bool = false) throws {
-        if let exit = try vcpu.setL2Registers(new, noFlush: noFlush) {
+    private func writeL2(_ new: PagingRegisters, loadsCR3: Bool = false, noFlush: Bool = false) throws {
+        if let exit = try vcpu.setL2Registers(new, loadsCR3: loadsCR3, noFlush: noFlush) {
+            noteL2Transition()
             try enterL2()
             throw RunFailure.badScenario(line: currentLine, message:
                 "L2's PAE PDPTE load for CR3 \(GuestPhysicalAddress(new.cr3 & 0xFFFF_FFE0)): " + RunReport.exitText(exit)
