@@ -145,8 +145,9 @@ public enum NestedWalkOutcome: Hashable, Sendable {
     case injectGuestFault(errorCode: PageFaultErrorCode)
     /// L2's own #GP (a non-canonical address).
     case injectGeneralProtection
-    /// A nested fault: KVM's `inject_page_fault` of `guest_mmu` exits to L1.
-    case exit(NestedVMExit)
+    /// A nested fault: KVM's `inject_page_fault` of `guest_mmu` exits to L1; met at the level of
+    /// L2's entry being read (0: the final translation).
+    case exit(NestedVMExit, guestLevel: Int)
     /// L1's tables lead outside L1's memory (KVM: the hva lookup fails and the walk errors out;
     /// nothing in L1 can be mapped there).
     case noMemory(GuestPhysicalAddress)
@@ -186,7 +187,7 @@ public struct NestedMMU: Sendable {
             if case .ept = walker.tables, access.kind == .fetch, translation.nestedPermissions & ACC.user == 0 {
                 var qualification = qualificationOfFinal(translation.nestedPermissions)
                 qualification.formUnion([.dataRead, .instructionFetch, .linearAddressValid, .finalTranslation])
-                return .exit(.eptViolation(translation.guest.physicalAddress, qualification: qualification))
+                return .exit(.eptViolation(translation.guest.physicalAddress, qualification: qualification), guestLevel: 0)
             }
             return .translated(guest: translation.guest.physicalAddress, l1: translation.outputAddress)
         case .failure(let fault):
@@ -214,11 +215,11 @@ public struct NestedMMU: Sendable {
         case .eptViolation(let site, var qualification):
             // The final access carries PFERR_USER too: a read beside whatever the access was.
             if site.isFinal { qualification.insert(.dataRead) }
-            return .exit(.eptViolation(site.address, qualification: qualification))
+            return .exit(.eptViolation(site.address, qualification: qualification), guestLevel: site.guestLevel)
         case .eptMisconfiguration(let site):
-            return .exit(.eptMisconfiguration(site.address))
+            return .exit(.eptMisconfiguration(site.address), guestLevel: site.guestLevel)
         case .nestedPageFault(let site, let errorCode):
-            return .exit(.nestedPageFault(site.address, errorCode: errorCode))
+            return .exit(.nestedPageFault(site.address, errorCode: errorCode), guestLevel: site.guestLevel)
         }
     }
 }

@@ -608,8 +608,8 @@ extension VCPU {
             return L2AccessOutcome(result: .pageFault(errorCode: errorCode, cr2: address), exits: exits, emulated: true)
         case .injectGeneralProtection:
             return L2AccessOutcome(result: .generalProtection, exits: exits, emulated: true)
-        case .exit(let exit):
-            return L2AccessOutcome(result: .exitToL1(exit), exits: exits, emulated: true, exitGuestLevel: nil)
+        case .exit(let exit, let guestLevel):
+            return L2AccessOutcome(result: .exitToL1(exit), exits: exits, emulated: true, exitGuestLevel: guestLevel)
         case .noMemory(let l1Address):
             throw .invalidAccess("L1's tables for L2 lead outside L1's memory at \(l1Address)")
         }
