@@ -77,7 +77,7 @@ public final class L2TLB {
 
     /// Drops the entries matching `shouldDrop`.
     @inline(__always)
-    private func invalidate(where shouldDrop: (Entry) -> Bool) {
+    func invalidate(where shouldDrop: (Entry) -> Bool) {
         for index in 0..<capacity where entries[index].valid && shouldDrop(entries[index]) { entries[index].valid = false }
     }
 
@@ -101,6 +101,20 @@ public final class L2TLB {
     public func invalidate(_ address: GuestVirtualAddress, vpid: L2HardwareVPID, pcid: UInt16?) {
         let page = address.rawValue >> 12
         invalidate { $0.page == page && $0.vpid == vpid && (pcid == nil || $0.isGlobal || $0.pcid == pcid) }
+    }
+
+    /// INVPCID of `type` in L2 for one VPID, every root (SDM vol. 2, INVPCID).
+    public func invalidatePCID(_ type: INVPCIDType, pcid: UInt16, address: GuestVirtualAddress, vpid: L2HardwareVPID) {
+        let page = address.rawValue >> 12
+        invalidate { entry in
+            guard entry.vpid == vpid else { return false }
+            switch type {
+            case .individualAddress: return entry.page == page && entry.pcid == pcid && !entry.isGlobal
+            case .singleContext: return entry.pcid == pcid && !entry.isGlobal
+            case .allContextsIncludingGlobal: return true
+            case .allContextsExceptGlobal: return !entry.isGlobal
+            }
+        }
     }
 
     /// The valid entries, for reports and tests.

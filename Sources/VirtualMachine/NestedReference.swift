@@ -190,6 +190,20 @@ final class L2CachedTranslations {
         }
     }
 
+    /// INVPCID in L2, for the current VPID (every EP4TA).
+    func invalidatePCID(_ type: INVPCIDType, pcid: UInt16, address: GuestVirtualAddress, vpid: UInt16) {
+        let page = address.rawValue >> 12
+        drop { key, cached in
+            guard key.vpid == vpid else { return false }
+            switch type {
+            case .individualAddress: return key.page == page && key.pcid == pcid && !cached.isGlobal
+            case .singleContext: return key.pcid == pcid && !cached.isGlobal
+            case .allContextsIncludingGlobal: return true
+            case .allContextsExceptGlobal: return !cached.isGlobal
+            }
+        }
+    }
+
     /// INVEPT single-context: the combined mappings of the EP4TA, every VPID and PCID.
     func drop(eptRoot: UInt64) { drop { key, _ in key.eptRoot == eptRoot } }
 

@@ -395,6 +395,14 @@ extension VCPU {
         nested.cachedReference.invalidatePage(address, vpid: nested.architecturalVPID, pcid: nested.registers.pcid)
     }
 
+    /// INVPCID in L2 ("enable INVPCID" set, INVLPG exiting clear: no exit, the hardware's), for
+    /// L2's current VPID. The caller has checked the operand (`PagingRegisters.invpcidFaults`).
+    public func invalidateL2PCID(_ type: INVPCIDType, pcid: UInt16, address: GuestVirtualAddress) throws(VirtualMachineError) {
+        guard let nested, nested.inL2 else { throw .invalidAccess("vCPU \(id) runs no L2 (vmenter first)") }
+        nested.tlb.invalidatePCID(type, pcid: pcid, address: address, vpid: hardwareVPID(nested))
+        nested.cachedReference.invalidatePCID(type, pcid: pcid, address: address, vpid: nested.architecturalVPID)
+    }
+
     /// `guest_mmu`, once L1 has entered L2.
     public var guestMMU: MMUContext? { nested?.guestMMU }
 

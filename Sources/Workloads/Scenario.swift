@@ -128,13 +128,14 @@ public enum ScenarioDirective: Hashable, Sendable {
     case l1(NestedPagingSetting)
     /// `ept-map L2GPA L1GPA 4k|2m|1g PERMS`: L1 writes its entry for an L2 page with L1 stores.
     case eptMap(EPTMapDirective)
-    /// `vmenter [vpid=N]`: L1 enters L2 (VMLAUNCH/VMRESUME, VMRUN), with VPID `vpid` in vmcs12
-    /// ("enable VPID" set) or without VPID (nil).
-    case vmenter(vpid: UInt16?)
+    /// `vmenter [vpid=N] [guest=N]`: L1 enters L2 guest `guest` (VMLAUNCH/VMRESUME, VMRUN: its
+    /// EPTP or nCR3, its registers), with VPID `vpid` in vmcs12 ("enable VPID" set) or without
+    /// VPID (nil).
+    case vmenter(vpid: UInt16?, guest: Int)
     /// `vmexit`: L2 exits to L1.
     case vmexit
-    /// `invept single|global`: L1's INVEPT of its EPTP, or of every EPTP.
-    case invept(INVEPTScope)
+    /// `invept single [guest=N]|global`: L1's INVEPT of guest `guest`'s EPTP, or of every EPTP.
+    case invept(INVEPTScope, guest: Int)
     /// `invvpid individual|single|all|single-globals [VPID] [GVA]`: L1's INVVPID.
     case invvpid(INVVPIDType, vpid: UInt16, gva: GuestVirtualAddress)
 

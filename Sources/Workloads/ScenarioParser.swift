@@ -27,8 +27,9 @@
 //   vcpu N                                          later guest operations run on vCPU N (0...63)
 //   spp set GFN MASK | spp get GFN                  sub-page write permissions (--mmu tdp; MASK 32 bits)
 //   l1 ept [levels=4|5] [ad=0|1] [execonly=0|1] | l1 npt [levels=4|5]   L1's paging for L2 (TDP runs)
-//   ept-map L2GPA L1GPA 4k|2m|1g PERMS              L1 writes its entry (PERMS: letters of RWXAD, or 0)
-//   vmenter [vpid=N] | vmexit | invept single|global   L1 enters L2 (with VPID N), L2 exits, L1's INVEPT
+//   ept-map L2GPA L1GPA 4k|2m|1g PERMS [guest=N]    L1 writes its entry for guest N (PERMS: letters of RWXAD, or 0)
+//   vmenter [vpid=N] [guest=N] | vmexit            L1 enters L2 guest N (with VPID N), L2 exits
+//   invept single [guest=N] | invept global         L1's INVEPT of guest N's EPTP, or of all
 //   invvpid individual|single|all|single-globals [VPID] [GVA]   L1's INVVPID (VPID and GVA default to 0)
 //
 //   NUMBER  decimal or 0x-hexadecimal, `_` allowed between digits, at most 2^64-1
@@ -65,7 +66,7 @@
 //   - `pkru` fits in 32 bits; every other number in 64;
 //   - `l1` comes before the first guest operation, at most once; `ept-map`, `vmenter` and `invept`
 //     need it (`invept` with `l1 ept`); `vmenter` only from L1, `vmexit` only in L2; in L2 only
-//     `set`, `map`, `pte`, `access`, `invlpg`, `space`, `switch`, `reload-cr3`, `expect` and `vmexit`, which act
+//     `set`, `map`, `pte`, `access`, `invlpg`, `invpcid`, `space`, `switch`, `reload-cr3`, `expect` and `vmexit`, which act
 //     on L2 (its registers followed apart from L1's, from paging off at its first entry).
 // A `map` GPA need not lie inside `mem` (an unbacked GPA is a scenario's way to reach MMIO), nor below
 // MAXPHYADDR (address bits above it are reserved bits a scenario may want to set); `map ... 1g` is
@@ -140,9 +141,11 @@ struct ScenarioState: Sendable {
     /// While the lines run in L2: L1's registers, settings and spaces (`registers`, `controls` and
     /// `spaces` are then L2's).
     var suspendedL1: GuestLevelLines?
-    /// Each vCPU's L2 as its lines left it, while L1 runs (vmcs12 keeps L2's registers across
-    /// exits; an L2 starts with its paging off).
+    /// Each vCPU's L2 guests as their lines left them, by `vCPU * 16 + guest`, while L1 runs
+    /// (vmcs12 keeps L2's registers across exits; an L2 starts with its paging off).
     var l2Levels: [Int: GuestLevelLines] = [:]
+    /// The L2 guest the lines run in (`vmenter guest=`).
+    var currentGuest = 0
 
     /// The mode whose tables `map` and `pte` edit: the one the registers select, or with paging off
     /// the one they prepare.
@@ -336,13 +339,14 @@ struct ScenarioParser {
         case .l1(let setting):
             if state.firstOperation != nil { throw tooLate("l1") }
             state.nested = (setting, line)
-        case .vmenter:
+        case .vmenter(_, let guest):
             state.suspendedL1 = GuestLevelLines(registers: state.registers, controls: state.controls, spaces: state.spaces)
-            let l2 = state.l2Levels[state.currentVCPU] ?? .newL2
+            state.currentGuest = guest
+            let l2 = state.l2Levels[state.currentVCPU * 16 + guest] ?? .newL2
             (state.registers, state.controls, state.spaces) = (l2.registers, l2.controls, l2.spaces)
         case .vmexit:
-            state.l2Levels[state.currentVCPU] = GuestLevelLines(registers: state.registers, controls: state.controls,
-                                                                spaces: state.spaces)
+            state.l2Levels[state.currentVCPU * 16 + state.currentGuest] = GuestLevelLines(
+                registers: state.registers, controls: state.controls, spaces: state.spaces)
             let l1 = state.suspendedL1!
             (state.registers, state.controls, state.spaces) = (l1.registers, l1.controls, l1.spaces)
             state.suspendedL1 = nil
@@ -371,13 +375,13 @@ struct ScenarioParser {
             if case .npt = nested.setting {
                 switch directive {
                 case .invept, .invvpid: throw fail("\(directive.name) needs `l1 ept` (L1 gives L2 NPT)")
-                case .vmenter(let vpid?) where vpid != 0: throw fail("vpid= needs `l1 ept` (VPID is VMX's; L1 gives L2 NPT)")
+                case .vmenter(let vpid?, _) where vpid != 0: throw fail("vpid= needs `l1 ept` (VPID is VMX's; L1 gives L2 NPT)")
                 default: break
                 }
             }
         case .vmexit:
             if !state.inL2 { throw fail("vmexit: the vCPU runs L1 (vmenter first)") }
-        case .access, .expect, .set, .map, .pte, .invlpg, .space, .switchSpace, .reloadCR3:
+        case .access, .expect, .set, .map, .pte, .invlpg, .space, .switchSpace, .reloadCR3, .invpcid:
             break  // L1's, or L2's between `vmenter` and `vmexit`
         default:
             if state.inL2 { throw fail("\(directive.name) in L2 is not modelled (docs/NESTED.md): vmexit first") }

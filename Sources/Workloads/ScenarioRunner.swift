@@ -201,8 +201,8 @@ public final class ScenarioRunner {
     }
     /// L1's while the directives act on L2.
     private var suspendedL1: GuestLevelState?
-    /// Each vCPU's L2 (by vCPU index) while L1 runs: L2's registers live on in vmcs12 across exits,
-    /// and L2's kernel keeps its tables.
+    /// Each vCPU's L2 guests (by `vCPU * 16 + guest`) while L1 runs: L2's registers live on in
+    /// vmcs12 across exits, and L2's kernel keeps its tables.
     private var l2Levels: [Int: GuestLevelState] = [:]
     /// Each vCPU's vmcs12 VPID for L2 as its last `vmenter` gave it (nil: VPID not enabled).
     private var l2VPIDs: [Int: UInt16?] = [:]
@@ -210,7 +210,10 @@ public final class ScenarioRunner {
     private var directivesActOnL2: Bool { suspendedL1 != nil }
     /// L1's kernel, whichever level the directives act on.
     private var l1Kernel: GuestKernel { suspendedL1.map { $0.kernel! } ?? kernel }
-    private var nestedRootTable: GuestPhysicalAddress?
+    /// By L2 guest (`guest=`): L1's EPT or NPT root table for it.
+    private var nestedRootTables: [Int: GuestPhysicalAddress] = [:]
+    /// The L2 guest the vCPU runs or last ran (`vmenter guest=`).
+    private var currentL2Guest = 0
     private var l2Checks = 0
 
     /// Whether to keep the MMU events (KVM's tracepoints) each operation causes.
@@ -478,7 +481,8 @@ public final class ScenarioRunner {
             nestedSetting = setting
         case .eptMap(let map):
             try writeNestedEntry(map)
-        case .vmenter(let vpid):
+        case .vmenter(let vpid, let guest):
+            currentL2Guest = guest
             switchLevel(toL2: true)
             l2VPIDs[currentVCPU] = vpid
             try enterL2()
@@ -492,10 +496,10 @@ public final class ScenarioRunner {
                     "invvpid \(type.scenarioName) VPID \(hex(vpid)) GVA \(gva) fails (VMfailValid, invalid operand): "
                     + "VPID 0 names no L2 context, and the individual address must be canonical")
             }
-        case .invept(let scope):
+        case .invept(let scope, let guest):
             guard case .ept(let levels, let ad, _) = nestedSetting else { return }
             try vcpu.invalidateEPT(scope == .global ? .allContexts
-                : .singleContext(EPTPointer(root: try nestedRoot().rawValue, levels: levels, accessedDirty: ad)))
+                : .singleContext(EPTPointer(root: try nestedRoot(guest: guest).rawValue, levels: levels, accessedDirty: ad)))
         case .subPageProtection(let request):
             try apply(request)
         }
@@ -535,10 +539,10 @@ public final class ScenarioRunner {
     // MARK: L1 and L2
 
     /// L1's EPT or NPT root table, from the kernel's table pool (its window reaches it).
-    private func nestedRoot() throws -> GuestPhysicalAddress {
-        if let nestedRootTable { return nestedRootTable }
+    private func nestedRoot(guest: Int) throws -> GuestPhysicalAddress {
+        if let root = nestedRootTables[guest] { return root }
         let root = try l1Kernel.allocateTable()
-        nestedRootTable = root
+        nestedRootTables[guest] = root
         return root
     }
 
@@ -547,7 +551,7 @@ public final class ScenarioRunner {
         guard let setting = nestedSetting else { return }
         let isEPT = if case .ept = setting { true } else { false }
         let leafLevel = map.pageSize.leafLevel
-        var table = try nestedRoot().rawValue
+        var table = try nestedRoot(guest: map.guest).rawValue
         var level = setting.levels
         while true {
             let entry = GuestPhysicalAddress(table + ((map.l2GPA.rawValue >> UInt64(12 + 9 * (level - 1))) & 0x1FF) * 8)
@@ -594,7 +598,7 @@ public final class ScenarioRunner {
             guard vm.tdp?.masks.isEPT == true else {
                 throw RunFailure.badScenario(line: currentLine, message: "vmenter: `l1 ept` needs L1 under EPT (run with --mmu tdp)")
             }
-            paging = .ept(EPTPointer(root: try nestedRoot().rawValue, levels: levels, accessedDirty: ad),
+            paging = .ept(EPTPointer(root: try nestedRoot(guest: currentL2Guest).rawValue, levels: levels, accessedDirty: ad),
                           capabilities: EPTCapabilities(executeOnly: executeOnly, pages1GiB: scenario.cpuModel.supports1GiBPages,
                                                         maxPhysicalAddressBits: scenario.cpuModel.maxPhysicalAddressBits))
         case .npt(let levels):
@@ -606,7 +610,7 @@ public final class ScenarioRunner {
                 throw RunFailure.badScenario(line: currentLine, message:
                     "vmenter: L1's NPT is walked in L1's paging mode, \(l1Mode.displayName), not \(levels)-level")
             }
-            paging = .npt(nestedCR3: try nestedRoot().rawValue)
+            paging = .npt(nestedCR3: try nestedRoot(guest: currentL2Guest).rawValue)
         }
         try vcpu.enterL2(paging, registers: registers, vpid: l2VPIDs[currentVCPU] ?? nil)
         noteL2Transition()
@@ -623,12 +627,13 @@ public final class ScenarioRunner {
     private func switchLevel(toL2: Bool) {
         let current = GuestLevelState(controls: controls, registers: registers, kernel: kernel, loadedSpace: loadedSpace)
         let next: GuestLevelState
+        let key = currentVCPU * 16 + currentL2Guest
         if toL2 {
             suspendedL1 = current
-            next = l2Levels[currentVCPU]
+            next = l2Levels[key]
                 ?? GuestLevelState(controls: .defaults, registers: PagingRegisters(), kernel: nil, loadedSpace: Scenario.kernelSpace)
         } else {
-            l2Levels[currentVCPU] = current
+            l2Levels[key] = current
             next = suspendedL1!
             suspendedL1 = nil
         }
@@ -666,6 +671,12 @@ public final class ScenarioRunner {
             try vcpu.invalidateL2Page(gva)
         case .reloadCR3:
             try loadCR3(registers.cr3, noFlush: false)
+        case .invpcid(let type, let pcid, let gva):
+            if registers.invpcidFaults(type, pcid: pcid, address: gva) {
+                record("invpcid", cpl: 0, gva: gva, outcome: AccessOutcome(result: .generalProtection), inL2: true)
+            } else {
+                try vcpu.invalidateL2PCID(type, pcid: UInt16(pcid), address: gva)
+            }
         case .space(let name):
             try l2Kernel(mode: registers.modeWithPagingOn).selectSpace(name)
         case .switchSpace(let name, let pcid, let noFlush):
