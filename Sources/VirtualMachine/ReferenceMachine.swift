@@ -51,14 +51,14 @@ public final class ReferenceMachine {
     static let speculativeGroup: UInt64 = 8
     private var cached: [UInt64: [Cached]] = [:]
     /// An older value of a last-level entry, and the PCIDs that may still hold its translation.
-    struct StaleLeaf {
+    struct StaleLeaf: PCIDTagged {
         var value: UInt64
         var pcids: Set<UInt16>
     }
     /// By entry GPA: older values of last-level entries whose translations may still be cached.
     private var staleLeaves: [UInt64: [StaleLeaf]] = [:]
     /// An older value of a non-leaf entry that the paging-structure caches may still hold.
-    struct StaleTableEntry {
+    struct StaleTableEntry: PCIDTagged {
         var value: UInt64
         var level: Int
         var pcids: Set<UInt16>
@@ -439,16 +439,21 @@ public final class ReferenceMachine {
     /// Drops what the paging-structure caches may hold for `pcid` (every PCID when nil): they have
     /// no global entries.
     private func dropStaleTableEntries(pcid: UInt16?) {
-        guard !staleTableEntries.isEmpty else { return }
+        Self.forget(pcid: pcid, in: &staleTableEntries)
+    }
+
+    /// Older entry values no PCID may use any more go; `pcid` nil forgets them all.
+    private static func forget<Older: PCIDTagged>(pcid: UInt16?, in olderValues: inout [UInt64: [Older]]) {
+        guard !olderValues.isEmpty else { return }
         guard let pcid else {
-            staleTableEntries.removeAll()
+            olderValues.removeAll()
             return
         }
-        for (entry, list) in staleTableEntries {
+        for (entry, list) in olderValues {
             var kept = list
             for index in kept.indices { kept[index].pcids.remove(pcid) }
             kept.removeAll { $0.pcids.isEmpty }
-            staleTableEntries[entry] = kept.isEmpty ? nil : kept
+            olderValues[entry] = kept.isEmpty ? nil : kept
         }
     }
 
@@ -518,16 +523,7 @@ public final class ReferenceMachine {
 
     /// Forgets older last-level values for `pcid` (every PCID when nil).
     private func dropStaleLeaves(pcid: UInt16?) {
-        guard let pcid else {
-            staleLeaves.removeAll()
-            return
-        }
-        for (entry, list) in staleLeaves {
-            var kept = list
-            for index in kept.indices { kept[index].pcids.remove(pcid) }
-            kept.removeAll { $0.pcids.isEmpty }
-            staleLeaves[entry] = kept.isEmpty ? nil : kept
-        }
+        Self.forget(pcid: pcid, in: &staleLeaves)
     }
 
     /// INVPCID of `type` for `pcid` (and `address`, for an individual-address invalidation).
@@ -610,6 +606,11 @@ public final class ReferenceMachine {
         dropStaleLeaves(pcid: pcid)
         dropStaleTableEntries(pcid: pcid)
     }
+}
+
+/// An older entry value with the PCIDs that may still use it.
+private protocol PCIDTagged {
+    var pcids: Set<UInt16> { get set }
 }
 
 /// Guest memory with one entry reading as an older value: the memory a walk through a
