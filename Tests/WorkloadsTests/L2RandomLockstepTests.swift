@@ -149,25 +149,41 @@ struct RandomL2Scenario {
 struct L2RandomLockstepTests {
     @Test("Random L2 paging over random L1 EPT maps, with INVLPG, MOV to CR3, INVVPID and INVEPT", arguments: 0..<24)
     func ept(seed: Int) throws {
-        try runRandom(seed: UInt64(seed), npt: false)
+        try runRandomL2Scenario(seed: UInt64(seed), npt: false)
     }
 
     @Test("Random L2 paging over random L1 NPT maps", arguments: 0..<8)
     func npt(seed: Int) throws {
-        try runRandom(seed: UInt64(1000 + seed), npt: true)
+        try runRandomL2Scenario(seed: UInt64(1000 + seed), npt: true)
+    }
+}
+
+/// Many more seeds, only with VIRTMMU_EXHAUSTIVE=1 (CI: `--filter Exhaustive` in release).
+@Suite("Exhaustive random L2 lockstep", .enabled(if: RandomLockstep.exhaustive))
+struct ExhaustiveRandomL2LockstepTests {
+    @Test("Exhaustive random L2 seed under EPT", arguments: 100..<400)
+    func ept(seed: Int) throws {
+        try runRandomL2Scenario(seed: UInt64(seed), npt: false)
     }
 
-    func runRandom(seed: UInt64, npt: Bool) throws {
-        var generator = RandomL2Scenario(seed: seed, npt: npt)
-        let text = generator.generate()
-        let scenario = try Scenario.parse(text, name: "random-l2-\(seed)")
-        do {
-            let report = try ScenarioRunner(scenario: scenario, mmu: npt ? .npt() : .ept()).run()
-            #expect(report.lockstepChecks > 50)
-            #expect(report.accesses.contains { $0.inL2 && $0.exitToL1 != nil } || report.accesses.contains { $0.outcome.tlbHit },
-                    "the run reached KVM's exits or the L2 TLB")
-        } catch {
-            Issue.record("seed \(seed): \(error)\n\(text)")
-        }
+    @Test("Exhaustive random L2 seed under NPT", arguments: 2000..<2100)
+    func npt(seed: Int) throws {
+        try runRandomL2Scenario(seed: UInt64(seed), npt: true)
+    }
+}
+
+/// Runs one random L2 scenario; a disagreement, broken invariant or bad scenario is an issue that
+/// names the seed and shows the scenario.
+func runRandomL2Scenario(seed: UInt64, npt: Bool) throws {
+    var generator = RandomL2Scenario(seed: seed, npt: npt)
+    let text = generator.generate()
+    let scenario = try Scenario.parse(text, name: "random-l2-\(seed)")
+    do {
+        let report = try ScenarioRunner(scenario: scenario, mmu: npt ? .npt() : .ept()).run()
+        #expect(report.lockstepChecks > 50)
+        #expect(report.accesses.contains { $0.inL2 && $0.exitToL1 != nil } || report.accesses.contains { $0.outcome.tlbHit },
+                "the run reached KVM's exits or the L2 TLB")
+    } catch {
+        Issue.record("seed \(seed): \(error)\n\(text)")
     }
 }
