@@ -313,11 +313,25 @@ struct GuestWalkOutcome {
 
 extension WalkerBox {
     /// The guest's walk under TDP, its tables read through the TDP tables, with the walker borrowed
-    /// in place (see `WalkerBox`).
+    /// in place (see `WalkerBox`). In IA-32e paging it starts, where it can, from the TLB's
+    /// PDE-cache entry for the address (`TLB.PageDirectoryCacheEntry`), reading only the PTE, and a
+    /// walk that reached a PTE with A set in every entry above it leaves such an entry.
     @inline(never)
     func walkTwoDimensional(_ address: GuestVirtualAddress, _ access: Access, in memory: TwoDimensionalMemory,
-                            fault: inout WalkFaultSummary) -> GuestWalkOutcome {
-        let translation = walker.translate(address, access, in: memory, setAccessedDirty: true, sink: &fault)
+                            tag: UInt64, fault: inout WalkFaultSummary) -> GuestWalkOutcome {
+        let translation: Translation
+        let cachesPageDirectories = walker.mode.isLongMode
+        let guestRoot = walker.registers.cr3
+        if cachesPageDirectories,
+           let cached = memory.tlb.lookupPageDirectory(address, root: tag, guestRoot: guestRoot) {
+            translation = walker.translate(address, access, in: memory, resumingAt: cached.pageTable, level: 1,
+                                           permissions: cached.permissions, setAccessedDirty: true, sink: &fault)
+        } else {
+            translation = walker.translate(address, access, in: memory, setAccessedDirty: true, sink: &fault)
+            if cachesPageDirectories && fault.kind == .none && translation.level == 1 {
+                cachePageDirectory(of: translation, in: memory.tlb, tag: tag, guestRoot: guestRoot)
+            }
+        }
         guard fault.kind == .none else {
             return GuestWalkOutcome(physicalAddress: translation.physicalAddress, permissions: 0, leafDirty: false,
                                     refusedEntry: nil)
@@ -342,6 +356,21 @@ extension WalkerBox {
             level -= 1
         }
         return outcome
+    }
+
+    /// The PDE-cache entry a complete 4 KiB walk allows: only when every entry above the PTE has
+    /// A set (the processor caches only entries whose A it has set, SDM 4.10.3.1; an update the
+    /// TDP tables refused left it clear).
+    private func cachePageDirectory(of translation: Translation, in tlb: TLB, tag: UInt64, guestRoot: UInt64) {
+        let path = translation.path
+        var level = path.topLevel
+        while level >= 2 {
+            if path.entryValue(level: level) & 0x20 == 0 { return }
+            level -= 1
+        }
+        tlb.insertPageDirectory(translation.linearAddress, root: tag, guestRoot: guestRoot,
+                                pageTable: path.entryAddress(level: 1).rawValue & ~0xFFF,
+                                permissions: walker.combinedPermissions(of: path, downTo: 2))
     }
 }
 
@@ -527,7 +556,9 @@ extension VCPU {
                 let result = perform(hostAddress: hostAddress, access.kind, size: size, value: value)
                 return AccessOutcome(result: .completed(gpa: gpa, value: result), exits: exits, emulated: false, tlbHit: false)
             case .guestFault(let errorCode):
-                // Delivered by the hardware straight to the guest: no exit.
+                // Delivered by the hardware straight to the guest: no exit. The fault drops what
+                // the paging-structure caches held for the address.
+                tlb.invalidatePageDirectory(address, root: tag)
                 return AccessOutcome(result: .pageFault(errorCode: errorCode, cr2: address), exits: exits, emulated: false,
                                      tlbHit: false)
             case .generalProtection:
@@ -625,7 +656,8 @@ extension VCPU {
         let memory = TwoDimensionalMemory(ept: ept, pool: pool, kind: state.tableAccess, pml: state.pml, faults: faults,
                                           tlb: tlb, root: state.rootFrame)
         var walkFault = WalkFaultSummary()
-        let translation = state.guestWalkerBox.walkTwoDimensional(address, access, in: memory, fault: &walkFault)
+        let translation = state.guestWalkerBox.walkTwoDimensional(address, access, in: memory, tag: hot.pointee.rootFrame,
+                                                                  fault: &walkFault)
         switch walkFault.kind {
         case .none:
             break
