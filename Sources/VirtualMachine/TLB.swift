@@ -52,7 +52,9 @@ public final class TLB {
     /// each of those entries; dropped by every flush of the TLB entries of its tag (a flushing MOV to
     /// CR3, single-context INVPCID, a paging-mode change, KVM's flushes), by any INVLPG or
     /// individual-address INVPCID (the architecture drops the current PCID's whole paging-structure
-    /// caches there; this drops every PCID's), and by a #PF on an address it covers. Tagged, besides
+    /// caches there; this drops every PCID's), and by a #PF, an EPT violation or misconfiguration or
+    /// a #NPF of an access to an address it covers (under EPT these entries are combined mappings,
+    /// which an EPT fault for their linear address invalidates). Tagged, besides
     /// the TLB tag (TDP root and PCID), with the guest's CR3: the architecture would let a no-flush
     /// CR3 load keep using another address space's entries of the same PCID, which a processor
     /// need not do, and this one does not. The page table's guest-physical address is translated
@@ -180,6 +182,7 @@ public final class TLB {
         return entry
     }
 
+    @inline(__always)
     public func insertPageDirectory(_ address: GuestVirtualAddress, root: UInt64, guestRoot: UInt64, pageTable: UInt64,
                                     permissions: UInt8) {
         let prefix = address.rawValue >> 21
@@ -190,6 +193,7 @@ public final class TLB {
 
     /// Drops the PDE-cache entry that would translate `address` under `root` (a #PF on it: SDM
     /// 4.10.4.1, a page fault invalidates the paging-structure-cache entries for its address).
+    @inline(__always)
     public func invalidatePageDirectory(_ address: GuestVirtualAddress, root: UInt64) {
         let prefix = address.rawValue >> 21
         let index = pageDirectorySlot(prefix)

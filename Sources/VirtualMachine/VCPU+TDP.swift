@@ -309,29 +309,71 @@ struct GuestWalkOutcome {
     /// table refused writes (possible only without EPT A/D): the hardware's write there is an EPT
     /// violation.
     var refusedEntry: GuestPhysicalAddress?
+    /// A walk from CR3 that reached a PTE through entries all with A set: the page table's
+    /// guest-physical address and the upper entries' combined permissions, for a PDE-cache entry
+    /// once the access's translation completes (0: none to make).
+    var pageTable: UInt64 = 0
+    var upperPermissions: UInt8 = 0
 }
 
 extension WalkerBox {
     /// The guest's walk under TDP, its tables read through the TDP tables, with the walker borrowed
     /// in place (see `WalkerBox`). In IA-32e paging it starts, where it can, from the TLB's
-    /// PDE-cache entry for the address (`TLB.PageDirectoryCacheEntry`), reading only the PTE, and a
-    /// walk that reached a PTE with A set in every entry above it leaves such an entry.
+    /// PDE-cache entry for the address (`TLB.PageDirectoryCacheEntry`), reading only the PTE; a
+    /// walk from CR3 that reached a PTE with A set in every entry above it says what entry to make
+    /// (`GuestWalkOutcome.pageTable`), which the caller makes once the final translation went
+    /// through (an EPT fault for the address would drop it at once).
     @inline(never)
     func walkTwoDimensional(_ address: GuestVirtualAddress, _ access: Access, in memory: TwoDimensionalMemory,
                             tag: UInt64, fault: inout WalkFaultSummary) -> GuestWalkOutcome {
-        let translation: Translation
         let cachesPageDirectories = walker.mode.isLongMode
-        let guestRoot = walker.registers.cr3
         if cachesPageDirectories,
-           let cached = memory.tlb.lookupPageDirectory(address, root: tag, guestRoot: guestRoot) {
-            translation = walker.translate(address, access, in: memory, resumingAt: cached.pageTable, level: 1,
-                                           permissions: cached.permissions, setAccessedDirty: true, sink: &fault)
-        } else {
-            translation = walker.translate(address, access, in: memory, setAccessedDirty: true, sink: &fault)
-            if cachesPageDirectories && fault.kind == .none && translation.level == 1 {
-                cachePageDirectory(of: translation, in: memory.tlb, tag: tag, guestRoot: guestRoot)
+           let cached = memory.tlb.lookupPageDirectory(address, root: tag, guestRoot: walker.registers.cr3) {
+            return walkPageTable(address, access, in: memory, from: cached, fault: &fault)
+        }
+        return walkFromRoot(address, access, in: memory, cachingPageDirectory: cachesPageDirectories,
+                            fault: &fault)
+    }
+
+    // The two walks are apart, each with its own copy of the level loop: in one function the two
+    // translations' bookkeeping cost more than the cache saved.
+
+    /// The walk from CR3.
+    @inline(never)
+    private func walkFromRoot(_ address: GuestVirtualAddress, _ access: Access, in memory: TwoDimensionalMemory,
+                              cachingPageDirectory: Bool, fault: inout WalkFaultSummary) -> GuestWalkOutcome {
+        let translation = walker.translate(address, access, in: memory, setAccessedDirty: true, sink: &fault)
+        var outcome = outcome(of: translation, access, in: memory, fault: fault)
+        if cachingPageDirectory && fault.kind == .none && translation.level == 1 && outcome.refusedEntry == nil {
+            // Only entries whose A the processor has set are cached (SDM 4.10.3.1); an update the
+            // TDP tables refused left A clear.
+            let path = translation.path
+            var accessed = true
+            var level = path.topLevel
+            while level >= 2 {
+                accessed = accessed && path.entryValue(level: level) & 0x20 != 0
+                level -= 1
+            }
+            if accessed {
+                outcome.pageTable = path.entryAddress(level: 1).rawValue & ~0xFFF
+                outcome.upperPermissions = walker.combinedPermissions(of: path, downTo: 2)
             }
         }
+        return outcome
+    }
+
+    /// The walk from the page table a PDE-cache entry names.
+    @inline(never)
+    private func walkPageTable(_ address: GuestVirtualAddress, _ access: Access, in memory: TwoDimensionalMemory,
+                               from cached: TLB.PageDirectoryCacheEntry, fault: inout WalkFaultSummary) -> GuestWalkOutcome {
+        let translation = walker.translate(address, access, in: memory, resumingAt: cached.pageTable, level: 1,
+                                           permissions: cached.permissions, setAccessedDirty: true, sink: &fault)
+        return outcome(of: translation, access, in: memory, fault: fault)
+    }
+
+    @inline(__always)
+    private func outcome(of translation: Translation, _ access: Access, in memory: TwoDimensionalMemory,
+                         fault: WalkFaultSummary) -> GuestWalkOutcome {
         guard fault.kind == .none else {
             return GuestWalkOutcome(physicalAddress: translation.physicalAddress, permissions: 0, leafDirty: false,
                                     refusedEntry: nil)
@@ -356,21 +398,6 @@ extension WalkerBox {
             level -= 1
         }
         return outcome
-    }
-
-    /// The PDE-cache entry a complete 4 KiB walk allows: only when every entry above the PTE has
-    /// A set (the processor caches only entries whose A it has set, SDM 4.10.3.1; an update the
-    /// TDP tables refused left it clear).
-    private func cachePageDirectory(of translation: Translation, in tlb: TLB, tag: UInt64, guestRoot: UInt64) {
-        let path = translation.path
-        var level = path.topLevel
-        while level >= 2 {
-            if path.entryValue(level: level) & 0x20 == 0 { return }
-            level -= 1
-        }
-        tlb.insertPageDirectory(translation.linearAddress, root: tag, guestRoot: guestRoot,
-                                pageTable: path.entryAddress(level: 1).rawValue & ~0xFFF,
-                                permissions: walker.combinedPermissions(of: path, downTo: 2))
     }
 }
 
@@ -577,6 +604,9 @@ extension VCPU {
                 // and waits for the writer outside guest mode.
                 waitOutsideGuestMode(for: state.tdp.lock)
             case .exit(let gpa, let errorCode):
+                // An EPT violation or misconfiguration (a #NPF alike) also invalidates the combined
+                // mappings for the linear address whose translation faulted: its PDE-cache entry.
+                tlb.invalidatePageDirectory(address, root: tag)
                 leaveGuestMode()
                 exits += 1
                 count(.exit)
@@ -686,6 +716,10 @@ extension VCPU {
                 return checked
             }
             return tdpExit(fault, gpa: gpa, final: true)
+        }
+        if translation.pageTable != 0 {
+            tlb.insertPageDirectory(address, root: hot.pointee.rootFrame, guestRoot: state.registers.cr3,
+                                    pageTable: translation.pageTable, permissions: translation.upperPermissions)
         }
         return .translated(host: final.host, gpa: gpa, permissions: translation.permissions,
                            dirty: guestDirty && final.leafDirty && final.writable,

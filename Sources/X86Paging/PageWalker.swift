@@ -409,15 +409,19 @@ public struct PageWalker: Sendable {
 
     /// The combined permissions (ACC bits) of a walk's entries from its top down to `level`, as a
     /// paging-structure-cache entry for the table below `level` keeps them. IA-32e paging only.
-    @inlinable
+    @inlinable @inline(__always)
     public func combinedPermissions(of path: WalkPath, downTo level: Int) -> UInt8 {
-        var permissions = accessAll
+        var all = UInt64.max
+        var any: UInt64 = 0
         var current = path.topLevel
         while current >= level {
-            permissions &= long64.permissions(Entry64(rawValue: path.entryValue(level: current)))
+            let value = path.entryValue(level: current)
+            all &= value
+            any |= value
             current -= 1
         }
-        return permissions
+        // R/W and U/S AND across the levels, XD ORs: one entry with both says it for all of them.
+        return long64.permissions(Entry64(rawValue: all & ~x86NoExecuteBit | any & x86NoExecuteBit))
     }
 
     @inlinable @inline(__always)

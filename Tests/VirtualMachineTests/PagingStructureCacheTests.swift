@@ -9,8 +9,8 @@ import X86Paging
 // where it can, from the cached PDE of its 2 MiB region and reads only the PTE. These tests show the
 // cache is used (a PDE the guest rewrites without invalidating keeps being used for pages the TLB
 // never held, as the architecture allows), that every invalidation the architecture defines drops
-// it (INVLPG of any address, a flushing CR3 load, INVPCID, a paging-mode change, a #PF on the
-// address, KVM's flushes), that the cached permissions of the upper entries are enforced, and, in a
+// it (INVLPG of any address, a flushing CR3 load, INVPCID, a paging-mode change, a #PF or an EPT
+// violation of an access to the address, KVM's flushes), that the cached permissions of the upper entries are enforced, and, in a
 // seeded randomized run, that a guest which invalidates as the SDM requires always sees what a fresh
 // walk of its tables gives.
 @Suite("The TDP vCPU's paging-structure cache")
@@ -21,7 +21,9 @@ struct PagingStructureCacheTests {
     // Guest-physical layout: PML4 0x1000, PDPT 0x2000, PD 0x3000; page tables from 0x10000, one
     // per `Self.tableCount`; PD[0] maps the first 2 MiB (the tables) 1:1 with a huge page, so the
     // guest can store to its own tables. PD[regionBase + r] maps region r (2 MiB at r << 21 past
-    // `regionBase << 21`) through one of the page tables.
+    // `regionBase << 21`) through one of the page tables. PDPT[1] maps guest-physical memory 1:1
+    // at 1 GiB, so that the guest can touch a data page (EPT maps 4 KiB pages only) without any
+    // PDE cache entry.
     static let pml4: UInt64 = 0x1000
     static let pageDirectory: UInt64 = 0x3000
     static let firstTable: UInt64 = 0x10000
@@ -34,10 +36,15 @@ struct PagingStructureCacheTests {
 
     init() throws {
         let cpu = CPUModel()
-        vm = try VirtualMachine(memorySize: 32 << 20, cpu: cpu, mmu: .ept(cpu: cpu))
+        var configuration = TDPMMUConfiguration.ept(
+            capabilities: EPTCapabilities(pages1GiB: cpu.supports1GiBPages, maxPhysicalAddressBits: cpu.maxPhysicalAddressBits),
+            guestMaxPhysicalAddressBits: cpu.maxPhysicalAddressBits)
+        configuration.maxHugePageLevel = 1  // a data page is mapped in EPT only once touched
+        vm = try VirtualMachine(memorySize: 32 << 20, cpu: cpu, mmu: .tdp(configuration))
         let memory = vm.memory
         try memory.store64(0x2000 | 0x7, at: GuestPhysicalAddress(Self.pml4))
         try memory.store64(Self.pageDirectory | 0x7, at: GuestPhysicalAddress(0x2000))
+        try memory.store64(0x83, at: GuestPhysicalAddress(0x2008))  // 1 GiB: guest-physical 0 1:1
         try memory.store64(0x83, at: GuestPhysicalAddress(Self.pageDirectory))  // 0-2 MiB, supervisor
         for table in 0..<Self.tableCount {
             for index in 0..<512 {
@@ -84,10 +91,23 @@ struct PagingStructureCacheTests {
         return gpa.rawValue
     }
 
+    /// The guest touches the data page that page table `table` maps page `page` to (through its
+    /// 1 GiB map), so that EPT maps it.
+    func touch(table: Int, page: UInt64) throws {
+        let outcome = try vcpu.access(GuestVirtualAddress(1 << 30 | Self.expected(table: table, page: page)), .read(.supervisor),
+                                      size: 8)
+        guard case .completed = outcome.result else {
+            Issue.record("touching table \(table)'s page \(page): \(outcome.result)")
+            return
+        }
+    }
+
     /// Region 0 walked once (its PDE cached), then its PDE rewritten to page table 1 without any
-    /// invalidation.
+    /// invalidation; page 7's data pages under both tables are mapped in EPT.
     func cacheThenRewrite() throws {
         #expect(try gpa(page: 0) == Self.expected(table: 0, page: 0))
+        try touch(table: 0, page: 7)
+        try touch(table: 1, page: 7)
         try rewritePDE(region: 0, Self.table(1) | 0x7)
     }
 
@@ -153,6 +173,17 @@ struct PagingStructureCacheTests {
         #expect(try gpa(page: 7) == Self.expected(table: 1, page: 7))
     }
 
+    @Test func anEPTViolationDropsTheEntryForItsLinearAddress() throws {
+        try cacheThenRewrite()
+        // Page 9 under table 0 was never touched: the stale PDE leads the walk to a data page EPT
+        // does not map yet. The EPT violation invalidates the combined mappings for the linear
+        // address, its PDE-cache entry with them, so the retried walk reads the PDE as it is now.
+        try touch(table: 1, page: 9)
+        let outcome = try vcpu.access(Self.address(region: 0, page: 9), .read(.supervisor), size: 8)
+        #expect(outcome.exits >= 1)  // (a second one maps table 1 itself in EPT)
+        #expect(outcome.result == .completed(gpa: GuestPhysicalAddress(Self.expected(table: 1, page: 9)), value: 0))
+    }
+
     @Test func kvmsFlushesDropIt() throws {
         try cacheThenRewrite()
         // Turning dirty logging on write-protects the slot's SPTEs and flushes every TLB.
@@ -165,6 +196,7 @@ struct PagingStructureCacheTests {
         // user read, a supervisor write (CR0.WP) and a fetch of other pages must all fault.
         try rewritePDE(region: 1, Self.table(1) | 0x1 | 1 << 63)
         vcpu.invalidatePage(Self.address(region: 1, page: 0))
+        for page in 0..<UInt64(4) { try touch(table: 1, page: page) }
         #expect(try read(Self.address(region: 1, page: 0)) == .completed(
             gpa: GuestPhysicalAddress(Self.expected(table: 1, page: 0)), value: 0))
         let hits = vcpu.tlb.pageDirectoryCacheHits
