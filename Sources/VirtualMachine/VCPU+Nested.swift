@@ -98,7 +98,7 @@ final class NestedVCPUState {
     let cachedReference = L2CachedTranslations()
     /// The hardware's walker for L2 and the `guest_mmu` root it walks, kept while both stay (an
     /// entry, which may change L2's registers, drops it).
-    var hardware: (root: HostFrameNumber, walker: NestedPagingWalker)?
+    var hardware: L2HardwareWalker?
 
     init(paging: L1NestedPaging, registers: PagingRegisters, guestMMU: MMUContext, guestWalker: PageWalker,
          l1Tables: NestedPagingTables) {
@@ -107,6 +107,66 @@ final class NestedVCPUState {
         self.guestMMU = guestMMU
         self.guestWalker = guestWalker
         self.l1Tables = l1Tables
+    }
+}
+
+/// The hardware's walker for L2 over one `guest_mmu` root, boxed so that a walk borrows it in place:
+/// returned or kept as a value, the walker (L2's `PageWalker` and the shadow tables' walker) was
+/// copied on every access, with the reference counting of its parts.
+final class L2HardwareWalker {
+    let root: HostFrameNumber
+    let walker: NestedPagingWalker
+
+    init(root: HostFrameNumber, walker: NestedPagingWalker) {
+        self.root = root
+        self.walker = walker
+    }
+
+    /// What an L2 access's hardware walk gave, as much as `runL2` needs: small, where the walk's
+    /// `Result` carries L2's translation and faults with their walk paths, which every pattern
+    /// match copied.
+    enum Outcome {
+        /// With what the L2 TLB keeps of it: L2's combined ACC bits, whether L2's leaf is global,
+        /// and the combined ACC bits of the shadow tables' walk.
+        case translated(gpa: GuestPhysicalAddress, hostAddress: UInt64, guestPermissions: UInt8, isGlobal: Bool,
+                        nestedPermissions: UInt8)
+        case guestPageFault(PageFaultErrorCode)
+        case generalProtection
+        case noMemory
+        /// A fault of `guest_mmu`'s tables: KVM's handler with the error code it derives.
+        case exit(NestedFaultSite, PageFaultErrorCode)
+        /// A fault that names no site (never made by the walker).
+        indirect case unexpected(NestedPagingFault)
+    }
+
+    @inline(never)
+    func translate(_ address: GuestVirtualAddress, _ access: Access, in host: HostPhysicalView) -> Outcome {
+        let fault: NestedPagingFault
+        switch walker.translate(address, access, in: host) {
+        case .success(let translation):
+            return .translated(gpa: translation.guest.physicalAddress, hostAddress: translation.outputAddress.rawValue,
+                               guestPermissions: translation.guest.permissions, isGlobal: translation.guest.isGlobal,
+                               nestedPermissions: translation.nestedPermissions)
+        case .failure(.guest(.pageFault(let pageFault))):
+            return .guestPageFault(PageFaultErrorCode(rawValue: UInt64(pageFault.errorCode.architectural)))
+        case .failure(.guest(.generalProtection)), .failure(.guest(.addressTooWide)):
+            return .generalProtection
+        case .failure(.guest(.noMemory)), .failure(.noMemory):
+            return .noMemory
+        case .failure(let other):
+            fault = other
+        }
+        guard let site = fault.site else { return .unexpected(fault) }
+        switch fault {
+        case .eptViolation(_, var qualification):
+            qualification.insert(.linearAddressValid)
+            return .exit(site, TDPMMU.errorCode(forEPTViolation: qualification))
+        case .nestedPageFault(_, let code):
+            return .exit(site, code)
+        default:
+            // A misconfiguration of KVM's own shadow EPT: an MMIO SPTE.
+            return .exit(site, [.reservedBit])
+        }
     }
 }
 
@@ -451,7 +511,7 @@ extension VCPU {
                 nested.tlb.flushAll()
             }
             let hardware = try nestedHardwareWalker(nested, tdpState)
-            let root = nested.hardware!.root.rawValue
+            let root = hardware.root.rawValue
             if cachesTranslations, let entry = nested.tlb.lookup(address, root: root, vpid: vpid, pcid: pcid),
                allows(entry, access, nested) {
                 let hostAddress = entry.hostFrame << 12 | address.rawValue & pageOffsetMask
@@ -460,48 +520,36 @@ extension VCPU {
                                                           hostAddress: hostAddress, value: result),
                                        exits: exits, emulated: false, tlbHit: true)
             }
-            let fault: NestedPagingFault
+            let site: NestedFaultSite
+            let errorCode: PageFaultErrorCode
             switch hardware.translate(address, access, in: host) {
-            case .success(let translation):
-                let hostAddress = translation.outputAddress.rawValue
+            case .translated(let gpa, let hostAddress, let guestPermissions, let isGlobal, let nestedPermissions):
                 let result = perform(hostAddress: hostAddress, access.kind, size: size, value: value)
                 if cachesTranslations {
-                    nested.tlb.insert(address, root: root, vpid: vpid, pcid: pcid, isGlobal: translation.guest.isGlobal,
-                                      hostFrame: hostAddress >> 12, l2Frame: translation.guest.physicalAddress.frame.rawValue,
-                                      guestPermissions: translation.guest.permissions,
-                                      nestedKinds: Self.nestedKinds(translation.nestedPermissions, nested.paging),
-                                      dirty: access.kind == .write)
+                    nested.tlb.insert(address, root: root, vpid: vpid, pcid: pcid, isGlobal: isGlobal, hostFrame: hostAddress >> 12,
+                                      l2Frame: gpa.frame.rawValue, guestPermissions: guestPermissions,
+                                      nestedKinds: Self.nestedKinds(nestedPermissions, nested.paging), dirty: access.kind == .write)
                 }
-                return L2AccessOutcome(result: .completed(gpa: translation.guest.physicalAddress, hostAddress: hostAddress,
-                                                          value: result),
+                return L2AccessOutcome(result: .completed(gpa: gpa, hostAddress: hostAddress, value: result),
                                        exits: exits, emulated: false)
-            case .failure(.guest(.pageFault(let pageFault))):
+            case .guestPageFault(let code):
                 // A page fault invalidates the page's entries (SDM 4.10.4.1).
                 nested.tlb.invalidate(address, vpid: vpid, pcid: pcid)
-                return L2AccessOutcome(result: .pageFault(errorCode: PageFaultErrorCode(rawValue: UInt64(pageFault.errorCode.architectural)),
-                                                          cr2: address),
-                                       exits: exits, emulated: false)
-            case .failure(.guest(.generalProtection)), .failure(.guest(.addressTooWide)):
+                return L2AccessOutcome(result: .pageFault(errorCode: code, cr2: address), exits: exits, emulated: false)
+            case .generalProtection:
                 return L2AccessOutcome(result: .generalProtection, exits: exits, emulated: false)
-            case .failure(.guest(.noMemory)), .failure(.noMemory):
+            case .noMemory:
                 throw .corruptShadowTables("guest_mmu's tables lead outside host memory for \(address)")
-            case .failure(let other):
-                fault = other
+            case .unexpected(let fault):
+                exits += 1
+                count(.exit)
+                throw .corruptShadowTables("a nested fault without a site: \(fault)")
+            case .exit(let faultSite, let code):
+                site = faultSite
+                errorCode = code
             }
             exits += 1
             count(.exit)
-            guard let site = fault.site else { throw .corruptShadowTables("a nested fault without a site: \(fault)") }
-            let errorCode: PageFaultErrorCode
-            switch fault {
-            case .eptViolation(_, var qualification):
-                qualification.insert(.linearAddressValid)
-                errorCode = TDPMMU.errorCode(forEPTViolation: qualification)
-            case .nestedPageFault(_, let code):
-                errorCode = code
-            default:
-                // A misconfiguration of KVM's own shadow EPT: an MMIO SPTE.
-                errorCode = [.reservedBit]
-            }
             let decision: NestedTDPFaultResult
             do {
                 decision = try nested.guestMMU.pageFault(atL2: site.address, errorCode: errorCode)
@@ -553,7 +601,7 @@ extension VCPU {
     /// The hardware's walker for L2: L2's paging over the shadow root of `guest_mmu` (EPT with
     /// A/D as L1's EPTP has them, KVM's EPTP for L2 copying the bit; NPT in the host's depth).
     private func nestedHardwareWalker(_ nested: NestedVCPUState,
-                                      _ tdpState: TDPVCPUState) throws(VirtualMachineError) -> NestedPagingWalker {
+                                      _ tdpState: TDPVCPUState) throws(VirtualMachineError) -> L2HardwareWalker {
         let root: HardwareRoot
         do {
             // KVM_REQ_MMU_FREE_OBSOLETE_ROOTS for guest_mmu: a zap since the last access.
@@ -566,7 +614,7 @@ extension VCPU {
         } catch {
             throw .hostMemory("\(error)")
         }
-        if let hardware = nested.hardware, hardware.root == root.rootFrame { return hardware.walker }
+        if let hardware = nested.hardware, hardware.root == root.rootFrame { return hardware }
         let tables: NestedPagingTables
         do {
             switch nested.paging {
@@ -586,9 +634,9 @@ extension VCPU {
         } catch {
             throw .corruptShadowTables("the hardware refuses guest_mmu's root: \(error)")
         }
-        let walker = NestedPagingWalker(guest: nested.guestWalker, tables: tables)
-        nested.hardware = (root.rootFrame, walker)
-        return walker
+        let hardware = L2HardwareWalker(root: root.rootFrame, walker: NestedPagingWalker(guest: nested.guestWalker, tables: tables))
+        nested.hardware = hardware
+        return hardware
     }
 
     /// KVM's emulator for an L2 access (`nested_mmu`'s walk, L2 linear -> L2 physical -> L1

@@ -674,9 +674,12 @@ public final class VCPU: @unchecked Sendable {
     @inline(never)
     private func slowAccess(_ address: GuestVirtualAddress, _ access: Access, size: Int,
                             value: UInt64) throws(VirtualMachineError) -> AccessOutcome {
+        // A vCPU on its own thread is that thread's running vCPU already: two thread-specific
+        // stores an access saved.
         let wasRunning = VirtualMachine.running.vcpu
-        VirtualMachine.running.set(self)
-        defer { VirtualMachine.running.set(wasRunning) }
+        let switchesRunning = wasRunning !== self
+        if switchesRunning { VirtualMachine.running.set(self) }
+        defer { if switchesRunning { VirtualMachine.running.set(wasRunning) } }
         if tdpState == nil {
             // Under shadow paging the access's exits, and the hardware's walks of shadow tables
             // between them, run with mmu_lock held for write; the guest mode the access ends in
@@ -802,6 +805,12 @@ public final class VCPU: @unchecked Sendable {
     @inline(never)
     func tooWide(_ address: GuestVirtualAddress) -> VirtualMachineError {
         .invalidAccess("\(address) is wider than the 32-bit linear addresses of \(registers.mode.displayName)")
+    }
+
+    /// The dirty ring is soft-full. Out of line: the optimiser hoisted the ring's exclusivity check
+    /// out of the entry loop, into every access that exits.
+    var dirtyRingIsSoftFull: Bool {
+        @inline(never) get { dirtyRing?.isSoftFull == true }
     }
 
     /// KVM_REQ_DIRTY_RING_SOFT_FULL: instead of entering, the vCPU exits to the VMM, which must
