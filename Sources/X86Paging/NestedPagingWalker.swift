@@ -92,16 +92,77 @@ public struct NestedPagingTranslation: Sendable, Equatable {
     }
 }
 
+/// L1's EPT walker in a box, so that a nested walk borrows it in place (see `LentNestedTables`).
+@usableFromInline
+final class EPTTablesBox: Sendable {
+    @usableFromInline let walker: EPTWalker
+    @usableFromInline init(_ walker: EPTWalker) { self.walker = walker }
+}
+
+/// L1's NPT walker in a box (see `EPTTablesBox`).
+@usableFromInline
+final class NPTTablesBox: Sendable {
+    @usableFromInline let walker: PageWalker
+    @usableFromInline init(_ walker: PageWalker) { self.walker = walker }
+}
+
+/// L1's tables, boxed: `NestedPagingTables` as a value carries the walker itself, which every
+/// binding of its payload copied (a memcpy and the reference counting of its masks), once for each
+/// of L2's table reads and again for the final translation.
+@usableFromInline
+enum BoxedNestedTables: Sendable {
+    case ept(EPTTablesBox)
+    case npt(NPTTablesBox)
+
+    @inlinable
+    init(_ tables: NestedPagingTables) {
+        switch tables {
+        case .ept(let walker): self = .ept(EPTTablesBox(walker))
+        case .npt(let walker): self = .npt(NPTTablesBox(walker))
+        }
+    }
+
+    /// The boxes lent without counting references, for the length of a walk that holds them.
+    @inlinable
+    var lent: LentNestedTables {
+        switch self {
+        case .ept(let box): .ept(.passUnretained(box))
+        case .npt(let box): .npt(.passUnretained(box))
+        }
+    }
+}
+
+/// L1's tables lent to one walk: a trivial value, so that handing it to every table read neither
+/// copies a walker nor retains one. Valid while the `BoxedNestedTables` it came from lives.
+@usableFromInline
+enum LentNestedTables {
+    case ept(Unmanaged<EPTTablesBox>)
+    case npt(Unmanaged<NPTTablesBox>)
+
+    @inlinable var isEPT: Bool {
+        if case .ept = self { return true }
+        return false
+    }
+}
+
 /// Walks L2's linear addresses through L2's paging and L1's EPT or NPT.
 public struct NestedPagingWalker: Sendable {
     public let guest: PageWalker
-    public let tables: NestedPagingTables
+    @usableFromInline let boxedTables: BoxedNestedTables
     public let rule: GuestTableAccessRule
 
     public init(guest: PageWalker, tables: NestedPagingTables, rule: GuestTableAccessRule = .architectural) {
         self.guest = guest
-        self.tables = tables
+        self.boxedTables = BoxedNestedTables(tables)
         self.rule = rule
+    }
+
+    /// L1's tables.
+    public var tables: NestedPagingTables {
+        switch boxedTables {
+        case .ept(let box): .ept(box.walker)
+        case .npt(let box): .npt(box.walker)
+        }
     }
 
     /// L2's walker for `registers`, with PAE's PDPTE registers loaded through L1's tables as VM
@@ -112,13 +173,16 @@ public struct NestedPagingWalker: Sendable {
         var pdptes: [UInt64]?
         if registers.mode == .pae {
             var values: [UInt64] = []
+            let boxed = BoxedNestedTables(tables)
             let base = registers.cr3 & 0xFFFF_FFE0
             for index in 0..<4 {
                 let address = GuestPhysicalAddress(base + UInt64(index) * 8)
                 var fault: NestedTableFault?
-                let page = withUnsafeMutablePointer(to: &fault) { slot in
-                    NestedTableMemory(tables: tables, memory: memory, writes: false, setAccessedDirty: true,
-                                      origin: .guestPhysical, fault: slot).hostPage(address.frame)
+                let page = withExtendedLifetime(boxed) {
+                    withUnsafeMutablePointer(to: &fault) { slot in
+                        NestedTableMemory(tables: boxed.lent, memory: memory, writes: false, setAccessedDirty: true,
+                                          origin: .guestPhysical, fault: slot).hostPage(address.frame)
+                    }
                 }
                 guard let page else {
                     throw .pdpteLoad(fault?.fault(at: address, guestLevel: 3) ?? .noMemory(address))
@@ -143,11 +207,9 @@ public struct NestedPagingWalker: Sendable {
     public func translate<Memory: PhysicalMemory>(
         _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool = true
     ) -> Result<NestedPagingTranslation, NestedPagingFault> {
-        let tableWrites: Bool
-        switch (tables, rule) {
-        case (.npt, _), (.ept, .alwaysWrite): tableWrites = true
-        case (.ept, .architectural): tableWrites = false
-        }
+        // `self` holds the boxes for the whole walk.
+        let tables = boxedTables.lent
+        let tableWrites = !tables.isEPT || rule == .alwaysWrite
         var tableFault: NestedTableFault?
         let walked = withUnsafeMutablePointer(to: &tableFault) { slot in
             guest.translate(address, access,
@@ -165,10 +227,10 @@ public struct NestedPagingWalker: Sendable {
         case .failure(let fault):
             return .failure(.guest(fault))
         }
-        if setAccessedDirty && !tableWrites, let refused = refusedAccessedDirtyUpdate(translation, access, memory) {
+        if setAccessedDirty && !tableWrites, let refused = refusedAccessedDirtyUpdate(translation, access, tables, memory) {
             return .failure(refused)
         }
-        return translateFinal(translation, access, memory, setAccessedDirty: setAccessedDirty)
+        return translateFinal(translation, access, tables, memory, setAccessedDirty: setAccessedDirty)
     }
 
     /// An L2 A/D update the walk skipped because L1's EPT does not let L2's table be written: the
@@ -176,7 +238,7 @@ public struct NestedPagingWalker: Sendable {
     /// write, a read-only memslot, is skipped silently, as KVM does.)
     @inlinable
     func refusedAccessedDirtyUpdate<Memory: PhysicalMemory>(
-        _ translation: Translation, _ access: Access, _ memory: Memory
+        _ translation: Translation, _ access: Access, _ tables: LentNestedTables, _ memory: Memory
     ) -> NestedPagingFault? {
         let path = translation.path
         guard path.topLevel > 0 else { return nil }
@@ -199,25 +261,29 @@ public struct NestedPagingWalker: Sendable {
 
     @inlinable
     func translateFinal<Memory: PhysicalMemory>(
-        _ translation: Translation, _ access: Access, _ memory: Memory, setAccessedDirty: Bool
+        _ translation: Translation, _ access: Access, _ tables: LentNestedTables, _ memory: Memory, setAccessedDirty: Bool
     ) -> Result<NestedPagingTranslation, NestedPagingFault> {
         let address = translation.physicalAddress
         switch tables {
-        case .ept(let ept):
+        case .ept(let box):
             // Under mode-based execute control a fetch needs bit 10 when the linear address is a
             // user-mode one: U/S set at every level of L2's walk (with L2's paging off, the model
             // takes every address as supervisor-mode).
             let userMode = translation.level > 0 && translation.isUser
             var fault: EPTWalkFault?
-            let final = ept.translate(address, EPTAccess(access.kind, origin: .finalTranslation, userModeAddress: userMode),
-                                      in: memory, setAccessedDirty: setAccessedDirty, fault: &fault)
+            let final = box._withUnsafeGuaranteedRef {
+                $0.walker.translate(address, EPTAccess(access.kind, origin: .finalTranslation, userModeAddress: userMode),
+                                    in: memory, setAccessedDirty: setAccessedDirty, fault: &fault)
+            }
             if let fault { return .failure(NestedTableFault.ept(fault).fault(at: address, guestLevel: 0)) }
             return .success(NestedPagingTranslation(guest: translation, outputAddress: final.outputAddress,
                                                     nestedPermissions: final.permissions, nestedLevel: final.level))
-        case .npt(let npt):
+        case .npt(let box):
             var fault: WalkFault?
-            let final = npt.translate(GuestVirtualAddress(address.rawValue), Access(access.kind, .user), in: memory,
-                                      setAccessedDirty: setAccessedDirty, fault: &fault)
+            let final = box._withUnsafeGuaranteedRef {
+                $0.walker.translate(GuestVirtualAddress(address.rawValue), Access(access.kind, .user), in: memory,
+                                    setAccessedDirty: setAccessedDirty, fault: &fault)
+            }
             if let fault { return .failure(NestedTableFault.npt(fault).fault(at: address, guestLevel: 0)) }
             return .success(NestedPagingTranslation(guest: translation, outputAddress: final.physicalAddress,
                                                     nestedPermissions: final.permissions, nestedLevel: final.level))
@@ -277,7 +343,7 @@ enum NestedTableFault {
 /// kept in `fault` for the exit.
 @usableFromInline
 struct NestedTableMemory<Memory: PhysicalMemory>: PhysicalMemory {
-    @usableFromInline let tables: NestedPagingTables
+    @usableFromInline let tables: LentNestedTables
     @usableFromInline let memory: Memory
     /// Table accesses go to L1's tables as writes.
     @usableFromInline let writes: Bool
@@ -287,7 +353,7 @@ struct NestedTableMemory<Memory: PhysicalMemory>: PhysicalMemory {
     @usableFromInline let fault: UnsafeMutablePointer<NestedTableFault?>
 
     @inlinable
-    init(tables: NestedPagingTables, memory: Memory, writes: Bool, setAccessedDirty: Bool, origin: EPTAccess.Origin,
+    init(tables: LentNestedTables, memory: Memory, writes: Bool, setAccessedDirty: Bool, origin: EPTAccess.Origin,
          fault: UnsafeMutablePointer<NestedTableFault?>) {
         self.tables = tables
         self.memory = memory
@@ -314,19 +380,23 @@ struct NestedTableMemory<Memory: PhysicalMemory>: PhysicalMemory {
     func translate(_ frame: GuestFrameNumber, setAccessedDirty: Bool) -> (GuestFrameNumber, Bool)? {
         let kind: AccessKind = writes ? .write : .read
         switch tables {
-        case .ept(let ept):
+        case .ept(let box):
             var eptFault: EPTWalkFault?
-            let translation = ept.translate(frame.address, EPTAccess(kind, origin: origin), in: memory,
-                                            setAccessedDirty: setAccessedDirty, fault: &eptFault)
+            let translation = box._withUnsafeGuaranteedRef {
+                $0.walker.translate(frame.address, EPTAccess(kind, origin: origin), in: memory,
+                                    setAccessedDirty: setAccessedDirty, fault: &eptFault)
+            }
             if let eptFault {
                 fault.pointee = .ept(eptFault)
                 return nil
             }
             return (translation.outputAddress.frame, translation.isWritable)
-        case .npt(let npt):
+        case .npt(let box):
             var nptFault: WalkFault?
-            let translation = npt.translate(GuestVirtualAddress(frame.address.rawValue), Access(kind, .user), in: memory,
-                                            setAccessedDirty: setAccessedDirty, fault: &nptFault)
+            let translation = box._withUnsafeGuaranteedRef {
+                $0.walker.translate(GuestVirtualAddress(frame.address.rawValue), Access(kind, .user), in: memory,
+                                    setAccessedDirty: setAccessedDirty, fault: &nptFault)
+            }
             if let nptFault {
                 fault.pointee = .npt(nptFault)
                 return nil
