@@ -24,7 +24,7 @@ extension MMUContext {
     public convenience init(mmu: ShadowMMU, nestedEPT: NestedEPTContext, cpu: CPUModel = CPUModel()) {
         // Paging off never fails validation; the registers are unused by a shadow EPT context.
         try! self.init(mmu: mmu, registers: PagingRegisters(), cpu: cpu, variant: mmu.variant)
-        self.nestedEPT = nestedEPT
+        nestedEPTBox = NestedEPTContextBox(nestedEPT)
         cpuRole = nestedEPT.cpuRole
         rootRole = nestedEPT.rootRole
     }
@@ -33,8 +33,8 @@ extension MMUContext {
     /// new roles when the level, A/D bit or capability changed, then `kvm_mmu_new_pgd` moves to
     /// the root for the EPTP (the current one, a cached one, or a new one at the next load).
     public func loadEPTP(_ new: NestedEPTContext) {
-        precondition(nestedEPT != nil, "only guest_mmu has an EPTP")
-        nestedEPT = new
+        precondition(nestedEPTBox != nil, "only guest_mmu has an EPTP")
+        nestedEPTBox = NestedEPTContextBox(new)
         if new.cpuRole != cpuRole {
             cpuRole = new.cpuRole
             rootRole = new.rootRole
@@ -54,9 +54,9 @@ extension MMUContext {
         if errorCode.contains(.reservedBit), handleMMIOPageFault(address) { return .handled(.emulate) }
         mmu.stats.pfTaken += 1
         if shadowsNestedPageTables { return try nestedPageTableFault(at: address, errorCode: errorCode) }
-        guard let nestedEPT else { preconditionFailure("not a guest_mmu context") }
+        guard let box = nestedEPTBox else { preconditionFailure("not a guest_mmu context") }
         let walk: GuestWalk
-        switch nestedEPT.walk(gpa, errorCode: errorCode, in: mmu.memory) {
+        switch box.context.walk(gpa, errorCode: errorCode, in: mmu.memory) {
         case .success(let result): walk = result
         case .failure(let exit): return .reflect(exit)
         }

@@ -48,7 +48,10 @@ public final class MMUContext {
     @exclusivity(unchecked) public internal(set) var rootRole: PageRole
     /// For `guest_mmu`, the context of L1's EPT whose tables it shadows (MMUContext+NestedTDP.swift);
     /// nil for the MMU of the guest's own paging.
-    @exclusivity(unchecked) public internal(set) var nestedEPT: NestedEPTContext?
+    public var nestedEPT: NestedEPTContext? { nestedEPTBox?.context }
+    /// `nestedEPT` in a box, so that a fault borrows it in place: read out of a `var`, the context
+    /// (with its EPT walker) was copied at every L2 fault, with the reference counting of its parts.
+    @exclusivity(unchecked) var nestedEPTBox: NestedEPTContextBox?
     /// This context is `guest_mmu` for L1's nested page tables (SVM): its "CR3" is L1's nCR3.
     @exclusivity(unchecked) public internal(set) var shadowsNestedPageTables = false
     /// The guest-table walker for the current registers (KVM's `gva_to_gpa` / `walk_addr`).
@@ -1205,6 +1208,12 @@ extension PagingFormat {
         if dirtyBit != 0 && gpte & dirtyBit == 0 { access &= ~ACC.write }
         return (GuestFrameNumber(pageBase(entry, level: 1) >> 12), access)
     }
+}
+
+/// A `NestedEPTContext` borrowed in place (see `MMUContext.nestedEPTBox`).
+final class NestedEPTContextBox {
+    let context: NestedEPTContext
+    init(_ context: NestedEPTContext) { self.context = context }
 }
 
 /// A page walker held by reference, so that hot paths walk with it in place: a walker is a large
