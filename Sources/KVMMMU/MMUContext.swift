@@ -1053,7 +1053,7 @@ public final class MMUContext {
             }
         }
         let spte = SPTE.leaf(pfn: hostFrame, level: level, access: access, hostWritable: hostWritable, writable: writable,
-                             accessed: !prefetch || synchronizing, dirty: writable, adDisabled: page.role.adDisabled,
+                             accessed: !prefetch || synchronizing, dirty: writable, adState: mmu.leafADState(page.role),
                              masks: mmu.masks)
         if writable { _ = mmu.memory.markDirty(gfn) }
         return (spte, writeProtected)

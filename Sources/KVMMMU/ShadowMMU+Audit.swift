@@ -46,6 +46,7 @@ extension ShadowMMU {
         if stats.mmuUnsync != UInt64(unsyncPages) {
             problems.append("mmu_unsync = \(stats.mmuUnsync) but \(unsyncPages) pages are unsync")
         }
+        var dirtyLog = DirtyLogSnapshot(memory: memory, ringed: memory.dirtyRingSink != nil ? dirtyRingGFNs() : [])
         for page in pages + perVCPURootPages {
             for index in 0..<512 {
                 let pointer = page.spte(index)
@@ -65,6 +66,16 @@ extension ShadowMMU {
                     }
                     if spte.isWritable && !spte.isMMUWritable(masks) || spte.isMMUWritable(masks) && !spte.isHostWritable(masks) {
                         problems.append("\(page): SPTE \(index) breaks the writable invariants (W => MMU-writable => host-writable)")
+                    }
+                    if spte.adState != leafADState(page.role) {
+                        problems.append("\(page): SPTE \(index) has A/D type \(String(describing: spte.adState)), not KVM's \(leafADState(page.role))")
+                    }
+                    // The dirty log: a write through this SPTE must find its gfn logged already
+                    // (D clear on an A/D SPTE under PML: the write would set D and log it).
+                    let logsByD = cpuDirtyLogging && spte.adState == .enabled && !spte.isDirty(masks)
+                    if spte.isWritable && !logsByD,
+                       let unlogged = dirtyLog.unloggedGFN(from: gfn.rawValue, count: pagesPerHugePage(page.level)) {
+                        problems.append("\(page): SPTE \(index) lets the guest write gfn \(hex(unlogged)) of a dirty-logging memslot, which is not marked dirty")
                     }
                 } else {
                     guard let child = child(of: spte) else {
@@ -127,4 +138,31 @@ extension ShadowMMU {
     }
 
     private var invalidRoleBit: UInt32 { 1 << 11 }
+}
+
+/// The dirty log as the auditor reads it: each logging slot's bitmap (copied once) and, with dirty
+/// rings, the gfns pushed and not yet reset.
+private struct DirtyLogSnapshot {
+    let memory: MemslotSet
+    let ringed: Set<UInt64>
+    var bitmaps: [Int: [UInt64]] = [:]
+
+    init(memory: MemslotSet, ringed: Set<UInt64>) {
+        self.memory = memory
+        self.ringed = ringed
+    }
+
+    /// The first of `count` gfns from `first` that is in a logging slot and not logged, if any.
+    mutating func unloggedGFN(from first: UInt64, count: UInt64) -> UInt64? {
+        for gfn in first..<first + count {
+            guard let slot = memory.slot(containing: GuestFrameNumber(gfn)), slot.logsDirtyPages else { continue }
+            if ringed.contains(gfn) { continue }
+            if bitmaps[slot.id] == nil { bitmaps[slot.id] = (try? memory.dirtyBitmap(slot: slot.id)) ?? [] }
+            let page = gfn - slot.baseFrame.rawValue
+            let words = bitmaps[slot.id]!
+            if Int(page / 64) < words.count && words[Int(page / 64)] & (1 << (page % 64)) != 0 { continue }
+            return gfn
+        }
+        return nil
+    }
 }

@@ -24,6 +24,12 @@ public final class ShadowMMU {
     /// shadows (KVM's write tracking and `kvm_mmu_slot_gfn_write_protect` cover both MMUs). Its
     /// lock is the one every `guest_mmu` operation holds for write.
     public unowned(unsafe) var tdpSharingWriteTracking: TDPMMU?
+    /// The CPU logs dirty pages itself (PML, KVM's `cpu_dirty_log_size`): L2's leaves are then
+    /// made write-protect-only for dirty logging (`leafADState`).
+    @exclusivity(unchecked) public var cpuDirtyLogging = false
+    /// With dirty rings: the gfns pushed onto the vCPUs' rings and not yet reset, which the
+    /// auditor counts as logged (the VM installs it).
+    @exclusivity(unchecked) public var dirtyRingGFNs: () -> Set<UInt64> = { [] }
 
     /// The list `withUnsyncLeaves` fills, kept empty between calls for its capacity.
     @exclusivity(unchecked) var unsyncLeafBuffer: [ShadowPage] = []
@@ -307,9 +313,18 @@ public final class ShadowMMU {
     }
 
     /// Every leaf SPTE that maps `gfn`, at any level.
-    public func mappings(of gfn: GuestFrameNumber) -> [SPTEPointer] {
-        guard let frame = memory.hostFrame(of: gfn)?.rawValue else { return [] }
-        return (1...3).flatMap { rmaps.sptes(frame, level: $0) }
+    public func mappings(of gfn: GuestFrameNumber) -> [SPTEPointer] { mappings(of: gfn, minLevel: 1) }
+
+    /// The leaf SPTEs that map `gfn` at levels `minLevel...maxLevel` (KVM's `gfn_to_rmap` per
+    /// level): a huge leaf is in the rmap of the host frame its region starts at.
+    func mappings(of gfn: GuestFrameNumber, minLevel: Int, maxLevel: Int = 3) -> [SPTEPointer] {
+        var found: [SPTEPointer] = []
+        for level in minLevel...maxLevel {
+            let regionStart = GuestFrameNumber(gfn.rawValue & ~(pagesPerHugePage(level) - 1))
+            guard let frame = memory.hostFrame(of: regionStart)?.rawValue else { continue }
+            found += rmaps.sptes(frame, level: level)
+        }
+        return found
     }
 
     // MARK: Changing SPTEs

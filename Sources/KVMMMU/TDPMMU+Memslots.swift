@@ -109,6 +109,9 @@ extension TDPMMU {
                 do throws(MemslotError) { try memory.markAllDirty(slot: id) } catch { throw .memslot(error) }
             }
             if new != old { memslotsChanged() }
+            if old.logsDirtyPages != new.logsDirtyPages, !new.isReadOnly, let shadow = rmapsPresent {
+                applyFlagsToRmaps(shadow, new)
+            }
             return (old, new)
         }
         guard old.logsDirtyPages != new.logsDirtyPages, !new.isReadOnly else { return }
@@ -132,6 +135,23 @@ extension TDPMMU {
                 recoverHugePagesLocked(metadata)
             }
         }
+    }
+
+    /// `kvm_mmu_slot_apply_flags`'s rmap half, before the TDP MMU's (KVM takes mmu_lock for
+    /// write for it): logging on write-protects the slot's SPTEs in the shadow MMU's rmaps (with
+    /// PML, the 4K leaves' dirty state is cleared and the huge ones write-protected), with a
+    /// remote TLB flush if anything changed. Nothing in initially-all-set mode.
+    private func applyFlagsToRmaps(_ shadow: ShadowMMU, _ new: Memslot) {
+        guard new.logsDirtyPages else { return }
+        guard configuration.dirtyLogProtection != .manualInitiallySet else { return }
+        let changed: Bool
+        if configuration.dirtyLogging == .pml {
+            let cleared = shadow.clearDirty(of: new)
+            changed = shadow.removeWriteAccess(from: new, minLevel: KVMLevel.pageDirectory) || cleared
+        } else {
+            changed = shadow.removeWriteAccess(from: new, minLevel: KVMLevel.pageTable)
+        }
+        if changed { requestRemoteTLBFlush() }
     }
 
     /// The host mapping size the slot was given.

@@ -228,6 +228,14 @@ extension VCPU {
         guard address.rawValue & pageOffsetMask <= pageSize - UInt64(size) else {
             throw .invalidAccess("\(size) bytes at \(address) cross a page boundary")
         }
+        // KVM_REQ_DIRTY_RING_SOFT_FULL at the entry, before KVM's locks are taken: the VMM
+        // harvests and resets, which takes them. (The entries after exits inside the access are
+        // not checked again: the ring's reserve covers the few pushes one access makes.)
+        if hot.pointee.usesDirtyRing, dirtyRing?.isSoftFull == true { try exitForFullDirtyRing() }
+        // The vCPU whose exits push onto its dirty ring (`kvm_running_vcpu`).
+        let wasRunning = VirtualMachine.running.vcpu
+        VirtualMachine.running.set(self)
+        defer { VirtualMachine.running.set(wasRunning) }
         let srcu = vm.memslotsSRCU
         srcu.lockShared()
         defer { srcu.unlockShared() }

@@ -190,8 +190,11 @@ public final class VirtualMachine: @unchecked Sendable {
         mmu.freeObsoleteRoots = { [unowned self] in
             for vcpu in self.vcpus { vcpu.makeRequest(.freeObsoleteRoots, wait: false) }
         }
+        mmu.dirtyRingGFNs = { [unowned self] in self.unresetDirtyRingGFNs() }
         guard let tdp = self.tdp else { return }
         mmu.tdpSharingWriteTracking = tdp
+        tdp.shadowRmaps = mmu
+        mmu.cpuDirtyLogging = tdp.configuration.dirtyLogging == .pml
         let unowned = UnownedVM(self)
         // The TDP MMU counts its remote flushes itself.
         tdp.flushRemoteTLBs = { for vcpu in unowned.vm.vcpus { vcpu.makeRequest(.flushAll, wait: true) } }
@@ -203,6 +206,7 @@ public final class VirtualMachine: @unchecked Sendable {
             return gfns
         }
         tdp.freeObsoleteRoots = { for vcpu in unowned.vm.vcpus { vcpu.makeRequest(.freeObsoleteRoots, wait: false) } }
+        tdp.dirtyRingGFNs = { unowned.vm.unresetDirtyRingGFNs() }
     }
 
     /// Every counter: the VM's, every vCPU's and the shadow MMU's, plus the TDP MMU's under TDP.
@@ -245,14 +249,6 @@ public final class VirtualMachine: @unchecked Sendable {
 
     /// Under TDP, whether L2's `guest_mmu` has shadow pages (the only ones the shadow MMU then has).
     var hasNestedShadowPages: Bool { tdp != nil && mmu.usedPages > 0 }
-
-    /// The dirty log's write protection reaches only the TDP MMU's SPTEs: with `guest_mmu` pages
-    /// alive an L2 write could go unlogged, so the operation is refused rather than answered wrong.
-    func refuseDirtyLogWithNestedShadowPages() throws(VirtualMachineError) {
-        if hasNestedShadowPages {
-            throw .unsupported("dirty logging while L2's shadow EPT/NPT pages exist is not modelled (docs/NESTED.md)")
-        }
-    }
 
     /// A VMM operation on the shadow MMU: `mmu_lock` held for write (vCPUs may be running).
     func withShadowMMULock<Result, Failure: Error>(_ body: () throws(Failure) -> Result) throws(Failure) -> Result {
