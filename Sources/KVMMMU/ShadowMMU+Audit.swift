@@ -61,8 +61,18 @@ extension ShadowMMU {
                     if memory.hostFrame(of: gfn) != spte.pfn {
                         problems.append("\(page): SPTE \(index) maps host frame \(hex(spte.pfn.rawValue)), which does not back gfn \(hex(gfn.rawValue)) in any memslot")
                     }
-                    if spte.isWritable && (protectedGFNs.contains(gfn.rawValue) || trackedGFNs.contains(gfn.rawValue)) {
-                        problems.append("\(page): SPTE \(index) lets the guest write gfn \(hex(gfn.rawValue)), which holds a shadowed guest table in sync")
+                    let pages = pagesPerHugePage(page.level)
+                    let region = gfn.rawValue..<gfn.rawValue + pages
+                    if spte.isWritable, let table = region.first(where: { protectedGFNs.contains($0) || trackedGFNs.contains($0) }) {
+                        problems.append("\(page): SPTE \(index) lets the guest write gfn \(hex(table)), which holds a shadowed guest table in sync")
+                    }
+                    if page.level > 1 {
+                        // A huge leaf (L2's, under TDP): one memslot's aligned run of frames.
+                        if gfn.rawValue & (pages - 1) != 0 || spte.pfn.rawValue & (pages - 1) != 0
+                            || memory.slot(containing: GuestFrameNumber(region.upperBound - 1)) != memory.slot(containing: gfn) {
+                            problems.append("\(page): huge SPTE \(index) for gfn \(hex(gfn.rawValue)) is not an aligned run of one memslot")
+                        }
+                        if tdpSharingWriteTracking == nil { problems.append("\(page): huge SPTE \(index) outside guest_mmu under TDP") }
                     }
                     if spte.isWritable && !spte.isMMUWritable(masks) || spte.isMMUWritable(masks) && !spte.isHostWritable(masks) {
                         problems.append("\(page): SPTE \(index) breaks the writable invariants (W => MMU-writable => host-writable)")
@@ -74,7 +84,7 @@ extension ShadowMMU {
                     // (D clear on an A/D SPTE under PML: the write would set D and log it).
                     let logsByD = cpuDirtyLogging && spte.adState == .enabled && !spte.isDirty(masks)
                     if spte.isWritable && !logsByD,
-                       let unlogged = dirtyLog.unloggedGFN(from: gfn.rawValue, count: pagesPerHugePage(page.level)) {
+                       let unlogged = dirtyLog.unloggedGFN(from: gfn.rawValue, count: pages) {
                         problems.append("\(page): SPTE \(index) lets the guest write gfn \(hex(unlogged)) of a dirty-logging memslot, which is not marked dirty")
                     }
                 } else {

@@ -106,6 +106,101 @@ extension ShadowMMU {
         return changed
     }
 
+    // MARK: Huge pages (L2's, under a TDP L1)
+
+    /// `kvm_shadow_mmu_try_split_huge_pages`: every huge leaf in the rmaps of `gfns` (of `slot`) is
+    /// split down to `targetLevel`, 1 GiB leaves first (their 2 MiB children are split in turn).
+    /// Each split takes a shadow page from the cache, as KVM's does, and stops while the cache is
+    /// down to KVM_MIN_FREE_MMU_PAGES (-ENOSPC) or the host has no frame left: the leaves left
+    /// huge split on their first write instead. Returns the leaves split.
+    @discardableResult
+    public func splitHugePages(of slot: Memslot, gfns: Range<UInt64>, targetLevel: Int, nxHugePages: Bool) -> Int {
+        var split = 0
+        let first = max(gfns.lowerBound, slot.baseFrame.rawValue), end = min(gfns.upperBound, slot.endFrame.rawValue)
+        guard first < end else { return 0 }
+        for level in stride(from: 3, to: targetLevel, by: -1) {
+            let pages = pagesPerHugePage(level)
+            for regionStart in stride(from: first & ~(pages - 1), to: end, by: Int(pages)) {
+                guard let frame = memory.hostFrame(of: GuestFrameNumber(regionStart))?.rawValue else { continue }
+                // Each split changes the rmap: look again until no leaf there can be split.
+                while let huge = rmaps.sptes(frame, level: level).first(where: { isSplittable($0) }) {
+                    guard splitHugeSPTE(huge, nxHugePages: nxHugePages) else { return split }
+                    split += 1
+                }
+            }
+        }
+        return split
+    }
+
+    /// `shadow_mmu_try_split_huge_pages`'s filter: a huge leaf of a valid page (KVM WARNs on the
+    /// others, which the rmaps never hold: non-leaves, unsync pages, pages outside guest mode).
+    private func isSplittable(_ pointer: SPTEPointer) -> Bool {
+        let page = page(containing: pointer)
+        return SPTE(rawValue: pointer.pointee).isLarge && page.role.guestMode && !page.unsync && !page.role.isInvalid
+    }
+
+    /// `shadow_mmu_try_split_huge_page`: the child page KVM's fault would have made for this huge
+    /// leaf (`shadow_mmu_get_sp_for_split`: direct, at the huge leaf's gfn, with its access and
+    /// the parent's role otherwise, `kvm_mmu_child_role`), filled with the leaves
+    /// `make_huge_page_split_spte` derives from the huge one wherever it has none yet, then
+    /// linked in the huge leaf's place (`__link_shadow_page`: no flush, unless the child already
+    /// had a non-leaf entry). False when the split could not be made.
+    private func splitHugeSPTE(_ pointer: SPTEPointer, nxHugePages: Bool) -> Bool {
+        let parent = page(containing: pointer)
+        let index = parent.index(of: pointer)
+        let huge = SPTE(rawValue: pointer.pointee)
+        let gfn = parent.mappedGFN(at: index)
+        guard availablePages > Self.minimumFreePages else {
+            events.record(.kvmMMUSplitHugePage(gfn: gfn, spte: huge, level: parent.level, errno: -28))
+            return false
+        }
+        let role = variant.childRole(of: parent.role, parentIndex: index, direct: true, access: parent.mappedAccess(at: index))
+        let child: ShadowPage
+        do {
+            child = try getShadowPage(gfn, role, for: nil).page
+        } catch {
+            events.record(.kvmMMUSplitHugePage(gfn: gfn, spte: huge, level: parent.level, errno: -12))
+            return false
+        }
+        var flush = false
+        for childIndex in 0..<KVMLevel.entriesPerPage {
+            let entry = child.spte(childIndex)
+            let existing = SPTE(rawValue: entry.pointee)
+            if existing.isShadowPresent {
+                if !existing.isLast(level: child.level) { flush = true }
+                continue
+            }
+            entry.pointee = huge.smallSPTE(index: childIndex, childLevel: child.level, roleAccess: role.access,
+                                           nxHugePages: nxHugePages, masks: masks).rawValue
+            rmapAdd(entry, in: child, gfn: child.mappedGFN(at: childIndex), access: role.access)
+        }
+        link(pointer, to: child, flushingLargeSPTE: flush)
+        events.record(.kvmMMUSplitHugePage(gfn: gfn, spte: huge, level: parent.level, errno: 0))
+        return true
+    }
+
+    /// `kvm_rmap_zap_collapsible_sptes` (dirty logging turned off): every leaf below 1 GiB of a
+    /// direct page (one that splits an L1 huge page) whose region `maxLevel(gfn)` now lets map
+    /// larger is zapped, so that the next fault maps it huge again. True when any went (the
+    /// caller flushes).
+    @discardableResult
+    public func zapCollapsibleSPTEs(of slot: Memslot, maxLevel: (GuestFrameNumber) -> Int) -> Bool {
+        var zapped = false
+        for level in 1..<3 {
+            let pages = pagesPerHugePage(level)
+            for gfn in stride(from: slot.baseFrame.rawValue & ~(pages - 1), to: slot.endFrame.rawValue, by: Int(pages)) {
+                for pointer in mappings(of: GuestFrameNumber(max(gfn, slot.baseFrame.rawValue)), minLevel: level, maxLevel: level) {
+                    let page = page(containing: pointer)
+                    guard page.role.isDirect, SPTE(rawValue: pointer.pointee).isShadowPresent,
+                          page.level < maxLevel(page.gfn) else { continue }
+                    dropSPTE(pointer)
+                    zapped = true
+                }
+            }
+        }
+        return zapped
+    }
+
     /// The A/D type of a new leaf in `page` (`make_spte`): disabled with `role.ad_disabled`,
     /// write-protect-only for L2's pages when the CPU logs dirty pages itself
     /// (`kvm_mmu_page_ad_need_write_protect`: PML would log L2's guest-physical addresses, so

@@ -347,12 +347,13 @@ public final class ShadowMMU {
     /// `asPDPTE`: the entry is one of the four PDPTEs of a per-vCPU PAE root the hardware walks in
     /// PAE paging, where the rights bits of a non-leaf SPTE are reserved; it carries only P (and
     /// the MMU-present bit, in bits the PDPTE format ignores).
-    func link(_ pointer: SPTEPointer, to child: ShadowPage, asPDPTE: Bool = false) {
+    func link(_ pointer: SPTEPointer, to child: ShadowPage, asPDPTE: Bool = false, flushingLargeSPTE: Bool = true) {
         let old = SPTE(rawValue: pointer.pointee)
         if old.isShadowPresent {
             // Only a huge leaf can be in the way: a present non-leaf would have been reused.
+            // (`drop_large_spte`: a huge-page split, whose child maps the same, needs no flush.)
             dropSPTE(pointer)
-            flushRemoteTLBs()
+            if flushingLargeSPTE { flushRemoteTLBs() }
         }
         pointer.pointee = asPDPTE
             ? SPTE.pdpte(child: child.frame).rawValue
@@ -383,10 +384,12 @@ public final class ShadowMMU {
     /// mapping `gfn`. True when something changed (the caller flushes).
     @discardableResult
     func writeProtect(_ gfn: GuestFrameNumber) -> Bool {
-        guard let frame = memory.hostFrame(of: gfn)?.rawValue else { return false }
         var changed = false
-        // The rmaps in place, not `mappings(of:)`: a sync write-protects each page it syncs.
+        // The rmaps in place, not `mappings(of:)`: a sync write-protects each page it syncs. A
+        // huge leaf over the gfn is in the rmap of its region's first frame.
         for level in 1...3 {
+            let regionStart = GuestFrameNumber(gfn.rawValue & ~(pagesPerHugePage(level) - 1))
+            guard let frame = memory.hostFrame(of: level == 1 ? gfn : regionStart)?.rawValue else { continue }
             rmaps.forEachSPTE(frame, level: level) { pointer in
                 let spte = SPTE(rawValue: pointer.pointee)
                 guard spte.isWritable || spte.isMMUWritable(masks) else { return }
@@ -513,7 +516,8 @@ public final class ShadowMMU {
             let end = min(gfns.upperBound, slot.baseFrame.rawValue + slot.pageCount)
             guard first < end else { continue }
             for gfn in first..<end {
-                for pointer in mappings(of: GuestFrameNumber(gfn)) {
+                // A huge leaf is found from each of its gfns; it goes once.
+                for pointer in mappings(of: GuestFrameNumber(gfn)) where SPTE(rawValue: pointer.pointee).isShadowPresent {
                     dropSPTE(pointer)
                     zapped += 1
                 }

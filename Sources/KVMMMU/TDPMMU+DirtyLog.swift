@@ -199,6 +199,8 @@ extension TDPMMU {
             let end = slot.baseFrame.rawValue + gfnOffset + UInt64(63 - mask.leadingZeroBitCount)
             if configuration.eagerPageSplit {
                 splitHugePagesLocked(slot, gfns: start..<end + 1, targetLevel: KVMLevel.pageTable, shared: false)
+                rmapsPresent?.splitHugePages(of: slot, gfns: start..<end + 1, targetLevel: KVMLevel.pageTable,
+                                             nxHugePages: configuration.nxHugePages)
             }
             slotGFNWriteProtectLocked(start, minLevel: KVMLevel.pageDirectory)
             // The range may straddle two 2M regions (memslots need not be 2M-aligned).

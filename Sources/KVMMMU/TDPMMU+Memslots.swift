@@ -110,7 +110,7 @@ extension TDPMMU {
             }
             if new != old { memslotsChanged() }
             if old.logsDirtyPages != new.logsDirtyPages, !new.isReadOnly, let shadow = rmapsPresent {
-                applyFlagsToRmaps(shadow, new)
+                applyFlagsToRmaps(shadow, metadata)
             }
             return (old, new)
         }
@@ -138,20 +138,32 @@ extension TDPMMU {
     }
 
     /// `kvm_mmu_slot_apply_flags`'s rmap half, before the TDP MMU's (KVM takes mmu_lock for
-    /// write for it): logging on write-protects the slot's SPTEs in the shadow MMU's rmaps (with
-    /// PML, the 4K leaves' dirty state is cleared and the huge ones write-protected), with a
-    /// remote TLB flush if anything changed. Nothing in initially-all-set mode.
-    private func applyFlagsToRmaps(_ shadow: ShadowMMU, _ new: Memslot) {
-        guard new.logsDirtyPages else { return }
-        guard configuration.dirtyLogProtection != .manualInitiallySet else { return }
-        let changed: Bool
-        if configuration.dirtyLogging == .pml {
-            let cleared = shadow.clearDirty(of: new)
-            changed = shadow.removeWriteAccess(from: new, minLevel: KVMLevel.pageDirectory) || cleared
-        } else {
-            changed = shadow.removeWriteAccess(from: new, minLevel: KVMLevel.pageTable)
+    /// write for it). Logging on: with eager splitting the huge leaves are split to 4K
+    /// (`kvm_shadow_mmu_try_split_huge_pages`), then the slot's SPTEs are write-protected (with
+    /// PML, the 4K leaves' dirty state is cleared and the huge ones write-protected); nothing in
+    /// initially-all-set mode. Logging off: the split leaves that could map huge again are zapped
+    /// (`kvm_rmap_zap_collapsible_sptes`), with a remote TLB flush if any were.
+    private func applyFlagsToRmaps(_ shadow: ShadowMMU, _ metadata: MemslotMetadata) {
+        let new = metadata.slot
+        guard new.logsDirtyPages else {
+            let maxLevel = configuration.maxHugePageLevel
+            if shadow.zapCollapsibleSPTEs(of: new, maxLevel: { metadata.maxMappingLevel($0.rawValue, maxLevel: maxLevel) }) {
+                requestRemoteTLBFlush()
+            }
+            return
         }
-        if changed { requestRemoteTLBFlush() }
+        guard configuration.dirtyLogProtection != .manualInitiallySet else { return }
+        if configuration.eagerPageSplit {
+            shadow.splitHugePages(of: new, gfns: new.baseFrame.rawValue..<new.endFrame.rawValue, targetLevel: KVMLevel.pageTable,
+                                  nxHugePages: configuration.nxHugePages)
+        }
+        // No flush here: enabling logging ends with one unconditional flush for both MMUs (below).
+        if configuration.dirtyLogging == .pml {
+            shadow.clearDirty(of: new)
+            shadow.removeWriteAccess(from: new, minLevel: KVMLevel.pageDirectory)
+        } else {
+            shadow.removeWriteAccess(from: new, minLevel: KVMLevel.pageTable)
+        }
     }
 
     /// The host mapping size the slot was given.

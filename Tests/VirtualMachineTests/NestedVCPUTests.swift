@@ -31,10 +31,15 @@ final class L1Hypervisor {
     private var nextL2Table = L1Hypervisor.l2TableBase + 0x1000
 
     init(npt: Bool = false, levels: Int = 4, nptHostLevels: Int = 4, pml: Bool = false,
-         dirtyLogProtocol: DirtyLogProtocol = .getAndReset) throws {
+         dirtyLogProtocol: DirtyLogProtocol = .getAndReset, eagerPageSplit: Bool = true) throws {
         self.npt = npt
         self.levels = levels
-        let vm = try VirtualMachine(memorySize: 16 << 20, mmu: npt ? .tdp(.npt(hostLevels: nptHostLevels)) : .ept(pml: pml))
+        var configuration: TDPMMUConfiguration = npt ? .npt(hostLevels: nptHostLevels) : {
+            guard case .tdp(let ept) = VirtualMachineMMU.ept(pml: pml) else { preconditionFailure("EPT is TDP") }
+            return ept
+        }()
+        configuration.eagerPageSplit = eagerPageSplit
+        let vm = try VirtualMachine(memorySize: 16 << 20, mmu: .tdp(configuration))
         try vm.setDirtyLogProtocol(dirtyLogProtocol, ringEntries: 256)
         self.vm = vm
         // L1's own identity map of its 16 MiB in 2 MiB pages, as its boot code left it (NPT is
