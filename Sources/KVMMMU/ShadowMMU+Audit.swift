@@ -19,6 +19,14 @@ extension ShadowMMU {
             if !page.unsync { protectedGFNs.insert(page.gfn.rawValue) }
             if page.level > 1 { trackedGFNs.insert(page.gfn.rawValue) }
         }
+        if let tdp = tdpSharingWriteTracking {
+            // Under a TDP L1, L1 writes its tables through the TDP MMU: one that `guest_mmu`
+            // shadows in sync must be read-only there too (tracked, or write-protected until its
+            // first write unsyncs it).
+            for gfn in protectedGFNs.union(trackedGFNs).sorted() where tdp.mapsWritable(gfn) {
+                problems.append("gfn \(hex(gfn)) holds a shadowed table in sync but the TDP MMU lets L1 write it")
+            }
+        }
         for page in pages where page.unsync {
             unsyncPages += 1
             if page.level != 1 || !page.hasGPTEs {

@@ -30,6 +30,8 @@ public final class ShadowMMU {
     /// With dirty rings: the gfns pushed onto the vCPUs' rings and not yet reset, which the
     /// auditor counts as logged (the VM installs it).
     @exclusivity(unchecked) public var dirtyRingGFNs: () -> Set<UInt64> = { [] }
+    /// KVM's `mmu_unsync_pages_lock`: the TDP MMU's faults unsync pages holding `mmu_lock` for read.
+    let unsyncPagesLock = LockedValue(())
 
     /// The list `withUnsyncLeaves` fills, kept empty between calls for its capacity.
     @exclusivity(unchecked) var unsyncLeafBuffer: [ShadowPage] = []
@@ -243,16 +245,38 @@ public final class ShadowMMU {
         }
         // Level 1 too: a new shadow page starts in sync, its table write-protected; a later
         // write fault may unsync it.
+        // (Under a TDP L1 `writeProtect` reaches the TDP MMU's leaves too.)
         if writeProtect(page.gfn) { flushRemoteTLBs() }
-        // A TDP L1 writes its tables through the TDP MMU. Every level is write-tracked there, the
-        // last one too: the TDP MMU's make_spte does not unsync shadow pages (docs/NESTED.md), so
-        // L1's stores to a last-level table are emulated and reach `trackWrite` instead.
-        if let tdp = tdpSharingWriteTracking { try? tdp.addWriteTrackLocked(page.gfn.rawValue) }
+        // A TDP L1 writes its tables through the TDP MMU: an upper-level table is write-tracked
+        // there (L1's stores to it are emulated and reach `trackWrite`); a last-level one only
+        // keeps huge pages off its gfn (`kvm_mmu_gfn_disallow_lpage`) and was write-protected
+        // above, so that L1's first store faults and the TDP MMU's make_spte unsyncs it.
+        if let tdp = tdpSharingWriteTracking {
+            if page.level > 1 {
+                try? tdp.addWriteTrackLocked(page.gfn.rawValue)
+            } else {
+                try? tdp.updateGFNDisallowLpageCountLocked(page.gfn.rawValue, delta: 1)
+            }
+        }
+    }
+
+    /// `mmu_try_to_unsync_pages` as the TDP MMU's `make_spte` asks it when it is about to map
+    /// `gfn` writable, with `mmu_lock` held for read: shadow pages cannot come or go meanwhile
+    /// (that takes the lock for write), but two TDP faults may unsync at once, so the unsync
+    /// runs under `mmu_unsync_pages_lock`, as in KVM. True when the SPTE must stay read-only.
+    public func unsyncForTDPMapping(_ gfn: GuestFrameNumber) -> Bool {
+        unsyncPagesLock.withLock { _ in mustWriteProtect(gfn, canUnsync: true, prefetch: false) }
     }
 
     func unaccountShadowed(_ page: ShadowPage) {
         indirectShadowPages -= 1
-        if let tdp = tdpSharingWriteTracking { try? tdp.removeWriteTrackLocked(page.gfn.rawValue) }
+        if let tdp = tdpSharingWriteTracking {
+            if page.level > 1 {
+                try? tdp.removeWriteTrackLocked(page.gfn.rawValue)
+            } else {
+                try? tdp.updateGFNDisallowLpageCountLocked(page.gfn.rawValue, delta: -1)
+            }
+        }
         if let frame = memory.hostFrame(of: page.gfn), shadowedTableCount[frame.rawValue] > 0 {
             shadowedTableCount[frame.rawValue] -= 1
         }
@@ -397,6 +421,9 @@ public final class ShadowMMU {
                 changed = true
             }
         }
+        // `kvm_mmu_slot_gfn_write_protect` covers the TDP MMU's leaves too (L1's mapping of a
+        // table `guest_mmu` shadows), under the same lock held for write.
+        if let tdp = tdpSharingWriteTracking, tdp.writeProtectGFNLocked(gfn.rawValue, minLevel: KVMLevel.pageTable) { changed = true }
         return changed
     }
 

@@ -26,6 +26,23 @@ extension TDPMMU {
         withExclusiveLock { auditLocked() }
     }
 
+    /// Whether a leaf of a valid root lets the guest write `gfn` (W set), for the shadow MMU's
+    /// auditor: a table `guest_mmu` shadows in sync must not be writable by L1. Takes the lock
+    /// for read.
+    public func mapsWritable(_ gfn: UInt64) -> Bool {
+        withSharedLock { () -> Bool in
+            for root in rootsToVisit(validOnly: true) {
+                var iterator = TDPIterator(root: root.table, rootLevel: rootLevel, minLevel: 1, start: gfn, end: gfn + 1, pool: pool)
+                while iterator.isValid {
+                    let spte = iterator.oldSPTE
+                    if spte.isShadowPresent && spte.isLast(level: iterator.level) && spte.isWritable { return true }
+                    iterator.next()
+                }
+            }
+            return false
+        }
+    }
+
     private func auditLocked() -> [String] {
         var problems = warnings.withLock { $0.map { "KVM WARN: " + $0 } }
         if memory.generation != knownGeneration {

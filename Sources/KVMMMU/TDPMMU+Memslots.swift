@@ -235,11 +235,15 @@ extension TDPMMU {
     /// mappings are not touched: whoever forbids them write-protects or zaps what it needs. Takes
     /// the lock for write.
     public func updateGFNDisallowLpageCount(_ gfn: UInt64, delta: Int) throws(TDPMMUError) {
-        try withExclusiveLock { () throws(TDPMMUError) in
-            guard let metadata = slotMetadata(containing: gfn) else { throw .gfnNotInMemslot(gfn) }
-            guard let change = Int32(exactly: delta), metadata.updateDisallowCount(gfn, delta: change) else {
-                throw .countOutOfRange(gfn: gfn, "disallow count \(delta > 0 ? "overflows" : "would go negative")")
-            }
+        try withExclusiveLock { () throws(TDPMMUError) in try updateGFNDisallowLpageCountLocked(gfn, delta: delta) }
+    }
+
+    /// `updateGFNDisallowLpageCount` with the lock already held for write (the shadow MMU's
+    /// `account_shadowed` of a last-level `guest_mmu` page).
+    func updateGFNDisallowLpageCountLocked(_ gfn: UInt64, delta: Int) throws(TDPMMUError) {
+        guard let metadata = slotMetadata(containing: gfn) else { throw .gfnNotInMemslot(gfn) }
+        guard let change = Int32(exactly: delta), metadata.updateDisallowCount(gfn, delta: change) else {
+            throw .countOutOfRange(gfn: gfn, "disallow count \(delta > 0 ? "overflows" : "would go negative")")
         }
     }
 

@@ -65,6 +65,9 @@ final class NestedVCPUState {
     /// The hardware's walker for L2 and the `guest_mmu` root it walks, kept while both stay (an
     /// entry, which may change L2's registers, drops it).
     var hardware: (root: HostFrameNumber, walker: NestedPagingWalker)?
+    /// For the lockstep check: L1's last-level EPT tables as they were at each VM entry since
+    /// the INVEPT that covers them (NestedReference.swift).
+    var eptSnapshots: [EPTTableSnapshot] = []
 
     init(paging: L1NestedPaging, registers: PagingRegisters, guestMMU: MMUContext, guestWalker: PageWalker,
          l1Tables: NestedPagingTables) {
@@ -126,13 +129,20 @@ extension VCPU {
             throw .invalidAccess("VM entry fails loading L2's registers: \(error)")
         }
         let state = try vm.withShadowMMULock { () throws(VirtualMachineError) -> NestedVCPUState in
-            try moveGuestMMU(to: paging, l1: l1, tables: tables, l2Walker: walker, tdpState)
+            let state = try moveGuestMMU(to: paging, l1: l1, tables: tables, l2Walker: walker, tdpState)
+            // KVM_REQ_MMU_SYNC on VMRUN (`nested_svm_transition_tlb_flush`: SVM's ASID handling
+            // may invalidate nested NPT mappings at VMRUN). Nested EPT is never synced at VM entry:
+            // L1 cannot rely on it to flush guest-physical mappings, only on INVEPT, after which
+            // the root is loaded anew and synced (`kvm_mmu_load`).
+            if case .npt = paging { state.guestMMU.syncRoots() }
+            return state
         }
         state.paging = paging
         state.registers = l2
         state.guestWalker = walker
         state.l1Tables = tables
         state.hardware = nil
+        if case .ept(let pointer, _) = paging { state.recordEPTSnapshot(pointer, memory: vm.memory) }
         state.inL2 = true
         count(.nestedRun)
         stat.guestMode = 1
@@ -207,6 +217,7 @@ extension VCPU {
         guard let tdpState, tdpState.tdp.masks.isEPT else { throw .unsupported("INVEPT needs L1 under EPT") }
         guard let nested else { return false }
         guard case .ept = nested.paging else { return false }
+        nested.forgetEPTSnapshots(type)
         return vm.withShadowMMULock { nested.guestMMU.invalidateEPT(type) }
     }
 
