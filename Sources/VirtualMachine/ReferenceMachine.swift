@@ -51,12 +51,20 @@ public final class ReferenceMachine {
     static let speculativeGroup: UInt64 = 8
     private var cached: [UInt64: [Cached]] = [:]
     /// An older value of a last-level entry, and the PCIDs that may still hold its translation.
-    struct StaleLeaf {
+    struct StaleLeaf: PCIDTagged {
         var value: UInt64
         var pcids: Set<UInt16>
     }
     /// By entry GPA: older values of last-level entries whose translations may still be cached.
     private var staleLeaves: [UInt64: [StaleLeaf]] = [:]
+    /// An older value of a non-leaf entry that the paging-structure caches may still hold.
+    struct StaleTableEntry: PCIDTagged {
+        var value: UInt64
+        var level: Int
+        var pcids: Set<UInt16>
+    }
+    /// By entry GPA: older values of non-leaf entries (with `cachesPagingStructures`).
+    private var staleTableEntries: [UInt64: [StaleTableEntry]] = [:]
     /// Entry values at the places the pending write may land (see `expect`).
     private var valuesBeforeWrite: [UInt64: UInt64] = [:]
     /// The PCID current in each period between PCID changes, oldest first (the last is current):
@@ -69,6 +77,11 @@ public final class ReferenceMachine {
     final class SharedMemoryFacts {
         /// Frames any processor has walked as last-level tables.
         var levelOneTables: Set<UInt64> = []
+        /// Frames any processor has walked as tables above the last level, with those levels.
+        var upperTables: [UInt64: Set<Int>] = [:]
+        /// The processors keep paging-structure caches the guest can observe (see
+        /// `cachesPagingStructures`).
+        var cachesPagingStructures = false
         /// Leaf entries (by GPA) the guest last wrote, with the value written.
         var guestWrittenEntries: [UInt64: UInt64] = [:]
         /// Leaf entries a write access went through since the guest last wrote them.
@@ -86,6 +99,18 @@ public final class ReferenceMachine {
     }
     private let shared: SharedMemoryFacts
     public private(set) var checkedAccesses = 0
+
+    /// Whether the guest's processors keep paging-structure caches it can see (SDM 4.10.3): a
+    /// non-leaf entry the guest rewrites without invalidating may still be used, through its older
+    /// value, for any address under it, until an invalidation drops the current PCID's caches
+    /// (INVLPG or INVPCID of any address, a flushing CR3 load, single-context INVPCID, a change of
+    /// paging mode). True for a guest whose paging runs in hardware (TDP: the vCPU's PDE cache);
+    /// false under shadow paging, where KVM write-protects the guest's tables and the hardware
+    /// caches only KVM's own. For every processor of the guest.
+    public var cachesPagingStructures: Bool {
+        get { shared.cachesPagingStructures }
+        set { shared.cachesPagingStructures = newValue }
+    }
 
     public convenience init(memory: MemslotSet, registers: PagingRegisters, cpu: CPUModel = CPUModel()) throws(ControlStateError) {
         try self.init(memory: memory, registers: registers, cpu: cpu, shared: SharedMemoryFacts())
@@ -114,9 +139,9 @@ public final class ReferenceMachine {
         let expected = walker.translate(address, access, in: memory, setAccessedDirty: false)
         valuesBeforeWrite.removeAll(keepingCapacity: true)
         if access.kind == .write {
-            var frames = allowedStale(address, expected).map(\.gpaFrame)
+            var frames = allowedStale(address, access, expected).translations.map(\.gpaFrame)
             if case .success(let translation) = expected { frames.append(translation.physicalAddress.frame.rawValue) }
-            for frame in frames where shared.levelOneTables.contains(frame) {
+            for frame in frames where shared.levelOneTables.contains(frame) || shared.upperTables[frame] != nil {
                 let entry = frame << 12 | (address.rawValue & pageOffsetMask & ~UInt64(entrySize - 1))
                 valuesBeforeWrite[entry] = readEntry(GuestPhysicalAddress(entry))
             }
@@ -124,26 +149,64 @@ public final class ReferenceMachine {
         return expected
     }
 
+    /// What the guest may see besides a fresh walk: translations, and #PF error codes of walks
+    /// through older non-leaf entries the paging-structure caches may hold.
+    struct StaleOutcomes {
+        var translations: [Cached] = []
+        var faultCodes: [PageFaultErrorCode] = []
+    }
+
     /// The translations for `address` the guest may still hold besides a fresh walk's: those
-    /// cached for its page under the current PCID (or global), and those through an older value of
-    /// the last-level entry the walk reaches.
-    private func allowedStale(_ address: GuestVirtualAddress, _ expected: Result<Translation, WalkFault>) -> [Cached] {
+    /// cached for its page under the current PCID (or global), those through an older value of
+    /// the last-level entry the walk reaches, and (with `cachesPagingStructures`) the outcomes of
+    /// walks through an older value of a non-leaf entry on the way.
+    private func allowedStale(_ address: GuestVirtualAddress, _ access: Access,
+                              _ expected: Result<Translation, WalkFault>) -> StaleOutcomes {
         let pcid = registers.pcid
-        var allowed = (cached[address.rawValue >> 12] ?? []).filter { $0.isGlobal || $0.pcid == pcid }
+        var allowed = StaleOutcomes()
+        allowed.translations = (cached[address.rawValue >> 12] ?? []).filter { $0.isGlobal || $0.pcid == pcid }
         let path: WalkPath
         switch expected {
         case .success(let translation): path = translation.path
         case .failure(.pageFault(let fault)): path = fault.path
         default: return allowed
         }
+        if !staleTableEntries.isEmpty { addWalksThroughStaleTableEntries(address, access, path, pcid, to: &allowed) }
         guard path.bottomLevel == 1, let olderValues = staleLeaves[path.entryAddress(level: 1).rawValue] else { return allowed }
         let above = permissionsAbove(path)
         for older in olderValues where older.pcids.contains(pcid) {
             let frame = (entrySize == 4 ? Legacy32Entry(bits: older.value).frameAddress : Entry64(rawValue: older.value).frameAddress) >> 12
-            allowed.append(Cached(gpaFrame: frame, permissions: above & entryPermissions(older.value), isGlobal: false,
-                                  pcid: pcid, dirty: older.value & (1 << 6) != 0))
+            allowed.translations.append(Cached(gpaFrame: frame, permissions: above & entryPermissions(older.value), isGlobal: false,
+                                               pcid: pcid, dirty: older.value & (1 << 6) != 0))
         }
         return allowed
+    }
+
+    /// For each non-leaf entry on `path` with older values the caches may hold for `pcid`: the walk
+    /// the processor would make from the cached value (the entries below read from memory as they
+    /// are now). A walk through a cache may set A and D where a fresh walk would not look, so its
+    /// translations count as dirty.
+    private func addWalksThroughStaleTableEntries(_ address: GuestVirtualAddress, _ access: Access, _ path: WalkPath,
+                                                  _ pcid: UInt16, to allowed: inout StaleOutcomes) {
+        let first = path.topIsRegister ? path.topLevel - 1 : path.topLevel
+        guard first >= max(2, path.bottomLevel) else { return }
+        for level in stride(from: first, through: max(2, path.bottomLevel), by: -1) {
+            let entry = path.entryAddress(level: level).rawValue
+            guard let olderValues = staleTableEntries[entry] else { continue }
+            for older in olderValues where older.level == level && older.pcids.contains(pcid) {
+                let view = EntryOverlayMemory(memory: memory, entryAddress: entry, value: older.value, entrySize: entrySize)
+                switch walker.translate(address, access, in: view, setAccessedDirty: false) {
+                case .success(let translation):
+                    allowed.translations.append(Cached(gpaFrame: translation.physicalAddress.frame.rawValue,
+                                                       permissions: translation.permissions, isGlobal: false, pcid: pcid,
+                                                       dirty: true))
+                case .failure(.pageFault(let fault)):
+                    allowed.faultCodes.append(fault.errorCode)
+                default:
+                    break
+                }
+            }
+        }
     }
 
     private var entrySize: Int { registers.mode == .legacy32 ? 4 : 8 }
@@ -190,7 +253,8 @@ public final class ReferenceMachine {
         }
         let page = address.rawValue >> 12
         let pcid = registers.pcid
-        let allowedStale = allowedStale(address, expected)
+        let stale = allowedStale(address, access, expected)
+        let allowedStale = stale.translations
         func fail(_ expectedText: String) -> LockstepDisagreement {
             LockstepDisagreement(address: address, access: access, expected: expectedText, actual: "\(reported)",
                                  entries: entries(of: expected))
@@ -216,11 +280,13 @@ public final class ReferenceMachine {
             // Only a cached translation with fewer rights can fault where a fresh walk would not.
             let staleRefuses = allowedStale.contains { walker.rules.isRefused(
                 access, pagePermissions: $0.permissions, alignmentCheck: registers.rflags.contains(.alignmentCheck)) }
-            if !(staleRefuses && code.contains(.present) && cr2 == address) {
+            let staleFaults = stale.faultCodes.contains { $0.architectural == code.architectural }
+            if !((staleRefuses && code.contains(.present) || staleFaults) && cr2 == address) {
                 throw fail("translation to \(translation.physicalAddress)")
             }
         case (.failure(.pageFault(let fault)), .pageFault(let code, let cr2)):
-            if code.architectural != fault.errorCode.architectural || cr2 != address {
+            let staleFaults = stale.faultCodes.contains { $0.architectural == code.architectural }
+            if code.architectural != fault.errorCode.architectural && !staleFaults || cr2 != address {
                 throw fail("#PF error code \(fault.errorCode)")
             }
         case (.failure(.pageFault(let fault)), .completed(let gpa, _)), (.failure(.pageFault(let fault)), .mmio(let gpa, _)):
@@ -245,6 +311,7 @@ public final class ReferenceMachine {
                     shared.levelOneTables.insert(translation.path.entryAddress(level: 1).frame.rawValue)
                     cacheNeighbours(of: address, access)
                 }
+                if cachesPagingStructures { noteUpperTables(of: translation.path) }
                 if access.kind == .write { shared.writtenThrough.insert(translation.path.entryAddress(level: translation.level).rawValue) }
             default:
                 break
@@ -324,6 +391,14 @@ public final class ReferenceMachine {
         }
         // Any processor of the guest may have cached a translation through the old value.
         for processor in shared.processors { processor.machine?.noteEntryWritten(entryAddress, replacing: replaced) }
+        if cachesPagingStructures, let levels = shared.upperTables[entryAddress >> 12], let old = valuesBeforeWrite[entryAddress],
+           old != readEntry(GuestPhysicalAddress(entryAddress)) {
+            for level in levels where isCacheableTableEntry(old, level: level) {
+                for processor in shared.processors {
+                    processor.machine?.noteTableEntryWritten(entryAddress, level: level, replacing: old)
+                }
+            }
+        }
         shared.guestWrittenEntries[entryAddress] = readEntry(GuestPhysicalAddress(entryAddress))
         shared.writtenThrough.remove(entryAddress)
     }
@@ -336,6 +411,50 @@ public final class ReferenceMachine {
             staleLeaves[entryAddress, default: []].append(StaleLeaf(value: old, pcids: Set(pcidPeriods[since...])))
         }
         entryWrittenInPeriod[entryAddress] = pcidPeriods.count - 1
+    }
+
+    /// The frames of the tables above the last level `path` went through, by level.
+    private func noteUpperTables(of path: WalkPath) {
+        let first = path.topIsRegister ? path.topLevel - 1 : path.topLevel
+        guard first >= 2 else { return }
+        for level in 2...first where level > path.bottomLevel {
+            shared.upperTables[path.entryAddress(level: level).frame.rawValue, default: []].insert(level)
+        }
+    }
+
+    /// Whether a paging-structure cache may hold `value` as a level-`level` entry: present,
+    /// accessed, no reserved bit, and pointing at a table (not a page).
+    private func isCacheableTableEntry(_ value: UInt64, level: Int) -> Bool {
+        guard value & 1 != 0, value & (1 << 5) != 0, walker.reservedBitsSet(in: value, level: level) == 0 else { return false }
+        let mapsPage = value & (1 << 7) != 0 && (level == 2 || (level == 3 && registers.mode.isLongMode))
+        return !mapsPage
+    }
+
+    private func noteTableEntryWritten(_ entryAddress: UInt64, level: Int, replacing old: UInt64) {
+        let since = entryWrittenInPeriod[entryAddress] ?? 0
+        staleTableEntries[entryAddress, default: []].append(StaleTableEntry(value: old, level: level,
+                                                                            pcids: Set(pcidPeriods[since...])))
+    }
+
+    /// Drops what the paging-structure caches may hold for `pcid` (every PCID when nil): they have
+    /// no global entries.
+    private func dropStaleTableEntries(pcid: UInt16?) {
+        Self.forget(pcid: pcid, in: &staleTableEntries)
+    }
+
+    /// Older entry values no PCID may use any more go; `pcid` nil forgets them all.
+    private static func forget<Older: PCIDTagged>(pcid: UInt16?, in olderValues: inout [UInt64: [Older]]) {
+        guard !olderValues.isEmpty else { return }
+        guard let pcid else {
+            olderValues.removeAll()
+            return
+        }
+        for (entry, list) in olderValues {
+            var kept = list
+            for index in kept.indices { kept[index].pcids.remove(pcid) }
+            kept.removeAll { $0.pcids.isEmpty }
+            olderValues[entry] = kept.isEmpty ? nil : kept
+        }
     }
 
     private func checkAccessedDirty(_ translation: Translation, _ access: Access, servedByCache: Bool,
@@ -382,6 +501,8 @@ public final class ReferenceMachine {
         let pcid = registers.pcid
         drop(page: address.rawValue >> 12) { $0.isGlobal || $0.pcid == pcid }
         dropStaleLeaf(of: address, pcid: pcid)
+        // INVLPG drops every paging-structure-cache entry of the current PCID (SDM 4.10.4.1).
+        dropStaleTableEntries(pcid: pcid)
     }
 
     /// Forgets the older values of the last-level entry `address` walks through, for `pcid`.
@@ -402,16 +523,7 @@ public final class ReferenceMachine {
 
     /// Forgets older last-level values for `pcid` (every PCID when nil).
     private func dropStaleLeaves(pcid: UInt16?) {
-        guard let pcid else {
-            staleLeaves.removeAll()
-            return
-        }
-        for (entry, list) in staleLeaves {
-            var kept = list
-            for index in kept.indices { kept[index].pcids.remove(pcid) }
-            kept.removeAll { $0.pcids.isEmpty }
-            staleLeaves[entry] = kept.isEmpty ? nil : kept
-        }
+        Self.forget(pcid: pcid, in: &staleLeaves)
     }
 
     /// INVPCID of `type` for `pcid` (and `address`, for an individual-address invalidation).
@@ -420,15 +532,19 @@ public final class ReferenceMachine {
         case .individualAddress:
             drop(page: address.rawValue >> 12) { !$0.isGlobal && $0.pcid == pcid }
             dropStaleLeaf(of: address, pcid: pcid)
+            dropStaleTableEntries(pcid: pcid)
         case .singleContext:
             dropAll { !$0.isGlobal && $0.pcid == pcid }
             dropStaleLeaves(pcid: pcid)
+            dropStaleTableEntries(pcid: pcid)
         case .allContextsIncludingGlobal:
             cached.removeAll()
             dropStaleLeaves(pcid: nil)
+            dropStaleTableEntries(pcid: nil)
         case .allContextsExceptGlobal:
             dropAll { !$0.isGlobal }
             dropStaleLeaves(pcid: nil)
+            dropStaleTableEntries(pcid: nil)
         }
     }
 
@@ -457,6 +573,7 @@ public final class ReferenceMachine {
         if new.invalidatesAllTranslations(from: old) {
             cached.removeAll()
             dropStaleLeaves(pcid: nil)
+            dropStaleTableEntries(pcid: nil)
         } else if new.cr3 != old.cr3 {
             dropNonGlobalTranslations(of: new.pcid)
         }
@@ -487,5 +604,49 @@ public final class ReferenceMachine {
         let keepsGlobal = registers.cr4.contains(.globalPages)
         dropAll { !(keepsGlobal && $0.isGlobal) && $0.pcid == pcid }
         dropStaleLeaves(pcid: pcid)
+        dropStaleTableEntries(pcid: pcid)
+    }
+}
+
+/// An older entry value with the PCIDs that may still use it.
+private protocol PCIDTagged {
+    var pcids: Set<UInt16> { get set }
+}
+
+/// Guest memory with one entry reading as an older value: the memory a walk through a
+/// paging-structure cache that still holds that value sees.
+private final class EntryOverlayMemory: PhysicalMemory {
+    let memory: MemslotSet
+    let entryAddress: UInt64
+    let value: UInt64
+    let entrySize: Int
+    /// A copy of the entry's page with the older value in place (the walk only reads it).
+    private let page: UnsafeMutableRawPointer?
+
+    init(memory: MemslotSet, entryAddress: UInt64, value: UInt64, entrySize: Int) {
+        self.memory = memory
+        self.entryAddress = entryAddress
+        self.value = value
+        self.entrySize = entrySize
+        if let original = memory.hostPage(GuestFrameNumber(entryAddress >> 12)) {
+            let copy = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+            copy.copyMemory(from: original.bytes, byteCount: 4096)
+            let offset = Int(entryAddress & 0xFFF)
+            if entrySize == 4 {
+                copy.storeBytes(of: UInt32(truncatingIfNeeded: value), toByteOffset: offset, as: UInt32.self)
+            } else {
+                copy.storeBytes(of: value, toByteOffset: offset, as: UInt64.self)
+            }
+            page = copy
+        } else {
+            page = nil
+        }
+    }
+
+    deinit { page?.deallocate() }
+
+    func hostPage(_ frame: GuestFrameNumber) -> HostPage? {
+        if frame.rawValue == entryAddress >> 12, let page { return HostPage(bytes: page, isWritable: false) }
+        return memory.hostPage(frame)
     }
 }

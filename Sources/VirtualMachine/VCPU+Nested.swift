@@ -91,7 +91,10 @@ extension VCPU {
     /// cached or built at the first access), L2's registers in hardware. Counts `nested_run`.
     public func enterL2(_ paging: L1NestedPaging, registers l2: PagingRegisters) throws(VirtualMachineError) {
         guard let tdpState else {
-            throw .unsupported("an L2 guest needs L1 under the TDP MMU (EPT or NPT); shadow paging for L1 is not modelled for nesting")
+            // nested_vmx_setup_ctls_msrs offers L1 the "enable EPT" control only with enable_ept, and
+            // SVM offers nested paging only with npt_enabled: under shadow paging L1's entry with an
+            // EPTP or nCR3 fails its control checks.
+            throw .unsupported("an L2 guest with EPT or NPT needs L1 under the TDP MMU: KVM offers L1 nested EPT/NPT only when it uses EPT/NPT itself")
         }
         guard !runsOnOwnThread else { throw .unsupported("L2 runs only on the scenario thread, not on a vCPU thread") }
         if isInL2 { throw .invalidAccess("VM entry from L2: vCPU \(id) already runs L2 (vmexit first)") }

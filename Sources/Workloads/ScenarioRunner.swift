@@ -337,6 +337,8 @@ public final class ScenarioRunner {
         vcpu = try vm.addVCPU(registers: registers)
         vcpu.dirtyRingFullHandler = { [unowned self] in self.harvestAndResetDirtyRings() }
         reference = try ReferenceMachine(memory: vm.memory, registers: registers, cpu: scenario.cpuModel)
+        // Under TDP the guest's paging runs in hardware, whose paging-structure caches it can see.
+        reference.cachesPagingStructures = vm.tdp != nil
         loadedSpace = Scenario.kernelSpace
         processors = [currentProcessor]
         kernel.booted = true
