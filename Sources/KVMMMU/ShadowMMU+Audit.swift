@@ -3,7 +3,8 @@ import X86Paging
 
 extension ShadowMMU {
     /// The structural auditor: KVM's invariants over every shadow page, SPTE, rmap and counter.
-    /// Returns one line per violation (empty when all hold). Costs a pass over every SPTE.
+    /// Returns one line per violation (empty when all hold). Costs a pass over every SPTE. Under a
+    /// TDP L1 (`tdpSharingWriteTracking`) the caller holds the shared `mmu_lock` for write.
     public func audit() -> [String] {
         var problems: [String] = []
         let pages = Array(hashBuckets.joined())
@@ -23,7 +24,7 @@ extension ShadowMMU {
             // Under a TDP L1, L1 writes its tables through the TDP MMU: one that `guest_mmu`
             // shadows in sync must be read-only there too (tracked, or write-protected until its
             // first write unsyncs it).
-            for gfn in protectedGFNs.union(trackedGFNs).sorted() where tdp.mapsWritable(gfn) {
+            for gfn in protectedGFNs.union(trackedGFNs).sorted() where tdp.mapsWritableLocked(gfn) {
                 problems.append("gfn \(hex(gfn)) holds a shadowed table in sync but the TDP MMU lets L1 write it")
             }
         }

@@ -30,17 +30,20 @@ extension TDPMMU {
     /// auditor: a table `guest_mmu` shadows in sync must not be writable by L1. Takes the lock
     /// for read.
     public func mapsWritable(_ gfn: UInt64) -> Bool {
-        withSharedLock { () -> Bool in
-            for root in rootsToVisit(validOnly: true) {
-                var iterator = TDPIterator(root: root.table, rootLevel: rootLevel, minLevel: 1, start: gfn, end: gfn + 1, pool: pool)
-                while iterator.isValid {
-                    let spte = iterator.oldSPTE
-                    if spte.isShadowPresent && spte.isLast(level: iterator.level) && spte.isWritable { return true }
-                    iterator.next()
-                }
+        withSharedLock { mapsWritableLocked(gfn) }
+    }
+
+    /// `mapsWritable` with the lock held (the shadow MMU's auditor, which runs under it).
+    func mapsWritableLocked(_ gfn: UInt64) -> Bool {
+        for root in rootsToVisit(validOnly: true) {
+            var iterator = TDPIterator(root: root.table, rootLevel: rootLevel, minLevel: 1, start: gfn, end: gfn + 1, pool: pool)
+            while iterator.isValid {
+                let spte = iterator.oldSPTE
+                if spte.isShadowPresent && spte.isLast(level: iterator.level) && spte.isWritable { return true }
+                iterator.next()
             }
-            return false
         }
+        return false
     }
 
     private func auditLocked() -> [String] {

@@ -9,9 +9,10 @@ import X86Paging
 // handler: it fixes the shadow and the access runs again, emulates it (through `nested_mmu`), or
 // reflects the fault to L1, which ends the L2 access with a VM exit to L1.
 //
-// L2 runs only on the scenario thread (not `runVCPUsOnThreads`), and its accesses use no TLB
-// entries (a TLB may hold nothing): L1's and L2's translations never share one, and INVVPID has
-// no cached L2 translation to drop (docs/NESTED.md).
+// L2's accesses use no TLB entries (a TLB may hold nothing): L1's and L2's translations never
+// share one, and INVVPID has no cached L2 translation to drop (docs/NESTED.md). A vCPU on a
+// thread of its own (`runVCPUsOnThreads`) runs L2 outside guest mode, each access under
+// `mmu_lock` held for write as KVM's shadow MMU handles it.
 
 /// How L1 translates L2's guest-physical addresses: vmcs12's EPT pointer with the EPT
 /// capabilities KVM advertises to L1, or the VMCB's nCR3 (walked in L1's paging mode at VMRUN).
@@ -96,7 +97,6 @@ extension VCPU {
             // EPTP or nCR3 fails its control checks.
             throw .unsupported("an L2 guest with EPT or NPT needs L1 under the TDP MMU: KVM offers L1 nested EPT/NPT only when it uses EPT/NPT itself")
         }
-        guard !runsOnOwnThread else { throw .unsupported("L2 runs only on the scenario thread, not on a vCPU thread") }
         if isInL2 { throw .invalidAccess("VM entry from L2: vCPU \(id) already runs L2 (vmexit first)") }
         let l1 = tdpState.registers
         let tables: NestedPagingTables
@@ -131,6 +131,8 @@ extension VCPU {
         } catch {
             throw .invalidAccess("VM entry fails loading L2's registers: \(error)")
         }
+        // Out of guest mode before `mmu_lock` (see `accessL2`).
+        leaveGuestMode()
         let state = try vm.withShadowMMULock { () throws(VirtualMachineError) -> NestedVCPUState in
             let state = try moveGuestMMU(to: paging, l1: l1, tables: tables, l2Walker: walker, tdpState)
             // KVM_REQ_MMU_SYNC on VMRUN (`nested_svm_transition_tlb_flush`: SVM's ASID handling
@@ -221,6 +223,7 @@ extension VCPU {
         guard let nested else { return false }
         guard case .ept = nested.paging else { return false }
         nested.forgetEPTSnapshots(type)
+        leaveGuestMode()
         return vm.withShadowMMULock { nested.guestMMU.invalidateEPT(type) }
     }
 
@@ -242,6 +245,10 @@ extension VCPU {
         guard address.rawValue & pageOffsetMask <= pageSize - UInt64(size) else {
             throw .invalidAccess("\(size) bytes at \(address) cross a page boundary")
         }
+        // On a thread of its own the vCPU leaves guest mode first: L2's accesses use no TLB entry,
+        // and KVM's handling takes `mmu_lock` for write, which another thread may hold while it
+        // waits for vCPUs in guest mode to take a flush request.
+        leaveGuestMode()
         // KVM_REQ_DIRTY_RING_SOFT_FULL at the entry, before KVM's locks are taken: the VMM
         // harvests and resets, which takes them. (The entries after exits inside the access are
         // not checked again: the ring's reserve covers the few pushes one access makes.)
@@ -254,7 +261,17 @@ extension VCPU {
         srcu.lockShared()
         defer { srcu.unlockShared() }
         let outcome = try vm.withShadowMMULock { () throws(VirtualMachineError) -> L2AccessOutcome in
-            try runL2(address, access, size: size, value: value, nested, tdpState)
+            let outcome = try runL2(address, access, size: size, value: value, nested, tdpState)
+            if case .exitToL1 = outcome.result { return outcome }
+            // On a thread of its own, back into L2's guest mode before `mmu_lock` is let go (as
+            // the shadow MMU's exits do): the model's hardware made L2's access under the lock,
+            // and a remote flush must find the vCPU in guest mode from there until its next exit,
+            // as it would find L2 running after KVM's entry. The requests are serviced first.
+            while runsOnOwnThread {
+                serviceRequests()
+                if tryEnterGuestMode() { break }
+            }
+            return outcome
         }
         if case .exitToL1 = outcome.result { try exitToL1() }
         return outcome

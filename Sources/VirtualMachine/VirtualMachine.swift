@@ -223,7 +223,8 @@ public final class VirtualMachine: @unchecked Sendable {
     /// Every broken invariant the MMU's auditor finds (empty when all hold).
     public func audit() -> [String] {
         guard let tdp else { return withShadowMMULock { mmu.audit() } }
-        return mmu.audit() + tdp.audit()
+        // `guest_mmu`'s pages change under the lock held for write (L2's vCPU may be running).
+        return withShadowMMULock { mmu.audit() } + tdp.audit()
     }
 
     /// `kvm_mmu_zap_all_fast`: the MMU the VM runs, and under TDP the shadow pages of L2's
