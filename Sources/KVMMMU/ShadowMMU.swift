@@ -31,7 +31,9 @@ public final class ShadowMMU {
     /// auditor counts as logged (the VM installs it).
     @exclusivity(unchecked) public var dirtyRingGFNs: () -> Set<UInt64> = { [] }
     /// KVM's `mmu_unsync_pages_lock`: the TDP MMU's faults unsync pages holding `mmu_lock` for read.
-    let unsyncPagesLock = LockedValue(())
+    /// (Its value is unused; a zero-sized one would share the mutex pointer's address, which
+    /// ThreadSanitizer then reports as a race on the pointer.)
+    let unsyncPagesLock = LockedValue(0)
 
     /// The list `withUnsyncLeaves` fills, kept empty between calls for its capacity.
     @exclusivity(unchecked) var unsyncLeafBuffer: [ShadowPage] = []
