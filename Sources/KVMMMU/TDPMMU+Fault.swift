@@ -13,7 +13,14 @@ struct TDPFault {
     var isExec: Bool { errorCode.contains(.fetch) }
     var isPresent: Bool { errorCode.contains(.present) }
     /// The memslot, nil for MMIO.
-    var slot: MemslotMetadata?
+    var slot: MemslotMetadata? {
+        get { slotReference?.takeUnretainedValue() }
+        set { slotReference = newValue.map { .passUnretained($0) } }
+    }
+    /// `slot`, lent rather than retained, so that the fault is a plain value that copies without
+    /// reference counting: the fault runs under mmu_lock (and the vCPU's under the memslots'
+    /// srcu), which keep the MMU's memslot records from being replaced meanwhile.
+    private var slotReference: Unmanaged<MemslotMetadata>?
     /// The host frame (KVM's pfn), aligned down to `goalLevel` by the huge-page adjustment.
     var pfn: UInt64 = 0
     /// The host maps the page writable (not a read-only memslot).

@@ -45,9 +45,36 @@ public final class TLB {
         public var writable: Bool
     }
 
+    /// A PDE-cache entry of the paging-structure caches (SDM 4.10.3.1), for the two-dimensional
+    /// walk under TDP in IA-32e paging: for the linear addresses sharing bits 63:21, the
+    /// guest-physical address of the page table their PDE pointed to, and the combined permissions
+    /// of the PML5E/PML4E/PDPTE/PDE above it. Made only from a walk that completed with A set in
+    /// each of those entries; dropped by every flush of the TLB entries of its tag (a flushing MOV to
+    /// CR3, single-context INVPCID, a paging-mode change, KVM's flushes), by any INVLPG or
+    /// individual-address INVPCID (the architecture drops the current PCID's whole paging-structure
+    /// caches there; this drops every PCID's), and by a #PF, an EPT violation or misconfiguration or
+    /// a #NPF of an access to an address it covers (under EPT these entries are combined mappings,
+    /// which an EPT fault for their linear address invalidates). Tagged, besides
+    /// the TLB tag (TDP root and PCID), with the guest's CR3: the architecture would let a no-flush
+    /// CR3 load keep using another address space's entries of the same PCID, which a processor
+    /// need not do, and this one does not. The page table's guest-physical address is translated
+    /// through the TDP tables (or the guest-physical mappings) on every use.
+    public struct PageDirectoryCacheEntry {
+        var prefix: UInt64
+        var root: UInt64
+        var guestRoot: UInt64
+        var generation: UInt64
+        /// The guest-physical address of the page table.
+        public var pageTable: UInt64
+        /// Combined ACC bits of the entries above the page table (1 execute, 2 write, 4 user).
+        public var permissions: UInt8
+    }
+
     private let entries: UnsafeMutablePointer<Entry>
     private let guestPhysicalEntries: UnsafeMutablePointer<GuestPhysicalEntry>
     private static let guestPhysicalCapacity = 64
+    private let pageDirectoryEntries: UnsafeMutablePointer<PageDirectoryCacheEntry>
+    private static let pageDirectoryCapacity = 64
     private let mask: Int
     public let capacity: Int
     /// The mutable counters, behind a pointer: a class's `var` would cost an exclusivity check
@@ -57,12 +84,15 @@ public final class TLB {
         var hits: UInt64 = 0
         var misses: UInt64 = 0
         var flushes: UInt64 = 0
+        var pageDirectoryHits: UInt64 = 0
     }
     private let counters: UnsafeMutablePointer<Counters>
     private var generation: UInt64 { counters.pointee.generation }
     public var hits: UInt64 { counters.pointee.hits }
     public var misses: UInt64 { counters.pointee.misses }
     public var flushes: UInt64 { counters.pointee.flushes }
+    /// Walks that started from a PDE-cache entry.
+    public var pageDirectoryCacheHits: UInt64 { counters.pointee.pageDirectoryHits }
 
     /// - Parameter capacity: a power of two.
     public init(capacity: Int = 1024) {
@@ -77,6 +107,10 @@ public final class TLB {
         guestPhysicalEntries.initialize(repeating: GuestPhysicalEntry(guestFrame: 0, root: 0, generation: 0, hostFrame: 0,
                                                                       writable: false),
                                         count: Self.guestPhysicalCapacity)
+        pageDirectoryEntries = .allocate(capacity: Self.pageDirectoryCapacity)
+        pageDirectoryEntries.initialize(repeating: PageDirectoryCacheEntry(prefix: 0, root: 0, guestRoot: 0, generation: 0,
+                                                                           pageTable: 0, permissions: 0),
+                                        count: Self.pageDirectoryCapacity)
         counters = .allocate(capacity: 1)
         counters.initialize(to: Counters())
     }
@@ -84,6 +118,7 @@ public final class TLB {
     deinit {
         entries.deallocate()
         guestPhysicalEntries.deallocate()
+        pageDirectoryEntries.deallocate()
         counters.deallocate()
     }
 
@@ -130,6 +165,43 @@ public final class TLB {
                                writable: writable)
     }
 
+    @inline(__always)
+    private func pageDirectorySlot(_ prefix: UInt64) -> Int {
+        Int(truncatingIfNeeded: prefix) & (Self.pageDirectoryCapacity - 1)
+    }
+
+    /// The PDE-cache entry for `address` under the TLB tag `root` and the guest's `guestRoot` (its
+    /// CR3), if cached.
+    @inline(__always)
+    public func lookupPageDirectory(_ address: GuestVirtualAddress, root: UInt64, guestRoot: UInt64) -> PageDirectoryCacheEntry? {
+        let prefix = address.rawValue >> 21
+        let entry = pageDirectoryEntries[pageDirectorySlot(prefix)]
+        guard entry.generation == generation, entry.prefix == prefix, entry.root == root, entry.guestRoot == guestRoot
+        else { return nil }
+        counters.pointee.pageDirectoryHits &+= 1
+        return entry
+    }
+
+    @inline(__always)
+    public func insertPageDirectory(_ address: GuestVirtualAddress, root: UInt64, guestRoot: UInt64, pageTable: UInt64,
+                                    permissions: UInt8) {
+        let prefix = address.rawValue >> 21
+        pageDirectoryEntries[pageDirectorySlot(prefix)] =
+            PageDirectoryCacheEntry(prefix: prefix, root: root, guestRoot: guestRoot, generation: generation,
+                                    pageTable: pageTable, permissions: permissions)
+    }
+
+    /// Drops the PDE-cache entry that would translate `address` under `root` (a #PF on it: SDM
+    /// 4.10.4.1, a page fault invalidates the paging-structure-cache entries for its address).
+    @inline(__always)
+    public func invalidatePageDirectory(_ address: GuestVirtualAddress, root: UInt64) {
+        let prefix = address.rawValue >> 21
+        let index = pageDirectorySlot(prefix)
+        if pageDirectoryEntries[index].prefix == prefix && pageDirectoryEntries[index].root == root {
+            pageDirectoryEntries[index].generation = 0
+        }
+    }
+
     /// Drops the entry for the page of `address` under `root` (a fault on it).
     public func invalidate(_ address: GuestVirtualAddress, root: UInt64) {
         let page = address.rawValue >> 12
@@ -142,12 +214,18 @@ public final class TLB {
     public func invalidate(_ address: GuestVirtualAddress) {
         let page = address.rawValue >> 12
         for index in 0..<capacity where entries[index].tag == page { entries[index].generation = 0 }
+        // INVLPG also drops every paging-structure-cache entry of the current PCID, whatever its
+        // address (SDM 4.10.4.1); every PCID's here.
+        for index in 0..<Self.pageDirectoryCapacity { pageDirectoryEntries[index].generation = 0 }
     }
 
-    /// Drops the entries walked from `root` (under TDP, one PCID of the current EPT root); the
-    /// guest-physical mappings stay.
+    /// Drops the entries walked from `root` (under TDP, one PCID of the current EPT root), and the
+    /// PDE-cache entries of that tag; the guest-physical mappings stay.
     public func flush(root: UInt64) {
         for index in 0..<capacity where entries[index].root == root { entries[index].generation = 0 }
+        for index in 0..<Self.pageDirectoryCapacity where pageDirectoryEntries[index].root == root {
+            pageDirectoryEntries[index].generation = 0
+        }
     }
 
     /// Drops every entry.

@@ -8,27 +8,56 @@ import X86Paging
 // walk), and only an EPT violation or misconfiguration, or a #NPF, exits to `TDPMMU.pageFault`.
 
 /// The hardware's walker of KVM's TDP tables: EPT's, or NPT's (x86 64-bit tables walked as the
-/// host's paging mode does, every access a user access). The walkers are held by reference, so
-/// that a walk borrows them in place instead of copying them.
-enum NestedWalker {
-    case ept(EPTHardwareWalker)
-    case npt(NPTHardwareWalker)
+/// host's paging mode does, every access a user access). The walkers live in boxes, so that a
+/// walk borrows them in place instead of copying them; the vCPU's state keeps the box
+/// (`TDPVCPUState.hardwareWalker`) and this value borrows it without counting references, so that
+/// handing it to every walk and every guest-table read retains and releases nothing.
+/// (`unowned(unsafe)` references still retained each binding of them; `Unmanaged` lends them.)
+struct NestedWalker {
+    let eptBox: Unmanaged<EPTHardwareWalker>?
+    let nptBox: Unmanaged<NPTHardwareWalker>?
+
+    /// The walker in `box`, an `EPTHardwareWalker` or an `NPTHardwareWalker`; nil for anything else.
+    init?(borrowing box: AnyObject?) {
+        if let ept = box as? EPTHardwareWalker {
+            eptBox = .passUnretained(ept)
+            nptBox = nil
+        } else if let npt = box as? NPTHardwareWalker {
+            eptBox = nil
+            nptBox = .passUnretained(npt)
+        } else {
+            return nil
+        }
+    }
+
+    /// The EPT walker, if the tables are EPT's (off the hot path: the reference is counted).
+    var ept: EPTHardwareWalker? { eptBox?.takeUnretainedValue() }
+
+    /// A TDP walk; on a fault, nil with the fault kept.
+    @inline(__always)
+    func translate(_ gpa: GuestPhysicalAddress, _ kind: AccessKind, pml: Bool,
+                   faults: TwoDimensionalMemory.Faults) -> NestedTranslation? {
+        if let eptBox { return eptBox._withUnsafeGuaranteedRef { $0.translate(gpa, kind, pml: pml, faults: faults) } }
+        return nptBox?._withUnsafeGuaranteedRef { $0.translate(gpa, kind, faults: faults) }
+    }
 }
 
 final class EPTHardwareWalker {
     let walker: EPTWalker
-    init(_ walker: EPTWalker) { self.walker = walker }
+    /// The host memory KVM's tables live in.
+    let host: HostPhysicalView
+    init(_ walker: EPTWalker, host: HostPhysicalView) {
+        self.walker = walker
+        self.host = host
+    }
 
     /// The walk, setting A/D; on a fault, nil with the fault kept. With PML, a walk that sets a
     /// leaf's D logs the gfn.
-    func translate(_ gpa: GuestPhysicalAddress, _ kind: AccessKind, host: HostPhysicalView, pml: Bool,
+    func translate(_ gpa: GuestPhysicalAddress, _ kind: AccessKind, pml: Bool,
                    faults: TwoDimensionalMemory.Faults) -> NestedTranslation? {
-        var fault: EPTWalkFault?
-        let translation = walker.translate(gpa, kind, in: host, setAccessedDirty: true, fault: &fault)
-        if let fault {
-            faults.fault = .ept(fault)
-            return nil
-        }
+        // The fault lands in the vCPU's summary, without the walk's path.
+        let translation = walker.translate(gpa, EPTAccess(kind), in: host, setAccessedDirty: true, sink: &faults.fault)
+        if faults.hasFault { return nil }
         if pml && translation.dirtiedLeaf { faults.logInPMLBuffer(gpa.frame) }
         return NestedTranslation(host: translation.outputAddress.rawValue, readable: translation.isReadable,
                                  writable: translation.isWritable, executable: translation.isExecutable,
@@ -39,19 +68,25 @@ final class EPTHardwareWalker {
 
 final class NPTHardwareWalker {
     let walker: PageWalker
-    init(_ walker: PageWalker) { self.walker = walker }
+    /// The host memory KVM's tables live in.
+    let host: HostPhysicalView
+    init(_ walker: PageWalker, host: HostPhysicalView) {
+        self.walker = walker
+        self.host = host
+    }
 
-    func translate(_ gpa: GuestPhysicalAddress, _ kind: AccessKind, host: HostPhysicalView,
+    func translate(_ gpa: GuestPhysicalAddress, _ kind: AccessKind,
                    faults: TwoDimensionalMemory.Faults) -> NestedTranslation? {
-        switch walker.translate(GuestVirtualAddress(gpa.rawValue), Access(kind, .user), in: host, setAccessedDirty: true) {
-        case .success(let translation):
-            return NestedTranslation(host: translation.physicalAddress.rawValue, readable: true,
-                                     writable: translation.isWritable, executable: translation.isExecutable,
-                                     leafDirty: translation.path.entryValue(level: translation.level) & 0x40 != 0)
-        case .failure(let fault):
-            faults.fault = .npt(fault)
+        var fault = WalkFaultSummary()
+        let translation = walker.translate(GuestVirtualAddress(gpa.rawValue), Access(kind, .user), in: host,
+                                           setAccessedDirty: true, sink: &fault)
+        guard fault.kind == .none else {
+            faults.fault = TDPTableFault(npt: fault)
             return nil
         }
+        return NestedTranslation(host: translation.physicalAddress.rawValue, readable: true,
+                                 writable: translation.isWritable, executable: translation.isExecutable,
+                                 leafDirty: translation.path.entryValue(level: translation.level) & 0x40 != 0)
     }
 }
 
@@ -65,10 +100,53 @@ struct NestedTranslation {
     var leafDirty: Bool
 }
 
-/// Why the TDP walk gave no translation.
-enum NestedFault {
-    case ept(EPTWalkFault)
-    case npt(WalkFault)
+/// Why the TDP walk gave no translation, as much of it as the exit needs: the fault's kind, the
+/// EPT violation's qualification or the #NPF's error code, and for an EPT violation the level that
+/// refused and that level's entry (SPP looks at a refusing 4 KiB leaf). The walk's path stays
+/// behind: copying faults that carried it cost several `memcpy`s a TDP fault.
+struct TDPTableFault: WalkFaultSink {
+    enum Kind: UInt8 {
+        case none
+        case eptViolation
+        case eptMisconfiguration
+        case nptPageFault
+        /// The table walk reached no memory, or the address was too wide for it.
+        case unreachable
+    }
+    var kind = Kind.none
+    /// An EPT violation's exit qualification; an NPT fault's architectural #PF error code.
+    var code: UInt64 = 0
+    /// The level of the EPT entry that refused the access (EPT violations).
+    var level = 0
+    /// That entry's value.
+    var entry: UInt64 = 0
+
+    init() {}
+
+    /// The summary of an NPT walk's fault.
+    init(npt fault: WalkFaultSummary) {
+        if fault.kind == .pageFault {
+            kind = .nptPageFault
+            code = UInt64(fault.errorCode.architectural)
+        } else {
+            kind = .unreachable
+        }
+    }
+
+    @inline(__always)
+    mutating func record(_ fault: EPTWalkFault) {
+        switch fault {
+        case .violation(_, let qualification, let level, let path):
+            kind = .eptViolation
+            code = qualification.rawValue
+            self.level = level
+            entry = path.entryValue(level: level)
+        case .misconfiguration:
+            kind = .eptMisconfiguration
+        case .noMemory, .addressTooWide:
+            kind = .unreachable
+        }
+    }
 }
 
 /// What a vCPU keeps under TDP.
@@ -82,9 +160,17 @@ final class TDPVCPUState {
     @exclusivity(unchecked) var guestWalkerBox: WalkerBox
     var guestWalker: PageWalker { guestWalkerBox.walker }
     /// The root this vCPU runs on (the EPTP), with its reference; nil until the next entry loads one.
-    @exclusivity(unchecked) var root: TDPRoot?
-    /// The hardware's walker of `root`'s tables.
-    @exclusivity(unchecked) var ept: NestedWalker?
+    @exclusivity(unchecked) var root: TDPRoot? {
+        didSet { rootFrame = root?.frame.rawValue ?? VCPU.noRoot }
+    }
+    /// `root`'s frame (`VCPU.noRoot` without one), read by every walk without retaining the root.
+    @exclusivity(unchecked) private(set) var rootFrame = VCPU.noRoot
+    /// The hardware's walker of `root`'s tables (an `EPTHardwareWalker` or `NPTHardwareWalker`).
+    @exclusivity(unchecked) var hardwareWalker: AnyObject? {
+        didSet { ept = NestedWalker(borrowing: hardwareWalker) }
+    }
+    /// `hardwareWalker`, borrowed.
+    @exclusivity(unchecked) private(set) var ept: NestedWalker?
     /// The EPT capabilities the EPTP is walked with (EPT only).
     let capabilities: EPTCapabilities
     let cpu: CPUModel
@@ -135,12 +221,9 @@ struct TwoDimensionalMemory: PhysicalMemory {
     /// Its `var`s are exempt from dynamic exclusivity checks (as the vCPU's `hot` state is): only
     /// the vCPU's own thread touches them, and every walk touches them several times.
     final class Faults {
-        @exclusivity(unchecked) var fault: NestedFault? {
-            didSet { hasFault = fault != nil }
-        }
-        /// `fault != nil`, kept apart: testing the optional enum copies it, and every read of a
-        /// guest table tests it.
-        @exclusivity(unchecked) private(set) var hasFault = false
+        @exclusivity(unchecked) var fault = TDPTableFault()
+        /// Every read of a guest table tests this.
+        var hasFault: Bool { fault.kind != .none }
         /// Guest frames whose EPT leaf refused writes (the guest's A/D updates there were skipped).
         @exclusivity(unchecked) var readOnlyFrames: [UInt64] = []
         /// The PML buffer: gfns whose EPT leaf the hardware set D in, logged in guest mode and
@@ -164,14 +247,14 @@ struct TwoDimensionalMemory: PhysicalMemory {
         }
 
         func startWalk() {
-            if hasFault { fault = nil }
+            fault.kind = .none
             if !readOnlyFrames.isEmpty { readOnlyFrames.removeAll(keepingCapacity: true) }
         }
     }
     // Unretained: a walk's memory lives only during the walk, whose caller holds them all (the
     // walker copies this value into every level's read, and each copy would retain them).
     let ept: NestedWalker
-    let host: HostPhysicalView
+    unowned(unsafe) let pool: HostPagePool
     let kind: AccessKind
     let pml: Bool
     unowned(unsafe) let faults: Faults
@@ -183,16 +266,16 @@ struct TwoDimensionalMemory: PhysicalMemory {
         guard !faults.hasFault else { return nil }
         if let cached = tlb.lookupGuestPhysical(frame.rawValue, root: root) {
             if !cached.writable { faults.readOnlyFrames.append(frame.rawValue) }
-            return HostPage(bytes: host.pool.pointer(HostFrameNumber(cached.hostFrame)), isWritable: cached.writable)
+            return HostPage(bytes: pool.pointer(HostFrameNumber(cached.hostFrame)), isWritable: cached.writable)
         }
-        guard let translation = VCPU.translateNested(ept, frame.address, kind, host: host, pml: pml, faults: faults) else {
+        guard let translation = ept.translate(frame.address, kind, pml: pml, faults: faults) else {
             return nil
         }
         // Kept only once the walk set the EPT entries' A (and, for a write, D): a later use of the
         // mapping has nothing left to set until KVM clears them, which it follows with a flush.
         tlb.insertGuestPhysical(frame.rawValue, root: root, hostFrame: translation.host >> 12, writable: translation.writable)
         if !translation.writable { faults.readOnlyFrames.append(frame.rawValue) }
-        return HostPage(bytes: host.pool.pointer(HostFrameNumber(translation.host >> 12)), isWritable: translation.writable)
+        return HostPage(bytes: pool.pointer(HostFrameNumber(translation.host >> 12)), isWritable: translation.writable)
     }
 }
 
@@ -204,7 +287,9 @@ enum TDPWalkOutcome {
                     subPageWriteMask: UInt32)
     /// The SPP-table walk for a write through an armed leaf failed: an SPPT miss (KVM builds the
     /// table and the write is retried) or a table KVM should never have built.
-    case subPageTableFault(GuestPhysicalAddress, SPPTWalkFault)
+    /// (Indirect: the fault carries the SPP walk's path, and the outcome, copied on every walk,
+    /// would be as large.)
+    indirect case subPageTableFault(GuestPhysicalAddress, SPPTWalkFault)
     case guestFault(PageFaultErrorCode)
     case generalProtection
     /// An EPT violation or misconfiguration: KVM's fault handler with this error code.
@@ -213,28 +298,110 @@ enum TDPWalkOutcome {
     case mmuLockBusy
 }
 
+/// What the TDP walk needs of the guest's walk: small enough to come back in registers (the
+/// `Translation`, with its path, was copied out of the walk by `memcpy`).
+struct GuestWalkOutcome {
+    var physicalAddress: GuestPhysicalAddress
+    var permissions: UInt8
+    /// The guest leaf's D bit is set (with paging off there is no guest entry: true).
+    var leafDirty: Bool
+    /// A guest paging-structure entry whose A/D update was skipped because the TDP leaf of its
+    /// table refused writes (possible only without EPT A/D): the hardware's write there is an EPT
+    /// violation.
+    var refusedEntry: GuestPhysicalAddress?
+    /// A walk from CR3 that reached a PTE through entries all with A set: the page table's
+    /// guest-physical address and the upper entries' combined permissions, for a PDE-cache entry
+    /// once the access's translation completes (0: none to make).
+    var pageTable: UInt64 = 0
+    var upperPermissions: UInt8 = 0
+}
+
 extension WalkerBox {
     /// The guest's walk under TDP, its tables read through the TDP tables, with the walker borrowed
-    /// in place (see `WalkerBox`).
+    /// in place (see `WalkerBox`). In IA-32e paging it starts, where it can, from the TLB's
+    /// PDE-cache entry for the address (`TLB.PageDirectoryCacheEntry`), reading only the PTE; a
+    /// walk from CR3 that reached a PTE with A set in every entry above it says what entry to make
+    /// (`GuestWalkOutcome.pageTable`), which the caller makes once the final translation went
+    /// through (an EPT fault for the address would drop it at once).
     @inline(never)
     func walkTwoDimensional(_ address: GuestVirtualAddress, _ access: Access, in memory: TwoDimensionalMemory,
-                            fault: inout WalkFaultSummary) -> Translation {
-        walker.translate(address, access, in: memory, setAccessedDirty: true, sink: &fault)
+                            tag: UInt64, fault: inout WalkFaultSummary) -> GuestWalkOutcome {
+        let cachesPageDirectories = walker.mode.isLongMode
+        if cachesPageDirectories,
+           let cached = memory.tlb.lookupPageDirectory(address, root: tag, guestRoot: walker.registers.cr3) {
+            return walkPageTable(address, access, in: memory, from: cached, fault: &fault)
+        }
+        return walkFromRoot(address, access, in: memory, cachingPageDirectory: cachesPageDirectories,
+                            fault: &fault)
+    }
+
+    // The two walks are apart, each with its own copy of the level loop: in one function the two
+    // translations' bookkeeping cost more than the cache saved.
+
+    /// The walk from CR3.
+    @inline(never)
+    private func walkFromRoot(_ address: GuestVirtualAddress, _ access: Access, in memory: TwoDimensionalMemory,
+                              cachingPageDirectory: Bool, fault: inout WalkFaultSummary) -> GuestWalkOutcome {
+        let translation = walker.translate(address, access, in: memory, setAccessedDirty: true, sink: &fault)
+        var outcome = outcome(of: translation, access, in: memory, fault: fault)
+        if cachingPageDirectory && fault.kind == .none && translation.level == 1 && outcome.refusedEntry == nil {
+            // Only entries whose A the processor has set are cached (SDM 4.10.3.1); an update the
+            // TDP tables refused left A clear.
+            let path = translation.path
+            var accessed = true
+            var level = path.topLevel
+            while level >= 2 {
+                accessed = accessed && path.entryValue(level: level) & 0x20 != 0
+                level -= 1
+            }
+            if accessed {
+                outcome.pageTable = path.entryAddress(level: 1).rawValue & ~0xFFF
+                outcome.upperPermissions = walker.combinedPermissions(of: path, downTo: 2)
+            }
+        }
+        return outcome
+    }
+
+    /// The walk from the page table a PDE-cache entry names.
+    @inline(never)
+    private func walkPageTable(_ address: GuestVirtualAddress, _ access: Access, in memory: TwoDimensionalMemory,
+                               from cached: TLB.PageDirectoryCacheEntry, fault: inout WalkFaultSummary) -> GuestWalkOutcome {
+        let translation = walker.translate(address, access, in: memory, resumingAt: cached.pageTable, level: 1,
+                                           permissions: cached.permissions, setAccessedDirty: true, sink: &fault)
+        return outcome(of: translation, access, in: memory, fault: fault)
+    }
+
+    @inline(__always)
+    private func outcome(of translation: Translation, _ access: Access, in memory: TwoDimensionalMemory,
+                         fault: WalkFaultSummary) -> GuestWalkOutcome {
+        guard fault.kind == .none else {
+            return GuestWalkOutcome(physicalAddress: translation.physicalAddress, permissions: 0, leafDirty: false,
+                                    refusedEntry: nil)
+        }
+        var outcome = GuestWalkOutcome(physicalAddress: translation.physicalAddress, permissions: translation.permissions,
+                                       leafDirty: translation.level == 0
+                                        || translation.path.entryValue(level: translation.level) & 0x40 != 0,
+                                       refusedEntry: nil)
+        guard !memory.faults.readOnlyFrames.isEmpty else { return outcome }
+        // Without EPT A/D the guest's tables were read with reads; an A/D update the TDP leaf did
+        // not allow was skipped.
+        let path = translation.path
+        var level = path.topIsRegister ? path.topLevel - 1 : path.topLevel
+        while level >= path.bottomLevel {
+            let entryAddress = path.entryAddress(level: level)
+            let needs: UInt64 = level == path.bottomLevel && access.kind == .write ? 0x60 : 0x20
+            if path.entryValue(level: level) & needs != needs
+                && memory.faults.readOnlyFrames.contains(entryAddress.frame.rawValue) {
+                outcome.refusedEntry = entryAddress
+                break
+            }
+            level -= 1
+        }
+        return outcome
     }
 }
 
 extension VCPU {
-    /// A TDP walk; on a fault, nil with the fault kept.
-    @inline(__always)
-    static func translateNested(_ walker: NestedWalker, _ gpa: GuestPhysicalAddress, _ kind: AccessKind,
-                                host: HostPhysicalView, pml: Bool,
-                                faults: TwoDimensionalMemory.Faults) -> NestedTranslation? {
-        switch walker {
-        case .ept(let ept): ept.translate(gpa, kind, host: host, pml: pml, faults: faults)
-        case .npt(let npt): npt.translate(gpa, kind, host: host, faults: faults)
-        }
-    }
-
     // MARK: Registers
 
     func tdpSetRegisters(_ new: PagingRegisters, _ state: TDPVCPUState) throws(VirtualMachineError) {
@@ -324,7 +491,7 @@ extension VCPU {
             if let root = state.root, root.isInvalid {
                 try? state.tdp.putRoot(root)
                 state.root = nil
-                state.ept = nil
+                state.hardwareWalker = nil
                 hot.pointee.rootFrame = Self.noRoot
             }
         }
@@ -340,7 +507,7 @@ extension VCPU {
         if let root = state.root, root.isInvalid {
             try? state.tdp.putRoot(root)
             state.root = nil
-            state.ept = nil
+            state.hardwareWalker = nil
         }
         if let ept = state.ept { return ept }
         let root: TDPRoot
@@ -349,12 +516,13 @@ extension VCPU {
         } catch {
             throw .hostMemory("\(error)")
         }
-        let ept: NestedWalker
+        let walker: AnyObject
         if state.tdp.masks.isEPT {
             do {
-                ept = .ept(EPTHardwareWalker(try EPTWalker(pointer: EPTPointer(root: root.frame.address.rawValue, levels: root.level,
-                                                                               accessedDirty: state.tdp.masks.accessedDirtyEnabled),
-                                                           capabilities: state.capabilities)))
+                walker = EPTHardwareWalker(try EPTWalker(pointer: EPTPointer(root: root.frame.address.rawValue, levels: root.level,
+                                                                             accessedDirty: state.tdp.masks.accessedDirtyEnabled),
+                                                         capabilities: state.capabilities),
+                                           host: host)
             } catch {
                 throw .corruptShadowTables("the hardware refuses KVM's EPTP: \(error)")
             }
@@ -365,18 +533,20 @@ extension VCPU {
             let registers = PagingRegisters(cr0: [.protectionEnable, .writeProtect, .paging], cr3: root.frame.address.rawValue,
                                             cr4: cr4, efer: [.noExecuteEnable, .longModeEnable, .longModeActive])
             do {
-                ept = .npt(NPTHardwareWalker(try PageWalker(registers: registers,
-                                                            cpu: CPUModel(maxPhysicalAddressBits: state.tdp.masks.hostPhysicalAddressBits),
-                                                            memory: host)))
+                walker = NPTHardwareWalker(try PageWalker(registers: registers,
+                                                          cpu: CPUModel(maxPhysicalAddressBits: state.tdp.masks.hostPhysicalAddressBits),
+                                                          memory: host),
+                                           host: host)
             } catch {
                 throw .corruptShadowTables("the hardware refuses KVM's nCR3: \(error)")
             }
         }
         state.root = root
-        state.ept = ept
+        state.hardwareWalker = walker
         // A new root's frame may have been another root's: flush what is tagged with it.
         tlb.flush()
         tdpRetag(state)
+        guard let ept = state.ept else { preconditionFailure("a hardware walker was just loaded") }
         return ept
     }
 
@@ -413,7 +583,9 @@ extension VCPU {
                 let result = perform(hostAddress: hostAddress, access.kind, size: size, value: value)
                 return AccessOutcome(result: .completed(gpa: gpa, value: result), exits: exits, emulated: false, tlbHit: false)
             case .guestFault(let errorCode):
-                // Delivered by the hardware straight to the guest: no exit.
+                // Delivered by the hardware straight to the guest: no exit. The fault drops what
+                // the paging-structure caches held for the address.
+                tlb.invalidatePageDirectory(address, root: tag)
                 return AccessOutcome(result: .pageFault(errorCode: errorCode, cr2: address), exits: exits, emulated: false,
                                      tlbHit: false)
             case .generalProtection:
@@ -432,6 +604,9 @@ extension VCPU {
                 // and waits for the writer outside guest mode.
                 waitOutsideGuestMode(for: state.tdp.lock)
             case .exit(let gpa, let errorCode):
+                // An EPT violation or misconfiguration (a #NPF alike) also invalidates the combined
+                // mappings for the linear address whose translation faulted: its PDE-cache entry.
+                tlb.invalidatePageDirectory(address, root: tag)
                 leaveGuestMode()
                 exits += 1
                 count(.exit)
@@ -465,7 +640,7 @@ extension VCPU {
             if staysInGuestMode, let ept = state.ept { return ept }
             leaveGuestMode()
             serviceRequests()
-            if hot.pointee.usesDirtyRing, dirtyRing?.isSoftFull == true { try exitForFullDirtyRing() }
+            if hot.pointee.usesDirtyRing, dirtyRingIsSoftFull { try exitForFullDirtyRing() }
             let ept = try tdpLoadRoot(state)
             if tryEnterGuestMode() { return ept }
         }
@@ -508,10 +683,11 @@ extension VCPU {
 
     private func tdpWalkLocked(_ address: GuestVirtualAddress, _ access: Access, size: Int, ept: NestedWalker,
                                _ state: TDPVCPUState, _ faults: TwoDimensionalMemory.Faults) -> TDPWalkOutcome {
-        let memory = TwoDimensionalMemory(ept: ept, host: host, kind: state.tableAccess, pml: state.pml, faults: faults,
-                                          tlb: tlb, root: state.root?.frame.rawValue ?? Self.noRoot)
+        let memory = TwoDimensionalMemory(ept: ept, pool: pool, kind: state.tableAccess, pml: state.pml, faults: faults,
+                                          tlb: tlb, root: state.rootFrame)
         var walkFault = WalkFaultSummary()
-        let translation = state.guestWalkerBox.walkTwoDimensional(address, access, in: memory, fault: &walkFault)
+        let translation = state.guestWalkerBox.walkTwoDimensional(address, access, in: memory, tag: hot.pointee.rootFrame,
+                                                                  fault: &walkFault)
         switch walkFault.kind {
         case .none:
             break
@@ -522,38 +698,28 @@ extension VCPU {
         case .noMemory:
             return tdpExit(faults.fault, gpa: walkFault.unbackedEntry, final: false)
         }
-        // Without EPT A/D the guest's tables were read with reads; an A/D update the EPT leaf did
-        // not allow was skipped and is an EPT violation of a write to that table.
-        if !faults.readOnlyFrames.isEmpty {
-            let path = translation.path
-            let top = path.topIsRegister ? path.topLevel - 1 : path.topLevel
-            var level = top
-            while level >= path.bottomLevel {
-                let entryAddress = path.entryAddress(level: level)
-                let value = path.entryValue(level: level)
-                let needs: UInt64 = level == path.bottomLevel && access.kind == .write ? 0x60 : 0x20
-                if value & needs != needs && faults.readOnlyFrames.contains(entryAddress.frame.rawValue) {
-                    faults.fault = nil
-                    _ = Self.translateNested(ept, entryAddress, .write, host: host, pml: false, faults: faults)
-                    return tdpExit(faults.fault, gpa: entryAddress, final: false)
-                }
-                level -= 1
-            }
+        if let entryAddress = translation.refusedEntry {
+            // The skipped A/D update is an EPT violation of a write to that table.
+            faults.fault = TDPTableFault()
+            _ = ept.translate(entryAddress, .write, pml: false, faults: faults)
+            return tdpExit(faults.fault, gpa: entryAddress, final: false)
         }
         let gpa = translation.physicalAddress
-        // With paging off there is no guest entry (level 0) to read D from.
-        let guestDirty = state.registers.mode == .disabled
-            || translation.path.entryValue(level: translation.level) & 0x40 != 0
-        guard let final = Self.translateNested(ept, gpa, access.kind, host: host, pml: state.pml, faults: faults) else {
-            if access.kind == .write, let protection = state.tdp.subPageProtection, case .ept(let hardware) = ept,
-               case .ept(.violation(_, _, let level, let path))? = faults.fault,
-               level == 1, path.bottomLevel == 1,  // SPP applies to 4 KiB leaves only
-               let checked = subPageCheckedWrite(at: gpa, size: size, leaf: SPTE(path.entryValue(level: level)), level: level,
+        let guestDirty = translation.leafDirty
+        guard let final = ept.translate(gpa, access.kind, pml: state.pml, faults: faults) else {
+            let fault = faults.fault
+            if access.kind == .write, let protection = state.tdp.subPageProtection, let hardware = ept.ept,
+               fault.kind == .eptViolation, fault.level == 1,  // SPP applies to 4 KiB leaves only
+               let checked = subPageCheckedWrite(at: gpa, size: size, leaf: SPTE(fault.entry), level: fault.level,
                                                  guestPermissions: translation.permissions, guestDirty: guestDirty,
                                                  walker: hardware.walker, protection: protection) {
                 return checked
             }
-            return tdpExit(faults.fault, gpa: gpa, final: true)
+            return tdpExit(fault, gpa: gpa, final: true)
+        }
+        if translation.pageTable != 0 {
+            tlb.insertPageDirectory(address, root: hot.pointee.rootFrame, guestRoot: state.registers.cr3,
+                                    pageTable: translation.pageTable, permissions: translation.upperPermissions)
         }
         return .translated(host: final.host, gpa: gpa, permissions: translation.permissions,
                            dirty: guestDirty && final.leafDirty && final.writable,
@@ -620,19 +786,20 @@ extension VCPU {
     /// linear address valid; a guest table or the final translation), RSVD for a misconfiguration.
     /// An NPT fault's #NPF error code is the nested walk's #PF error code with GUEST_FINAL or
     /// GUEST_PAGE (bits 32, 33).
-    private func tdpExit(_ fault: NestedFault?, gpa: GuestPhysicalAddress, final: Bool) -> TDPWalkOutcome {
-        switch fault {
-        case .ept(.violation(_, var qualification, _, _))?:
+    private func tdpExit(_ fault: TDPTableFault, gpa: GuestPhysicalAddress, final: Bool) -> TDPWalkOutcome {
+        switch fault.kind {
+        case .eptViolation:
+            var qualification = EPTViolationQualification(rawValue: fault.code)
             qualification.insert(.linearAddressValid)
             if final { qualification.insert(.finalTranslation) }
             return .exit(gpa, TDPMMU.errorCode(forEPTViolation: qualification))
-        case .ept(.misconfiguration)?:
+        case .eptMisconfiguration:
             return .exit(gpa, [.reservedBit])
-        case .npt(.pageFault(let pageFault))?:
-            var code = PageFaultErrorCode(rawValue: UInt64(pageFault.errorCode.architectural))
+        case .nptPageFault:
+            var code = PageFaultErrorCode(rawValue: fault.code)
             code.insert(final ? .guestFinal : .guestPage)
             return .exit(gpa, code)
-        case .ept?, .npt?, nil:
+        case .unreachable, .none:
             // No EPT fault recorded: the guest's table is beyond what the EPT walk can reach.
             return .exit(gpa, [.reservedBit])
         }

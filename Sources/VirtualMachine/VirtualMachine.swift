@@ -801,6 +801,12 @@ public final class VCPU: @unchecked Sendable {
         .invalidAccess("\(address) is wider than the 32-bit linear addresses of \(registers.mode.displayName)")
     }
 
+    /// The dirty ring is soft-full. Out of line: the optimiser hoisted the ring's exclusivity check
+    /// out of the entry loop, into every access that exits.
+    var dirtyRingIsSoftFull: Bool {
+        @inline(never) get { dirtyRing?.isSoftFull == true }
+    }
+
     /// KVM_REQ_DIRTY_RING_SOFT_FULL: instead of entering, the vCPU exits to the VMM, which must
     /// harvest and reset the rings before it can run again.
     func exitForFullDirtyRing() throws(VirtualMachineError) {

@@ -335,9 +335,10 @@ public struct EPTWalker: Sendable {
         access.kind == .write || (access.origin == .guestPagingStructure && pointer.accessedDirtyEnabled)
     }
 
-    /// The walk, with its fault delivered to `sink` (see `WalkFaultSink`).
+    /// The walk, with its fault delivered to `sink` (see `WalkFaultSink`): callers that need only
+    /// part of a fault keep only that part, and the walk's path is not copied out with it.
     @inlinable @inline(__always)
-    func translate<Memory: PhysicalMemory, Sink: WalkFaultSink<EPTWalkFault>>(
+    public func translate<Memory: PhysicalMemory, Sink: WalkFaultSink<EPTWalkFault>>(
         _ address: GuestPhysicalAddress, _ access: EPTAccess, in memory: Memory, setAccessedDirty: Bool,
         sink: inout Sink
     ) throws(Sink.Failure) -> EPTTranslation {

@@ -388,6 +388,42 @@ public struct PageWalker: Sendable {
         }
     }
 
+    /// The walk resumed below a paging-structure-cache entry (SDM 4.10.3.2): from the table at
+    /// `table` (level `level`), the entries above it having combined to `permissions` (ACC bits:
+    /// R/W and U/S ANDed, XD ORed). IA-32e paging only (4- and 5-level), where a cache entry stands
+    /// for the upper entries of every address sharing its prefix. The translation's path holds only
+    /// the entries read from `level` down.
+    @inlinable @inline(__always)
+    public func translate<Memory: PhysicalMemory, Sink: WalkFaultSink<WalkFault>>(
+        _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, resumingAt table: UInt64, level: Int,
+        permissions: UInt8, setAccessedDirty: Bool, sink: inout Sink
+    ) throws(Sink.Failure) -> Translation {
+        guard mode.isLongMode, address.isCanonical(width: mode.linearAddressWidth) else {
+            // Never cached outside IA-32e paging; a non-canonical address matches no cache entry.
+            return try translate(address, access, in: memory, setAccessedDirty: setAccessedDirty, sink: &sink)
+        }
+        return try translate(format: long64, table: table, level: level, address: address, access: access,
+                             memory: memory, path: WalkPath(), startPermissions: permissions,
+                             setAccessedDirty: setAccessedDirty, sink: &sink)
+    }
+
+    /// The combined permissions (ACC bits) of a walk's entries from its top down to `level`, as a
+    /// paging-structure-cache entry for the table below `level` keeps them. IA-32e paging only.
+    @inlinable @inline(__always)
+    public func combinedPermissions(of path: WalkPath, downTo level: Int) -> UInt8 {
+        var all = UInt64.max
+        var any: UInt64 = 0
+        var current = path.topLevel
+        while current >= level {
+            let value = path.entryValue(level: current)
+            all &= value
+            any |= value
+            current -= 1
+        }
+        // R/W and U/S AND across the levels, XD ORs: one entry with both says it for all of them.
+        return long64.permissions(Entry64(rawValue: all & ~x86NoExecuteBit | any & x86NoExecuteBit))
+    }
+
     @inlinable @inline(__always)
     func errorCode(_ access: Access, _ base: PageFaultErrorCode) -> PageFaultErrorCode {
         var code = base
@@ -403,7 +439,8 @@ public struct PageWalker: Sendable {
     @inlinable @inline(__always)
     func translate<Format: PagingFormat, Memory: PhysicalMemory, Sink: WalkFaultSink<WalkFault>>(
         format: Format, table: UInt64, level: Int, address: GuestVirtualAddress, access: Access,
-        memory: Memory, path startPath: WalkPath, setAccessedDirty: Bool, sink: inout Sink
+        memory: Memory, path startPath: WalkPath, startPermissions: UInt8 = accessAll, setAccessedDirty: Bool,
+        sink: inout Sink
     ) throws(Sink.Failure) -> Translation {
         // A/D updates only ever set bits, so an entry can change under the walk only a bounded
         // number of times (tables aliasing themselves); the bound keeps a hostile guest from
@@ -411,7 +448,7 @@ public struct PageWalker: Sendable {
         var restartsLeft = 16
         var path = startPath
         while true {
-            var permissions = accessAll
+            var permissions = startPermissions
             let stop = walkTables(format, table: table, level: level, address: address.rawValue,
                                   memory: memory, path: &path, permissions: &permissions)
             let leafLevel: Int

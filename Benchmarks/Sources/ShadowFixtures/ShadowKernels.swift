@@ -49,6 +49,13 @@ public func runTDPFaults(_ fixture: TDPFaultFixture, count: Int) -> (exits: Int,
     }
 }
 
+/// `runTDPFaults` over pages that are all mapped already (the `tdp-tlb-miss-4k` kernel): a name of
+/// its own, so that callgrind can count it apart from the faults that warmed the fixture.
+@inline(never)
+public func runTDPWalks(_ fixture: TDPFaultFixture, count: Int) -> (exits: Int, checksum: UInt64) {
+    runTDPFaults(fixture, count: count)
+}
+
 /// The floor under a fault's retried access: one 8-byte host load from each target's page, in
 /// the same order, on a fixture in the same state (the pages were populated when it was built,
 /// then the rest of the fixture was built). Each address depends on the previous load (its value

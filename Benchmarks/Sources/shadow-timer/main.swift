@@ -255,6 +255,16 @@ let kernels: [Kernel] = [
         let (exits, sum) = runTDPFaults(fixture, count: batch)
         return (exits, sum)
     } verify: { fixture, batch, exits in fixture.verify(count: batch, exits: exits) },
+    // A TLB miss under TDP with nothing to fault: tdp-fault-4k's guest with every target faulted in
+    // beforehand, its 16,352 pages cycled through the 1,024-entry TLB: the two-dimensional walk
+    // (from the PDE cache) and the TLB fill alone, no exit.
+    vcpuFaults("tdp-tlb-miss-4k", fixture: {
+        let fixture = TDPFaultFixture()
+        _ = runTDPFaults(fixture, count: fixture.targets.count)
+        return fixture
+    }, targets: \.targets.count) { fixture, batch in
+        runTDPWalks(fixture, count: batch)
+    } verify: { _, batch, exits in precondition(exits == 0, "TDP TLB misses: \(exits) exits in \(batch) accesses") },
     // Populating 4 GiB with 4 KiB pages (1M faults), TDP on one and two vCPU threads, and shadow
     // paging on the same guest; ns per fault.
     population("tdp-populate-4g", tdp: true),
