@@ -374,8 +374,10 @@ extension TDPMMU {
     /// asked only while it shadows guest tables.
     @inline(__always)
     private func shadowPagesRefuseWrite(_ gfn: UInt64) -> Bool {
-        guard let shadow = shadowRmaps, shadow.indirectShadowPages > 0 else { return false }
-        return shadow.unsyncForTDPMapping(GuestFrameNumber(gfn))
+        guard let shadow = unmanagedShadowRmaps else { return false }
+        return shadow._withUnsafeGuaranteedRef { shadow in
+            shadow.indirectShadowPages > 0 && shadow.unsyncForTDPMapping(GuestFrameNumber(gfn))
+        }
     }
 
     // MARK: Looking

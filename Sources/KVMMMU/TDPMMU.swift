@@ -386,7 +386,12 @@ public final class TDPMMU: @unchecked Sendable {
     /// The shadow MMU whose rmaps KVM's dirty log and memslot flag changes walk next to the TDP
     /// MMU's tables once it has pages (`kvm_memslots_have_rmaps`: under TDP, L2's `guest_mmu`
     /// pages). Its operations run under this MMU's lock held for write. Set before vCPUs run.
-    @exclusivity(unchecked) public unowned(unsafe) var shadowRmaps: ShadowMMU?
+    public var shadowRmaps: ShadowMMU? {
+        get { unmanagedShadowRmaps?.takeUnretainedValue() }
+        set { unmanagedShadowRmaps = newValue.map { Unmanaged.passUnretained($0) } }
+    }
+    /// `shadowRmaps` unretained, for the fault path's look at it (no retain and release per fault).
+    @exclusivity(unchecked) var unmanagedShadowRmaps: Unmanaged<ShadowMMU>?
     /// Sub-page write protection, once enabled (`enableSubPageProtection`, TDPMMU+SPP.swift).
     @exclusivity(unchecked) public internal(set) var subPageProtection: SubPageProtection?
 

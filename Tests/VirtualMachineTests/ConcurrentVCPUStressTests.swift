@@ -186,6 +186,11 @@ struct ConcurrentVCPUStressTests {
                 }
                 mine[address] = value
                 log.append(((address + l2Offset) >> 12, shared.clock.add(1, ordering: .sequentiallyConsistent).newValue))
+                // Every L2 access takes mmu_lock for write (the model's hardware walks guest_mmu's
+                // tables under it); L2's code between accesses gives the other threads the core, or
+                // on two cores an L1 vCPU whose fault the collector keeps re-protecting could run
+                // out of its 64 exits waiting for the lock (a starvation KVM has no bound for).
+                sched_yield()
                 if sequence % 4 == 0, let (check, expected) = mine.randomElement(using: &random) {
                     let read = try vcpu.accessL2(GuestVirtualAddress(check), .read(.supervisor))
                     guard case .completed(_, _, let found) = read.result, found == expected else {
