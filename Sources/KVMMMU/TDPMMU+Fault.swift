@@ -33,11 +33,26 @@ struct TDPFault {
     var goalLevel = KVMLevel.pageTable
     /// `huge_page_disallowed`: an executable access under the NX huge-page mitigation.
     var hugePageDisallowed = false
+    /// `prefetch`: KVM_PRE_FAULT_MEMORY's fault, not a guest access: its leaf is made without A,
+    /// and it never replaces a present SPTE.
+    var isPrefetch = false
 
     init(gfn: UInt64, errorCode: PageFaultErrorCode) {
         self.gfn = gfn
         self.errorCode = errorCode
     }
+}
+
+/// What one KVM_PRE_FAULT_MEMORY fault did.
+public enum TDPPreFaultResult: Equatable, Sendable {
+    /// The gfn is mapped (now or already) by a leaf at `level`, or would have been: progress of
+    /// that page size.
+    case mapped(level: Int)
+    /// No memslot holds it (RET_PF_EMULATE: the ioctl's -ENOENT); with MMIO caching an MMIO SPTE
+    /// was made.
+    case noMemslot
+    /// The fault must be tried again (a lost race, or a root invalidated meanwhile).
+    case retry
 }
 
 extension TDPMMU {
@@ -88,6 +103,32 @@ extension TDPMMU {
         }
     }
 
+    /// One fault of KVM_PRE_FAULT_MEMORY (`kvm_tdp_page_prefault`'s `kvm_mmu_do_page_fault`): a
+    /// read of `gpa` as a prefetch, mapped as large as the memslot allows, its leaf without A, a
+    /// present SPTE left as it is. Counts only `pf_fixed` (a prefetch is neither taken, spurious
+    /// nor emulated in KVM's counters). Runs under the lock held for read.
+    public func preFault(at gpa: GuestPhysicalAddress, root: TDPRoot, vcpuID: Int = 0) throws(TDPMMUError) -> TDPPreFaultResult {
+        guard root.owner == ObjectIdentifier(self) else { throw .foreignRoot }
+        let gfn = gpa.rawValue >> UInt64(pageShift)
+        guard gfn < rootSpan else { throw .addressBeyondRoot(gpa, rootLevel: rootLevel) }
+        return try withSharedLock { () throws(TDPMMUError) -> TDPPreFaultResult in
+            try checkMemslotsUnchanged()
+            var fault = TDPFault(gfn: gfn, errorCode: [.guestFinal])
+            fault.isPrefetch = true
+            switch try tdpPageFault(&fault, gpa: gpa, root: root, vcpuID: vcpuID) {
+            case .fixed:
+                TDPCounters.increment(counters.pfFixed)
+                return .mapped(level: fault.goalLevel)
+            case .spurious:
+                return .mapped(level: fault.goalLevel)
+            case .emulate:
+                return .noMemslot
+            default:
+                return .retry
+            }
+        }
+    }
+
     /// What the MMIO fast path decided: `.emulate`, `.retry`, or nil for the slow path.
     enum MMIOFastPathResult { case emulate, retry }
 
@@ -114,6 +155,12 @@ extension TDPMMU {
     private func tdpPageFault(_ gfn: UInt64, gpa: GuestPhysicalAddress, errorCode: PageFaultErrorCode, root: TDPRoot,
                               vcpuID: Int) throws(TDPMMUError) -> PageFaultResult {
         var fault = TDPFault(gfn: gfn, errorCode: errorCode)
+        return try tdpPageFault(&fault, gpa: gpa, root: root, vcpuID: vcpuID)
+    }
+
+    private func tdpPageFault(_ fault: inout TDPFault, gpa: GuestPhysicalAddress, root: TDPRoot,
+                              vcpuID: Int) throws(TDPMMUError) -> PageFaultResult {
+        let gfn = fault.gfn, errorCode = fault.errorCode
         fault.slot = slotMetadata(containing: gfn)
         // page_fault_handle_page_track: a write to a write-tracked gfn that is mapped goes to the
         // emulator, which tells the tracker.
@@ -302,7 +349,8 @@ extension TDPMMU {
         var writeProtected = false
         if let slot = fault.slot {
             (new, writeProtected) = makeLeafSPTE(level: level, gfn: iterator.gfn, pfn: fault.pfn, old: old,
-                                                 hostWritable: fault.mapWritable, slot: slot, role: root.role)
+                                                 hostWritable: fault.mapWritable, slot: slot, role: root.role,
+                                                 prefetch: fault.isPrefetch)
             if let protection = subPageProtection {
                 new = protection.applyingProtection(to: new, gfn: GuestFrameNumber(iterator.gfn), level: level)
             }
@@ -310,7 +358,7 @@ extension TDPMMU {
             new = .mmio(gfn: GuestFrameNumber(iterator.gfn), access: ACC.all, generation: memory.generation, masks: masks)
         }
         var result = PageFaultResult.fixed
-        if new == old {
+        if new == old || fault.isPrefetch && old.isShadowPresent {
             result = .spurious
         } else if !setSPTEAtomic(&iterator, new) {
             return .retry
@@ -335,12 +383,12 @@ extension TDPMMU {
         return result
     }
 
-    /// `make_spte` for the TDP MMU (`pte_access` is ACC_ALL, never a prefetch): the leaf for `pfn`
+    /// `make_spte` for the TDP MMU (`pte_access` is ACC_ALL): the leaf for `pfn`
     /// at `level`, and whether it had to stay read-only because the gfn is write-tracked. W (with
     /// MMU-writable and D) is granted whenever the host page is writable and the gfn not tracked,
     /// whatever the access; a gfn of a dirty-logging slot that gets W is marked dirty right here.
     func makeLeafSPTE(level: Int, gfn: UInt64, pfn: UInt64, old: SPTE, hostWritable: Bool, slot: MemslotMetadata,
-                      role: PageRole) -> (SPTE, writeProtected: Bool) {
+                      role: PageRole, prefetch: Bool = false) -> (SPTE, writeProtected: Bool) {
         var access = ACC.all
         // NX huge pages: a huge mapping is never executable; an exec fault splits it instead.
         if level > KVMLevel.pageTable && configuration.nxHugePages { access &= ~ACC.exec }
@@ -361,9 +409,12 @@ extension TDPMMU {
         let adState: SPTE.ADState = role.adDisabled
             ? .disabled
             : (configuration.dirtyLogging == .pml && role.guestMode ? .wrprotOnly : .enabled)
-        let spte = SPTE.leaf(pfn: HostFrameNumber(pfn), level: level, access: access, hostWritable: hostWritable,
+        var spte = SPTE.leaf(pfn: HostFrameNumber(pfn), level: level, access: access, hostWritable: hostWritable,
                              writable: writable, accessed: true, adState: adState, masks: masks)
-        if writable && slot.slot.logsDirtyPages {
+        // A prefetch (KVM_PRE_FAULT_MEMORY) accessed nothing: `mark_spte_for_access_track`, which
+        // without A/D bits takes W away too, before the dirty log looks at W.
+        if prefetch { spte = spte.markedForAccessTrack(masks) }
+        if spte.isWritable && slot.slot.logsDirtyPages {
             if level > KVMLevel.pageTable { warn("a huge page at gfn \(hex(gfn)) was mapped writable in a dirty-logging slot") }
             memory.markDirty(GuestFrameNumber(gfn))
         }

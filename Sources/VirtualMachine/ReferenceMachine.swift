@@ -317,6 +317,13 @@ public final class ReferenceMachine {
                 break
             }
         }
+        // An access served through an older entry value left that translation in the TLB: it
+        // stays usable until the page itself is invalidated, whatever drops the older value.
+        if let gpa = actual.completedAddress, expected.translatedAddress != gpa,
+           let used = allowedStale.first(where: { $0.gpaFrame == gpa.frame.rawValue }) {
+            remember(page, Cached(gpaFrame: used.gpaFrame, permissions: used.permissions, isGlobal: used.isGlobal, pcid: pcid,
+                                  dirty: used.dirty || access.kind == .write))
+        }
         if access.kind == .write, !refusedBySubPages, case .completed(let gpa, _) = actual {
             noteGuestWrite(gpa, size: size, value: value)
         }
@@ -605,6 +612,24 @@ public final class ReferenceMachine {
         dropAll { !(keepsGlobal && $0.isGlobal) && $0.pcid == pcid }
         dropStaleLeaves(pcid: pcid)
         dropStaleTableEntries(pcid: pcid)
+    }
+}
+
+private extension AccessResult {
+    /// Where a completed (or MMIO) access went.
+    var completedAddress: GuestPhysicalAddress? {
+        switch self {
+        case .completed(let gpa, _), .mmio(let gpa, _): gpa
+        default: nil
+        }
+    }
+}
+
+private extension Result where Success == Translation {
+    /// The address a fresh walk translates to, nil when it faults.
+    var translatedAddress: GuestPhysicalAddress? {
+        if case .success(let translation) = self { return translation.physicalAddress }
+        return nil
     }
 }
 

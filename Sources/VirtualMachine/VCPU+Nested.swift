@@ -65,7 +65,7 @@ final class NestedVCPUState {
     var inL2 = false
     /// The hardware's walker for L2 and the `guest_mmu` root it walks, kept while both stay (an
     /// entry, which may change L2's registers, drops it).
-    var hardware: (root: HostFrameNumber, walker: NestedPagingWalker)?
+    var hardware: L2HardwareWalker?
     /// For the lockstep check: L1's last-level EPT tables as they were at each VM entry since
     /// the INVEPT that covers them (NestedReference.swift).
     var eptSnapshots: [EPTTableSnapshot] = []
@@ -77,6 +77,61 @@ final class NestedVCPUState {
         self.guestMMU = guestMMU
         self.guestWalker = guestWalker
         self.l1Tables = l1Tables
+    }
+}
+
+/// The hardware's walker for L2 over one `guest_mmu` root, boxed so that a walk borrows it in place:
+/// returned or kept as a value, the walker (L2's `PageWalker` and the shadow tables' walker) was
+/// copied on every access, with the reference counting of its parts.
+final class L2HardwareWalker {
+    let root: HostFrameNumber
+    let walker: NestedPagingWalker
+
+    init(root: HostFrameNumber, walker: NestedPagingWalker) {
+        self.root = root
+        self.walker = walker
+    }
+
+    /// What an L2 access's hardware walk gave, as much as `runL2` needs: small, where the walk's
+    /// `Result` carries L2's translation and faults with their walk paths, which every pattern
+    /// match copied.
+    enum Outcome {
+        case translated(gpa: GuestPhysicalAddress, hostAddress: UInt64)
+        case guestPageFault(PageFaultErrorCode)
+        case generalProtection
+        case noMemory
+        /// A fault of `guest_mmu`'s tables: KVM's handler with the error code it derives.
+        case exit(NestedFaultSite, PageFaultErrorCode)
+        /// A fault that names no site (never made by the walker).
+        indirect case unexpected(NestedPagingFault)
+    }
+
+    @inline(never)
+    func translate(_ address: GuestVirtualAddress, _ access: Access, in host: HostPhysicalView) -> Outcome {
+        let fault: NestedPagingFault
+        switch walker.translate(address, access, in: host) {
+        case .success(let translation):
+            return .translated(gpa: translation.guest.physicalAddress, hostAddress: translation.outputAddress.rawValue)
+        case .failure(.guest(.pageFault(let pageFault))):
+            return .guestPageFault(PageFaultErrorCode(rawValue: UInt64(pageFault.errorCode.architectural)))
+        case .failure(.guest(.generalProtection)), .failure(.guest(.addressTooWide)):
+            return .generalProtection
+        case .failure(.guest(.noMemory)), .failure(.noMemory):
+            return .noMemory
+        case .failure(let other):
+            fault = other
+        }
+        guard let site = fault.site else { return .unexpected(fault) }
+        switch fault {
+        case .eptViolation(_, var qualification):
+            qualification.insert(.linearAddressValid)
+            return .exit(site, TDPMMU.errorCode(forEPTViolation: qualification))
+        case .nestedPageFault(_, let code):
+            return .exit(site, code)
+        default:
+            // A misconfiguration of KVM's own shadow EPT: an MMIO SPTE.
+            return .exit(site, [.reservedBit])
+        }
     }
 }
 
@@ -282,39 +337,29 @@ extension VCPU {
         var exits = 0
         while exits <= Self.maxExitsPerAccess {
             let hardware = try nestedHardwareWalker(nested, tdpState)
-            let fault: NestedPagingFault
+            let site: NestedFaultSite
+            let errorCode: PageFaultErrorCode
             switch hardware.translate(address, access, in: host) {
-            case .success(let translation):
-                let hostAddress = translation.outputAddress.rawValue
+            case .translated(let gpa, let hostAddress):
                 let result = perform(hostAddress: hostAddress, access.kind, size: size, value: value)
-                return L2AccessOutcome(result: .completed(gpa: translation.guest.physicalAddress, hostAddress: hostAddress,
-                                                          value: result),
+                return L2AccessOutcome(result: .completed(gpa: gpa, hostAddress: hostAddress, value: result),
                                        exits: exits, emulated: false)
-            case .failure(.guest(.pageFault(let pageFault))):
-                return L2AccessOutcome(result: .pageFault(errorCode: PageFaultErrorCode(rawValue: UInt64(pageFault.errorCode.architectural)),
-                                                          cr2: address),
-                                       exits: exits, emulated: false)
-            case .failure(.guest(.generalProtection)), .failure(.guest(.addressTooWide)):
+            case .guestPageFault(let code):
+                return L2AccessOutcome(result: .pageFault(errorCode: code, cr2: address), exits: exits, emulated: false)
+            case .generalProtection:
                 return L2AccessOutcome(result: .generalProtection, exits: exits, emulated: false)
-            case .failure(.guest(.noMemory)), .failure(.noMemory):
+            case .noMemory:
                 throw .corruptShadowTables("guest_mmu's tables lead outside host memory for \(address)")
-            case .failure(let other):
-                fault = other
+            case .unexpected(let fault):
+                exits += 1
+                count(.exit)
+                throw .corruptShadowTables("a nested fault without a site: \(fault)")
+            case .exit(let faultSite, let code):
+                site = faultSite
+                errorCode = code
             }
             exits += 1
             count(.exit)
-            guard let site = fault.site else { throw .corruptShadowTables("a nested fault without a site: \(fault)") }
-            let errorCode: PageFaultErrorCode
-            switch fault {
-            case .eptViolation(_, var qualification):
-                qualification.insert(.linearAddressValid)
-                errorCode = TDPMMU.errorCode(forEPTViolation: qualification)
-            case .nestedPageFault(_, let code):
-                errorCode = code
-            default:
-                // A misconfiguration of KVM's own shadow EPT: an MMIO SPTE.
-                errorCode = [.reservedBit]
-            }
             let decision: NestedTDPFaultResult
             do {
                 decision = try nested.guestMMU.pageFault(atL2: site.address, errorCode: errorCode)
@@ -338,7 +383,7 @@ extension VCPU {
     /// The hardware's walker for L2: L2's paging over the shadow root of `guest_mmu` (EPT with
     /// A/D as L1's EPTP has them, KVM's EPTP for L2 copying the bit; NPT in the host's depth).
     private func nestedHardwareWalker(_ nested: NestedVCPUState,
-                                      _ tdpState: TDPVCPUState) throws(VirtualMachineError) -> NestedPagingWalker {
+                                      _ tdpState: TDPVCPUState) throws(VirtualMachineError) -> L2HardwareWalker {
         let root: HardwareRoot
         do {
             // KVM_REQ_MMU_FREE_OBSOLETE_ROOTS for guest_mmu: a zap since the last access.
@@ -347,7 +392,7 @@ extension VCPU {
         } catch {
             throw .hostMemory("\(error)")
         }
-        if let hardware = nested.hardware, hardware.root == root.rootFrame { return hardware.walker }
+        if let hardware = nested.hardware, hardware.root == root.rootFrame { return hardware }
         let tables: NestedPagingTables
         do {
             switch nested.paging {
@@ -367,9 +412,9 @@ extension VCPU {
         } catch {
             throw .corruptShadowTables("the hardware refuses guest_mmu's root: \(error)")
         }
-        let walker = NestedPagingWalker(guest: nested.guestWalker, tables: tables)
-        nested.hardware = (root.rootFrame, walker)
-        return walker
+        let hardware = L2HardwareWalker(root: root.rootFrame, walker: NestedPagingWalker(guest: nested.guestWalker, tables: tables))
+        nested.hardware = hardware
+        return hardware
     }
 
     /// KVM's emulator for an L2 access (`nested_mmu`'s walk, L2 linear -> L2 physical -> L1

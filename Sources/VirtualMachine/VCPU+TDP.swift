@@ -503,7 +503,7 @@ extension VCPU {
     }
 
     /// `kvm_mmu_load` under TDP: a root (and the EPTP) for the next entry.
-    private func tdpLoadRoot(_ state: TDPVCPUState) throws(VirtualMachineError) -> NestedWalker {
+    func tdpLoadRoot(_ state: TDPVCPUState) throws(VirtualMachineError) -> NestedWalker {
         if let root = state.root, root.isInvalid {
             try? state.tdp.putRoot(root)
             state.root = nil

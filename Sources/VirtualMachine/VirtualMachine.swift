@@ -671,9 +671,12 @@ public final class VCPU: @unchecked Sendable {
     @inline(never)
     private func slowAccess(_ address: GuestVirtualAddress, _ access: Access, size: Int,
                             value: UInt64) throws(VirtualMachineError) -> AccessOutcome {
+        // A vCPU on its own thread is that thread's running vCPU already: two thread-specific
+        // stores an access saved.
         let wasRunning = VirtualMachine.running.vcpu
-        VirtualMachine.running.set(self)
-        defer { VirtualMachine.running.set(wasRunning) }
+        let switchesRunning = wasRunning !== self
+        if switchesRunning { VirtualMachine.running.set(self) }
+        defer { if switchesRunning { VirtualMachine.running.set(wasRunning) } }
         if tdpState == nil {
             // Under shadow paging the access's exits, and the hardware's walks of shadow tables
             // between them, run with mmu_lock held for write; the guest mode the access ends in
