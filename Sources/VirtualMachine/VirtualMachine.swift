@@ -232,7 +232,8 @@ public final class VirtualMachine: @unchecked Sendable {
     public func zapAllFast() {
         if let tdp {
             tdp.zapAllFast()
-            if hasNestedShadowPages { withShadowMMULock { mmu.zapAllFast() } }
+            // `guest_mmu`'s pages come and go under the lock (L2's vCPU may be running).
+            withShadowMMULock { if mmu.usedPages > 0 { mmu.zapAllFast() } }
         } else {
             withShadowMMULock { mmu.zapAllFast() }
         }
@@ -242,13 +243,14 @@ public final class VirtualMachine: @unchecked Sendable {
     public func zapGFNRange(_ gfns: Range<UInt64>) {
         if let tdp {
             tdp.zapGFNRange(gfns)
-            if hasNestedShadowPages { _ = withShadowMMULock { mmu.zapGFNRange(gfns) } }
+            withShadowMMULock { if mmu.usedPages > 0 { _ = mmu.zapGFNRange(gfns) } }
         } else {
             _ = withShadowMMULock { mmu.zapGFNRange(gfns) }
         }
     }
 
     /// Under TDP, whether L2's `guest_mmu` has shadow pages (the only ones the shadow MMU then has).
+    /// Read under `mmu_lock`, or with the memslots' srcu held for write (no L2 access runs then).
     var hasNestedShadowPages: Bool { tdp != nil && mmu.usedPages > 0 }
 
     /// A VMM operation on the shadow MMU: `mmu_lock` held for write (vCPUs may be running).
