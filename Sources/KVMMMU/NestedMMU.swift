@@ -145,8 +145,9 @@ public enum NestedWalkOutcome: Hashable, Sendable {
     case injectGuestFault(errorCode: PageFaultErrorCode)
     /// L2's own #GP (a non-canonical address).
     case injectGeneralProtection
-    /// A nested fault: KVM's `inject_page_fault` of `guest_mmu` exits to L1.
-    case exit(NestedVMExit)
+    /// A nested fault: KVM's `inject_page_fault` of `guest_mmu` exits to L1; met at the level of
+    /// L2's entry being read (0: the final translation).
+    case exit(NestedVMExit, guestLevel: Int)
     /// L1's tables lead outside L1's memory (KVM: the hva lookup fails and the walk errors out;
     /// nothing in L1 can be mapped there).
     case noMemory(GuestPhysicalAddress)
@@ -167,6 +168,14 @@ public struct NestedMMU: Sendable {
         walker = NestedPagingWalker(guest: guest, tables: tables, rule: .alwaysWrite)
     }
 
+    /// The same over L2's walker as the vCPU holds it: in PAE paging with the PDPTE registers the
+    /// last VM entry or MOV to CR3 in L2 loaded (KVM's `kvm_pdptr_read` of the cached PDPTRs),
+    /// not what L2's PDPT holds now.
+    public init(l2Registers: PagingRegisters, loadedWalker: PageWalker, tables: NestedPagingTables) {
+        cpuRole = calcCPURole(cr0: l2Registers.cr0, cr4: l2Registers.cr4, efer: l2Registers.efer, guestMode: true)
+        walker = NestedPagingWalker(guest: loadedWalker, tables: tables, rule: .alwaysWrite)
+    }
+
     /// `gva_to_gpa` through `nested_mmu`. KVM asks L1's tables for the final address with the
     /// access plus PFERR_USER_MASK: under EPT "user" means readable, so a fetch also needs R (an
     /// execute-only page is not fetchable by the emulator), and a violation then reports a read
@@ -178,7 +187,7 @@ public struct NestedMMU: Sendable {
             if case .ept = walker.tables, access.kind == .fetch, translation.nestedPermissions & ACC.user == 0 {
                 var qualification = qualificationOfFinal(translation.nestedPermissions)
                 qualification.formUnion([.dataRead, .instructionFetch, .linearAddressValid, .finalTranslation])
-                return .exit(.eptViolation(translation.guest.physicalAddress, qualification: qualification))
+                return .exit(.eptViolation(translation.guest.physicalAddress, qualification: qualification), guestLevel: 0)
             }
             return .translated(guest: translation.guest.physicalAddress, l1: translation.outputAddress)
         case .failure(let fault):
@@ -206,11 +215,11 @@ public struct NestedMMU: Sendable {
         case .eptViolation(let site, var qualification):
             // The final access carries PFERR_USER too: a read beside whatever the access was.
             if site.isFinal { qualification.insert(.dataRead) }
-            return .exit(.eptViolation(site.address, qualification: qualification))
+            return .exit(.eptViolation(site.address, qualification: qualification), guestLevel: site.guestLevel)
         case .eptMisconfiguration(let site):
-            return .exit(.eptMisconfiguration(site.address))
+            return .exit(.eptMisconfiguration(site.address), guestLevel: site.guestLevel)
         case .nestedPageFault(let site, let errorCode):
-            return .exit(.nestedPageFault(site.address, errorCode: errorCode))
+            return .exit(.nestedPageFault(site.address, errorCode: errorCode), guestLevel: site.guestLevel)
         }
     }
 }

@@ -154,12 +154,28 @@ extension RunCommand {
                 try writeFile(path, header + scenario.render())
             }
         }
-        let mmus = (mmuOption.map { [$0] } ?? [.shadow, .tdp]).map { Self.machineMMU($0, cpu: scenario.cpuModel) }
+        let choices = try Self.workloadMMUs(asked: mmuOption, nested: scenario.directives.contains { $0.directive.name == "l1" })
+        let mmus = choices.map { Self.machineMMU($0, cpu: scenario.cpuModel) }
         let progress = isatty(2) == 1 ? ProgressLine() : nil
         defer { progress?.finish() }
         return WorkloadComparison.run(title: title, parameters: parameters, scenario: scenario, phases: phases,
                                       expectedLoads: expectedLoads, mmus: mmus,
                                       variant: variant, progress: progress.map { line in { line.show($0, $1, $2) } })
+    }
+
+    /// The MMUs a workload runs under: the one asked for, or shadow paging and TDP side by side. A
+    /// nested workload (its L1 gives L2 EPT) runs under TDP with EPT only: KVM offers nested EPT
+    /// only with enable_ept, and the model runs no L1 under shadow paging with an L2.
+    static func workloadMMUs(asked: MMUChoice?, nested: Bool) throws -> [MMUChoice] {
+        guard nested else { return asked.map { [$0] } ?? [.shadow, .tdp] }
+        switch asked {
+        case nil, .tdp?:
+            return [.tdp]
+        case .shadow?, .npt?:
+            throw CommandFailure(message: "error: the nested workload runs L1 under TDP with EPT (--mmu tdp, its default): KVM "
+                                     + "offers nested EPT only with enable_ept, and its L1 gives its L2 guests EPT, not NPT",
+                                 code: Status.badInput)
+        }
     }
 
     func runWorkload() throws {

@@ -8,6 +8,12 @@ import X86Paging
 // the same L2 guest-physical address, reported at the same level of L2's walk. The architecture's
 // side is X86Paging's `NestedPagingWalker`, never KVM's walk.
 //
+// Besides the newest walk, a translation L2 cached may still be used until an invalidation that
+// names it (SDM 28.4.3 / 29.4): `L2CachedTranslations` keeps, as L1 sees the tags (vmcs12's VPID,
+// 0 without VPID; L1's EPTP root or nCR3; PCID), every translation a checked L2 access got from
+// a walk, and drops them as the architecture's invalidations say: INVLPG and MOV to CR3 in L2,
+// INVVPID, INVEPT, and every VM entry and exit without VPID (VPID 0).
+//
 // Guest-physical translations derived from L1's EPT may be cached until L1's INVEPT (SDM 29.4):
 // KVM's unsync shadow pages of L1's last-level EPT tables keep entries L1 has since changed, and
 // nested EPT is synced only when a root is loaded anew (after INVEPT). Such translations can only
@@ -19,25 +25,57 @@ import X86Paging
 extension VCPU {
     /// The architecture's answer for L2's access at `address` now. Its walk sets the A/D bits the
     /// access sets (in L2's tables and, with EPTP.AD, in L1's EPT), as the processor would.
-    public func architecturalL2(_ address: GuestVirtualAddress,
-                                _ access: Access) throws(VirtualMachineError) -> Result<NestedPagingTranslation, NestedPagingFault> {
+    /// `setAccessedDirty` false asks without touching memory (after an access the TLB served, which
+    /// set no A/D bit).
+    public func architecturalL2(_ address: GuestVirtualAddress, _ access: Access,
+                                setAccessedDirty: Bool = true) throws(VirtualMachineError) -> Result<NestedPagingTranslation, NestedPagingFault> {
         guard let nested else { throw .invalidAccess("vCPU \(id) has never entered L2") }
-        let guest: PageWalker
+        // L2's walker as VM entry or L2's last MOV to CR3 loaded it: in PAE paging its PDPTE
+        // registers hold what L2's PDPT had then, whatever L2 has written there since.
+        return NestedPagingWalker(guest: nested.guestWalker, tables: nested.l1Tables)
+            .translate(address, access, in: vm.memory, setAccessedDirty: setAccessedDirty)
+    }
+
+    /// The L1 guest-physical address L1's tables give L2's guest-physical `address` for a read,
+    /// as the architecture reads them, setting no A/D bit: how the software that owns L2's memory
+    /// (L2's kernel reading its own tables in a scenario) finds it without an access. The fault
+    /// when L1's tables refuse the read.
+    public func l1Address(ofL2Physical address: GuestPhysicalAddress) throws(VirtualMachineError) -> Result<GuestPhysicalAddress, NestedPagingFault> {
+        guard let nested else { throw .invalidAccess("vCPU \(id) has never entered L2") }
+        let pagingOff: PageWalker
         do {
-            guest = try NestedPagingWalker.guestWalker(registers: nested.registers, cpu: vm.cpu, tables: nested.l1Tables,
-                                                       memory: vm.memory)
+            pagingOff = try PageWalker(registers: PagingRegisters(), cpu: vm.cpu, memory: vm.memory)
         } catch {
-            throw .invalidAccess("the architecture cannot load L2's registers: \(error)")
+            throw .impossibleRegisters(error)
         }
-        return NestedPagingWalker(guest: guest, tables: nested.l1Tables).translate(address, access, in: vm.memory)
+        return NestedPagingWalker(guest: pagingOff, tables: nested.l1Tables)
+            .translate(GuestVirtualAddress(address.rawValue), Access(.read, .supervisor), in: vm.memory, setAccessedDirty: false)
+            .map(\.outputAddress)
     }
 
     /// Checks an L2 access's outcome against the architecture's answer `expected` (from
     /// `architecturalL2`, asked after the access: the access's own A/D updates leave the answer
-    /// unchanged). Throws the disagreement.
+    /// unchanged), or a translation L2 cached and has not invalidated since. Throws the
+    /// disagreement.
     public func checkL2(_ outcome: L2AccessOutcome, at address: GuestVirtualAddress, _ access: Access,
                         expected: Result<NestedPagingTranslation, NestedPagingFault>) throws(LockstepDisagreement) {
-        if Self.l2OutcomeAgrees(outcome, expected, memory: vm.memory) { return }
+        if Self.l2OutcomeAgrees(outcome, expected, memory: vm.memory) {
+            if let nested, nested.registers.cr0.contains(.paging), case .success(let translation) = expected,
+               case .completed = outcome.result, !outcome.emulated {
+                nested.cachedReference.remember(address, translation, access, vpid: nested.architecturalVPID,
+                                                eptRoot: nested.l1RootAddress, pcid: nested.registers.pcid, paging: nested.paging)
+            }
+            return
+        }
+        if let nested, case .completed(let gpa, let hostAddress, _) = outcome.result,
+           nested.cachedReference.allows(address, access, gpa: gpa, hostAddress: hostAddress, vpid: nested.architecturalVPID,
+                                         eptRoot: nested.l1RootAddress, pcid: nested.registers.pcid,
+                                         refused: nested.guestWalker.rules.refusedPermissions(
+                                             access, alignmentCheck: nested.registers.rflags.contains(.alignmentCheck)),
+                                         memory: vm.memory) {
+            return
+        }
+        // A stale EPT translation from KVM's unsync shadow of L1's last-level tables, before INVEPT.
         if let nested, agreesWithStaleEPT(outcome, address, access, nested) { return }
         throw LockstepDisagreement(address: address, access: access, expected: "\(expected)",
                                    actual: "\(outcome.result) (level \(outcome.exitGuestLevel.map(String.init) ?? "-"))",
@@ -49,11 +87,8 @@ extension VCPU {
     /// KVM write-tracks them, so they are never stale).
     private func agreesWithStaleEPT(_ outcome: L2AccessOutcome, _ address: GuestVirtualAddress, _ access: Access,
                                     _ nested: NestedVCPUState) -> Bool {
-        guard case .ept(let pointer, _) = nested.paging,
-              let guest = try? NestedPagingWalker.guestWalker(registers: nested.registers, cpu: vm.cpu, tables: nested.l1Tables,
-                                                              memory: vm.memory)
-        else { return false }
-        let walker = NestedPagingWalker(guest: guest, tables: nested.l1Tables)
+        guard case .ept(let pointer, _) = nested.paging else { return false }
+        let walker = NestedPagingWalker(guest: nested.guestWalker, tables: nested.l1Tables)
         for snapshot in nested.eptSnapshots.reversed() where snapshot.rootAddress == pointer.rootAddress {
             let stale = walker.translate(address, access, in: SnapshotMemory(memory: vm.memory, snapshot: snapshot),
                                          setAccessedDirty: false)
@@ -161,4 +196,116 @@ extension NestedVCPUState {
         case .singleContext(let pointer): eptSnapshots.removeAll { $0.rootAddress == pointer.rootAddress }
         }
     }
+}
+
+extension NestedVCPUState {
+    /// L2's VPID as L1 sees it: vmcs12's, 0 without VPID (and under NPT, whose ASID the model's
+    /// L1 does not choose).
+    var architecturalVPID: UInt16 { vpid12 ?? 0 }
+
+    /// The EP4TA (or nCR3) L2's combined mappings are tagged with: L1's root table address.
+    var l1RootAddress: UInt64 {
+        switch paging {
+        case .ept(let pointer, _): pointer.rootAddress
+        case .npt(let nestedCR3): nestedCR3 & bitRange(12, 51)
+        }
+    }
+}
+
+/// The translations the architecture lets L2 use from a TLB besides a fresh walk: each one a
+/// checked L2 access got from a walk, under the tags L1 sees (VPID, EP4TA, PCID), until an
+/// invalidation names it. A cached translation serves an access L2's rules in force and L1's
+/// tables at the time allow, and a write only when it was cached by a write (its leaves dirty),
+/// the rule the model's TLB follows.
+final class L2CachedTranslations {
+    struct Key: Hashable {
+        var page: UInt64
+        var vpid: UInt16
+        var eptRoot: UInt64
+        var pcid: UInt16
+    }
+    struct Cached: Equatable {
+        var l1Frame: UInt64
+        var l2Frame: UInt64
+        var isGlobal: Bool
+        var guestPermissions: UInt8
+        var nestedKinds: UInt8
+        var dirty: Bool
+    }
+    private var entries: [Key: [Cached]] = [:]
+
+    func remember(_ address: GuestVirtualAddress, _ translation: NestedPagingTranslation, _ access: Access, vpid: UInt16,
+                  eptRoot: UInt64, pcid: UInt16, paging: L1NestedPaging) {
+        let cached = Cached(l1Frame: translation.outputAddress.frame.rawValue, l2Frame: translation.guest.physicalAddress.frame.rawValue,
+                            isGlobal: translation.guest.isGlobal, guestPermissions: translation.guest.permissions,
+                            nestedKinds: VCPU.nestedKinds(translation.nestedPermissions, paging), dirty: access.kind == .write)
+        let key = Key(page: address.rawValue >> 12, vpid: vpid, eptRoot: eptRoot, pcid: pcid)
+        if entries[key]?.contains(cached) != true { entries[key, default: []].append(cached) }
+    }
+
+    /// Whether a cached translation under the tags in force gives the access at `gpa` and
+    /// `hostAddress`. `refused` is L2's rules' refusals for the access (by combined ACC value).
+    func allows(_ address: GuestVirtualAddress, _ access: Access, gpa: GuestPhysicalAddress, hostAddress: UInt64, vpid: UInt16,
+                eptRoot: UInt64, pcid: UInt16, refused: UInt8, memory: MemslotSet) -> Bool {
+        let page = address.rawValue >> 12
+        let candidates = (entries[Key(page: page, vpid: vpid, eptRoot: eptRoot, pcid: pcid)] ?? [])
+            + entries.filter { $0.key.page == page && $0.key.vpid == vpid && $0.key.eptRoot == eptRoot && $0.key.pcid != pcid }
+                .flatMap { $0.value.filter(\.isGlobal) }
+        return candidates.contains { cached in
+            guard cached.l2Frame == gpa.frame.rawValue, access.kind != .write || cached.dirty,
+                  cached.nestedKinds & (1 << access.kind.rawValue) != 0, (refused >> cached.guestPermissions) & 1 == 0,
+                  let host = memory.hostFrame(of: GuestFrameNumber(cached.l1Frame)) else { return false }
+            return host.rawValue == hostAddress >> 12
+        }
+    }
+
+    private func drop(where shouldDrop: (Key, Cached) -> Bool) {
+        for (key, list) in entries {
+            let kept = list.filter { !shouldDrop(key, $0) }
+            entries[key] = kept.isEmpty ? nil : kept
+        }
+    }
+
+    /// Everything of one VPID (a VM entry or exit without VPID drops VPID 0's).
+    func drop(vpid: UInt16) { drop { key, _ in key.vpid == vpid } }
+
+    /// MOV to CR3: the non-global translations of the PCID loaded, every EP4TA.
+    func dropNonGlobal(vpid: UInt16, pcid: UInt16) { drop { key, cached in key.vpid == vpid && key.pcid == pcid && !cached.isGlobal } }
+
+    /// INVLPG: the page's translations of the current PCID and the global ones, every EP4TA.
+    func invalidatePage(_ address: GuestVirtualAddress, vpid: UInt16, pcid: UInt16) {
+        let page = address.rawValue >> 12
+        drop { key, cached in key.page == page && key.vpid == vpid && (key.pcid == pcid || cached.isGlobal) }
+    }
+
+    /// INVVPID as the SDM defines its types (every EP4TA).
+    func invalidateVPID(_ type: INVVPIDType, vpid: UInt16, address: GuestVirtualAddress) {
+        let page = address.rawValue >> 12
+        switch type {
+        case .individualAddress: drop { key, _ in key.vpid == vpid && key.page == page }
+        case .singleContext: drop(vpid: vpid)
+        case .allContexts: drop { key, _ in key.vpid != 0 }
+        case .singleContextRetainingGlobals: drop { key, cached in key.vpid == vpid && !cached.isGlobal }
+        }
+    }
+
+    /// INVPCID in L2, for the current VPID (every EP4TA).
+    func invalidatePCID(_ type: INVPCIDType, pcid: UInt16, address: GuestVirtualAddress, vpid: UInt16) {
+        let page = address.rawValue >> 12
+        drop { key, cached in
+            guard key.vpid == vpid else { return false }
+            switch type {
+            case .individualAddress: return key.page == page && key.pcid == pcid && !cached.isGlobal
+            case .singleContext: return key.pcid == pcid && !cached.isGlobal
+            case .allContextsIncludingGlobal: return true
+            case .allContextsExceptGlobal: return !cached.isGlobal
+            }
+        }
+    }
+
+    /// INVEPT single-context: the combined mappings of the EP4TA, every VPID and PCID.
+    func drop(eptRoot: UInt64) { drop { key, _ in key.eptRoot == eptRoot } }
+
+    /// INVEPT all-context.
+    func dropAll() { entries.removeAll() }
 }

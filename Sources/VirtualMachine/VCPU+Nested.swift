@@ -9,10 +9,14 @@ import X86Paging
 // handler: it fixes the shadow and the access runs again, emulates it (through `nested_mmu`), or
 // reflects the fault to L1, which ends the L2 access with a VM exit to L1.
 //
-// L2's accesses use no TLB entries (a TLB may hold nothing): L1's and L2's translations never
-// share one, and INVVPID has no cached L2 translation to drop (docs/NESTED.md). A vCPU on a
-// thread of its own (`runVCPUsOnThreads`) runs L2 outside guest mode, each access under
-// `mmu_lock` held for write as KVM's shadow MMU handles it.
+// Its translations go in a TLB of their own (`L2TLB`), tagged as the hardware tags them while KVM runs L2: VPID (vpid02, or L1's
+// vpid01 when L1 did not enable VPID), `guest_mmu`'s root and PCID; KVM's flushes at VM entry and
+// exit, INVVPID and INVEPT follow `nested_vmx_transition_tlb_flush`, `handle_invvpid` and
+// `handle_invept` (docs/NESTED.md).
+//
+// A vCPU on a thread of its own (`runVCPUsOnThreads`) may run L2: `enterL2`, `accessL2` and
+// `invalidateEPT` leave guest mode before `mmu_lock`, and an access re-enters it under the lock.
+// (L2's other instructions here are made from the scenario thread only.)
 
 /// How L1 translates L2's guest-physical addresses: vmcs12's EPT pointer with the EPT
 /// capabilities KVM advertises to L1, or the VMCB's nCR3 (walked in L1's paging mode at VMRUN).
@@ -37,6 +41,14 @@ public enum L2AccessResult: Equatable, Sendable {
     case exitToL1(NestedVMExit)
 }
 
+extension L2AccessResult {
+    /// The access ended in a VM exit to L1.
+    public var isExit: Bool {
+        if case .exitToL1 = self { return true }
+        return false
+    }
+}
+
 /// One L2 access with how KVM handled it.
 public struct L2AccessOutcome: Equatable, Sendable {
     public var result: L2AccessResult
@@ -47,6 +59,20 @@ public struct L2AccessOutcome: Equatable, Sendable {
     /// For an exit to L1: the level of L2's paging-structure entry being accessed, 0 for the
     /// final translation.
     public var exitGuestLevel: Int?
+    /// The access used an L2 TLB entry without a walk.
+    public var tlbHit = false
+}
+
+/// INVVPID's types (SDM vol. 3, 31.3, INVVPID).
+public enum INVVPIDType: Int, Hashable, Sendable, CaseIterable {
+    /// Type 0: one linear address of one VPID, every PCID, global translations too.
+    case individualAddress = 0
+    /// Type 1: everything of one VPID.
+    case singleContext = 1
+    /// Type 2: everything of every VPID but 0.
+    case allContexts = 2
+    /// Type 3: everything of one VPID but the global translations.
+    case singleContextRetainingGlobals = 3
 }
 
 /// L1's nested state on one vCPU (the parts of vmcs12/VMCB and `vcpu->arch` the model needs).
@@ -63,6 +89,16 @@ final class NestedVCPUState {
     /// L1's tables as the architecture reads them from L1's memory.
     var l1Tables: NestedPagingTables
     var inL2 = false
+    /// vmcs12's VPID for L2 when L1 enabled VPID ("enable VPID"), nil when it did not (L2 then
+    /// shares L1's VPID 0).
+    var vpid12: UInt16?
+    /// KVM's `nested.last_vpid`: the vpid12 vpid02 last served (0 at first, so that the first
+    /// entry with VPID flushes).
+    var lastVPID: UInt16 = 0
+    /// The hardware TLB's entries for L2.
+    let tlb = L2TLB()
+    /// What the architecture lets L2 still use from its TLB (the lockstep reference's side).
+    let cachedReference = L2CachedTranslations()
     /// The hardware's walker for L2 and the `guest_mmu` root it walks, kept while both stay (an
     /// entry, which may change L2's registers, drops it).
     var hardware: L2HardwareWalker?
@@ -96,7 +132,10 @@ final class L2HardwareWalker {
     /// `Result` carries L2's translation and faults with their walk paths, which every pattern
     /// match copied.
     enum Outcome {
-        case translated(gpa: GuestPhysicalAddress, hostAddress: UInt64)
+        /// With what the L2 TLB keeps of it: L2's combined ACC bits, whether L2's leaf is global,
+        /// and the combined ACC bits of the shadow tables' walk.
+        case translated(gpa: GuestPhysicalAddress, hostAddress: UInt64, guestPermissions: UInt8, isGlobal: Bool,
+                        nestedPermissions: UInt8)
         case guestPageFault(PageFaultErrorCode)
         case generalProtection
         case noMemory
@@ -111,7 +150,9 @@ final class L2HardwareWalker {
         let fault: NestedPagingFault
         switch walker.translate(address, access, in: host) {
         case .success(let translation):
-            return .translated(gpa: translation.guest.physicalAddress, hostAddress: translation.outputAddress.rawValue)
+            return .translated(gpa: translation.guest.physicalAddress, hostAddress: translation.outputAddress.rawValue,
+                               guestPermissions: translation.guest.permissions, isGlobal: translation.guest.isGlobal,
+                               nestedPermissions: translation.nestedPermissions)
         case .failure(.guest(.pageFault(let pageFault))):
             return .guestPageFault(PageFaultErrorCode(rawValue: UInt64(pageFault.errorCode.architectural)))
         case .failure(.guest(.generalProtection)), .failure(.guest(.addressTooWide)):
@@ -145,7 +186,9 @@ extension VCPU {
     /// VMLAUNCH/VMRESUME (or VMRUN) of L1's: the checks a nested VM entry makes (a refused entry
     /// leaves L1 running and changes nothing), `guest_mmu` moved to L1's EPTP or nCR3 (its root
     /// cached or built at the first access), L2's registers in hardware. Counts `nested_run`.
-    public func enterL2(_ paging: L1NestedPaging, registers l2: PagingRegisters) throws(VirtualMachineError) {
+    /// `vpid` is vmcs12's VPID with "enable VPID" set (nil: not set; 0 fails the entry, as the SDM's
+    /// checks have it); EPT only.
+    public func enterL2(_ paging: L1NestedPaging, registers l2: PagingRegisters, vpid: UInt16? = nil) throws(VirtualMachineError) {
         guard let tdpState else {
             // nested_vmx_setup_ctls_msrs offers L1 the "enable EPT" control only with enable_ept, and
             // SVM offers nested paging only with npt_enabled: under shadow paging L1's entry with an
@@ -154,6 +197,10 @@ extension VCPU {
         }
         if isInL2 { throw .invalidAccess("VM entry from L2: vCPU \(id) already runs L2 (vmexit first)") }
         let l1 = tdpState.registers
+        if let vpid {
+            guard case .ept = paging else { throw .unsupported("VPID is VMX's: L1 under NPT runs L2 by ASID") }
+            if vpid == 0 { throw .invalidAccess("VM entry fails its checks: \"enable VPID\" with VPID 0") }
+        }
         let tables: NestedPagingTables
         switch paging {
         case .ept(let pointer, let capabilities):
@@ -181,10 +228,16 @@ extension VCPU {
             }
         }
         let walker: PageWalker
-        do {
-            walker = try NestedPagingWalker.guestWalker(registers: l2, cpu: vm.cpu, tables: tables, memory: vm.memory)
-        } catch {
-            throw .invalidAccess("VM entry fails loading L2's registers: \(error)")
+        if case .ept = paging, let nested, nested.registers == l2, nested.guestWalker.registers == l2 {
+            // Under EPT the exit stored L2's PDPTE registers in vmcs12 and this entry loads them
+            // from there, not from L2's PDPT (a resume with L2's registers as they were).
+            walker = nested.guestWalker
+        } else {
+            do {
+                walker = try NestedPagingWalker.guestWalker(registers: l2, cpu: vm.cpu, tables: tables, memory: vm.memory)
+            } catch {
+                throw .invalidAccess("VM entry fails loading L2's registers: \(error)")
+            }
         }
         // Out of guest mode before `mmu_lock` (see `accessL2`).
         leaveGuestMode()
@@ -204,8 +257,47 @@ extension VCPU {
         state.hardware = nil
         if case .ept(let pointer, _) = paging { state.recordEPTSnapshot(pointer, memory: vm.memory) }
         state.inL2 = true
+        state.vpid12 = vpid
         count(.nestedRun)
         stat.guestMode = 1
+        transitionTLBFlush(state, isEntry: true)
+    }
+
+    /// `nested_vmx_transition_tlb_flush` (`nested_svm_transition_tlb_flush` under NPT) at a VM
+    /// entry or exit. Without VPID in vmcs12, L2 runs on L1's vpid01 and VPID 0 is flushed both
+    /// ways (KVM_REQ_TLB_FLUSH_GUEST: L1's entries and L2's that share the VPID); with VPID, an
+    /// entry whose vpid12 differs from the last one flushes vpid02 (which serves every vpid12);
+    /// otherwise L2's entries stay. Under NPT, L1 and L2 share the ASID and every VMRUN and #VMEXIT
+    /// flushes it (KVM_REQ_TLB_FLUSH_CURRENT). Each flush counts in `tlb_flush`. The architecture
+    /// flushes VPID 0 at every transition without VPID, which the reference follows.
+    private func transitionTLBFlush(_ state: NestedVCPUState, isEntry: Bool) {
+        if case .npt = state.paging {
+            count(.tlbFlush)
+            tlb.flush()
+            state.tlb.flushAll()
+            state.cachedReference.drop(vpid: 0)
+            return
+        }
+        guard let vpid = state.vpid12 else {
+            count(.tlbFlush)
+            tlb.flush()
+            state.tlb.flush(vpid: .vpid01)
+            state.cachedReference.drop(vpid: 0)
+            return
+        }
+        if isEntry && vpid != state.lastVPID {
+            state.lastVPID = vpid
+            count(.tlbFlush)
+            state.tlb.flush(vpid: .vpid02)
+        }
+    }
+
+    /// Whether L2 shares L1's VPID 0 (no VPID in vmcs12, or NPT's shared ASID): then every VM entry
+    /// and exit flushes L1's translations too, as the architecture says for VPID 0.
+    public var l2SharesL1TLBTag: Bool {
+        guard let nested else { return true }
+        if case .npt = nested.paging { return true }
+        return nested.vpid12 == nil
     }
 
     /// `nested_ept_init_mmu_context` / `nested_svm_init_mmu_context` and `kvm_mmu_new_pgd`:
@@ -266,6 +358,34 @@ extension VCPU {
         guard let nested, nested.inL2 else { throw .invalidAccess("VM exit without L2: vCPU \(id) runs L1") }
         nested.inL2 = false
         stat.guestMode = 0
+        transitionTLBFlush(nested, isEntry: false)
+    }
+
+    /// INVVPID of L1's (`handle_invvpid`): a VPID above 0xFFFF cannot be given here; VPID 0 for the
+    /// individual-address and single-context types and a non-canonical address for the
+    /// individual one fail (VMfailValid: false). KVM then flushes vpid02, which serves every
+    /// vpid12: the address of it for the individual type, all of it for the others (more than
+    /// single-context retaining globals asks, or a single context naming a VPID L2 never had).
+    /// The architecture's reference drops only what the type names.
+    public func invalidateVPID(_ type: INVVPIDType, vpid: UInt16, address: GuestVirtualAddress) throws(VirtualMachineError) -> Bool {
+        if isInL2 { throw .invalidAccess("INVVPID is L1's instruction: vmexit first") }
+        guard let tdpState, tdpState.tdp.masks.isEPT else { throw .unsupported("INVVPID needs L1 under EPT") }
+        switch type {
+        case .individualAddress:
+            let width = tdpState.registers.cr4.contains(.la57) ? 57 : 48
+            if vpid == 0 || !address.isCanonical(width: width) { return false }
+        case .singleContext, .singleContextRetainingGlobals:
+            if vpid == 0 { return false }
+        case .allContexts:
+            break
+        }
+        guard let nested else { return true }
+        switch type {
+        case .individualAddress: nested.tlb.invalidate(address, vpid: .vpid02, pcid: nil)
+        default: nested.tlb.flush(vpid: .vpid02)
+        }
+        nested.cachedReference.invalidateVPID(type, vpid: vpid, address: address)
+        return true
     }
 
     /// INVEPT of L1's (`handle_invept`): single-context drops `guest_mmu`'s roots, current or
@@ -278,8 +398,88 @@ extension VCPU {
         guard let nested else { return false }
         guard case .ept = nested.paging else { return false }
         nested.forgetEPTSnapshots(type)
+        // The hardware's combined mappings of a freed root go at the root's next load (KVM
+        // flushes a root it loads); the architecture drops those of the EP4TA now.
+        switch type {
+        case .singleContext(let pointer): nested.cachedReference.drop(eptRoot: pointer.rootAddress)
+        case .allContexts: nested.cachedReference.dropAll()
+        }
         leaveGuestMode()
         return vm.withShadowMMULock { nested.guestMMU.invalidateEPT(type) }
+    }
+
+    /// A MOV to CR0/CR3/CR4 or WRMSR to EFER in L2 (L1 exits on none of them: EPT without CR-load
+    /// exiting, CR0/CR4 owned by L2, EFER not intercepted), so KVM is not involved: the hardware
+    /// takes L2's new registers and, in PAE paging, loads L2's PDPTEs through L1's tables. A load
+    /// L1's tables refuse is the exit this returns: the instruction does not complete, L2's
+    /// registers stay, and the vCPU runs L1. Registers the processor refuses (#GP) are the caller's
+    /// check (`PagingRegisters.transitionFault`); they throw here only when no walker takes them.
+    /// `noFlush` is a MOV to CR3's bit 63 (which needs L2's CR4.PCIDE).
+    /// `loadsCR3` says the write is a MOV to CR3 (which reloads PAE's PDPTEs and flushes the new
+    /// PCID's non-global translations even with CR3's value unchanged).
+    public func setL2Registers(_ new: PagingRegisters, loadsCR3: Bool = false,
+                               noFlush: Bool = false) throws(VirtualMachineError) -> NestedVMExit? {
+        if noFlush && !new.cr4.contains(.pcidEnable) { throw .invalidAccess("MOV to CR3 with bit 63 (no flush) needs CR4.PCIDE") }
+        guard let nested, nested.inL2 else { throw .invalidAccess("vCPU \(id) runs no L2 (vmenter first)") }
+        let old = nested.registers
+        let walker: PageWalker
+        do throws(NestedGuestSetupError) {
+            if new.mode == .pae && !loadsCR3 && new.cr3 == old.cr3 && !new.reloadsPDPTEs(from: old) {
+                // A MOV to CR0/CR4 that leaves PAE's PDPTE registers as they are.
+                let kept = (0..<4).map { nested.guestWalker.pdpte($0).rawValue }
+                do {
+                    walker = try PageWalker(registers: new, cpu: vm.cpu, memory: vm.memory, pdpteValues: kept)
+                } catch {
+                    throw NestedGuestSetupError.registers(error)
+                }
+            } else {
+                walker = try NestedPagingWalker.guestWalker(registers: new, cpu: vm.cpu, tables: nested.l1Tables, memory: vm.memory)
+            }
+        } catch {
+            switch error {
+            case .registers(let error):
+                throw .impossibleRegisters(error)
+            case .pdpteLoad(let fault):
+                guard let exit = NestedVMExit(fault) else {
+                    throw .invalidAccess("L2's PDPTE load at CR3 \(GuestPhysicalAddress(new.cr3)) leads outside L1's memory: \(fault)")
+                }
+                try exitToL1()
+                return exit
+            }
+        }
+        nested.registers = new
+        nested.guestWalker = walker
+        nested.hardware = nil
+        // The hardware's invalidations for L2's current VPID (SDM 4.10.4.1), and the architecture's.
+        let vpid = hardwareVPID(nested)
+        if new.invalidatesAllTranslations(from: old) {
+            nested.tlb.flush(vpid: vpid)
+            nested.cachedReference.drop(vpid: nested.architecturalVPID)
+        } else if (loadsCR3 || new.cr3 != old.cr3) && !noFlush {
+            nested.tlb.flushNonGlobal(vpid: vpid, pcid: new.pcid)
+            nested.cachedReference.dropNonGlobal(vpid: nested.architecturalVPID, pcid: new.pcid)
+        }
+        return nil
+    }
+
+    /// The VPID the hardware runs L2 under (`prepare_vmcs02_early_rare`).
+    func hardwareVPID(_ nested: NestedVCPUState) -> L2HardwareVPID { nested.vpid12 == nil ? .vpid01 : .vpid02 }
+
+    /// INVLPG in L2 (L1 does not intercept it under EPT, and KVM is not involved). L2's
+    /// translations are cached nowhere in the model (no L2 TLB: every L2 access walks), so there
+    /// is nothing it could drop; it is checked to come from L2.
+    public func invalidateL2Page(_ address: GuestVirtualAddress) throws(VirtualMachineError) {
+        guard let nested, nested.inL2 else { throw .invalidAccess("vCPU \(id) runs no L2 (vmenter first)") }
+        nested.tlb.invalidate(address, vpid: hardwareVPID(nested), pcid: nested.registers.pcid)
+        nested.cachedReference.invalidatePage(address, vpid: nested.architecturalVPID, pcid: nested.registers.pcid)
+    }
+
+    /// INVPCID in L2 ("enable INVPCID" set, INVLPG exiting clear: no exit, the hardware's), for
+    /// L2's current VPID. The caller has checked the operand (`PagingRegisters.invpcidFaults`).
+    public func invalidateL2PCID(_ type: INVPCIDType, pcid: UInt16, address: GuestVirtualAddress) throws(VirtualMachineError) {
+        guard let nested, nested.inL2 else { throw .invalidAccess("vCPU \(id) runs no L2 (vmenter first)") }
+        nested.tlb.invalidatePCID(type, pcid: pcid, address: address, vpid: hardwareVPID(nested))
+        nested.cachedReference.invalidatePCID(type, pcid: pcid, address: address, vpid: nested.architecturalVPID)
     }
 
     /// `guest_mmu`, once L1 has entered L2.
@@ -300,9 +500,9 @@ extension VCPU {
         guard address.rawValue & pageOffsetMask <= pageSize - UInt64(size) else {
             throw .invalidAccess("\(size) bytes at \(address) cross a page boundary")
         }
-        // On a thread of its own the vCPU leaves guest mode first: L2's accesses use no TLB entry,
-        // and KVM's handling takes `mmu_lock` for write, which another thread may hold while it
-        // waits for vCPUs in guest mode to take a flush request.
+        // On a thread of its own the vCPU leaves guest mode first: KVM's handling takes `mmu_lock`
+        // for write, which another thread may hold while it waits for vCPUs in guest mode to take
+        // a flush request.
         leaveGuestMode()
         // KVM_REQ_DIRTY_RING_SOFT_FULL at the entry, before KVM's locks are taken: the VMM
         // harvests and resets, which takes them. (The entries after exits inside the access are
@@ -323,6 +523,12 @@ extension VCPU {
             // and a remote flush must find the vCPU in guest mode from there until its next exit,
             // as it would find L2 running after KVM's entry. The requests are serviced first.
             while runsOnOwnThread {
+                // A remote flush reaches L2's TLB too (as `runL2` services it at an entry).
+                if hasRemoteRequests && checkRequest(.flushAll) {
+                    count(.tlbFlush)
+                    tlb.flush()
+                    nested.tlb.flushAll()
+                }
                 serviceRequests()
                 if tryEnterGuestMode() { break }
             }
@@ -335,16 +541,44 @@ extension VCPU {
     private func runL2(_ address: GuestVirtualAddress, _ access: Access, size: Int, value: UInt64,
                        _ nested: NestedVCPUState, _ tdpState: TDPVCPUState) throws(VirtualMachineError) -> L2AccessOutcome {
         var exits = 0
+        let vpid = hardwareVPID(nested)
+        let pcid = nested.registers.pcid
+        // With L2's paging off the hardware caches guest-physical mappings only, which the model
+        // does not keep; with protection keys every access walks (as for L1).
+        let cachesTranslations = nested.registers.cr0.contains(.paging)
+            && !nested.registers.cr4.contains(.protectionKeys) && !nested.registers.cr4.contains(.supervisorProtectionKeys)
         while exits <= Self.maxExitsPerAccess {
+            // KVM_REQ_TLB_FLUSH (a zap of KVM's shadow of L1's tables) is serviced before entering L2.
+            if hasRemoteRequests && checkRequest(.flushAll) {
+                count(.tlbFlush)
+                tlb.flush()
+                nested.tlb.flushAll()
+            }
             let hardware = try nestedHardwareWalker(nested, tdpState)
+            let root = hardware.root.rawValue
+            if cachesTranslations, let entry = nested.tlb.lookup(address, root: root, vpid: vpid, pcid: pcid),
+               allows(entry, access, nested) {
+                let hostAddress = entry.hostFrame << 12 | address.rawValue & pageOffsetMask
+                let result = perform(hostAddress: hostAddress, access.kind, size: size, value: value)
+                return L2AccessOutcome(result: .completed(gpa: GuestPhysicalAddress(entry.l2Frame << 12 | address.rawValue & pageOffsetMask),
+                                                          hostAddress: hostAddress, value: result),
+                                       exits: exits, emulated: false, tlbHit: true)
+            }
             let site: NestedFaultSite
             let errorCode: PageFaultErrorCode
             switch hardware.translate(address, access, in: host) {
-            case .translated(let gpa, let hostAddress):
+            case .translated(let gpa, let hostAddress, let guestPermissions, let isGlobal, let nestedPermissions):
                 let result = perform(hostAddress: hostAddress, access.kind, size: size, value: value)
+                if cachesTranslations {
+                    nested.tlb.insert(address, root: root, vpid: vpid, pcid: pcid, isGlobal: isGlobal, hostFrame: hostAddress >> 12,
+                                      l2Frame: gpa.frame.rawValue, guestPermissions: guestPermissions,
+                                      nestedKinds: Self.nestedKinds(nestedPermissions, nested.paging), dirty: access.kind == .write)
+                }
                 return L2AccessOutcome(result: .completed(gpa: gpa, hostAddress: hostAddress, value: result),
                                        exits: exits, emulated: false)
             case .guestPageFault(let code):
+                // A page fault invalidates the page's entries (SDM 4.10.4.1).
+                nested.tlb.invalidate(address, vpid: vpid, pcid: pcid)
                 return L2AccessOutcome(result: .pageFault(errorCode: code, cr2: address), exits: exits, emulated: false)
             case .generalProtection:
                 return L2AccessOutcome(result: .generalProtection, exits: exits, emulated: false)
@@ -380,6 +614,34 @@ extension VCPU {
         throw .livelock(address, exits: exits)
     }
 
+    /// Whether an L2 TLB entry serves the access: L2's rules in force now refuse none of its
+    /// permissions, L1's tables (as KVM shadows them) allow the kind, and a write finds it dirty
+    /// (else the hardware walks, to set D).
+    @inline(__always)
+    private func allows(_ entry: L2TLB.Entry, _ access: Access, _ nested: NestedVCPUState) -> Bool {
+        if access.kind == .write && !entry.dirty { return false }
+        guard entry.nestedKinds & (1 << access.kind.rawValue) != 0 else { return false }
+        let refused = nested.guestWalker.rules.refusedPermissions(access,
+                                                                 alignmentCheck: nested.registers.rflags.contains(.alignmentCheck))
+        return (refused >> entry.guestPermissions) & 1 == 0
+    }
+
+    /// The access kinds (bit `AccessKind.rawValue`) a nested translation's combined ACC bits allow:
+    /// EPT's R (4), W (2), X (1); NPT's user (4), writable (2) and executable (1) bits, every NPT
+    /// access being a user one.
+    static func nestedKinds(_ permissions: UInt8, _ paging: L1NestedPaging) -> UInt8 {
+        let needed: (read: UInt8, write: UInt8, fetch: UInt8)
+        switch paging {
+        case .ept: needed = (4, 2, 1)
+        case .npt: needed = (4, 6, 5)
+        }
+        var kinds: UInt8 = 0
+        if permissions & needed.read == needed.read { kinds |= 1 << AccessKind.read.rawValue }
+        if permissions & needed.write == needed.write { kinds |= 1 << AccessKind.write.rawValue }
+        if permissions & needed.fetch == needed.fetch { kinds |= 1 << AccessKind.fetch.rawValue }
+        return kinds
+    }
+
     /// The hardware's walker for L2: L2's paging over the shadow root of `guest_mmu` (EPT with
     /// A/D as L1's EPTP has them, KVM's EPTP for L2 copying the bit; NPT in the host's depth).
     private func nestedHardwareWalker(_ nested: NestedVCPUState,
@@ -388,7 +650,11 @@ extension VCPU {
         do {
             // KVM_REQ_MMU_FREE_OBSOLETE_ROOTS for guest_mmu: a zap since the last access.
             nested.guestMMU.freeObsoleteRoots()
-            root = try nested.guestMMU.load().root
+            let loaded = try nested.guestMMU.load()
+            root = loaded.root
+            // `kvm_mmu_load` flushes the root it loads: stale entries of a page it had before
+            // (ept_sync_context, every VPID).
+            if loaded.allocated { nested.tlb.flush(root: root.rootFrame.rawValue) }
         } catch {
             throw .hostMemory("\(error)")
         }
@@ -423,12 +689,7 @@ extension VCPU {
     private func emulateL2(_ address: GuestVirtualAddress, _ access: Access, size: Int, value: UInt64, exits: Int,
                            _ nested: NestedVCPUState) throws(VirtualMachineError) -> L2AccessOutcome {
         count(.instructionEmulation)
-        let nestedMMU: NestedMMU
-        do {
-            nestedMMU = try NestedMMU(l2Registers: nested.registers, cpu: vm.cpu, tables: nested.l1Tables, memory: vm.memory)
-        } catch {
-            throw .invalidAccess("KVM's emulator cannot walk L2's tables: \(error)")
-        }
+        let nestedMMU = NestedMMU(l2Registers: nested.registers, loadedWalker: nested.guestWalker, tables: nested.l1Tables)
         switch nestedMMU.translate(address, access, in: vm.memory) {
         case .translated(let gpa, let l1GPA):
             guard let slot = vm.memory.slot(containing: l1GPA.frame), !(access.kind == .write && slot.flags.contains(.readOnly)) else {
@@ -450,10 +711,23 @@ extension VCPU {
             return L2AccessOutcome(result: .pageFault(errorCode: errorCode, cr2: address), exits: exits, emulated: true)
         case .injectGeneralProtection:
             return L2AccessOutcome(result: .generalProtection, exits: exits, emulated: true)
-        case .exit(let exit):
-            return L2AccessOutcome(result: .exitToL1(exit), exits: exits, emulated: true, exitGuestLevel: nil)
+        case .exit(let exit, let guestLevel):
+            return L2AccessOutcome(result: .exitToL1(exit), exits: exits, emulated: true, exitGuestLevel: guestLevel)
         case .noMemory(let l1Address):
             throw .invalidAccess("L1's tables for L2 lead outside L1's memory at \(l1Address)")
+        }
+    }
+}
+
+extension NestedVMExit {
+    /// The exit to L1 the architecture's nested fault makes (none for L2's own faults or missing
+    /// memory).
+    init?(_ fault: NestedPagingFault) {
+        switch fault {
+        case .eptViolation(let site, let qualification): self = .eptViolation(site.address, qualification: qualification)
+        case .eptMisconfiguration(let site): self = .eptMisconfiguration(site.address)
+        case .nestedPageFault(let site, let errorCode): self = .nestedPageFault(site.address, errorCode: errorCode)
+        case .guest, .noMemory: return nil
         }
     }
 }

@@ -39,6 +39,9 @@ public final class GuestKernel {
     /// it through the VM, at the address the kernel reaches it by in the mode in force, and checks
     /// it in lockstep).
     public var store: (_ entry: GuestPhysicalAddress, _ value: UInt64, _ size: Int) throws -> Void = { _, _, _ in }
+    /// Reads a table entry of `size` bytes at a guest-physical address of the kernel's; nil: the
+    /// VM's memory at that address (an L1 kernel's guest-physical addresses are the VM's).
+    private let load: ((_ entry: GuestPhysicalAddress, _ size: Int) throws -> UInt64)?
 
     private struct RootKey: Hashable {
         var space: String
@@ -50,6 +53,24 @@ public final class GuestKernel {
         guard mode != .disabled else { throw GuestKernelError("the guest kernel needs paging on") }
         self.vm = vm
         self.mode = mode
+        load = nil
+        nextTable = Self.tablePoolStart
+        try selectSpace(Scenario.kernelSpace)
+    }
+
+    /// An L2 guest's kernel: the same pool and window, in L2's guest-physical memory, which only
+    /// L1's tables place in the VM's. L2 already runs, so every table write is `store` (an L2
+    /// store, through L2's paging and L1's EPT or NPT) from the first, root and window included;
+    /// reads are `load`'s.
+    public init(l2Of vm: VirtualMachine, mode: PagingMode,
+                store: @escaping (_ entry: GuestPhysicalAddress, _ value: UInt64, _ size: Int) throws -> Void,
+                load: @escaping (_ entry: GuestPhysicalAddress, _ size: Int) throws -> UInt64) throws {
+        guard mode != .disabled else { throw GuestKernelError("the guest kernel needs paging on") }
+        self.vm = vm
+        self.mode = mode
+        self.store = store
+        self.load = load
+        booted = true
         nextTable = Self.tablePoolStart
         try selectSpace(Scenario.kernelSpace)
     }
@@ -155,7 +176,8 @@ public final class GuestKernel {
     func readEntry(_ address: GuestPhysicalAddress) throws -> UInt64 { try readEntry(address, format: TableFormat(mode)) }
 
     private func readEntry(_ address: GuestPhysicalAddress, format: TableFormat) throws -> UInt64 {
-        format.entrySize == 4 ? UInt64(try vm.memory.load32(address)) : try vm.memory.load64(address)
+        if let load { return try load(address, format.entrySize) }
+        return format.entrySize == 4 ? UInt64(try vm.memory.load32(address)) : try vm.memory.load64(address)
     }
 
     /// Writes a table entry: directly before boot, as a guest store through the window after.

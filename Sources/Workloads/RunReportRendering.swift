@@ -151,13 +151,18 @@ extension RunReport {
 
     /// An operation's outcome for the terminal: an L2 access's exit to L1, or the guest's outcome.
     static func outcomeText(_ record: AccessRecord) -> String {
-        switch record.exitToL1 {
-        case .eptViolation(let gpa, let qualification)?:
+        guard let exit = record.exitToL1 else { return (record.inL2 ? "L2 " : "") + outcomeText(record.outcome.result) }
+        return exitText(exit)
+    }
+
+    /// An L2 VM exit to L1 for the terminal.
+    static func exitText(_ exit: NestedVMExit) -> String {
+        switch exit {
+        case .eptViolation(let gpa, let qualification):
             "exit to L1: EPT violation at L2 gpa \(hex(gpa.rawValue)), qualification \(hex(qualification.rawValue))"
-        case .eptMisconfiguration(let gpa)?: "exit to L1: EPT misconfiguration at L2 gpa \(hex(gpa.rawValue))"
-        case .nestedPageFault(let gpa, let errorCode)?:
+        case .eptMisconfiguration(let gpa): "exit to L1: EPT misconfiguration at L2 gpa \(hex(gpa.rawValue))"
+        case .nestedPageFault(let gpa, let errorCode):
             "exit to L1: #NPF at L2 gpa \(hex(gpa.rawValue)), EXITINFO1 \(hex(errorCode.rawValue))"
-        case nil: (record.inL2 ? "L2 " : "") + outcomeText(record.outcome.result)
         }
     }
 

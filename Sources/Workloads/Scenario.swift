@@ -128,12 +128,16 @@ public enum ScenarioDirective: Hashable, Sendable {
     case l1(NestedPagingSetting)
     /// `ept-map L2GPA L1GPA 4k|2m|1g PERMS`: L1 writes its entry for an L2 page with L1 stores.
     case eptMap(EPTMapDirective)
-    /// `vmenter`: L1 enters L2 (VMLAUNCH/VMRESUME, VMRUN).
-    case vmenter
+    /// `vmenter [vpid=N] [guest=N]`: L1 enters L2 guest `guest` (VMLAUNCH/VMRESUME, VMRUN: its
+    /// EPTP or nCR3, its registers), with VPID `vpid` in vmcs12 ("enable VPID" set) or without
+    /// VPID (nil).
+    case vmenter(vpid: UInt16?, guest: Int)
     /// `vmexit`: L2 exits to L1.
     case vmexit
-    /// `invept single|global`: L1's INVEPT of its EPTP, or of every EPTP.
-    case invept(INVEPTScope)
+    /// `invept single [guest=N]|global`: L1's INVEPT of guest `guest`'s EPTP, or of every EPTP.
+    case invept(INVEPTScope, guest: Int)
+    /// `invvpid individual|single|all|single-globals [VPID] [GVA]`: L1's INVVPID.
+    case invvpid(INVVPIDType, vpid: UInt16, gva: GuestVirtualAddress)
 
     /// The directive's keyword.
     public var name: String {
@@ -163,6 +167,7 @@ public enum ScenarioDirective: Hashable, Sendable {
         case .vmenter: "vmenter"
         case .vmexit: "vmexit"
         case .invept: "invept"
+        case .invvpid: "invvpid"
         }
     }
 
@@ -172,7 +177,7 @@ public enum ScenarioDirective: Hashable, Sendable {
         switch self {
         case .mem, .set, .cpu, .host, .expect, .l1: false
         case .map, .access, .pte, .invlpg, .reloadCR3, .space, .switchSpace, .invpcid, .writeRegister, .loadCR3, .zap,
-             .memslot, .dirtyLog, .vcpu, .subPageProtection, .eptMap, .vmenter, .vmexit, .invept: true
+             .memslot, .dirtyLog, .vcpu, .subPageProtection, .eptMap, .vmenter, .vmexit, .invept, .invvpid: true
         }
     }
 
@@ -184,7 +189,7 @@ public enum ScenarioDirective: Hashable, Sendable {
         case .mem, .set, .cpu, .host, .map, .space, .zap, .memslot, .dirtyLog, .expect, .l1: false
         // SPP's permissions are checked by the reference machine, which the boot makes.
         case .access, .pte, .invlpg, .reloadCR3, .switchSpace, .invpcid, .writeRegister, .loadCR3, .vcpu, .subPageProtection,
-             .eptMap, .vmenter, .vmexit, .invept: true
+             .eptMap, .vmenter, .vmexit, .invept, .invvpid: true
         }
     }
 }

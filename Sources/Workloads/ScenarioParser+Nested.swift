@@ -3,6 +3,7 @@
 // `vmenter` and `vmexit` the vCPU runs L2 (with its paging off: L2's linear addresses are its
 // guest-physical ones) and `access` is L2's. Grammar in ScenarioParser.swift.
 
+import VirtualMachine
 import X86Paging
 
 /// L1's paging for L2 (`l1 ept ...` or `l1 npt ...`).
@@ -21,13 +22,18 @@ public enum NestedPagingSetting: Hashable, Sendable {
     }
 }
 
-/// `ept-map L2GPA L1GPA 4k|2m|1g PERMS`.
+/// `ept-map L2GPA L1GPA 4k|2m|1g PERMS [guest=N]`.
 public struct EPTMapDirective: Hashable, Sendable {
     public var l2GPA: GuestPhysicalAddress
     public var l1GPA: GuestPhysicalAddress
     public var pageSize: PageSize
     public var permissions: EPTMapPermissions
+    /// Which L2 guest's tables (each guest has its own EPTP or nCR3; 0 by default).
+    public var guest = 0
 }
+
+/// L2 guests a scenario may run (`guest=0` ... `guest=15`).
+public let nestedGuestLimit = 0...15
 
 /// `R W X A D` of an `ept-map` (in NPT terms: present and user, writable, executable, accessed,
 /// dirty).
@@ -97,7 +103,7 @@ extension DirectiveArguments {
 
     mutating func parseEPTMap() throws(ScenarioError) -> ScenarioDirective {
         let args = try positional(["L2GPA", "L1GPA", "4k|2m|1g", "PERMS"])
-        try noOptions()
+        let guest = try guestOption()
         guard case .value(let bytes) = parseSize(args[2].text), let size = PageSize(rawValue: bytes), size != .size4M else {
             throw error("page size must be 4k, 2m or 1g, not '\(args[2].text)'", at: args[2])
         }
@@ -108,7 +114,14 @@ extension DirectiveArguments {
             guard value < 1 << 52 else { throw error("\(what) \(hex(value)) does not fit in an entry's 52-bit address", at: token) }
         }
         return .eptMap(EPTMapDirective(l2GPA: GuestPhysicalAddress(l2), l1GPA: GuestPhysicalAddress(l1), pageSize: size,
-                                       permissions: try eptPermissions(args[3])))
+                                       permissions: try eptPermissions(args[3]), guest: guest))
+    }
+
+    /// `guest=N` (0 when absent), the only option of the line.
+    private func guestOption() throws(ScenarioError) -> Int {
+        try options(["guest"])["guest"].map { (token: Token) throws(ScenarioError) in
+            Int(try number(token, what: "guest", in: UInt64(nestedGuestLimit.lowerBound)...UInt64(nestedGuestLimit.upperBound)))
+        } ?? 0
     }
 
     private func eptPermissions(_ token: Token) throws(ScenarioError) -> EPTMapPermissions {
@@ -126,16 +139,53 @@ extension DirectiveArguments {
 
     mutating func parseINVEPT() throws(ScenarioError) -> ScenarioDirective {
         let token = try positional(["single|global"])[0]
-        try noOptions()
+        let guest = try guestOption()
         guard let scope = INVEPTScope(rawValue: asciiLowercased(token.text)) else {
             throw error("INVEPT type must be single or global, not '\(token.text)'", at: token)
         }
-        return .invept(scope)
+        if scope == .global && guest != 0 { throw error("guest= names the EPTP of a single-context INVEPT; global covers every EPTP") }
+        return .invept(scope, guest: guest)
+    }
+
+    mutating func parseVMEnter() throws(ScenarioError) -> ScenarioDirective {
+        _ = try positional([])
+        let options = try options(["vpid", "guest"])
+        // VPID 0 with "enable VPID" is a VM entry its checks refuse: parsed, refused by the run.
+        let vpid = try options["vpid"].map { (token: Token) throws(ScenarioError) in UInt16(try number(token, what: "vpid", in: 0...0xFFFF)) }
+        let guest = try options["guest"].map { (token: Token) throws(ScenarioError) in
+            Int(try number(token, what: "guest", in: UInt64(nestedGuestLimit.lowerBound)...UInt64(nestedGuestLimit.upperBound)))
+        } ?? 0
+        return .vmenter(vpid: vpid, guest: guest)
+    }
+
+    mutating func parseINVVPID() throws(ScenarioError) -> ScenarioDirective {
+        let names = ["individual|single|all|single-globals", "VPID", "GVA"]
+        let args = try positional(Array(names.prefix(min(max(tokens.count, 1), 3))))
+        try noOptions()
+        let word = asciiLowercased(args[0].text)
+        guard let type = INVVPIDType.allCases.first(where: { $0.scenarioName == word || "\($0.rawValue)" == word }) else {
+            throw error("INVVPID type must be individual, single, all or single-globals (or 0...3), not '\(args[0].text)'", at: args[0])
+        }
+        let vpid = args.count > 1 ? UInt16(try number(args[1], what: "VPID", in: 0...0xFFFF)) : 0
+        let gva = args.count > 2 ? try number(args[2], what: "GVA") : 0
+        return .invvpid(type, vpid: vpid, gva: GuestVirtualAddress(gva))
     }
 
     mutating func parseNoArguments(_ directive: ScenarioDirective) throws(ScenarioError) -> ScenarioDirective {
         _ = try positional([])
         try noOptions()
         return directive
+    }
+}
+
+extension INVVPIDType {
+    /// The type's name in the scenario language.
+    public var scenarioName: String {
+        switch self {
+        case .individualAddress: "individual"
+        case .singleContext: "single"
+        case .allContexts: "all"
+        case .singleContextRetainingGlobals: "single-globals"
+        }
     }
 }

@@ -27,8 +27,10 @@
 //   vcpu N                                          later guest operations run on vCPU N (0...63)
 //   spp set GFN MASK | spp get GFN                  sub-page write permissions (--mmu tdp; MASK 32 bits)
 //   l1 ept [levels=4|5] [ad=0|1] [execonly=0|1] | l1 npt [levels=4|5]   L1's paging for L2 (TDP runs)
-//   ept-map L2GPA L1GPA 4k|2m|1g PERMS              L1 writes its entry (PERMS: letters of RWXAD, or 0)
-//   vmenter | vmexit | invept single|global         L1 enters L2, L2 exits, L1's INVEPT
+//   ept-map L2GPA L1GPA 4k|2m|1g PERMS [guest=N]    L1 writes its entry for guest N (PERMS: letters of RWXAD, or 0)
+//   vmenter [vpid=N] [guest=N] | vmexit            L1 enters L2 guest N (with VPID N), L2 exits
+//   invept single [guest=N] | invept global         L1's INVEPT of guest N's EPTP, or of all
+//   invvpid individual|single|all|single-globals [VPID] [GVA]   L1's INVVPID (VPID and GVA default to 0)
 //
 //   NUMBER  decimal or 0x-hexadecimal, `_` allowed between digits, at most 2^64-1
 //   SIZE    NUMBER with an optional K, M or G suffix (x1024, x1024^2, x1024^3)
@@ -64,7 +66,8 @@
 //   - `pkru` fits in 32 bits; every other number in 64;
 //   - `l1` comes before the first guest operation, at most once; `ept-map`, `vmenter` and `invept`
 //     need it (`invept` with `l1 ept`); `vmenter` only from L1, `vmexit` only in L2; in L2 only
-//     `access`, `vmexit` and `expect` (L2 runs with its paging off).
+//     `set`, `map`, `pte`, `access`, `invlpg`, `invpcid`, `space`, `switch`, `reload-cr3`, `expect` and `vmexit`, which act
+//     on L2 (its registers followed apart from L1's, from paging off at its first entry).
 // A `map` GPA need not lie inside `mem` (an unbacked GPA is a scenario's way to reach MMIO), nor below
 // MAXPHYADDR (address bits above it are reserved bits a scenario may want to set); `map ... 1g` is
 // accepted with `cpu gbpages=0` for the same reason (the PS bit is then reserved).
@@ -134,13 +137,32 @@ struct ScenarioState: Sendable {
     /// L1's paging for L2 and the line that gave it.
     var nested: (setting: NestedPagingSetting, line: Int)?
     /// Whether the lines run in L2 (after `vmenter`, until `vmexit`).
-    var inL2 = false
+    var inL2: Bool { suspendedL1 != nil }
+    /// While the lines run in L2: L1's registers, settings and spaces (`registers`, `controls` and
+    /// `spaces` are then L2's).
+    var suspendedL1: GuestLevelLines?
+    /// Each vCPU's L2 guests as their lines left them, by `vCPU * 16 + guest`, while L1 runs
+    /// (vmcs12 keeps L2's registers across exits; an L2 starts with its paging off).
+    var l2Levels: [Int: GuestLevelLines] = [:]
+    /// The L2 guest the lines run in (`vmenter guest=`).
+    var currentGuest = 0
 
     /// The mode whose tables `map` and `pte` edit: the one the registers select, or with paging off
     /// the one they prepare.
     var mode: PagingMode { registers.modeWithPagingOn }
     /// The mode accesses run in (`.disabled` with paging off: linear addresses are physical).
     var runningMode: PagingMode { registers.mode }
+}
+
+/// What the lines so far left of one guest level (L1, or an L2).
+struct GuestLevelLines: Sendable {
+    var registers: PagingRegisters
+    var controls: ControlState
+    var spaces: Set<String>
+
+    /// An L2 at its first entry: paging off, the default settings for the mode a `set paging=`
+    /// chooses, only the kernel space.
+    static let newL2 = GuestLevelLines(registers: PagingRegisters(), controls: .defaults, spaces: [Scenario.kernelSpace])
 }
 
 /// One whitespace-separated word of a line.
@@ -217,12 +239,14 @@ struct ScenarioParser {
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseL1() }),
         DirectiveSpec(name: "ept-map", usage: "ept-map L2GPA L1GPA 4k|2m|1g PERMS (letters of R W X A D, or 0)",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseEPTMap() }),
-        DirectiveSpec(name: "vmenter", usage: "vmenter",
-                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseNoArguments(.vmenter) }),
+        DirectiveSpec(name: "vmenter", usage: "vmenter [vpid=N]",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseVMEnter() }),
         DirectiveSpec(name: "vmexit", usage: "vmexit",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseNoArguments(.vmexit) }),
         DirectiveSpec(name: "invept", usage: "invept single|global",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseINVEPT() }),
+        DirectiveSpec(name: "invvpid", usage: "invvpid individual|single|all|single-globals [VPID] [GVA]",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseINVVPID() }),
     ]
 
     static let tableByName: [String: DirectiveSpec] = Dictionary(uniqueKeysWithValues: table.map { ($0.name, $0) })
@@ -315,12 +339,19 @@ struct ScenarioParser {
         case .l1(let setting):
             if state.firstOperation != nil { throw tooLate("l1") }
             state.nested = (setting, line)
-        case .vmenter:
-            state.inL2 = true
+        case .vmenter(_, let guest):
+            state.suspendedL1 = GuestLevelLines(registers: state.registers, controls: state.controls, spaces: state.spaces)
+            state.currentGuest = guest
+            let l2 = state.l2Levels[state.currentVCPU * 16 + guest] ?? .newL2
+            (state.registers, state.controls, state.spaces) = (l2.registers, l2.controls, l2.spaces)
         case .vmexit:
-            state.inL2 = false
+            state.l2Levels[state.currentVCPU * 16 + state.currentGuest] = GuestLevelLines(
+                registers: state.registers, controls: state.controls, spaces: state.spaces)
+            let l1 = state.suspendedL1!
+            (state.registers, state.controls, state.spaces) = (l1.registers, l1.controls, l1.spaces)
+            state.suspendedL1 = nil
         case .map, .access, .pte, .invlpg, .reloadCR3, .invpcid, .zap, .memslot, .dirtyLog, .expect, .subPageProtection, .eptMap,
-             .invept:
+             .invept, .invvpid:
             break
         }
         if directive.isGuestOperation && state.firstOperation == nil { state.firstOperation = (line, directive.name) }
@@ -338,16 +369,22 @@ struct ScenarioParser {
         switch directive {
         case .l1:
             if let previous = state.nested { throw fail("L1's paging for L2 given twice (first on line \(previous.line))") }
-        case .eptMap, .vmenter, .invept:
+        case .eptMap, .vmenter, .invept, .invvpid:
             guard let nested = state.nested else { throw fail("\(directive.name) needs L1's paging for L2 first (`l1 ept` or `l1 npt`)") }
             if state.inL2 { throw fail("\(directive.name) is L1's: the vCPU runs L2 (vmexit first)") }
-            if case .invept = directive, case .npt = nested.setting { throw fail("invept needs `l1 ept` (L1 gives L2 NPT)") }
+            if case .npt = nested.setting {
+                switch directive {
+                case .invept, .invvpid: throw fail("\(directive.name) needs `l1 ept` (L1 gives L2 NPT)")
+                case .vmenter(let vpid?, _) where vpid != 0: throw fail("vpid= needs `l1 ept` (VPID is VMX's; L1 gives L2 NPT)")
+                default: break
+                }
+            }
         case .vmexit:
             if !state.inL2 { throw fail("vmexit: the vCPU runs L1 (vmenter first)") }
-        case .access, .expect:
-            break
+        case .access, .expect, .set, .map, .pte, .invlpg, .space, .switchSpace, .reloadCR3, .invpcid:
+            break  // L1's, or L2's between `vmenter` and `vmexit`
         default:
-            if state.inL2 { throw fail("\(directive.name) in L2 is not modelled (L2 runs with its paging off; docs/NESTED.md): vmexit first") }
+            if state.inL2 { throw fail("\(directive.name) in L2 is not modelled (docs/NESTED.md): vmexit first") }
         }
     }
 

@@ -140,13 +140,15 @@ extension ScenarioDirective {
             return "l1 npt levels=\(levels)"
         case .eptMap(let map):
             return ["ept-map", hex(map.l2GPA.rawValue), hex(map.l1GPA.rawValue), map.pageSize.name, map.permissions.rendered]
-                .joined(separator: " ")
-        case .vmenter:
-            return "vmenter"
+                .joined(separator: " ") + (map.guest == 0 ? "" : " guest=\(map.guest)")
+        case .vmenter(let vpid, let guest):
+            return "vmenter" + (vpid.map { " vpid=\($0)" } ?? "") + (guest == 0 ? "" : " guest=\(guest)")
+        case .invvpid(let type, let vpid, let gva):
+            return "invvpid \(type.scenarioName) " + hex(vpid) + " " + hex(gva.rawValue)
         case .vmexit:
             return "vmexit"
-        case .invept(let scope):
-            return "invept " + scope.rawValue
+        case .invept(let scope, let guest):
+            return "invept " + scope.rawValue + (guest == 0 ? "" : " guest=\(guest)")
         case .expect(let counters):
             return (["expect"] + counters.map { "\($0.name)=\($0.value)" }).joined(separator: " ")
         }

@@ -190,7 +190,30 @@ public final class ScenarioRunner {
 
     /// L1's paging for L2 (`l1`), its root table once allocated, and the L2 accesses checked.
     private var nestedSetting: NestedPagingSetting?
-    private var nestedRootTable: GuestPhysicalAddress?
+    /// What the directives of one guest level act on: `controls`, `registers`, `kernel` and
+    /// `loadedSpace` are L1's, or L2's between `vmenter` and `vmexit`.
+    private struct GuestLevelState {
+        var controls: ControlState
+        var registers: PagingRegisters
+        /// L2's kernel is made when an L2 line first needs its tables.
+        var kernel: GuestKernel?
+        var loadedSpace: String?
+    }
+    /// L1's while the directives act on L2.
+    private var suspendedL1: GuestLevelState?
+    /// Each vCPU's L2 guests (by `vCPU * 16 + guest`) while L1 runs: L2's registers live on in
+    /// vmcs12 across exits, and L2's kernel keeps its tables.
+    private var l2Levels: [Int: GuestLevelState] = [:]
+    /// Each vCPU's vmcs12 VPID for L2 as its last `vmenter` gave it (nil: VPID not enabled).
+    private var l2VPIDs: [Int: UInt16?] = [:]
+    /// Whether the directives act on L2 (the vCPU runs L2, or L1 handles an exit of L2's).
+    private var directivesActOnL2: Bool { suspendedL1 != nil }
+    /// L1's kernel, whichever level the directives act on.
+    private var l1Kernel: GuestKernel { suspendedL1.map { $0.kernel! } ?? kernel }
+    /// By L2 guest (`guest=`): L1's EPT or NPT root table for it.
+    private var nestedRootTables: [Int: GuestPhysicalAddress] = [:]
+    /// The L2 guest the vCPU runs or last ran (`vmenter guest=`).
+    private var currentL2Guest = 0
     private var l2Checks = 0
 
     /// Whether to keep the MMU events (KVM's tracepoints) each operation causes.
@@ -246,7 +269,7 @@ public final class ScenarioRunner {
                 try execute(statement.directive)
                 // `map` and `pte` edit the tables of the mode the registers select (or prepare).
                 let editMode = registers.modeWithPagingOn
-                if kernel.mode != editMode { try kernel.selectMode(editMode) }
+                if let kernel, kernel.mode != editMode { try kernel.selectMode(editMode) }
             } catch let failure as RunFailure {
                 throw failure
             } catch let disagreement as LockstepDisagreement {
@@ -312,7 +335,7 @@ public final class ScenarioRunner {
         var seen = Set<Mapping>()
         let distinct = mappings.filter { seen.insert($0).inserted }
         report.entries = distinct.flatMap { mapping in
-            kernel.path(mapping.gva, space: mapping.space, mode: mapping.mode).map {
+            l1Kernel.path(mapping.gva, space: mapping.space, mode: mapping.mode).map {
                 EntryRecord(gva: mapping.gva, level: $0.level, address: $0.address, value: $0.value)
             }
         }
@@ -331,7 +354,7 @@ public final class ScenarioRunner {
     /// paging on with CR3 pointing at them (which is when PAE loads its PDPTEs), on the vCPU and
     /// on the reference alike.
     private func boot() throws {
-        guard !kernel.booted else { return }
+        guard !l1Kernel.booted else { return }
         let root = try kernel.root(of: Scenario.kernelSpace, mode: controls.pagingMode)
         registers = controls.registers(cr3: root.rawValue)
         vcpu = try vm.addVCPU(registers: registers)
@@ -368,6 +391,7 @@ public final class ScenarioRunner {
 
     private func execute(_ directive: ScenarioDirective) throws {
         if directive.runsGuest { try boot() }
+        if directivesActOnL2, try executeInL2(directive) { return }
         switch directive {
         case .mem, .cpu, .host:
             break  // applied when the machine was built
@@ -427,28 +451,11 @@ public final class ScenarioRunner {
             mappings.append(Mapping(gva: map.gva, space: kernel.editSpace, mode: kernel.mode))
             try kernel.map(map.gva, to: map.gpa, leafLevel: map.pageSize.leafLevel, leafFlags: map.leafFlagsWithKey,
                            tableFlags: { map.tableFlags(level: $0) })
-        case .access(let kind, let gva, let cpl, let value) where vcpu.isInL2:
-            try l2Access(kind, gva, cpl: cpl, value: value ?? 0)
         case .access(let kind, let gva, let cpl, let value):
             let outcome = try guestAccess(gva, Access(kind, cpl == 3 ? .user : .supervisor), size: 8, value: value ?? 0)
             record(kind == .fetch ? "exec" : kind == .write ? "write" : "read", cpl: cpl, gva: gva, outcome: outcome)
         case .pte(let gva, let level, let entryValue, let cpl):
-            guard let address = try kernel.entryAddress(gva, level: level) else {
-                throw RunFailure.badScenario(line: currentLine, message: "pte: \(gva) has no level-\(level) entry (the walk ends above it)")
-            }
-            guard address.rawValue < GuestKernel.tablePoolEnd else {
-                throw RunFailure.badScenario(line: currentLine, message:
-                    "pte: the level-\(level) entry for \(gva) is at \(address), in a table outside the page-table pool below "
-                    + "16 MiB (an entry above it points there), which the kernel cannot reach through its window")
-            }
-            let old = try kernel.readEntry(address)
-            let new: UInt64
-            switch entryValue {
-            case .raw(let value): new = value
-            case .flags(let flags):
-                let addressBits = kernel.mode == .legacy32 ? old & 0xFFFF_F000 : old & bitRange(12, 51)
-                new = addressBits | flags
-            }
+            let (address, new) = try pteTarget(gva, level: level, entryValue, kernel)
             let outcome = try guestAccess(GuestKernel.linearAddress(of: address, in: registers.mode),
                                           Access(.write, cpl == 3 ? .user : .supervisor),
                                           size: kernel.entrySize, value: new)
@@ -476,14 +483,25 @@ public final class ScenarioRunner {
             nestedSetting = setting
         case .eptMap(let map):
             try writeNestedEntry(map)
-        case .vmenter:
+        case .vmenter(let vpid, let guest):
+            currentL2Guest = guest
+            switchLevel(toL2: true)
+            l2VPIDs[currentVCPU] = vpid
             try enterL2()
         case .vmexit:
             try vcpu.exitToL1()
-        case .invept(let scope):
+            noteL2Transition()
+            switchLevel(toL2: false)
+        case .invvpid(let type, let vpid, let gva):
+            guard try vcpu.invalidateVPID(type, vpid: vpid, address: gva) else {
+                throw RunFailure.badScenario(line: currentLine, message:
+                    "invvpid \(type.scenarioName) VPID \(hex(vpid)) GVA \(gva) fails (VMfailValid, invalid operand): "
+                    + "VPID 0 names no L2 context, and the individual address must be canonical")
+            }
+        case .invept(let scope, let guest):
             guard case .ept(let levels, let ad, _) = nestedSetting else { return }
             try vcpu.invalidateEPT(scope == .global ? .allContexts
-                : .singleContext(EPTPointer(root: try nestedRoot().rawValue, levels: levels, accessedDirty: ad)))
+                : .singleContext(EPTPointer(root: try nestedRoot(guest: guest).rawValue, levels: levels, accessedDirty: ad)))
         case .subPageProtection(let request):
             try apply(request)
         }
@@ -523,10 +541,10 @@ public final class ScenarioRunner {
     // MARK: L1 and L2
 
     /// L1's EPT or NPT root table, from the kernel's table pool (its window reaches it).
-    private func nestedRoot() throws -> GuestPhysicalAddress {
-        if let nestedRootTable { return nestedRootTable }
-        let root = try kernel.allocateTable()
-        nestedRootTable = root
+    private func nestedRoot(guest: Int) throws -> GuestPhysicalAddress {
+        if let root = nestedRootTables[guest] { return root }
+        let root = try l1Kernel.allocateTable()
+        nestedRootTables[guest] = root
         return root
     }
 
@@ -535,7 +553,7 @@ public final class ScenarioRunner {
         guard let setting = nestedSetting else { return }
         let isEPT = if case .ept = setting { true } else { false }
         let leafLevel = map.pageSize.leafLevel
-        var table = try nestedRoot().rawValue
+        var table = try nestedRoot(guest: map.guest).rawValue
         var level = setting.levels
         while true {
             let entry = GuestPhysicalAddress(table + ((map.l2GPA.rawValue >> UInt64(12 + 9 * (level - 1))) & 0x1FF) * 8)
@@ -572,7 +590,8 @@ public final class ScenarioRunner {
         }
     }
 
-    /// `vmenter`: L1's EPTP (or nCR3) with the scenario's settings; L2 runs with its paging off.
+    /// `vmenter`, or L1 resuming L2 after an exit: L1's EPTP (or nCR3) with the scenario's
+    /// settings and L2's registers as L2 left them (paging off at the first entry).
     private func enterL2() throws {
         guard let setting = nestedSetting else { return }
         let paging: L1NestedPaging
@@ -581,27 +600,161 @@ public final class ScenarioRunner {
             guard vm.tdp?.masks.isEPT == true else {
                 throw RunFailure.badScenario(line: currentLine, message: "vmenter: `l1 ept` needs L1 under EPT (run with --mmu tdp)")
             }
-            paging = .ept(EPTPointer(root: try nestedRoot().rawValue, levels: levels, accessedDirty: ad),
+            paging = .ept(EPTPointer(root: try nestedRoot(guest: currentL2Guest).rawValue, levels: levels, accessedDirty: ad),
                           capabilities: EPTCapabilities(executeOnly: executeOnly, pages1GiB: scenario.cpuModel.supports1GiBPages,
                                                         maxPhysicalAddressBits: scenario.cpuModel.maxPhysicalAddressBits))
         case .npt(let levels):
             guard let tdp = vm.tdp, !tdp.masks.isEPT else {
                 throw RunFailure.badScenario(line: currentLine, message: "vmenter: `l1 npt` needs L1 under NPT (run with --mmu npt)")
             }
-            guard registers.mode.rootLevel == levels else {
+            let l1Mode = (suspendedL1?.registers ?? registers).mode
+            guard l1Mode.rootLevel == levels else {
                 throw RunFailure.badScenario(line: currentLine, message:
-                    "vmenter: L1's NPT is walked in L1's paging mode, \(registers.mode.displayName), not \(levels)-level")
+                    "vmenter: L1's NPT is walked in L1's paging mode, \(l1Mode.displayName), not \(levels)-level")
             }
-            paging = .npt(nestedCR3: try nestedRoot().rawValue)
+            paging = .npt(nestedCR3: try nestedRoot(guest: currentL2Guest).rawValue)
         }
-        try vcpu.enterL2(paging, registers: PagingRegisters())
+        try vcpu.enterL2(paging, registers: registers, vpid: l2VPIDs[currentVCPU] ?? nil)
+        noteL2Transition()
     }
 
-    /// An `access` of L2's, checked against the architecture's nested walk, the auditors after it.
-    private func l2Access(_ kind: AccessKind, _ gva: GuestVirtualAddress, cpl: Int, value: UInt64) throws {
-        let access = Access(kind, cpl == 3 ? .user : .supervisor)
-        let outcome = try vcpu.accessL2(gva, access, value: value)
-        try vcpu.checkL2(outcome, at: gva, access, expected: try vcpu.architecturalL2(gva, access))
+    /// A VM entry or exit: without VPID for L2, the architecture flushes VPID 0, which is L1's
+    /// too, so the reference drops what L1 may still use from its TLB.
+    private func noteL2Transition() {
+        if vcpu.l2SharesL1TLBTag { reference.invalidatePCID(.allContextsIncludingGlobal, pcid: 0, address: GuestVirtualAddress(0)) }
+    }
+
+    /// `vmenter` and `vmexit` as the directives see them: the registers, settings, kernel and
+    /// loaded space they act on become L2's (kept per vCPU from its last `vmexit`) or L1's again.
+    private func switchLevel(toL2: Bool) {
+        let current = GuestLevelState(controls: controls, registers: registers, kernel: kernel, loadedSpace: loadedSpace)
+        let next: GuestLevelState
+        let key = currentVCPU * 16 + currentL2Guest
+        if toL2 {
+            suspendedL1 = current
+            next = l2Levels[key]
+                ?? GuestLevelState(controls: .defaults, registers: PagingRegisters(), kernel: nil, loadedSpace: Scenario.kernelSpace)
+        } else {
+            l2Levels[key] = current
+            next = suspendedL1!
+            suspendedL1 = nil
+        }
+        (controls, registers, kernel, loadedSpace) = (next.controls, next.registers, next.kernel, next.loadedSpace)
+    }
+
+    /// A directive acting on L2 (true), or one that is not L2's to handle (false: `expect`,
+    /// `vmexit`). L2's kernel owns L2's tables as L1's kernel owns L1's (its pool and window in L2's
+    /// guest-physical memory), and every change it makes is an L2 store.
+    private func executeInL2(_ directive: ScenarioDirective) throws -> Bool {
+        switch directive {
+        case .access(let kind, let gva, let cpl, let value):
+            try l2Operation(kind == .fetch ? "exec" : kind == .write ? "write" : "read", kind, gva, cpl: cpl, size: 8,
+                            value: value ?? 0, recordedAs: gva)
+        case .set(let changes):
+            let new = controls.applying(changes)
+            let target = changes.applied(to: registers, controls: new)
+            controls = new
+            if changes.pagingMode != nil && target.mode != registers.mode {
+                _ = try l2Kernel(mode: target.mode)
+                try switchMode(to: target)
+            } else {
+                try write(target)
+            }
+        case .map(let map):
+            try checkCollision(map)
+            try l2Kernel(mode: registers.modeWithPagingOn).map(map.gva, to: map.gpa, leafLevel: map.pageSize.leafLevel,
+                                                               leafFlags: map.leafFlagsWithKey, tableFlags: { map.tableFlags(level: $0) })
+        case .pte(let gva, let level, let entryValue, let cpl):
+            let kernel = try l2Kernel(mode: registers.modeWithPagingOn)
+            let (address, new) = try pteTarget(gva, level: level, entryValue, kernel)
+            try l2Operation("pte", .write, GuestKernel.linearAddress(of: address, in: registers.mode), cpl: cpl,
+                            size: kernel.entrySize, value: new, recordedAs: gva)
+        case .invlpg(let gva):
+            try vcpu.invalidateL2Page(gva)
+        case .reloadCR3:
+            try loadCR3(registers.cr3, noFlush: false)
+        case .invpcid(let type, let pcid, let gva):
+            if registers.invpcidFaults(type, pcid: pcid, address: gva) {
+                record("invpcid", cpl: 0, gva: gva, outcome: AccessOutcome(result: .generalProtection), inL2: true)
+            } else {
+                try vcpu.invalidateL2PCID(type, pcid: UInt16(pcid), address: gva)
+            }
+        case .space(let name):
+            try l2Kernel(mode: registers.modeWithPagingOn).selectSpace(name)
+        case .switchSpace(let name, let pcid, let noFlush):
+            let kernel = try l2Kernel(mode: registers.modeWithPagingOn)
+            guard kernel.hasSpace(name) else {
+                throw RunFailure.badScenario(line: currentLine, message: "switch: no address space '\(name)' in L2")
+            }
+            if (pcid != 0 || noFlush) && !registers.cr4.contains(.pcidEnable) {
+                throw RunFailure.badScenario(line: currentLine, message: "switch: pcid and noflush need L2's CR4.PCIDE (set pcid=1)")
+            }
+            try loadCR3(try kernel.root(of: name, mode: registers.modeWithPagingOn).rawValue | UInt64(pcid), noFlush: noFlush)
+            loadedSpace = name
+        default:
+            return false
+        }
+        return true
+    }
+
+    /// L2's kernel, made at the first line that needs L2's tables, with the kernel space's root
+    /// for `mode`: its table writes are L2 stores at the address L2 reaches them by (through the
+    /// window, or at their guest-physical address with L2's paging off); its reads find L2's
+    /// tables in L1's memory through L1's tables, as the software owning L2's memory does.
+    private func l2Kernel(mode: PagingMode) throws -> GuestKernel {
+        if let kernel { return kernel }
+        let made = try GuestKernel(l2Of: vm, mode: mode, store: { [unowned self] entry, value, size in
+            try self.l2KernelStore(entry, value, size: size)
+        }, load: { [unowned self] entry, size in
+            try self.l2TableLoad(entry, size: size)
+        })
+        kernel = made
+        return made
+    }
+
+    private func l2KernelStore(_ entry: GuestPhysicalAddress, _ value: UInt64, size: Int) throws {
+        let gva = GuestKernel.linearAddress(of: entry, in: registers.mode)
+        let (outcome, exit) = try checkedL2Access(gva, Access(.write, .supervisor), size: size, value: value)
+        if let exit {
+            try enterL2()
+            throw RunFailure.badScenario(line: currentLine, message:
+                "L2's kernel's store to its table entry at L2 guest-physical \(entry) (through \(gva)): "
+                + RunReport.exitText(exit) + "; L1 must map L2's table pool from 1 MiB with write permission (ept-map)")
+        }
+        guard case .completed = outcome.result else {
+            throw RunFailure.badScenario(line: currentLine, message:
+                "L2's kernel's store to its table entry at L2 guest-physical \(entry) (through \(gva)) did not complete: "
+                + RunReport.outcomeText(outcome.result) + "; L2's CR3 must point at a root with the kernel's window")
+        }
+    }
+
+    private func l2TableLoad(_ entry: GuestPhysicalAddress, size: Int) throws -> UInt64 {
+        switch try vcpu.l1Address(ofL2Physical: entry) {
+        case .success(let l1Address):
+            return size == 4 ? UInt64(try vm.memory.load32(l1Address)) : try vm.memory.load64(l1Address)
+        case .failure(let fault):
+            throw RunFailure.badScenario(line: currentLine, message:
+                "L2's table entry at L2 guest-physical \(entry) cannot be read: L1's tables refuse it (\(fault)); "
+                + "L1 must map L2's table pool from 1 MiB readable (ept-map)")
+        }
+    }
+
+    /// An access of L2's (`access`, or the store of a `pte`), recorded; an exit to L1 is taken by
+    /// L1, which resumes L2 as it was (a scenario stays in L2 until `vmexit`).
+    private func l2Operation(_ operation: String, _ kind: AccessKind, _ gva: GuestVirtualAddress, cpl: Int, size: Int,
+                             value: UInt64, recordedAs recordedGVA: GuestVirtualAddress) throws {
+        let (outcome, exit) = try checkedL2Access(gva, Access(kind, cpl == 3 ? .user : .supervisor), size: size, value: value)
+        record(operation, cpl: cpl, gva: recordedGVA, outcome: outcome, inL2: true, exit: exit)
+        if exit != nil { try enterL2() }
+    }
+
+    /// One L2 access checked against the architecture's nested walk, the auditors after it. An
+    /// exit to L1 comes back as the exit, with the outcome at the exit's L2 address.
+    private func checkedL2Access(_ gva: GuestVirtualAddress, _ access: Access, size: Int,
+                                 value: UInt64) throws -> (AccessOutcome, NestedVMExit?) {
+        let outcome = try vcpu.accessL2(gva, access, size: size, value: value)
+        if outcome.result.isExit { noteL2Transition() }
+        try vcpu.checkL2(outcome, at: gva, access, expected: try vcpu.architecturalL2(gva, access, setAccessedDirty: !outcome.tlbHit))
         l2Checks += 1
         if let problem = vm.audit().first {
             finish()
@@ -618,10 +771,7 @@ public final class ScenarioRunner {
             exit = reflected
             result = .completed(gpa: reflected.address, value: 0)
         }
-        record(kind == .fetch ? "exec" : kind == .write ? "write" : "read", cpl: cpl, gva: gva,
-               outcome: AccessOutcome(result: result, exits: outcome.exits, emulated: outcome.emulated), inL2: true, exit: exit)
-        // L1 takes the exit and resumes L2 as it was (a scenario stays in L2 until `vmexit`).
-        if exit != nil { try enterL2() }
+        return (AccessOutcome(result: result, exits: outcome.exits, emulated: outcome.emulated, tlbHit: outcome.tlbHit), exit)
     }
 
     /// The value of an `expect` line's counter now: a KVM statistic counted from the start of the
@@ -658,7 +808,11 @@ public final class ScenarioRunner {
         let new = new.withComputedLongModeActive
         guard new != registers else { return }
         if let fault = registers.transitionFault(to: new, cpu: scenario.cpuModel) {
-            throw RunFailure.badScenario(line: currentLine, message: "#GP: \(fault)")
+            throw RunFailure.badScenario(line: currentLine, message: (directivesActOnL2 ? "#GP in L2: " : "#GP: ") + "\(fault)")
+        }
+        if directivesActOnL2 {
+            try writeL2(new)
+            return
         }
         try vcpu.setRegisters(new)
         try reference.setRegisters(new)
@@ -667,9 +821,29 @@ public final class ScenarioRunner {
 
     /// MOV to CR3 of `value` (bit 63 of the source set with `noFlush`), on both machines.
     private func loadCR3(_ value: UInt64, noFlush: Bool) throws {
+        if directivesActOnL2 {
+            var new = registers
+            new.cr3 = value
+            try writeL2(new, loadsCR3: true, noFlush: noFlush)
+            return
+        }
         try vcpu.loadCR3(value, noFlush: noFlush)
         try reference.loadCR3(value, noFlush: noFlush)
         registers.cr3 = value
+    }
+
+    /// L2's register write (a MOV to CR or WRMSR in L2, which L1 does not intercept); a PAE PDPTE
+    /// load L1's tables refuse is an exit to L1 that the instruction would meet again after every
+    /// resume, so the scenario stops there.
+    private func writeL2(_ new: PagingRegisters, loadsCR3: Bool = false, noFlush: Bool = false) throws {
+        if let exit = try vcpu.setL2Registers(new, loadsCR3: loadsCR3, noFlush: noFlush) {
+            noteL2Transition()
+            try enterL2()
+            throw RunFailure.badScenario(line: currentLine, message:
+                "L2's PAE PDPTE load for CR3 \(GuestPhysicalAddress(new.cr3 & 0xFFFF_FFE0)): " + RunReport.exitText(exit)
+                + "; L1 must map L2's PDPT readable (ept-map)")
+        }
+        registers = new
     }
 
     /// A paging-mode switch the way an OS makes it, one legal register write at a time: PCIDE off
@@ -692,7 +866,7 @@ public final class ScenarioRunner {
         let modeBits: CR4 = [.physicalAddressExtension, .la57, .pageSizeExtensions]
         try apply { $0.cr4 = $0.cr4.subtracting(modeBits).union(target.cr4.intersection(modeBits)) }
         try apply { $0.cr3 = root.rawValue }
-        try apply { $0.cr0.insert(.paging) }
+        try apply { $0.cr0.formUnion([.paging, .protectionEnable]) }  // L2 may start with PE clear
         var final = target
         final.cr3 = root.rawValue
         try write(final)
@@ -811,6 +985,26 @@ public final class ScenarioRunner {
             throw RunFailure.brokenInvariant(line: currentLine, message: problem, partial: report)
         }
         return outcome
+    }
+
+    /// A `pte` line's entry (in the kernel's pool, which its window reaches) and its new value.
+    private func pteTarget(_ gva: GuestVirtualAddress, level: Int, _ entryValue: EntryValue,
+                           _ kernel: GuestKernel) throws -> (GuestPhysicalAddress, UInt64) {
+        guard let address = try kernel.entryAddress(gva, level: level) else {
+            throw RunFailure.badScenario(line: currentLine, message: "pte: \(gva) has no level-\(level) entry (the walk ends above it)")
+        }
+        guard address.rawValue < GuestKernel.tablePoolEnd else {
+            throw RunFailure.badScenario(line: currentLine, message:
+                "pte: the level-\(level) entry for \(gva) is at \(address), in a table outside the page-table pool below "
+                + "16 MiB (an entry above it points there), which the kernel cannot reach through its window")
+        }
+        let old = try kernel.readEntry(address)
+        switch entryValue {
+        case .raw(let value): return (address, value)
+        case .flags(let flags):
+            let addressBits = kernel.mode == .legacy32 ? old & 0xFFFF_F000 : old & bitRange(12, 51)
+            return (address, addressBits | flags)
+        }
     }
 
     private func checkCollision(_ map: MapDirective) throws {

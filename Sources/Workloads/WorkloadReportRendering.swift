@@ -68,6 +68,17 @@ extension WorkloadComparison {
         section("Exits")
         counter("exits", "exits")
         counter("insn_emulation", "insn_emulation")
+        if runs.contains(where: { $0.report.statsAfter.nestedRun > $0.report.statsBefore.nestedRun }) {
+            // Only a run with L2 shows it: every other report stays as it was.
+            section("Nested (L2)")
+            counter("nested_run (VM entries)", "nested_run")
+            row("L2 operations") { String($0.report.accesses.filter(\.inL2).count) }
+            row("  exits to L1") { String($0.report.accesses.filter { $0.exitToL1 != nil }.count) }
+            row("  L2 TLB hits") { String($0.report.accesses.filter { $0.inL2 && $0.outcome.tlbHit }.count) }
+            row("guest_mode shadow pages (guest_mmu, at the end)") { run in
+                String(run.report.shadowPagesByRole.filter { $0.key.contains("guest_mode") }.values.reduce(0, +))
+            }
+        }
         section("Leaves mapped at the end")
         counter("pages_4k", "pages_4k")
         counter("pages_2m", "pages_2m")

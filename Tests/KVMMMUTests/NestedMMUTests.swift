@@ -182,7 +182,7 @@ struct NestedMMUTests {
         let (memory, mmu, l2) = try fixture(tablePermissions: 5, presetAccessed: true)
         let pml4e = try #require(try l2.entryAddress(of: Self.linear, level: 4))
         #expect(mmu.translate(GuestVirtualAddress(Self.linear), Access(.read, .user), in: memory)
-            == .exit(.eptViolation(pml4e, qualification: [.dataRead, .dataWrite, .readable, .executable, .linearAddressValid])))
+            == .exit(.eptViolation(pml4e, qualification: [.dataRead, .dataWrite, .readable, .executable, .linearAddressValid]), guestLevel: 4))
     }
 
     @Test("KVM's final access carries PFERR_USER: an execute-only page is not fetchable through nested_mmu")
@@ -191,11 +191,12 @@ struct NestedMMUTests {
         #expect(mmu.translate(GuestVirtualAddress(Self.linear | 8), Access(.fetch, .supervisor), in: memory)
             == .exit(.eptViolation(GuestPhysicalAddress(Self.l2Page | 8),
                                    qualification: [.dataRead, .instructionFetch, .executable, .linearAddressValid,
-                                                   .finalTranslation])))
+                                                   .finalTranslation]), guestLevel: 0))
         // Not present at all: the fetch's violation reports the read too.
         let (memory2, mmu2, _) = try fixture(pagePermissions: 0)
         #expect(mmu2.translate(GuestVirtualAddress(Self.linear), Access(.fetch, .supervisor), in: memory2)
             == .exit(.eptViolation(GuestPhysicalAddress(Self.l2Page),
-                                   qualification: [.dataRead, .instructionFetch, .linearAddressValid, .finalTranslation])))
+                                   qualification: [.dataRead, .instructionFetch, .linearAddressValid, .finalTranslation]),
+                  guestLevel: 0))
     }
 }

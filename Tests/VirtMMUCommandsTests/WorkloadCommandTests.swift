@@ -32,6 +32,20 @@ import Workloads
         #expect(asScenario.status == 0 && asScenario.output.contains("all agree"))
     }
 
+    @Test func theNestedWorkloadRunsUnderTDPOnlyAndRefusesShadowAndNPT() throws {
+        let comparison = try command(["--workload", "nested"] + Self.small).workloadComparison()
+        #expect(comparison.runs.map(\.mmu) == ["tdp"] && comparison.succeeded)
+        #expect(comparison.text().contains("nested_run (VM entries)"))
+        for mmu in ["shadow", "npt"] {
+            do {
+                _ = try command(["--workload", "nested", "--mmu", mmu] + Self.small).workloadComparison()
+                Issue.record("nested ran under \(mmu)")
+            } catch let failure as CommandFailure {
+                #expect(failure.message.contains("runs L1 under TDP with EPT (--mmu tdp, its default)"), "\(failure.message)")
+            }
+        }
+    }
+
     @Test func aWorkloadRunsUnderShadowAndTDPByDefaultAndWritesItsReport() throws {
         let report = temporaryPath("report.html")
         defer { try? FileManager.default.removeItem(atPath: report) }

@@ -7,6 +7,31 @@ import X86Paging
 /// the lockstep machine must catch each one (exit status 2), or the model has drifted from KVM or
 /// the checker has gone blind.
 @Suite struct KnownKVMGapTests {
+    /// KVM's emulator completes L2's MMIO accesses (after the first, the shadow EPT holds an MMIO
+    /// SPTE: a misconfiguration to the hardware) and translates through `nested_mmu`, which asks
+    /// L1's EPT for R with every final access. An L2 write L1's EPT refuses (R only) then exits to
+    /// L1 with bit 0 (read) in the qualification besides bit 1; the hardware reports bit 1 only.
+    @Test func nestedEmulatorReportsAReadWithAWriteToMMIO() throws {
+        let scenario = try Scenario.parse("""
+        l1 ept levels=4 ad=0
+        ept-map 0x1000 0x100000000 4k R
+        vmenter
+        access read 0x1008
+        access write 0x1008 value=1
+        """, name: "nested-mmio-gap")
+        do {
+            _ = try ScenarioRunner(scenario: scenario, mmu: .ept()).run()
+            Issue.record("the run finished: the lockstep machine missed KVM's emulator's qualification")
+        } catch .disagreement(let line, let disagreement, let partial) {
+            #expect(line == 5)
+            #expect(disagreement.expected.contains("rawValue: 394"), "\(disagreement.expected)")  // 0x18a: W, R allowed, linear, final
+            #expect(disagreement.actual.contains("rawValue: 395"), "\(disagreement.actual)")  // 0x18b: and R
+            #expect(partial.accesses.first?.outcome.result == .mmio(gpa: GuestPhysicalAddress(0x1_0000_0008), value: ~0))
+        } catch {
+            Issue.record("unexpected failure: \(error)")
+        }
+    }
+
     /// KVM's CR0.WP=0 trick maps a user read-only page that a supervisor write hit as a
     /// supervisor-writable page (paging_tmpl.h, FNAME(page_fault)); role.smap_andnot_wp keeps such
     /// pages from being reused when CR4.SMAP changes, and mmu.rst reasons that with SMAP on the

@@ -27,7 +27,7 @@ private let preludeLines = 3
 struct ScenarioErrorTests {
     static let cases: [BadCase] = [
         // Directives
-        BadCase("frobnicate 1", line: 1, column: 1, "unknown directive 'frobnicate' (known directives: mem, cpu, set, map, access, pte, invlpg, reload-cr3, host, space, switch, invpcid, cr0, cr4, efer, cr3, zap, memslot, dirty-log, expect, vcpu, spp, l1, ept-map, vmenter, vmexit, invept)"),
+        BadCase("frobnicate 1", line: 1, column: 1, "unknown directive 'frobnicate' (known directives: mem, cpu, set, map, access, pte, invlpg, reload-cr3, host, space, switch, invpcid, cr0, cr4, efer, cr3, zap, memslot, dirty-log, expect, vcpu, spp, l1, ept-map, vmenter, vmexit, invept, invvpid)"),
         BadCase("  maps 0x1000", line: 1, column: 3, "unknown directive 'maps'"),
         BadCase("reload-cr3 now", line: 1, column: 12, "reload-cr3: unexpected 'now'"),
         BadCase("invlpg", line: 1, column: 1, "invlpg: missing GVA (usage: invlpg GVA)"),
@@ -47,10 +47,16 @@ struct ScenarioErrorTests {
         BadCase("l1 ept\ninvept local", line: 2, column: 8, "INVEPT type must be single or global, not 'local'"),
         BadCase("l1 ept\nvmexit", line: 2, column: 1, "vmexit: the vCPU runs L1 (vmenter first)"),
         BadCase("l1 ept\nvmenter\nvmenter", line: 3, column: 1, "vmenter is L1's: the vCPU runs L2 (vmexit first)"),
-        BadCase("l1 ept\nvmenter\nmap 0x400000 0x1000000 4k P", line: 3, column: 1, "map in L2 is not modelled"),
+        BadCase("l1 ept\nvmenter\ncr3 0x1000", line: 3, column: 1, "cr3 in L2 is not modelled"),
         BadCase("l1 ept\nvmenter\nept-map 0 0x1000000 4k R", line: 3, column: 1, "ept-map is L1's: the vCPU runs L2"),
         BadCase("l1 ept\nvmenter\nvcpu 1", line: 3, column: 1, "vcpu in L2 is not modelled"),
-        BadCase("l1 ept\nvmenter\nvmenter now", line: 3, column: 9, "unexpected 'now'"),
+        BadCase("l1 ept\nvmenter\nvmenter now", line: 3, column: 9, "expected key=value, not 'now'"),
+        BadCase("l1 ept\ninvvpid sometimes", line: 2, column: 9, "INVVPID type must be individual, single, all or single-globals"),
+        BadCase("l1 npt\ninvvpid all", line: 2, column: 1, "invvpid needs `l1 ept`"),
+        BadCase("l1 npt\nvmenter vpid=2", line: 2, column: 1, "vpid= needs `l1 ept`"),
+        BadCase("l1 ept\nvmenter vpid=0x10000", line: 2, column: 14, "vpid"),
+        BadCase("l1 ept\ninvvpid single 0x10000", line: 2, column: 16, "VPID"),
+        BadCase("l1 ept\nvmenter\ninvvpid all", line: 3, column: 1, "invvpid is L1's"),
         // mem
         BadCase("mem", line: 1, "mem: missing SIZE"),
         BadCase("mem 0", line: 1, column: 5, "mem: memory size must be a positive multiple of 4 KiB, not '0'"),

@@ -231,7 +231,7 @@ struct ScenarioParserTests {
     }
 
     @Test func knownDirectives() {
-        #expect(Scenario.knownDirectives == ["mem", "cpu", "set", "map", "access", "pte", "invlpg", "reload-cr3", "host", "space", "switch", "invpcid", "cr0", "cr4", "efer", "cr3", "zap", "memslot", "dirty-log", "expect", "vcpu", "spp", "l1", "ept-map", "vmenter", "vmexit", "invept"])
+        #expect(Scenario.knownDirectives == ["mem", "cpu", "set", "map", "access", "pte", "invlpg", "reload-cr3", "host", "space", "switch", "invpcid", "cr0", "cr4", "efer", "cr3", "zap", "memslot", "dirty-log", "expect", "vcpu", "spp", "l1", "ept-map", "vmenter", "vmexit", "invept", "invvpid"])
     }
 
     @Test func parseContentsOfFile() throws {
