@@ -78,7 +78,7 @@ extension MMUContext {
         if backing == nil && !mmu.masks.isMMIOCachingEnabled { return .emulate }
         try mmu.makePagesAvailable()
         return try fetch(walk, address: address, hostFrame: backing?.frame, hostWritable: backing?.writable ?? false,
-                         isWrite: isWrite)
+                         isWrite: isWrite, isFetch: errorCode.contains(.fetch))
     }
 }
 

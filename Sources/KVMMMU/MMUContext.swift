@@ -779,7 +779,8 @@ public final class MMUContext {
             if registers.cr4.contains(.smep) { walk.pteAccess &= ~ACC.exec }
         }
         try mmu.makePagesAvailable()
-        return try fetch(walk, address: address, hostFrame: backing.frame, hostWritable: backing.writable, isWrite: isWrite)
+        return try fetch(walk, address: address, hostFrame: backing.frame, hostWritable: backing.writable, isWrite: isWrite,
+                         isFetch: access.kind == .fetch)
     }
 
     /// `FNAME(walk_addr)`'s tracepoints: the walk, each entry it read, and its error.
@@ -871,7 +872,7 @@ public final class MMUContext {
     /// `hostFrame` nil: the gfn is in no memslot (KVM's `KVM_PFN_NOSLOT`), and the leaf becomes an
     /// MMIO SPTE.
     func fetch(_ walk: GuestWalk, address: GuestVirtualAddress, hostFrame: HostFrameNumber?, hostWritable: Bool,
-               isWrite: Bool) throws(ShadowMMUError) -> PageFaultResult {
+               isWrite: Bool, isFetch: Bool = false) throws(ShadowMMUError) -> PageFaultResult {
         guard let (start, startLevel) = shadowWalkStart(address), !isFaultStale(start) else { return .retry }
         var page = Unmanaged.passUnretained(start)
         var level = startLevel
@@ -893,8 +894,8 @@ public final class MMUContext {
             page._withUnsafeGuaranteedRef { $0.writeFloodingCount = 0 }
             level -= 1
         }
-        // A guest huge page over 4 KiB host pages: direct pages split it.
-        let goalLevel = 1
+        // A guest huge page mapped smaller than the guest's leaf: direct pages split it.
+        let goalLevel = hostFrame == nil ? 1 : hugePageLevel(walk, isFetch: isFetch)
         if let hostFrame { mmu.events.record(.kvmMMUSPTERequested(gfn: walk.gfn, pfn: hostFrame, level: goalLevel)) }
         while level > goalLevel {
             page = try page._withUnsafeGuaranteedRef { parent in
@@ -909,17 +910,33 @@ public final class MMUContext {
             level -= 1
         }
         return page._withUnsafeGuaranteedRef { page in
-            let pointer = page.spte(Self.index(address.rawValue, level: 1))
+            let pointer = page.spte(Self.index(address.rawValue, level: goalLevel))
             guard let hostFrame else {
                 markMMIOSPTE(pointer, in: page, gfn: walk.gfn, access: walk.pteAccess)
                 prefetchNeighbours(of: pointer, in: page)
                 return .emulate
             }
-            let result = setSPTE(pointer, in: page, access: walk.pteAccess, gfn: walk.gfn, hostFrame: hostFrame,
+            // A huge leaf maps from the start of its region, in guest and host frames alike.
+            let offset = walk.gfn.rawValue & (pagesPerHugePage(goalLevel) - 1)
+            let result = setSPTE(pointer, in: page, access: walk.pteAccess, gfn: GuestFrameNumber(walk.gfn.rawValue - offset),
+                                 hostFrame: HostFrameNumber(hostFrame.rawValue - offset),
                                  prefetch: false, isWrite: isWrite, hostWritable: hostWritable)
             if result != .spurious { prefetchNeighbours(of: pointer, in: page) }
             return result
         }
+    }
+
+    /// `kvm_mmu_hugepage_adjust` for `guest_mmu` under a TDP L1: the level to map L2's page at,
+    /// at most L1's leaf level, as the memslot's `lpage_info` (its alignment, the host's mapping
+    /// size, write-tracked gfns: shadowed tables) allows; 4 KiB in a dirty-logging slot and for a
+    /// fetch under the NX huge-page mitigation (`huge_page_disallowed`). The shadow paging of a
+    /// guest's own tables (no TDP MMU, no `lpage_info` in the model) maps 4 KiB pages only.
+    private func hugePageLevel(_ walk: GuestWalk, isFetch: Bool) -> Int {
+        guard walk.level > 1, let tdp = mmu.tdpSharingWriteTracking,
+              let metadata = tdp.slotMetadata(containing: walk.gfn.rawValue), !metadata.slot.logsDirtyPages,
+              !(isFetch && tdp.configuration.nxHugePages)
+        else { return 1 }
+        return metadata.maxMappingLevel(walk.gfn.rawValue, maxLevel: min(walk.level, tdp.configuration.maxHugePageLevel))
     }
 
     /// `mmu_set_spte` for a gfn in no memslot (`mark_mmio_spte`): whatever the SPTE held goes, and
@@ -1044,6 +1061,8 @@ public final class MMUContext {
         let level = page.level
         var access = pteAccess
         if !hostWritable { access &= ~ACC.write }
+        // The NX huge-page mitigation: a huge leaf is never executable (`guest_mmu`'s, under TDP).
+        if level > 1 && mmu.tdpSharingWriteTracking?.configuration.nxHugePages == true { access &= ~ACC.exec }
         var writable = false
         var writeProtected = false
         if access & ACC.write != 0 {
@@ -1056,7 +1075,7 @@ public final class MMUContext {
             }
         }
         let spte = SPTE.leaf(pfn: hostFrame, level: level, access: access, hostWritable: hostWritable, writable: writable,
-                             accessed: !prefetch || synchronizing, dirty: writable, adDisabled: page.role.adDisabled,
+                             accessed: !prefetch || synchronizing, dirty: writable, adState: mmu.leafADState(page.role),
                              masks: mmu.masks)
         if writable { _ = mmu.memory.markDirty(gfn) }
         return (spte, writeProtected)

@@ -3,7 +3,8 @@ import X86Paging
 
 extension ShadowMMU {
     /// The structural auditor: KVM's invariants over every shadow page, SPTE, rmap and counter.
-    /// Returns one line per violation (empty when all hold). Costs a pass over every SPTE.
+    /// Returns one line per violation (empty when all hold). Costs a pass over every SPTE. Under a
+    /// TDP L1 (`tdpSharingWriteTracking`) the caller holds the shared `mmu_lock` for write.
     public func audit() -> [String] {
         var problems: [String] = []
         let pages = Array(hashBuckets.joined())
@@ -18,6 +19,14 @@ extension ShadowMMU {
             indirect += 1
             if !page.unsync { protectedGFNs.insert(page.gfn.rawValue) }
             if page.level > 1 { trackedGFNs.insert(page.gfn.rawValue) }
+        }
+        if let tdp = tdpSharingWriteTracking {
+            // Under a TDP L1, L1 writes its tables through the TDP MMU: one that `guest_mmu`
+            // shadows in sync must be read-only there too (tracked, or write-protected until its
+            // first write unsyncs it).
+            for gfn in protectedGFNs.union(trackedGFNs).sorted() where tdp.mapsWritableLocked(gfn) {
+                problems.append("gfn \(hex(gfn)) holds a shadowed table in sync but the TDP MMU lets L1 write it")
+            }
         }
         for page in pages where page.unsync {
             unsyncPages += 1
@@ -46,6 +55,7 @@ extension ShadowMMU {
         if stats.mmuUnsync != UInt64(unsyncPages) {
             problems.append("mmu_unsync = \(stats.mmuUnsync) but \(unsyncPages) pages are unsync")
         }
+        var dirtyLog = DirtyLogSnapshot(memory: memory, ringed: memory.dirtyRingSink != nil ? dirtyRingGFNs() : [])
         for page in pages + perVCPURootPages {
             for index in 0..<512 {
                 let pointer = page.spte(index)
@@ -60,11 +70,31 @@ extension ShadowMMU {
                     if memory.hostFrame(of: gfn) != spte.pfn {
                         problems.append("\(page): SPTE \(index) maps host frame \(hex(spte.pfn.rawValue)), which does not back gfn \(hex(gfn.rawValue)) in any memslot")
                     }
-                    if spte.isWritable && (protectedGFNs.contains(gfn.rawValue) || trackedGFNs.contains(gfn.rawValue)) {
-                        problems.append("\(page): SPTE \(index) lets the guest write gfn \(hex(gfn.rawValue)), which holds a shadowed guest table in sync")
+                    let pages = pagesPerHugePage(page.level)
+                    let region = gfn.rawValue..<gfn.rawValue + pages
+                    if spte.isWritable, let table = region.first(where: { protectedGFNs.contains($0) || trackedGFNs.contains($0) }) {
+                        problems.append("\(page): SPTE \(index) lets the guest write gfn \(hex(table)), which holds a shadowed guest table in sync")
+                    }
+                    if page.level > 1 {
+                        // A huge leaf (L2's, under TDP): one memslot's aligned run of frames.
+                        if gfn.rawValue & (pages - 1) != 0 || spte.pfn.rawValue & (pages - 1) != 0
+                            || memory.slot(containing: GuestFrameNumber(region.upperBound - 1)) != memory.slot(containing: gfn) {
+                            problems.append("\(page): huge SPTE \(index) for gfn \(hex(gfn.rawValue)) is not an aligned run of one memslot")
+                        }
+                        if tdpSharingWriteTracking == nil { problems.append("\(page): huge SPTE \(index) outside guest_mmu under TDP") }
                     }
                     if spte.isWritable && !spte.isMMUWritable(masks) || spte.isMMUWritable(masks) && !spte.isHostWritable(masks) {
                         problems.append("\(page): SPTE \(index) breaks the writable invariants (W => MMU-writable => host-writable)")
+                    }
+                    if spte.adState != leafADState(page.role) {
+                        problems.append("\(page): SPTE \(index) has A/D type \(String(describing: spte.adState)), not KVM's \(leafADState(page.role))")
+                    }
+                    // The dirty log: a write through this SPTE must find its gfn logged already
+                    // (D clear on an A/D SPTE under PML: the write would set D and log it).
+                    let logsByD = cpuDirtyLogging && spte.adState == .enabled && !spte.isDirty(masks)
+                    if spte.isWritable && !logsByD,
+                       let unlogged = dirtyLog.unloggedGFN(from: gfn.rawValue, count: pages) {
+                        problems.append("\(page): SPTE \(index) lets the guest write gfn \(hex(unlogged)) of a dirty-logging memslot, which is not marked dirty")
                     }
                 } else {
                     guard let child = child(of: spte) else {
@@ -127,4 +157,31 @@ extension ShadowMMU {
     }
 
     private var invalidRoleBit: UInt32 { 1 << 11 }
+}
+
+/// The dirty log as the auditor reads it: each logging slot's bitmap (copied once) and, with dirty
+/// rings, the gfns pushed and not yet reset.
+private struct DirtyLogSnapshot {
+    let memory: MemslotSet
+    let ringed: Set<UInt64>
+    var bitmaps: [Int: [UInt64]] = [:]
+
+    init(memory: MemslotSet, ringed: Set<UInt64>) {
+        self.memory = memory
+        self.ringed = ringed
+    }
+
+    /// The first of `count` gfns from `first` that is in a logging slot and not logged, if any.
+    mutating func unloggedGFN(from first: UInt64, count: UInt64) -> UInt64? {
+        for gfn in first..<first + count {
+            guard let slot = memory.slot(containing: GuestFrameNumber(gfn)), slot.logsDirtyPages else { continue }
+            if ringed.contains(gfn) { continue }
+            if bitmaps[slot.id] == nil { bitmaps[slot.id] = (try? memory.dirtyBitmap(slot: slot.id)) ?? [] }
+            let page = gfn - slot.baseFrame.rawValue
+            let words = bitmaps[slot.id]!
+            if Int(page / 64) < words.count && words[Int(page / 64)] & (1 << (page % 64)) != 0 { continue }
+            return gfn
+        }
+        return nil
+    }
 }

@@ -24,6 +24,16 @@ public final class ShadowMMU {
     /// shadows (KVM's write tracking and `kvm_mmu_slot_gfn_write_protect` cover both MMUs). Its
     /// lock is the one every `guest_mmu` operation holds for write.
     public unowned(unsafe) var tdpSharingWriteTracking: TDPMMU?
+    /// The CPU logs dirty pages itself (PML, KVM's `cpu_dirty_log_size`): L2's leaves are then
+    /// made write-protect-only for dirty logging (`leafADState`).
+    @exclusivity(unchecked) public var cpuDirtyLogging = false
+    /// With dirty rings: the gfns pushed onto the vCPUs' rings and not yet reset, which the
+    /// auditor counts as logged (the VM installs it).
+    @exclusivity(unchecked) public var dirtyRingGFNs: () -> Set<UInt64> = { [] }
+    /// KVM's `mmu_unsync_pages_lock`: the TDP MMU's faults unsync pages holding `mmu_lock` for read.
+    /// (Its value is unused; a zero-sized one would share the mutex pointer's address, which
+    /// ThreadSanitizer then reports as a race on the pointer.)
+    let unsyncPagesLock = LockedValue(0)
 
     /// The list `withUnsyncLeaves` fills, kept empty between calls for its capacity.
     @exclusivity(unchecked) var unsyncLeafBuffer: [ShadowPage] = []
@@ -237,16 +247,38 @@ public final class ShadowMMU {
         }
         // Level 1 too: a new shadow page starts in sync, its table write-protected; a later
         // write fault may unsync it.
+        // (Under a TDP L1 `writeProtect` reaches the TDP MMU's leaves too.)
         if writeProtect(page.gfn) { flushRemoteTLBs() }
-        // A TDP L1 writes its tables through the TDP MMU. Every level is write-tracked there, the
-        // last one too: the TDP MMU's make_spte does not unsync shadow pages (docs/NESTED.md), so
-        // L1's stores to a last-level table are emulated and reach `trackWrite` instead.
-        if let tdp = tdpSharingWriteTracking { try? tdp.addWriteTrackLocked(page.gfn.rawValue) }
+        // A TDP L1 writes its tables through the TDP MMU: an upper-level table is write-tracked
+        // there (L1's stores to it are emulated and reach `trackWrite`); a last-level one only
+        // keeps huge pages off its gfn (`kvm_mmu_gfn_disallow_lpage`) and was write-protected
+        // above, so that L1's first store faults and the TDP MMU's make_spte unsyncs it.
+        if let tdp = tdpSharingWriteTracking {
+            if page.level > 1 {
+                try? tdp.addWriteTrackLocked(page.gfn.rawValue)
+            } else {
+                try? tdp.updateGFNDisallowLpageCountLocked(page.gfn.rawValue, delta: 1)
+            }
+        }
+    }
+
+    /// `mmu_try_to_unsync_pages` as the TDP MMU's `make_spte` asks it when it is about to map
+    /// `gfn` writable, with `mmu_lock` held for read: shadow pages cannot come or go meanwhile
+    /// (that takes the lock for write), but two TDP faults may unsync at once, so the unsync
+    /// runs under `mmu_unsync_pages_lock`, as in KVM. True when the SPTE must stay read-only.
+    public func unsyncForTDPMapping(_ gfn: GuestFrameNumber) -> Bool {
+        unsyncPagesLock.withLock { _ in mustWriteProtect(gfn, canUnsync: true, prefetch: false) }
     }
 
     func unaccountShadowed(_ page: ShadowPage) {
         indirectShadowPages -= 1
-        if let tdp = tdpSharingWriteTracking { try? tdp.removeWriteTrackLocked(page.gfn.rawValue) }
+        if let tdp = tdpSharingWriteTracking {
+            if page.level > 1 {
+                try? tdp.removeWriteTrackLocked(page.gfn.rawValue)
+            } else {
+                try? tdp.updateGFNDisallowLpageCountLocked(page.gfn.rawValue, delta: -1)
+            }
+        }
         if let frame = memory.hostFrame(of: page.gfn), shadowedTableCount[frame.rawValue] > 0 {
             shadowedTableCount[frame.rawValue] -= 1
         }
@@ -307,9 +339,18 @@ public final class ShadowMMU {
     }
 
     /// Every leaf SPTE that maps `gfn`, at any level.
-    public func mappings(of gfn: GuestFrameNumber) -> [SPTEPointer] {
-        guard let frame = memory.hostFrame(of: gfn)?.rawValue else { return [] }
-        return (1...3).flatMap { rmaps.sptes(frame, level: $0) }
+    public func mappings(of gfn: GuestFrameNumber) -> [SPTEPointer] { mappings(of: gfn, minLevel: 1) }
+
+    /// The leaf SPTEs that map `gfn` at levels `minLevel...maxLevel` (KVM's `gfn_to_rmap` per
+    /// level): a huge leaf is in the rmap of the host frame its region starts at.
+    func mappings(of gfn: GuestFrameNumber, minLevel: Int, maxLevel: Int = 3) -> [SPTEPointer] {
+        var found: [SPTEPointer] = []
+        for level in minLevel...maxLevel {
+            let regionStart = GuestFrameNumber(gfn.rawValue & ~(pagesPerHugePage(level) - 1))
+            guard let frame = memory.hostFrame(of: regionStart)?.rawValue else { continue }
+            found += rmaps.sptes(frame, level: level)
+        }
+        return found
     }
 
     // MARK: Changing SPTEs
@@ -332,12 +373,13 @@ public final class ShadowMMU {
     /// `asPDPTE`: the entry is one of the four PDPTEs of a per-vCPU PAE root the hardware walks in
     /// PAE paging, where the rights bits of a non-leaf SPTE are reserved; it carries only P (and
     /// the MMU-present bit, in bits the PDPTE format ignores).
-    func link(_ pointer: SPTEPointer, to child: ShadowPage, asPDPTE: Bool = false) {
+    func link(_ pointer: SPTEPointer, to child: ShadowPage, asPDPTE: Bool = false, flushingLargeSPTE: Bool = true) {
         let old = SPTE(rawValue: pointer.pointee)
         if old.isShadowPresent {
             // Only a huge leaf can be in the way: a present non-leaf would have been reused.
+            // (`drop_large_spte`: a huge-page split, whose child maps the same, needs no flush.)
             dropSPTE(pointer)
-            flushRemoteTLBs()
+            if flushingLargeSPTE { flushRemoteTLBs() }
         }
         pointer.pointee = asPDPTE
             ? SPTE.pdpte(child: child.frame).rawValue
@@ -368,10 +410,12 @@ public final class ShadowMMU {
     /// mapping `gfn`. True when something changed (the caller flushes).
     @discardableResult
     func writeProtect(_ gfn: GuestFrameNumber) -> Bool {
-        guard let frame = memory.hostFrame(of: gfn)?.rawValue else { return false }
         var changed = false
-        // The rmaps in place, not `mappings(of:)`: a sync write-protects each page it syncs.
+        // The rmaps in place, not `mappings(of:)`: a sync write-protects each page it syncs. A
+        // huge leaf over the gfn is in the rmap of its region's first frame.
         for level in 1...3 {
+            let regionStart = GuestFrameNumber(gfn.rawValue & ~(pagesPerHugePage(level) - 1))
+            guard let frame = memory.hostFrame(of: level == 1 ? gfn : regionStart)?.rawValue else { continue }
             rmaps.forEachSPTE(frame, level: level) { pointer in
                 let spte = SPTE(rawValue: pointer.pointee)
                 guard spte.isWritable || spte.isMMUWritable(masks) else { return }
@@ -379,6 +423,9 @@ public final class ShadowMMU {
                 changed = true
             }
         }
+        // `kvm_mmu_slot_gfn_write_protect` covers the TDP MMU's leaves too (L1's mapping of a
+        // table `guest_mmu` shadows), under the same lock held for write.
+        if let tdp = tdpSharingWriteTracking, tdp.writeProtectGFNLocked(gfn.rawValue, minLevel: KVMLevel.pageTable) { changed = true }
         return changed
     }
 
@@ -498,7 +545,8 @@ public final class ShadowMMU {
             let end = min(gfns.upperBound, slot.baseFrame.rawValue + slot.pageCount)
             guard first < end else { continue }
             for gfn in first..<end {
-                for pointer in mappings(of: GuestFrameNumber(gfn)) {
+                // A huge leaf is found from each of its gfns; it goes once.
+                for pointer in mappings(of: GuestFrameNumber(gfn)) where SPTE(rawValue: pointer.pointee).isShadowPresent {
                     dropSPTE(pointer)
                     zapped += 1
                 }

@@ -26,6 +26,26 @@ extension TDPMMU {
         withExclusiveLock { auditLocked() }
     }
 
+    /// Whether a leaf of a valid root lets the guest write `gfn` (W set), for the shadow MMU's
+    /// auditor: a table `guest_mmu` shadows in sync must not be writable by L1. Takes the lock
+    /// for read.
+    public func mapsWritable(_ gfn: UInt64) -> Bool {
+        withSharedLock { mapsWritableLocked(gfn) }
+    }
+
+    /// `mapsWritable` with the lock held (the shadow MMU's auditor, which runs under it).
+    func mapsWritableLocked(_ gfn: UInt64) -> Bool {
+        for root in rootsToVisit(validOnly: true) {
+            var iterator = TDPIterator(root: root.table, rootLevel: rootLevel, minLevel: 1, start: gfn, end: gfn + 1, pool: pool)
+            while iterator.isValid {
+                let spte = iterator.oldSPTE
+                if spte.isShadowPresent && spte.isLast(level: iterator.level) && spte.isWritable { return true }
+                iterator.next()
+            }
+        }
+        return false
+    }
+
     private func auditLocked() -> [String] {
         var problems = warnings.withLock { $0.map { "KVM WARN: " + $0 } }
         if memory.generation != knownGeneration {
@@ -42,6 +62,7 @@ extension TDPMMU {
         var walk = AuditWalk()
         // Before the bitmaps: a vCPU drains its PML buffer into the bitmap under the buffer's lock.
         walk.pmlBuffered = pmlBufferedGFNs()
+        if memory.dirtyRingSink != nil { walk.ringed = dirtyRingGFNs() }
         for metadata in slotIndex where metadata.slot.logsDirtyPages {
             walk.dirtyBitmaps[metadata.slot.id] = try? memory.dirtyBitmap(slot: metadata.slot.id)
         }
@@ -100,10 +121,13 @@ extension TDPMMU {
         var dirtyBitmaps: [Int: [UInt64]] = [:]
         /// The gfns logged in vCPUs' PML buffers and not yet in the bitmaps.
         var pmlBuffered = Set<UInt64>()
+        /// With dirty rings, the gfns on the rings not yet reset (logged there, not in the bitmaps).
+        var ringed = Set<UInt64>()
         func presentInRoot(_ frame: UInt64) -> Bool { rootsWithPresentEntries.contains(frame) }
 
         /// Whether pages `first..<first + count` of the slot are all marked dirty.
-        func allDirty(slot: Int, first: UInt64, count: UInt64) -> Bool {
+        func allDirty(slot: Int, first: UInt64, count: UInt64, base: UInt64) -> Bool {
+            if !ringed.isEmpty && (base + first..<base + first + count).allSatisfy({ ringed.contains($0) }) { return true }
             guard let bitmap = dirtyBitmaps[slot] else { return false }
             var page = first
             while page < first + count {
@@ -176,9 +200,6 @@ extension TDPMMU {
         }
     }
 
-    /// The memslots push dirty gfns onto dirty rings instead of setting bitmap bits.
-    private var dirtyStateInRings: Bool { memory.dirtyRingSink != nil }
-
     private func auditLeaf(_ spte: SPTE, gfn: UInt64, level: Int, root: TDPRoot, walk: AuditWalk,
                            place: @autoclosure () -> String,
                            _ problems: inout [String]) {
@@ -221,8 +242,8 @@ extension TDPMMU {
             }
             // KVM write-protects huge leaves when logging starts, except in initially-all-set mode,
             // where every page starts dirty and CLEAR_DIRTY_LOG write-protects before it cleans.
-            if slot.logsDirtyPages && spte.isWritable && !dirtyStateInRings
-                && !walk.allDirty(slot: slot.id, first: gfn - slot.baseFrame.rawValue, count: pages) {
+            if slot.logsDirtyPages && spte.isWritable
+                && !walk.allDirty(slot: slot.id, first: gfn - slot.baseFrame.rawValue, count: pages, base: slot.baseFrame.rawValue) {
                 problems.append("\(place()): writable huge leaf in dirty-logging \(slot) over gfns not marked dirty")
             }
             if spte.isMMUWritable(masks), let tracked = metadata.writeTrackedGFNs.first(where: { $0 >= gfn && $0 < gfn + pages }) {
@@ -233,13 +254,13 @@ extension TDPMMU {
         if metadata.isWriteTracked(gfn) && (spte.isWritable || spte.isMMUWritable(masks)) {
             problems.append("\(place()): write-tracked gfn mapped \(description)")
         }
-        // With dirty rings a logged gfn sits in a vCPU's ring (not the bitmap) until the VMM
-        // harvests it and KVM_RESET_DIRTY_RINGS re-protects it: the bitmap cannot be checked.
-        if slot.logsDirtyPages && spte.isWritable && !dirtyStateInRings {
+        // With dirty rings a logged gfn sits in a vCPU's ring (not the bitmap) until
+        // KVM_RESET_DIRTY_RINGS re-protects it (`walk.ringed`).
+        if slot.logsDirtyPages && spte.isWritable {
             // With PML and hardware A/D, a write sets D and logs the gfn; until then D is clear.
             let writesLogByD = configuration.dirtyLogging == .pml && spte.adState == .enabled
             if (!writesLogByD || spte.isDirty(masks))
-                && !walk.allDirty(slot: slot.id, first: gfn - slot.baseFrame.rawValue, count: 1)
+                && !walk.allDirty(slot: slot.id, first: gfn - slot.baseFrame.rawValue, count: 1, base: slot.baseFrame.rawValue)
                 && !walk.pmlBuffered.contains(gfn) {
                 problems.append("\(place()): \(description) can be written in dirty-logging \(slot) but the gfn is not marked dirty")
             }

@@ -100,6 +100,7 @@ extension TDPMMU {
             let slot = try existingSlot(id)
             try checkMaskRange(slot, gfnOffset: gfnOffset, mask: mask)
             clearDirtyMaskedLocked(slot, gfnOffset: gfnOffset, mask: mask, writeProtect: true)
+            rmapsClearDirtyMasked(slot, gfnOffset: gfnOffset, mask: mask, writeProtect: true)
         }
     }
 
@@ -110,7 +111,37 @@ extension TDPMMU {
             let slot = try existingSlot(id)
             try checkMaskRange(slot, gfnOffset: gfnOffset, mask: mask)
             clearDirtyMaskedLocked(slot, gfnOffset: gfnOffset, mask: mask, writeProtect: false)
+            rmapsClearDirtyMasked(slot, gfnOffset: gfnOffset, mask: mask, writeProtect: false)
         }
+    }
+
+    /// `kvm_arch_mmu_enable_log_dirty_pt_masked` as KVM_RESET_DIRTY_RINGS calls it for one
+    /// harvested ring entry's 64-page window: both MMUs re-protect the pages of `mask`. Takes the
+    /// lock for write; the caller flushes (`flushAfterDirtyRingReset`).
+    public func enableLogDirtyMasked(slot id: Int, gfnOffset: UInt64, mask: UInt64) throws(TDPMMUError) {
+        try withExclusiveLock { () throws(TDPMMUError) in
+            guard let metadata = slotMetadata(id: id) else { throw .noSuchMemslot(id) }
+            try checkMaskRange(metadata.slot, gfnOffset: gfnOffset, mask: mask)
+            enableLogDirtyMaskedLocked(metadata, gfnOffset: gfnOffset, mask: mask)
+        }
+    }
+
+    /// The rmap half of `kvm_mmu_write_protect_pt_masked` (`writeProtect`) or
+    /// `kvm_mmu_clear_dirty_pt_masked`, when the shadow MMU has pages. Lock held for write.
+    private func rmapsClearDirtyMasked(_ slot: Memslot, gfnOffset: UInt64, mask: UInt64, writeProtect: Bool) {
+        guard let shadow = rmapsPresent else { return }
+        let base = GuestFrameNumber(slot.baseFrame.rawValue + gfnOffset)
+        if writeProtect {
+            shadow.writeProtect(base: base, mask: mask)
+        } else {
+            shadow.clearDirty(base: base, mask: mask)
+        }
+    }
+
+    /// `kvm_memslots_have_rmaps` under TDP: the shadow MMU, when it has pages (L2's `guest_mmu`).
+    var rmapsPresent: ShadowMMU? {
+        guard let shadowRmaps, shadowRmaps.usedPages > 0 else { return nil }
+        return shadowRmaps
     }
 
     private func checkMaskRange(_ slot: Memslot, gfnOffset: UInt64, mask: UInt64) throws(TDPMMUError) {
@@ -168,12 +199,23 @@ extension TDPMMU {
             let end = slot.baseFrame.rawValue + gfnOffset + UInt64(63 - mask.leadingZeroBitCount)
             if configuration.eagerPageSplit {
                 splitHugePagesLocked(slot, gfns: start..<end + 1, targetLevel: KVMLevel.pageTable, shared: false)
+                rmapsPresent?.splitHugePages(of: slot, gfns: start..<end + 1, targetLevel: KVMLevel.pageTable,
+                                             nxHugePages: configuration.nxHugePages)
             }
-            writeProtectGFNLocked(start, minLevel: KVMLevel.pageDirectory)
+            slotGFNWriteProtectLocked(start, minLevel: KVMLevel.pageDirectory)
             // The range may straddle two 2M regions (memslots need not be 2M-aligned).
-            if start >> 9 != end >> 9 { writeProtectGFNLocked(end, minLevel: KVMLevel.pageDirectory) }
+            if start >> 9 != end >> 9 { slotGFNWriteProtectLocked(end, minLevel: KVMLevel.pageDirectory) }
         }
-        clearDirtyMaskedLocked(slot, gfnOffset: gfnOffset, mask: mask, writeProtect: configuration.dirtyLogging != .pml)
+        let writeProtect = configuration.dirtyLogging != .pml
+        clearDirtyMaskedLocked(slot, gfnOffset: gfnOffset, mask: mask, writeProtect: writeProtect)
+        rmapsClearDirtyMasked(slot, gfnOffset: gfnOffset, mask: mask, writeProtect: writeProtect)
+    }
+
+    /// `kvm_mmu_slot_gfn_write_protect`: the rmaps' SPTEs and the TDP MMU's leaves mapping `gfn`
+    /// from `minLevel` up. Lock held for write.
+    private func slotGFNWriteProtectLocked(_ gfn: UInt64, minLevel: Int) {
+        rmapsPresent?.writeProtectGFN(GuestFrameNumber(gfn), minLevel: minLevel)
+        writeProtectGFNLocked(gfn, minLevel: minLevel)
     }
 
     /// KVM_GET_DIRTY_LOG (`kvm_get_dirty_log_protect`): the slot's dirty bitmap. With automatic

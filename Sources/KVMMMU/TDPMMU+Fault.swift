@@ -396,9 +396,11 @@ extension TDPMMU {
         var writable = false
         var writeProtected = false
         if access & ACC.write != 0 {
-            // mmu_try_to_unsync_pages: for the TDP MMU only write tracking refuses. An SPTE that
-            // was a writable leaf already was checked when it was made.
-            if (!old.isLast(level: level) || !old.isWritable) && slot.isWriteTracked(gfn) {
+            // mmu_try_to_unsync_pages: write tracking refuses; the last-level tables L2's
+            // `guest_mmu` shadows go unsync. An SPTE that was a writable leaf already was checked
+            // when it was made.
+            if (!old.isLast(level: level) || !old.isWritable)
+                && (slot.isWriteTracked(gfn) || shadowPagesRefuseWrite(gfn)) {
                 writeProtected = true
             } else {
                 writable = true
@@ -417,6 +419,16 @@ extension TDPMMU {
             memory.markDirty(GuestFrameNumber(gfn))
         }
         return (spte, writeProtected)
+    }
+
+    /// The shadow MMU's half of `mmu_try_to_unsync_pages` (`ShadowMMU.unsyncForTDPMapping`),
+    /// asked only while it shadows guest tables.
+    @inline(__always)
+    private func shadowPagesRefuseWrite(_ gfn: UInt64) -> Bool {
+        guard let shadow = unmanagedShadowRmaps else { return false }
+        return shadow._withUnsafeGuaranteedRef { shadow in
+            shadow.indirectShadowPages > 0 && shadow.unsyncForTDPMapping(GuestFrameNumber(gfn))
+        }
     }
 
     // MARK: Looking

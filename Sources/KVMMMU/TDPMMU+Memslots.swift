@@ -109,6 +109,9 @@ extension TDPMMU {
                 do throws(MemslotError) { try memory.markAllDirty(slot: id) } catch { throw .memslot(error) }
             }
             if new != old { memslotsChanged() }
+            if old.logsDirtyPages != new.logsDirtyPages, !new.isReadOnly, let shadow = rmapsPresent {
+                applyFlagsToRmaps(shadow, metadata)
+            }
             return (old, new)
         }
         guard old.logsDirtyPages != new.logsDirtyPages, !new.isReadOnly else { return }
@@ -131,6 +134,35 @@ extension TDPMMU {
             } else {
                 recoverHugePagesLocked(metadata)
             }
+        }
+    }
+
+    /// `kvm_mmu_slot_apply_flags`'s rmap half, before the TDP MMU's (KVM takes mmu_lock for
+    /// write for it). Logging on: with eager splitting the huge leaves are split to 4K
+    /// (`kvm_shadow_mmu_try_split_huge_pages`), then the slot's SPTEs are write-protected (with
+    /// PML, the 4K leaves' dirty state is cleared and the huge ones write-protected); nothing in
+    /// initially-all-set mode. Logging off: the split leaves that could map huge again are zapped
+    /// (`kvm_rmap_zap_collapsible_sptes`), with a remote TLB flush if any were.
+    private func applyFlagsToRmaps(_ shadow: ShadowMMU, _ metadata: MemslotMetadata) {
+        let new = metadata.slot
+        guard new.logsDirtyPages else {
+            let maxLevel = configuration.maxHugePageLevel
+            if shadow.zapCollapsibleSPTEs(of: new, maxLevel: { metadata.maxMappingLevel($0.rawValue, maxLevel: maxLevel) }) {
+                requestRemoteTLBFlush()
+            }
+            return
+        }
+        guard configuration.dirtyLogProtection != .manualInitiallySet else { return }
+        if configuration.eagerPageSplit {
+            shadow.splitHugePages(of: new, gfns: new.baseFrame.rawValue..<new.endFrame.rawValue, targetLevel: KVMLevel.pageTable,
+                                  nxHugePages: configuration.nxHugePages)
+        }
+        // No flush here: enabling logging ends with one unconditional flush for both MMUs (below).
+        if configuration.dirtyLogging == .pml {
+            shadow.clearDirty(of: new)
+            shadow.removeWriteAccess(from: new, minLevel: KVMLevel.pageDirectory)
+        } else {
+            shadow.removeWriteAccess(from: new, minLevel: KVMLevel.pageTable)
         }
     }
 
@@ -203,11 +235,15 @@ extension TDPMMU {
     /// mappings are not touched: whoever forbids them write-protects or zaps what it needs. Takes
     /// the lock for write.
     public func updateGFNDisallowLpageCount(_ gfn: UInt64, delta: Int) throws(TDPMMUError) {
-        try withExclusiveLock { () throws(TDPMMUError) in
-            guard let metadata = slotMetadata(containing: gfn) else { throw .gfnNotInMemslot(gfn) }
-            guard let change = Int32(exactly: delta), metadata.updateDisallowCount(gfn, delta: change) else {
-                throw .countOutOfRange(gfn: gfn, "disallow count \(delta > 0 ? "overflows" : "would go negative")")
-            }
+        try withExclusiveLock { () throws(TDPMMUError) in try updateGFNDisallowLpageCountLocked(gfn, delta: delta) }
+    }
+
+    /// `updateGFNDisallowLpageCount` with the lock already held for write (the shadow MMU's
+    /// `account_shadowed` of a last-level `guest_mmu` page).
+    func updateGFNDisallowLpageCountLocked(_ gfn: UInt64, delta: Int) throws(TDPMMUError) {
+        guard let metadata = slotMetadata(containing: gfn) else { throw .gfnNotInMemslot(gfn) }
+        guard let change = Int32(exactly: delta), metadata.updateDisallowCount(gfn, delta: change) else {
+            throw .countOutOfRange(gfn: gfn, "disallow count \(delta > 0 ? "overflows" : "would go negative")")
         }
     }
 

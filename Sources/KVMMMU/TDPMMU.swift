@@ -378,8 +378,20 @@ public final class TDPMMU: @unchecked Sendable {
     /// The gfns vCPUs logged in their PML buffers and have not yet drained into the dirty bitmap
     /// (at their next exit); the auditor counts them as marked. Called with the lock held.
     @exclusivity(unchecked) public var pmlBufferedGFNs: @Sendable () -> Set<UInt64> = { [] }
+    /// With dirty rings: the gfns pushed onto the vCPUs' rings and not yet reset, which the
+    /// auditor counts as logged. Called with the lock held.
+    @exclusivity(unchecked) public var dirtyRingGFNs: @Sendable () -> Set<UInt64> = { [] }
     /// KVM_REQ_MMU_FREE_OBSOLETE_ROOTS to every vCPU: roots were invalidated. Set before vCPUs run.
     @exclusivity(unchecked) public var freeObsoleteRoots: @Sendable () -> Void = {}
+    /// The shadow MMU whose rmaps KVM's dirty log and memslot flag changes walk next to the TDP
+    /// MMU's tables once it has pages (`kvm_memslots_have_rmaps`: under TDP, L2's `guest_mmu`
+    /// pages). Its operations run under this MMU's lock held for write. Set before vCPUs run.
+    public var shadowRmaps: ShadowMMU? {
+        get { unmanagedShadowRmaps?.takeUnretainedValue() }
+        set { unmanagedShadowRmaps = newValue.map { Unmanaged.passUnretained($0) } }
+    }
+    /// `shadowRmaps` unretained, for the fault path's look at it (no retain and release per fault).
+    @exclusivity(unchecked) var unmanagedShadowRmaps: Unmanaged<ShadowMMU>?
     /// Sub-page write protection, once enabled (`enableSubPageProtection`, TDPMMU+SPP.swift).
     @exclusivity(unchecked) public internal(set) var subPageProtection: SubPageProtection?
 

@@ -13,6 +13,14 @@ import X86Paging
 // 0 without VPID; L1's EPTP root or nCR3; PCID), every translation a checked L2 access got from
 // a walk, and drops them as the architecture's invalidations say: INVLPG and MOV to CR3 in L2,
 // INVVPID, INVEPT, and every VM entry and exit without VPID (VPID 0).
+//
+// Guest-physical translations derived from L1's EPT may be cached until L1's INVEPT (SDM 29.4):
+// KVM's unsync shadow pages of L1's last-level EPT tables keep entries L1 has since changed, and
+// nested EPT is synced only when a root is loaded anew (after INVEPT). Such translations can only
+// have been cached while L2 ran, i.e. from the tables as they were at a VM entry: the check also
+// accepts an outcome that a walk over L1's last-level EPT tables as one of the VM entries since
+// the covering INVEPT left them would give (`EPTTableSnapshot`). (Under NPT, KVM syncs at every
+// VMRUN, so only the newest walk is accepted.)
 
 extension VCPU {
     /// The architecture's answer for L2's access at `address` now. Its walk sets the A/D bits the
@@ -67,12 +75,30 @@ extension VCPU {
                                          memory: vm.memory) {
             return
         }
+        // A stale EPT translation from KVM's unsync shadow of L1's last-level tables, before INVEPT.
+        if let nested, agreesWithStaleEPT(outcome, address, access, nested) { return }
         throw LockstepDisagreement(address: address, access: access, expected: "\(expected)",
                                    actual: "\(outcome.result) (level \(outcome.exitGuestLevel.map(String.init) ?? "-"))",
                                    entries: [])
     }
 
-    static func l2OutcomeAgrees(_ outcome: L2AccessOutcome, _ expected: Result<NestedPagingTranslation, NestedPagingFault>,
+    /// Whether the outcome is the architecture's answer for L1's EPT as one of the VM entries
+    /// since the last covering INVEPT left its last-level tables (upper levels as they are now:
+    /// KVM write-tracks them, so they are never stale).
+    private func agreesWithStaleEPT(_ outcome: L2AccessOutcome, _ address: GuestVirtualAddress, _ access: Access,
+                                    _ nested: NestedVCPUState) -> Bool {
+        guard case .ept(let pointer, _) = nested.paging else { return false }
+        let walker = NestedPagingWalker(guest: nested.guestWalker, tables: nested.l1Tables)
+        for snapshot in nested.eptSnapshots.reversed() where snapshot.rootAddress == pointer.rootAddress {
+            let stale = walker.translate(address, access, in: SnapshotMemory(memory: vm.memory, snapshot: snapshot),
+                                         setAccessedDirty: false)
+            if Self.l2OutcomeAgrees(outcome, stale, memory: vm.memory) { return true }
+        }
+        return false
+    }
+
+    /// Whether the outcome is exactly `expected` (no stale translation allowed).
+    public static func l2OutcomeAgrees(_ outcome: L2AccessOutcome, _ expected: Result<NestedPagingTranslation, NestedPagingFault>,
                                 memory: MemslotSet) -> Bool {
         switch (expected, outcome.result) {
         case (.success(let translation), .completed(let gpa, let hostAddress, _)):
@@ -95,6 +121,79 @@ extension VCPU {
             return address == site.address && reflected == code && outcome.exitGuestLevel == site.guestLevel
         default:
             return false
+        }
+    }
+}
+
+/// L1's last-level EPT tables reachable from an EPTP, copied at a VM entry.
+final class EPTTableSnapshot {
+    let rootAddress: UInt64
+    /// L1 gfn of a last-level table -> a copy of its 4 KiB.
+    private(set) var pages: [UInt64: UnsafeMutableRawPointer] = [:]
+
+    /// Walks L1's EPT from the root (a table seen twice, as hostile tables may link, is read once).
+    init(_ pointer: EPTPointer, memory: MemslotSet) {
+        rootAddress = pointer.rootAddress
+        var visited = Set<UInt64>()
+        var pending = [(frame: pointer.rootAddress >> 12, level: pointer.levels)]
+        while let (frame, level) = pending.popLast() {
+            guard visited.insert(frame).inserted, let page = memory.hostPage(GuestFrameNumber(frame)) else { continue }
+            if level == 1 {
+                let copy = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+                copy.copyMemory(from: page.bytes, byteCount: 4096)
+                pages[frame] = copy
+                continue
+            }
+            for index in 0..<512 {
+                let entry = page.bytes.load(fromByteOffset: index * 8, as: UInt64.self)
+                // Present (any of R, W, X) and not a large leaf: a table one level down.
+                guard entry & 0x7 != 0, entry & 0x80 == 0 else { continue }
+                pending.append(((entry & 0x000F_FFFF_FFFF_F000) >> 12, level - 1))
+            }
+        }
+    }
+
+    deinit { for page in pages.values { page.deallocate() } }
+
+    /// Whether it holds what `other` holds.
+    func sameTables(as other: EPTTableSnapshot) -> Bool {
+        rootAddress == other.rootAddress && pages.count == other.pages.count
+            && pages.allSatisfy { frame, copy in other.pages[frame].map { Self.equalPages($0, copy) } ?? false }
+    }
+
+    private static func equalPages(_ a: UnsafeMutableRawPointer, _ b: UnsafeMutableRawPointer) -> Bool {
+        (0..<512).allSatisfy { a.load(fromByteOffset: $0 * 8, as: UInt64.self) == b.load(fromByteOffset: $0 * 8, as: UInt64.self) }
+    }
+}
+
+/// L1's memory with its last-level EPT tables as a snapshot has them (read-only: the probe
+/// walks set no A/D bits).
+private struct SnapshotMemory: PhysicalMemory {
+    let memory: MemslotSet
+    let snapshot: EPTTableSnapshot
+
+    func hostPage(_ frame: GuestFrameNumber) -> HostPage? {
+        if let copy = snapshot.pages[frame.rawValue] { return HostPage(bytes: copy, isWritable: false) }
+        return memory.hostPage(frame)
+    }
+}
+
+extension NestedVCPUState {
+    /// A VM entry under EPT: the last-level tables as L2 will run over them (kept unless they
+    /// are what the newest snapshot of the same root holds already).
+    func recordEPTSnapshot(_ pointer: EPTPointer, memory: MemslotSet) {
+        let snapshot = EPTTableSnapshot(pointer, memory: memory)
+        if let newest = eptSnapshots.last(where: { $0.rootAddress == snapshot.rootAddress }), newest.sameTables(as: snapshot) {
+            return
+        }
+        eptSnapshots.append(snapshot)
+    }
+
+    /// INVEPT: the translations it invalidates can no longer be used.
+    func forgetEPTSnapshots(_ type: INVEPTType) {
+        switch type {
+        case .allContexts: eptSnapshots.removeAll()
+        case .singleContext(let pointer): eptSnapshots.removeAll { $0.rootAddress == pointer.rootAddress }
         }
     }
 }

@@ -9,11 +9,14 @@ import X86Paging
 // handler: it fixes the shadow and the access runs again, emulates it (through `nested_mmu`), or
 // reflects the fault to L1, which ends the L2 access with a VM exit to L1.
 //
-// L2 runs only on the scenario thread (not `runVCPUsOnThreads`). Its translations go in a TLB of
-// their own (`L2TLB`), tagged as the hardware tags them while KVM runs L2: VPID (vpid02, or L1's
+// Its translations go in a TLB of their own (`L2TLB`), tagged as the hardware tags them while KVM runs L2: VPID (vpid02, or L1's
 // vpid01 when L1 did not enable VPID), `guest_mmu`'s root and PCID; KVM's flushes at VM entry and
 // exit, INVVPID and INVEPT follow `nested_vmx_transition_tlb_flush`, `handle_invvpid` and
 // `handle_invept` (docs/NESTED.md).
+//
+// A vCPU on a thread of its own (`runVCPUsOnThreads`) may run L2: `enterL2`, `accessL2` and
+// `invalidateEPT` leave guest mode before `mmu_lock`, and an access re-enters it under the lock.
+// (L2's other instructions here are made from the scenario thread only.)
 
 /// How L1 translates L2's guest-physical addresses: vmcs12's EPT pointer with the EPT
 /// capabilities KVM advertises to L1, or the VMCB's nCR3 (walked in L1's paging mode at VMRUN).
@@ -99,6 +102,9 @@ final class NestedVCPUState {
     /// The hardware's walker for L2 and the `guest_mmu` root it walks, kept while both stay (an
     /// entry, which may change L2's registers, drops it).
     var hardware: L2HardwareWalker?
+    /// For the lockstep check: L1's last-level EPT tables as they were at each VM entry since
+    /// the INVEPT that covers them (NestedReference.swift).
+    var eptSnapshots: [EPTTableSnapshot] = []
 
     init(paging: L1NestedPaging, registers: PagingRegisters, guestMMU: MMUContext, guestWalker: PageWalker,
          l1Tables: NestedPagingTables) {
@@ -189,7 +195,6 @@ extension VCPU {
             // EPTP or nCR3 fails its control checks.
             throw .unsupported("an L2 guest with EPT or NPT needs L1 under the TDP MMU: KVM offers L1 nested EPT/NPT only when it uses EPT/NPT itself")
         }
-        guard !runsOnOwnThread else { throw .unsupported("L2 runs only on the scenario thread, not on a vCPU thread") }
         if isInL2 { throw .invalidAccess("VM entry from L2: vCPU \(id) already runs L2 (vmexit first)") }
         let l1 = tdpState.registers
         if let vpid {
@@ -234,14 +239,23 @@ extension VCPU {
                 throw .invalidAccess("VM entry fails loading L2's registers: \(error)")
             }
         }
+        // Out of guest mode before `mmu_lock` (see `accessL2`).
+        leaveGuestMode()
         let state = try vm.withShadowMMULock { () throws(VirtualMachineError) -> NestedVCPUState in
-            try moveGuestMMU(to: paging, l1: l1, tables: tables, l2Walker: walker, tdpState)
+            let state = try moveGuestMMU(to: paging, l1: l1, tables: tables, l2Walker: walker, tdpState)
+            // KVM_REQ_MMU_SYNC on VMRUN (`nested_svm_transition_tlb_flush`: SVM's ASID handling
+            // may invalidate nested NPT mappings at VMRUN). Nested EPT is never synced at VM entry:
+            // L1 cannot rely on it to flush guest-physical mappings, only on INVEPT, after which
+            // the root is loaded anew and synced (`kvm_mmu_load`).
+            if case .npt = paging { state.guestMMU.syncRoots() }
+            return state
         }
         state.paging = paging
         state.registers = l2
         state.guestWalker = walker
         state.l1Tables = tables
         state.hardware = nil
+        if case .ept(let pointer, _) = paging { state.recordEPTSnapshot(pointer, memory: vm.memory) }
         state.inL2 = true
         state.vpid12 = vpid
         count(.nestedRun)
@@ -383,12 +397,14 @@ extension VCPU {
         guard let tdpState, tdpState.tdp.masks.isEPT else { throw .unsupported("INVEPT needs L1 under EPT") }
         guard let nested else { return false }
         guard case .ept = nested.paging else { return false }
+        nested.forgetEPTSnapshots(type)
         // The hardware's combined mappings of a freed root go at the root's next load (KVM
         // flushes a root it loads); the architecture drops those of the EP4TA now.
         switch type {
         case .singleContext(let pointer): nested.cachedReference.drop(eptRoot: pointer.rootAddress)
         case .allContexts: nested.cachedReference.dropAll()
         }
+        leaveGuestMode()
         return vm.withShadowMMULock { nested.guestMMU.invalidateEPT(type) }
     }
 
@@ -484,11 +500,39 @@ extension VCPU {
         guard address.rawValue & pageOffsetMask <= pageSize - UInt64(size) else {
             throw .invalidAccess("\(size) bytes at \(address) cross a page boundary")
         }
+        // On a thread of its own the vCPU leaves guest mode first: KVM's handling takes `mmu_lock`
+        // for write, which another thread may hold while it waits for vCPUs in guest mode to take
+        // a flush request.
+        leaveGuestMode()
+        // KVM_REQ_DIRTY_RING_SOFT_FULL at the entry, before KVM's locks are taken: the VMM
+        // harvests and resets, which takes them. (The entries after exits inside the access are
+        // not checked again: the ring's reserve covers the few pushes one access makes.)
+        if hot.pointee.usesDirtyRing, dirtyRing?.isSoftFull == true { try exitForFullDirtyRing() }
+        // The vCPU whose exits push onto its dirty ring (`kvm_running_vcpu`).
+        let wasRunning = VirtualMachine.running.vcpu
+        VirtualMachine.running.set(self)
+        defer { VirtualMachine.running.set(wasRunning) }
         let srcu = vm.memslotsSRCU
         srcu.lockShared()
         defer { srcu.unlockShared() }
         let outcome = try vm.withShadowMMULock { () throws(VirtualMachineError) -> L2AccessOutcome in
-            try runL2(address, access, size: size, value: value, nested, tdpState)
+            let outcome = try runL2(address, access, size: size, value: value, nested, tdpState)
+            if case .exitToL1 = outcome.result { return outcome }
+            // On a thread of its own, back into L2's guest mode before `mmu_lock` is let go (as
+            // the shadow MMU's exits do): the model's hardware made L2's access under the lock,
+            // and a remote flush must find the vCPU in guest mode from there until its next exit,
+            // as it would find L2 running after KVM's entry. The requests are serviced first.
+            while runsOnOwnThread {
+                // A remote flush reaches L2's TLB too (as `runL2` services it at an entry).
+                if hasRemoteRequests && checkRequest(.flushAll) {
+                    count(.tlbFlush)
+                    tlb.flush()
+                    nested.tlb.flushAll()
+                }
+                serviceRequests()
+                if tryEnterGuestMode() { break }
+            }
+            return outcome
         }
         if case .exitToL1 = outcome.result { try exitToL1() }
         return outcome

@@ -67,6 +67,10 @@ public struct DirtyRing: Sendable {
         return harvested
     }
 
+    /// Every entry pushed and not yet reset (harvested or not): pages whose next write KVM does
+    /// not have to see, for the auditors.
+    var unresetEntries: [Entry] { (resetIndex..<dirtyIndex).map { entries[$0 & (size - 1)] } }
+
     /// `kvm_dirty_ring_reset`: the harvested entries, which the caller re-protects; they are free again.
     mutating func takeHarvested() -> [Entry] {
         let harvested = (resetIndex..<fetchIndex).map { entries[$0 & (size - 1)] }
@@ -161,9 +165,8 @@ extension VirtualMachine {
             var flags = slot.flags
             if enabled { flags.insert(.logDirtyPages) } else { flags.remove(.logDirtyPages) }
             if let tdp {
-                try refuseDirtyLogWithNestedShadowPages()
                 // kvm_mmu_slot_apply_flags: eager splitting, write protection (or D bits cleared with
-                // PML), a remote TLB flush.
+                // PML), a remote TLB flush, in the TDP MMU and in the rmaps of L2's shadow pages.
                 do { try tdp.setMemslotFlags(id: id, flags: flags) } catch { throw .memslot("\(error)") }
                 return
             }
@@ -216,6 +219,18 @@ extension VirtualMachine {
         if let slot = memory.slot(id: slot) { memory.markDirty(GuestFrameNumber(slot.baseFrame.rawValue + offset)) }
     }
 
+    /// The gfns on the vCPUs' rings that no KVM_RESET_DIRTY_RINGS has re-protected yet.
+    func unresetDirtyRingGFNs() -> Set<UInt64> {
+        var gfns = Set<UInt64>()
+        for vcpu in vcpus {
+            for entry in vcpu.dirtyRing?.unresetEntries ?? [] {
+                guard let slot = memory.slot(id: entry.slot) else { continue }
+                gfns.insert(slot.baseFrame.rawValue + entry.offset)
+            }
+        }
+        return gfns
+    }
+
     /// What the VMM reads from every vCPU's ring (and, for writes made with no vCPU running, the
     /// slots' bitmaps), marking the entries harvested: each as (slot, gfn), ring by ring, oldest
     /// first.
@@ -251,13 +266,10 @@ extension VirtualMachine {
                 reset += 1
                 guard let slot = memory.slot(id: entry.slot), slot.logsDirtyPages else { continue }
                 if let tdp {
-                    // kvm_arch_mmu_enable_log_dirty_pt_masked: D cleared with PML, else W.
+                    // kvm_arch_mmu_enable_log_dirty_pt_masked: D cleared with PML, else W, in the TDP
+                    // MMU and in the rmaps of L2's shadow pages.
                     let offset = entry.offset & ~63, mask = UInt64(1) << (entry.offset & 63)
-                    if tdp.configuration.dirtyLogging == .pml {
-                        try? tdp.clearDirtyMasked(slot: entry.slot, gfnOffset: offset, mask: mask)
-                    } else {
-                        try? tdp.writeProtectMasked(slot: entry.slot, gfnOffset: offset, mask: mask)
-                    }
+                    try? tdp.enableLogDirtyMasked(slot: entry.slot, gfnOffset: offset, mask: mask)
                     flush = true
                     continue
                 }
@@ -272,7 +284,6 @@ extension VirtualMachine {
     /// whose bits have not been cleared (manual protection), in ascending order. Get-and-reset
     /// write-protects the pages it reports in the same step and flushes the TLBs if it did.
     public func getDirtyLog(slot id: Int) throws(VirtualMachineError) -> [GuestFrameNumber] {
-        try refuseDirtyLogWithNestedShadowPages()
         return try withSlotsLock { () throws(VirtualMachineError) in
             guard let slot = memory.slot(id: id) else { throw .memslot("there is no memslot \(id)") }
             if let tdp {
@@ -310,7 +321,6 @@ extension VirtualMachine {
     /// slot. Returns the gfns whose bits were set.
     @discardableResult
     public func clearDirtyLog(slot id: Int, first: UInt64, count: UInt64) throws(VirtualMachineError) -> [GuestFrameNumber] {
-        try refuseDirtyLogWithNestedShadowPages()
         return try withSlotsLock { () throws(VirtualMachineError) in
             guard dirtyLogProtocol == .manualProtect else {
                 throw .memslot("clearing the dirty log needs manual protection (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)")
@@ -349,7 +359,6 @@ extension VirtualMachine {
     /// and whose pages the VMM has copied, are cleared where set and write-protected again. Only
     /// those: a page dirtied since that get stays dirty for the next one.
     public func clearDirtyLog(slot id: Int, firstPage: UInt64, bitmap: [UInt64]) throws(VirtualMachineError) {
-        try refuseDirtyLogWithNestedShadowPages()
         try withSlotsLock { () throws(VirtualMachineError) in
             guard dirtyLogProtocol == .manualProtect else {
                 throw .memslot("clearing the dirty log needs manual protection (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)")

@@ -190,8 +190,11 @@ public final class VirtualMachine: @unchecked Sendable {
         mmu.freeObsoleteRoots = { [unowned self] in
             for vcpu in self.vcpus { vcpu.makeRequest(.freeObsoleteRoots, wait: false) }
         }
+        mmu.dirtyRingGFNs = { [unowned self] in self.unresetDirtyRingGFNs() }
         guard let tdp = self.tdp else { return }
         mmu.tdpSharingWriteTracking = tdp
+        tdp.shadowRmaps = mmu
+        mmu.cpuDirtyLogging = tdp.configuration.dirtyLogging == .pml
         let unowned = UnownedVM(self)
         // The TDP MMU counts its remote flushes itself.
         tdp.flushRemoteTLBs = { for vcpu in unowned.vm.vcpus { vcpu.makeRequest(.flushAll, wait: true) } }
@@ -203,6 +206,7 @@ public final class VirtualMachine: @unchecked Sendable {
             return gfns
         }
         tdp.freeObsoleteRoots = { for vcpu in unowned.vm.vcpus { vcpu.makeRequest(.freeObsoleteRoots, wait: false) } }
+        tdp.dirtyRingGFNs = { unowned.vm.unresetDirtyRingGFNs() }
     }
 
     /// Every counter: the VM's, every vCPU's and the shadow MMU's, plus the TDP MMU's under TDP.
@@ -219,7 +223,8 @@ public final class VirtualMachine: @unchecked Sendable {
     /// Every broken invariant the MMU's auditor finds (empty when all hold).
     public func audit() -> [String] {
         guard let tdp else { return withShadowMMULock { mmu.audit() } }
-        return mmu.audit() + tdp.audit()
+        // `guest_mmu`'s pages change under the lock held for write (L2's vCPU may be running).
+        return withShadowMMULock { mmu.audit() } + tdp.audit()
     }
 
     /// `kvm_mmu_zap_all_fast`: the MMU the VM runs, and under TDP the shadow pages of L2's
@@ -227,7 +232,8 @@ public final class VirtualMachine: @unchecked Sendable {
     public func zapAllFast() {
         if let tdp {
             tdp.zapAllFast()
-            if hasNestedShadowPages { withShadowMMULock { mmu.zapAllFast() } }
+            // `guest_mmu`'s pages come and go under the lock (L2's vCPU may be running).
+            withShadowMMULock { if mmu.usedPages > 0 { mmu.zapAllFast() } }
         } else {
             withShadowMMULock { mmu.zapAllFast() }
         }
@@ -237,22 +243,15 @@ public final class VirtualMachine: @unchecked Sendable {
     public func zapGFNRange(_ gfns: Range<UInt64>) {
         if let tdp {
             tdp.zapGFNRange(gfns)
-            if hasNestedShadowPages { _ = withShadowMMULock { mmu.zapGFNRange(gfns) } }
+            withShadowMMULock { if mmu.usedPages > 0 { _ = mmu.zapGFNRange(gfns) } }
         } else {
             _ = withShadowMMULock { mmu.zapGFNRange(gfns) }
         }
     }
 
     /// Under TDP, whether L2's `guest_mmu` has shadow pages (the only ones the shadow MMU then has).
+    /// Read under `mmu_lock`, or with the memslots' srcu held for write (no L2 access runs then).
     var hasNestedShadowPages: Bool { tdp != nil && mmu.usedPages > 0 }
-
-    /// The dirty log's write protection reaches only the TDP MMU's SPTEs: with `guest_mmu` pages
-    /// alive an L2 write could go unlogged, so the operation is refused rather than answered wrong.
-    func refuseDirtyLogWithNestedShadowPages() throws(VirtualMachineError) {
-        if hasNestedShadowPages {
-            throw .unsupported("dirty logging while L2's shadow EPT/NPT pages exist is not modelled (docs/NESTED.md)")
-        }
-    }
 
     /// A VMM operation on the shadow MMU: `mmu_lock` held for write (vCPUs may be running).
     func withShadowMMULock<Result, Failure: Error>(_ body: () throws(Failure) -> Result) throws(Failure) -> Result {

@@ -29,8 +29,11 @@ struct ConcurrentVCPUStressTests {
         var pml: Bool
         var dirtyLogProtocol: DirtyLogProtocol
         var vcpus: Int
+        /// The last vCPU runs L2 (paging off) over L1's EPT instead of L1's own code (TDP only).
+        var l2Writer = false
         var description: String {
             "\(shadow ? "shadow paging" : "TDP"), \(pml ? "PML" : "write protection"), \(dirtyLogProtocol.rawValue), \(vcpus) vCPUs"
+                + (l2Writer ? ", one in L2" : "")
         }
     }
 
@@ -40,6 +43,8 @@ struct ConcurrentVCPUStressTests {
         Case(pml: false, dirtyLogProtocol: .manualProtect, vcpus: 2),
         Case(shadow: true, pml: false, dirtyLogProtocol: .getAndReset, vcpus: 3),
         Case(shadow: true, pml: false, dirtyLogProtocol: .manualProtect, vcpus: 2),
+        Case(pml: false, dirtyLogProtocol: .getAndReset, vcpus: 3, l2Writer: true),
+        Case(pml: true, dirtyLogProtocol: .manualProtect, vcpus: 2, l2Writer: true),
     ]
 
     /// Guest-physical layout: tables below 1 MiB, memslot 0 (logged) is 32 MiB at 0, memslot 1
@@ -65,6 +70,7 @@ struct ConcurrentVCPUStressTests {
         try vm.addMemslot(id: 1, base: GuestPhysicalAddress(Self.slot1Base), size: Self.slot1Size)
         try vm.addMemslot(id: 2, base: GuestPhysicalAddress(Self.slot2Base), size: Self.slot2Size)
         try Self.buildIdentityMap(vm.memory)
+        if testCase.l2Writer { try Self.buildL2EPT(vm.memory) }
         try vm.setDirtyLogProtocol(testCase.dirtyLogProtocol)
         try vm.setDirtyLogging(slot: 0, true)
         let registers = PagingRegisters(cr0: [.protectionEnable, .writeProtect, .paging], cr3: 0x1000,
@@ -116,7 +122,9 @@ struct ConcurrentVCPUStressTests {
         }.start()
 
         try vm.runVCPUsOnThreads { vcpu in
-            let log = Self.runWriter(vcpu, vcpus: testCase.vcpus, shared: shared)
+            let inL2 = testCase.l2Writer && vcpu.id == testCase.vcpus - 1
+            let log = inL2 ? Self.runL2Writer(vcpu, vcpus: testCase.vcpus, shared: shared)
+                : Self.runWriter(vcpu, vcpus: testCase.vcpus, shared: shared)
             shared.writeLogs.withLock { $0.append(log) }
         }
         shared.stop.store(true, ordering: .releasing)
@@ -140,6 +148,62 @@ struct ConcurrentVCPUStressTests {
         #expect(collector.rounds > 1)
         let stats = vm.stats
         #expect(stats.remoteTLBFlush > 0 && stats.tlbFlush > 0)
+        if testCase.l2Writer { #expect(stats.nestedRun == 1 && stats.mmuCacheMiss > 0, "L2 ran over guest_mmu") }
+    }
+
+    /// L1's EPT for L2 (4-level, with A/D: KVM's walk sets them, so the tables' pages are logged
+    /// too), below 1 MiB: L2's [0, 8 MiB) at L1's [2 MiB, 10 MiB) in 2 MiB leaves, which
+    /// `guest_mmu` maps 4 KiB in the logging memslot 0.
+    static let l2EPTRoot: UInt64 = 0x8_0000
+    static let l2Offset: UInt64 = 2 << 20
+    static func buildL2EPT(_ memory: MemslotSet) throws {
+        try memory.store64(0x8_1000 | 0x7, at: GuestPhysicalAddress(l2EPTRoot))  // PML4[0] -> PDPT
+        try memory.store64(0x8_2000 | 0x7, at: GuestPhysicalAddress(0x8_1000))   // PDPT[0] -> PD
+        for index in 0..<UInt64(4) {
+            try memory.store64((l2Offset + index << 21) | 0x80 | 6 << 3 | 0x7, at: GuestPhysicalAddress(0x8_2000 + index * 8))
+        }
+    }
+
+    /// The L2 vCPU's code: L1 enters L2 (paging off) on this vCPU's thread, then L2 writes its own
+    /// words of random pages, reading some back; each write logged at the L1 gfn it reached.
+    static func runL2Writer(_ vcpu: VCPU, vcpus: Int, shared: Shared) -> [(gfn: UInt64, ticket: UInt64)] {
+        var random = SeededGenerator(seed: UInt64(vcpu.id) &* 104_729 &+ 3)
+        var log: [(gfn: UInt64, ticket: UInt64)] = []
+        var mine: [UInt64: UInt64] = [:]
+        func fail(_ message: String) { shared.failures.withLock { $0.append("vCPU \(vcpu.id) in L2: \(message)") } }
+        do {
+            try vcpu.enterL2(.ept(EPTPointer(root: l2EPTRoot, levels: 4, accessedDirty: true),
+                                  capabilities: EPTCapabilities(accessedDirty: true)),
+                             registers: PagingRegisters())
+            for sequence in 0..<writesPerVCPU {
+                let word = (random.next() % UInt64(512 / vcpus)) * UInt64(vcpus) + UInt64(vcpu.id)
+                let address = (random.next() % 2048) << 12 + word * 8
+                let value = UInt64(vcpu.id) << 56 | UInt64(sequence + 1)
+                let outcome = try vcpu.accessL2(GuestVirtualAddress(address), .write(.supervisor), value: value)
+                guard case .completed(let gpa, _, _) = outcome.result, gpa.rawValue == address else {
+                    fail("write to \(hex(address)) came to \(outcome.result)")
+                    return log
+                }
+                mine[address] = value
+                log.append(((address + l2Offset) >> 12, shared.clock.add(1, ordering: .sequentiallyConsistent).newValue))
+                // Every L2 access takes mmu_lock for write (the model's hardware walks guest_mmu's
+                // tables under it); L2's code between accesses gives the other threads the core, or
+                // on two cores an L1 vCPU whose fault the collector keeps re-protecting could run
+                // out of its 64 exits waiting for the lock (a starvation KVM has no bound for).
+                sched_yield()
+                if sequence % 4 == 0, let (check, expected) = mine.randomElement(using: &random) {
+                    let read = try vcpu.accessL2(GuestVirtualAddress(check), .read(.supervisor))
+                    guard case .completed(_, _, let found) = read.result, found == expected else {
+                        fail("read of \(hex(check)) came to \(read.result), expected \(hex(expected))")
+                        return log
+                    }
+                }
+            }
+            try vcpu.exitToL1()
+        } catch {
+            fail("\(error)")
+        }
+        return log
     }
 
     /// One vCPU's guest code: writes to its own words of random pages, reading some back.
