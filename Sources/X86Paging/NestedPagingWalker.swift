@@ -211,21 +211,20 @@ public struct NestedPagingWalker: Sendable {
         let tables = boxedTables.lent
         let tableWrites = !tables.isEPT || rule == .alwaysWrite
         var tableFault: NestedTableFault?
-        let walked = withUnsafeMutablePointer(to: &tableFault) { slot in
+        var guestFault: WalkFault?
+        // Returned into this frame: no `Result` wraps (and copies) L2's translation.
+        let translation = withUnsafeMutablePointer(to: &tableFault) { slot in
             guest.translate(address, access,
                             in: NestedTableMemory(tables: tables, memory: memory, writes: tableWrites,
                                                   setAccessedDirty: setAccessedDirty, origin: .guestPagingStructure,
                                                   fault: slot),
-                            setAccessedDirty: setAccessedDirty)
+                            setAccessedDirty: setAccessedDirty, fault: &guestFault)
         }
-        let translation: Translation
-        switch walked {
-        case .success(let result):
-            translation = result
-        case .failure(.noMemory(let tableAddress, let level, _)):
-            return .failure(tableFault?.fault(at: tableAddress, guestLevel: level) ?? .noMemory(tableAddress))
-        case .failure(let fault):
-            return .failure(.guest(fault))
+        if let guestFault {
+            if case .noMemory(let tableAddress, let level, _) = guestFault {
+                return .failure(tableFault?.fault(at: tableAddress, guestLevel: level) ?? .noMemory(tableAddress))
+            }
+            return .failure(.guest(guestFault))
         }
         if setAccessedDirty && !tableWrites, let refused = refusedAccessedDirtyUpdate(translation, access, tables, memory) {
             return .failure(refused)
@@ -270,21 +269,21 @@ public struct NestedPagingWalker: Sendable {
             // user-mode one: U/S set at every level of L2's walk (with L2's paging off, the model
             // takes every address as supervisor-mode).
             let userMode = translation.level > 0 && translation.isUser
-            var fault: EPTWalkFault?
+            var sink = NestedEPTFaultSink()
             let final = box._withUnsafeGuaranteedRef {
                 $0.walker.translate(address, EPTAccess(access.kind, origin: .finalTranslation, userModeAddress: userMode),
-                                    in: memory, setAccessedDirty: setAccessedDirty, fault: &fault)
+                                    in: memory, setAccessedDirty: setAccessedDirty, sink: &sink)
             }
-            if let fault { return .failure(NestedTableFault.ept(fault).fault(at: address, guestLevel: 0)) }
+            if let fault = sink.fault { return .failure(fault.fault(at: address, guestLevel: 0)) }
             return .success(NestedPagingTranslation(guest: translation, outputAddress: final.outputAddress,
                                                     nestedPermissions: final.permissions, nestedLevel: final.level))
         case .npt(let box):
-            var fault: WalkFault?
+            var sink = NestedNPTFaultSink()
             let final = box._withUnsafeGuaranteedRef {
                 $0.walker.translate(GuestVirtualAddress(address.rawValue), Access(access.kind, .user), in: memory,
-                                    setAccessedDirty: setAccessedDirty, fault: &fault)
+                                    setAccessedDirty: setAccessedDirty, sink: &sink)
             }
-            if let fault { return .failure(NestedTableFault.npt(fault).fault(at: address, guestLevel: 0)) }
+            if let fault = sink.fault { return .failure(fault.fault(at: address, guestLevel: 0)) }
             return .success(NestedPagingTranslation(guest: translation, outputAddress: final.physicalAddress,
                                                     nestedPermissions: final.permissions, nestedLevel: final.level))
         }
@@ -298,35 +297,64 @@ public enum NestedGuestSetupError: Error, Sendable, Equatable {
     case pdpteLoad(NestedPagingFault)
 }
 
-/// What L1's tables said about one of L2's table frames.
+/// What L1's tables said about one of L2's table frames, or about the final address: as much of
+/// the walk's fault as the exit needs. The walk's path stays behind: faults that carried it were
+/// copied (a memcpy each) at every step out of the walk.
 @usableFromInline
 enum NestedTableFault {
-    case ept(EPTWalkFault)
-    case npt(WalkFault)
+    case eptViolation(EPTViolationQualification, level: Int)
+    case eptMisconfiguration(level: Int)
+    /// An address beyond 52 bits: not a guest-physical address.
+    case eptAddressTooWide
+    /// A #PF of the NPT walk: its architectural error code and the level that refused.
+    case nptPageFault(errorCode: UInt64, level: Int)
+    /// An address L1's NPT paging mode cannot hold (#GP or too wide for the walk).
+    case nptUnaddressable
+    /// L1's own table at this L1 address has no memory.
+    case tableNoMemory(GuestPhysicalAddress)
     /// L1's tables map the frame to an L1 address without memory.
     case noMemory(GuestPhysicalAddress)
+
+    @inlinable @inline(__always)
+    init(_ fault: EPTWalkFault) {
+        switch fault {
+        case .violation(_, let qualification, let level, _): self = .eptViolation(qualification, level: level)
+        case .misconfiguration(_, let level, _): self = .eptMisconfiguration(level: level)
+        case .noMemory(let tableAddress, _, _): self = .tableNoMemory(tableAddress)
+        case .addressTooWide: self = .eptAddressTooWide
+        }
+    }
+
+    @inlinable @inline(__always)
+    init(_ fault: WalkFault) {
+        switch fault {
+        case .pageFault(let pageFault): self = .nptPageFault(errorCode: UInt64(pageFault.errorCode.architectural), level: pageFault.level)
+        case .noMemory(let tableAddress, _, _): self = .tableNoMemory(tableAddress)
+        case .generalProtection, .addressTooWide: self = .nptUnaddressable
+        }
+    }
 
     /// The nested fault at `address`, met while reading L2's level-`guestLevel` entry (0: the
     /// final translation).
     @inlinable
     func fault(at address: GuestPhysicalAddress, guestLevel: Int) -> NestedPagingFault {
         switch self {
-        case .ept(.violation(_, let qualification, let level, _)):
+        case .eptViolation(let qualification, let level):
             return .eptViolation(NestedFaultSite(address: address, guestLevel: guestLevel, nestedLevel: level),
                                  qualification: qualification)
-        case .ept(.misconfiguration(_, let level, _)):
+        case .eptMisconfiguration(let level):
             return .eptMisconfiguration(NestedFaultSite(address: address, guestLevel: guestLevel, nestedLevel: level))
-        case .ept(.noMemory(let tableAddress, _, _)), .npt(.noMemory(let tableAddress, _, _)):
+        case .tableNoMemory(let tableAddress):
             return .noMemory(tableAddress)
-        case .ept(.addressTooWide):
+        case .eptAddressTooWide:
             // An L2 table or page address beyond 52 bits cannot come out of an x86 entry.
             return .noMemory(address)
-        case .npt(.pageFault(let pageFault)):
-            var code = PageFaultErrorCode(rawValue: UInt64(pageFault.errorCode.architectural))
+        case .nptPageFault(let errorCode, let level):
+            var code = PageFaultErrorCode(rawValue: errorCode)
             code.insert(guestLevel == 0 ? .guestFinal : .guestPage)
-            return .nestedPageFault(NestedFaultSite(address: address, guestLevel: guestLevel, nestedLevel: pageFault.level),
+            return .nestedPageFault(NestedFaultSite(address: address, guestLevel: guestLevel, nestedLevel: level),
                                     errorCode: code)
-        case .npt(.generalProtection), .npt(.addressTooWide):
+        case .nptUnaddressable:
             // An L2 guest-physical address L1's paging mode cannot hold: a #NPF that reports the
             // address as reserved, as the nested walk's RSVD fault would.
             return .nestedPageFault(NestedFaultSite(address: address, guestLevel: guestLevel, nestedLevel: 0),
@@ -336,6 +364,24 @@ enum NestedTableFault {
             return .noMemory(l1Address)
         }
     }
+}
+
+/// The sink of a walk of L1's EPT: its fault, summarised where the walk records it.
+@usableFromInline
+struct NestedEPTFaultSink: WalkFaultSink {
+    @usableFromInline var fault: NestedTableFault?
+    @inlinable init() {}
+    @inlinable @inline(__always)
+    mutating func record(_ fault: EPTWalkFault) { self.fault = NestedTableFault(fault) }
+}
+
+/// The sink of a walk of L1's NPT (see `NestedEPTFaultSink`).
+@usableFromInline
+struct NestedNPTFaultSink: WalkFaultSink {
+    @usableFromInline var fault: NestedTableFault?
+    @inlinable init() {}
+    @inlinable @inline(__always)
+    mutating func record(_ fault: WalkFault) { self.fault = NestedTableFault(fault) }
 }
 
 /// L2's guest-physical memory as L2's walker reads its tables: each frame found through L1's
@@ -381,24 +427,24 @@ struct NestedTableMemory<Memory: PhysicalMemory>: PhysicalMemory {
         let kind: AccessKind = writes ? .write : .read
         switch tables {
         case .ept(let box):
-            var eptFault: EPTWalkFault?
+            var sink = NestedEPTFaultSink()
             let translation = box._withUnsafeGuaranteedRef {
                 $0.walker.translate(frame.address, EPTAccess(kind, origin: origin), in: memory,
-                                    setAccessedDirty: setAccessedDirty, fault: &eptFault)
+                                    setAccessedDirty: setAccessedDirty, sink: &sink)
             }
-            if let eptFault {
-                fault.pointee = .ept(eptFault)
+            if let eptFault = sink.fault {
+                fault.pointee = eptFault
                 return nil
             }
             return (translation.outputAddress.frame, translation.isWritable)
         case .npt(let box):
-            var nptFault: WalkFault?
+            var sink = NestedNPTFaultSink()
             let translation = box._withUnsafeGuaranteedRef {
                 $0.walker.translate(GuestVirtualAddress(frame.address.rawValue), Access(kind, .user), in: memory,
-                                    setAccessedDirty: setAccessedDirty, fault: &nptFault)
+                                    setAccessedDirty: setAccessedDirty, sink: &sink)
             }
-            if let nptFault {
-                fault.pointee = .npt(nptFault)
+            if let nptFault = sink.fault {
+                fault.pointee = nptFault
                 return nil
             }
             return (translation.physicalAddress.frame, translation.isWritable)
