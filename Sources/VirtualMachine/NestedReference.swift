@@ -82,19 +82,36 @@ extension VCPU {
                                    entries: [])
     }
 
-    /// Whether the outcome is the architecture's answer for L1's EPT as one of the VM entries
-    /// since the last covering INVEPT left its last-level tables (upper levels as they are now:
-    /// KVM write-tracks them, so they are never stale).
+    /// Whether the outcome is the architecture's answer for L1's EPT with each last-level table
+    /// as it is now or as one of the VM entries since the last covering INVEPT left it (upper
+    /// levels as they are now: KVM write-tracks them, so they are never stale). Each table may
+    /// come from a different entry: the processor caches each guest-physical mapping on its own
+    /// (SDM 29.4), and KVM syncs each unsync shadow page on its own, so one access may combine a
+    /// table's older mapping with another's newer one. (Within one table the choice is one
+    /// snapshot for all its entries.) A search over the tables the walk reads, a choice at a time.
     private func agreesWithStaleEPT(_ outcome: L2AccessOutcome, _ address: GuestVirtualAddress, _ access: Access,
                                     _ nested: NestedVCPUState) -> Bool {
         guard case .ept(let pointer, _) = nested.paging else { return false }
-        let walker = NestedPagingWalker(guest: nested.guestWalker, tables: nested.l1Tables)
-        for snapshot in nested.eptSnapshots.reversed() where snapshot.rootAddress == pointer.rootAddress {
-            let stale = walker.translate(address, access, in: SnapshotMemory(memory: vm.memory, snapshot: snapshot),
-                                         setAccessedDirty: false)
-            if Self.l2OutcomeAgrees(outcome, stale, memory: vm.memory) { return true }
+        var olderTables: [UInt64: [UnsafeMutableRawPointer]] = [:]
+        for snapshot in nested.eptSnapshots where snapshot.rootAddress == pointer.rootAddress {
+            for (frame, copy) in snapshot.pages { olderTables[frame, default: []].append(copy) }
         }
-        return false
+        guard !olderTables.isEmpty else { return false }
+        let walker = NestedPagingWalker(guest: nested.guestWalker, tables: nested.l1Tables)
+        func agrees(choosing choice: [UInt64: Int]) -> Bool {
+            let view = StaleEPTMemory(memory: vm.memory, olderTables: olderTables, choice: choice)
+            let stale = walker.translate(address, access, in: view, setAccessedDirty: false)
+            if Self.l2OutcomeAgrees(outcome, stale, memory: vm.memory) { return true }
+            // The first table the walk read as it is now that has older contents: try each.
+            guard let frame = view.tablesReadAsTheyAreNow.first, let older = olderTables[frame] else { return false }
+            for index in older.indices {
+                var next = choice
+                next[frame] = index
+                if agrees(choosing: next) { return true }
+            }
+            return false
+        }
+        return agrees(choosing: [:])
     }
 
     /// Whether the outcome is exactly `expected` (no stale translation allowed).
@@ -166,14 +183,27 @@ final class EPTTableSnapshot {
     }
 }
 
-/// L1's memory with its last-level EPT tables as a snapshot has them (read-only: the probe
-/// walks set no A/D bits).
-private struct SnapshotMemory: PhysicalMemory {
+/// L1's memory with some of its last-level EPT tables as a VM entry's snapshot had them
+/// (`choice`: table frame -> index into its older copies), the others as they are now; notes the
+/// tables with older copies that a walk read as they are now. Read-only: the probe walks set no
+/// A/D bits.
+private final class StaleEPTMemory: PhysicalMemory {
     let memory: MemslotSet
-    let snapshot: EPTTableSnapshot
+    let olderTables: [UInt64: [UnsafeMutableRawPointer]]
+    let choice: [UInt64: Int]
+    private(set) var tablesReadAsTheyAreNow: [UInt64] = []
+
+    init(memory: MemslotSet, olderTables: [UInt64: [UnsafeMutableRawPointer]], choice: [UInt64: Int]) {
+        self.memory = memory
+        self.olderTables = olderTables
+        self.choice = choice
+    }
 
     func hostPage(_ frame: GuestFrameNumber) -> HostPage? {
-        if let copy = snapshot.pages[frame.rawValue] { return HostPage(bytes: copy, isWritable: false) }
+        if let older = olderTables[frame.rawValue] {
+            if let index = choice[frame.rawValue] { return HostPage(bytes: older[index], isWritable: false) }
+            if !tablesReadAsTheyAreNow.contains(frame.rawValue) { tablesReadAsTheyAreNow.append(frame.rawValue) }
+        }
         return memory.hostPage(frame)
     }
 }

@@ -165,6 +165,14 @@ struct L2RandomLockstepTests {
     func npt(seed: Int) throws {
         try runRandomL2Scenario(seed: UInt64(1000 + seed), npt: true)
     }
+
+    /// Exhaustive seeds where one L2 access combined an older EPT mapping of one of L1's
+    /// last-level tables (unsync, no INVEPT yet) with a newer one of another table: the
+    /// architecture allows it, and the lockstep check once refused it.
+    @Test("Random L2 seeds mixing older and newer EPT tables in one access", arguments: [110, 123, 140, 235, 299, 325])
+    func mixedStaleEPT(seed: Int) throws {
+        try runRandomL2Scenario(seed: UInt64(seed), npt: false)
+    }
 }
 
 /// Many more seeds, only with VIRTMMU_EXHAUSTIVE=1 (CI: `--filter Exhaustive` in release).
