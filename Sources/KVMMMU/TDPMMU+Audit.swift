@@ -57,7 +57,6 @@ extension TDPMMU {
         }
         for metadata in slotIndex { auditDisallowCounts(metadata, &problems) }
         if let protection = subPageProtection { problems += protection.audit().map { "SPP: " + $0 } }
-        if pendingFrees.load(ordering: .relaxed) != 0 { problems.append("tables still queued to be freed") }
 
         var walk = AuditWalk()
         // Before the bitmaps: a vCPU drains its PML buffer into the bitmap under the buffer's lock.
@@ -66,7 +65,25 @@ extension TDPMMU {
         for metadata in slotIndex where metadata.slot.logsDirtyPages {
             walk.dirtyBitmaps[metadata.slot.id] = try? memory.dirtyBitmap(slot: metadata.slot.id)
         }
-        let roots = pagesLock.withLock { $0.roots }
+        // The roots, each held for the audit (a vCPU may put its last reference meanwhile: the
+        // lock held for write does not stop that, as mmu_lock does not stop KVM's put), and the
+        // tables queued to be freed. The queue is emptied when the lock is taken, so what is on it
+        // now are roots whose last reference went since; a listed root whose count is already 0
+        // is on its way there.
+        let (roots, queued, dying) = pagesLock.withLock { state -> ([TDPRoot], Set<UInt64>, Set<UInt64>) in
+            var held: [TDPRoot] = []
+            var dying = Set<UInt64>()
+            for root in state.roots {
+                if tryGetRoot(root) { held.append(root) } else { dying.insert(root.frame.rawValue) }
+            }
+            var queued = Set<UInt64>()
+            var frame = state.pendingFreeHead
+            while frame != 0, queued.insert(frame).inserted, let page = records.page(HostFrameNumber(frame)) {
+                frame = page.freeNext
+            }
+            return (held, queued, dying)
+        }
+        defer { for root in roots { try? putRoot(root) } }
         var validRoles = Set<UInt32>()
         for root in roots {
             if root.referenceCount <= 0 { problems.append("\(root) is listed with no reference") }
@@ -94,9 +111,14 @@ extension TDPMMU {
         if tables != Int64(walk.reachable.count - roots.count) {
             problems.append("tdp_mmu_pages is \(tables) but \(walk.reachable.count - roots.count) tables hang below roots")
         }
+        for frame in queued where walk.reachable.contains(frame) {
+            problems.append("table \(hex(frame)) is queued to be freed but still reachable")
+        }
+        let accounted = walk.reachable.count + queued.count + dying.count
         let live = counters.liveTables.load(ordering: .relaxed)
-        if live != Int64(walk.reachable.count) {
-            problems.append("\(live) tables are allocated but \(walk.reachable.count) are reachable (leaked or lost)")
+        if live != Int64(accounted) {
+            problems.append("\(live) tables are allocated but \(walk.reachable.count) are reachable, \(queued.count + dying.count) "
+                            + "on their way to be freed (leaked or lost)")
         }
         let nxPages = possibleNXHugePages()
         if Int64(nxPages.count) != counters.nxLpageSplits.load(ordering: .relaxed) {

@@ -551,10 +551,12 @@ public final class TDPMMU: @unchecked Sendable {
         }
     }
 
-    /// Queues an unlinked table (or a dead root's) to be freed when no reader can be in it.
-    func deferFree(_ page: TDPPage) {
+    /// Queues an unlinked table (or a dead root's, taken off the root list at the same time) to be
+    /// freed when no reader can be in it.
+    func deferFree(_ page: TDPPage, unlisting root: TDPRoot? = nil) {
         page.setFlags(TDPPage.removedFlag)
         pagesLock.withLock { state in
+            if let root { state.roots.removeAll { $0 === root } }
             page.freeNext = state.pendingFreeHead
             state.pendingFreeHead = page.frame.rawValue
         }
@@ -695,8 +697,22 @@ public final class TDPMMU: @unchecked Sendable {
             root.references.add(1, ordering: .relaxed)
             throw .rootOverReleased(root.role)
         }
-        pagesLock.withLock { state in state.roots.removeAll { $0 === root } }
-        deferFree(records.page(root.frame)!)
+        // Off the list and onto the free queue in one step, so that an auditor never sees the
+        // root's table in neither place.
+        deferFree(records.page(root.frame)!, unlisting: root)
+    }
+
+    /// `kvm_tdp_mmu_get_root` (`refcount_inc_not_zero`): a reference to `root`, unless its last
+    /// one is gone (it is being freed).
+    func tryGetRoot(_ root: TDPRoot) -> Bool {
+        var count = root.references.load(ordering: .relaxed)
+        while count > 0 {
+            let (exchanged, original) = root.references.compareExchange(expected: count, desired: count + 1,
+                                                                       ordering: .acquiringAndReleasing)
+            if exchanged { return true }
+            count = original
+        }
+        return false
     }
 
     /// The roots an operation visits, valid ones only or all (KVM's root iterators skip roots whose
