@@ -53,6 +53,12 @@ public enum TDPPreFaultResult: Equatable, Sendable {
     case noMemslot
     /// The fault must be tried again (a lost race, or a root invalidated meanwhile).
     case retry
+
+    /// For `.mapped`, the bytes the leaf at its level covers (the ioctl's progress unit).
+    public var mappedBytes: UInt64? {
+        guard case .mapped(let level) = self else { return nil }
+        return pagesPerHugePage(level) << UInt64(pageShift)
+    }
 }
 
 extension TDPMMU {

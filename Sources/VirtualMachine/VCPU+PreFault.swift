@@ -104,11 +104,8 @@ extension VCPU {
             } catch {
                 throw .model("\(error)")
             }
-            switch result {
-            case .mapped(let level): return UInt64(1) << UInt64(pageShift + 9 * (level - 1))
-            case .noMemslot: throw .noMemslot(gpa)
-            case .retry: continue
-            }
+            if let bytes = result.mappedBytes { return bytes }
+            if result == .noMemslot { throw .noMemslot(gpa) }
         }
         throw .model("the fault at \(gpa) never settled")
     }
