@@ -21,6 +21,16 @@ struct TDPFault {
     /// reference counting: the fault runs under mmu_lock (and the vCPU's under the memslots'
     /// srcu), which keep the MMU's memslot records from being replaced meanwhile.
     private var slotReference: Unmanaged<MemslotMetadata>?
+
+    /// `slot` lent to `body` without a retain (see `slotReference`); nil for MMIO.
+    @inline(__always)
+    func withSlot<Result>(_ body: (MemslotMetadata?) -> Result) -> Result {
+        guard let slotReference else { return body(nil) }
+        return slotReference._withUnsafeGuaranteedRef { body($0) }
+    }
+
+    /// Sets `slot` from a reference the caller lends.
+    mutating func lendSlot(_ slot: Unmanaged<MemslotMetadata>?) { slotReference = slot }
     /// The host frame (KVM's pfn), aligned down to `goalLevel` by the huge-page adjustment.
     var pfn: UInt64 = 0
     /// The host maps the page writable (not a read-only memslot).
@@ -167,11 +177,11 @@ extension TDPMMU {
     private func tdpPageFault(_ fault: inout TDPFault, gpa: GuestPhysicalAddress, root: TDPRoot,
                               vcpuID: Int) throws(TDPMMUError) -> PageFaultResult {
         let gfn = fault.gfn, errorCode = fault.errorCode
-        fault.slot = slotMetadata(containing: gfn)
+        fault.lendSlot(lentSlotMetadata(containing: gfn))
         // page_fault_handle_page_track: a write to a write-tracked gfn that is mapped goes to the
         // emulator, which tells the tracker.
         if !errorCode.contains(.reservedBit) && fault.isPresent && fault.isWrite,
-           let slot = fault.slot, slot.isWriteTracked(gfn) {
+           fault.withSlot({ $0?.isWriteTracked(gfn) == true }) {
             return .emulate
         }
         // SPP first: the fast path must never make an armed leaf writable.
@@ -180,12 +190,12 @@ extension TDPMMU {
             return result
         }
         if let fixed = fastPageFault(fault, gpa: gpa, root: root, vcpuID: vcpuID) { return fixed }
-        if let slot = fault.slot {
+        if let slot = fault.withSlot({ $0?.slot }) {
             // A write to a read-only memslot is MMIO to the VMM (KVM_PFN_ERR_RO_FAULT).
-            if fault.isWrite && slot.slot.isReadOnly { return .emulate }
-            fault.pfn = slot.slot.hostBase.rawValue + (gfn - slot.slot.baseFrame.rawValue)
+            if fault.isWrite && slot.isReadOnly { return .emulate }
+            fault.pfn = slot.hostBase.rawValue + (gfn - slot.baseFrame.rawValue)
             // The model's host maps every writable slot writable (hva_to_pfn grants it to reads too).
-            fault.mapWritable = !slot.slot.isReadOnly
+            fault.mapWritable = !slot.isReadOnly
         } else {
             // kvm_handle_noslot_fault: without MMIO caching, or beyond what an MMIO SPTE can hold,
             // emulate without installing anything.
@@ -288,8 +298,13 @@ extension TDPMMU {
     /// host allow.
     func hugepageAdjust(_ fault: inout TDPFault) {
         fault.hugePageDisallowed = fault.isExec && configuration.nxHugePages
-        guard fault.maxLevel > KVMLevel.pageTable, let slot = fault.slot, !slot.slot.logsDirtyPages else { return }
-        fault.reqLevel = slot.maxMappingLevel(fault.gfn, maxLevel: min(fault.maxLevel, configuration.maxHugePageLevel))
+        let maxLevel = min(fault.maxLevel, configuration.maxHugePageLevel)
+        guard maxLevel > KVMLevel.pageTable,
+              let reqLevel = fault.withSlot({ slot in
+                  slot.flatMap { $0.slot.logsDirtyPages ? nil : $0.maxMappingLevel(fault.gfn, maxLevel: maxLevel) }
+              })
+        else { return }
+        fault.reqLevel = reqLevel
         // SPP arms only 4 KiB leaves: a protected page keeps its block from mapping huge.
         if let protection = subPageProtection {
             fault.reqLevel = protection.maxMappingLevel(for: GuestFrameNumber(fault.gfn), limit: fault.reqLevel)
@@ -353,10 +368,11 @@ extension TDPMMU {
         let old = iterator.oldSPTE, level = iterator.level
         var new: SPTE
         var writeProtected = false
-        if let slot = fault.slot {
-            (new, writeProtected) = makeLeafSPTE(level: level, gfn: iterator.gfn, pfn: fault.pfn, old: old,
-                                                 hostWritable: fault.mapWritable, slot: slot, role: root.role,
-                                                 prefetch: fault.isPrefetch)
+        if let leaf = fault.withSlot({ slot in
+            slot.map { makeLeafSPTE(level: level, gfn: iterator.gfn, pfn: fault.pfn, old: old, hostWritable: fault.mapWritable,
+                                    slot: $0, role: root.role, prefetch: fault.isPrefetch) }
+        }) {
+            (new, writeProtected) = leaf
             if let protection = subPageProtection {
                 new = protection.applyingProtection(to: new, gfn: GuestFrameNumber(iterator.gfn), level: level)
             }

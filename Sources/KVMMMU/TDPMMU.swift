@@ -633,6 +633,20 @@ public final class TDPMMU: @unchecked Sendable {
         return slotIndex[low]
     }
 
+    /// `slotMetadata(containing:)` lent rather than retained, for a fault (whose locks keep the
+    /// records from being replaced).
+    func lentSlotMetadata(containing gfn: UInt64) -> Unmanaged<MemslotMetadata>? {
+        slotIndex.withUnsafeBufferPointer { slots in
+            var low = 0, high = slots.count
+            while low < high {
+                let middle = (low + high) / 2
+                if slots[middle].slot.endFrame.rawValue <= gfn { low = middle + 1 } else { high = middle }
+            }
+            guard low < slots.count, slots[low].slot.contains(GuestFrameNumber(gfn)) else { return nil }
+            return .passUnretained(slots[low])
+        }
+    }
+
     func slotMetadata(id: Int) -> MemslotMetadata? { slotIndex.first { $0.slot.id == id } }
 
     /// Throws when someone changed the memslots behind the MMU's back. Lock held.

@@ -157,12 +157,25 @@ final class TDPVCPUState {
     @exclusivity(unchecked) var registers: PagingRegisters
     /// The guest's walker, as the hardware runs it (PAE's PDPTE registers loaded with CR3), boxed
     /// so that a walk borrows it in place.
-    @exclusivity(unchecked) var guestWalkerBox: WalkerBox
+    @exclusivity(unchecked) var guestWalkerBox: WalkerBox {
+        didSet { lentGuestWalker = .passUnretained(guestWalkerBox) }
+    }
     var guestWalker: PageWalker { guestWalkerBox.walker }
+    /// `guestWalkerBox`, lent to every walk: the box holds the reference, and reading the class
+    /// property for each walk retained and released it.
+    @exclusivity(unchecked) private(set) var lentGuestWalker: Unmanaged<WalkerBox>
     /// The root this vCPU runs on (the EPTP), with its reference; nil until the next entry loads one.
     @exclusivity(unchecked) var root: TDPRoot? {
-        didSet { rootFrame = root?.frame.rawValue ?? VCPU.noRoot }
+        didSet {
+            rootFrame = root?.frame.rawValue ?? VCPU.noRoot
+            lentRoot = root.map { .passUnretained($0) }
+        }
     }
+    /// `root`, lent to the entry's validity check and to KVM's fault, which run while `root` holds
+    /// the reference (only this vCPU's thread changes it): copying the optional retained it.
+    @exclusivity(unchecked) private(set) var lentRoot: Unmanaged<TDPRoot>?
+    /// The root was invalidated (`is_obsolete_root`); false without one.
+    var rootIsInvalid: Bool { lentRoot?._withUnsafeGuaranteedRef { $0.isInvalid } ?? false }
     /// `root`'s frame (`VCPU.noRoot` without one), read by every walk without retaining the root.
     @exclusivity(unchecked) private(set) var rootFrame = VCPU.noRoot
     /// The hardware's walker of `root`'s tables (an `EPTHardwareWalker` or `NPTHardwareWalker`).
@@ -181,9 +194,14 @@ final class TDPVCPUState {
     let pml: Bool
     /// What the walks leave behind, and the PML buffer.
     let walkFaults = TwoDimensionalMemory.Faults()
+    /// The VM's memslots srcu, held here: reaching it through the vCPU's unowned `vm` cost an
+    /// unowned retain and a retain at every exit.
+    let memslotsSRCU: MMULock
 
-    init(tdp: TDPMMU, registers: PagingRegisters, cpu: CPUModel, memory: MemslotSet) throws(VirtualMachineError) {
+    init(tdp: TDPMMU, registers: PagingRegisters, cpu: CPUModel, memory: MemslotSet,
+         memslotsSRCU: MMULock) throws(VirtualMachineError) {
         self.tdp = tdp
+        self.memslotsSRCU = memslotsSRCU
         self.registers = registers
         self.cpu = cpu
         let masks = tdp.masks
@@ -199,6 +217,7 @@ final class TDPVCPUState {
         } catch {
             throw .impossibleRegisters(error)
         }
+        lentGuestWalker = .passUnretained(guestWalkerBox)
     }
 
     /// The TLB tag of the current root and PCID.
@@ -258,13 +277,17 @@ struct TwoDimensionalMemory: PhysicalMemory {
     let kind: AccessKind
     let pml: Bool
     unowned(unsafe) let faults: Faults
-    /// Where the hardware keeps the guest-physical mappings it used, and the root they are of.
-    unowned(unsafe) let tlb: TLB
+    /// Where the hardware keeps the guest-physical mappings it used (lent: each use of an
+    /// `unowned(unsafe)` reference retained it), and the root they are of.
+    let lentTLB: Unmanaged<TLB>
     let root: UInt64
+
+    @inline(__always)
+    func withTLB<Result>(_ body: (TLB) -> Result) -> Result { lentTLB._withUnsafeGuaranteedRef(body) }
 
     func hostPage(_ frame: GuestFrameNumber) -> HostPage? {
         guard !faults.hasFault else { return nil }
-        if let cached = tlb.lookupGuestPhysical(frame.rawValue, root: root) {
+        if let cached = withTLB({ $0.lookupGuestPhysical(frame.rawValue, root: root) }) {
             if !cached.writable { faults.readOnlyFrames.append(frame.rawValue) }
             return HostPage(bytes: pool.pointer(HostFrameNumber(cached.hostFrame)), isWritable: cached.writable)
         }
@@ -273,7 +296,7 @@ struct TwoDimensionalMemory: PhysicalMemory {
         }
         // Kept only once the walk set the EPT entries' A (and, for a write, D): a later use of the
         // mapping has nothing left to set until KVM clears them, which it follows with a flush.
-        tlb.insertGuestPhysical(frame.rawValue, root: root, hostFrame: translation.host >> 12, writable: translation.writable)
+        withTLB { $0.insertGuestPhysical(frame.rawValue, root: root, hostFrame: translation.host >> 12, writable: translation.writable) }
         if !translation.writable { faults.readOnlyFrames.append(frame.rawValue) }
         return HostPage(bytes: pool.pointer(HostFrameNumber(translation.host >> 12)), isWritable: translation.writable)
     }
@@ -328,7 +351,7 @@ extension WalkerBox {
                             tag: UInt64, fault: inout WalkFaultSummary) -> GuestWalkOutcome {
         let cachesPageDirectories = walker.mode.isLongMode
         if cachesPageDirectories,
-           let cached = memory.tlb.lookupPageDirectory(address, root: tag, guestRoot: walker.registers.cr3) {
+           let cached = memory.withTLB({ $0.lookupPageDirectory(address, root: tag, guestRoot: walker.registers.cr3) }) {
             return walkPageTable(address, access, in: memory, from: cached, fault: &fault)
         }
         return walkFromRoot(address, access, in: memory, cachingPageDirectory: cachesPageDirectories,
@@ -504,7 +527,7 @@ extension VCPU {
 
     /// `kvm_mmu_load` under TDP: a root (and the EPTP) for the next entry.
     func tdpLoadRoot(_ state: TDPVCPUState) throws(VirtualMachineError) -> NestedWalker {
-        if let root = state.root, root.isInvalid {
+        if state.rootIsInvalid, let root = state.root {
             try? state.tdp.putRoot(root)
             state.root = nil
             state.hardwareWalker = nil
@@ -595,7 +618,7 @@ extension VCPU {
                 exits += 1
                 count(.exit)
                 // `handle_spp` reads the memslots for the bitmaps (KVM's srcu read side).
-                let srcu = vm.memslotsSRCU
+                let srcu = state.memslotsSRCU
                 srcu.lockShared()
                 defer { srcu.unlockShared() }
                 try handleSubPageTableFault(fault, at: gpa, state)
@@ -611,14 +634,16 @@ extension VCPU {
                 exits += 1
                 count(.exit)
                 tdpDrainPML(state)
-                guard let root = state.root else { continue }
+                guard let root = state.lentRoot else { continue }
                 // The exit's handling reads the memslots (KVM's srcu read side).
-                let srcu = vm.memslotsSRCU
+                let srcu = state.memslotsSRCU
                 srcu.lockShared()
                 defer { srcu.unlockShared() }
                 let decision: PageFaultResult
                 do {
-                    decision = try state.tdp.pageFault(at: gpa, errorCode: errorCode, root: root, vcpuID: id)
+                    decision = try root._withUnsafeGuaranteedRef { root in
+                        try state.tdp.pageFault(at: gpa, errorCode: errorCode, root: root, vcpuID: id)
+                    }
                 } catch {
                     throw .hostMemory("\(error)")
                 }
@@ -651,7 +676,7 @@ extension VCPU {
     func tdpDrainPML(_ state: TDPVCPUState) {
         let faults = state.walkFaults
         guard faults.pmlLogged > 0 else { return }
-        let srcu = vm.memslotsSRCU
+        let srcu = state.memslotsSRCU
         srcu.lockShared()
         // Marked before they leave the buffer (see `TDPMMU.pmlBufferedGFNs`).
         faults.pmlBuffer.withLock { buffer in
@@ -684,10 +709,12 @@ extension VCPU {
     private func tdpWalkLocked(_ address: GuestVirtualAddress, _ access: Access, size: Int, ept: NestedWalker,
                                _ state: TDPVCPUState, _ faults: TwoDimensionalMemory.Faults) -> TDPWalkOutcome {
         let memory = TwoDimensionalMemory(ept: ept, pool: pool, kind: state.tableAccess, pml: state.pml, faults: faults,
-                                          tlb: tlb, root: state.rootFrame)
+                                          lentTLB: .passUnretained(tlb), root: state.rootFrame)
         var walkFault = WalkFaultSummary()
-        let translation = state.guestWalkerBox.walkTwoDimensional(address, access, in: memory, tag: hot.pointee.rootFrame,
-                                                                  fault: &walkFault)
+        let tag = hot.pointee.rootFrame
+        let translation = state.lentGuestWalker._withUnsafeGuaranteedRef {
+            $0.walkTwoDimensional(address, access, in: memory, tag: tag, fault: &walkFault)
+        }
         switch walkFault.kind {
         case .none:
             break

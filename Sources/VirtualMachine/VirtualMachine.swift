@@ -397,7 +397,8 @@ public final class VCPU: @unchecked Sendable {
             hot.pointee.usesDirtyRing = true
         }
         if let tdp = vm.tdp {
-            tdpState = try TDPVCPUState(tdp: tdp, registers: registers, cpu: vm.cpu, memory: vm.memory)
+            tdpState = try TDPVCPUState(tdp: tdp, registers: registers, cpu: vm.cpu, memory: vm.memory,
+                                        memslotsSRCU: vm.memslotsSRCU)
         } else {
             tdpState = nil
             try Self.checkSupported(registers, hostLevels: vm.hostLevels)
