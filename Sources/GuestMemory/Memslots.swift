@@ -185,8 +185,10 @@ public final class MemslotSet: PhysicalMemory, ByteAccessibleMemory, @unchecked 
     private var recordsByID: [Int: Record] = [:]
     private let dirtyLock = Lock()
 
-    /// Bumped by every add, delete and flag change.
-    public private(set) var generation: UInt64 = 0
+    /// Bumped by every add, delete and flag change. Exempt from dynamic exclusivity checks: every
+    /// TDP fault reads it (a checked read across modules cost a `swift_beginAccess`), and the
+    /// changes that write it are serialised against the faults by mmu_lock and the memslots' srcu.
+    @exclusivity(unchecked) public private(set) var generation: UInt64 = 0
     /// Some slot logs dirty pages: without one, marking a page dirty is a single test. Kept up to
     /// date by every slot change (which callers serialise against everything else).
     @exclusivity(unchecked) public private(set) var isLoggingDirtyPages = false

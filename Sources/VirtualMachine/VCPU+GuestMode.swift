@@ -151,4 +151,10 @@ final class RunningVCPU: @unchecked Sendable {
     func set(_ vcpu: VCPU?) {
         pthread_setspecific(key, vcpu.map { UnsafeRawPointer(Unmanaged.passUnretained($0).toOpaque()) })
     }
+
+    /// The running vCPU as the thread keeps it, for a caller that only compares it and puts it
+    /// back: `vcpu` hands out a reference, which costs a retain and a release.
+    var opaqueVCPU: UnsafeMutableRawPointer? { pthread_getspecific(key) }
+
+    func setOpaque(_ vcpu: UnsafeMutableRawPointer?) { pthread_setspecific(key, vcpu) }
 }

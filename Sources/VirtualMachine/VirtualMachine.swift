@@ -676,10 +676,11 @@ public final class VCPU: @unchecked Sendable {
                             value: UInt64) throws(VirtualMachineError) -> AccessOutcome {
         // A vCPU on its own thread is that thread's running vCPU already: two thread-specific
         // stores an access saved.
-        let wasRunning = VirtualMachine.running.vcpu
-        let switchesRunning = wasRunning !== self
-        if switchesRunning { VirtualMachine.running.set(self) }
-        defer { if switchesRunning { VirtualMachine.running.set(wasRunning) } }
+        let running = VirtualMachine.running
+        let wasRunning = running.opaqueVCPU
+        let switchesRunning = wasRunning != Unmanaged.passUnretained(self).toOpaque()
+        if switchesRunning { running.set(self) }
+        defer { if switchesRunning { running.setOpaque(wasRunning) } }
         if tdpState == nil {
             // Under shadow paging the access's exits, and the hardware's walks of shadow tables
             // between them, run with mmu_lock held for write; the guest mode the access ends in

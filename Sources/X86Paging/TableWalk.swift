@@ -88,7 +88,7 @@ public protocol PagingFormat {
 
 extension PagingFormat {
     /// Bytes of address covered by a leaf at `level`.
-    @inlinable
+    @inlinable @inline(__always)
     public static func pageSize(level: Int) -> UInt64 {
         1 << UInt64(pageShift + (level - 1) * Entry.indexBitsPerLevel)
     }

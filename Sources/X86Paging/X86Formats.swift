@@ -138,7 +138,8 @@ public struct Long64Format: PagingFormat {
             | (entry.isNoExecute ? 0 : accessExecute)
     }
     @inlinable public func nextTableAddress(_ entry: Entry) -> UInt64 { entry.frameAddress }
-    @inlinable public func pageBase(_ entry: Entry, level: Int) -> UInt64 {
+    // Forced inline, as EPT's: left to the optimizer, the two were merged into one called function.
+    @inlinable @inline(__always) public func pageBase(_ entry: Entry, level: Int) -> UInt64 {
         // Bit 12 of a large leaf is PAT, and the reserved masks guarantee the bits between it
         // and the page's alignment are zero.
         entry.rawValue & bitRange(pageShift + (level - 1) * 9, 51)
