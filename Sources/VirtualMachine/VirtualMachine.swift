@@ -324,6 +324,9 @@ public final class VCPU: @unchecked Sendable {
     public var registers: PagingRegisters { tdpState?.registers ?? context.registers }
     /// Under TDP: the guest's registers, KVM's root and the hardware's EPT walker (VCPU+TDP.swift).
     let tdpState: TDPVCPUState?
+    /// `tdpState`, lent to each access (the vCPU holds it for its whole life): passing the
+    /// optional property on retained and released it.
+    private let lentTDPState: Unmanaged<TDPVCPUState>?
     @exclusivity(unchecked) private var hardware: WalkerBox?
     /// The hardware walkers of the roots CR3 loads left (see `retargetHardwareWalker`), as many as
     /// the context caches roots.
@@ -399,8 +402,10 @@ public final class VCPU: @unchecked Sendable {
         if let tdp = vm.tdp {
             tdpState = try TDPVCPUState(tdp: tdp, registers: registers, cpu: vm.cpu, memory: vm.memory,
                                         memslotsSRCU: vm.memslotsSRCU)
+            lentTDPState = tdpState.map { .passUnretained($0) }
         } else {
             tdpState = nil
+            lentTDPState = nil
             try Self.checkSupported(registers, hostLevels: vm.hostLevels)
         }
         do {
@@ -698,7 +703,7 @@ public final class VCPU: @unchecked Sendable {
         // thread makes it before its next access). Without a thread of its own the vCPU exits to
         // the VMM after each access, which drains the PML buffer.
         if !runsOnOwnThread {
-            if let tdpState { tdpDrainPML(tdpState) }
+            lentTDPState?._withUnsafeGuaranteedRef { tdpDrainPML($0) }
             serviceRequests()
         }
         return outcome
@@ -719,7 +724,11 @@ public final class VCPU: @unchecked Sendable {
         if !address.isCanonical(width: hot.pointee.canonicalWidth) {
             return AccessOutcome(result: .generalProtection, exits: 0, emulated: false, tlbHit: false)
         }
-        if let tdpState { return try tdpRun(address, access, size: size, value: value, tdpState) }
+        if let lentTDPState {
+            return try lentTDPState._withUnsafeGuaranteedRef { state in
+                Result { () throws(VirtualMachineError) in try tdpRun(address, access, size: size, value: value, state) }
+            }.get()
+        }
         var exits = 0
         var firstTry = true
         while exits <= Self.maxExitsPerAccess {
