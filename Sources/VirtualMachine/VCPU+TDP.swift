@@ -582,14 +582,17 @@ extension VCPU {
         while exits <= Self.maxExitsPerAccess {
             let ept = try tdpEnterGuest(state)
             let tag = hot.pointee.rootFrame
-            if let entry = tlb.lookup(address, root: tag), allows(entry, access, at: address, size: size) {
-                let offset = address.rawValue & pageOffsetMask
-                let result = perform(hostAddress: entry.hostFrame << 12 | offset, access.kind, size: size, value: value)
-                return AccessOutcome(result: .completed(gpa: GuestPhysicalAddress(entry.guestFrame << 12 | offset), value: result),
-                                     exits: exits, emulated: false, tlbHit: firstTry)
+            if let entry = tlb.lookup(address, root: tag) {
+                if allows(entry, access, at: address, size: size) {
+                    let offset = address.rawValue & pageOffsetMask
+                    let result = perform(hostAddress: entry.hostFrame << 12 | offset, access.kind, size: size, value: value)
+                    return AccessOutcome(result: .completed(gpa: GuestPhysicalAddress(entry.guestFrame << 12 | offset), value: result),
+                                         exits: exits, emulated: false, tlbHit: firstTry)
+                }
+                // The walk replaces the entry that refused the access; a miss has no entry to drop.
+                tlb.invalidate(address, root: tag)
             }
             firstTry = false
-            tlb.invalidate(address, root: tag)
             let outcome = tdpWalk(address, access, size: size, ept: ept, state)
             if state.walkFaults.pmlLogged >= TwoDimensionalMemory.Faults.pmlEntries {
                 // EXIT_REASON_PML_FULL.
