@@ -25,7 +25,7 @@ public enum HostMappingSize: Int, Sendable, Hashable, CaseIterable, CustomString
 }
 
 /// The number of 4 KiB pages a leaf at `level` maps (KVM_PAGES_PER_HPAGE).
-@inlinable func pagesPerHugePage(_ level: Int) -> UInt64 { 1 << UInt64(9 * (level - 1)) }
+@inlinable @inline(__always) func pagesPerHugePage(_ level: Int) -> UInt64 { 1 << UInt64(9 * (level - 1)) }
 
 /// One memslot's huge-page and write-tracking state.
 ///

@@ -676,9 +676,15 @@ extension VCPU {
 
     /// Drains the PML buffer into the dirty log (`vmx_flush_pml_buffer`, at every exit), outside
     /// guest mode and under the memslots' srcu.
+    /// The test inline: every exit asks, and without PML (or with nothing logged) that is all.
+    @inline(__always)
     func tdpDrainPML(_ state: TDPVCPUState) {
+        if state.walkFaults.pmlLogged > 0 { drainPMLBuffer(state) }
+    }
+
+    @inline(never)
+    private func drainPMLBuffer(_ state: TDPVCPUState) {
         let faults = state.walkFaults
-        guard faults.pmlLogged > 0 else { return }
         let srcu = state.memslotsSRCU
         srcu.lockShared()
         // Marked before they leave the buffer (see `TDPMMU.pmlBufferedGFNs`).
