@@ -303,7 +303,8 @@ public final class ScenarioRunner {
 
     /// The MMU for this scenario: under TDP, the EPT capabilities follow the scenario's CPU.
     private func mmuForScenario() -> VirtualMachineMMU {
-        guard case .tdp(var configuration) = mmu else { return mmu }
+        guard case .tdp(let defaults) = mmu else { return mmu }
+        var configuration = scenario.kvmParameters.applied(to: defaults)
         if !scenario.cpuModel.supports1GiBPages { configuration.maxHugePageLevel = min(configuration.maxHugePageLevel, 2) }
         return .tdp(configuration)
     }
@@ -504,6 +505,10 @@ public final class ScenarioRunner {
                 : .singleContext(EPTPointer(root: try nestedRoot(guest: guest).rawValue, levels: levels, accessedDirty: ad)))
         case .subPageProtection(let request):
             try apply(request)
+        case .kvm:
+            break  // applied when the VM was made
+        case .nxRecover:
+            vm.recoverNXHugePages()
         }
     }
 

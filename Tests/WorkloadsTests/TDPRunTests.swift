@@ -164,6 +164,42 @@ struct TDPRunTests {
         #expect(report.statsAfter.pages2M == UInt64(tdp.audit().isEmpty ? report.statsAfter.pages2M : 0))
     }
 
+    /// `kvm nx_huge_pages=1`: an executable access splits the 2 MiB leaf it would have had
+    /// (`nx_lpage_splits`), reads there stay 4 KiB, and `nx-recover` zaps the split table so that
+    /// the next read maps 2 MiB again; the guest sees what it sees under shadow paging.
+    @Test(arguments: [false, true])
+    func nxHugePagesSplitAndRecover(npt: Bool) throws {
+        let split = """
+            kvm nx_huge_pages=1 nx_huge_pages_recovery_ratio=1
+            mem 32M
+            memslot add 1 0x4000000 4M
+            map 0x600000 0x4200000 2m P,RW,US
+            access exec 0x600000 cpl=3
+            access read 0x7ff000 cpl=3
+            """
+        let recovered = split + "\nnx-recover\naccess read 0x7fe000 cpl=3\n"
+        func tdpRun(_ text: String) throws -> (RunReport, TDPMMU) {
+            let scenario = try Scenario.parse(text, name: "nx")
+            try runBoth(scenario, npt: npt)
+            let runner = ScenarioRunner(scenario: scenario, checksExpectations: false, mmu: tdp(scenario, npt: npt))
+            let report = try runner.run()
+            return (report, try #require(runner.vm.tdp))
+        }
+        let (splitReport, splitMMU) = try tdpRun(split)
+        #expect(splitMMU.configuration.nxHugePages && splitMMU.configuration.nxHugePagesRecoveryRatio == 1)
+        let root = try #require(splitMMU.roots.first { !$0.isInvalid })
+        #expect(splitMMU.mapping(of: 0x4200, in: root)?.level == 1 && splitMMU.mapping(of: 0x43FF, in: root)?.level == 1)
+        #expect(splitReport.statsAfter.nxLpageSplits == 1)
+        let (recoveredReport, recoveredMMU) = try tdpRun(recovered)
+        let recoveredRoot = try #require(recoveredMMU.roots.first { !$0.isInvalid })
+        #expect(recoveredMMU.mapping(of: 0x43FE, in: recoveredRoot)?.level == 2)
+        #expect(recoveredReport.statsAfter.nxLpageSplits == 0)
+        // Without the parameter nothing splits.
+        let (plainReport, plainMMU) = try tdpRun(split.replacingOccurrences(of: "nx_huge_pages=1", with: "nx_huge_pages=0"))
+        #expect(plainMMU.mapping(of: 0x4200, in: try #require(plainMMU.roots.first { !$0.isInvalid }))?.level == 2)
+        #expect(plainReport.statsAfter.nxLpageSplits == 0)
+    }
+
     /// Dirty logging under TDP (write protection, and PML): every page whose contents changed is
     /// reported (the runner fails a run that loses one), and the logs are shadow's.
     @Test(arguments: [(false, false), (true, false), (false, true)])
