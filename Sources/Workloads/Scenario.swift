@@ -145,6 +145,9 @@ public enum ScenarioDirective: Hashable, Sendable {
     case kvm(KVMModuleParameters)
     /// `nx-recover`: one period of KVM's NX huge-page recovery worker.
     case nxRecover
+    /// `age clear|test GFN [COUNT]`: the MMU notifiers' clear_young or test_young over COUNT gfns
+    /// (`kvm_age_gfn`, `kvm_test_age_gfn`).
+    case age(testOnly: Bool, first: UInt64, count: UInt64)
 
     /// The directive's keyword.
     public var name: String {
@@ -177,6 +180,7 @@ public enum ScenarioDirective: Hashable, Sendable {
         case .invvpid: "invvpid"
         case .kvm: "kvm"
         case .nxRecover: "nx-recover"
+        case .age: "age"
         }
     }
 
@@ -186,7 +190,7 @@ public enum ScenarioDirective: Hashable, Sendable {
         switch self {
         case .mem, .set, .cpu, .host, .expect, .l1, .kvm: false
         case .map, .access, .pte, .invlpg, .reloadCR3, .space, .switchSpace, .invpcid, .writeRegister, .loadCR3, .zap,
-             .memslot, .dirtyLog, .vcpu, .subPageProtection, .eptMap, .vmenter, .vmexit, .invept, .invvpid, .nxRecover: true
+             .memslot, .dirtyLog, .vcpu, .subPageProtection, .eptMap, .vmenter, .vmexit, .invept, .invvpid, .nxRecover, .age: true
         }
     }
 
@@ -195,7 +199,7 @@ public enum ScenarioDirective: Hashable, Sendable {
     public var runsGuest: Bool {
         switch self {
         // The VMM's own requests (memslots, the dirty log, a zap) need the machine but not the guest.
-        case .mem, .set, .cpu, .host, .map, .space, .zap, .memslot, .dirtyLog, .expect, .l1, .kvm, .nxRecover: false
+        case .mem, .set, .cpu, .host, .map, .space, .zap, .memslot, .dirtyLog, .expect, .l1, .kvm, .nxRecover, .age: false
         // SPP's permissions are checked by the reference machine, which the boot makes.
         case .access, .pte, .invlpg, .reloadCR3, .switchSpace, .invpcid, .writeRegister, .loadCR3, .vcpu, .subPageProtection,
              .eptMap, .vmenter, .vmexit, .invept, .invvpid: true

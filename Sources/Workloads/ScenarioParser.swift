@@ -252,6 +252,8 @@ struct ScenarioParser {
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseKVMParameters() }),
         DirectiveSpec(name: "nx-recover", usage: "nx-recover",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseNoArguments(.nxRecover) }),
+        DirectiveSpec(name: "age", usage: "age clear|test GFN [COUNT]",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseAge() }),
     ]
 
     static let tableByName: [String: DirectiveSpec] = Dictionary(uniqueKeysWithValues: table.map { ($0.name, $0) })
@@ -361,7 +363,7 @@ struct ScenarioParser {
             (state.registers, state.controls, state.spaces) = (l1.registers, l1.controls, l1.spaces)
             state.suspendedL1 = nil
         case .map, .access, .pte, .invlpg, .reloadCR3, .invpcid, .zap, .memslot, .dirtyLog, .expect, .subPageProtection, .eptMap,
-             .invept, .invvpid, .nxRecover:
+             .invept, .invvpid, .nxRecover, .age:
             break
         }
         if directive.isGuestOperation && state.firstOperation == nil { state.firstOperation = (line, directive.name) }

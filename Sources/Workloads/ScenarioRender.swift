@@ -160,6 +160,8 @@ extension ScenarioDirective {
             return words.joined(separator: " ")
         case .nxRecover:
             return "nx-recover"
+        case .age(let testOnly, let first, let count):
+            return "age " + (testOnly ? "test " : "clear ") + hex(first) + (count == 1 ? "" : " \(count)")
         }
     }
 }

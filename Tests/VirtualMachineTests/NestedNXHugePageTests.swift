@@ -120,3 +120,25 @@ struct NestedNXHugePageTests {
         #expect(zapped.vm.stats.nxLpageSplits == 1)
     }
 }
+
+@Suite("Aging L2's pages: clear_young and test_young reach guest_mmu's leaves by L1 gfn")
+struct NestedAgingTests {
+    @Test("An L2 page is young after its fault, idle once aged; the next walk of it (a VM entry without VPID flushed L2's TLB) makes it young again, through the fast path when L1's EPT has no A/D", arguments: [false, true])
+    func aging(ad: Bool) throws {
+        let l1 = try L1Hypervisor()
+        l1.ad = ad
+        try l1.map(0x5000, to: 0x40_5000, rights: 0x7)
+        try l1.enter(registers: PagingRegisters())
+        _ = try l1.l2(0x5000, .read, .supervisor)
+        let gfns = UInt64(0x405)..<0x406
+        #expect(l1.vm.mmu.mappings(of: GuestFrameNumber(0x405)).count == 1)
+        #expect(l1.vm.testAgeGFNRange(gfns) && l1.vm.ageGFNRange(gfns))
+        #expect(!l1.vm.testAgeGFNRange(gfns) && !l1.vm.ageGFNRange(gfns))
+        try l1.vcpu.exitToL1()
+        try l1.enter(registers: PagingRegisters())
+        let again = try l1.l2(0x5008, .read, .supervisor)
+        #expect(again.exits == (ad ? 0 : 1), "A/D off: the access-tracked leaf faults once")
+        #expect(l1.vm.testAgeGFNRange(gfns))
+        #expect(!l1.vm.testAgeGFNRange(0x406..<0x500))
+    }
+}

@@ -164,6 +164,55 @@ struct TDPRunTests {
         #expect(report.statsAfter.pages2M == UInt64(tdp.audit().isEmpty ? report.statsAfter.pages2M : 0))
     }
 
+    @Test("examples/nx-huge-pages.vmm under TDP: executable accesses split, reads under a split table stay 4 KiB, nx-recover zaps the oldest share", arguments: [false, true])
+    func nxHugePagesExample(npt: Bool) throws {
+        let path = examplesDirectory.appendingPathComponent("nx-huge-pages.vmm").path
+        let scenario = try Scenario.parse(contentsOfFile: path)
+        let report = try runBoth(scenario, npt: npt)
+        // The first read also maps the kernel's tables (two exits); the fetch under the split
+        // table and the one under the table the first recovery left complete without an exit.
+        #expect(report.accesses.map(\.outcome.exits) == [2, 1, 1, 1, 0, 1, 0, 1])
+        #expect(report.statsAfter.nxLpageSplits == 0)
+    }
+
+    /// `age clear|test`: the MMU notifiers' clear_young and test_young. Every MMU reports the page
+    /// young after the fault that mapped it, idle once aged; an access the TLB serves leaves it
+    /// idle (no flush, as in KVM), one that walks the tables makes it young again. With EPT A/D off
+    /// aging access-tracks the leaf instead, so that walk exits once to restore it.
+    @Test func agingAcrossMMUs() throws {
+        let scenario = try Scenario.parse("""
+            mem 32M
+            map 0x400000 0x1000000 4k P,RW,US
+            access read 0x400000 cpl=3
+            age test 0x1000
+            age clear 0x1000
+            age test 0x1000
+            age clear 0xf00 512
+            access read 0x400000 cpl=3
+            age test 0x1000
+            invlpg 0x400000
+            access read 0x400000 cpl=3
+            age test 0xff0 32
+            """, name: "aging")
+        let withoutAD = TDPMMUConfiguration.ept(capabilities: EPTCapabilities(accessedDirty: false), guestMaxPhysicalAddressBits: 46)
+        for (name, mmu) in [("shadow", VirtualMachineMMU.shadow), ("tdp", tdp(scenario)), ("npt", tdp(scenario, npt: true)),
+                            ("tdp without A/D", .tdp(withoutAD))] {
+            let report = try run(scenario, mmu: mmu)
+            #expect(report.ages.map(\.young) == [true, true, false, false, false, true], "\(name)")
+            #expect(report.ages.map(\.precedingOperations) == [1, 1, 1, 1, 2, 3], "\(name)")
+            let exits = report.accesses.map(\.outcome.exits)
+            #expect(exits[1] == 0, "\(name): the TLB serves the second read")
+            if name == "tdp without A/D" {
+                #expect(exits[2] == 1 && report.statsAfter.pfFast > 0, "the access-tracked leaf is restored by the fast path")
+            } else {
+                #expect(exits[2] == 0, "\(name): the walk sets A in the leaf")
+            }
+            let json = report.jsonLines()
+            #expect(json.contains(#"{"type":"age","op":"clear","gfn":"0xf00","count":512,"young":false}"#), "\(name)")
+            #expect(report.text().contains("clear gfns 0xf00..0x10ff: idle"), "\(name)")
+        }
+    }
+
     /// `kvm nx_huge_pages=1`: an executable access splits the 2 MiB leaf it would have had
     /// (`nx_lpage_splits`), reads there stay 4 KiB, and `nx-recover` zaps the split table so that
     /// the next read maps 2 MiB again; the guest sees what it sees under shadow paging.

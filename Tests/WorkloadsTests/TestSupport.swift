@@ -142,7 +142,7 @@ struct ScenarioGenerator {
                 directives.append(.expect(names.map { ExpectedCounter(name: $0, value: bool() ? u64() : UInt64(int(0...9))) }))
             default:
                 switch int(0...4) {
-                case 0: directives.append(.nxRecover)
+                case 0: directives.append(bool() ? .nxRecover : .age(testOnly: bool(), first: u64() >> 24, count: UInt64(int(1...600))))
                 case 1, 2: directives.append(.reloadCR3)
                 default: directives.append(.set(randomControlsNonEmpty()))
                 }
