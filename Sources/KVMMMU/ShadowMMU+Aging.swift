@@ -13,22 +13,29 @@ extension ShadowMMU {
     /// access that does not reach the SPTE.
     @discardableResult
     public func ageGFNRange(_ gfns: Range<UInt64>, testOnly: Bool = false) -> Bool {
-        guard !gfns.isEmpty else { return false }
         var young = false
-        for level in 1...3 {
-            let regionPages = pagesPerHugePage(level)
-            var region = gfns.lowerBound & ~(regionPages - 1)
-            while region < gfns.upperBound {
-                if let frame = memory.hostFrame(of: GuestFrameNumber(region)) {
-                    for pointer in rmaps.sptes(frame.rawValue, level: level) {
-                        let spte = SPTE(rawValue: pointer.pointee)
-                        guard spte.isShadowPresent, spte.isAccessed(masks) else { continue }
-                        if testOnly { return true }
-                        pointer.pointee = spte.isADEnabled ? spte.rawValue & ~masks.accessed : spte.markedForAccessTrack(masks).rawValue
-                        young = true
+        // Only gfns in a memslot have rmaps: the walk is bounded by guest memory, whatever the range.
+        for slot in memory.slots {
+            let first = max(gfns.lowerBound, slot.baseFrame.rawValue)
+            let end = min(gfns.upperBound, slot.baseFrame.rawValue + slot.pageCount)
+            guard first < end else { continue }
+            for level in 1...3 {
+                // A huge leaf is in the rmap of the frame its region starts at.
+                let regionPages = pagesPerHugePage(level)
+                var region = first & ~(regionPages - 1)
+                while region < end {
+                    if let frame = memory.hostFrame(of: GuestFrameNumber(region)) {
+                        for pointer in rmaps.sptes(frame.rawValue, level: level) {
+                            let spte = SPTE(rawValue: pointer.pointee)
+                            guard spte.isShadowPresent, spte.isAccessed(masks) else { continue }
+                            if testOnly { return true }
+                            pointer.pointee = spte.isADEnabled
+                                ? spte.rawValue & ~masks.accessed : spte.markedForAccessTrack(masks).rawValue
+                            young = true
+                        }
                     }
+                    region += regionPages
                 }
-                region += regionPages
             }
         }
         return young

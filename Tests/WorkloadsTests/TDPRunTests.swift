@@ -213,6 +213,21 @@ struct TDPRunTests {
         }
     }
 
+    /// The largest ranges a line can give (2^40 gfns, at the top of the gfn space too) are walked
+    /// only where memslots are: they finish at once and find what is mapped.
+    @Test func agingHugeRangesIsBoundedByTheMemslots() throws {
+        let scenario = try Scenario.parse("""
+            map 0x400000 0x1000000 4k P,RW,US
+            access read 0x400000
+            age clear 0 1099511627776
+            age test 0x10000000000 1099511627776
+            age clear 0xfffffeffffffffff 1099511627776
+            """, name: "hostile aging")
+        for mmu in [VirtualMachineMMU.shadow, tdp(scenario), tdp(scenario, npt: true)] {
+            #expect(try run(scenario, mmu: mmu).ages.map(\.young) == [true, false, false], "\(mmu.name)")
+        }
+    }
+
     /// `kvm nx_huge_pages=1`: an executable access splits the 2 MiB leaf it would have had
     /// (`nx_lpage_splits`), reads there stay 4 KiB, and `nx-recover` zaps the split table so that
     /// the next read maps 2 MiB again; the guest sees what it sees under shadow paging.
