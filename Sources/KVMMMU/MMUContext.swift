@@ -946,8 +946,8 @@ public final class MMUContext {
     /// size, write-tracked gfns: shadowed tables) allows; 4 KiB in a dirty-logging slot and for a
     /// fetch under the NX huge-page mitigation (`huge_page_disallowed`, keeping the level that
     /// would have been allowed: the direct pages made then are recovery candidates only if a huge
-    /// leaf was possible). The shadow paging of a
-    /// guest's own tables (no TDP MMU, no `lpage_info` in the model) maps 4 KiB pages only.
+    /// leaf was possible). The shadow paging of a guest's own tables (no TDP MMU, no `lpage_info`
+    /// in the model) maps 4 KiB pages only.
     private func hugePageDecision(_ walk: GuestWalk, isFetch: Bool, inMemslot: Bool) -> HugePageDecision {
         var decision = HugePageDecision()
         guard let tdp = mmu.tdpSharingWriteTracking else { return decision }
