@@ -4,8 +4,10 @@
 // switches with and without PCIDs, KPTI) generated for each L2 and run in slices, L1 switching
 // between the guests with vmexit and vmenter. Midway L1 splits one 2 MiB EPT page of each guest
 // into 4 KiB ones (the same memory, as a hypervisor does to track a guest's writes) and later
-// merges it back, each time with INVEPT. Every L2 access, L2 kernel table stores included, is
-// checked in lockstep like any L2 access (docs/NESTED.md).
+// merges it back, each time with INVEPT. With `--vcpus 2` L1 runs each guest on a vCPU of its own
+// (guest N on vCPU N), so the two vCPUs enter, leave and flush their guests' contexts apart while
+// sharing `guest_mmu`'s pages. Every L2 access, L2 kernel table stores included, is checked in
+// lockstep like any L2 access (docs/NESTED.md).
 
 import X86Paging
 
@@ -67,10 +69,14 @@ extension WorkloadKind {
         }
         // The guests take turns, a slice each; L1 splits and merges one EPT page of a guest.
         let splitChunk = guestMemory / chunk - 1
+        let vcpus = max(1, min(parameters.vcpus, Self.nestedGuests))
         for round in 0..<slicesPerGuest {
             for guest in 0..<Self.nestedGuests {
                 let index = guest * slicesPerGuest + round
                 guard index < slices.count else { continue }
+                // The guest's own vCPU is the one that changes its EPT and flushes it (INVEPT acts
+                // on the logical processor that executes it).
+                if vcpus > 1 { directives.append(.vcpu(guest % vcpus)) }
                 if round == slicesPerGuest / 2 {
                     phases.append(WorkloadPhase(name: "L1 splits guest \(guest)'s EPT page", firstDirective: directives.count))
                     for page in 0..<UInt64(512) {
@@ -100,7 +106,7 @@ extension WorkloadKind {
             throw WorkloadError("nested: the generated operations do not parse (a bug in the generator): \(error)")
         }
         var ran = parameters
-        ran.vcpus = 1  // L1 and its L2 guests run on one vCPU
+        ran.vcpus = vcpus  // one L1 vCPU, or one per L2 guest
         return GeneratedWorkload(kind: self, parameters: ran, scenario: scenario, phases: phases, expectedLoads: expectedLoads)
     }
 }

@@ -123,3 +123,28 @@ struct NestedHugePageTests {
         #expect(migration.rewriteExits == migration.rewrites && migration.rewrites > 0)
     }
 }
+
+@Suite("L2's 1 GiB pages in guest_mmu")
+struct NestedGigabytePageTests {
+    @Test("An L1 1 GiB leaf is mapped 1 GiB; eager splitting turns it into 512 2 MiB leaves and each of those into 512 4 KiB ones (kvm_shadow_mmu_try_split_huge_pages, from the largest level down), then each page's first write is logged", arguments: [false, true])
+    func gigabyteSplit(npt: Bool) throws {
+        let l1 = try L1Hypervisor(npt: npt, memorySize: 2 << 30)
+        try l1.map(0x4000_0000, to: 0x4000_0000, level: 3, rights: 0x7)
+        try l1.enter(registers: PagingRegisters())
+        let vm = l1.vm
+        try l1.l2(0x4000_1000, .write, .supervisor, value: 1)
+        #expect(try l1.l2(0x7FFF_F000, .read, .supervisor).exits == 0, "one leaf maps the whole GiB")
+        #expect(vm.mmu.stats.pages1G == 1 && vm.mmu.stats.pages2M == 0 && vm.mmu.stats.pages4K == 0)
+        try vm.setDirtyLogging(slot: 0, true)
+        #expect(vm.mmu.stats.pages1G == 0 && vm.mmu.stats.pages2M == 0 && vm.mmu.stats.pages4K == 512 * 512)
+        let direct = vm.mmu.shadowPages.filter(\.role.isDirect)
+        #expect(direct.filter { $0.level == 2 }.count == 1 && direct.filter { $0.level == 1 }.count == 512)
+        // The leaves are the huge one's slices, write-protected by logging.
+        let leaf = try #require(vm.mmu.mappings(of: GuestFrameNumber(0x4_0000 + 0x1_2345)).first)
+        #expect(SPTE(rawValue: leaf.pointee).pfn == vm.memory.hostFrame(of: GuestFrameNumber(0x4_0000 + 0x1_2345)))
+        #expect(!SPTE(rawValue: leaf.pointee).isWritable)
+        #expect(try l1.l2(0x5234_5000, .read, .supervisor).exits == 0)
+        #expect(try l1.l2(0x5234_5000, .write, .supervisor, value: 2).exits == 1)
+        #expect(try vm.getDirtyLog(slot: 0).map(\.rawValue).contains(0x5_2345))
+    }
+}

@@ -32,7 +32,7 @@ final class L1Hypervisor {
 
     init(npt: Bool = false, levels: Int = 4, nptHostLevels: Int = 4, pml: Bool = false,
          dirtyLogProtocol: DirtyLogProtocol = .getAndReset, eagerPageSplit: Bool = true, nxHugePages: Bool = false,
-         nxRecoveryRatio: Int = 60) throws {
+         nxRecoveryRatio: Int = 60, memorySize: UInt64 = 16 << 20) throws {
         self.npt = npt
         self.levels = levels
         var configuration: TDPMMUConfiguration = npt ? .npt(hostLevels: nptHostLevels) : {
@@ -42,7 +42,7 @@ final class L1Hypervisor {
         configuration.eagerPageSplit = eagerPageSplit
         configuration.nxHugePages = nxHugePages
         configuration.nxHugePagesRecoveryRatio = nxRecoveryRatio
-        let vm = try VirtualMachine(memorySize: 16 << 20, mmu: .tdp(configuration))
+        let vm = try VirtualMachine(memorySize: memorySize, mmu: .tdp(configuration))
         try vm.setDirtyLogProtocol(dirtyLogProtocol, ringEntries: 256)
         self.vm = vm
         // L1's own identity map of its 16 MiB in 2 MiB pages, as its boot code left it (NPT is

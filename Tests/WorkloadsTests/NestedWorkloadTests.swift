@@ -35,6 +35,29 @@ import X86Paging
         #expect(try WorkloadKind.nested.generate(Self.small).scenario.render() == workload.scenario.render(), "the same seed, the same run")
     }
 
+    @Test("With two vCPUs each L2 guest runs on its own L1 vCPU, every access in lockstep")
+    func twoVCPUs() throws {
+        var parameters = Self.small
+        parameters.vcpus = 2
+        let workload = try WorkloadKind.nested.generate(parameters)
+        #expect(workload.parameters.vcpus == 2)
+        let comparison = WorkloadComparison.run(title: "nested", parameters: workload.parameters, scenario: workload.scenario,
+                                                phases: workload.phases, expectedLoads: workload.expectedLoads, mmus: [.ept()])
+        let run = try #require(comparison.runs.first)
+        #expect(run.failure == nil, "\(String(describing: run.failure))")
+        #expect(comparison.loadMismatches(run).isEmpty && comparison.loadsChecked(run) > 0)
+        #expect(run.report.vcpuCount == 2)
+        // Each vmenter of guest N comes on vCPU N.
+        var current = 0
+        for directive in workload.scenario.directives.map(\.directive) {
+            if case .vcpu(let index) = directive { current = index }
+            if case .vmenter(_, let guest) = directive { #expect(guest == current) }
+        }
+        // More vCPUs than guests: one per guest.
+        parameters.vcpus = 4
+        #expect(try WorkloadKind.nested.generate(parameters).parameters.vcpus == 2)
+    }
+
     @Test("A report without L2 has no Nested section")
     func otherReportsUnchanged() throws {
         let workload = try WorkloadKind.boot.generate(WorkloadParameters(processes: 1, pages: 2, iterations: 1, vcpus: 1, seed: 1))
