@@ -900,16 +900,31 @@ public final class MMUContext {
             level -= 1
         }
         // A guest huge page mapped smaller than the guest's leaf: direct pages split it.
-        let goalLevel = hostFrame == nil ? 1 : hugePageLevel(walk, isFetch: isFetch)
+        let mapping = hugePageDecision(walk, isFetch: isFetch, inMemslot: hostFrame != nil)
+        var goalLevel = mapping.goalLevel
         if let hostFrame { mmu.events.record(.kvmMMUSPTERequested(gfn: walk.gfn, pfn: hostFrame, level: goalLevel)) }
-        while level > goalLevel {
+        while true {
+            // `disallowed_hugepage_adjust`: a table the mitigation made stays, one level down.
+            if mapping.nxWorkaround && level == goalLevel && level > 1 {
+                let spte = SPTE(rawValue: page._withUnsafeGuaranteedRef { $0.spte(Self.index(address.rawValue, level: level)).pointee })
+                if spte.isShadowPresent && !spte.isLarge, mmu.child(of: spte)?.nxHugePageDisallowed == true {
+                    goalLevel -= 1
+                }
+            }
+            guard level > goalLevel else { break }
             page = try page._withUnsafeGuaranteedRef { parent in
                 Result { () throws(ShadowMMUError) in
                     let pointer = parent.spte(Self.index(address.rawValue, level: level))
                     let baseGFN = GuestFrameNumber(walk.gfn.rawValue & ~((1 << UInt64(9 * (level - 1))) - 1))
                     validateDirectSPTE(pointer, access: walk.pteAccess)
-                    return try childPage(at: pointer, in: parent, gfn: baseGFN, direct: true, access: walk.pteAccess,
-                                         address: address.rawValue)
+                    let existing = SPTE(rawValue: pointer.pointee)
+                    let linksPage = !existing.isShadowPresent || existing.isLarge
+                    let child = try childPage(at: pointer, in: parent, gfn: baseGFN, direct: true, access: walk.pteAccess,
+                                              address: address.rawValue)
+                    if linksPage && mapping.hugePageDisallowed {
+                        child._withUnsafeGuaranteedRef { mmu.accountNXHugePage($0, possible: mapping.requestedLevel >= level) }
+                    }
+                    return child
                 }
             }.get()
             level -= 1
@@ -934,14 +949,33 @@ public final class MMUContext {
     /// `kvm_mmu_hugepage_adjust` for `guest_mmu` under a TDP L1: the level to map L2's page at,
     /// at most L1's leaf level, as the memslot's `lpage_info` (its alignment, the host's mapping
     /// size, write-tracked gfns: shadowed tables) allows; 4 KiB in a dirty-logging slot and for a
-    /// fetch under the NX huge-page mitigation (`huge_page_disallowed`). The shadow paging of a
-    /// guest's own tables (no TDP MMU, no `lpage_info` in the model) maps 4 KiB pages only.
-    private func hugePageLevel(_ walk: GuestWalk, isFetch: Bool) -> Int {
-        guard walk.level > 1, let tdp = mmu.tdpSharingWriteTracking,
-              let metadata = tdp.slotMetadata(containing: walk.gfn.rawValue), !metadata.slot.logsDirtyPages,
-              !(isFetch && tdp.configuration.nxHugePages)
-        else { return 1 }
-        return metadata.maxMappingLevel(walk.gfn.rawValue, maxLevel: min(walk.level, tdp.configuration.maxHugePageLevel))
+    /// fetch under the NX huge-page mitigation (`huge_page_disallowed`, keeping the level that
+    /// would have been allowed: the direct pages made then are recovery candidates only if a huge
+    /// leaf was possible). The shadow paging of a guest's own tables (no TDP MMU, no `lpage_info`
+    /// in the model) maps 4 KiB pages only.
+    private func hugePageDecision(_ walk: GuestWalk, isFetch: Bool, inMemslot: Bool) -> HugePageDecision {
+        var decision = HugePageDecision()
+        guard let tdp = mmu.tdpSharingWriteTracking else { return decision }
+        decision.nxWorkaround = tdp.configuration.nxHugePages
+        decision.hugePageDisallowed = isFetch && decision.nxWorkaround
+        guard walk.level > 1, inMemslot, let metadata = tdp.slotMetadata(containing: walk.gfn.rawValue), !metadata.slot.logsDirtyPages
+        else { return decision }
+        decision.requestedLevel = metadata.maxMappingLevel(walk.gfn.rawValue,
+                                                           maxLevel: min(walk.level, tdp.configuration.maxHugePageLevel))
+        if !decision.hugePageDisallowed { decision.goalLevel = decision.requestedLevel }
+        return decision
+    }
+
+    /// The part of KVM's `struct kvm_page_fault` that `kvm_mmu_hugepage_adjust` fills.
+    struct HugePageDecision {
+        /// `req_level`: the largest leaf the memslot and L1's leaf allow.
+        var requestedLevel = 1
+        /// `goal_level`: the leaf's level.
+        var goalLevel = 1
+        /// `nx_huge_page_workaround_enabled`.
+        var nxWorkaround = false
+        /// `huge_page_disallowed`: an executable fault under the mitigation.
+        var hugePageDisallowed = false
     }
 
     /// `mmu_set_spte` for a gfn in no memslot (`mark_mmio_spte`): whatever the SPTE held goes, and

@@ -153,6 +153,7 @@ extension ShadowMMU {
         if writeTrackTotal != expectedTracking.values.reduce(0, +) {
             problems.append("write tracking counts \(writeTrackTotal) in all but \(expectedTracking.values.reduce(0, +)) upper-level guest tables are shadowed")
         }
+        problems += auditNXHugePages()
         return problems
     }
 

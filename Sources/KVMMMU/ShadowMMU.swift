@@ -77,6 +77,12 @@ public final class ShadowMMU {
         return frame
     }
 
+    /// The shadow MMU's `possible_nx_huge_pages` (KVM keeps one list per MMU, `KVM_SHADOW_MMU`):
+    /// direct pages an executable fault made where a huge leaf was otherwise allowed, oldest
+    /// first, for the recovery worker. Their number is the shadow MMU's part of `nx_lpage_splits`.
+    @exclusivity(unchecked) var oldestPossibleNXHugePage: ShadowPage?
+    @exclusivity(unchecked) var newestPossibleNXHugePage: ShadowPage?
+
     /// `mmu_valid_gen`.
     @exclusivity(unchecked) public internal(set) var validGeneration: UInt8 = 0
     @exclusivity(unchecked) var nextSerial: UInt64 = 0
@@ -491,6 +497,7 @@ public final class ShadowMMU {
         page.parentPTEs.removeAll()
         if page.hasGPTEs && !page.role.isInvalid { unaccountShadowed(page) }
         unlinkUnsync(page)
+        if page.nxHugePageDisallowed { unaccountNXHugePage(page) }
         if page.rootCount == 0 {
             free(page)
         } else {

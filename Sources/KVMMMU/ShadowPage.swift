@@ -37,6 +37,15 @@ public final class ShadowPage {
     @exclusivity(unchecked) var isFreed = false
     /// Emulated writes to the shadowed table since the page was last used by a walk.
     @exclusivity(unchecked) public internal(set) var writeFloodingCount = 0
+    /// KVM's `nx_huge_page_disallowed`: a direct page made because the NX huge-page mitigation
+    /// refused an executable huge leaf here; a later fault must not map a huge leaf over it
+    /// (`disallowed_hugepage_adjust`), or the split would be undone by the next read.
+    @exclusivity(unchecked) public internal(set) var nxHugePageDisallowed = false
+    /// The page's neighbours on the shadow MMU's `possible_nx_huge_pages` list (oldest first),
+    /// while it is on it; the list holds them, and unlinks each before it is freed.
+    @exclusivity(unchecked) var olderPossibleNXHugePage: ShadowPage?
+    @exclusivity(unchecked) var newerPossibleNXHugePage: ShadowPage?
+    @exclusivity(unchecked) public internal(set) var isPossibleNXHugePage = false
     public let validGeneration: UInt8
     /// Sequence number of creation, standing in for the position on `active_mmu_pages`.
     let serial: UInt64

@@ -239,6 +239,36 @@ public final class VirtualMachine: @unchecked Sendable {
         }
     }
 
+    /// One period of KVM's NX huge-page recovery worker (`kvm_nx_huge_page_recovery_worker`), which
+    /// recovers each MMU's list on its own (`kvm_recover_nx_huge_pages` for `KVM_TDP_MMU`, then for
+    /// `KVM_SHADOW_MMU`, where `guest_mmu`'s pages for L2 live): of each, the oldest
+    /// ceil(count / `nx_huge_pages_recovery_ratio`) tables split for an executable access are
+    /// zapped. Returns how many tables were taken off the lists. Nothing under shadow paging: the
+    /// model maps an L1 guest's own pages 4 KiB there, so nothing is ever split for the mitigation.
+    @discardableResult
+    public func recoverNXHugePages() -> Int {
+        guard let tdp else { return 0 }
+        let recovered = tdp.recoverNXHugePages()
+        return recovered + withShadowMMULock { mmu.recoverNXHugePages(ratio: tdp.configuration.nxHugePagesRecoveryRatio) }
+    }
+
+    /// The MMU notifiers' clear_young (`kvm_age_gfn`, for idle-page tracking and reclaim): every
+    /// leaf mapping a gfn of `gfns` in either MMU loses its accessed state (the TDP MMU's SPTEs, and
+    /// the shadow MMU's: the guest's own under shadow paging, `guest_mmu`'s for L2 under TDP).
+    /// Whether any was accessed ("young"). No TLB flush, as in KVM.
+    @discardableResult
+    public func ageGFNRange(_ gfns: Range<UInt64>) -> Bool {
+        let shadowYoung = withShadowMMULock { mmu.usedPages > 0 && mmu.ageGFNRange(gfns) }
+        return (tdp?.ageGFNRange(gfns) ?? false) || shadowYoung
+    }
+
+    /// The MMU notifiers' test_young (`kvm_test_age_gfn`): whether any leaf mapping a gfn of
+    /// `gfns` in either MMU is accessed; nothing changes.
+    public func testAgeGFNRange(_ gfns: Range<UInt64>) -> Bool {
+        if tdp?.testAgeGFNRange(gfns) == true { return true }
+        return withShadowMMULock { mmu.usedPages > 0 && mmu.ageGFNRange(gfns, testOnly: true) }
+    }
+
     /// `kvm_zap_gfn_range`, of both MMUs as for `zapAllFast`.
     public func zapGFNRange(_ gfns: Range<UInt64>) {
         if let tdp {

@@ -21,6 +21,9 @@
 //   {"type":"dirty","slot":1,"gfns":["0x10000","0x10003"]}
 //       one per `dirty-log get`, placed among the access lines where it ran: the gfns reported,
 //       ascending.
+//   {"type":"age","op":"clear","gfn":"0x4000","count":16,"young":true}
+//       one per `age` line (op clear or test), placed among the access lines where it ran: whether
+//       any leaf SPTE mapping the gfns was accessed.
 //   {"type":"pte","gva":"0x400000","level":4,"entry_gpa":"0x100000","value":"0x101067","A":1,"D":0,
 //    "P":1,"leaf":false}
 //       every entry of every mapped translation at the end of the run, top level first per mapping
@@ -50,7 +53,12 @@ extension RunReport {
         var text = ""
         var dirtyLogs = self.dirtyLogs[...]
         var subPageMasks = self.subPageMasks[...]
+        var ages = self.ages[...]
         for access in accesses {
+            while let record = ages.first, record.precedingOperations <= access.index {
+                text += Self.ageJSON(record) + "\n"
+                ages = ages.dropFirst()
+            }
             while let log = dirtyLogs.first, log.precedingOperations <= access.index {
                 text += Self.dirtyJSON(log) + "\n"
                 dirtyLogs = dirtyLogs.dropFirst()
@@ -64,6 +72,7 @@ extension RunReport {
         }
         for log in dirtyLogs { text += Self.dirtyJSON(log) + "\n" }
         for record in subPageMasks { text += Self.subPageMaskJSON(record) + "\n" }
+        for record in ages { text += Self.ageJSON(record) + "\n" }
         for (index, entry) in entries.enumerated() { text += Self.entryJSON(entry, isLeaf: isLeaf(entryAt: index)) + "\n" }
         text += Self.statsJSON(phase: "before", statsBefore) + "\n"
         text += Self.statsJSON(phase: "after", statsAfter) + "\n"
@@ -79,6 +88,17 @@ extension RunReport {
         object.add("type", "dirty")
         object.add("slot", log.slot)
         object.addRaw("gfns", "[" + log.gfns.map { jsonString(hex($0.rawValue)) }.joined(separator: ",") + "]")
+        return object.text
+    }
+
+    /// The `"type":"age"` line of one `age clear` or `age test`.
+    public static func ageJSON(_ record: AgeRecord) -> String {
+        var object = JSONLine()
+        object.add("type", "age")
+        object.add("op", record.testOnly ? "test" : "clear")
+        object.addHex("gfn", record.first)
+        object.add("count", Int(record.count))
+        object.add("young", record.young)
         return object.text
     }
 
@@ -368,6 +388,14 @@ extension RunReport {
             for log in dirtyLogs {
                 let gfns = log.gfns.isEmpty ? "none" : log.gfns.map { hex($0.rawValue) }.joined(separator: " ")
                 out += "  line \(log.line), memslot \(log.slot), \(log.gfns.count) gfn\(log.gfns.count == 1 ? "" : "s"): \(gfns)\n"
+            }
+        }
+
+        if !ages.isEmpty {
+            out += "\nAging (the MMU notifiers' clear_young and test_young):\n"
+            for record in ages {
+                let range = record.count == 1 ? "gfn \(hex(record.first))" : "gfns \(hex(record.first))..\(hex(record.first + record.count - 1))"
+                out += "  line \(record.line), \(record.testOnly ? "test" : "clear") \(range): " + (record.young ? "young" : "idle") + "\n"
             }
         }
 

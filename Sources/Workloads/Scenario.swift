@@ -23,6 +23,8 @@ public struct Scenario: Hashable, Sendable {
     public var initialControls: ControlState
     /// The host's paging depth for shadow pages (`host levels=4|5`), or nil to follow the guest.
     public var hostLevels: Int?
+    /// KVM's module parameters the `kvm` lines set (the rest keep the VM's defaults).
+    public var kvmParameters: KVMModuleParameters
 
     /// The most vCPUs a scenario may bring up (`vcpu N` takes 0 ..< this).
     public static let maximumVCPUs = 64
@@ -39,13 +41,14 @@ public struct Scenario: Hashable, Sendable {
     public var pagingMode: PagingMode { initialControls.pagingMode }
 
     public init(name: String, directives: [ScenarioStatement], memorySize: UInt64, cpuModel: CPUModel,
-                initialControls: ControlState, hostLevels: Int? = nil) {
+                initialControls: ControlState, hostLevels: Int? = nil, kvmParameters: KVMModuleParameters = KVMModuleParameters()) {
         self.name = name
         self.directives = directives
         self.memorySize = memorySize
         self.cpuModel = cpuModel
         self.initialControls = initialControls
         self.hostLevels = hostLevels
+        self.kvmParameters = kvmParameters
     }
 
     /// The address space the guest kernel boots on, and the one `map` edits until a `space` line.
@@ -138,6 +141,13 @@ public enum ScenarioDirective: Hashable, Sendable {
     case invept(INVEPTScope, guest: Int)
     /// `invvpid individual|single|all|single-globals [VPID] [GVA]`: L1's INVVPID.
     case invvpid(INVVPIDType, vpid: UInt16, gva: GuestVirtualAddress)
+    /// `kvm KEY=VALUE...`: KVM's module parameters for the VM; only the keys given change.
+    case kvm(KVMModuleParameters)
+    /// `nx-recover`: one period of KVM's NX huge-page recovery worker.
+    case nxRecover
+    /// `age clear|test GFN [COUNT]`: the MMU notifiers' clear_young or test_young over COUNT gfns
+    /// (`kvm_age_gfn`, `kvm_test_age_gfn`).
+    case age(testOnly: Bool, first: UInt64, count: UInt64)
 
     /// The directive's keyword.
     public var name: String {
@@ -168,6 +178,9 @@ public enum ScenarioDirective: Hashable, Sendable {
         case .vmexit: "vmexit"
         case .invept: "invept"
         case .invvpid: "invvpid"
+        case .kvm: "kvm"
+        case .nxRecover: "nx-recover"
+        case .age: "age"
         }
     }
 
@@ -175,9 +188,9 @@ public enum ScenarioDirective: Hashable, Sendable {
     /// `host` must come before the first one.
     public var isGuestOperation: Bool {
         switch self {
-        case .mem, .set, .cpu, .host, .expect, .l1: false
+        case .mem, .set, .cpu, .host, .expect, .l1, .kvm: false
         case .map, .access, .pte, .invlpg, .reloadCR3, .space, .switchSpace, .invpcid, .writeRegister, .loadCR3, .zap,
-             .memslot, .dirtyLog, .vcpu, .subPageProtection, .eptMap, .vmenter, .vmexit, .invept, .invvpid: true
+             .memslot, .dirtyLog, .vcpu, .subPageProtection, .eptMap, .vmenter, .vmexit, .invept, .invvpid, .nxRecover, .age: true
         }
     }
 
@@ -186,7 +199,7 @@ public enum ScenarioDirective: Hashable, Sendable {
     public var runsGuest: Bool {
         switch self {
         // The VMM's own requests (memslots, the dirty log, a zap) need the machine but not the guest.
-        case .mem, .set, .cpu, .host, .map, .space, .zap, .memslot, .dirtyLog, .expect, .l1: false
+        case .mem, .set, .cpu, .host, .map, .space, .zap, .memslot, .dirtyLog, .expect, .l1, .kvm, .nxRecover, .age: false
         // SPP's permissions are checked by the reference machine, which the boot makes.
         case .access, .pte, .invlpg, .reloadCR3, .switchSpace, .invpcid, .writeRegister, .loadCR3, .vcpu, .subPageProtection,
              .eptMap, .vmenter, .vmexit, .invept, .invvpid: true
@@ -574,6 +587,40 @@ public struct CPUSettings: Hashable, Sendable {
         if let value = supportsLA57 { model.supportsLA57 = value }
         if let value = vendor { model.vendor = value }
         return model
+    }
+}
+
+/// KVM's module parameters a scenario may set (`kvm KEY=VALUE...`); nil keeps the VM's default.
+/// They shape the TDP MMU (and `guest_mmu` under it); the model's shadow paging of a guest's own
+/// tables maps 4 KiB pages only, so there they change nothing.
+public struct KVMModuleParameters: Hashable, Sendable {
+    /// `nx_huge_pages=0|1`: the iTLB multihit mitigation (executable huge pages split to 4 KiB).
+    public var nxHugePages: Bool?
+    /// `nx_huge_pages_recovery_ratio=N`: each recovery period zaps 1/N of the split pages (0: none).
+    public var nxHugePagesRecoveryRatio: Int?
+    /// `eager_page_split=0|1`: split huge pages when dirty logging starts, not at the first write.
+    public var eagerPageSplit: Bool?
+
+    public init(nxHugePages: Bool? = nil, nxHugePagesRecoveryRatio: Int? = nil, eagerPageSplit: Bool? = nil) {
+        self.nxHugePages = nxHugePages
+        self.nxHugePagesRecoveryRatio = nxHugePagesRecoveryRatio
+        self.eagerPageSplit = eagerPageSplit
+    }
+
+    /// These parameters over `other`'s (a later `kvm` line over an earlier one).
+    public func applied(to other: KVMModuleParameters) -> KVMModuleParameters {
+        KVMModuleParameters(nxHugePages: nxHugePages ?? other.nxHugePages,
+                            nxHugePagesRecoveryRatio: nxHugePagesRecoveryRatio ?? other.nxHugePagesRecoveryRatio,
+                            eagerPageSplit: eagerPageSplit ?? other.eagerPageSplit)
+    }
+
+    /// `configuration` with these parameters applied.
+    public func applied(to configuration: TDPMMUConfiguration) -> TDPMMUConfiguration {
+        var configuration = configuration
+        if let value = nxHugePages { configuration.nxHugePages = value }
+        if let value = nxHugePagesRecoveryRatio { configuration.nxHugePagesRecoveryRatio = value }
+        if let value = eagerPageSplit { configuration.eagerPageSplit = value }
+        return configuration
     }
 }
 

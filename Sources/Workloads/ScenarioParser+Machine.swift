@@ -95,16 +95,34 @@ extension DirectiveArguments {
             try noOptions()
             return .zap(.all)
         case "gfn":
-            let hasCount = tokens.count > 2 && !tokens[2].text.contains("=")
-            let arguments = try positional(hasCount ? ["gfn", "FIRST", "COUNT"] : ["gfn", "FIRST"])
-            try noOptions()
-            let first = try number(arguments[1], what: "FIRST")
-            let count = hasCount ? try number(arguments[2], what: "COUNT", in: 1...(1 << 40)) : 1
-            guard first <= UInt64.max - count else { throw error("the gfn range overflows", at: arguments.last) }
+            let (first, count) = try gfnRange(after: "gfn", firstName: "FIRST")
             return .zap(.gfns(first: first, count: count))
         default:
             throw error("zap takes all or gfn, not '\(scopeToken.text)' (usage: \(spec.usage))", at: scopeToken)
         }
+    }
+
+    mutating func parseAge() throws(ScenarioError) -> ScenarioDirective {
+        guard let operation = tokens.first else { throw error("missing clear or test (usage: \(spec.usage))") }
+        let testOnly: Bool
+        switch asciiLowercased(operation.text) {
+        case "clear": testOnly = false
+        case "test": testOnly = true
+        default: throw error("age takes clear or test, not '\(operation.text)' (usage: \(spec.usage))", at: operation)
+        }
+        let (first, count) = try gfnRange(after: "clear|test", firstName: "GFN")
+        return .age(testOnly: testOnly, first: first, count: count)
+    }
+
+    /// `WORD FIRST [COUNT]`: a range of gfns, one by default, that does not wrap.
+    private mutating func gfnRange(after word: String, firstName: String) throws(ScenarioError) -> (first: UInt64, count: UInt64) {
+        let hasCount = tokens.count > 2 && !tokens[2].text.contains("=")
+        let arguments = try positional(hasCount ? [word, firstName, "COUNT"] : [word, firstName])
+        try noOptions()
+        let first = try number(arguments[1], what: firstName)
+        let count = hasCount ? try number(arguments[2], what: "COUNT", in: 1...(1 << 40)) : 1
+        guard first <= UInt64.max - count else { throw error("the gfn range overflows", at: arguments.last) }
+        return (first, count)
     }
 
     private func slotID(_ token: Token) throws(ScenarioError) -> Int {

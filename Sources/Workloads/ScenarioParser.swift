@@ -125,6 +125,7 @@ struct ScenarioState: Sendable {
     var registers = ControlState.defaults.registers(cr3: 0)
     var hostLevels: Int?
     var hostLine: Int?
+    var kvmParameters = KVMModuleParameters()
     /// The address spaces created so far (`kernel` exists from the start).
     var spaces: Set<String> = [Scenario.kernelSpace]
     /// The first guest operation: its line and keyword.
@@ -247,6 +248,12 @@ struct ScenarioParser {
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseINVEPT() }),
         DirectiveSpec(name: "invvpid", usage: "invvpid individual|single|all|single-globals [VPID] [GVA]",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseINVVPID() }),
+        DirectiveSpec(name: "kvm", usage: "kvm [nx_huge_pages=0|1] [nx_huge_pages_recovery_ratio=N] [eager_page_split=0|1]",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseKVMParameters() }),
+        DirectiveSpec(name: "nx-recover", usage: "nx-recover",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseNoArguments(.nxRecover) }),
+        DirectiveSpec(name: "age", usage: "age clear|test GFN [COUNT]",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseAge() }),
     ]
 
     static let tableByName: [String: DirectiveSpec] = Dictionary(uniqueKeysWithValues: table.map { ($0.name, $0) })
@@ -280,7 +287,8 @@ struct ScenarioParser {
             statements.append(ScenarioStatement(line: lineNumber, text: line, directive: directive))
         }
         return Scenario(name: name, directives: statements, memorySize: state.memorySize, cpuModel: state.cpu,
-                        initialControls: initialControls ?? state.controls, hostLevels: state.hostLevels)
+                        initialControls: initialControls ?? state.controls, hostLevels: state.hostLevels,
+                        kvmParameters: state.kvmParameters)
     }
 
     /// Records what `directive` changes, checking the rules that span lines.
@@ -304,6 +312,10 @@ struct ScenarioParser {
         case .cpu(let settings):
             if state.firstOperation != nil { throw tooLate("cpu") }
             state.cpu = settings.applied(to: state.cpu)
+        case .kvm(let parameters):
+            // Module parameters are read when the VM is made.
+            if state.firstOperation != nil { throw tooLate("kvm") }
+            state.kvmParameters = parameters.applied(to: state.kvmParameters)
         case .set(let settings):
             let controls = state.controls.applying(settings)
             let registers = settings.applied(to: state.registers, controls: controls)
@@ -351,7 +363,7 @@ struct ScenarioParser {
             (state.registers, state.controls, state.spaces) = (l1.registers, l1.controls, l1.spaces)
             state.suspendedL1 = nil
         case .map, .access, .pte, .invlpg, .reloadCR3, .invpcid, .zap, .memslot, .dirtyLog, .expect, .subPageProtection, .eptMap,
-             .invept, .invvpid:
+             .invept, .invvpid, .nxRecover, .age:
             break
         }
         if directive.isGuestOperation && state.firstOperation == nil { state.firstOperation = (line, directive.name) }
@@ -686,6 +698,19 @@ struct DirectiveArguments {
             settings.vendor = vendor
         }
         return .cpu(settings)
+    }
+
+    mutating func parseKVMParameters() throws(ScenarioError) -> ScenarioDirective {
+        _ = try positional([])
+        let options = try options(["nx_huge_pages", "nx_huge_pages_recovery_ratio", "eager_page_split"])
+        guard !options.isEmpty else { throw error("expected at least one option (usage: \(spec.usage))") }
+        var parameters = KVMModuleParameters()
+        if let token = options["nx_huge_pages"] { parameters.nxHugePages = try bool(token, what: "nx_huge_pages") }
+        if let token = options["nx_huge_pages_recovery_ratio"] {
+            parameters.nxHugePagesRecoveryRatio = Int(try number(token, what: "nx_huge_pages_recovery_ratio", in: 0...1_000_000))
+        }
+        if let token = options["eager_page_split"] { parameters.eagerPageSplit = try bool(token, what: "eager_page_split") }
+        return .kvm(parameters)
     }
 
     mutating func parseSet() throws(ScenarioError) -> ScenarioDirective {

@@ -18,6 +18,7 @@
 //   cr3 0x100000 noflush
 //   expect mmu_unsync=1 pf_fixed=3   counters in the order given, values decimal
 //   vcpu 1
+//   kvm nx_huge_pages=1 nx_huge_pages_recovery_ratio=60 eager_page_split=0   only the keys given, in this order
 
 import X86Paging
 
@@ -151,6 +152,16 @@ extension ScenarioDirective {
             return "invept " + scope.rawValue + (guest == 0 ? "" : " guest=\(guest)")
         case .expect(let counters):
             return (["expect"] + counters.map { "\($0.name)=\($0.value)" }).joined(separator: " ")
+        case .kvm(let parameters):
+            var words = ["kvm"]
+            if let value = parameters.nxHugePages { words.append("nx_huge_pages=" + bit(value)) }
+            if let value = parameters.nxHugePagesRecoveryRatio { words.append("nx_huge_pages_recovery_ratio=\(value)") }
+            if let value = parameters.eagerPageSplit { words.append("eager_page_split=" + bit(value)) }
+            return words.joined(separator: " ")
+        case .nxRecover:
+            return "nx-recover"
+        case .age(let testOnly, let first, let count):
+            return "age " + (testOnly ? "test " : "clear ") + hex(first) + (count == 1 ? "" : " \(count)")
         }
     }
 }

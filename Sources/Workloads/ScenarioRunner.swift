@@ -61,6 +61,8 @@ public struct RunReport: Sendable {
     public var expectationsChecked = 0
     /// Every `spp get`, in order.
     public var subPageMasks: [SubPageMaskRecord] = []
+    /// Every `age` line, in order.
+    public var ages: [AgeRecord] = []
     /// The vCPUs the run brought up.
     public var vcpuCount = 0
     /// The counters every `ScenarioRunner.timelineInterval` directives, and at the end.
@@ -90,6 +92,19 @@ public struct SubPageMaskRecord: Sendable, Equatable {
     public var line: Int
     public var gfn: GuestFrameNumber
     public var mask: SubPageWriteMask
+    /// How many guest operations (`AccessRecord`s) came before it, to place it among them.
+    public var precedingOperations: Int
+}
+
+/// What one `age clear` or `age test` found.
+public struct AgeRecord: Sendable, Equatable {
+    public var line: Int
+    /// test_young (nothing changed) rather than clear_young.
+    public var testOnly: Bool
+    public var first: UInt64
+    public var count: UInt64
+    /// Some leaf mapping one of the gfns was accessed.
+    public var young: Bool
     /// How many guest operations (`AccessRecord`s) came before it, to place it among them.
     public var precedingOperations: Int
 }
@@ -303,7 +318,8 @@ public final class ScenarioRunner {
 
     /// The MMU for this scenario: under TDP, the EPT capabilities follow the scenario's CPU.
     private func mmuForScenario() -> VirtualMachineMMU {
-        guard case .tdp(var configuration) = mmu else { return mmu }
+        guard case .tdp(let defaults) = mmu else { return mmu }
+        var configuration = scenario.kvmParameters.applied(to: defaults)
         if !scenario.cpuModel.supports1GiBPages { configuration.maxHugePageLevel = min(configuration.maxHugePageLevel, 2) }
         return .tdp(configuration)
     }
@@ -504,6 +520,15 @@ public final class ScenarioRunner {
                 : .singleContext(EPTPointer(root: try nestedRoot(guest: guest).rawValue, levels: levels, accessedDirty: ad)))
         case .subPageProtection(let request):
             try apply(request)
+        case .kvm:
+            break  // applied when the VM was made
+        case .nxRecover:
+            vm.recoverNXHugePages()
+        case .age(let testOnly, let first, let count):
+            let gfns = first..<first + count
+            let young = testOnly ? vm.testAgeGFNRange(gfns) : vm.ageGFNRange(gfns)
+            report.ages.append(AgeRecord(line: currentLine, testOnly: testOnly, first: first, count: count, young: young,
+                                         precedingOperations: operationIndex))
         }
     }
 

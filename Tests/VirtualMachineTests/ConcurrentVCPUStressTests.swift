@@ -102,6 +102,9 @@ struct ConcurrentVCPUStressTests {
                     try vm.setDirtyLogging(slot: 1, round % 2 == 1)
                     let first = random.next() % Self.dataPages + Self.dataFirstPage
                     vm.zapGFNRange(first..<(first + random.next() % 64 + 1))
+                    // Idle-page tracking clearing A bits (or access-tracking leaves) under the vCPUs.
+                    let aged = random.next() % Self.dataPages + Self.dataFirstPage
+                    vm.ageGFNRange(aged..<(aged + random.next() % 256 + 1))
                     if round % 16 == 0 { vm.zapAllFast() }
                     if round % 24 == 0 {
                         // Memory the vCPUs are writing comes and goes: where it is not, their

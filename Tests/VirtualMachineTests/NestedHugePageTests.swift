@@ -18,10 +18,7 @@ struct NestedHugePageTests {
     func hugeMapped(npt: Bool = false, eagerPageSplit: Bool = true, overL1Tables: Bool = false,
                     logProtocol: DirtyLogProtocol = .getAndReset) throws -> L1Hypervisor {
         let l1 = try L1Hypervisor(npt: npt, dirtyLogProtocol: logProtocol, eagerPageSplit: eagerPageSplit)
-        let base: UInt64 = overL1Tables ? 0x20_0000 : 0x40_0000
-        try l1.map(0, to: base, level: 2, rights: 0x7)
-        try l1.map(0x20_0000, to: base + 0x20_0000, level: 2, rights: 0x7)
-        try l1.enter(registers: PagingRegisters())
+        try l1.enterOverTwoHugeLeaves(overL1Tables: overL1Tables)
         return l1
     }
 

@@ -31,7 +31,8 @@ final class L1Hypervisor {
     private var nextL2Table = L1Hypervisor.l2TableBase + 0x1000
 
     init(npt: Bool = false, levels: Int = 4, nptHostLevels: Int = 4, pml: Bool = false,
-         dirtyLogProtocol: DirtyLogProtocol = .getAndReset, eagerPageSplit: Bool = true) throws {
+         dirtyLogProtocol: DirtyLogProtocol = .getAndReset, eagerPageSplit: Bool = true, nxHugePages: Bool = false,
+         nxRecoveryRatio: Int = 60) throws {
         self.npt = npt
         self.levels = levels
         var configuration: TDPMMUConfiguration = npt ? .npt(hostLevels: nptHostLevels) : {
@@ -39,6 +40,8 @@ final class L1Hypervisor {
             return ept
         }()
         configuration.eagerPageSplit = eagerPageSplit
+        configuration.nxHugePages = nxHugePages
+        configuration.nxHugePagesRecoveryRatio = nxRecoveryRatio
         let vm = try VirtualMachine(memorySize: 16 << 20, mmu: .tdp(configuration))
         try vm.setDirtyLogProtocol(dirtyLogProtocol, ringEntries: 256)
         self.vm = vm
@@ -131,6 +134,15 @@ final class L1Hypervisor {
             table = try load(entry + Self.l2Offset) & 0x000F_FFFF_FFFF_F000
         }
         return table
+    }
+
+    /// Maps L2's [0, 4 MiB) with two RWX 2 MiB leaves at L1 4 MiB (or at L1 2 MiB, over L1's own
+    /// EPT tables, which KVM write-tracks) and enters L2 with its paging off.
+    func enterOverTwoHugeLeaves(overL1Tables: Bool = false) throws {
+        let base: UInt64 = overL1Tables ? 0x20_0000 : 0x40_0000
+        try map(0, to: base, level: 2, rights: 0x7)
+        try map(0x20_0000, to: base + 0x20_0000, level: 2, rights: 0x7)
+        try enter(registers: PagingRegisters())
     }
 
     /// Identity rights for L2's [0, 4 MiB): every page RWX at L1 +4 MiB.

@@ -27,6 +27,25 @@ struct NestedScenarioTests {
         #expect(report.statsAfter.pages4K == 514 && report.statsAfter.pages2M == 0, "the 2 MiB leaf split into 512")
     }
 
+    @Test("examples/nested-nx-huge-pages.vmm: L2's fetches split guest_mmu's 2 MiB leaves through counted direct pages, nx-recover brings them back")
+    func nxHugePagesExample() throws {
+        let path = URL(fileURLWithPath: nestedExample).deletingLastPathComponent().appendingPathComponent("nested-nx-huge-pages.vmm").path
+        let runner = ScenarioRunner(scenario: try Scenario.parse(contentsOfFile: path), mmu: .ept())
+        let report = try runner.run()
+        #expect(report.accesses.map(\.outcome.exits) == [1, 1, 1, 1, 1, 1])
+        // Both split tables went at the recovery, and both regions are 2 MiB leaves again.
+        #expect(runner.vm.mmu.stats.pages2M == 2 && runner.vm.mmu.stats.nxLpageSplits == 0)
+        #expect(runner.vm.mmu.shadowPages.allSatisfy { !$0.role.isDirect })
+        #expect(report.statsAfter.mmuShadowZapped - report.statsBefore.mmuShadowZapped == 2)
+        // Cut before the recovery, the two direct pages are there and counted.
+        let text = try String(contentsOfFile: path, encoding: .utf8)
+        let beforeRecovery = String(text[..<text.range(of: "nx-recover")!.lowerBound])
+        let split = ScenarioRunner(scenario: try Scenario.parse(beforeRecovery, name: "split"), mmu: .ept())
+        _ = try split.run()
+        #expect(split.vm.mmu.stats.nxLpageSplits == 2 && split.vm.mmu.possibleNXHugePages.count == 2)
+        #expect(split.vm.mmu.stats.pages2M == 0)
+    }
+
     @Test("examples/nested-ept.vmm: completions, violations with their qualification, a misconfiguration, INVEPT")
     func example() throws {
         let report = try ScenarioRunner(scenario: try Scenario.parse(contentsOfFile: nestedExample), mmu: .ept()).run()

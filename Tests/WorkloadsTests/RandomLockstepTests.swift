@@ -814,7 +814,7 @@ struct GuestTableModel {
         switch directive {
         case .l1, .eptMap, .vmenter, .vmexit, .invept, .invvpid:  // L2 is not part of this model (NestedScenarioTests)
             return false
-        case .mem, .cpu, .zap, .memslot, .dirtyLog, .subPageProtection:  // host-side requests change nothing the guest's tables say
+        case .mem, .cpu, .zap, .memslot, .dirtyLog, .subPageProtection, .kvm, .nxRecover, .age:  // host-side requests change nothing the guest's tables say
             return true
         case .set(let settings):
             // CR4.PCIDE can be set only while CR3[11:0] is 0.

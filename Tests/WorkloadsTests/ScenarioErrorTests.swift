@@ -27,7 +27,7 @@ private let preludeLines = 3
 struct ScenarioErrorTests {
     static let cases: [BadCase] = [
         // Directives
-        BadCase("frobnicate 1", line: 1, column: 1, "unknown directive 'frobnicate' (known directives: mem, cpu, set, map, access, pte, invlpg, reload-cr3, host, space, switch, invpcid, cr0, cr4, efer, cr3, zap, memslot, dirty-log, expect, vcpu, spp, l1, ept-map, vmenter, vmexit, invept, invvpid)"),
+        BadCase("frobnicate 1", line: 1, column: 1, "unknown directive 'frobnicate' (known directives: mem, cpu, set, map, access, pte, invlpg, reload-cr3, host, space, switch, invpcid, cr0, cr4, efer, cr3, zap, memslot, dirty-log, expect, vcpu, spp, l1, ept-map, vmenter, vmexit, invept, invvpid, kvm, nx-recover, age)"),
         BadCase("  maps 0x1000", line: 1, column: 3, "unknown directive 'maps'"),
         BadCase("reload-cr3 now", line: 1, column: 12, "reload-cr3: unexpected 'now'"),
         BadCase("invlpg", line: 1, column: 1, "invlpg: missing GVA (usage: invlpg GVA)"),
@@ -84,6 +84,19 @@ struct ScenarioErrorTests {
         BadCase("cpu gbpages=", line: 1, column: 5, "gbpages: missing value after '='"),
         BadCase("reload-cr3\ncpu gbpages=0", line: 2, "cpu: cpu must come before the first guest operation (the reload-cr3 on line 1)"),
         BadCase("set la57=1\ncpu la57=0", line: 2, "la57=0, but 5-level paging was chosen earlier"),
+        // kvm
+        BadCase("kvm", line: 1, "kvm: expected at least one option"),
+        BadCase("kvm nx_huge_pages=on", line: 1, "nx_huge_pages must be 0 or 1"),
+        BadCase("kvm nx_huge_pages_recovery_ratio=-1", line: 1, "nx_huge_pages_recovery_ratio"),
+        BadCase("kvm tdp_mmu=0", line: 1, "unknown option 'tdp_mmu' (options: nx_huge_pages, nx_huge_pages_recovery_ratio, eager_page_split)"),
+        BadCase("access read 0\nkvm nx_huge_pages=1", line: 2, "kvm must come before the first guest operation (the access on line 1)"),
+        BadCase("nx-recover 1", line: 1, "nx-recover"),
+        BadCase("age", line: 1, "age: missing clear or test"),
+        BadCase("age young 0x10", line: 1, "age takes clear or test, not 'young'"),
+        BadCase("age clear", line: 1, "age"),
+        BadCase("age test 0x10 0", line: 1, "COUNT"),
+        BadCase("age clear 0xffffffffffffffff 2", line: 1, "the gfn range overflows"),
+        BadCase("l1 ept\nvmenter\nnx-recover", line: 3, "nx-recover in L2 is not modelled"),
         // set
         BadCase("set", line: 1, "set: expected at least one option"),
         BadCase("set wp=2", line: 1, column: 8, "wp must be 0 or 1, not '2'"),

@@ -130,6 +130,13 @@ struct ScenarioParserTests {
         #expect(!scenario.cpuModel.supports1GiBPages)
     }
 
+    @Test func kvmParametersAccumulate() throws {
+        let scenario = try #require(parseOK("kvm nx_huge_pages=1 nx_huge_pages_recovery_ratio=10\nkvm eager_page_split=0\nkvm nx_huge_pages=0"))
+        #expect(scenario.directives[0].directive == .kvm(KVMModuleParameters(nxHugePages: true, nxHugePagesRecoveryRatio: 10)))
+        #expect(scenario.kvmParameters == KVMModuleParameters(nxHugePages: false, nxHugePagesRecoveryRatio: 10, eagerPageSplit: false))
+        #expect(single("nx-recover") == .nxRecover)
+    }
+
     @Test func mapFourKilobytes() {
         let directive = single("map 0x400000 0x2000000 4k P,RW,US|NX")
         #expect(directive == .map(MapDirective(gva: GuestVirtualAddress(0x40_0000), gpa: GuestPhysicalAddress(0x200_0000),
@@ -231,7 +238,7 @@ struct ScenarioParserTests {
     }
 
     @Test func knownDirectives() {
-        #expect(Scenario.knownDirectives == ["mem", "cpu", "set", "map", "access", "pte", "invlpg", "reload-cr3", "host", "space", "switch", "invpcid", "cr0", "cr4", "efer", "cr3", "zap", "memslot", "dirty-log", "expect", "vcpu", "spp", "l1", "ept-map", "vmenter", "vmexit", "invept", "invvpid"])
+        #expect(Scenario.knownDirectives == ["mem", "cpu", "set", "map", "access", "pte", "invlpg", "reload-cr3", "host", "space", "switch", "invpcid", "cr0", "cr4", "efer", "cr3", "zap", "memslot", "dirty-log", "expect", "vcpu", "spp", "l1", "ept-map", "vmenter", "vmexit", "invept", "invvpid", "kvm", "nx-recover", "age"])
     }
 
     @Test func parseContentsOfFile() throws {

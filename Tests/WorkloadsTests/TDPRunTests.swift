@@ -164,6 +164,106 @@ struct TDPRunTests {
         #expect(report.statsAfter.pages2M == UInt64(tdp.audit().isEmpty ? report.statsAfter.pages2M : 0))
     }
 
+    @Test("examples/nx-huge-pages.vmm under TDP: executable accesses split, reads under a split table stay 4 KiB, nx-recover zaps the oldest share", arguments: [false, true])
+    func nxHugePagesExample(npt: Bool) throws {
+        let path = examplesDirectory.appendingPathComponent("nx-huge-pages.vmm").path
+        let scenario = try Scenario.parse(contentsOfFile: path)
+        let report = try runBoth(scenario, npt: npt)
+        // The first read also maps the kernel's tables (two exits); the fetch under the split
+        // table and the one under the table the first recovery left complete without an exit.
+        #expect(report.accesses.map(\.outcome.exits) == [2, 1, 1, 1, 0, 1, 0, 1])
+        #expect(report.statsAfter.nxLpageSplits == 0)
+    }
+
+    /// `age clear|test`: the MMU notifiers' clear_young and test_young. Every MMU reports the page
+    /// young after the fault that mapped it, idle once aged; an access the TLB serves leaves it
+    /// idle (no flush, as in KVM), one that walks the tables makes it young again. With EPT A/D off
+    /// aging access-tracks the leaf instead, so that walk exits once to restore it.
+    @Test func agingAcrossMMUs() throws {
+        let scenario = try Scenario.parse("""
+            mem 32M
+            map 0x400000 0x1000000 4k P,RW,US
+            access read 0x400000 cpl=3
+            age test 0x1000
+            age clear 0x1000
+            age test 0x1000
+            age clear 0xf00 512
+            access read 0x400000 cpl=3
+            age test 0x1000
+            invlpg 0x400000
+            access read 0x400000 cpl=3
+            age test 0xff0 32
+            """, name: "aging")
+        let withoutAD = TDPMMUConfiguration.ept(capabilities: EPTCapabilities(accessedDirty: false), guestMaxPhysicalAddressBits: 46)
+        for (name, mmu) in [("shadow", VirtualMachineMMU.shadow), ("tdp", tdp(scenario)), ("npt", tdp(scenario, npt: true)),
+                            ("tdp without A/D", .tdp(withoutAD))] {
+            let report = try run(scenario, mmu: mmu)
+            #expect(report.ages.map(\.young) == [true, true, false, false, false, true], "\(name)")
+            #expect(report.ages.map(\.precedingOperations) == [1, 1, 1, 1, 2, 3], "\(name)")
+            let exits = report.accesses.map(\.outcome.exits)
+            #expect(exits[1] == 0, "\(name): the TLB serves the second read")
+            if name == "tdp without A/D" {
+                #expect(exits[2] == 1 && report.statsAfter.pfFast > 0, "the access-tracked leaf is restored by the fast path")
+            } else {
+                #expect(exits[2] == 0, "\(name): the walk sets A in the leaf")
+            }
+            let json = report.jsonLines()
+            #expect(json.contains(#"{"type":"age","op":"clear","gfn":"0xf00","count":512,"young":false}"#), "\(name)")
+            #expect(report.text().contains("clear gfns 0xf00..0x10ff: idle"), "\(name)")
+        }
+    }
+
+    /// The largest ranges a line can give (2^40 gfns, at the top of the gfn space too) are walked
+    /// only where memslots are: they finish at once and find what is mapped.
+    @Test func agingHugeRangesIsBoundedByTheMemslots() throws {
+        let scenario = try Scenario.parse("""
+            map 0x400000 0x1000000 4k P,RW,US
+            access read 0x400000
+            age clear 0 1099511627776
+            age test 0x10000000000 1099511627776
+            age clear 0xfffffeffffffffff 1099511627776
+            """, name: "hostile aging")
+        for mmu in [VirtualMachineMMU.shadow, tdp(scenario), tdp(scenario, npt: true)] {
+            #expect(try run(scenario, mmu: mmu).ages.map(\.young) == [true, false, false], "\(mmu.name)")
+        }
+    }
+
+    /// `kvm nx_huge_pages=1`: an executable access splits the 2 MiB leaf it would have had
+    /// (`nx_lpage_splits`), reads there stay 4 KiB, and `nx-recover` zaps the split table so that
+    /// the next read maps 2 MiB again; the guest sees what it sees under shadow paging.
+    @Test(arguments: [false, true])
+    func nxHugePagesSplitAndRecover(npt: Bool) throws {
+        let split = """
+            kvm nx_huge_pages=1 nx_huge_pages_recovery_ratio=1
+            mem 32M
+            memslot add 1 0x4000000 4M
+            map 0x600000 0x4200000 2m P,RW,US
+            access exec 0x600000 cpl=3
+            access read 0x7ff000 cpl=3
+            """
+        let recovered = split + "\nnx-recover\naccess read 0x7fe000 cpl=3\n"
+        func tdpRun(_ text: String) throws -> (RunReport, TDPMMU) {
+            let scenario = try Scenario.parse(text, name: "nx")
+            try runBoth(scenario, npt: npt)
+            let runner = ScenarioRunner(scenario: scenario, checksExpectations: false, mmu: tdp(scenario, npt: npt))
+            let report = try runner.run()
+            return (report, try #require(runner.vm.tdp))
+        }
+        let (splitReport, splitMMU) = try tdpRun(split)
+        #expect(splitMMU.configuration.nxHugePages && splitMMU.configuration.nxHugePagesRecoveryRatio == 1)
+        let root = try #require(splitMMU.roots.first { !$0.isInvalid })
+        #expect(splitMMU.mapping(of: 0x4200, in: root)?.level == 1 && splitMMU.mapping(of: 0x43FF, in: root)?.level == 1)
+        #expect(splitReport.statsAfter.nxLpageSplits == 1)
+        let (recoveredReport, recoveredMMU) = try tdpRun(recovered)
+        let recoveredRoot = try #require(recoveredMMU.roots.first { !$0.isInvalid })
+        #expect(recoveredMMU.mapping(of: 0x43FE, in: recoveredRoot)?.level == 2)
+        #expect(recoveredReport.statsAfter.nxLpageSplits == 0)
+        // Without the parameter nothing splits.
+        let (plainReport, plainMMU) = try tdpRun(split.replacingOccurrences(of: "nx_huge_pages=1", with: "nx_huge_pages=0"))
+        #expect(plainMMU.mapping(of: 0x4200, in: try #require(plainMMU.roots.first { !$0.isInvalid }))?.level == 2)
+        #expect(plainReport.statsAfter.nxLpageSplits == 0)
+    }
+
     /// Dirty logging under TDP (write protection, and PML): every page whose contents changed is
     /// reported (the runner fails a run that loses one), and the logs are shadow's.
     @Test(arguments: [(false, false), (true, false), (false, true)])

@@ -90,6 +90,13 @@ struct ScenarioGenerator {
             if cpu == CPUSettings() { cpu.supports1GiBPages = true }
             setup.append(.cpu(cpu))
         }
+        if rng.chance(20) {
+            var parameters = KVMModuleParameters(nxHugePages: maybe(60) { $0.bool() },
+                                                 nxHugePagesRecoveryRatio: maybe(40) { $0.int(0...100) },
+                                                 eagerPageSplit: maybe(40) { $0.bool() })
+            if parameters == KVMModuleParameters() { parameters.nxHugePages = true }
+            setup.append(.kvm(parameters))
+        }
         // The paging mode, possibly with other settings.
         var modeSettings = randomControls()
         modeSettings.pagingMode = mode
@@ -134,7 +141,11 @@ struct ScenarioGenerator {
                 let names = ExpectedCounter.names.shuffled(using: &rng).prefix(int(1...4))
                 directives.append(.expect(names.map { ExpectedCounter(name: $0, value: bool() ? u64() : UInt64(int(0...9))) }))
             default:
-                if bool() { directives.append(.reloadCR3) } else { directives.append(.set(randomControlsNonEmpty())) }
+                switch int(0...4) {
+                case 0: directives.append(bool() ? .nxRecover : .age(testOnly: bool(), first: u64() >> 24, count: UInt64(int(1...600))))
+                case 1, 2: directives.append(.reloadCR3)
+                default: directives.append(.set(randomControlsNonEmpty()))
+                }
             }
         }
         return directives
