@@ -955,10 +955,11 @@ public final class MMUContext {
     /// in the model) maps 4 KiB pages only.
     private func hugePageDecision(_ walk: GuestWalk, isFetch: Bool, inMemslot: Bool) -> HugePageDecision {
         var decision = HugePageDecision()
-        guard let tdp = mmu.tdpSharingWriteTracking else { return decision }
+        // A 4 KiB guest leaf leaves nothing to decide (and the common case stays one compare).
+        guard walk.level > 1, let tdp = mmu.tdpSharingWriteTracking else { return decision }
         decision.nxWorkaround = tdp.configuration.nxHugePages
         decision.hugePageDisallowed = isFetch && decision.nxWorkaround
-        guard walk.level > 1, inMemslot, let metadata = tdp.slotMetadata(containing: walk.gfn.rawValue), !metadata.slot.logsDirtyPages
+        guard inMemslot, let metadata = tdp.slotMetadata(containing: walk.gfn.rawValue), !metadata.slot.logsDirtyPages
         else { return decision }
         decision.requestedLevel = metadata.maxMappingLevel(walk.gfn.rawValue,
                                                            maxLevel: min(walk.level, tdp.configuration.maxHugePageLevel))
