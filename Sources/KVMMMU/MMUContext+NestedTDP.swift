@@ -56,7 +56,7 @@ extension MMUContext {
         if shadowsNestedPageTables { return try nestedPageTableFault(at: address, errorCode: errorCode) }
         guard let box = nestedEPTBox else { preconditionFailure("not a guest_mmu context") }
         let walk: GuestWalk
-        switch box.context.walk(gpa, errorCode: errorCode, in: mmu.memory) {
+        switch box.walk(gpa, errorCode: errorCode, in: mmu.memory) {
         case .success(let result): walk = result
         case .failure(let exit): return .reflect(exit)
         }

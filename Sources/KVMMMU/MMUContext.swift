@@ -42,7 +42,7 @@ public final class MMUContext {
     public let mmu: ShadowMMU
     public let cpu: CPUModel
     /// The vCPU this context belongs to, for tracepoints.
-    public var vcpuID = 0
+    @exclusivity(unchecked) public var vcpuID = 0
     @exclusivity(unchecked) public private(set) var registers: PagingRegisters
     @exclusivity(unchecked) public internal(set) var cpuRole: CPURole
     @exclusivity(unchecked) public internal(set) var rootRole: PageRole
@@ -398,6 +398,11 @@ public final class MMUContext {
         }
         return (hardwareRoot, allocated)
     }
+
+    /// The root table while the roots stay loaded (`kvm_mmu_reload` then has nothing to do); nil
+    /// when `load()` has work to do, or for KVM's special roots. (Read here, where the fields are
+    /// exempt from exclusivity checks: from another module each read was a runtime call.)
+    public var loadedRootFrame: HostFrameNumber? { rootsLoaded ? root?.frame : nil }
 
     /// What the hardware walks for the loaded roots.
     private var hardwareRoot: HardwareRoot {
@@ -1128,8 +1133,9 @@ public final class MMUContext {
         if !page.role.isDirect {
             // Only L2's pages (guest mode) can shadow L1's EPT: the role bit, already at hand, keeps
             // the shadow paging of a guest's own tables from reading the context's EPT state.
-            if page.role.guestMode, let nestedEPT {
-                prefetchGuestPTEs(group, around: faulting, in: page, format: nestedEPT.walker.format)
+            // The box, not `nestedEPT`: that copies the context, with a retain of its masks.
+            if page.role.guestMode, let box = nestedEPTBox {
+                prefetchGuestPTEs(group, around: faulting, in: page, format: box.context.walker.format)
             } else if page.role.hasFourByteGPTE {
                 prefetchGuestPTEs(group, around: faulting, in: page, format: legacy32)
             } else {
@@ -1268,6 +1274,14 @@ extension PagingFormat {
 final class NestedEPTContextBox {
     let context: NestedEPTContext
     init(_ context: NestedEPTContext) { self.context = context }
+
+    /// `ept_page_fault`'s walk of L1's EPT, from a method so that the context (its walker, with
+    /// the reference of its reserved-bit masks) is used where it lies rather than copied.
+    @inline(never)
+    func walk(_ address: GuestPhysicalAddress, errorCode: PageFaultErrorCode,
+              in memory: MemslotSet) -> Result<MMUContext.GuestWalk, NestedVMExit> {
+        context.walk(address, errorCode: errorCode, in: memory)
+    }
 }
 
 /// A page walker held by reference, so that hot paths walk with it in place: a walker is a large

@@ -68,22 +68,42 @@ public struct NestedEPTContext: Sendable {
         // KVM's EPT permission check wants every bit of the access: a read and write needs R and W
         // (W without R is a misconfiguration, so W alone decides), a fetch needs X.
         let kind: AccessKind = errorCode.contains(.write) ? .write : errorCode.contains(.fetch) ? .fetch : .read
-        var fault: EPTWalkFault?
-        let translation = walker.translate(address, EPTAccess(kind), in: memory, setAccessedDirty: true, fault: &fault)
-        if let fault {
+        var fault = ReflectedEPTFault()
+        let translation = walker.translate(address, EPTAccess(kind), in: memory, setAccessedDirty: true, sink: &fault)
+        switch fault.kind {
+        case .none:
+            break
+        case .violation:
+            return .failure(.eptViolation(address, qualification: reflectedQualification(errorCode, fault.walked)))
+        case .misconfiguration:
+            return .failure(.eptMisconfiguration(address))
+        }
+        return .success(guestWalk(translation, isWrite: kind == .write))
+    }
+
+    /// What `walk` keeps of a fault of L1's EPT: the exit it makes and what L1's entries allowed
+    /// (the fault itself carries the walk's path, which copying out of the walk cost a `memcpy`).
+    struct ReflectedEPTFault: WalkFaultSink {
+        enum Kind { case none, violation, misconfiguration }
+        var kind = Kind.none
+        /// Bits 5:3 of the walk's qualification.
+        var walked: EPTViolationQualification = []
+
+        @inline(__always)
+        mutating func record(_ fault: EPTWalkFault) {
             switch fault {
-            case .violation(_, let walked, _, _):
-                return .failure(.eptViolation(address, qualification: reflectedQualification(errorCode, walked)))
+            case .violation(_, let qualification, _, _):
+                kind = .violation
+                walked = qualification
             case .noMemory(_, _, let path):
                 // A table of L1's in no memslot: KVM's walk takes its error path as for an entry
                 // that is not present, with what the entries above allowed.
-                return .failure(.eptViolation(address, qualification: reflectedQualification(
-                    errorCode, Self.permissionBits(path))))
+                kind = .violation
+                walked = NestedEPTContext.permissionBits(path)
             case .misconfiguration, .addressTooWide:
-                return .failure(.eptMisconfiguration(address))
+                kind = .misconfiguration
             }
         }
-        return .success(guestWalk(translation, isWrite: kind == .write))
     }
 
     /// `nested_ept_inject_page_fault`'s exit qualification: bits 2:0 from the access, 5:3 what L1's
@@ -121,7 +141,8 @@ public struct NestedEPTContext: Sendable {
     /// every level (EPT: R -> ACC_USER, W -> ACC_WRITE, X -> ACC_EXEC) and the tables it went
     /// through. `protect_clean_gpte`: with A/D on, a clean leaf is shadowed read-only for a
     /// non-write, so the first write faults and KVM sets D.
-    func guestWalk(_ translation: EPTTranslation, isWrite: Bool) -> MMUContext.GuestWalk {
+    @inline(__always)
+    func guestWalk(_ translation: borrowing EPTTranslation, isWrite: Bool) -> MMUContext.GuestWalk {
         let path = translation.path
         var pteAccess = translation.permissions & ACC.all
         let leaf = EPTEntry(rawValue: path.entryValue(level: translation.level))

@@ -61,7 +61,7 @@ public final class ShadowMMU {
     @exclusivity(unchecked) public internal(set) var usedPages = 0
     /// `n_max_mmu_pages`: the shadow-page cache's (soft) size. The VM derives it from its memslots
     /// as KVM does (`defaultMaxPages`) unless set (`KVM_SET_NR_MMU_PAGES`, `setMaxPages`).
-    public internal(set) var maxPages = ShadowMMU.minimumMaxPages
+    @exclusivity(unchecked) public internal(set) var maxPages = ShadowMMU.minimumMaxPages
     /// `kvm_mmu_available_pages`.
     public var availablePages: Int { max(0, maxPages - usedPages) }
     /// KVM's dummy root (`kvm_mmu_get_dummy_root`: the zero page): what the hardware walks when

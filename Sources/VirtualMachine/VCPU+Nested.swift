@@ -76,22 +76,25 @@ public enum INVVPIDType: Int, Hashable, Sendable, CaseIterable {
 }
 
 /// L1's nested state on one vCPU (the parts of vmcs12/VMCB and `vcpu->arch` the model needs).
+/// Only the thread running the vCPU touches it (its L2 accesses, or the scenario's instructions
+/// while the vCPU is not on a thread of its own), so what an access reads is exempt from dynamic
+/// exclusivity checks, each a runtime call on every try.
 final class NestedVCPUState {
-    var paging: L1NestedPaging
+    @exclusivity(unchecked) var paging: L1NestedPaging
     /// L2's CR0/CR3/CR4/EFER (in hardware while L2 runs).
-    var registers: PagingRegisters
+    @exclusivity(unchecked) var registers: PagingRegisters
     /// `vcpu->arch.guest_mmu`: kept across VM exits with its root and `prev_roots`.
     let guestMMU: MMUContext
     /// L1's CR4 and EFER the NPT context was built with (NPT only).
     var nptL1Control: (CR4, EFER)?
     /// L2's walker as the hardware runs it (PAE's PDPTEs loaded through L1's tables at entry).
-    var guestWalker: PageWalker
+    @exclusivity(unchecked) var guestWalker: PageWalker
     /// L1's tables as the architecture reads them from L1's memory.
     var l1Tables: NestedPagingTables
-    var inL2 = false
+    @exclusivity(unchecked) var inL2 = false
     /// vmcs12's VPID for L2 when L1 enabled VPID ("enable VPID"), nil when it did not (L2 then
     /// shares L1's VPID 0).
-    var vpid12: UInt16?
+    @exclusivity(unchecked) var vpid12: UInt16?
     /// KVM's `nested.last_vpid`: the vpid12 vpid02 last served (0 at first, so that the first
     /// entry with VPID flushes).
     var lastVPID: UInt16 = 0
@@ -101,7 +104,7 @@ final class NestedVCPUState {
     let cachedReference = L2CachedTranslations()
     /// The hardware's walker for L2 and the `guest_mmu` root it walks, kept while both stay (an
     /// entry, which may change L2's registers, drops it).
-    var hardware: L2HardwareWalker?
+    @exclusivity(unchecked) var hardware: L2HardwareWalker?
     /// For the lockstep check: L1's last-level EPT tables as they were at each VM entry since
     /// the INVEPT that covers them (NestedReference.swift).
     var eptSnapshots: [EPTTableSnapshot] = []
@@ -141,37 +144,42 @@ final class L2HardwareWalker {
         case noMemory
         /// A fault of `guest_mmu`'s tables: KVM's handler with the error code it derives.
         case exit(NestedFaultSite, PageFaultErrorCode)
-        /// A fault that names no site (never made by the walker).
-        indirect case unexpected(NestedPagingFault)
     }
 
     @inline(never)
     func translate(_ address: GuestVirtualAddress, _ access: Access, in host: HostPhysicalView) -> Outcome {
-        let fault: NestedPagingFault
-        switch walker.translate(address, access, in: host) {
-        case .success(let translation):
-            return .translated(gpa: translation.guest.physicalAddress, hostAddress: translation.outputAddress.rawValue,
-                               guestPermissions: translation.guest.permissions, isGlobal: translation.guest.isGlobal,
-                               nestedPermissions: translation.nestedPermissions)
-        case .failure(.guest(.pageFault(let pageFault))):
-            return .guestPageFault(PageFaultErrorCode(rawValue: UInt64(pageFault.errorCode.architectural)))
-        case .failure(.guest(.generalProtection)), .failure(.guest(.addressTooWide)):
-            return .generalProtection
-        case .failure(.guest(.noMemory)), .failure(.noMemory):
-            return .noMemory
-        case .failure(let other):
-            fault = other
-        }
-        guard let site = fault.site else { return .unexpected(fault) }
-        switch fault {
-        case .eptViolation(_, var qualification):
-            qualification.insert(.linearAddressValid)
-            return .exit(site, TDPMMU.errorCode(forEPTViolation: qualification))
-        case .nestedPageFault(_, let code):
-            return .exit(site, code)
-        default:
-            // A misconfiguration of KVM's own shadow EPT: an MMIO SPTE.
-            return .exit(site, [.reservedBit])
+        var exit = ExitSink()
+        let walk = walker.translate(address, access, in: host, sink: &exit)
+        if let outcome = exit.outcome { return outcome }
+        return .translated(gpa: walk.guestPhysicalAddress, hostAddress: walk.outputAddress.rawValue,
+                           guestPermissions: walk.guestPermissions, isGlobal: walk.isGlobal,
+                           nestedPermissions: walk.nestedPermissions)
+    }
+
+    /// The walk's fault as the outcome `runL2` acts on.
+    struct ExitSink: WalkFaultSink {
+        var outcome: Outcome?
+
+        @inline(__always)
+        mutating func record(_ fault: NestedPagingFault) { outcome = Self.outcome(of: fault) }
+
+        static func outcome(of fault: NestedPagingFault) -> Outcome {
+            switch fault {
+            case .guest(.pageFault(let pageFault)):
+                return .guestPageFault(PageFaultErrorCode(rawValue: UInt64(pageFault.errorCode.architectural)))
+            case .guest(.generalProtection), .guest(.addressTooWide):
+                return .generalProtection
+            case .guest(.noMemory), .noMemory:
+                return .noMemory
+            case .eptViolation(let site, var qualification):
+                qualification.insert(.linearAddressValid)
+                return .exit(site, TDPMMU.errorCode(forEPTViolation: qualification))
+            case .nestedPageFault(let site, let code):
+                return .exit(site, code)
+            case .eptMisconfiguration(let site):
+                // A misconfiguration of KVM's own shadow EPT: an MMIO SPTE.
+                return .exit(site, [.reservedBit])
+            }
         }
     }
 }
@@ -584,10 +592,6 @@ extension VCPU {
                 return L2AccessOutcome(result: .generalProtection, exits: exits, emulated: false)
             case .noMemory:
                 throw .corruptShadowTables("guest_mmu's tables lead outside host memory for \(address)")
-            case .unexpected(let fault):
-                exits += 1
-                count(.exit)
-                throw .corruptShadowTables("a nested fault without a site: \(fault)")
             case .exit(let faultSite, let code):
                 site = faultSite
                 errorCode = code
@@ -650,6 +654,10 @@ extension VCPU {
         do {
             // KVM_REQ_MMU_FREE_OBSOLETE_ROOTS for guest_mmu: a zap since the last access.
             nested.guestMMU.freeObsoleteRoots()
+            // `kvm_mmu_reload` has nothing to do while the root stays loaded.
+            if let hardware = nested.hardware, nested.guestMMU.loadedRootFrame == hardware.root {
+                return hardware
+            }
             let loaded = try nested.guestMMU.load()
             root = loaded.root
             // `kvm_mmu_load` flushes the root it loads: stale entries of a page it had before

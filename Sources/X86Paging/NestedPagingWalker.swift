@@ -145,17 +145,35 @@ enum LentNestedTables {
     }
 }
 
+/// L2's walker in a box, borrowed in place by a walk: captured by the closure that lends the walk
+/// its fault slot, the walker itself was copied (267 bytes) on every walk.
+@usableFromInline
+final class GuestWalkerBox: Sendable {
+    @usableFromInline let walker: PageWalker
+    @usableFromInline init(_ walker: PageWalker) { self.walker = walker }
+
+    /// L2's walk, from a method: inlined into a closure the walker was still copied out of the box.
+    @inlinable @inline(never)
+    func translate<Memory: PhysicalMemory>(_ address: GuestVirtualAddress, _ access: Access, in memory: NestedTableMemory<Memory>,
+                                           setAccessedDirty: Bool, fault: inout WalkFault?) -> Translation {
+        walker.translate(address, access, in: memory, setAccessedDirty: setAccessedDirty, sink: &fault)
+    }
+}
+
 /// Walks L2's linear addresses through L2's paging and L1's EPT or NPT.
 public struct NestedPagingWalker: Sendable {
-    public let guest: PageWalker
+    @usableFromInline let guestBox: GuestWalkerBox
     @usableFromInline let boxedTables: BoxedNestedTables
     public let rule: GuestTableAccessRule
 
     public init(guest: PageWalker, tables: NestedPagingTables, rule: GuestTableAccessRule = .architectural) {
-        self.guest = guest
+        self.guestBox = GuestWalkerBox(guest)
         self.boxedTables = BoxedNestedTables(tables)
         self.rule = rule
     }
+
+    /// L2's walker.
+    public var guest: PageWalker { guestBox.walker }
 
     /// L1's tables.
     public var tables: NestedPagingTables {
@@ -207,29 +225,67 @@ public struct NestedPagingWalker: Sendable {
     public func translate<Memory: PhysicalMemory>(
         _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool = true
     ) -> Result<NestedPagingTranslation, NestedPagingFault> {
+        var fault: NestedPagingFault?
+        let (translation, final) = walk(address, access, in: memory, setAccessedDirty: setAccessedDirty, sink: &fault)
+        if let fault { return .failure(fault) }
+        return .success(NestedPagingTranslation(guest: translation, outputAddress: final.outputAddress,
+                                                nestedPermissions: final.permissions, nestedLevel: final.level))
+    }
+
+    /// `translate` for hot paths: the fault goes to `sink`, and the result keeps what a TLB entry
+    /// keeps, without either walk's path (a `Result` carrying them was copied at every step).
+    @inlinable
+    public func translate<Memory: PhysicalMemory, Sink: WalkFaultSink<NestedPagingFault>>(
+        _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool = true,
+        sink: inout Sink
+    ) throws(Sink.Failure) -> NestedWalkSummary {
+        let (translation, final) = try walk(address, access, in: memory, setAccessedDirty: setAccessedDirty, sink: &sink)
+        return NestedWalkSummary(guestPhysicalAddress: translation.physicalAddress, outputAddress: final.outputAddress,
+                                 nestedLevel: final.level, guestPermissions: translation.permissions,
+                                 isGlobal: translation.isGlobal, nestedPermissions: final.permissions)
+    }
+
+    /// The walk both `translate`s make; on a fault, what it returns is not to be used.
+    @inlinable @inline(__always)
+    func walk<Memory: PhysicalMemory, Sink: WalkFaultSink<NestedPagingFault>>(
+        _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool, sink: inout Sink
+    ) throws(Sink.Failure) -> (Translation, NestedFinalTranslation) {
         // `self` holds the boxes for the whole walk.
         let tables = boxedTables.lent
+        let guest = Unmanaged.passUnretained(guestBox)
         let tableWrites = !tables.isEPT || rule == .alwaysWrite
         var tableFault: NestedTableFault?
         var guestFault: WalkFault?
         // Returned into this frame: no `Result` wraps (and copies) L2's translation.
         let translation = withUnsafeMutablePointer(to: &tableFault) { slot in
-            guest.translate(address, access,
-                            in: NestedTableMemory(tables: tables, memory: memory, writes: tableWrites,
-                                                  setAccessedDirty: setAccessedDirty, origin: .guestPagingStructure,
-                                                  fault: slot),
-                            setAccessedDirty: setAccessedDirty, fault: &guestFault)
+            guest._withUnsafeGuaranteedRef {
+                $0.translate(address, access,
+                             in: NestedTableMemory(tables: tables, memory: memory, writes: tableWrites,
+                                                   setAccessedDirty: setAccessedDirty, origin: .guestPagingStructure,
+                                                   fault: slot),
+                             setAccessedDirty: setAccessedDirty, fault: &guestFault)
+            }
         }
         if let guestFault {
             if case .noMemory(let tableAddress, let level, _) = guestFault {
-                return .failure(tableFault?.fault(at: tableAddress, guestLevel: level) ?? .noMemory(tableAddress))
+                try sink.record(tableFault?.fault(at: tableAddress, guestLevel: level) ?? .noMemory(tableAddress))
+            } else {
+                try sink.record(.guest(guestFault))
             }
-            return .failure(.guest(guestFault))
+            return (translation, .failed)
         }
-        if setAccessedDirty && !tableWrites, let refused = refusedAccessedDirtyUpdate(translation, access, tables, memory) {
-            return .failure(refused)
+        // (Nothing to update with L2's paging off.)
+        if setAccessedDirty && !tableWrites && translation.path.topLevel > 0,
+           let refused = refusedAccessedDirtyUpdate(translation.path, access, tables, memory) {
+            try sink.record(refused.fault.fault(at: refused.address, guestLevel: refused.level))
+            return (translation, .failed)
         }
-        return translateFinal(translation, access, tables, memory, setAccessedDirty: setAccessedDirty)
+        // Under mode-based execute control a fetch needs bit 10 when the linear address is a
+        // user-mode one: U/S set at every level of L2's walk (with L2's paging off, the model
+        // takes every address as supervisor-mode).
+        let final = try translateFinal(translation.physicalAddress, access, userModeAddress: translation.level > 0 && translation.isUser,
+                                       tables, memory, setAccessedDirty: setAccessedDirty, sink: &sink)
+        return (translation, final)
     }
 
     /// An L2 A/D update the walk skipped because L1's EPT does not let L2's table be written: the
@@ -237,9 +293,8 @@ public struct NestedPagingWalker: Sendable {
     /// write, a read-only memslot, is skipped silently, as KVM does.)
     @inlinable
     func refusedAccessedDirtyUpdate<Memory: PhysicalMemory>(
-        _ translation: Translation, _ access: Access, _ tables: LentNestedTables, _ memory: Memory
-    ) -> NestedPagingFault? {
-        let path = translation.path
+        _ path: WalkPath, _ access: Access, _ tables: LentNestedTables, _ memory: Memory
+    ) -> (fault: NestedTableFault, address: GuestPhysicalAddress, level: Int)? {
         guard path.topLevel > 0 else { return nil }
         var level = path.topIsRegister ? path.topLevel - 1 : path.topLevel
         while level >= path.bottomLevel {
@@ -251,43 +306,95 @@ public struct NestedPagingWalker: Sendable {
                     NestedTableMemory(tables: tables, memory: memory, writes: true, setAccessedDirty: true,
                                       origin: .guestPagingStructure, fault: slot).hostPage(entryAddress.frame)
                 }
-                if let fault { return fault.fault(at: entryAddress, guestLevel: level) }
+                if let fault { return (fault, entryAddress, level) }
             }
             level -= 1
         }
         return nil
     }
 
-    @inlinable
-    func translateFinal<Memory: PhysicalMemory>(
-        _ translation: Translation, _ access: Access, _ tables: LentNestedTables, _ memory: Memory, setAccessedDirty: Bool
-    ) -> Result<NestedPagingTranslation, NestedPagingFault> {
-        let address = translation.physicalAddress
+    /// The final translation of L2's guest-physical `address` through L1's tables.
+    @inlinable @inline(__always)
+    func translateFinal<Memory: PhysicalMemory, Sink: WalkFaultSink<NestedPagingFault>>(
+        _ address: GuestPhysicalAddress, _ access: Access, userModeAddress: Bool, _ tables: LentNestedTables,
+        _ memory: Memory, setAccessedDirty: Bool, sink: inout Sink
+    ) throws(Sink.Failure) -> NestedFinalTranslation {
         switch tables {
         case .ept(let box):
-            // Under mode-based execute control a fetch needs bit 10 when the linear address is a
-            // user-mode one: U/S set at every level of L2's walk (with L2's paging off, the model
-            // takes every address as supervisor-mode).
-            let userMode = translation.level > 0 && translation.isUser
-            var sink = NestedEPTFaultSink()
+            var tableSink = NestedEPTFaultSink()
+            // Only what the caller keeps leaves the closure: the walk's translation carries its path.
             let final = box._withUnsafeGuaranteedRef {
-                $0.walker.translate(address, EPTAccess(access.kind, origin: .finalTranslation, userModeAddress: userMode),
-                                    in: memory, setAccessedDirty: setAccessedDirty, sink: &sink)
+                let translation = $0.walker.translate(address, EPTAccess(access.kind, origin: .finalTranslation,
+                                                                         userModeAddress: userModeAddress),
+                                                      in: memory, setAccessedDirty: setAccessedDirty, sink: &tableSink)
+                return NestedFinalTranslation(outputAddress: translation.outputAddress, level: translation.level,
+                                              permissions: translation.permissions)
             }
-            if let fault = sink.fault { return .failure(fault.fault(at: address, guestLevel: 0)) }
-            return .success(NestedPagingTranslation(guest: translation, outputAddress: final.outputAddress,
-                                                    nestedPermissions: final.permissions, nestedLevel: final.level))
+            if let fault = tableSink.fault {
+                try sink.record(fault.fault(at: address, guestLevel: 0))
+                return .failed
+            }
+            return final
         case .npt(let box):
-            var sink = NestedNPTFaultSink()
+            var tableSink = NestedNPTFaultSink()
             let final = box._withUnsafeGuaranteedRef {
-                $0.walker.translate(GuestVirtualAddress(address.rawValue), Access(access.kind, .user), in: memory,
-                                    setAccessedDirty: setAccessedDirty, sink: &sink)
+                let translation = $0.walker.translate(GuestVirtualAddress(address.rawValue), Access(access.kind, .user),
+                                                      in: memory, setAccessedDirty: setAccessedDirty, sink: &tableSink)
+                return NestedFinalTranslation(outputAddress: translation.physicalAddress, level: translation.level,
+                                              permissions: translation.permissions)
             }
-            if let fault = sink.fault { return .failure(fault.fault(at: address, guestLevel: 0)) }
-            return .success(NestedPagingTranslation(guest: translation, outputAddress: final.physicalAddress,
-                                                    nestedPermissions: final.permissions, nestedLevel: final.level))
+            if let fault = tableSink.fault {
+                try sink.record(fault.fault(at: address, guestLevel: 0))
+                return .failed
+            }
+            return final
         }
     }
+}
+
+/// A successful nested walk as a TLB entry keeps it: no walk path.
+public struct NestedWalkSummary: Sendable, Equatable {
+    /// L2's guest-physical address of the access.
+    public var guestPhysicalAddress: GuestPhysicalAddress
+    /// L1's guest-physical address of the access.
+    public var outputAddress: GuestPhysicalAddress
+    /// The level of L1's leaf for the final address.
+    public var nestedLevel: Int
+    /// L2's combined ACC bits (see `Translation.permissions`).
+    public var guestPermissions: UInt8
+    /// L2's leaf is global (G with CR4.PGE).
+    public var isGlobal: Bool
+    /// L1's tables' combined ACC bits for the final address (see `NestedPagingTranslation`).
+    public var nestedPermissions: UInt8
+
+    @inlinable
+    public init(guestPhysicalAddress: GuestPhysicalAddress, outputAddress: GuestPhysicalAddress, nestedLevel: Int,
+                guestPermissions: UInt8, isGlobal: Bool, nestedPermissions: UInt8) {
+        self.guestPhysicalAddress = guestPhysicalAddress
+        self.outputAddress = outputAddress
+        self.nestedLevel = nestedLevel
+        self.guestPermissions = guestPermissions
+        self.isGlobal = isGlobal
+        self.nestedPermissions = nestedPermissions
+    }
+}
+
+/// The final translation through L1's tables, as much as a nested walk reports of it.
+@usableFromInline
+struct NestedFinalTranslation {
+    @usableFromInline var outputAddress: GuestPhysicalAddress
+    @usableFromInline var level: Int
+    @usableFromInline var permissions: UInt8
+
+    @inlinable
+    init(outputAddress: GuestPhysicalAddress, level: Int, permissions: UInt8) {
+        self.outputAddress = outputAddress
+        self.level = level
+        self.permissions = permissions
+    }
+
+    /// What a faulting walk returns beside its fault.
+    @inlinable static var failed: Self { Self(outputAddress: GuestPhysicalAddress(0), level: 0, permissions: 0) }
 }
 
 /// L2's walker could not be built.
