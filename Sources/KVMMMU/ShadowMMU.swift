@@ -80,8 +80,8 @@ public final class ShadowMMU {
     /// The shadow MMU's `possible_nx_huge_pages` (KVM keeps one list per MMU, `KVM_SHADOW_MMU`):
     /// direct pages an executable fault made where a huge leaf was otherwise allowed, oldest
     /// first, for the recovery worker. Their number is the shadow MMU's part of `nx_lpage_splits`.
-    @exclusivity(unchecked) var oldestPossibleNXHugePage: ShadowPage?
-    @exclusivity(unchecked) var newestPossibleNXHugePage: ShadowPage?
+    @exclusivity(unchecked) unowned(unsafe) var oldestPossibleNXHugePage: ShadowPage?
+    @exclusivity(unchecked) unowned(unsafe) var newestPossibleNXHugePage: ShadowPage?
 
     /// `mmu_valid_gen`.
     @exclusivity(unchecked) public internal(set) var validGeneration: UInt8 = 0

@@ -42,9 +42,10 @@ public final class ShadowPage {
     /// (`disallowed_hugepage_adjust`), or the split would be undone by the next read.
     @exclusivity(unchecked) public internal(set) var nxHugePageDisallowed = false
     /// The page's neighbours on the shadow MMU's `possible_nx_huge_pages` list (oldest first),
-    /// while it is on it; the list holds them, and unlinks each before it is freed.
-    @exclusivity(unchecked) var olderPossibleNXHugePage: ShadowPage?
-    @exclusivity(unchecked) var newerPossibleNXHugePage: ShadowPage?
+    /// while it is on it. Unowned: the hash owns every page, and a zap takes a page off the list
+    /// before it is freed (strong links would also keep the pages of a dropped MMU alive).
+    @exclusivity(unchecked) unowned(unsafe) var olderPossibleNXHugePage: ShadowPage?
+    @exclusivity(unchecked) unowned(unsafe) var newerPossibleNXHugePage: ShadowPage?
     @exclusivity(unchecked) public internal(set) var isPossibleNXHugePage = false
     public let validGeneration: UInt8
     /// Sequence number of creation, standing in for the position on `active_mmu_pages`.

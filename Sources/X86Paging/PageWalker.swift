@@ -208,7 +208,7 @@ public struct PageWalker: Sendable {
     public let rules: PermissionRules
     @usableFromInline let legacy32: Legacy32Format
     @usableFromInline let long64: Long64Format
-    @usableFromInline internal(set) var rootTable: UInt64
+    @usableFromInline var rootTable: UInt64
     /// The four PAE PDPTE registers, loaded when CR3 was.
     public let pdptes: (Entry64, Entry64, Entry64, Entry64)
     @usableFromInline let pdptBase: UInt64
