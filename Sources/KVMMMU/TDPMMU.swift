@@ -624,17 +624,12 @@ public final class TDPMMU: @unchecked Sendable {
     /// The slot holding `gfn` with its metadata (a binary search, no allocation).
     @inline(__always)
     func slotMetadata(containing gfn: UInt64) -> MemslotMetadata? {
-        var low = 0, high = slotIndex.count
-        while low < high {
-            let middle = (low + high) / 2
-            if slotIndex[middle].slot.endFrame.rawValue <= gfn { low = middle + 1 } else { high = middle }
-        }
-        guard low < slotIndex.count, slotIndex[low].slot.contains(GuestFrameNumber(gfn)) else { return nil }
-        return slotIndex[low]
+        lentSlotMetadata(containing: gfn)?.takeUnretainedValue()
     }
 
     /// `slotMetadata(containing:)` lent rather than retained, for a fault (whose locks keep the
     /// records from being replaced).
+    @inline(__always)
     func lentSlotMetadata(containing gfn: UInt64) -> Unmanaged<MemslotMetadata>? {
         slotIndex.withUnsafeBufferPointer { slots in
             var low = 0, high = slots.count
