@@ -56,13 +56,12 @@ final class EPTHardwareWalker {
     func translate(_ gpa: GuestPhysicalAddress, _ kind: AccessKind, pml: Bool,
                    faults: TwoDimensionalMemory.Faults) -> NestedTranslation? {
         // The fault lands in the vCPU's summary, without the walk's path.
-        let translation = walker.translate(gpa, EPTAccess(kind), in: host, setAccessedDirty: true, sink: &faults.fault)
+        let leaf = walker.translateLeaf(gpa, EPTAccess(kind), in: host, sink: &faults.fault)
         if faults.hasFault { return nil }
-        if pml && translation.dirtiedLeaf { faults.logInPMLBuffer(gpa.frame) }
-        return NestedTranslation(host: translation.outputAddress.rawValue, readable: translation.isReadable,
-                                 writable: translation.isWritable, executable: translation.isExecutable,
-                                 leafDirty: !walker.pointer.accessedDirtyEnabled
-                                    || translation.path.entryValue(level: translation.level) & (1 << 9) != 0)
+        if pml && leaf.dirtiedLeaf { faults.logInPMLBuffer(gpa.frame) }
+        return NestedTranslation(host: leaf.outputAddress, readable: leaf.isReadable, writable: leaf.isWritable,
+                                 executable: leaf.isExecutable,
+                                 leafDirty: !walker.pointer.accessedDirtyEnabled || leaf.entry & (1 << 9) != 0)
     }
 }
 
@@ -285,12 +284,21 @@ struct TwoDimensionalMemory: PhysicalMemory {
     @inline(__always)
     func withTLB<Result>(_ body: (TLB) -> Result) -> Result { lentTLB._withUnsafeGuaranteedRef(body) }
 
+    // The guest-physical mapping's hit inline in every table read; the EPT walk of a miss apart.
+    @inline(__always)
     func hostPage(_ frame: GuestFrameNumber) -> HostPage? {
         guard !faults.hasFault else { return nil }
         if let cached = withTLB({ $0.lookupGuestPhysical(frame.rawValue, root: root) }) {
             if !cached.writable { faults.readOnlyFrames.append(frame.rawValue) }
             return HostPage(bytes: pool.pointer(HostFrameNumber(cached.hostFrame)), isWritable: cached.writable)
         }
+        return translateTableFrame(frame)
+    }
+
+    /// A table frame without a guest-physical mapping: translated through EPT and, once that
+    /// went through, kept.
+    @inline(never)
+    private func translateTableFrame(_ frame: GuestFrameNumber) -> HostPage? {
         guard let translation = ept.translate(frame.address, kind, pml: pml, faults: faults) else {
             return nil
         }
