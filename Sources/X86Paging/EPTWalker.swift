@@ -357,9 +357,25 @@ public struct EPTWalker: Sendable {
             var permissions = eptAccessAll
             let stop = walkTables(format, table: pointer.rootAddress, level: pointer.levels, address: address.rawValue,
                                   memory: memory, path: &path, permissions: &permissions)
-            guard let leafLevel = try permittedLeafLevel(stop, address, access, permissions: permissions, path: path,
-                                                         sink: &sink)
-            else { return .failed(address) }
+            let leafLevel: Int
+            switch stop {
+            case .leaf(let level):
+                leafLevel = level
+            case .notPresent(let level):
+                try sink.record(.violation(address, qualification: qualification(access, permissions), level: level, path: path))
+                return .failed(address)
+            case .reservedBits(let level):
+                try sink.record(.misconfiguration(address, level: level, path: path))
+                return .failed(address)
+            case .noMemory(let entryAddress, let level):
+                try sink.record(.noMemory(GuestPhysicalAddress(entryAddress), level: level, path: path))
+                return .failed(address)
+            }
+            guard permissions & needed(access) == needed(access) else {
+                try sink.record(.violation(address, qualification: qualification(access, permissions), level: leafLevel,
+                                           path: path))
+                return .failed(address)
+            }
             let leafWasDirty = path.entryValue(level: leafLevel) & format.dirtyBit != 0
             if setAccessedDirty && !X86Paging.setAccessedDirty(format, path: &path, isWrite: write, memory: memory)
                 && restartsLeft > 0 {
@@ -376,35 +392,6 @@ public struct EPTWalker: Sendable {
             translation.dirtiedLeaf = !leafWasDirty && format.dirtyBit != 0 && leaf.rawValue & format.dirtyBit != 0
             return translation
         }
-    }
-
-    /// The level of the leaf a level loop stopped at, when the entries' permissions allow
-    /// `access`; nil with the violation, misconfiguration or missing memory delivered to `sink`.
-    @inlinable @inline(__always)
-    func permittedLeafLevel<Sink: WalkFaultSink<EPTWalkFault>>(
-        _ stop: TableWalkStop, _ address: GuestPhysicalAddress, _ access: EPTAccess, permissions: UInt8, path: WalkPath,
-        sink: inout Sink
-    ) throws(Sink.Failure) -> Int? {
-        let leafLevel: Int
-        switch stop {
-        case .leaf(let level):
-            leafLevel = level
-        case .notPresent(let level):
-            try sink.record(.violation(address, qualification: qualification(access, permissions), level: level, path: path))
-            return nil
-        case .reservedBits(let level):
-            try sink.record(.misconfiguration(address, level: level, path: path))
-            return nil
-        case .noMemory(let entryAddress, let level):
-            try sink.record(.noMemory(GuestPhysicalAddress(entryAddress), level: level, path: path))
-            return nil
-        }
-        guard permissions & needed(access) == needed(access) else {
-            try sink.record(.violation(address, qualification: qualification(access, permissions), level: leafLevel,
-                                       path: path))
-            return nil
-        }
-        return leafLevel
     }
 
     /// The ACC bits `access` needs at every level (SDM 29.3.3.2).
@@ -477,6 +464,8 @@ extension EPTWalker {
     /// `translate(_:_:in:setAccessedDirty:sink:)` setting A/D, for hot callers that need only the
     /// leaf: the same walk, faults, restarts and A/D updates, but no `EPTTranslation` (with its
     /// path) is built, and an A/D update is skipped without a call when every entry has its bits.
+    /// (The fault handling is the generic walk's, written out again: see
+    /// `PageWalker.translateLongMode`.)
     @inlinable @inline(__always)
     public func translateLeaf<Memory: PhysicalMemory, Sink: WalkFaultSink<EPTWalkFault>>(
         _ address: GuestPhysicalAddress, _ access: EPTAccess, in memory: Memory, sink: inout Sink
@@ -492,9 +481,25 @@ extension EPTWalker {
             var permissions = eptAccessAll
             let stop = walkTables(format, table: pointer.rootAddress, level: pointer.levels, address: address.rawValue,
                                   memory: memory, path: &path, permissions: &permissions)
-            guard let leafLevel = try permittedLeafLevel(stop, address, access, permissions: permissions, path: path,
-                                                         sink: &sink)
-            else { return .failed }
+            let leafLevel: Int
+            switch stop {
+            case .leaf(let level):
+                leafLevel = level
+            case .notPresent(let level):
+                try sink.record(.violation(address, qualification: qualification(access, permissions), level: level, path: path))
+                return .failed
+            case .reservedBits(let level):
+                try sink.record(.misconfiguration(address, level: level, path: path))
+                return .failed
+            case .noMemory(let entryAddress, let level):
+                try sink.record(.noMemory(GuestPhysicalAddress(entryAddress), level: level, path: path))
+                return .failed
+            }
+            guard permissions & needed(access) == needed(access) else {
+                try sink.record(.violation(address, qualification: qualification(access, permissions), level: leafLevel,
+                                           path: path))
+                return .failed
+            }
             let leafWasDirty = path.entryValue(level: leafLevel) & format.dirtyBit != 0
             if hasAccessedDirtyToSet(format, path: path, isWrite: write)
                 && !X86Paging.setAccessedDirty(format, path: &path, isWrite: write, memory: memory) && restartsLeft > 0 {
