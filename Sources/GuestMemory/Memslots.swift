@@ -189,6 +189,10 @@ public final class MemslotSet: PhysicalMemory, ByteAccessibleMemory, @unchecked 
     /// TDP fault reads it (a checked read across modules cost a `swift_beginAccess`), and the
     /// changes that write it are serialised against the faults by mmu_lock and the memslots' srcu.
     @exclusivity(unchecked) public private(set) var generation: UInt64 = 0
+    /// `generation` for the fault paths of other modules: read there, the property still cost a
+    /// `swift_beginAccess` (measured, a TDP fault's 76 instructions); read in this module it is
+    /// as unchecked as its attribute says.
+    public var uncheckedGeneration: UInt64 { generation }
     /// Some slot logs dirty pages: without one, marking a page dirty is a single test. Kept up to
     /// date by every slot change (which callers serialise against everything else).
     @exclusivity(unchecked) public private(set) var isLoggingDirtyPages = false

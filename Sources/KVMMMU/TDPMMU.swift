@@ -646,7 +646,7 @@ public final class TDPMMU: @unchecked Sendable {
 
     /// Throws when someone changed the memslots behind the MMU's back. Lock held.
     func checkMemslotsUnchanged() throws(TDPMMUError) {
-        let generation = memory.generation
+        let generation = memory.uncheckedGeneration
         guard generation == knownGeneration else {
             throw .memslotsChangedOutsideTDPMMU(expectedGeneration: knownGeneration, generation: generation)
         }

@@ -56,13 +56,12 @@ final class EPTHardwareWalker {
     func translate(_ gpa: GuestPhysicalAddress, _ kind: AccessKind, pml: Bool,
                    faults: TwoDimensionalMemory.Faults) -> NestedTranslation? {
         // The fault lands in the vCPU's summary, without the walk's path.
-        let translation = walker.translate(gpa, EPTAccess(kind), in: host, setAccessedDirty: true, sink: &faults.fault)
+        let leaf = walker.translateLeaf(gpa, EPTAccess(kind), in: host, sink: &faults.fault)
         if faults.hasFault { return nil }
-        if pml && translation.dirtiedLeaf { faults.logInPMLBuffer(gpa.frame) }
-        return NestedTranslation(host: translation.outputAddress.rawValue, readable: translation.isReadable,
-                                 writable: translation.isWritable, executable: translation.isExecutable,
-                                 leafDirty: !walker.pointer.accessedDirtyEnabled
-                                    || translation.path.entryValue(level: translation.level) & (1 << 9) != 0)
+        if pml && leaf.dirtiedLeaf { faults.logInPMLBuffer(gpa.frame) }
+        return NestedTranslation(host: leaf.outputAddress, readable: leaf.isReadable, writable: leaf.isWritable,
+                                 executable: leaf.isExecutable,
+                                 leafDirty: !walker.pointer.accessedDirtyEnabled || leaf.entry & (1 << 9) != 0)
     }
 }
 
@@ -285,12 +284,21 @@ struct TwoDimensionalMemory: PhysicalMemory {
     @inline(__always)
     func withTLB<Result>(_ body: (TLB) -> Result) -> Result { lentTLB._withUnsafeGuaranteedRef(body) }
 
+    // The guest-physical mapping's hit inline in every table read; the EPT walk of a miss apart.
+    @inline(__always)
     func hostPage(_ frame: GuestFrameNumber) -> HostPage? {
         guard !faults.hasFault else { return nil }
         if let cached = withTLB({ $0.lookupGuestPhysical(frame.rawValue, root: root) }) {
             if !cached.writable { faults.readOnlyFrames.append(frame.rawValue) }
             return HostPage(bytes: pool.pointer(HostFrameNumber(cached.hostFrame)), isWritable: cached.writable)
         }
+        return translateTableFrame(frame)
+    }
+
+    /// A table frame without a guest-physical mapping: translated through EPT and, once that
+    /// went through, kept.
+    @inline(never)
+    private func translateTableFrame(_ frame: GuestFrameNumber) -> HostPage? {
         guard let translation = ept.translate(frame.address, kind, pml: pml, faults: faults) else {
             return nil
         }
@@ -337,6 +345,11 @@ struct GuestWalkOutcome {
     /// once the access's translation completes (0: none to make).
     var pageTable: UInt64 = 0
     var upperPermissions: UInt8 = 0
+
+    /// A faulting walk's outcome (the fault is the walk's sink's): nothing to use.
+    static func failed(_ physicalAddress: GuestPhysicalAddress) -> GuestWalkOutcome {
+        GuestWalkOutcome(physicalAddress: physicalAddress, permissions: 0, leafDirty: false, refusedEntry: nil)
+    }
 }
 
 extension WalkerBox {
@@ -349,28 +362,41 @@ extension WalkerBox {
     @inline(never)
     func walkTwoDimensional(_ address: GuestVirtualAddress, _ access: Access, in memory: TwoDimensionalMemory,
                             tag: UInt64, fault: inout WalkFaultSummary) -> GuestWalkOutcome {
-        let cachesPageDirectories = walker.mode.isLongMode
-        if cachesPageDirectories,
-           let cached = memory.withTLB({ $0.lookupPageDirectory(address, root: tag, guestRoot: walker.registers.cr3) }) {
+        guard walker.mode.isLongMode else { return walkOutsideLongMode(address, access, in: memory, fault: &fault) }
+        if let cached = memory.withTLB({ $0.lookupPageDirectory(address, root: tag, guestRoot: walker.registers.cr3) }) {
             return walkPageTable(address, access, in: memory, from: cached, fault: &fault)
         }
-        return walkFromRoot(address, access, in: memory, cachingPageDirectory: cachesPageDirectories,
-                            fault: &fault)
+        return walkFromRoot(address, access, in: memory, fault: &fault)
     }
 
-    // The two walks are apart, each with its own copy of the level loop: in one function the two
-    // translations' bookkeeping cost more than the cache saved.
+    // The walks are apart, each with its own copy of the level loop: in one function the two
+    // translations' bookkeeping cost more than the cache saved. In IA-32e paging they are the lean
+    // walks, which leave the entries read in a path of this frame rather than copying a
+    // `Translation` out.
 
-    /// The walk from CR3.
+    /// The walk outside IA-32e paging (no PDE cache there).
+    @inline(never)
+    private func walkOutsideLongMode(_ address: GuestVirtualAddress, _ access: Access, in memory: TwoDimensionalMemory,
+                                     fault: inout WalkFaultSummary) -> GuestWalkOutcome {
+        let translation = walker.translate(address, access, in: memory, setAccessedDirty: true, sink: &fault)
+        guard fault.kind == .none else { return .failed(translation.physicalAddress) }
+        return outcome(physicalAddress: translation.physicalAddress, permissions: translation.permissions,
+                       leafDirty: translation.level == 0 || translation.path.entryValue(level: translation.level) & 0x40 != 0,
+                       path: translation.path, access, in: memory)
+    }
+
+    /// The walk from CR3 in IA-32e paging.
     @inline(never)
     private func walkFromRoot(_ address: GuestVirtualAddress, _ access: Access, in memory: TwoDimensionalMemory,
-                              cachingPageDirectory: Bool, fault: inout WalkFaultSummary) -> GuestWalkOutcome {
-        let translation = walker.translate(address, access, in: memory, setAccessedDirty: true, sink: &fault)
-        var outcome = outcome(of: translation, access, in: memory, fault: fault)
-        if cachingPageDirectory && fault.kind == .none && translation.level == 1 && outcome.refusedEntry == nil {
+                              fault: inout WalkFaultSummary) -> GuestWalkOutcome {
+        var path = WalkPath()
+        let leaf = walker.translateLongMode(address, access, in: memory, path: &path, sink: &fault)
+        guard fault.kind == .none else { return .failed(leaf.physicalAddress) }
+        var outcome = outcome(physicalAddress: leaf.physicalAddress, permissions: leaf.permissions,
+                              leafDirty: leaf.entry & 0x40 != 0, path: path, access, in: memory)
+        if leaf.level == 1 && outcome.refusedEntry == nil {
             // Only entries whose A the processor has set are cached (SDM 4.10.3.1); an update the
             // TDP tables refused left A clear.
-            let path = translation.path
             var accessed = true
             var level = path.topLevel
             while level >= 2 {
@@ -389,26 +415,22 @@ extension WalkerBox {
     @inline(never)
     private func walkPageTable(_ address: GuestVirtualAddress, _ access: Access, in memory: TwoDimensionalMemory,
                                from cached: TLB.PageDirectoryCacheEntry, fault: inout WalkFaultSummary) -> GuestWalkOutcome {
-        let translation = walker.translate(address, access, in: memory, resumingAt: cached.pageTable, level: 1,
-                                           permissions: cached.permissions, setAccessedDirty: true, sink: &fault)
-        return outcome(of: translation, access, in: memory, fault: fault)
+        var path = WalkPath()
+        let leaf = walker.translateLongMode(address, access, in: memory, resumingAt: cached.pageTable, level: 1,
+                                            permissions: cached.permissions, path: &path, sink: &fault)
+        guard fault.kind == .none else { return .failed(leaf.physicalAddress) }
+        return outcome(physicalAddress: leaf.physicalAddress, permissions: leaf.permissions,
+                       leafDirty: leaf.entry & 0x40 != 0, path: path, access, in: memory)
     }
 
     @inline(__always)
-    private func outcome(of translation: Translation, _ access: Access, in memory: TwoDimensionalMemory,
-                         fault: WalkFaultSummary) -> GuestWalkOutcome {
-        guard fault.kind == .none else {
-            return GuestWalkOutcome(physicalAddress: translation.physicalAddress, permissions: 0, leafDirty: false,
-                                    refusedEntry: nil)
-        }
-        var outcome = GuestWalkOutcome(physicalAddress: translation.physicalAddress, permissions: translation.permissions,
-                                       leafDirty: translation.level == 0
-                                        || translation.path.entryValue(level: translation.level) & 0x40 != 0,
+    private func outcome(physicalAddress: GuestPhysicalAddress, permissions: UInt8, leafDirty: Bool, path: WalkPath,
+                         _ access: Access, in memory: TwoDimensionalMemory) -> GuestWalkOutcome {
+        var outcome = GuestWalkOutcome(physicalAddress: physicalAddress, permissions: permissions, leafDirty: leafDirty,
                                        refusedEntry: nil)
         guard !memory.faults.readOnlyFrames.isEmpty else { return outcome }
         // Without EPT A/D the guest's tables were read with reads; an A/D update the TDP leaf did
         // not allow was skipped.
-        let path = translation.path
         var level = path.topIsRegister ? path.topLevel - 1 : path.topLevel
         while level >= path.bottomLevel {
             let entryAddress = path.entryAddress(level: level)

@@ -159,3 +159,20 @@ func setAccessedDirty<Format: PagingFormat, Memory: PhysicalMemory>(
     }
     return true
 }
+
+/// Whether `setAccessedDirty` would change an entry of `path`: an entry read from memory lacks A,
+/// or the leaf of a write lacks D (never for a format without them). A walk that finds nothing
+/// to set skips the call.
+@inlinable @inline(__always)
+func hasAccessedDirtyToSet<Format: PagingFormat>(_ format: Format, path: WalkPath, isWrite: Bool) -> Bool {
+    let accessed = format.accessedBit
+    guard accessed != 0 else { return false }
+    var all = UInt64.max
+    var level = path.topIsRegister ? path.topLevel - 1 : path.topLevel
+    while level >= path.bottomLevel {
+        all &= path.entryValue(level: level)
+        level -= 1
+    }
+    if all & accessed == 0 { return true }
+    return isWrite && path.entryValue(level: path.bottomLevel) & format.dirtyBit == 0
+}
