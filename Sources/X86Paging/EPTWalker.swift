@@ -429,3 +429,85 @@ public struct EPTWalker: Sendable {
         return result
     }
 }
+
+// MARK: - A walk that keeps only its leaf
+
+/// What a walk keeps of an EPT translation when it wants only the leaf (a hardware walk filling a
+/// TLB entry): `EPTTranslation` carries the walk's path, and building it, then copying it out of
+/// the walk, cost more than the levels it describes.
+@frozen
+public struct EPTLeaf: Sendable, Equatable {
+    /// The EPT's output address for the walked address.
+    public var outputAddress: GuestPhysicalAddress
+    /// The leaf's level (1: a 4 KiB page).
+    public var level: Int
+    /// Combined permissions, ACC-encoded as in `EPTTranslation`.
+    public var permissions: UInt8
+
+    @inlinable
+    public init(outputAddress: GuestPhysicalAddress, level: Int, permissions: UInt8) {
+        self.outputAddress = outputAddress
+        self.level = level
+        self.permissions = permissions
+    }
+
+    /// What a faulting walk returns beside its fault: nothing to use.
+    @inlinable static var failed: Self { Self(outputAddress: GuestPhysicalAddress(0), level: 0, permissions: 0) }
+}
+
+extension EPTWalker {
+    /// The walk of `translate(_:_:in:setAccessedDirty:sink:)`, its faults and its A/D updates
+    /// alike, answering only the leaf.
+    @inlinable @inline(__always)
+    public func translateLeaf<Memory: PhysicalMemory, Sink: WalkFaultSink<EPTWalkFault>>(
+        _ address: GuestPhysicalAddress, _ access: EPTAccess, in memory: Memory, setAccessedDirty: Bool,
+        sink: inout Sink
+    ) throws(Sink.Failure) -> EPTLeaf {
+        guard address.rawValue >> 52 == 0 else {
+            try sink.record(.addressTooWide(address))
+            return .failed
+        }
+        let required = needed(access)
+        var restartsLeft = 16
+        while true {
+            var path = WalkPath()
+            var permissions = eptAccessAll
+            let stop = walkTables(format, table: pointer.rootAddress, level: pointer.levels, address: address.rawValue,
+                                  memory: memory, path: &path, permissions: &permissions)
+            guard case .leaf(let leafLevel) = stop else {
+                try recordFault(of: stop, at: address, access, permissions, path, sink: &sink)
+                return .failed
+            }
+            if permissions & required != required {
+                try recordFault(of: .notPresent(level: leafLevel), at: address, access, permissions, path, sink: &sink)
+                return .failed
+            }
+            if setAccessedDirty && !X86Paging.setAccessedDirty(format, path: &path, isWrite: isWrite(access), memory: memory)
+                && restartsLeft > 0 {
+                restartsLeft -= 1
+                continue
+            }
+            let mask = EPTFormat.pageSize(level: leafLevel) - 1
+            let base = format.pageBase(EPTEntry(rawValue: path.entryValue(level: leafLevel)), level: leafLevel)
+            return EPTLeaf(outputAddress: GuestPhysicalAddress(base | address.rawValue & mask), level: leafLevel,
+                           permissions: permissions)
+        }
+    }
+
+    /// The fault of a walk that stopped short of a leaf it may use (a permission refusal at the leaf
+    /// reads as `.notPresent` there: both are violations with what the entries allowed).
+    @inlinable
+    func recordFault<Sink: WalkFaultSink<EPTWalkFault>>(
+        of stop: TableWalkStop, at address: GuestPhysicalAddress, _ access: EPTAccess, _ permissions: UInt8,
+        _ path: WalkPath, sink: inout Sink
+    ) throws(Sink.Failure) {
+        switch stop {
+        case .leaf(let level), .notPresent(let level):
+            try sink.record(.violation(address, qualification: qualification(access, permissions), level: level, path: path))
+        case .reservedBits(let level):
+            try sink.record(.misconfiguration(address, level: level, path: path))
+        case .noMemory(let entryAddress, let level):
+            try sink.record(.noMemory(GuestPhysicalAddress(entryAddress), level: level, path: path))
+        }
+    }
+}
