@@ -709,6 +709,7 @@ public final class MMUContext {
         }
 
         /// The access granted by the levels above level `level`.
+        @inline(__always)
         func ptAccess(level: Int) -> UInt8 { UInt8(truncatingIfNeeded: packedPTAccess >> UInt64(8 * (level - 1))) }
 
         mutating func setPTAccess(_ access: UInt8, level: Int) {
@@ -839,6 +840,8 @@ public final class MMUContext {
         return (page, 2)
     }
 
+    // Forced inline: a call from each level of `FNAME(fetch)` and its neighbours cost more than the shift.
+    @inline(__always)
     static func index(_ address: UInt64, level: Int) -> Int {
         Int((address >> UInt64(12 + 9 * (level - 1))) & 511)
     }

@@ -516,10 +516,13 @@ extension VCPU {
         // harvests and resets, which takes them. (The entries after exits inside the access are
         // not checked again: the ring's reserve covers the few pushes one access makes.)
         if hot.pointee.usesDirtyRing, dirtyRing?.isSoftFull == true { try exitForFullDirtyRing() }
-        // The vCPU whose exits push onto its dirty ring (`kvm_running_vcpu`).
-        let wasRunning = VirtualMachine.running.vcpu
-        VirtualMachine.running.set(self)
-        defer { VirtualMachine.running.set(wasRunning) }
+        // The vCPU whose exits push onto its dirty ring (`kvm_running_vcpu`), kept opaque: the
+        // previous one is only put back, and as a reference it cost a retain and a release.
+        let running = VirtualMachine.running
+        let wasRunning = running.opaqueVCPU
+        let switchesRunning = wasRunning != Unmanaged.passUnretained(self).toOpaque()
+        if switchesRunning { running.set(self) }
+        defer { if switchesRunning { running.setOpaque(wasRunning) } }
         let srcu = vm.memslotsSRCU
         srcu.lockShared()
         defer { srcu.unlockShared() }
