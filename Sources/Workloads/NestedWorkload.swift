@@ -2,7 +2,9 @@
 // EPT) runs two L2 guests, each with its own EPTP, VPID and operating system: the processes
 // workload's guest OS (boot tables, fork with copy-on-write, exec, demand paging, exit, context
 // switches with and without PCIDs, KPTI) generated for each L2 and run in slices, L1 switching
-// between the guests with vmexit and vmenter. Midway L1 splits one 2 MiB EPT page of each guest
+// between the guests with vmexit and vmenter. L1 maps each guest's memory on demand: every first
+// touch of a page exits with an EPT violation, L1's handler maps it and L2 executes the
+// instruction again. Midway L1 splits one 2 MiB EPT page of each guest
 // into 4 KiB ones (the same memory, as a hypervisor does to track a guest's writes) and later
 // merges it back, each time with INVEPT. With `--vcpus 2` L1 runs each guest on a vCPU of its own
 // (guest N on vCPU N), so the two vCPUs enter, leave and flush their guests' contexts apart while
@@ -16,6 +18,9 @@ extension WorkloadKind {
     static let nestedGuests = 2
     /// L1-physical memory below the L2 guests' memory: L1's kernel pool (its EPT tables) and room.
     static let nestedL1Base: UInt64 = 32 << 20
+
+    /// The part of an L2 guest's memory L1 maps 4 KiB at a time (the rest 2 MiB at a time).
+    static let nestedLowMemory: UInt64 = 16 << 20
 
     /// Each L2 guest's memory: what the processes workload's guest needs (one vCPU).
     static func nestedGuestMemory(_ parameters: WorkloadParameters) -> UInt64 {
@@ -35,15 +40,26 @@ extension WorkloadKind {
         let chunk: UInt64 = 2 << 20
         var directives: [ScenarioDirective] = [.mem(bytes: Self.nestedL1Base + UInt64(Self.nestedGuests) * guestMemory),
                                                .l1(.ept(levels: 4, accessedDirty: true, executeOnly: false))]
-        var phases = [WorkloadPhase(name: "L1 maps its L2 guests", firstDirective: 0)]
+        var phases = [WorkloadPhase(name: "L1 backs its L2 guests' memory", firstDirective: 0)]
         var expectedLoads: [Int: UInt64] = [:]
         func l1Base(_ guest: Int) -> UInt64 { Self.nestedL1Base + UInt64(guest) * guestMemory }
         func mapGuest(_ guest: Int, chunk index: UInt64) -> ScenarioDirective {
             .eptMap(EPTMapDirective(l2GPA: GuestPhysicalAddress(index * chunk), l1GPA: GuestPhysicalAddress(l1Base(guest) + index * chunk),
                                     pageSize: .size2M, permissions: [.read, .write, .execute], guest: guest))
         }
+        // L1 maps a guest's memory as the guest touches it, from its EPT-violation handler: the
+        // low 16 MiB (the L2 kernel's tables and window) a 4 KiB page at a time, the rest 2 MiB.
+        let lowMemory = min(Self.nestedLowMemory, guestMemory)
         for guest in 0..<Self.nestedGuests {
-            for index in 0..<guestMemory / chunk { directives.append(mapGuest(guest, chunk: index)) }
+            directives.append(.eptDemand(EPTDemandDirective(l2GPA: GuestPhysicalAddress(0), l1GPA: GuestPhysicalAddress(l1Base(guest)),
+                                                            size: lowMemory, pageSize: .size4K,
+                                                            permissions: [.read, .write, .execute], guest: guest)))
+            if guestMemory > lowMemory {
+                directives.append(.eptDemand(EPTDemandDirective(l2GPA: GuestPhysicalAddress(lowMemory),
+                                                                l1GPA: GuestPhysicalAddress(l1Base(guest) + lowMemory),
+                                                                size: guestMemory - lowMemory, pageSize: .size2M,
+                                                                permissions: [.read, .write, .execute], guest: guest)))
+            }
         }
         // Each guest's OS, as the processes workload has it, without the lines that are the VMM's or
         // L1's (memory size, vCPUs).

@@ -24,6 +24,9 @@
 //   {"type":"age","op":"clear","gfn":"0x4000","count":16,"young":true}
 //       one per `age` line (op clear or test), placed among the access lines where it ran: whether
 //       any leaf SPTE mapping the gfns was accessed.
+//   {"type":"l1_map","guest":0,"l2gpa":"0x200000","l1gpa":"0x2200000","size":"4k","perms":"RWX"}
+//       one per page L1's exit handler mapped for an `ept-demand` range, after the access line of
+//       the exit it handled (and before the access line of the instruction executed again).
 //   {"type":"pte","gva":"0x400000","level":4,"entry_gpa":"0x100000","value":"0x101067","A":1,"D":0,
 //    "P":1,"leaf":false}
 //       every entry of every mapped translation at the end of the run, top level first per mapping
@@ -54,7 +57,12 @@ extension RunReport {
         var dirtyLogs = self.dirtyLogs[...]
         var subPageMasks = self.subPageMasks[...]
         var ages = self.ages[...]
+        var l1Maps = self.l1Maps[...]
         for access in accesses {
+            while let record = l1Maps.first, record.precedingOperations <= access.index {
+                text += Self.l1MapJSON(record) + "\n"
+                l1Maps = l1Maps.dropFirst()
+            }
             while let record = ages.first, record.precedingOperations <= access.index {
                 text += Self.ageJSON(record) + "\n"
                 ages = ages.dropFirst()
@@ -73,6 +81,7 @@ extension RunReport {
         for log in dirtyLogs { text += Self.dirtyJSON(log) + "\n" }
         for record in subPageMasks { text += Self.subPageMaskJSON(record) + "\n" }
         for record in ages { text += Self.ageJSON(record) + "\n" }
+        for record in l1Maps { text += Self.l1MapJSON(record) + "\n" }
         for (index, entry) in entries.enumerated() { text += Self.entryJSON(entry, isLeaf: isLeaf(entryAt: index)) + "\n" }
         text += Self.statsJSON(phase: "before", statsBefore) + "\n"
         text += Self.statsJSON(phase: "after", statsAfter) + "\n"
@@ -99,6 +108,18 @@ extension RunReport {
         object.addHex("gfn", record.first)
         object.add("count", Int(record.count))
         object.add("young", record.young)
+        return object.text
+    }
+
+    /// The `"type":"l1_map"` line of a page L1's exit handler mapped for an `ept-demand` range.
+    public static func l1MapJSON(_ record: L1MapRecord) -> String {
+        var object = JSONLine()
+        object.add("type", "l1_map")
+        object.add("guest", record.map.guest)
+        object.addHex("l2gpa", record.map.l2GPA.rawValue)
+        object.addHex("l1gpa", record.map.l1GPA.rawValue)
+        object.add("size", record.map.pageSize.name)
+        object.add("perms", record.map.permissions.rendered)
         return object.text
     }
 

@@ -131,6 +131,9 @@ public enum ScenarioDirective: Hashable, Sendable {
     case l1(NestedPagingSetting)
     /// `ept-map L2GPA L1GPA 4k|2m|1g PERMS`: L1 writes its entry for an L2 page with L1 stores.
     case eptMap(EPTMapDirective)
+    /// `ept-demand L2GPA L1GPA SIZE 4k|2m|1g PERMS`: L1 maps an L2 range on demand, from its
+    /// handler of the exits the range's unmapped pages cause.
+    case eptDemand(EPTDemandDirective)
     /// `vmenter [vpid=N] [guest=N]`: L1 enters L2 guest `guest` (VMLAUNCH/VMRESUME, VMRUN: its
     /// EPTP or nCR3, its registers), with VPID `vpid` in vmcs12 ("enable VPID" set) or without
     /// VPID (nil).
@@ -174,6 +177,7 @@ public enum ScenarioDirective: Hashable, Sendable {
         case .subPageProtection: "spp"
         case .l1: "l1"
         case .eptMap: "ept-map"
+        case .eptDemand: "ept-demand"
         case .vmenter: "vmenter"
         case .vmexit: "vmexit"
         case .invept: "invept"
@@ -190,7 +194,8 @@ public enum ScenarioDirective: Hashable, Sendable {
         switch self {
         case .mem, .set, .cpu, .host, .expect, .l1, .kvm: false
         case .map, .access, .pte, .invlpg, .reloadCR3, .space, .switchSpace, .invpcid, .writeRegister, .loadCR3, .zap,
-             .memslot, .dirtyLog, .vcpu, .subPageProtection, .eptMap, .vmenter, .vmexit, .invept, .invvpid, .nxRecover, .age: true
+             .memslot, .dirtyLog, .vcpu, .subPageProtection, .eptMap, .eptDemand, .vmenter, .vmexit, .invept, .invvpid, .nxRecover,
+             .age: true
         }
     }
 
@@ -199,7 +204,9 @@ public enum ScenarioDirective: Hashable, Sendable {
     public var runsGuest: Bool {
         switch self {
         // The VMM's own requests (memslots, the dirty log, a zap) need the machine but not the guest.
-        case .mem, .set, .cpu, .host, .map, .space, .zap, .memslot, .dirtyLog, .expect, .l1, .kvm, .nxRecover, .age: false
+        // `ept-demand` only tells L1's exit handler what to map later.
+        case .mem, .set, .cpu, .host, .map, .space, .zap, .memslot, .dirtyLog, .expect, .l1, .kvm, .nxRecover, .age,
+             .eptDemand: false
         // SPP's permissions are checked by the reference machine, which the boot makes.
         case .access, .pte, .invlpg, .reloadCR3, .switchSpace, .invpcid, .writeRegister, .loadCR3, .vcpu, .subPageProtection,
              .eptMap, .vmenter, .vmexit, .invept, .invvpid: true

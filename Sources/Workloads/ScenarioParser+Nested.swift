@@ -30,6 +30,37 @@ public struct EPTMapDirective: Hashable, Sendable {
     public var permissions: EPTMapPermissions
     /// Which L2 guest's tables (each guest has its own EPTP or nCR3; 0 by default).
     public var guest = 0
+
+    public init(l2GPA: GuestPhysicalAddress, l1GPA: GuestPhysicalAddress, pageSize: PageSize, permissions: EPTMapPermissions,
+                guest: Int = 0) {
+        (self.l2GPA, self.l1GPA, self.pageSize, self.permissions, self.guest) = (l2GPA, l1GPA, pageSize, permissions, guest)
+    }
+}
+
+/// `ept-demand L2GPA L1GPA SIZE 4k|2m|1g PERMS [guest=N]`: L1 backs L2's [L2GPA, L2GPA + SIZE)
+/// with its own memory from L1GPA but maps nothing yet. An EPT violation (or #NPF) at an address of
+/// the range whose L1 entry is not present is taken by L1's exit handler, which maps the page that
+/// holds it (`pageSize`, `permissions`, as `ept-map` would) and resumes L2, which executes the
+/// instruction again: how a hypervisor gives a guest memory it touches.
+public struct EPTDemandDirective: Hashable, Sendable {
+    public var l2GPA: GuestPhysicalAddress
+    public var l1GPA: GuestPhysicalAddress
+    public var size: UInt64
+    public var pageSize: PageSize
+    public var permissions: EPTMapPermissions
+    public var guest = 0
+
+    /// Whether `address` is in the range.
+    public func covers(_ address: GuestPhysicalAddress) -> Bool {
+        address.rawValue >= l2GPA.rawValue && address.rawValue - l2GPA.rawValue < size
+    }
+
+    /// The `ept-map` L1's handler makes for an exit at `address` (in the range).
+    public func mapping(for address: GuestPhysicalAddress) -> EPTMapDirective {
+        let page = address.rawValue & ~(pageSize.bytes - 1)
+        return EPTMapDirective(l2GPA: GuestPhysicalAddress(page), l1GPA: GuestPhysicalAddress(l1GPA.rawValue + (page - l2GPA.rawValue)),
+                               pageSize: pageSize, permissions: permissions, guest: guest)
+    }
 }
 
 /// L2 guests a scenario may run (`guest=0` ... `guest=15`).
@@ -115,6 +146,34 @@ extension DirectiveArguments {
         }
         return .eptMap(EPTMapDirective(l2GPA: GuestPhysicalAddress(l2), l1GPA: GuestPhysicalAddress(l1), pageSize: size,
                                        permissions: try eptPermissions(args[3]), guest: guest))
+    }
+
+    mutating func parseEPTDemand() throws(ScenarioError) -> ScenarioDirective {
+        let args = try positional(["L2GPA", "L1GPA", "SIZE", "4k|2m|1g", "PERMS"])
+        let guest = try guestOption()
+        guard case .value(let bytes) = parseSize(args[3].text), let pageSize = PageSize(rawValue: bytes), pageSize != .size4M else {
+            throw error("page size must be 4k, 2m or 1g, not '\(args[3].text)'", at: args[3])
+        }
+        guard case .value(let size) = parseSize(args[2].text), size > 0, size % pageSize.bytes == 0 else {
+            throw error("SIZE must be a positive multiple of the page size (\(pageSize.name)), not '\(args[2].text)'", at: args[2])
+        }
+        let l2 = try number(args[0], what: "L2GPA")
+        let l1 = try number(args[1], what: "L1GPA")
+        for (value, token, what) in [(l2, args[0], "L2GPA"), (l1, args[1], "L1GPA")] {
+            guard value & (pageSize.bytes - 1) == 0 else {
+                throw error("\(what) \(hex(value)) is not aligned to \(pageSize.name)", at: token)
+            }
+            // The range's last page must fit in an entry's 52-bit address too.
+            guard value < 1 << 52, size <= (1 << 52) - value else {
+                throw error("\(what) \(hex(value)) + SIZE \(hex(size)) does not fit in an entry's 52-bit address", at: token)
+            }
+        }
+        let permissions = try eptPermissions(args[4])
+        guard !permissions.isEmpty else {
+            throw error("PERMS of an on-demand range must map the pages (letters of R W X A D, not 0)", at: args[4])
+        }
+        return .eptDemand(EPTDemandDirective(l2GPA: GuestPhysicalAddress(l2), l1GPA: GuestPhysicalAddress(l1), size: size,
+                                             pageSize: pageSize, permissions: permissions, guest: guest))
     }
 
     /// `guest=N` (0 when absent), the only option of the line.

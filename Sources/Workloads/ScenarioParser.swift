@@ -240,6 +240,8 @@ struct ScenarioParser {
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseL1() }),
         DirectiveSpec(name: "ept-map", usage: "ept-map L2GPA L1GPA 4k|2m|1g PERMS (letters of R W X A D, or 0)",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseEPTMap() }),
+        DirectiveSpec(name: "ept-demand", usage: "ept-demand L2GPA L1GPA SIZE 4k|2m|1g PERMS (letters of R W X A D) [guest=N]",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseEPTDemand() }),
         DirectiveSpec(name: "vmenter", usage: "vmenter [vpid=N]",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseVMEnter() }),
         DirectiveSpec(name: "vmexit", usage: "vmexit",
@@ -363,7 +365,7 @@ struct ScenarioParser {
             (state.registers, state.controls, state.spaces) = (l1.registers, l1.controls, l1.spaces)
             state.suspendedL1 = nil
         case .map, .access, .pte, .invlpg, .reloadCR3, .invpcid, .zap, .memslot, .dirtyLog, .expect, .subPageProtection, .eptMap,
-             .invept, .invvpid, .nxRecover, .age:
+             .eptDemand, .invept, .invvpid, .nxRecover, .age:
             break
         }
         if directive.isGuestOperation && state.firstOperation == nil { state.firstOperation = (line, directive.name) }
@@ -381,7 +383,7 @@ struct ScenarioParser {
         switch directive {
         case .l1:
             if let previous = state.nested { throw fail("L1's paging for L2 given twice (first on line \(previous.line))") }
-        case .eptMap, .vmenter, .invept, .invvpid:
+        case .eptMap, .eptDemand, .vmenter, .invept, .invvpid:
             guard let nested = state.nested else { throw fail("\(directive.name) needs L1's paging for L2 first (`l1 ept` or `l1 npt`)") }
             if state.inL2 { throw fail("\(directive.name) is L1's: the vCPU runs L2 (vmexit first)") }
             if case .npt = nested.setting {

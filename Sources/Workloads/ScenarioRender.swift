@@ -142,6 +142,9 @@ extension ScenarioDirective {
         case .eptMap(let map):
             return ["ept-map", hex(map.l2GPA.rawValue), hex(map.l1GPA.rawValue), map.pageSize.name, map.permissions.rendered]
                 .joined(separator: " ") + (map.guest == 0 ? "" : " guest=\(map.guest)")
+        case .eptDemand(let demand):
+            return ["ept-demand", hex(demand.l2GPA.rawValue), hex(demand.l1GPA.rawValue), hex(demand.size), demand.pageSize.name,
+                    demand.permissions.rendered].joined(separator: " ") + (demand.guest == 0 ? "" : " guest=\(demand.guest)")
         case .vmenter(let vpid, let guest):
             return "vmenter" + (vpid.map { " vpid=\($0)" } ?? "") + (guest == 0 ? "" : " guest=\(guest)")
         case .invvpid(let type, let vpid, let gva):

@@ -63,6 +63,8 @@ public struct RunReport: Sendable {
     public var subPageMasks: [SubPageMaskRecord] = []
     /// Every `age` line, in order.
     public var ages: [AgeRecord] = []
+    /// Every page L1's exit handler mapped for an `ept-demand` range, in order.
+    public var l1Maps: [L1MapRecord] = []
     /// The vCPUs the run brought up.
     public var vcpuCount = 0
     /// The counters every `ScenarioRunner.timelineInterval` directives, and at the end.
@@ -105,6 +107,14 @@ public struct AgeRecord: Sendable, Equatable {
     public var count: UInt64
     /// Some leaf mapping one of the gfns was accessed.
     public var young: Bool
+    /// How many guest operations (`AccessRecord`s) came before it, to place it among them.
+    public var precedingOperations: Int
+}
+
+/// A page L1's exit handler mapped for L2 (an `ept-demand` range), then resuming L2.
+public struct L1MapRecord: Sendable, Equatable {
+    public var line: Int
+    public var map: EPTMapDirective
     /// How many guest operations (`AccessRecord`s) came before it, to place it among them.
     public var precedingOperations: Int
 }
@@ -227,6 +237,8 @@ public final class ScenarioRunner {
     private var l1Kernel: GuestKernel { suspendedL1.map { $0.kernel! } ?? kernel }
     /// By L2 guest (`guest=`): L1's EPT or NPT root table for it.
     private var nestedRootTables: [Int: GuestPhysicalAddress] = [:]
+    /// The `ept-demand` ranges, which L1's exit handler maps page by page.
+    private var demandRanges: [EPTDemandDirective] = []
     /// The L2 guest the vCPU runs or last ran (`vmenter guest=`).
     private var currentL2Guest = 0
     private var l2Checks = 0
@@ -499,6 +511,8 @@ public final class ScenarioRunner {
             nestedSetting = setting
         case .eptMap(let map):
             try writeNestedEntry(map)
+        case .eptDemand(let demand):
+            demandRanges.append(demand)
         case .vmenter(let vpid, let guest):
             currentL2Guest = guest
             switchLevel(toL2: true)
@@ -739,12 +753,12 @@ public final class ScenarioRunner {
 
     private func l2KernelStore(_ entry: GuestPhysicalAddress, _ value: UInt64, size: Int) throws {
         let gva = GuestKernel.linearAddress(of: entry, in: registers.mode)
-        let (outcome, exit) = try checkedL2Access(gva, Access(.write, .supervisor), size: size, value: value)
+        let (outcome, exit) = try l2AccessResumedByL1(gva, Access(.write, .supervisor), size: size, value: value)
         if let exit {
-            try enterL2()
             throw RunFailure.badScenario(line: currentLine, message:
                 "L2's kernel's store to its table entry at L2 guest-physical \(entry) (through \(gva)): "
-                + RunReport.exitText(exit) + "; L1 must map L2's table pool from 1 MiB with write permission (ept-map)")
+                + RunReport.exitText(exit) + "; L1 must map L2's table pool from 1 MiB with write permission "
+                + "(ept-map, or ept-demand)")
         }
         guard case .completed = outcome.result else {
             throw RunFailure.badScenario(line: currentLine, message:
@@ -754,13 +768,20 @@ public final class ScenarioRunner {
     }
 
     private func l2TableLoad(_ entry: GuestPhysicalAddress, size: Int) throws -> UInt64 {
-        switch try vcpu.l1Address(ofL2Physical: entry) {
+        var result = try vcpu.l1Address(ofL2Physical: entry)
+        if case .failure = result, demandRanges.contains(where: { $0.guest == currentL2Guest && $0.covers(entry) }) {
+            // L2's kernel reads the entry: the read exits, L1 maps the page, and the read runs again.
+            _ = try l2AccessResumedByL1(GuestKernel.linearAddress(of: entry, in: registers.mode), Access(.read, .supervisor),
+                                        size: size, value: 0)
+            result = try vcpu.l1Address(ofL2Physical: entry)
+        }
+        switch result {
         case .success(let l1Address):
             return size == 4 ? UInt64(try vm.memory.load32(l1Address)) : try vm.memory.load64(l1Address)
         case .failure(let fault):
             throw RunFailure.badScenario(line: currentLine, message:
                 "L2's table entry at L2 guest-physical \(entry) cannot be read: L1's tables refuse it (\(fault)); "
-                + "L1 must map L2's table pool from 1 MiB readable (ept-map)")
+                + "L1 must map L2's table pool from 1 MiB readable (ept-map, or ept-demand)")
         }
     }
 
@@ -768,9 +789,69 @@ public final class ScenarioRunner {
     /// L1, which resumes L2 as it was (a scenario stays in L2 until `vmexit`).
     private func l2Operation(_ operation: String, _ kind: AccessKind, _ gva: GuestVirtualAddress, cpl: Int, size: Int,
                              value: UInt64, recordedAs recordedGVA: GuestVirtualAddress) throws {
-        let (outcome, exit) = try checkedL2Access(gva, Access(kind, cpl == 3 ? .user : .supervisor), size: size, value: value)
-        record(operation, cpl: cpl, gva: recordedGVA, outcome: outcome, inL2: true, exit: exit)
-        if exit != nil { try enterL2() }
+        _ = try l2AccessResumedByL1(gva, Access(kind, cpl == 3 ? .user : .supervisor), size: size, value: value) { outcome, exit in
+            record(operation, cpl: cpl, gva: recordedGVA, outcome: outcome, inL2: true, exit: exit)
+        }
+    }
+
+    /// One L2 instruction's access. After an exit L1 resumes L2, and when its handler mapped a page
+    /// for the exit (`ept-demand`), L2 executes the instruction again; `attempt` sees every try,
+    /// before L1 handles its exit. The last try's outcome, and its exit if L1 left it unresolved.
+    private func l2AccessResumedByL1(_ gva: GuestVirtualAddress, _ access: Access, size: Int, value: UInt64,
+                                     attempt: (AccessOutcome, NestedVMExit?) -> Void = { _, _ in })
+        throws -> (AccessOutcome, NestedVMExit?) {
+        var tries = 0
+        while true {
+            let (outcome, exit) = try checkedL2Access(gva, access, size: size, value: value)
+            attempt(outcome, exit)
+            guard let exit else { return (outcome, nil) }
+            let mapped = try l1HandleExit(exit)
+            try enterL2()
+            tries += 1
+            // An exit L1 left as it was would only come again.
+            if !mapped || tries == Self.demandRetries { return (outcome, exit) }
+        }
+    }
+
+    /// An L2 instruction exits at most once for each of its table levels and its final address
+    /// before L1 has mapped them all: more exits than that would be L1 mapping in vain.
+    private static let demandRetries = 8
+
+    /// L1's handler of an exit of L2's: an EPT violation (or #NPF) at an address of an `ept-demand`
+    /// range of the guest whose L1 entry is not present maps the page that holds it (true). Any
+    /// other exit it leaves as it is (false), and resumes L2 unchanged.
+    private func l1HandleExit(_ exit: NestedVMExit) throws -> Bool {
+        switch exit {
+        case .eptViolation, .nestedPageFault: break
+        case .eptMisconfiguration: return false
+        }
+        guard let demand = demandRanges.last(where: { $0.guest == currentL2Guest && $0.covers(exit.address) }),
+              try !l1MapsPresent(exit.address, guest: currentL2Guest) else { return false }
+        let map = demand.mapping(for: exit.address)
+        // L1's code runs now: its registers, kernel and stores, with L2's state kept aside.
+        switchLevel(toL2: false)
+        defer { switchLevel(toL2: true) }
+        try writeNestedEntry(map)
+        report.l1Maps.append(L1MapRecord(line: currentLine, map: map, precedingOperations: operationIndex))
+        return true
+    }
+
+    /// Whether L1's EPT (or NPT) tables for `guest` have a present leaf for `address`, read as L1's
+    /// software reads them (its memory, no A/D update).
+    private func l1MapsPresent(_ address: GuestPhysicalAddress, guest: Int) throws -> Bool {
+        guard let setting = nestedSetting, let root = nestedRootTables[guest] else { return false }
+        let isEPT = if case .ept = setting { true } else { false }
+        var table = root.rawValue
+        var level = setting.levels
+        while true {
+            let entry = GuestPhysicalAddress(table + ((address.rawValue >> UInt64(12 + 9 * (level - 1))) & 0x1FF) * 8)
+            guard let page = vm.memory.hostPage(entry.frame) else { return false }
+            let value = page.bytes.load(fromByteOffset: Int(entry.pageOffset), as: UInt64.self)
+            guard isEPT ? value & 7 != 0 : value & 1 != 0 else { return false }
+            if level == 1 || value & 0x80 != 0 { return true }
+            table = value & bitRange(12, 51)
+            level -= 1
+        }
     }
 
     /// One L2 access checked against the architecture's nested walk, the auditors after it. An
@@ -861,12 +942,17 @@ public final class ScenarioRunner {
     /// load L1's tables refuse is an exit to L1 that the instruction would meet again after every
     /// resume, so the scenario stops there.
     private func writeL2(_ new: PagingRegisters, loadsCR3: Bool = false, noFlush: Bool = false) throws {
-        if let exit = try vcpu.setL2Registers(new, loadsCR3: loadsCR3, noFlush: noFlush) {
+        var tries = 0
+        while let exit = try vcpu.setL2Registers(new, loadsCR3: loadsCR3, noFlush: noFlush) {
             noteL2Transition()
+            let mapped = try l1HandleExit(exit)
             try enterL2()
-            throw RunFailure.badScenario(line: currentLine, message:
-                "L2's PAE PDPTE load for CR3 \(GuestPhysicalAddress(new.cr3 & 0xFFFF_FFE0)): " + RunReport.exitText(exit)
-                + "; L1 must map L2's PDPT readable (ept-map)")
+            tries += 1
+            guard mapped, tries < Self.demandRetries else {
+                throw RunFailure.badScenario(line: currentLine, message:
+                    "L2's PAE PDPTE load for CR3 \(GuestPhysicalAddress(new.cr3 & 0xFFFF_FFE0)): " + RunReport.exitText(exit)
+                    + "; L1 must map L2's PDPT readable (ept-map, or ept-demand)")
+            }
         }
         registers = new
     }

@@ -74,6 +74,7 @@ extension WorkloadComparison {
             counter("nested_run (VM entries)", "nested_run")
             row("L2 operations") { String($0.report.accesses.filter(\.inL2).count) }
             row("  exits to L1") { String($0.report.accesses.filter { $0.exitToL1 != nil }.count) }
+            row("  pages L1 mapped at exits (on demand)") { String($0.report.l1Maps.count) }
             row("  L2 TLB hits") { String($0.report.accesses.filter { $0.inL2 && $0.outcome.tlbHit }.count) }
             row("guest_mode shadow pages (guest_mmu, at the end)") { run in
                 String(run.report.shadowPagesByRole.filter { $0.key.contains("guest_mode") }.values.reduce(0, +))

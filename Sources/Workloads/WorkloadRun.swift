@@ -42,9 +42,10 @@ public struct WorkloadComparison {
     /// (directive index, value read, value expected).
     public func loadMismatches(_ run: WorkloadMMURun) -> [(directive: Int, read: UInt64, expected: UInt64)] {
         run.report.accesses.compactMap { access in
-            // A generated scenario's directive i is on line i + 1.
-            guard let expected = expectedLoads[access.line - 1], case .completed(_, let value) = access.outcome.result,
-                  value != expected else { return nil }
+            // A generated scenario's directive i is on line i + 1. An L2 load that exited to L1 read
+            // nothing: the try after L1's handler is the load.
+            guard access.exitToL1 == nil, let expected = expectedLoads[access.line - 1],
+                  case .completed(_, let value) = access.outcome.result, value != expected else { return nil }
             return (access.line - 1, value, expected)
         }
     }
@@ -52,7 +53,9 @@ public struct WorkloadComparison {
     /// How many of `run`'s loads had an expected value and returned it.
     public func loadsChecked(_ run: WorkloadMMURun) -> Int {
         run.report.accesses.filter { access in
-            guard expectedLoads[access.line - 1] != nil, case .completed = access.outcome.result else { return false }
+            guard access.exitToL1 == nil, expectedLoads[access.line - 1] != nil, case .completed = access.outcome.result else {
+                return false
+            }
             return true
         }.count - loadMismatches(run).count
     }

@@ -26,6 +26,9 @@ struct RandomL2Scenario {
     /// KVM's NX huge-page mitigation on, with a recovery pass at every exit to L1 (the random draws
     /// stay those of the seed without it).
     var nxHugePages = false
+    /// L1 maps L2's table pool and data on demand (`ept-demand`) instead of up front; the random
+    /// `ept-map` lines then override parts of the data range.
+    var demand = false
     static let poolTables: UInt64 = 40
 
     init(seed: UInt64, npt: Bool) {
@@ -117,8 +120,14 @@ struct RandomL2Scenario {
         } else {
             lines.append("l1 ept levels=\(pick([4, 5])) ad=\(pick([0, 1])) execonly=\(pick([0, 1]))")
         }
-        for table in 0..<Self.poolTables {
-            lines.append("ept-map \(hex(0x10_0000 + table * 0x1000)) \(hex(0x110_0000 + table * 0x1000)) 4k RWX")
+        if demand {
+            lines.append("ept-demand 0x100000 0x1100000 \(hex(Self.poolTables * 0x1000)) 4k RWX")
+            let rights = permissions()
+            lines.append("ept-demand 0x1000000 0x2000000 0x400000 \(pick(["4k", "2m"])) \(rights == "0" ? "R" : rights)")
+        } else {
+            for table in 0..<Self.poolTables {
+                lines.append("ept-map \(hex(0x10_0000 + table * 0x1000)) \(hex(0x110_0000 + table * 0x1000)) 4k RWX")
+            }
         }
         for _ in 0..<12 { append(dataMap()) }
         append(vmenter())
@@ -171,6 +180,11 @@ struct L2RandomLockstepTests {
         try runRandomL2Scenario(seed: UInt64(seed), npt: seed % 4 == 3, nxHugePages: true)
     }
 
+    @Test("Random L2 seeds with L1 mapping L2's tables and data at its exits (ept-demand)", arguments: 0..<8)
+    func demand(seed: Int) throws {
+        try runRandomL2Scenario(seed: UInt64(500 + seed), npt: seed % 4 == 3, demand: true)
+    }
+
     @Test("Random L2 paging over random L1 NPT maps", arguments: 0..<8)
     func npt(seed: Int) throws {
         try runRandomL2Scenario(seed: UInt64(1000 + seed), npt: true)
@@ -188,27 +202,30 @@ struct L2RandomLockstepTests {
 /// Many more seeds, only with VIRTMMU_EXHAUSTIVE=1 (CI: `--filter Exhaustive` in release).
 @Suite("Exhaustive random L2 lockstep", .enabled(if: RandomLockstep.exhaustive))
 struct ExhaustiveRandomL2LockstepTests {
-    @Test("Exhaustive random L2 seed under EPT (every third with the NX huge-page mitigation)", arguments: 100..<400)
+    @Test("Exhaustive random L2 seed under EPT (every third with the NX huge-page mitigation, every fifth on demand)",
+          arguments: 100..<400)
     func ept(seed: Int) throws {
-        try runRandomL2Scenario(seed: UInt64(seed), npt: false, nxHugePages: seed % 3 == 2)
+        try runRandomL2Scenario(seed: UInt64(seed), npt: false, nxHugePages: seed % 3 == 2, demand: seed % 5 == 4)
     }
 
-    @Test("Exhaustive random L2 seed under NPT", arguments: 2000..<2100)
+    @Test("Exhaustive random L2 seed under NPT (every fifth on demand)", arguments: 2000..<2100)
     func npt(seed: Int) throws {
-        try runRandomL2Scenario(seed: UInt64(seed), npt: true)
+        try runRandomL2Scenario(seed: UInt64(seed), npt: true, demand: seed % 5 == 4)
     }
 }
 
 /// Runs one random L2 scenario; a disagreement, broken invariant or bad scenario is an issue that
 /// names the seed and shows the scenario.
-func runRandomL2Scenario(seed: UInt64, npt: Bool, nxHugePages: Bool = false) throws {
+func runRandomL2Scenario(seed: UInt64, npt: Bool, nxHugePages: Bool = false, demand: Bool = false) throws {
     var generator = RandomL2Scenario(seed: seed, npt: npt)
     generator.nxHugePages = nxHugePages
+    generator.demand = demand
     let text = generator.generate()
     let scenario = try Scenario.parse(text, name: "random-l2-\(seed)")
     do {
         let report = try ScenarioRunner(scenario: scenario, mmu: npt ? .npt() : .ept()).run()
         #expect(report.lockstepChecks > 50)
+        if demand { #expect(!report.l1Maps.isEmpty, "L1 mapped L2's tables at their exits") }
         #expect(report.accesses.contains { $0.inL2 && $0.exitToL1 != nil } || report.accesses.contains { $0.outcome.tlbHit },
                 "the run reached KVM's exits or the L2 TLB")
     } catch {

@@ -125,10 +125,101 @@ struct NestedScenarioTests {
         #expect(ept.statsAfter.nestedRun == 3)
     }
 
+    @Test("examples/nested-demand.vmm: L1 maps L2's pages at its exits, L2 executes the instruction again")
+    func demandExample() throws {
+        let path = URL(fileURLWithPath: nestedExample).deletingLastPathComponent().appendingPathComponent("nested-demand.vmm").path
+        let report = try ScenarioRunner(scenario: try Scenario.parse(contentsOfFile: path), mmu: .ept()).run()
+        let exits = report.accesses.map(\.exitToL1)
+        #expect(exits.map { $0?.address.rawValue } == [0x100_0008, nil, nil, nil, 0x180_0010, nil, 0x180_0010, nil])
+        // Each resolved exit is followed by the same line again, completing.
+        #expect(report.accesses[1].line == report.accesses[0].line && report.accesses[5].line == report.accesses[4].line)
+        #expect(report.accesses[1].outcome.result == .completed(gpa: GuestPhysicalAddress(0x100_0008), value: 0x1111))
+        #expect(report.accesses[2].outcome.result == .completed(gpa: GuestPhysicalAddress(0x100_0008), value: 0x1111))
+        #expect(report.accesses[5].outcome.result == .completed(gpa: GuestPhysicalAddress(0x180_0010), value: 0))
+        // The write to the page L1 maps read-only: a violation with the entry's R in the
+        // qualification, which L1 leaves as it is (the line is not run again).
+        guard case .eptViolation(_, let qualification)? = exits[6] else {
+            Issue.record("\(exits)")
+            return
+        }
+        #expect(qualification.contains(.dataWrite) && qualification.contains(.readable))
+        #expect(report.accesses[7].line == report.accesses[6].line + 1)
+        // L2's kernel's table pages one 4 KiB page each, then the 2 MiB page and the read-only 4 KiB one.
+        let maps = report.l1Maps.map(\.map)
+        #expect(maps.dropLast(2).allSatisfy { $0.pageSize == .size4K && $0.l2GPA.rawValue >= 0x10_0000 && $0.l2GPA.rawValue < 0x100_0000
+            && $0.l1GPA.rawValue == $0.l2GPA.rawValue + 0x100_0000 })
+        #expect(maps.suffix(2) == [
+            EPTMapDirective(l2GPA: GuestPhysicalAddress(0x100_0000), l1GPA: GuestPhysicalAddress(0x200_0000), pageSize: .size2M,
+                            permissions: [.read, .write, .execute]),
+            EPTMapDirective(l2GPA: GuestPhysicalAddress(0x180_0000), l1GPA: GuestPhysicalAddress(0x280_0000), pageSize: .size4K,
+                            permissions: [.read]),
+        ])
+        // Every exit but the last was resolved by a map and resumed: nested_run counts the first
+        // entry and one resume per exit.
+        #expect(report.statsAfter.nestedRun == 1 + UInt64(maps.count) + 1)
+        // The JSON places each map after the exit it resolved and before the instruction's next try.
+        let lines = report.jsonLines().split(separator: "\n").map(String.init)
+        let firstMap = try #require(lines.firstIndex { $0.contains("\"l2gpa\":\"0x1000000\"") })
+        #expect(lines[firstMap] == #"{"type":"l1_map","guest":0,"l2gpa":"0x1000000","l1gpa":"0x2000000","size":"2m","perms":"RWX"}"#)
+        #expect(lines[firstMap - 1].contains("\"i\":0,") && lines[firstMap - 1].contains("\"exit\":\"ept_violation\""))
+        #expect(lines[firstMap + 1].contains("\"i\":1,") && lines[firstMap + 1].contains("\"exit\":\"none\""))
+    }
+
+    @Test("On-demand maps under NPT, a walk's table pages mapped one exit at a time, and exits outside every range left alone")
+    func demandUnderNPTAndNestedTables() throws {
+        let npt = try run("""
+            l1 npt levels=4
+            ept-demand 0x0 0x1000000 16m 4k RWX
+            ept-demand 0x1000000 0x2000000 2m 2m RW guest=1
+            vmenter
+            set paging=4
+            map 0x400000 0x1000000 4k P|RW
+            access write 0x400000 value=5
+            access read 0x400000
+            vmexit
+            vmenter guest=1
+            access write 0x1000010 value=9
+            access read 0x1000010
+            access read 0x1200000
+            access exec 0x1000000
+            """, mmu: .npt())
+        // Guest 0's 0x1000000 is in no range of guest 0: the #NPF stays; guest 1 maps it, RW only.
+        let exits = npt.accesses.map(\.exitToL1)
+        guard case .nestedPageFault(let address, _)? = exits[0] else {
+            Issue.record("\(exits)")
+            return
+        }
+        #expect(address.rawValue == 0x100_0000 && npt.accesses[1].exitToL1 != nil)
+        #expect(npt.accesses[2].exitToL1 != nil && npt.accesses[3].outcome.result == .completed(gpa: GuestPhysicalAddress(0x100_0010), value: 9))
+        #expect(npt.accesses[4].outcome.result == .completed(gpa: GuestPhysicalAddress(0x100_0010), value: 9))
+        #expect(npt.accesses[5].exitToL1 != nil, "0x1200000 is outside guest 1's range")
+        #expect(npt.accesses[6].exitToL1 != nil && npt.accesses.count == 7, "a fetch from a page L1 maps NX")
+        #expect(npt.l1Maps.last?.map == EPTMapDirective(l2GPA: GuestPhysicalAddress(0x100_0000), l1GPA: GuestPhysicalAddress(0x200_0000),
+                                                         pageSize: .size2M, permissions: [.read, .write], guest: 1))
+
+        // L2 paging with its tables on demand too: the first access's walk meets each unmapped table
+        // page in turn (nothing was stored there yet by an access: the kernel's stores mapped them).
+        let ept = try run("""
+            l1 ept levels=4 ad=1
+            ept-demand 0x0 0x1000000 32m 4k RW
+            vmenter
+            set paging=4 nx=1
+            map 0x400000 0x1800000 4k P|RW
+            access write 0x400000 value=0x77
+            access read 0x400000
+            """)
+        #expect(ept.accesses.last?.outcome.result == .completed(gpa: GuestPhysicalAddress(0x180_0000), value: 0x77))
+        #expect(ept.l1Maps.contains { $0.map.l2GPA.rawValue == 0x180_0000 })
+        #expect(ept.statsAfter.nestedRun == 1 + UInt64(ept.l1Maps.count))
+    }
+
     @Test("Nested directives render to what parses back the same")
     func roundTrip() throws {
-        let scenario = try Scenario.parse(contentsOfFile: nestedExample)
-        let again = try Scenario.parse(scenario.render(), name: scenario.name)
-        #expect(again.directives.map(\.directive) == scenario.directives.map(\.directive))
+        for name in ["nested-ept.vmm", "nested-demand.vmm"] {
+            let path = URL(fileURLWithPath: nestedExample).deletingLastPathComponent().appendingPathComponent(name).path
+            let scenario = try Scenario.parse(contentsOfFile: path)
+            let again = try Scenario.parse(scenario.render(), name: scenario.name)
+            #expect(again.directives.map(\.directive) == scenario.directives.map(\.directive))
+        }
     }
 }

@@ -26,7 +26,15 @@ import X86Paging
         }
         #expect(directives.contains { if case .switchSpace = $0 { return true } else { return false } })
         let delta = run.report.statsAfter.delta(from: run.report.statsBefore)
-        #expect(delta.nestedRun == UInt64(directives.filter { if case .vmenter = $0 { return true } else { return false } }.count))
+        // L1 maps the guests' memory at their exits and resumes them: every exit was resolved so.
+        let vmenters = directives.filter { if case .vmenter = $0 { return true } else { return false } }.count
+        #expect(delta.nestedRun == UInt64(vmenters + run.report.l1Maps.count))
+        #expect(run.report.l1Maps.contains { $0.map.pageSize == .size4K } && run.report.l1Maps.contains { $0.map.pageSize == .size2M })
+        #expect(Set(run.report.l1Maps.map { "\($0.map.guest) \($0.map.l2GPA)" }).count == run.report.l1Maps.count,
+                "each page mapped once")
+        for (index, access) in run.report.accesses.enumerated() where access.exitToL1 != nil {
+            #expect(run.report.accesses[index + 1].line == access.line, "the instruction runs again after L1's handler")
+        }
         #expect(run.report.accesses.allSatisfy { $0.inL2 }, "every guest operation is an L2 one")
         #expect(run.report.accesses.contains { $0.outcome.tlbHit }, "the L2 TLB serves accesses")
         #expect(run.report.accesses.contains { $0.outcome.result.isPageFault }, "demand paging and copy-on-write in L2")

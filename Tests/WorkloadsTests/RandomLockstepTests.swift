@@ -812,7 +812,7 @@ struct GuestTableModel {
     /// returns true (otherwise the model is unchanged).
     mutating func apply(_ directive: ScenarioDirective) -> Bool {
         switch directive {
-        case .l1, .eptMap, .vmenter, .vmexit, .invept, .invvpid:  // L2 is not part of this model (NestedScenarioTests)
+        case .l1, .eptMap, .eptDemand, .vmenter, .vmexit, .invept, .invvpid:  // L2 is not part of this model (NestedScenarioTests)
             return false
         case .mem, .cpu, .zap, .memslot, .dirtyLog, .subPageProtection, .kvm, .nxRecover, .age:  // host-side requests change nothing the guest's tables say
             return true

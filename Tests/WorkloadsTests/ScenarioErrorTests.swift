@@ -27,7 +27,7 @@ private let preludeLines = 3
 struct ScenarioErrorTests {
     static let cases: [BadCase] = [
         // Directives
-        BadCase("frobnicate 1", line: 1, column: 1, "unknown directive 'frobnicate' (known directives: mem, cpu, set, map, access, pte, invlpg, reload-cr3, host, space, switch, invpcid, cr0, cr4, efer, cr3, zap, memslot, dirty-log, expect, vcpu, spp, l1, ept-map, vmenter, vmexit, invept, invvpid, kvm, nx-recover, age)"),
+        BadCase("frobnicate 1", line: 1, column: 1, "unknown directive 'frobnicate' (known directives: mem, cpu, set, map, access, pte, invlpg, reload-cr3, host, space, switch, invpcid, cr0, cr4, efer, cr3, zap, memslot, dirty-log, expect, vcpu, spp, l1, ept-map, ept-demand, vmenter, vmexit, invept, invvpid, kvm, nx-recover, age)"),
         BadCase("  maps 0x1000", line: 1, column: 3, "unknown directive 'maps'"),
         BadCase("reload-cr3 now", line: 1, column: 12, "reload-cr3: unexpected 'now'"),
         BadCase("invlpg", line: 1, column: 1, "invlpg: missing GVA (usage: invlpg GVA)"),
@@ -43,6 +43,15 @@ struct ScenarioErrorTests {
         BadCase("l1 ept\nept-map 0x1000 0x1000000 2m RWX", line: 2, column: 9, "L2GPA 0x1000 is not aligned to 2m"),
         BadCase("l1 ept\nept-map 0 0x1000000 4m RWX", line: 2, column: 21, "page size must be 4k, 2m or 1g, not '4m'"),
         BadCase("l1 ept\nept-map 0 0x1000000 4k RWZ", line: 2, column: 24, "PERMS are letters from R W X A D (or 0 alone), not 'RWZ'"),
+        BadCase("ept-demand 0 0x1000000 16m 4k RWX", line: 1, column: 1, "ept-demand needs L1's paging for L2 first"),
+        BadCase("l1 ept\nept-demand 0 0x1000000 3m 2m RWX", line: 2, column: 24,
+                "SIZE must be a positive multiple of the page size (2m), not '3m'"),
+        BadCase("l1 ept\nept-demand 0 0x1000000 0 4k RWX", line: 2, column: 24, "SIZE must be a positive multiple"),
+        BadCase("l1 ept\nept-demand 0x1000 0x1000000 4m 2m RWX", line: 2, column: 12, "L2GPA 0x1000 is not aligned to 2m"),
+        BadCase("l1 ept\nept-demand 0 0x1000000 4m 2m 0", line: 2, column: 30,
+                "PERMS of an on-demand range must map the pages (letters of R W X A D, not 0)"),
+        BadCase("l1 ept\nept-demand 0xfffffffffffff000 0 8k 4k R", line: 2, column: 12, "does not fit in an entry's 52-bit address"),
+        BadCase("l1 ept\nvmenter\nept-demand 0 0x1000000 4k 4k R", line: 3, column: 1, "ept-demand is L1's: the vCPU runs L2"),
         BadCase("l1 npt\ninvept single", line: 2, column: 1, "invept needs `l1 ept`"),
         BadCase("l1 ept\ninvept local", line: 2, column: 8, "INVEPT type must be single or global, not 'local'"),
         BadCase("l1 ept\nvmexit", line: 2, column: 1, "vmexit: the vCPU runs L1 (vmenter first)"),
