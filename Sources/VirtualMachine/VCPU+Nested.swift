@@ -205,6 +205,15 @@ extension VCPU {
     /// L2's registers, while or since it last ran.
     public var l2Registers: PagingRegisters? { nested?.registers }
 
+    /// L1's EPT tables changed while this vCPU runs L2 (another vCPU's L1 wrote them, or its VM
+    /// entry loaded and synced `guest_mmu` pages this vCPU's root shares): the processor may cache
+    /// guest-physical mappings from them as they are now and use them until its own INVEPT, so the
+    /// lockstep check keeps them beside the tables of this vCPU's VM entries.
+    public func noteL1EPTChangedWhileInL2() {
+        guard let nested, nested.inL2, case .ept(let pointer, _) = nested.paging else { return }
+        nested.recordEPTSnapshot(pointer, memory: vm.memory)
+    }
+
     /// VMLAUNCH/VMRESUME (or VMRUN) of L1's: the checks a nested VM entry makes (a refused entry
     /// leaves L1 running and changes nothing), `guest_mmu` moved to L1's EPTP or nCR3 (its root
     /// cached or built at the first access), L2's registers in hardware. Counts `nested_run`.

@@ -126,13 +126,24 @@ struct ScenarioState: Sendable {
     var hostLevels: Int?
     var hostLine: Int?
     var kvmParameters = KVMModuleParameters()
-    /// The address spaces created so far (`kernel` exists from the start).
-    var spaces: Set<String> = [Scenario.kernelSpace]
+    /// L1's address spaces created so far (`kernel` exists from the start), and each L2 guest's:
+    /// a guest's kernel and its spaces are shared by all the vCPUs that run it.
+    var l1Spaces: Set<String> = [Scenario.kernelSpace]
+    var l2Spaces: [Int: Set<String>] = [:]
+    /// The address spaces of the level the lines run in.
+    var spaces: Set<String> {
+        get { inL2 ? l2Spaces[currentGuest, default: [Scenario.kernelSpace]] : l1Spaces }
+        set {
+            if inL2 { l2Spaces[currentGuest] = newValue } else { l1Spaces = newValue }
+        }
+    }
     /// The first guest operation: its line and keyword.
     var firstOperation: (line: Int, name: String)?
-    /// Every vCPU brought up so far, with the registers and settings its lines left; the current
-    /// one's live in `registers` and `controls` (its entry here is stale until `vcpu` switches away).
-    var vcpus: [(registers: PagingRegisters, controls: ControlState)] = [(ControlState.defaults.registers(cr3: 0), .defaults)]
+    /// Every vCPU brought up so far, with the registers and settings its lines left and, for one
+    /// that runs L2, L1's kept aside and the guest; the current one's live in `registers`,
+    /// `controls`, `suspendedL1` and `currentGuest` (its entry here is stale until `vcpu` switches
+    /// away).
+    var vcpus: [VCPULines] = [VCPULines(level: GuestLevelLines(registers: ControlState.defaults.registers(cr3: 0), controls: .defaults))]
     /// The vCPU the lines run on.
     var currentVCPU = 0
     /// L1's paging for L2 and the line that gave it.
@@ -155,15 +166,21 @@ struct ScenarioState: Sendable {
     var runningMode: PagingMode { registers.mode }
 }
 
-/// What the lines so far left of one guest level (L1, or an L2).
+/// What the lines so far left of one guest level (L1, or an L2) on one vCPU.
 struct GuestLevelLines: Sendable {
     var registers: PagingRegisters
     var controls: ControlState
-    var spaces: Set<String>
 
     /// An L2 at its first entry: paging off, the default settings for the mode a `set paging=`
-    /// chooses, only the kernel space.
-    static let newL2 = GuestLevelLines(registers: PagingRegisters(), controls: .defaults, spaces: [Scenario.kernelSpace])
+    /// chooses.
+    static let newL2 = GuestLevelLines(registers: PagingRegisters(), controls: .defaults)
+}
+
+/// What the lines so far left of one vCPU: the level it runs, and L1's while it runs L2 `guest`.
+struct VCPULines: Sendable {
+    var level: GuestLevelLines
+    var suspendedL1: GuestLevelLines? = nil
+    var guest = 0
 }
 
 /// One whitespace-separated word of a line.
@@ -345,24 +362,28 @@ struct ScenarioParser {
         case .loadCR3(let value, _):
             state.registers.cr3 = value & 0xFFF
         case .vcpu(let index):
-            // Each vCPU has its own registers; a new one starts as the current one is.
-            state.vcpus[state.currentVCPU] = (state.registers, state.controls)
-            if index == state.vcpus.count { state.vcpus.append((state.registers, state.controls)) }
+            // Each vCPU has its own registers and level; a new one starts as the current one is
+            // (in L1: checkNesting refuses one brought up from L2).
+            state.vcpus[state.currentVCPU] = VCPULines(level: GuestLevelLines(registers: state.registers, controls: state.controls),
+                                                       suspendedL1: state.suspendedL1, guest: state.currentGuest)
+            if index == state.vcpus.count { state.vcpus.append(state.vcpus[state.currentVCPU]) }
             state.currentVCPU = index
-            (state.registers, state.controls) = state.vcpus[index]
+            let next = state.vcpus[index]
+            (state.registers, state.controls, state.suspendedL1, state.currentGuest)
+                = (next.level.registers, next.level.controls, next.suspendedL1, next.guest)
         case .l1(let setting):
             if state.firstOperation != nil { throw tooLate("l1") }
             state.nested = (setting, line)
         case .vmenter(_, let guest):
-            state.suspendedL1 = GuestLevelLines(registers: state.registers, controls: state.controls, spaces: state.spaces)
+            state.suspendedL1 = GuestLevelLines(registers: state.registers, controls: state.controls)
             state.currentGuest = guest
             let l2 = state.l2Levels[state.currentVCPU * 16 + guest] ?? .newL2
-            (state.registers, state.controls, state.spaces) = (l2.registers, l2.controls, l2.spaces)
+            (state.registers, state.controls) = (l2.registers, l2.controls)
         case .vmexit:
-            state.l2Levels[state.currentVCPU * 16 + state.currentGuest] = GuestLevelLines(
-                registers: state.registers, controls: state.controls, spaces: state.spaces)
+            state.l2Levels[state.currentVCPU * 16 + state.currentGuest] = GuestLevelLines(registers: state.registers,
+                                                                                          controls: state.controls)
             let l1 = state.suspendedL1!
-            (state.registers, state.controls, state.spaces) = (l1.registers, l1.controls, l1.spaces)
+            (state.registers, state.controls) = (l1.registers, l1.controls)
             state.suspendedL1 = nil
         case .map, .access, .pte, .invlpg, .reloadCR3, .invpcid, .zap, .memslot, .dirtyLog, .expect, .subPageProtection, .eptMap,
              .eptDemand, .invept, .invvpid, .nxRecover, .age:
@@ -397,6 +418,12 @@ struct ScenarioParser {
             if !state.inL2 { throw fail("vmexit: the vCPU runs L1 (vmenter first)") }
         case .access, .expect, .set, .map, .pte, .invlpg, .space, .switchSpace, .reloadCR3, .invpcid:
             break  // L1's, or L2's between `vmenter` and `vmexit`
+        case .vcpu(let index):
+            // Another vCPU runs whatever it ran (L1, or an L2 guest whose kernel all its vCPUs share).
+            if state.inL2 && index == state.vcpus.count {
+                throw fail("vcpu \(index): a new vCPU comes up in L1 (the current one runs L2: vmexit first, or switch to "
+                           + "a vCPU in L1)")
+            }
         default:
             if state.inL2 { throw fail("\(directive.name) in L2 is not modelled (docs/NESTED.md): vmexit first") }
         }

@@ -205,6 +205,9 @@ public final class ScenarioRunner {
         var controls: ControlState
         var registers: PagingRegisters
         var loadedSpace: String?
+        /// While the vCPU runs L2: L1's state kept aside, and which L2 guest it runs.
+        var suspendedL1: GuestLevelState? = nil
+        var l2Guest = 0
     }
 
     private struct Mapping: Hashable {
@@ -227,8 +230,11 @@ public final class ScenarioRunner {
     /// L1's while the directives act on L2.
     private var suspendedL1: GuestLevelState?
     /// Each vCPU's L2 guests (by `vCPU * 16 + guest`) while L1 runs: L2's registers live on in
-    /// vmcs12 across exits, and L2's kernel keeps its tables.
+    /// vmcs12 across exits. (Their `kernel` is unused: see `l2Kernels`.)
     private var l2Levels: [Int: GuestLevelState] = [:]
+    /// Each L2 guest's kernel, made when an L2 line first needs its tables and shared by every vCPU
+    /// that runs the guest, as one OS's page tables are.
+    private var l2Kernels: [Int: GuestKernel] = [:]
     /// Each vCPU's vmcs12 VPID for L2 as its last `vmenter` gave it (nil: VPID not enabled).
     private var l2VPIDs: [Int: UInt16?] = [:]
     /// Whether the directives act on L2 (the vCPU runs L2, or L1 handles an exit of L2's).
@@ -396,14 +402,21 @@ public final class ScenarioRunner {
     }
 
     private var currentProcessor: ProcessorState {
-        ProcessorState(vcpu: vcpu, reference: reference, controls: controls, registers: registers, loadedSpace: loadedSpace)
+        ProcessorState(vcpu: vcpu, reference: reference, controls: controls, registers: registers, loadedSpace: loadedSpace,
+                       suspendedL1: suspendedL1, l2Guest: currentL2Guest)
     }
 
     /// `vcpu N`: the current vCPU's state is put away and vCPU `index`'s taken up; a new vCPU
-    /// comes up in the current one's state (registers, loaded space) with its own empty TLB.
+    /// comes up in the current one's state (registers, loaded space) with its own empty TLB, in L1
+    /// (the parser refuses one brought up from L2). A vCPU that runs L2 goes on running it: the
+    /// directives act on its L2 guest, whose kernel its other vCPUs share.
     private func selectVCPU(_ index: Int) throws {
+        let l1 = l1Kernel
         processors[currentVCPU] = currentProcessor
         if index == processors.count {
+            guard suspendedL1 == nil else {
+                throw RunFailure.badScenario(line: currentLine, message: "vcpu: a new vCPU comes up in L1, and vCPU \(currentVCPU) runs L2")
+            }
             let new = try vm.addVCPU(registers: registers)
             new.dirtyRingFullHandler = { [unowned self] in self.harvestAndResetDirtyRings() }
             processors.append(ProcessorState(vcpu: new, reference: try reference.bringUpProcessor(registers: registers),
@@ -414,6 +427,8 @@ public final class ScenarioRunner {
         }
         let next = processors[index]
         (vcpu, reference, controls, registers, loadedSpace) = (next.vcpu, next.reference, next.controls, next.registers, next.loadedSpace)
+        (suspendedL1, currentL2Guest) = (next.suspendedL1, next.l2Guest)
+        kernel = suspendedL1 == nil ? l1 : l2Kernels[currentL2Guest]
         currentVCPU = index
     }
 
@@ -629,6 +644,13 @@ public final class ScenarioRunner {
         }
     }
 
+    /// The other vCPUs that run L2 now may cache L1's EPT as this vCPU's L1 store or VM entry left
+    /// it (see `VCPU.noteL1EPTChangedWhileInL2`).
+    private func noteL1EPTChangeToOtherVCPUs() {
+        guard nestedSetting != nil, processors.count > 1 else { return }
+        for index in processors.indices where index != currentVCPU { processors[index].vcpu.noteL1EPTChangedWhileInL2() }
+    }
+
     /// `vmenter`, or L1 resuming L2 after an exit: L1's EPTP (or nCR3) with the scenario's
     /// settings and L2's registers as L2 left them (paging off at the first entry).
     private func enterL2() throws {
@@ -655,6 +677,7 @@ public final class ScenarioRunner {
         }
         try vcpu.enterL2(paging, registers: registers, vpid: l2VPIDs[currentVCPU] ?? nil)
         noteL2Transition()
+        noteL1EPTChangeToOtherVCPUs()
     }
 
     /// A VM entry or exit: without VPID for L2, the architecture flushes VPID 0, which is L1's
@@ -673,6 +696,8 @@ public final class ScenarioRunner {
             suspendedL1 = current
             next = l2Levels[key]
                 ?? GuestLevelState(controls: .defaults, registers: PagingRegisters(), kernel: nil, loadedSpace: Scenario.kernelSpace)
+            (controls, registers, kernel, loadedSpace) = (next.controls, next.registers, l2Kernels[currentL2Guest], next.loadedSpace)
+            return
         } else {
             l2Levels[key] = current
             next = suspendedL1!
@@ -742,12 +767,14 @@ public final class ScenarioRunner {
     /// tables in L1's memory through L1's tables, as the software owning L2's memory does.
     private func l2Kernel(mode: PagingMode) throws -> GuestKernel {
         if let kernel { return kernel }
+        // Made by the first vCPU that needs it, for all that run the guest.
         let made = try GuestKernel(l2Of: vm, mode: mode, store: { [unowned self] entry, value, size in
             try self.l2KernelStore(entry, value, size: size)
         }, load: { [unowned self] entry, size in
             try self.l2TableLoad(entry, size: size)
         })
         kernel = made
+        l2Kernels[currentL2Guest] = made
         return made
     }
 
@@ -1095,6 +1122,8 @@ public final class ScenarioRunner {
             finish()
             throw RunFailure.brokenInvariant(line: currentLine, message: problem, partial: report)
         }
+        // Any L1 store may rewrite its EPT tables (an `ept-map`'s do).
+        if access.kind == .write { noteL1EPTChangeToOtherVCPUs() }
         return outcome
     }
 

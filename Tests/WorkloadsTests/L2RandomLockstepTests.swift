@@ -29,6 +29,12 @@ struct RandomL2Scenario {
     /// L1 maps L2's table pool and data on demand (`ept-demand`) instead of up front; the random
     /// `ept-map` lines then override parts of the data range.
     var demand = false
+    /// Two L1 vCPUs run the L2 guest (one kernel, its tables shared), the lines switching between
+    /// them while both are in L2; each exit, L1 change and entry is the current vCPU's.
+    var smp = false
+    /// With `smp`: the vCPU the lines run on, and whether each runs L2.
+    var currentVCPU = 0
+    var vcpuInL2 = [false, false]
     static let poolTables: UInt64 = 40
 
     init(seed: UInt64, npt: Bool) {
@@ -90,6 +96,9 @@ struct RandomL2Scenario {
                 let gva = pick(pages)
                 let leaf = flags()
                 line = "pte \(hex(gva)) 1 \(leaf) cpl=0"
+            } else if smp && choice == 5 && vcpuInL2[1 - currentVCPU] && chance(50) {
+                currentVCPU = 1 - currentVCPU
+                line = "vcpu \(currentVCPU)"
             } else if choice == 4 {
                 let pages = small + large + [0x40_0000]
                 let page = pick(pages)
@@ -110,7 +119,13 @@ struct RandomL2Scenario {
     mutating func append(_ line: String) { lines.append(line) }
 
     mutating func vmenter() -> String {
-        npt ? "vmenter" : pick(["vmenter", "vmenter vpid=1", "vmenter vpid=1", "vmenter vpid=2"])
+        vcpuInL2[currentVCPU] = true
+        return npt ? "vmenter" : pick(["vmenter", "vmenter vpid=1", "vmenter vpid=1", "vmenter vpid=2"])
+    }
+
+    mutating func vmexit() -> String {
+        vcpuInL2[currentVCPU] = false
+        return "vmexit"
     }
 
     mutating func generate() -> String {
@@ -130,13 +145,24 @@ struct RandomL2Scenario {
             }
         }
         for _ in 0..<12 { append(dataMap()) }
+        if smp { lines += ["vcpu 1", "vcpu 0"] }  // vCPUs come up in L1
         append(vmenter())
         mode = pick(["4", "4", "5", "pae"])
         let wp = pick([0, 1]), nx = pick([0, 1, 1])
         append("set paging=\(mode) wp=\(wp) nx=\(nx)")
+        if smp {
+            // The second vCPU enters the same guest (paging off at its first entry) and turns on
+            // paging over the tables the first one's kernel built.
+            append("vcpu 1")
+            currentVCPU = 1
+            append(vmenter())
+            append("set paging=\(mode) wp=\(wp) nx=\(nx)")
+            append("vcpu 0")
+            currentVCPU = 0
+        }
         l2Operations(count: 40, editTables: true)
         for _ in 0..<4 {
-            lines.append("vmexit")
+            append(vmexit())
             if nxHugePages { lines.append("nx-recover") }
             for _ in 0..<3 { append(dataMap()) }
             // Now and then L1 takes rights away from one of L2's tables for a run of accesses only.
@@ -156,14 +182,14 @@ struct RandomL2Scenario {
             append(vmenter())
             l2Operations(count: 15, editTables: revoked == nil)
             if let revoked {
-                lines.append("vmexit")
+                append(vmexit())
                 lines.append("ept-map \(hex(0x10_0000 + revoked * 0x1000)) \(hex(0x110_0000 + revoked * 0x1000)) 4k RWX")
                 if !npt { append(pick(["invept single", "invept global"])) }
                 append(vmenter())
                 l2Operations(count: 10, editTables: true)
             }
         }
-        lines.append("vmexit")
+        append(vmexit())
         return lines.joined(separator: "\n")
     }
 }
@@ -185,6 +211,11 @@ struct L2RandomLockstepTests {
         try runRandomL2Scenario(seed: UInt64(500 + seed), npt: seed % 4 == 3, demand: true)
     }
 
+    @Test("Random L2 seeds with two vCPUs in one L2 guest: each with its own TLB, registers, exits and INVEPT", arguments: 0..<8)
+    func twoVCPUs(seed: Int) throws {
+        try runRandomL2Scenario(seed: UInt64(700 + seed), npt: seed % 4 == 3, demand: seed % 2 == 1, smp: true)
+    }
+
     @Test("Random L2 paging over random L1 NPT maps", arguments: 0..<8)
     func npt(seed: Int) throws {
         try runRandomL2Scenario(seed: UInt64(1000 + seed), npt: true)
@@ -202,30 +233,33 @@ struct L2RandomLockstepTests {
 /// Many more seeds, only with VIRTMMU_EXHAUSTIVE=1 (CI: `--filter Exhaustive` in release).
 @Suite("Exhaustive random L2 lockstep", .enabled(if: RandomLockstep.exhaustive))
 struct ExhaustiveRandomL2LockstepTests {
-    @Test("Exhaustive random L2 seed under EPT (every third with the NX huge-page mitigation, every fifth on demand)",
+    @Test("Exhaustive random L2 seed under EPT (every third with the NX huge-page mitigation, every fifth on demand, every seventh on two vCPUs)",
           arguments: 100..<400)
     func ept(seed: Int) throws {
-        try runRandomL2Scenario(seed: UInt64(seed), npt: false, nxHugePages: seed % 3 == 2, demand: seed % 5 == 4)
+        try runRandomL2Scenario(seed: UInt64(seed), npt: false, nxHugePages: seed % 3 == 2, demand: seed % 5 == 4,
+                                smp: seed % 7 == 6)
     }
 
-    @Test("Exhaustive random L2 seed under NPT (every fifth on demand)", arguments: 2000..<2100)
+    @Test("Exhaustive random L2 seed under NPT (every fifth on demand, every fourth on two vCPUs)", arguments: 2000..<2100)
     func npt(seed: Int) throws {
-        try runRandomL2Scenario(seed: UInt64(seed), npt: true, demand: seed % 5 == 4)
+        try runRandomL2Scenario(seed: UInt64(seed), npt: true, demand: seed % 5 == 4, smp: seed % 4 == 1)
     }
 }
 
 /// Runs one random L2 scenario; a disagreement, broken invariant or bad scenario is an issue that
 /// names the seed and shows the scenario.
-func runRandomL2Scenario(seed: UInt64, npt: Bool, nxHugePages: Bool = false, demand: Bool = false) throws {
+func runRandomL2Scenario(seed: UInt64, npt: Bool, nxHugePages: Bool = false, demand: Bool = false, smp: Bool = false) throws {
     var generator = RandomL2Scenario(seed: seed, npt: npt)
     generator.nxHugePages = nxHugePages
     generator.demand = demand
+    generator.smp = smp
     let text = generator.generate()
     let scenario = try Scenario.parse(text, name: "random-l2-\(seed)")
     do {
         let report = try ScenarioRunner(scenario: scenario, mmu: npt ? .npt() : .ept()).run()
         #expect(report.lockstepChecks > 50)
         if demand { #expect(!report.l1Maps.isEmpty, "L1 mapped L2's tables at their exits") }
+        if smp { #expect(report.vcpuCount == 2) }
         #expect(report.accesses.contains { $0.inL2 && $0.exitToL1 != nil } || report.accesses.contains { $0.outcome.tlbHit },
                 "the run reached KVM's exits or the L2 TLB")
     } catch {

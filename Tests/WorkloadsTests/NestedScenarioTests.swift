@@ -213,9 +213,30 @@ struct NestedScenarioTests {
         #expect(ept.statsAfter.nestedRun == 1 + UInt64(ept.l1Maps.count))
     }
 
+    @Test("examples/nested-smp.vmm: one L2 guest on two vCPUs, its kernel shared, each vCPU's TLB its own until its INVLPG")
+    func smpExample() throws {
+        let path = URL(fileURLWithPath: nestedExample).deletingLastPathComponent().appendingPathComponent("nested-smp.vmm").path
+        let runner = ScenarioRunner(scenario: try Scenario.parse(contentsOfFile: path), mmu: .ept())
+        let report = try runner.run()
+        #expect(report.vcpuCount == 2)
+        let results = report.accesses.map(\.outcome.result)
+        let protection: PageFaultErrorCode = [.present, .write, .user]
+        // vCPU 1 reads what vCPU 0's L2 wrote through the same guest tables.
+        #expect(results[2] == .completed(gpa: GuestPhysicalAddress(0x100_0000), value: 0x11))
+        #expect(results[4] == .completed(gpa: GuestPhysicalAddress(0x100_0008), value: 0x22))
+        // W taken away by vCPU 0's kernel: vCPU 0 faults after its INVLPG, vCPU 1's cached
+        // translation still writes (a TLB hit) until its own INVLPG.
+        #expect(results[6] == .pageFault(errorCode: protection, cr2: GuestVirtualAddress(0x40_0000)))
+        #expect(results[7] == .completed(gpa: GuestPhysicalAddress(0x100_0000), value: 2) && report.accesses[7].outcome.tlbHit)
+        #expect(results[8] == .pageFault(errorCode: protection, cr2: GuestVirtualAddress(0x40_0000)))
+        // vCPU 1 stayed in L2 while vCPU 0 left it.
+        #expect(results[9] == .completed(gpa: GuestPhysicalAddress(0x100_0000), value: 2))
+        #expect(report.statsAfter.nestedRun == 2 + UInt64(report.l1Maps.count))
+    }
+
     @Test("Nested directives render to what parses back the same")
     func roundTrip() throws {
-        for name in ["nested-ept.vmm", "nested-demand.vmm"] {
+        for name in ["nested-ept.vmm", "nested-demand.vmm", "nested-smp.vmm"] {
             let path = URL(fileURLWithPath: nestedExample).deletingLastPathComponent().appendingPathComponent(name).path
             let scenario = try Scenario.parse(contentsOfFile: path)
             let again = try Scenario.parse(scenario.render(), name: scenario.name)
