@@ -709,6 +709,7 @@ public final class MMUContext {
         }
 
         /// The access granted by the levels above level `level`.
+        @inline(__always)
         func ptAccess(level: Int) -> UInt8 { UInt8(truncatingIfNeeded: packedPTAccess >> UInt64(8 * (level - 1))) }
 
         mutating func setPTAccess(_ access: UInt8, level: Int) {
@@ -839,8 +840,18 @@ public final class MMUContext {
         return (page, 2)
     }
 
+    // Forced inline: a call from each level of `FNAME(fetch)` and its neighbours cost more than the shift.
+    @inline(__always)
     static func index(_ address: UInt64, level: Int) -> Int {
         Int((address >> UInt64(12 + 9 * (level - 1))) & 511)
+    }
+
+    /// The shadow page a present, non-leaf SPTE links to (unretained, see `childPage`).
+    @inline(__always)
+    private func presentChild(at pointer: SPTEPointer) -> Unmanaged<ShadowPage>? {
+        let spte = SPTE(rawValue: pointer.pointee)
+        guard spte.isShadowPresent && !spte.isLarge else { return nil }
+        return mmu.directory.unretainedPage(spte.pfn.rawValue)
     }
 
     /// `kvm_mmu_get_child_sp`: the page an SPTE leads to, creating and linking it if need be.
@@ -849,10 +860,7 @@ public final class MMUContext {
     /// so the walk down the tables needs no atomic retain and release per level.
     private func childPage(at pointer: SPTEPointer, in parent: ShadowPage, gfn: GuestFrameNumber, direct: Bool,
                            access: UInt8, address: UInt64) throws(ShadowMMUError) -> Unmanaged<ShadowPage> {
-        let spte = SPTE(rawValue: pointer.pointee)
-        if spte.isShadowPresent && !spte.isLarge, let existing = mmu.directory.unretainedPage(spte.pfn.rawValue) {
-            return existing
-        }
+        if let existing = presentChild(at: pointer) { return existing }
         let role = variant == .upstream
             ? childRole(of: parent.role, parentIndex: parent.index(of: pointer), direct: direct, access: access)
             : variantChildRole(of: parent, at: pointer, direct: direct, access: access, address: address)
@@ -886,6 +894,14 @@ public final class MMUContext {
         // has passthrough pages above its directory, over the directory's gfn with full rights.)
         let guestTopLevel = cpuRole.base.level
         while level > walk.level {
+            let link = page._withUnsafeGuaranteedRef { $0.spte(Self.index(address.rawValue, level: level)) }
+            if let present = presentChild(at: link) {
+                // The common case, a table shadowed already: nothing of the walk's to look up.
+                page = present
+                page._withUnsafeGuaranteedRef { $0.writeFloodingCount = 0 }
+                level -= 1
+                continue
+            }
             page = try page._withUnsafeGuaranteedRef { parent in
                 Result { () throws(ShadowMMUError) in
                     let pointer = parent.spte(Self.index(address.rawValue, level: level))

@@ -144,16 +144,22 @@ public struct NestedEPTContext: Sendable {
     @inline(__always)
     func guestWalk(_ translation: borrowing EPTTranslation, isWrite: Bool) -> MMUContext.GuestWalk {
         let path = translation.path
-        var pteAccess = translation.permissions & ACC.all
-        let leaf = EPTEntry(rawValue: path.entryValue(level: translation.level))
-        if !isWrite && pointer.accessedDirtyEnabled && !leaf.isDirty { pteAccess &= ~ACC.write }
-        var walk = MMUContext.GuestWalk(gfn: translation.outputAddress.frame, level: translation.level, pteAccess: pteAccess)
+        let leafLevel = translation.level
+        var walk = MMUContext.GuestWalk(gfn: translation.outputAddress.frame, level: leafLevel, pteAccess: 0)
         var above = ACC.all
-        for level in stride(from: path.topLevel, through: translation.level, by: -1) {
+        var level = path.topLevel
+        var entry = EPTEntry(rawValue: 0)
+        // Each entry read once, top down: the path's accessors copy its storage at every call.
+        while level >= leafLevel {
+            entry = EPTEntry(rawValue: path.entryValue(level: level))
             walk.setPTAccess(above, level: level)
             walk.setTableGFN(path.entryAddress(level: level).frame, level: level)
-            above &= walker.format.permissions(EPTEntry(rawValue: path.entryValue(level: level))) & ACC.all
+            above &= walker.format.permissions(entry) & ACC.all
+            level &-= 1
         }
+        // `entry` is the leaf now.
+        walk.pteAccess = translation.permissions & ACC.all
+        if !isWrite && pointer.accessedDirtyEnabled && !entry.isDirty { walk.pteAccess &= ~ACC.write }
         return walk
     }
 }

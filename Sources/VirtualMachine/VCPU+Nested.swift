@@ -104,18 +104,32 @@ final class NestedVCPUState {
     let cachedReference = L2CachedTranslations()
     /// The hardware's walker for L2 and the `guest_mmu` root it walks, kept while both stay (an
     /// entry, which may change L2's registers, drops it).
-    @exclusivity(unchecked) var hardware: L2HardwareWalker?
+    @exclusivity(unchecked) var hardware: L2HardwareWalker? {
+        didSet { lentHardware = hardware.map { .passUnretained($0) } }
+    }
+    /// `hardware` for a try to borrow: reading the optional reference cost a retain and a release.
+    @exclusivity(unchecked) private(set) var lentHardware: Unmanaged<L2HardwareWalker>?
     /// For the lockstep check: L1's last-level EPT tables as they were at each VM entry since
     /// the INVEPT that covers them (NestedReference.swift).
     var eptSnapshots: [EPTTableSnapshot] = []
+    /// The VM's memslots srcu and `mmu_lock`, which every L2 access takes: reached through the
+    /// vCPU's `unowned vm`, each cost an unowned retain and a release.
+    let memslotsSRCU: MMULock
+    let mmuLock: MMULock
+    /// The vCPU's TDP state (it lives as long as the vCPU, which owns this state), lent to each
+    /// access without the retain and release of reading the vCPU's optional.
+    unowned(unsafe) let tdpState: TDPVCPUState
 
     init(paging: L1NestedPaging, registers: PagingRegisters, guestMMU: MMUContext, guestWalker: PageWalker,
-         l1Tables: NestedPagingTables) {
+         l1Tables: NestedPagingTables, vm: VirtualMachine, tdpState: TDPVCPUState) {
         self.paging = paging
         self.registers = registers
         self.guestMMU = guestMMU
         self.guestWalker = guestWalker
         self.l1Tables = l1Tables
+        memslotsSRCU = vm.memslotsSRCU
+        mmuLock = vm.mmuLock
+        self.tdpState = tdpState
     }
 }
 
@@ -337,7 +351,7 @@ extension VCPU {
             let guestMMU = MMUContext(mmu: vm.mmu, nestedEPT: context, cpu: vm.cpu)
             guestMMU.vcpuID = id
             let state = NestedVCPUState(paging: paging, registers: PagingRegisters(), guestMMU: guestMMU,
-                                        guestWalker: l2Walker, l1Tables: tables)
+                                        guestWalker: l2Walker, l1Tables: tables, vm: vm, tdpState: tdpState)
             nested = state
             return state
         case .npt(let nestedCR3):
@@ -361,7 +375,7 @@ extension VCPU {
             // A new role: KVM's context reset frees the old roots.
             nested?.guestMMU.unload()
             let state = NestedVCPUState(paging: paging, registers: PagingRegisters(), guestMMU: guestMMU,
-                                        guestWalker: l2Walker, l1Tables: tables)
+                                        guestWalker: l2Walker, l1Tables: tables, vm: vm, tdpState: tdpState)
             state.nptL1Control = control
             nested = state
             return state
@@ -509,7 +523,8 @@ extension VCPU {
     /// or ends in an exit to L1 (the vCPU then runs L1: `exitToL1` has happened).
     public func accessL2(_ address: GuestVirtualAddress, _ access: Access, size: Int = 8,
                          value: UInt64 = 0) throws(VirtualMachineError) -> L2AccessOutcome {
-        guard let nested, nested.inL2, let tdpState else { throw .invalidAccess("vCPU \(id) runs no L2 (vmenter first)") }
+        // (A vCPU in L2 is under TDP: `enterL2` refuses shadow paging.)
+        guard let nested, nested.inL2 else { throw .invalidAccess("vCPU \(id) runs no L2 (vmenter first)") }
         switch size {
         case 1, 2, 4, 8: break
         default: throw .invalidAccess("size must be 1, 2, 4 or 8, not \(size)")
@@ -525,15 +540,18 @@ extension VCPU {
         // harvests and resets, which takes them. (The entries after exits inside the access are
         // not checked again: the ring's reserve covers the few pushes one access makes.)
         if hot.pointee.usesDirtyRing, dirtyRing?.isSoftFull == true { try exitForFullDirtyRing() }
-        // The vCPU whose exits push onto its dirty ring (`kvm_running_vcpu`).
-        let wasRunning = VirtualMachine.running.vcpu
-        VirtualMachine.running.set(self)
-        defer { VirtualMachine.running.set(wasRunning) }
-        let srcu = vm.memslotsSRCU
+        // The vCPU whose exits push onto its dirty ring (`kvm_running_vcpu`), kept opaque: the
+        // previous one is only put back, and as a reference it cost a retain and a release.
+        let running = VirtualMachine.running
+        let wasRunning = running.opaqueVCPU
+        let switchesRunning = wasRunning != Unmanaged.passUnretained(self).toOpaque()
+        if switchesRunning { running.set(self) }
+        defer { if switchesRunning { running.setOpaque(wasRunning) } }
+        let srcu = nested.memslotsSRCU
         srcu.lockShared()
         defer { srcu.unlockShared() }
-        let outcome = try vm.withShadowMMULock { () throws(VirtualMachineError) -> L2AccessOutcome in
-            let outcome = try runL2(address, access, size: size, value: value, nested, tdpState)
+        let outcome = try withMMULock(nested) { () throws(VirtualMachineError) -> L2AccessOutcome in
+            let outcome = try runL2(address, access, size: size, value: value, nested, nested.tdpState)
             if case .exitToL1 = outcome.result { return outcome }
             // On a thread of its own, back into L2's guest mode before `mmu_lock` is let go (as
             // the shadow MMU's exits do): the model's hardware made L2's access under the lock,
@@ -555,6 +573,16 @@ extension VCPU {
         return outcome
     }
 
+    /// `mmu_lock` for write around `body` (`VirtualMachine.withShadowMMULock` with the lock held by
+    /// the nested state).
+    @inline(__always)
+    private func withMMULock<Result>(_ nested: NestedVCPUState,
+                                     _ body: () throws(VirtualMachineError) -> Result) throws(VirtualMachineError) -> Result {
+        nested.mmuLock.lockExclusive()
+        defer { nested.mmuLock.unlockExclusive() }
+        return try body()
+    }
+
     private func runL2(_ address: GuestVirtualAddress, _ access: Access, size: Int, value: UInt64,
                        _ nested: NestedVCPUState, _ tdpState: TDPVCPUState) throws(VirtualMachineError) -> L2AccessOutcome {
         var exits = 0
@@ -571,8 +599,9 @@ extension VCPU {
                 tlb.flush()
                 nested.tlb.flushAll()
             }
+            // Unretained: `nested` keeps the walker until a later try replaces it.
             let hardware = try nestedHardwareWalker(nested, tdpState)
-            let root = hardware.root.rawValue
+            let root = hardware._withUnsafeGuaranteedRef { $0.root.rawValue }
             if cachesTranslations, let entry = nested.tlb.lookup(address, root: root, vpid: vpid, pcid: pcid),
                allows(entry, access, nested) {
                 let hostAddress = entry.hostFrame << 12 | address.rawValue & pageOffsetMask
@@ -583,7 +612,7 @@ extension VCPU {
             }
             let site: NestedFaultSite
             let errorCode: PageFaultErrorCode
-            switch hardware.translate(address, access, in: host) {
+            switch hardware._withUnsafeGuaranteedRef({ $0.translate(address, access, in: host) }) {
             case .translated(let gpa, let hostAddress, let guestPermissions, let isGlobal, let nestedPermissions):
                 let result = perform(hostAddress: hostAddress, access.kind, size: size, value: value)
                 if cachesTranslations {
@@ -658,13 +687,14 @@ extension VCPU {
     /// The hardware's walker for L2: L2's paging over the shadow root of `guest_mmu` (EPT with
     /// A/D as L1's EPTP has them, KVM's EPTP for L2 copying the bit; NPT in the host's depth).
     private func nestedHardwareWalker(_ nested: NestedVCPUState,
-                                      _ tdpState: TDPVCPUState) throws(VirtualMachineError) -> L2HardwareWalker {
+                                      _ tdpState: TDPVCPUState) throws(VirtualMachineError) -> Unmanaged<L2HardwareWalker> {
         let root: HardwareRoot
         do {
             // KVM_REQ_MMU_FREE_OBSOLETE_ROOTS for guest_mmu: a zap since the last access.
             nested.guestMMU.freeObsoleteRoots()
             // `kvm_mmu_reload` has nothing to do while the root stays loaded.
-            if let hardware = nested.hardware, nested.guestMMU.loadedRootFrame == hardware.root {
+            if let hardware = nested.lentHardware,
+               nested.guestMMU.loadedRootFrame == hardware._withUnsafeGuaranteedRef({ $0.root }) {
                 return hardware
             }
             let loaded = try nested.guestMMU.load()
@@ -675,7 +705,7 @@ extension VCPU {
         } catch {
             throw .hostMemory("\(error)")
         }
-        if let hardware = nested.hardware, hardware.root == root.rootFrame { return hardware }
+        if let hardware = nested.lentHardware, hardware._withUnsafeGuaranteedRef({ $0.root }) == root.rootFrame { return hardware }
         let tables: NestedPagingTables
         do {
             switch nested.paging {
@@ -697,7 +727,7 @@ extension VCPU {
         }
         let hardware = L2HardwareWalker(root: root.rootFrame, walker: NestedPagingWalker(guest: nested.guestWalker, tables: tables))
         nested.hardware = hardware
-        return hardware
+        return .passUnretained(hardware)
     }
 
     /// KVM's emulator for an L2 access (`nested_mmu`'s walk, L2 linear -> L2 physical -> L1

@@ -59,7 +59,7 @@ final class EPTHardwareWalker {
         let leaf = walker.translateLeaf(gpa, EPTAccess(kind), in: host, sink: &faults.fault)
         if faults.hasFault { return nil }
         if pml && leaf.dirtiedLeaf { faults.logInPMLBuffer(gpa.frame) }
-        return NestedTranslation(host: leaf.outputAddress, readable: leaf.isReadable, writable: leaf.isWritable,
+        return NestedTranslation(host: leaf.outputAddress.rawValue, readable: leaf.isReadable, writable: leaf.isWritable,
                                  executable: leaf.isExecutable,
                                  leafDirty: !walker.pointer.accessedDirtyEnabled || leaf.entry & (1 << 9) != 0)
     }

@@ -430,30 +430,38 @@ public struct EPTWalker: Sendable {
     }
 }
 
-/// What a lean EPT walk (`EPTWalker.translateLeaf`) gives back: the output address, the leaf and
-/// the combined permissions, small enough to come back in registers (the walk's path stays in its
-/// frame).
+// MARK: - A walk that keeps only its leaf
+
+/// What a walk keeps of an EPT translation when it wants only the leaf (a hardware walk filling a
+/// TLB entry): `EPTTranslation` carries the walk's path, and building it, then copying it out of
+/// the walk, cost more than the levels it describes. Small enough to come back in registers.
 @frozen
-public struct EPTLeaf {
+public struct EPTLeaf: Sendable, Equatable {
     /// The EPT's output address for the walked address.
-    public var outputAddress: UInt64
-    /// The leaf entry as the walk left it (A, and for a write D, set).
+    public var outputAddress: GuestPhysicalAddress
+    /// The leaf's level (1: a 4 KiB page).
+    public var level: Int
+    /// The leaf entry as the walk left it (A, and for a write D, set when the walk sets them).
     public var entry: UInt64
-    /// Combined permissions, ACC-encoded (1 execute, 2 write, 4 read, 8 user-mode execute).
+    /// Combined permissions, ACC-encoded as in `EPTTranslation` (1 execute, 2 write, 4 read, 8
+    /// user-mode execute).
     public var permissions: UInt8
     /// The walk set the leaf's dirty bit, which was clear (what PML logs).
     public var dirtiedLeaf: Bool
 
     @inlinable
-    init(outputAddress: UInt64, entry: UInt64, permissions: UInt8, dirtiedLeaf: Bool) {
+    public init(outputAddress: GuestPhysicalAddress, level: Int, entry: UInt64, permissions: UInt8, dirtiedLeaf: Bool) {
         self.outputAddress = outputAddress
+        self.level = level
         self.entry = entry
         self.permissions = permissions
         self.dirtiedLeaf = dirtiedLeaf
     }
 
-    @inlinable
-    static var failed: EPTLeaf { EPTLeaf(outputAddress: 0, entry: 0, permissions: 0, dirtiedLeaf: false) }
+    /// What a faulting walk returns beside its fault: nothing to use.
+    @inlinable static var failed: Self {
+        Self(outputAddress: GuestPhysicalAddress(0), level: 0, entry: 0, permissions: 0, dirtiedLeaf: false)
+    }
 
     public var isReadable: Bool { permissions & accessUser != 0 }
     public var isWritable: Bool { permissions & accessWrite != 0 }
@@ -461,56 +469,63 @@ public struct EPTLeaf {
 }
 
 extension EPTWalker {
-    /// `translate(_:_:in:setAccessedDirty:sink:)` setting A/D, for hot callers that need only the
-    /// leaf: the same walk, faults, restarts and A/D updates, but no `EPTTranslation` (with its
-    /// path) is built, and an A/D update is skipped without a call when every entry has its bits.
-    /// (The fault handling is the generic walk's, written out again: see
-    /// `PageWalker.translateLongMode`.)
+    /// The walk of `translate(_:_:in:setAccessedDirty:sink:)`, its faults, restarts and A/D updates
+    /// alike, answering only the leaf; an A/D update is skipped without a call when every entry has
+    /// its bits.
     @inlinable @inline(__always)
     public func translateLeaf<Memory: PhysicalMemory, Sink: WalkFaultSink<EPTWalkFault>>(
-        _ address: GuestPhysicalAddress, _ access: EPTAccess, in memory: Memory, sink: inout Sink
+        _ address: GuestPhysicalAddress, _ access: EPTAccess, in memory: Memory, setAccessedDirty: Bool = true,
+        sink: inout Sink
     ) throws(Sink.Failure) -> EPTLeaf {
         guard address.rawValue >> 52 == 0 else {
             try sink.record(.addressTooWide(address))
             return .failed
         }
         let write = isWrite(access)
+        let required = needed(access)
         var restartsLeft = 16
         while true {
             var path = WalkPath()
             var permissions = eptAccessAll
             let stop = walkTables(format, table: pointer.rootAddress, level: pointer.levels, address: address.rawValue,
                                   memory: memory, path: &path, permissions: &permissions)
-            let leafLevel: Int
-            switch stop {
-            case .leaf(let level):
-                leafLevel = level
-            case .notPresent(let level):
-                try sink.record(.violation(address, qualification: qualification(access, permissions), level: level, path: path))
-                return .failed
-            case .reservedBits(let level):
-                try sink.record(.misconfiguration(address, level: level, path: path))
-                return .failed
-            case .noMemory(let entryAddress, let level):
-                try sink.record(.noMemory(GuestPhysicalAddress(entryAddress), level: level, path: path))
+            guard case .leaf(let leafLevel) = stop else {
+                try recordFault(of: stop, at: address, access, permissions, path, sink: &sink)
                 return .failed
             }
-            guard permissions & needed(access) == needed(access) else {
-                try sink.record(.violation(address, qualification: qualification(access, permissions), level: leafLevel,
-                                           path: path))
+            if permissions & required != required {
+                try recordFault(of: .notPresent(level: leafLevel), at: address, access, permissions, path, sink: &sink)
                 return .failed
             }
             let leafWasDirty = path.entryValue(level: leafLevel) & format.dirtyBit != 0
-            if hasAccessedDirtyToSet(format, path: path, isWrite: write)
+            if setAccessedDirty && hasAccessedDirtyToSet(format, path: path, isWrite: write)
                 && !X86Paging.setAccessedDirty(format, path: &path, isWrite: write, memory: memory) && restartsLeft > 0 {
                 restartsLeft -= 1
                 continue
             }
             let leaf = path.entryValue(level: leafLevel)
-            let size = EPTFormat.pageSize(level: leafLevel)
+            let mask = EPTFormat.pageSize(level: leafLevel) - 1
             let base = format.pageBase(EPTEntry(rawValue: leaf), level: leafLevel)
-            return EPTLeaf(outputAddress: base | (address.rawValue & (size - 1)), entry: leaf, permissions: permissions,
+            return EPTLeaf(outputAddress: GuestPhysicalAddress(base | address.rawValue & mask), level: leafLevel, entry: leaf,
+                           permissions: permissions,
                            dirtiedLeaf: !leafWasDirty && format.dirtyBit != 0 && leaf & format.dirtyBit != 0)
+        }
+    }
+
+    /// The fault of a walk that stopped short of a leaf it may use (a permission refusal at the leaf
+    /// reads as `.notPresent` there: both are violations with what the entries allowed).
+    @inlinable
+    func recordFault<Sink: WalkFaultSink<EPTWalkFault>>(
+        of stop: TableWalkStop, at address: GuestPhysicalAddress, _ access: EPTAccess, _ permissions: UInt8,
+        _ path: WalkPath, sink: inout Sink
+    ) throws(Sink.Failure) {
+        switch stop {
+        case .leaf(let level), .notPresent(let level):
+            try sink.record(.violation(address, qualification: qualification(access, permissions), level: level, path: path))
+        case .reservedBits(let level):
+            try sink.record(.misconfiguration(address, level: level, path: path))
+        case .noMemory(let entryAddress, let level):
+            try sink.record(.noMemory(GuestPhysicalAddress(entryAddress), level: level, path: path))
         }
     }
 }

@@ -239,10 +239,34 @@ public struct NestedPagingWalker: Sendable {
         _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool = true,
         sink: inout Sink
     ) throws(Sink.Failure) -> NestedWalkSummary {
+        if guestBox.walker.mode == .disabled {
+            return try translateWithGuestPagingOff(address, access, in: memory, setAccessedDirty: setAccessedDirty, sink: &sink)
+        }
         let (translation, final) = try walk(address, access, in: memory, setAccessedDirty: setAccessedDirty, sink: &sink)
         return NestedWalkSummary(guestPhysicalAddress: translation.physicalAddress, outputAddress: final.outputAddress,
                                  nestedLevel: final.level, guestPermissions: translation.permissions,
                                  isGlobal: translation.isGlobal, nestedPermissions: final.permissions)
+    }
+
+    /// `translate(_:_:in:setAccessedDirty:sink:)` with L2's paging off: L2's linear address is its
+    /// guest-physical address (32 bits wide, else #GP), with every permission and nothing to update
+    /// in L2's tables, so only L1's tables are walked; L2's walker would build a translation (with
+    /// its empty path) for the same answer.
+    @inlinable
+    func translateWithGuestPagingOff<Memory: PhysicalMemory, Sink: WalkFaultSink<NestedPagingFault>>(
+        _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, setAccessedDirty: Bool, sink: inout Sink
+    ) throws(Sink.Failure) -> NestedWalkSummary {
+        let physical = GuestPhysicalAddress(address.rawValue)
+        guard address.rawValue >> 32 == 0 else {
+            try sink.record(.guest(.addressTooWide(address, width: 32)))
+            return NestedWalkSummary(guestPhysicalAddress: physical, outputAddress: GuestPhysicalAddress(0), nestedLevel: 0,
+                                     guestPermissions: 0, isGlobal: false, nestedPermissions: 0)
+        }
+        // Paging off makes every address a supervisor-mode one for mode-based execute control.
+        let final = try translateFinal(physical, access, userModeAddress: false, boxedTables.lent, memory,
+                                       setAccessedDirty: setAccessedDirty, sink: &sink)
+        return NestedWalkSummary(guestPhysicalAddress: physical, outputAddress: final.outputAddress, nestedLevel: final.level,
+                                 guestPermissions: accessAll, isGlobal: false, nestedPermissions: final.permissions)
     }
 
     /// The walk both `translate`s make; on a fault, what it returns is not to be used.
@@ -322,13 +346,11 @@ public struct NestedPagingWalker: Sendable {
         switch tables {
         case .ept(let box):
             var tableSink = NestedEPTFaultSink()
-            // Only what the caller keeps leaves the closure: the walk's translation carries its path.
             let final = box._withUnsafeGuaranteedRef {
-                let translation = $0.walker.translate(address, EPTAccess(access.kind, origin: .finalTranslation,
-                                                                         userModeAddress: userModeAddress),
-                                                      in: memory, setAccessedDirty: setAccessedDirty, sink: &tableSink)
-                return NestedFinalTranslation(outputAddress: translation.outputAddress, level: translation.level,
-                                              permissions: translation.permissions)
+                let leaf = $0.walker.translateLeaf(address, EPTAccess(access.kind, origin: .finalTranslation,
+                                                                      userModeAddress: userModeAddress),
+                                                   in: memory, setAccessedDirty: setAccessedDirty, sink: &tableSink)
+                return NestedFinalTranslation(outputAddress: leaf.outputAddress, level: leaf.level, permissions: leaf.permissions)
             }
             if let fault = tableSink.fault {
                 try sink.record(fault.fault(at: address, guestLevel: 0))
