@@ -357,23 +357,12 @@ public struct EPTWalker: Sendable {
             var permissions = eptAccessAll
             let stop = walkTables(format, table: pointer.rootAddress, level: pointer.levels, address: address.rawValue,
                                   memory: memory, path: &path, permissions: &permissions)
-            let leafLevel: Int
-            switch stop {
-            case .leaf(let level):
-                leafLevel = level
-            case .notPresent(let level):
-                try sink.record(.violation(address, qualification: qualification(access, permissions), level: level, path: path))
-                return .failed(address)
-            case .reservedBits(let level):
-                try sink.record(.misconfiguration(address, level: level, path: path))
-                return .failed(address)
-            case .noMemory(let entryAddress, let level):
-                try sink.record(.noMemory(GuestPhysicalAddress(entryAddress), level: level, path: path))
+            guard case .leaf(let leafLevel) = stop else {
+                try recordFault(of: stop, at: address, access, permissions, path, sink: &sink)
                 return .failed(address)
             }
             guard permissions & needed(access) == needed(access) else {
-                try sink.record(.violation(address, qualification: qualification(access, permissions), level: leafLevel,
-                                           path: path))
+                try recordFault(of: .notPresent(level: leafLevel), at: address, access, permissions, path, sink: &sink)
                 return .failed(address)
             }
             let leafWasDirty = path.entryValue(level: leafLevel) & format.dirtyBit != 0
