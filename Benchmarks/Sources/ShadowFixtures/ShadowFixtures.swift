@@ -489,6 +489,8 @@ public final class SyncFixture {
 public final class TDPFaultFixture {
     public let guest: ShadowGuest
     public let targets: [GuestVirtualAddress]
+    /// The guest-physical page each target maps, in the same order.
+    public let targetGPAs: [GuestPhysicalAddress]
     let pagesBefore: UInt64
 
     static let base: UInt64 = 0x0000_0000_4000_0000
@@ -519,8 +521,12 @@ public final class TDPFaultFixture {
         guest.prefaultShadowFrames(targetList.count + 64)
         self.guest = guest
         targets = shuffled(targetList).map { GuestVirtualAddress($0) }
+        targetGPAs = targets.map { GuestPhysicalAddress(dataBase + ($0.rawValue - Self.base)) }
         pagesBefore = guest.vm.stats.pages4K
     }
+
+    /// The TDP root the vCPU runs on (the only one).
+    public var root: TDPRoot { guest.vm.tdp!.roots[0] }
 
     /// Each access took one exit and mapped one 4 KiB page.
     public func verify(count: Int, exits: Int) {

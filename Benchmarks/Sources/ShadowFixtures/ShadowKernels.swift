@@ -230,3 +230,42 @@ public func collectAndClearDirtyLog(_ vm: VirtualMachine) -> Int {
     try! vm.clearDirtyLog(slot: 0, firstPage: 0, bitmap: bitmap)
     return frames.count
 }
+
+/// The first `count` targets of a TDP fixture at KVM's fault handler alone (the `kvm-tdp-fault-4k`
+/// kernel): what the vCPU's EPT-violation exit hands `kvm_mmu_page_fault` — the guest-physical
+/// address and the error code `__vmx_handle_ept_violation` makes of a read of the final
+/// translation — with no hardware walk, exit or retried access around it. (KVM's `vcpu_run` holds
+/// the memslots' srcu across the whole run, so the fault itself does not take it.) Returns the
+/// faults fixed.
+@inline(never)
+public func runKVMTDPFaults(_ fixture: TDPFaultFixture, count: Int) -> Int {
+    let mmu = fixture.guest.vm.tdp!
+    let root = fixture.root
+    let errorCode = TDPMMU.errorCode(forEPTViolation: [.dataRead, .linearAddressValid, .finalTranslation])
+    return fixture.targetGPAs.withUnsafeBufferPointer { buffer in
+        var fixed = 0
+        for index in 0..<count {
+            if case .fixed = try! mmu.pageFault(at: buffer[index], errorCode: errorCode, root: root) { fixed += 1 }
+        }
+        return fixed
+    }
+}
+
+/// Populates `bytes` of `vcpu`'s guest-physical memory from `first` with KVM_PRE_FAULT_MEMORY
+/// calls of at most `chunk` bytes each (the `tdp-prefault-4g` kernels): one prefetch fault a page,
+/// no guest access. Returns the calls made.
+@inline(never)
+public func runPreFault(_ vcpu: VCPU, from first: UInt64 = 0, bytes: UInt64, chunk: UInt64 = .max) -> Int {
+    var calls = 0
+    var start = first
+    let end = first + bytes
+    while start < end {
+        var range = PreFaultRange(gpa: GuestPhysicalAddress(start), size: min(chunk, end - start))
+        while range.size > 0 {
+            try! vcpu.preFaultMemory(&range)
+            calls += 1
+        }
+        start += min(chunk, end - start)
+    }
+    return calls
+}

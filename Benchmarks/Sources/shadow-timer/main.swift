@@ -198,6 +198,34 @@ func population(_ name: String, tdp: Bool, vcpus: Int = 1) -> Kernel {
     }
 }
 
+/// Populating `count` pages of a fresh TDP guest with KVM_PRE_FAULT_MEMORY (one call for the
+/// whole range as a VMM makes before starting its vCPUs, or with `vcpus` threads one call each for
+/// an equal share): one prefetch fault a page, no guest access; only the calls timed, ns per page.
+func preFaultPopulation(_ name: String, vcpus: Int = 1) -> Kernel {
+    Kernel(name: name, defaultCount: (1 << 20) - 3) { count in
+        let gib = UInt64(max(1, (count + 3 + (1 << 18) - 1) >> 18))
+        let fixture = PopulationFixture(bytes: gib << 30, tdp: true, vcpus: vcpus)
+        let pagesBefore = fixture.vm.stats.pages4K
+        let bytes = UInt64(count + 3) << 12
+        let share = (bytes / UInt64(vcpus) + 0xFFF) & ~0xFFF
+        let start = now()
+        if vcpus == 1 {
+            _ = runPreFault(fixture.vcpus[0], bytes: bytes, chunk: bytes)
+        } else {
+            try! fixture.vm.runVCPUsOnThreads { vcpu in
+                let first = UInt64(vcpu.id) * share
+                guard first < bytes else { return }
+                _ = runPreFault(vcpu, from: first, bytes: min(share, bytes - first))
+            }
+        }
+        let elapsed = now() - start
+        let mapped = fixture.vm.stats.pages4K - pagesBefore
+        // The fixture's two guest table pages and the page walked before the clock were mapped already.
+        precondition(mapped + 3 >= UInt64(count), "\(name): \(mapped) pages mapped for \(count)")
+        return (elapsed * UInt64(count) / max(1, mapped), mapped)
+    }
+}
+
 /// Collecting and clearing the dirty log of a slot of `count` GiB whose every page was written
 /// since logging began (4 GiB by default); a fresh guest, only the collection timed, reported per
 /// collection.
@@ -255,6 +283,11 @@ let kernels: [Kernel] = [
         let (exits, sum) = runTDPFaults(fixture, count: batch)
         return (exits, sum)
     } verify: { fixture, batch, exits in fixture.verify(count: batch, exits: exits) },
+    // The same faults at KVM's handler alone: the exit's guest-physical address and error code into
+    // `kvm_mmu_page_fault` (the TDP MMU's map), no hardware walk, exit or retried access.
+    vcpuFaults("kvm-tdp-fault-4k", fixture: TDPFaultFixture.init, targets: \.targets.count) { fixture, batch in
+        (runKVMTDPFaults(fixture, count: batch), 0)
+    } verify: { fixture, batch, fixed in fixture.verify(count: batch, exits: fixed) },
     // A TLB miss under TDP with nothing to fault: tdp-fault-4k's guest with every target faulted in
     // beforehand, its 16,352 pages cycled through the 1,024-entry TLB: the two-dimensional walk
     // (from the PDE cache) and the TLB fill alone, no exit.
@@ -270,6 +303,9 @@ let kernels: [Kernel] = [
     population("tdp-populate-4g", tdp: true),
     population("tdp-populate-4g-2vcpus", tdp: true, vcpus: 2),
     population("shadow-populate-4g", tdp: false),
+    // The same 4 GiB populated by the VMM before the guest runs: KVM_PRE_FAULT_MEMORY.
+    preFaultPopulation("tdp-prefault-4g"),
+    preFaultPopulation("tdp-prefault-4g-2vcpus", vcpus: 2),
     // KVM_GET_DIRTY_LOG and KVM_CLEAR_DIRTY_LOG of a 4 GiB slot, every page dirty; ns per collection.
     dirtyLogCollection("tdp-dirty-log-4g", tdp: true),
     dirtyLogCollection("shadow-dirty-log-4g", tdp: false),
