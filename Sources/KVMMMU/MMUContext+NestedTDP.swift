@@ -24,7 +24,7 @@ extension MMUContext {
     public convenience init(mmu: ShadowMMU, nestedEPT: NestedEPTContext, cpu: CPUModel = CPUModel()) {
         // Paging off never fails validation; the registers are unused by a shadow EPT context.
         try! self.init(mmu: mmu, registers: PagingRegisters(), cpu: cpu, variant: mmu.variant)
-        nestedEPTBox = NestedEPTContextBox(nestedEPT)
+        setNestedEPT(nestedEPT)
         cpuRole = nestedEPT.cpuRole
         rootRole = nestedEPT.rootRole
     }
@@ -34,7 +34,7 @@ extension MMUContext {
     /// the root for the EPTP (the current one, a cached one, or a new one at the next load).
     public func loadEPTP(_ new: NestedEPTContext) {
         precondition(nestedEPTBox != nil, "only guest_mmu has an EPTP")
-        nestedEPTBox = NestedEPTContextBox(new)
+        setNestedEPT(new)
         if new.cpuRole != cpuRole {
             cpuRole = new.cpuRole
             rootRole = new.rootRole
@@ -50,13 +50,14 @@ extension MMUContext {
     public func pageFault(atL2 gpa: GuestPhysicalAddress, errorCode: PageFaultErrorCode) throws(ShadowMMUError)
         -> NestedTDPFaultResult {
         let address = GuestVirtualAddress(gpa.rawValue)
-        mmu.events.record(.kvmPageFault(vcpuID: vcpuID, address: gpa.rawValue, errorCode: errorCode))
+        trace(.kvmPageFault(vcpuID: vcpuID, address: gpa.rawValue, errorCode: errorCode))
         if errorCode.contains(.reservedBit), handleMMIOPageFault(address) { return .handled(.emulate) }
         mmu.stats.pfTaken += 1
         if shadowsNestedPageTables { return try nestedPageTableFault(at: address, errorCode: errorCode) }
-        guard let box = nestedEPTBox else { preconditionFailure("not a guest_mmu context") }
+        guard let box = lentNestedEPTBox else { preconditionFailure("not a guest_mmu context") }
         let walk: GuestWalk
-        switch box.walk(gpa, errorCode: errorCode, in: mmu.memory) {
+        // Unretained: nothing the walk does replaces the box.
+        switch box._withUnsafeGuaranteedRef({ box in withMemslots { box.walk(gpa, errorCode: errorCode, in: $0) } }) {
         case .success(let result): walk = result
         case .failure(let exit): return .reflect(exit)
         }
@@ -74,7 +75,7 @@ extension MMUContext {
             clearFloodingAlongShadowPath(address)
             return .emulate
         }
-        let backing = mmu.memory.backing(of: walk.gfn)
+        let backing = memslots.backing(of: walk.gfn)
         if backing == nil && !mmu.masks.isMMIOCachingEnabled { return .emulate }
         try mmu.makePagesAvailable()
         return try fetch(walk, address: address, hostFrame: backing?.frame, hostWritable: backing?.writable ?? false,

@@ -41,7 +41,7 @@ extension MMUContext {
     /// The SPTE loop of `kvm_sync_page`: -1 at the first guest entry that cannot be read,
     /// otherwise whether a TLB flush is due.
     private func syncSPTEs<Format: PagingFormat>(of page: ShadowPage, format: Format) -> Int {
-        let entries = ShadowedGuestEntries(of: page, in: mmu.memory)
+        let entries = ShadowedGuestEntries(of: page, in: memslots)
         var flush = false
         for index in 0..<KVMLevel.entriesPerPage where page.spte(index).pointee != SPTE.nonPresent.rawValue {
             let result = syncSPTE(page, index, from: entries, format: format)
@@ -54,7 +54,7 @@ extension MMUContext {
     /// `FNAME(sync_spte)`: one SPTE of an unsync page from the guest entry it shadows. -1 when the
     /// entry cannot be read, 1 when the SPTE changed so that a TLB flush is due, 0 otherwise.
     func syncSPTE(_ page: ShadowPage, _ index: Int) -> Int {
-        let entries = ShadowedGuestEntries(of: page, in: mmu.memory)
+        let entries = ShadowedGuestEntries(of: page, in: memslots)
         if page.role.guestMode, let nestedEPT { return syncSPTE(page, index, from: entries, format: nestedEPT.walker.format) }
         return page.role.hasFourByteGPTE
             ? syncSPTE(page, index, from: entries, format: legacy32)
@@ -79,7 +79,7 @@ extension MMUContext {
             if gfn != old.mmioGFN(mmu.masks) {
                 pointer.pointee = SPTE.nonPresent.rawValue
             } else {
-                pointer.pointee = SPTE.mmio(gfn: gfn, access: access, generation: mmu.memory.generation, masks: mmu.masks).rawValue
+                pointer.pointee = SPTE.mmio(gfn: gfn, access: access, generation: memslots.generation, masks: mmu.masks).rawValue
             }
             return 0
         }
@@ -95,7 +95,7 @@ extension MMUContext {
         let (new, _) = makeSPTE(page, access: access, gfn: gfn, hostFrame: old.pfn, old: old, prefetch: true,
                                 synchronizing: true, hostWritable: old.isHostWritable(mmu.masks))
         pointer.pointee = new.rawValue
-        mmu.events.record(.kvmMMUSetSPTE(level: page.level, gfn: gfn, spte: new))
+        trace(.kvmMMUSetSPTE(level: page.level, gfn: gfn, spte: new))
         return spteUpdateNeedsFlush(old: old, new: new) ? 1 : 0
     }
 
@@ -130,7 +130,7 @@ extension MMUContext {
             var flush = false
             for leaf in leaves where leaf.unsync && !mmu.isObsolete(leaf) {
                 mmu.unlinkUnsync(leaf)
-                mmu.events.record(.kvmMMUSyncPage(gfn: leaf.gfn, role: leaf.role))
+                trace(.kvmMMUSyncPage(gfn: leaf.gfn, role: leaf.role))
                 if syncPage(leaf) != 0 { flush = true }
             }
             mmu.clearSyncedChildren(under: parent)

@@ -40,6 +40,26 @@ public struct CachedRoot {
 /// roots, and the page-fault handler.
 public final class MMUContext {
     public let mmu: ShadowMMU
+    /// `mmu`'s event log and memslots, which `mmu` owns as long as this context holds it, lent
+    /// unretained: read through `mmu` (or held `unowned(unsafe)`) on a fault path, each use cost a
+    /// retain and a release.
+    private let lentEvents: Unmanaged<MMUEventLog>
+    private let lentMemslots: Unmanaged<MemslotSet>
+    var events: MMUEventLog { lentEvents._withUnsafeGuaranteedRef { $0 } }
+    var memslots: MemslotSet { lentMemslots._withUnsafeGuaranteedRef { $0 } }
+
+    /// Records `event` in `mmu`'s log when it records, borrowing the log where `events` returns it
+    /// retained.
+    @inline(__always)
+    func trace(_ event: @autoclosure () -> MMUEvent) {
+        lentEvents._withUnsafeGuaranteedRef { $0.record(event()) }
+    }
+
+    /// `body` with `mmu`'s memslots borrowed (see `trace`).
+    @inline(__always)
+    func withMemslots<Result>(_ body: (MemslotSet) -> Result) -> Result {
+        lentMemslots._withUnsafeGuaranteedRef(body)
+    }
     public let cpu: CPUModel
     /// The vCPU this context belongs to, for tracepoints.
     @exclusivity(unchecked) public var vcpuID = 0
@@ -51,7 +71,10 @@ public final class MMUContext {
     public var nestedEPT: NestedEPTContext? { nestedEPTBox?.context }
     /// `nestedEPT` in a box, so that a fault borrows it in place: read out of a `var`, the context
     /// (with its EPT walker) was copied at every L2 fault, with the reference counting of its parts.
-    @exclusivity(unchecked) var nestedEPTBox: NestedEPTContextBox?
+    @exclusivity(unchecked) private(set) var nestedEPTBox: NestedEPTContextBox?
+    /// `nestedEPTBox` for a fault to borrow: reading the optional reference cost a retain and a
+    /// release. Set with it by `setNestedEPT` (a `didSet` would not run in this class's initializers).
+    @exclusivity(unchecked) private(set) var lentNestedEPTBox: Unmanaged<NestedEPTContextBox>?
     /// This context is `guest_mmu` for L1's nested page tables (SVM): its "CR3" is L1's nCR3.
     @exclusivity(unchecked) public internal(set) var shadowsNestedPageTables = false
     /// The guest-table walker for the current registers (KVM's `gva_to_gpa` / `walk_addr`).
@@ -114,6 +137,8 @@ public final class MMUContext {
                 hostLevels: Int? = nil, variant: MMUVariant = .upstream) throws(ControlStateError) {
         precondition(variant == mmu.variant, "a context runs the variant of the MMU it belongs to")
         self.mmu = mmu
+        lentEvents = .passUnretained(mmu.events)
+        lentMemslots = .passUnretained(mmu.memory)
         self.variant = variant
         self.cpu = cpu
         self.registers = registers
@@ -157,7 +182,7 @@ public final class MMUContext {
         let reloadsPDPTEs = new.reloadsPDPTEs(from: old)
         let keptPDPTEs = new.mode == .pae && !reloadsPDPTEs && new.cr3 == old.cr3
             ? (0..<4).map { oldWalker.pdpte($0).rawValue } : nil
-        let walker = try PageWalker(registers: new, cpu: cpu, memory: mmu.memory, pdpteValues: keptPDPTEs)
+        let walker = try PageWalker(registers: new, cpu: cpu, memory: memslots, pdpteValues: keptPDPTEs)
         let pdptesChanged = reloadsPDPTEs && oldWalker.mode == .pae
             && (0..<4).contains { walker.pdpte($0) != oldWalker.pdpte($0) }
         // Without TDP the pre-split rule is the same; the variant keeps its own to say so.
@@ -203,7 +228,7 @@ public final class MMUContext {
                 assert(kept.walker.registers == new, "a walker kept for other registers")
                 box = kept
             } else {
-                box = WalkerBox(try guestWalker.loadingCR3(value, memory: mmu.memory))
+                box = WalkerBox(try guestWalker.loadingCR3(value, memory: memslots))
             }
             let pdptesChanged = box.walker.mode == .pae
                 && (0..<4).contains { box.walker.pdpte($0) != guestWalkerBox.walker.pdpte($0) }
@@ -506,7 +531,7 @@ public final class MMUContext {
     private func allocatePerVCPURoots() throws(ShadowMMUError) {
         rootPGD = rootRole.isDirect ? 0 : registers.cr3
         let rootGFN = guestRootGFN
-        if !rootRole.isDirect && mmu.memory.hostFrame(of: rootGFN) == nil {
+        if !rootRole.isDirect && memslots.hostFrame(of: rootGFN) == nil {
             _ = try mmu.allocateDummyRoot()
             usesDummyRoot = true
             return
@@ -556,7 +581,7 @@ public final class MMUContext {
     private func allocatePassthroughRoots() throws(ShadowMMUError) {
         rootPGD = registers.cr3
         let rootGFN = guestRootGFN
-        guard mmu.memory.hostFrame(of: rootGFN) != nil else {
+        guard memslots.hostFrame(of: rootGFN) != nil else {
             _ = try mmu.allocateDummyRoot()
             usesDummyRoot = true
             return
@@ -588,7 +613,7 @@ public final class MMUContext {
         if rootRole.hasFourByteGPTE { return rootGFN }
         let pdpte = guestWalker.pdpte(index)
         let table = GuestFrameNumber(pdpte.frameAddress >> 12)
-        guard pdpte.isPresent, mmu.memory.hostFrame(of: table) != nil else { return nil }
+        guard pdpte.isPresent, memslots.hostFrame(of: table) != nil else { return nil }
         return table
     }
 
@@ -599,7 +624,7 @@ public final class MMUContext {
         // guest_mmu's root table is the EPTP's.
         let rootGFN = nestedEPT.map { GuestFrameNumber($0.pointer.rootAddress >> 12) } ?? guestRootGFN
         // A root table in no memslot: the hardware walks KVM's dummy root (every access faults).
-        guard mmu.memory.hostFrame(of: rootGFN) != nil else {
+        guard memslots.hostFrame(of: rootGFN) != nil else {
             _ = try mmu.allocateDummyRoot()
             usesDummyRoot = true
             return
@@ -643,7 +668,7 @@ public final class MMUContext {
     @inline(never)  // keeps the context's state behind this module's exclusivity exemptions
     public func pageFault(at address: GuestVirtualAddress, access: Access,
                           errorCode: PageFaultErrorCode) throws(ShadowMMUError) -> PageFaultResult {
-        mmu.events.record(.kvmPageFault(vcpuID: vcpuID, address: address.rawValue, errorCode: errorCode))
+        trace(.kvmPageFault(vcpuID: vcpuID, address: address.rawValue, errorCode: errorCode))
         // A reserved-bit fault is how the hardware reports an MMIO SPTE: KVM's fast path emulates
         // without walking the guest tables (and before counting the fault as taken).
         if errorCode.contains(.reservedBit), handleMMIOPageFault(address) { return .emulate }
@@ -743,9 +768,9 @@ public final class MMUContext {
                          errorCode: PageFaultErrorCode) throws(ShadowMMUError) -> PageFaultResult {
         let isWrite = errorCode.contains(.write)
         let box = guestWalkerBox
-        var fault = WalkFaultSummary(keepsPath: mmu.events.isRecording)
-        let translation = box.walkGuest(address, access, in: mmu.memory, fault: &fault)
-        if mmu.events.isRecording { traceGuestWalk(address, errorCode, translation: translation, fault: fault) }
+        var fault = WalkFaultSummary(keepsPath: events.isRecording)
+        let translation = box.walkGuest(address, access, in: memslots, fault: &fault)
+        if events.isRecording { traceGuestWalk(address, errorCode, translation: translation, fault: fault) }
         switch fault.kind {
         case .none:
             break
@@ -768,7 +793,7 @@ public final class MMUContext {
             clearFloodingAlongShadowPath(address)
             return .emulate
         }
-        guard let backing = mmu.memory.backing(of: walk.gfn) else {
+        guard let backing = memslots.backing(of: walk.gfn) else {
             // No memslot: emulated MMIO. With MMIO caching on, KVM still builds the shadow path and
             // marks the leaf as an MMIO SPTE, so the next access faults straight into the fast path.
             guard mmu.masks.isMMIOCachingEnabled else { return .emulate }
@@ -792,16 +817,16 @@ public final class MMUContext {
     /// `FNAME(walk_addr)`'s tracepoints: the walk, each entry it read, and its error.
     private func traceGuestWalk(_ address: GuestVirtualAddress, _ errorCode: PageFaultErrorCode, translation: Translation,
                                 fault: WalkFaultSummary) {
-        mmu.events.record(.kvmMMUPagetableWalk(address: address.rawValue, pferr: errorCode))
+        trace(.kvmMMUPagetableWalk(address: address.rawValue, pferr: errorCode))
         let path: WalkPath
         switch fault.kind {
         case .none: path = translation.path
         case .pageFault, .noMemory: path = fault.path
         case .generalProtection, .addressTooWide: return
         }
-        for level in path.levels { mmu.events.record(.kvmMMUPagingElement(pte: path.entryValue(level: level), level: level)) }
+        for level in path.levels { trace(.kvmMMUPagingElement(pte: path.entryValue(level: level), level: level)) }
         if fault.kind == .pageFault {
-            mmu.events.record(.kvmMMUWalkerError(pferr: PageFaultErrorCode(rawValue: UInt64(fault.errorCode.architectural))))
+            trace(.kvmMMUWalkerError(pferr: PageFaultErrorCode(rawValue: UInt64(fault.errorCode.architectural))))
         }
     }
 
@@ -918,7 +943,7 @@ public final class MMUContext {
         // A guest huge page mapped smaller than the guest's leaf: direct pages split it.
         let mapping = hugePageDecision(walk, isFetch: isFetch, inMemslot: hostFrame != nil)
         var goalLevel = mapping.goalLevel
-        if let hostFrame { mmu.events.record(.kvmMMUSPTERequested(gfn: walk.gfn, pfn: hostFrame, level: goalLevel)) }
+        if let hostFrame { trace(.kvmMMUSPTERequested(gfn: walk.gfn, pfn: hostFrame, level: goalLevel)) }
         while true {
             // `disallowed_hugepage_adjust`: a table the mitigation made stays, one level down.
             if mapping.nxWorkaround && level == goalLevel && level > 1 {
@@ -1007,10 +1032,10 @@ public final class MMUContext {
             }
             mmu.flushRemoteTLBs()
         }
-        let generation = mmu.memory.generation
+        let generation = memslots.generation
         pointer.pointee = SPTE.mmio(gfn: gfn, access: access, generation: generation, masks: mmu.masks).rawValue
         mmu.stats.pfMMIOSPTECreated += 1
-        mmu.events.record(.markMMIOSPTE(gfn: gfn, access: access, generation: generation))
+        trace(.markMMIOSPTE(gfn: gfn, access: access, generation: generation))
     }
 
     /// `handle_mmio_page_fault`: the SPTE for `address` is an MMIO SPTE of the current memslots
@@ -1021,10 +1046,10 @@ public final class MMUContext {
         while true {
             let spte = SPTE(rawValue: page.spte(Self.index(address.rawValue, level: level)).pointee)
             if spte.isMMIO(mmu.masks) {
-                let current = mmu.memory.generation & SPTE.mmioGenerationMask
-                mmu.events.record(.checkMMIOSPTE(spte: spte, kvmGeneration: current, spteGeneration: spte.mmioGeneration))
+                let current = memslots.generation & SPTE.mmioGenerationMask
+                trace(.checkMMIOSPTE(spte: spte, kvmGeneration: current, spteGeneration: spte.mmioGeneration))
                 guard spte.mmioGeneration == current else { return false }
-                mmu.events.record(.handleMMIOPageFault(address: address.rawValue, gfn: spte.mmioGFN(mmu.masks),
+                trace(.handleMMIOPageFault(address: address.rawValue, gfn: spte.mmioGFN(mmu.masks),
                                                        access: spte.mmioAccess(mmu.masks)))
                 return true
             }
@@ -1051,7 +1076,7 @@ public final class MMUContext {
     private func directPageFault(_ address: GuestVirtualAddress, errorCode: PageFaultErrorCode) throws(ShadowMMUError) -> PageFaultResult {
         let gfn = GuestFrameNumber(address.rawValue >> 12)
         if errorCode.contains(.present) && errorCode.contains(.write) && mmu.isWriteTracked(gfn) { return .emulate }
-        guard let backing = mmu.memory.backing(of: gfn) else { return .emulate }  // MMIO, not cached on this path
+        guard let backing = memslots.backing(of: gfn) else { return .emulate }  // MMIO, not cached on this path
         try mmu.makePagesAvailable()
         guard var (page, level) = shadowWalkStart(address) else { return .retry }
         while level > 1 {
@@ -1098,7 +1123,7 @@ public final class MMUContext {
             // Losing MMU-writable must reach every TLB before the lock is dropped.
             if old.isMMUWritable(mmu.masks) && !new.isMMUWritable(mmu.masks) { flush = true }
             pointer.pointee = new.rawValue
-            mmu.events.record(.kvmMMUSetSPTE(level: level, gfn: gfn, spte: new))
+            trace(.kvmMMUSetSPTE(level: level, gfn: gfn, spte: new))
         }
         if writeProtected && isWrite { result = .emulate }
         if flush { mmu.flushRemoteTLBs() }
@@ -1133,7 +1158,7 @@ public final class MMUContext {
         let spte = SPTE.leaf(pfn: hostFrame, level: level, access: access, hostWritable: hostWritable, writable: writable,
                              accessed: !prefetch || synchronizing, dirty: writable, adState: mmu.leafADState(page.role),
                              masks: mmu.masks)
-        if writable { _ = mmu.memory.markDirty(gfn) }
+        if writable { _ = memslots.markDirty(gfn) }
         return (spte, writeProtected)
     }
 
@@ -1149,9 +1174,12 @@ public final class MMUContext {
         if !page.role.isDirect {
             // Only L2's pages (guest mode) can shadow L1's EPT: the role bit, already at hand, keeps
             // the shadow paging of a guest's own tables from reading the context's EPT state.
-            // The box, not `nestedEPT`: that copies the context, with a retain of its masks.
-            if page.role.guestMode, let box = nestedEPTBox {
-                prefetchGuestPTEs(group, around: faulting, in: page, format: box.context.walker.format)
+            // The box, not `nestedEPT`: that copies the context, with a retain of its masks; lent,
+            // as the box and its format were retained around the prefetch.
+            if page.role.guestMode, let box = lentNestedEPTBox {
+                box._withUnsafeGuaranteedRef {
+                    prefetchGuestPTEs(group, around: faulting, in: page, format: $0.context.walker.format)
+                }
             } else if page.role.hasFourByteGPTE {
                 prefetchGuestPTEs(group, around: faulting, in: page, format: legacy32)
             } else {
@@ -1163,7 +1191,7 @@ public final class MMUContext {
             let pointer = page.spte(index)
             if pointer == faulting || SPTE(rawValue: pointer.pointee).isShadowPresent { continue }
             let gfn = GuestFrameNumber(page.gfn.rawValue + UInt64(index))
-            guard let backing = mmu.memory.backing(of: gfn), !(page.role.access & ACC.write != 0 && logsDirtyPages(gfn))
+            guard let backing = memslots.backing(of: gfn), !(page.role.access & ACC.write != 0 && logsDirtyPages(gfn))
             else { continue }
             _ = setSPTE(pointer, in: page, access: page.role.access, gfn: gfn, hostFrame: backing.frame, prefetch: true,
                         isWrite: false, hostWritable: backing.writable)
@@ -1173,14 +1201,14 @@ public final class MMUContext {
     /// `FNAME(pte_prefetch)` over a page with guest PTEs in `format`.
     private func prefetchGuestPTEs<Format: PagingFormat>(_ group: Range<Int>, around faulting: SPTEPointer, in page: ShadowPage,
                                                          format: Format) {
-        let entries = ShadowedGuestEntries(of: page, in: mmu.memory)
+        let entries = ShadowedGuestEntries(of: page, in: memslots)
         for index in group {
             let pointer = page.spte(index)
             if pointer == faulting || SPTE(rawValue: pointer.pointee).isShadowPresent { continue }
             // `FNAME(prefetch_gpte)`.
             guard let gpte = entries.entry(Format.Entry.self, at: index), !format.isPrefetchInvalid(gpte) else { return }
             let (gfn, access) = format.leafTranslation(gpte, pageAccess: page.role.access)
-            guard let backing = mmu.memory.backing(of: gfn), !(access & ACC.write != 0 && logsDirtyPages(gfn)) else { return }
+            guard let backing = memslots.backing(of: gfn), !(access & ACC.write != 0 && logsDirtyPages(gfn)) else { return }
             _ = setSPTE(pointer, in: page, access: access, gfn: gfn, hostFrame: backing.frame, prefetch: true, isWrite: false,
                         hostWritable: backing.writable)
         }
@@ -1188,7 +1216,7 @@ public final class MMUContext {
 
     /// KVM does not prefetch writable mappings of pages whose writes it logs (the prefetched
     /// SPTE would let a write through unlogged).
-    private func logsDirtyPages(_ gfn: GuestFrameNumber) -> Bool { mmu.memory.logsDirtyPages(gfn) }
+    private func logsDirtyPages(_ gfn: GuestFrameNumber) -> Bool { memslots.logsDirtyPages(gfn) }
 
     // MARK: Invalidation
 
@@ -1283,6 +1311,15 @@ extension PagingFormat {
         var access = pageAccess & permissions(entry)
         if dirtyBit != 0 && gpte & dirtyBit == 0 { access &= ~ACC.write }
         return (GuestFrameNumber(pageBase(entry, level: 1) >> 12), access)
+    }
+}
+
+extension MMUContext {
+    /// Makes `context` the EPT context of L1's that this `guest_mmu` shadows.
+    func setNestedEPT(_ context: NestedEPTContext) {
+        let box = NestedEPTContextBox(context)
+        nestedEPTBox = box
+        lentNestedEPTBox = .passUnretained(box)
     }
 }
 

@@ -23,7 +23,7 @@ public final class ShadowMMU {
     /// Under a TDP L1, the TDP MMU whose SPTEs must also stop L1 writing a table `guest_mmu`
     /// shadows (KVM's write tracking and `kvm_mmu_slot_gfn_write_protect` cover both MMUs). Its
     /// lock is the one every `guest_mmu` operation holds for write.
-    public unowned(unsafe) var tdpSharingWriteTracking: TDPMMU?
+    @exclusivity(unchecked) public unowned(unsafe) var tdpSharingWriteTracking: TDPMMU?
     /// The CPU logs dirty pages itself (PML, KVM's `cpu_dirty_log_size`): L2's leaves are then
     /// made write-protect-only for dirty logging (`leafADState`).
     @exclusivity(unchecked) public var cpuDirtyLogging = false
