@@ -116,8 +116,8 @@ final class NestedVCPUState {
     /// vCPU's `unowned vm`, each cost an unowned retain and a release.
     let memslotsSRCU: MMULock
     let mmuLock: MMULock
-    /// The vCPU's TDP state (it lives as long as the vCPU, which owns this state), lent to each
-    /// access without the retain and release of reading the vCPU's optional.
+    /// The vCPU's TDP state (it lives as long as the vCPU, which owns this state), read where a
+    /// hardware walker is built without the retain and release of reading the vCPU's optional.
     unowned(unsafe) let tdpState: TDPVCPUState
 
     init(paging: L1NestedPaging, registers: PagingRegisters, guestMMU: MMUContext, guestWalker: PageWalker,
@@ -547,11 +547,12 @@ extension VCPU {
         let switchesRunning = wasRunning != Unmanaged.passUnretained(self).toOpaque()
         if switchesRunning { running.set(self) }
         defer { if switchesRunning { running.setOpaque(wasRunning) } }
-        let srcu = nested.memslotsSRCU
-        srcu.lockShared()
-        defer { srcu.unlockShared() }
+        // Unretained (the VM outlives its vCPUs' accesses): held across the access, it was retained.
+        let srcu = Unmanaged.passUnretained(nested.memslotsSRCU)
+        srcu._withUnsafeGuaranteedRef { $0.lockShared() }
+        defer { srcu._withUnsafeGuaranteedRef { $0.unlockShared() } }
         let outcome = try withMMULock(nested) { () throws(VirtualMachineError) -> L2AccessOutcome in
-            let outcome = try runL2(address, access, size: size, value: value, nested, nested.tdpState)
+            let outcome = try runL2(address, access, size: size, value: value, nested)
             if case .exitToL1 = outcome.result { return outcome }
             // On a thread of its own, back into L2's guest mode before `mmu_lock` is let go (as
             // the shadow MMU's exits do): the model's hardware made L2's access under the lock,
@@ -584,7 +585,7 @@ extension VCPU {
     }
 
     private func runL2(_ address: GuestVirtualAddress, _ access: Access, size: Int, value: UInt64,
-                       _ nested: NestedVCPUState, _ tdpState: TDPVCPUState) throws(VirtualMachineError) -> L2AccessOutcome {
+                       _ nested: NestedVCPUState) throws(VirtualMachineError) -> L2AccessOutcome {
         var exits = 0
         let vpid = hardwareVPID(nested)
         let pcid = nested.registers.pcid
@@ -600,7 +601,7 @@ extension VCPU {
                 nested.tlb.flushAll()
             }
             // Unretained: `nested` keeps the walker until a later try replaces it.
-            let hardware = try nestedHardwareWalker(nested, tdpState)
+            let hardware = try nestedHardwareWalker(nested)
             let root = hardware._withUnsafeGuaranteedRef { $0.root.rawValue }
             if cachesTranslations, let entry = nested.tlb.lookup(address, root: root, vpid: vpid, pcid: pcid),
                allows(entry, access, nested) {
@@ -686,8 +687,7 @@ extension VCPU {
 
     /// The hardware's walker for L2: L2's paging over the shadow root of `guest_mmu` (EPT with
     /// A/D as L1's EPTP has them, KVM's EPTP for L2 copying the bit; NPT in the host's depth).
-    private func nestedHardwareWalker(_ nested: NestedVCPUState,
-                                      _ tdpState: TDPVCPUState) throws(VirtualMachineError) -> Unmanaged<L2HardwareWalker> {
+    private func nestedHardwareWalker(_ nested: NestedVCPUState) throws(VirtualMachineError) -> Unmanaged<L2HardwareWalker> {
         let root: HardwareRoot
         do {
             // KVM_REQ_MMU_FREE_OBSOLETE_ROOTS for guest_mmu: a zap since the last access.
@@ -706,6 +706,8 @@ extension VCPU {
             throw .hostMemory("\(error)")
         }
         if let hardware = nested.lentHardware, hardware._withUnsafeGuaranteedRef({ $0.root }) == root.rootFrame { return hardware }
+        // Read only here: passed to every try, the `unowned(unsafe)` reference was retained.
+        let tdpState = nested.tdpState
         let tables: NestedPagingTables
         do {
             switch nested.paging {
