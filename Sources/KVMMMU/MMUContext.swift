@@ -103,6 +103,8 @@ public final class MMUContext {
     /// The CR3 the roots were built for (KVM's `root.pgd`, PCID bits included).
     @exclusivity(unchecked) public private(set) var rootPGD: UInt64 = 0
     @exclusivity(unchecked) public private(set) var rootsLoaded = false
+    /// `mmu.rootObsoletions` at the last pass of `freeObsoleteRoots` (none yet: the first one runs).
+    @exclusivity(unchecked) private var rootObsoletionsSeen = UInt64.max
     /// KVM's `prev_roots`: roots kept for a later CR3 load of the same pgd, most recent first.
     /// Only roots with a shadow page are cached (never special or dummy roots).
     @exclusivity(unchecked) public private(set) var previousRoots = [CachedRoot?](repeating: nil, count: previousRootCount)
@@ -381,6 +383,10 @@ public final class MMUContext {
     /// root without a shadow page (special, dummy) cannot be told fresh from stale, so KVM treats it
     /// as obsolete.
     public func freeObsoleteRoots() {
+        // Every vCPU entry asks (an L2 one at every try): the pass is skipped while no root has
+        // become obsolete since the last one, unless the current root is a special one.
+        if mmu.rootObsoletions == rootObsoletionsSeen && (root != nil || !rootsLoaded) { return }
+        rootObsoletionsSeen = mmu.rootObsoletions
         if rootsLoaded && (root.map { mmu.isObsolete($0) } ?? true) { freeCurrentRoot() }
         for index in previousRoots.indices {
             if let cached = previousRoots[index], mmu.isObsolete(cached.page) { freePreviousRoot(at: index) }
@@ -854,15 +860,23 @@ public final class MMUContext {
 
     /// The shadow table for the top of a shadow walk of `address`, and its level.
     func shadowWalkStart(_ address: GuestVirtualAddress) -> (page: ShadowPage, level: Int)? {
+        guard let (page, level) = unretainedShadowWalkStart(address) else { return nil }
+        return (page.takeUnretainedValue(), level)
+    }
+
+    /// `shadowWalkStart` for `FNAME(fetch)`, which borrows the page (the context keeps its roots
+    /// for the fault): returned as a reference, it was retained and released around every fault.
+    @inline(__always)
+    private func unretainedShadowWalkStart(_ address: GuestVirtualAddress) -> (page: Unmanaged<ShadowPage>, level: Int)? {
         if let root {
             // Per-vCPU pages above level 3 only lead to the PAE root (a 32-bit address is below 4 GiB).
-            if root.isPerVCPURoot { return (perVCPURootPages[perVCPURootPages.count - 1], 3) }
-            return (root, root.level)
+            if root.isPerVCPURoot { return (.passUnretained(perVCPURootPages[perVCPURootPages.count - 1]), 3) }
+            return (.passUnretained(root), root.level)
         }
         // Special roots: the walk starts at the PAE root's entry (pml4_root and pml5_root above
         // it only lead there: a 32-bit address is below 4 GiB).
         guard let page = paeRoots[Int(address.rawValue >> 30) & 3] else { return nil }
-        return (page, 2)
+        return (.passUnretained(page), 2)
     }
 
     // Forced inline: a call from each level of `FNAME(fetch)` and its neighbours cost more than the shift.
@@ -911,8 +925,9 @@ public final class MMUContext {
     /// MMIO SPTE.
     func fetch(_ walk: GuestWalk, address: GuestVirtualAddress, hostFrame: HostFrameNumber?, hostWritable: Bool,
                isWrite: Bool, isFetch: Bool = false) throws(ShadowMMUError) -> PageFaultResult {
-        guard let (start, startLevel) = shadowWalkStart(address), !isFaultStale(start) else { return .retry }
-        var page = Unmanaged.passUnretained(start)
+        guard let (start, startLevel) = unretainedShadowWalkStart(address),
+              !start._withUnsafeGuaranteedRef({ isFaultStale($0) }) else { return .retry }
+        var page = start
         var level = startLevel
         page._withUnsafeGuaranteedRef { $0.writeFloodingCount = 0 }
         // Levels the guest has tables for: shadow them. (Under the seed-1 variants a 32-bit guest

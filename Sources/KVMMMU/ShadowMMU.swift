@@ -85,6 +85,9 @@ public final class ShadowMMU {
 
     /// `mmu_valid_gen`.
     @exclusivity(unchecked) public internal(set) var validGeneration: UInt8 = 0
+    /// Counts the zaps that made a root in use obsolete and the flips of `validGeneration`: while
+    /// it stays, no root a context holds has become obsolete (`MMUContext.freeObsoleteRoots`).
+    @exclusivity(unchecked) private(set) var rootObsoletions: UInt64 = 0
     @exclusivity(unchecked) var nextSerial: UInt64 = 0
 
     /// KVM's `KVM_MIN_ALLOC_MMU_PAGES`: the smallest cache.
@@ -504,7 +507,10 @@ public final class ShadowMMU {
             page.role.isInvalid = true
         }
         if flushing { flushRemoteTLBs() }
-        if zappedRoot { freeObsoleteRoots() }
+        if zappedRoot {
+            rootObsoletions &+= 1
+            freeObsoleteRoots()
+        }
     }
 
     func free(_ page: ShadowPage) {
@@ -530,6 +536,7 @@ public final class ShadowMMU {
     /// still in use is only marked invalid, and goes when its vCPU drops it.
     public func zapAllFast() {
         validGeneration = validGeneration == 0 ? 1 : 0
+        rootObsoletions &+= 1
         events.record(.kvmMMUZapAllFast(mmuValidGen: validGeneration, usedPages: usedPages))
         freeObsoleteRoots()
         var zapped = 0
