@@ -34,6 +34,17 @@ public enum PreFaultError: Error, Equatable, Sendable, CustomStringConvertible {
     /// The model's own failure (host memory, a fault that never settles).
     case model(String)
 
+    /// The errno the ioctl returns.
+    public var errnoName: String {
+        switch self {
+        case .invalidRange: "EINVAL"
+        case .notSupported: "EOPNOTSUPP"
+        case .noMemslot: "ENOENT"
+        case .vcpuBusy: "EBUSY"
+        case .model: "EIO"
+        }
+    }
+
     public var description: String {
         switch self {
         case .invalidRange(let why): "KVM_PRE_FAULT_MEMORY: invalid range: \(why)"

@@ -24,6 +24,10 @@
 //   {"type":"age","op":"clear","gfn":"0x4000","count":16,"young":true}
 //       one per `age` line (op clear or test), placed among the access lines where it ran: whether
 //       any leaf SPTE mapping the gfns was accessed.
+//   {"type":"prefault","gpa":"0x1000000","size":"0x200000","mapped":"0x200000","result":"ok"}
+//       one per `prefault` line, placed among the access lines where it ran: the range given, the
+//       bytes mapped (or found mapped) from its start, and how the last KVM_PRE_FAULT_MEMORY call
+//       returned: ok, or its errno (EINVAL, EOPNOTSUPP, ENOENT, EBUSY).
 //   {"type":"l1_map","guest":0,"l2gpa":"0x200000","l1gpa":"0x2200000","size":"4k","perms":"RWX"}
 //       one per page L1's exit handler mapped for an `ept-demand` range, after the access line of
 //       the exit it handled (and before the access line of the instruction executed again).
@@ -58,7 +62,12 @@ extension RunReport {
         var subPageMasks = self.subPageMasks[...]
         var ages = self.ages[...]
         var l1Maps = self.l1Maps[...]
+        var preFaults = self.preFaults[...]
         for access in accesses {
+            while let record = preFaults.first, record.precedingOperations <= access.index {
+                text += Self.preFaultJSON(record) + "\n"
+                preFaults = preFaults.dropFirst()
+            }
             while let record = l1Maps.first, record.precedingOperations <= access.index {
                 text += Self.l1MapJSON(record) + "\n"
                 l1Maps = l1Maps.dropFirst()
@@ -82,6 +91,7 @@ extension RunReport {
         for record in subPageMasks { text += Self.subPageMaskJSON(record) + "\n" }
         for record in ages { text += Self.ageJSON(record) + "\n" }
         for record in l1Maps { text += Self.l1MapJSON(record) + "\n" }
+        for record in preFaults { text += Self.preFaultJSON(record) + "\n" }
         for (index, entry) in entries.enumerated() { text += Self.entryJSON(entry, isLeaf: isLeaf(entryAt: index)) + "\n" }
         text += Self.statsJSON(phase: "before", statsBefore) + "\n"
         text += Self.statsJSON(phase: "after", statsAfter) + "\n"
@@ -108,6 +118,17 @@ extension RunReport {
         object.addHex("gfn", record.first)
         object.add("count", Int(record.count))
         object.add("young", record.young)
+        return object.text
+    }
+
+    /// The `"type":"prefault"` line of one `prefault`.
+    public static func preFaultJSON(_ record: PreFaultRecord) -> String {
+        var object = JSONLine()
+        object.add("type", "prefault")
+        object.addHex("gpa", record.gpa.rawValue)
+        object.addHex("size", record.size)
+        object.addHex("mapped", record.mapped)
+        object.add("result", record.error?.errnoName ?? "ok")
         return object.text
     }
 
@@ -417,6 +438,15 @@ extension RunReport {
             for record in ages {
                 let range = record.count == 1 ? "gfn \(hex(record.first))" : "gfns \(hex(record.first))..\(hex(record.first + record.count - 1))"
                 out += "  line \(record.line), \(record.testOnly ? "test" : "clear") \(range): " + (record.young ? "young" : "idle") + "\n"
+            }
+        }
+
+        if !preFaults.isEmpty {
+            out += "\nKVM_PRE_FAULT_MEMORY (prefault):\n"
+            for record in preFaults {
+                out += "  line \(record.line), \(hex(record.gpa.rawValue)) + \(hex(record.size)): \(hex(record.mapped)) bytes mapped"
+                out += record.error.map { ", then \($0.errnoName): \($0)" } ?? ""
+                out += "\n"
             }
         }
 

@@ -151,6 +151,9 @@ public enum ScenarioDirective: Hashable, Sendable {
     /// `age clear|test GFN [COUNT]`: the MMU notifiers' clear_young or test_young over COUNT gfns
     /// (`kvm_age_gfn`, `kvm_test_age_gfn`).
     case age(testOnly: Bool, first: UInt64, count: UInt64)
+    /// `prefault GPA SIZE [flags=N]`: the VMM's KVM_PRE_FAULT_MEMORY on the current vCPU, called
+    /// again while it makes progress, as a VMM does (any values: KVM's own checks answer bad ones).
+    case preFault(gpa: GuestPhysicalAddress, size: UInt64, flags: UInt64)
 
     /// The directive's keyword.
     public var name: String {
@@ -185,6 +188,7 @@ public enum ScenarioDirective: Hashable, Sendable {
         case .kvm: "kvm"
         case .nxRecover: "nx-recover"
         case .age: "age"
+        case .preFault: "prefault"
         }
     }
 
@@ -195,7 +199,7 @@ public enum ScenarioDirective: Hashable, Sendable {
         case .mem, .set, .cpu, .host, .expect, .l1, .kvm: false
         case .map, .access, .pte, .invlpg, .reloadCR3, .space, .switchSpace, .invpcid, .writeRegister, .loadCR3, .zap,
              .memslot, .dirtyLog, .vcpu, .subPageProtection, .eptMap, .eptDemand, .vmenter, .vmexit, .invept, .invvpid, .nxRecover,
-             .age: true
+             .age, .preFault: true
         }
     }
 
@@ -207,8 +211,9 @@ public enum ScenarioDirective: Hashable, Sendable {
         // `ept-demand` only tells L1's exit handler what to map later.
         case .mem, .set, .cpu, .host, .map, .space, .zap, .memslot, .dirtyLog, .expect, .l1, .kvm, .nxRecover, .age,
              .eptDemand: false
-        // SPP's permissions are checked by the reference machine, which the boot makes.
-        case .access, .pte, .invlpg, .reloadCR3, .switchSpace, .invpcid, .writeRegister, .loadCR3, .vcpu, .subPageProtection,
+        // SPP's permissions are checked by the reference machine, which the boot makes; and
+        // KVM_PRE_FAULT_MEMORY is an ioctl of a vCPU, which the boot brings up.
+        case .preFault, .access, .pte, .invlpg, .reloadCR3, .switchSpace, .invpcid, .writeRegister, .loadCR3, .vcpu, .subPageProtection,
              .eptMap, .vmenter, .vmexit, .invept, .invvpid: true
         }
     }

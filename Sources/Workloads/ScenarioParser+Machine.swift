@@ -114,6 +114,17 @@ extension DirectiveArguments {
         return .age(testOnly: testOnly, first: first, count: count)
     }
 
+    /// `prefault GPA SIZE [flags=N]`. Any 64-bit values: an unaligned, empty or wrapping range and
+    /// nonzero flags are KVM's to refuse (-EINVAL), which is what such a line is for.
+    mutating func parsePreFault() throws(ScenarioError) -> ScenarioDirective {
+        let arguments = try positional(["GPA", "SIZE"])
+        let options = try options(["flags"])
+        let gpa = try number(arguments[0], what: "GPA")
+        let size = try byteSize(arguments[1])
+        let flags = try options["flags"].map { (token: Token) throws(ScenarioError) in try number(token, what: "flags") } ?? 0
+        return .preFault(gpa: GuestPhysicalAddress(gpa), size: size, flags: flags)
+    }
+
     /// `WORD FIRST [COUNT]`: a range of gfns, one by default, that does not wrap.
     private mutating func gfnRange(after word: String, firstName: String) throws(ScenarioError) -> (first: UInt64, count: UInt64) {
         let hasCount = tokens.count > 2 && !tokens[2].text.contains("=")
@@ -123,6 +134,15 @@ extension DirectiveArguments {
         let count = hasCount ? try number(arguments[2], what: "COUNT", in: 1...(1 << 40)) : 1
         guard first <= UInt64.max - count else { throw error("the gfn range overflows", at: arguments.last) }
         return (first, count)
+    }
+
+    /// A size in bytes: a number with an optional K, M or G suffix.
+    private func byteSize(_ token: Token) throws(ScenarioError) -> UInt64 {
+        switch parseSize(token.text) {
+        case .value(let value): return value
+        case .invalid: throw error("'\(token.text)' is not a size (a number with an optional K, M or G suffix)", at: token)
+        case .overflow: throw error("'\(token.text)' does not fit in 64 bits", at: token)
+        }
     }
 
     private func slotID(_ token: Token) throws(ScenarioError) -> Int {
@@ -142,12 +162,7 @@ extension DirectiveArguments {
             let arguments = try positional(["add", "SLOT", "GPA", "SIZE"])
             let options = try options([], words: ["readonly"])
             let base = try pageAligned(arguments[2], what: "GPA")
-            let size: UInt64
-            switch parseSize(arguments[3].text) {
-            case .value(let value): size = value
-            case .invalid: throw error("'\(arguments[3].text)' is not a size (a number with an optional K, M or G suffix)", at: arguments[3])
-            case .overflow: throw error("'\(arguments[3].text)' does not fit in 64 bits", at: arguments[3])
-            }
+            let size = try byteSize(arguments[3])
             guard size > 0, size & 0xFFF == 0 else {
                 throw error("a memslot's size must be a positive multiple of 4 KiB, not '\(arguments[3].text)'", at: arguments[3])
             }

@@ -273,6 +273,8 @@ struct ScenarioParser {
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseNoArguments(.nxRecover) }),
         DirectiveSpec(name: "age", usage: "age clear|test GFN [COUNT]",
                       parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parseAge() }),
+        DirectiveSpec(name: "prefault", usage: "prefault GPA SIZE [flags=N] (KVM_PRE_FAULT_MEMORY)",
+                      parse: { (args: inout DirectiveArguments) throws(ScenarioError) in try args.parsePreFault() }),
     ]
 
     static let tableByName: [String: DirectiveSpec] = Dictionary(uniqueKeysWithValues: table.map { ($0.name, $0) })
@@ -386,7 +388,7 @@ struct ScenarioParser {
             (state.registers, state.controls) = (l1.registers, l1.controls)
             state.suspendedL1 = nil
         case .map, .access, .pte, .invlpg, .reloadCR3, .invpcid, .zap, .memslot, .dirtyLog, .expect, .subPageProtection, .eptMap,
-             .eptDemand, .invept, .invvpid, .nxRecover, .age:
+             .eptDemand, .invept, .invvpid, .nxRecover, .age, .preFault:
             break
         }
         if directive.isGuestOperation && state.firstOperation == nil { state.firstOperation = (line, directive.name) }
@@ -418,6 +420,8 @@ struct ScenarioParser {
             if !state.inL2 { throw fail("vmexit: the vCPU runs L1 (vmenter first)") }
         case .access, .expect, .set, .map, .pte, .invlpg, .space, .switchSpace, .reloadCR3, .invpcid:
             break  // L1's, or L2's between `vmenter` and `vmexit`
+        case .preFault:
+            break  // the VMM's ioctl, which KVM refuses while the vCPU runs L2 (EOPNOTSUPP)
         case .vcpu(let index):
             // Another vCPU runs whatever it ran (L1, or an L2 guest whose kernel all its vCPUs share).
             if state.inL2 && index == state.vcpus.count {

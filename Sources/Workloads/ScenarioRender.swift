@@ -165,6 +165,8 @@ extension ScenarioDirective {
             return "nx-recover"
         case .age(let testOnly, let first, let count):
             return "age " + (testOnly ? "test " : "clear ") + hex(first) + (count == 1 ? "" : " \(count)")
+        case .preFault(let gpa, let size, let flags):
+            return "prefault " + hex(gpa.rawValue) + " " + hex(size) + (flags == 0 ? "" : " flags=" + hex(flags))
         }
     }
 }

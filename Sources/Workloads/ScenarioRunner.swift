@@ -65,6 +65,8 @@ public struct RunReport: Sendable {
     public var ages: [AgeRecord] = []
     /// Every page L1's exit handler mapped for an `ept-demand` range, in order.
     public var l1Maps: [L1MapRecord] = []
+    /// Every `prefault` line, in order.
+    public var preFaults: [PreFaultRecord] = []
     /// The vCPUs the run brought up.
     public var vcpuCount = 0
     /// The counters every `ScenarioRunner.timelineInterval` directives, and at the end.
@@ -107,6 +109,20 @@ public struct AgeRecord: Sendable, Equatable {
     public var count: UInt64
     /// Some leaf mapping one of the gfns was accessed.
     public var young: Bool
+    /// How many guest operations (`AccessRecord`s) came before it, to place it among them.
+    public var precedingOperations: Int
+}
+
+/// What one `prefault` line's KVM_PRE_FAULT_MEMORY calls did.
+public struct PreFaultRecord: Sendable, Equatable {
+    public var line: Int
+    /// The range as the line gave it.
+    public var gpa: GuestPhysicalAddress
+    public var size: UInt64
+    /// Bytes of the range the calls mapped (or found mapped) before they stopped.
+    public var mapped: UInt64
+    /// How the last call returned: nil when the whole range was done, else its error.
+    public var error: PreFaultError?
     /// How many guest operations (`AccessRecord`s) came before it, to place it among them.
     public var precedingOperations: Int
 }
@@ -558,7 +574,31 @@ public final class ScenarioRunner {
             let young = testOnly ? vm.testAgeGFNRange(gfns) : vm.ageGFNRange(gfns)
             report.ages.append(AgeRecord(line: currentLine, testOnly: testOnly, first: first, count: count, young: young,
                                          precedingOperations: operationIndex))
+        case .preFault(let gpa, let size, let flags):
+            try preFault(gpa, size: size, flags: flags)
         }
+    }
+
+    // MARK: KVM_PRE_FAULT_MEMORY
+
+    /// A VMM's KVM_PRE_FAULT_MEMORY loop on the current vCPU: the ioctl again while it returns 0
+    /// with the range not yet done, stopping at its first error. The guest sees nothing of it (the
+    /// leaves are made without A, and its own tables are untouched), so the reference machine
+    /// learns nothing.
+    private func preFault(_ gpa: GuestPhysicalAddress, size: UInt64, flags: UInt64) throws {
+        var range = PreFaultRange(gpa: gpa, size: size, flags: flags)
+        var failure: PreFaultError?
+        do {
+            repeat {
+                try vcpu.preFaultMemory(&range)
+            } while range.size > 0
+        } catch {
+            // The model's own failure (host memory) stops the run as a failing access would.
+            if case .model = error { throw error }
+            failure = error
+        }
+        report.preFaults.append(PreFaultRecord(line: currentLine, gpa: gpa, size: size, mapped: size - range.size,
+                                               error: failure, precedingOperations: operationIndex))
     }
 
     // MARK: Sub-page write protection

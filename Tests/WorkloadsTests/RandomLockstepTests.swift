@@ -862,7 +862,7 @@ struct GuestTableModel {
                 }
             }
             return true
-        case .invlpg, .reloadCR3, .invpcid:
+        case .invlpg, .reloadCR3, .invpcid, .preFault:  // a prefault's vCPU ioctl needs the vCPU the boot brings up
             booted = true
             return true
         case .host:

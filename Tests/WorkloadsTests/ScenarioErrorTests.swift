@@ -27,7 +27,7 @@ private let preludeLines = 3
 struct ScenarioErrorTests {
     static let cases: [BadCase] = [
         // Directives
-        BadCase("frobnicate 1", line: 1, column: 1, "unknown directive 'frobnicate' (known directives: mem, cpu, set, map, access, pte, invlpg, reload-cr3, host, space, switch, invpcid, cr0, cr4, efer, cr3, zap, memslot, dirty-log, expect, vcpu, spp, l1, ept-map, ept-demand, vmenter, vmexit, invept, invvpid, kvm, nx-recover, age)"),
+        BadCase("frobnicate 1", line: 1, column: 1, "unknown directive 'frobnicate' (known directives: mem, cpu, set, map, access, pte, invlpg, reload-cr3, host, space, switch, invpcid, cr0, cr4, efer, cr3, zap, memslot, dirty-log, expect, vcpu, spp, l1, ept-map, ept-demand, vmenter, vmexit, invept, invvpid, kvm, nx-recover, age, prefault)"),
         BadCase("  maps 0x1000", line: 1, column: 3, "unknown directive 'maps'"),
         BadCase("reload-cr3 now", line: 1, column: 12, "reload-cr3: unexpected 'now'"),
         BadCase("invlpg", line: 1, column: 1, "invlpg: missing GVA (usage: invlpg GVA)"),
@@ -108,6 +108,12 @@ struct ScenarioErrorTests {
         BadCase("age test 0x10 0", line: 1, "COUNT"),
         BadCase("age clear 0xffffffffffffffff 2", line: 1, "the gfn range overflows"),
         BadCase("l1 ept\nvmenter\nnx-recover", line: 3, "nx-recover in L2 is not modelled"),
+        BadCase("prefault", line: 1, "prefault"),
+        BadCase("prefault 0x1000", line: 1, "prefault"),
+        BadCase("prefault 0x1000 4x", line: 1, "'4x' is not a size"),
+        BadCase("prefault 0x1000 99999999999999999999", line: 1, "does not fit in 64 bits"),
+        BadCase("prefault 0x1000 4K flags=", line: 1, "flags"),
+        BadCase("prefault 0x1000 4K slot=1", line: 1, "unknown option 'slot'"),
         // set
         BadCase("set", line: 1, "set: expected at least one option"),
         BadCase("set wp=2", line: 1, column: 8, "wp must be 0 or 1, not '2'"),

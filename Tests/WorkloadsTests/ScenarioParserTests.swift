@@ -238,7 +238,7 @@ struct ScenarioParserTests {
     }
 
     @Test func knownDirectives() {
-        #expect(Scenario.knownDirectives == ["mem", "cpu", "set", "map", "access", "pte", "invlpg", "reload-cr3", "host", "space", "switch", "invpcid", "cr0", "cr4", "efer", "cr3", "zap", "memslot", "dirty-log", "expect", "vcpu", "spp", "l1", "ept-map", "ept-demand", "vmenter", "vmexit", "invept", "invvpid", "kvm", "nx-recover", "age"])
+        #expect(Scenario.knownDirectives == ["mem", "cpu", "set", "map", "access", "pte", "invlpg", "reload-cr3", "host", "space", "switch", "invpcid", "cr0", "cr4", "efer", "cr3", "zap", "memslot", "dirty-log", "expect", "vcpu", "spp", "l1", "ept-map", "ept-demand", "vmenter", "vmexit", "invept", "invvpid", "kvm", "nx-recover", "age", "prefault"])
     }
 
     @Test func parseContentsOfFile() throws {

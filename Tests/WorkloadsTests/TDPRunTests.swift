@@ -100,6 +100,95 @@ struct TDPRunTests {
         #expect(report.lockstepChecks > 0)
     }
 
+    /// KVM_PRE_FAULT_MEMORY changes nothing the guest sees: a random lockstep seed with `prefault`
+    /// lines of random ranges (some unaligned, some beyond memory) inserted at random places gives
+    /// the operations and final guest entries of the seed without them, under EPT and NPT, with
+    /// the reference checking every access; and each line maps its whole range, or stops at the
+    /// first page outside every memslot, or is refused as unaligned.
+    @Test("Random lockstep seed with prefaults under TDP", arguments: Array(UInt64(0)..<8), [false, true])
+    func randomSeedWithPreFaults(_ seed: UInt64, npt: Bool) throws {
+        let (_, directives) = LockstepSeed.directives(seed)
+        guard let plain = try? Scenario(name: "random-lockstep-\(seed)", directives: directives) else { return }
+        var rng = SplitMix64(seed: 0x9F_A017 &+ seed)
+        var withPreFaults: [ScenarioDirective] = []
+        for directive in directives {
+            if directive.runsGuest && rng.chance(15) {
+                let page = UInt64.random(in: 0..<(plain.memorySize >> 12) + 64, using: &rng)
+                let pages = UInt64.random(in: 1...1024, using: &rng)
+                let misaligned: UInt64 = rng.chance(10) ? 0x800 : 0
+                withPreFaults.append(.preFault(gpa: GuestPhysicalAddress(page << 12 | misaligned), size: pages << 12, flags: 0))
+            }
+            withPreFaults.append(directive)
+        }
+        let scenario = try Scenario(name: "random-lockstep-\(seed)-prefault", directives: withPreFaults)
+        let mmu = tdp(scenario, npt: npt)
+        let expected: RunReport
+        do {
+            expected = try run(plain, mmu: mmu)
+        } catch let failure as RunFailure {
+            if case .badScenario = failure { return }  // as `randomSeed`: an entry the walk does not reach
+            throw failure
+        }
+        let report = try run(scenario, mmu: mmu)
+        // The inserted lines move the line numbers GuestView shows: compare without them.
+        func results(_ report: RunReport) -> [String] { report.accesses.map { "\($0.operation) \($0.gva): \($0.outcome.result)" } }
+        #expect(results(report) == results(expected), "seed \(seed): operation results differ")
+        #expect(GuestView(report).entries == GuestView(expected).entries, "seed \(seed): final guest entries differ")
+        #expect(report.lockstepChecks == expected.lockstepChecks)
+        #expect(report.preFaults.count == withPreFaults.count - directives.count)
+        for record in report.preFaults {
+            if record.gpa.rawValue & 0xFFF != 0 {
+                #expect(record.error == .invalidRange("\(record.gpa) + \(hex(record.size)) is not page-aligned") && record.mapped == 0)
+            } else if record.error == nil {
+                #expect(record.mapped == record.size)
+            } else {
+                #expect(record.mapped < record.size)
+                guard case .noMemslot = record.error else { Issue.record("seed \(seed): \(record)"); continue }
+            }
+        }
+    }
+
+    /// `prefault` (examples/tdp-only/prefault.vmm): what each KVM_PRE_FAULT_MEMORY loop mapped and
+    /// how it ended, the guest's first accesses without exits, and under shadow paging EOPNOTSUPP
+    /// (after the ioctl's own argument checks) with the guest seeing the same.
+    @Test func preFaultDirective() throws {
+        let scenario = try Scenario.parse(contentsOfFile: examplesDirectory.appendingPathComponent("tdp-only/prefault.vmm").path)
+        let results: [(String, UInt64)] = [("ok", 0x100_0000), ("ok", 0x40_0000), ("ok", 0x10_0000), ("ENOENT", 0x2000),
+                                           ("EINVAL", 0), ("EINVAL", 0), ("ENOENT", 0)]
+        for npt in [false, true] {
+            let report = try runBoth(scenario, npt: npt)
+            #expect(report.preFaults.map { ($0.error?.errnoName ?? "ok") } == results.map(\.0))
+            #expect(report.preFaults.map(\.mapped) == results.map(\.1))
+            #expect(report.accesses.map(\.outcome.exits) == [0, 0], "the prefaulted pages and tables take no exit")
+            #expect(report.preFaults.map(\.precedingOperations) == [0, 0, 2, 2, 2, 2, 2])
+            let json = report.jsonLines()
+            #expect(json.contains(#"{"type":"prefault","gpa":"0x40600000","size":"0x4000","mapped":"0x2000","result":"ENOENT"}"#))
+            #expect(report.text().contains("line 19, 0x40600000 + 0x4000: 0x2000 bytes mapped, then ENOENT"))
+            // With expectations checked, the example's counters hold.
+            _ = try ScenarioRunner(scenario: scenario, mmu: tdp(scenario, npt: npt)).run()
+        }
+        let shadow = try run(scenario, mmu: .shadow)
+        #expect(shadow.preFaults.map { $0.error?.errnoName ?? "ok" }
+                == ["EOPNOTSUPP", "EOPNOTSUPP", "EOPNOTSUPP", "EOPNOTSUPP", "EINVAL", "EINVAL", "EOPNOTSUPP"])
+        #expect(shadow.preFaults.allSatisfy { $0.mapped == 0 })
+    }
+
+    /// In L2 the vCPU's MMU is `guest_mmu`, not the TDP MMU: KVM_PRE_FAULT_MEMORY is EOPNOTSUPP there
+    /// and works again once L2 has exited.
+    @Test func preFaultWhileTheVCPURunsL2IsNotSupported() throws {
+        let scenario = try Scenario.parse("""
+            l1 ept
+            ept-map 0 0x2000000 2m RWX
+            vmenter
+            prefault 0x2000000 4K
+            vmexit
+            prefault 0x2000000 4K
+            """, name: "prefault in L2")
+        let report = try run(scenario, mmu: .ept(cpu: scenario.cpuModel))
+        #expect(report.preFaults.map { $0.error?.errnoName ?? "ok" } == ["EOPNOTSUPP", "ok"])
+        #expect(report.preFaults.map(\.mapped) == [0, 0x1000])
+    }
+
     /// Register writes, CR3 loads, INVLPG and INVPCID run in hardware: no exit.
     @Test func controlRegisterWritesAndInvalidationsDoNotExit() throws {
         let scenario = try Scenario.parse("""

@@ -142,7 +142,12 @@ struct ScenarioGenerator {
                 directives.append(.expect(names.map { ExpectedCounter(name: $0, value: bool() ? u64() : UInt64(int(0...9))) }))
             default:
                 switch int(0...4) {
-                case 0: directives.append(bool() ? .nxRecover : .age(testOnly: bool(), first: u64() >> 24, count: UInt64(int(1...600))))
+                case 0:
+                    switch int(0...2) {
+                    case 0: directives.append(.nxRecover)
+                    case 1: directives.append(.age(testOnly: bool(), first: u64() >> 24, count: UInt64(int(1...600))))
+                    default: directives.append(.preFault(gpa: GuestPhysicalAddress(u64()), size: u64(), flags: maybe(80) { $0.u64() } ?? 0))
+                    }
                 case 1, 2: directives.append(.reloadCR3)
                 default: directives.append(.set(randomControlsNonEmpty()))
                 }
