@@ -107,12 +107,13 @@ extension TDPMMU {
                 case nil: break
                 }
             }
-            TDPCounters.increment(counters.pfTaken)
-            let result = try tdpPageFault(gfn, gpa: gpa, errorCode: errorCode, root: root, vcpuID: vcpuID)
+            let stat = vcpuStats.stat(forVCPU: vcpuID)
+            stat.increment(.pfTaken)
+            let result = try tdpPageFault(gfn, gpa: gpa, errorCode: errorCode, root: root, vcpuID: vcpuID, stat: stat)
             switch result {
-            case .fixed: TDPCounters.increment(counters.pfFixed)
-            case .emulate: TDPCounters.increment(counters.pfEmulate)
-            case .spurious: TDPCounters.increment(counters.pfSpurious)
+            case .fixed: stat.increment(.pfFixed)
+            case .emulate: stat.increment(.pfEmulate)
+            case .spurious: stat.increment(.pfSpurious)
             default: break
             }
             return result
@@ -131,9 +132,10 @@ extension TDPMMU {
             try checkMemslotsUnchanged()
             var fault = TDPFault(gfn: gfn, errorCode: [.guestFinal])
             fault.isPrefetch = true
-            switch try tdpPageFault(&fault, gpa: gpa, root: root, vcpuID: vcpuID) {
+            let stat = vcpuStats.stat(forVCPU: vcpuID)
+            switch try tdpPageFault(&fault, gpa: gpa, root: root, vcpuID: vcpuID, stat: stat) {
             case .fixed:
-                TDPCounters.increment(counters.pfFixed)
+                stat.increment(.pfFixed)
                 return .mapped(level: fault.goalLevel)
             case .spurious:
                 return .mapped(level: fault.goalLevel)
@@ -169,13 +171,13 @@ extension TDPMMU {
 
     /// `kvm_tdp_mmu_page_fault` (with `kvm_faultin_pfn`), lock held for read.
     private func tdpPageFault(_ gfn: UInt64, gpa: GuestPhysicalAddress, errorCode: PageFaultErrorCode, root: TDPRoot,
-                              vcpuID: Int) throws(TDPMMUError) -> PageFaultResult {
+                              vcpuID: Int, stat: VCPUStat) throws(TDPMMUError) -> PageFaultResult {
         var fault = TDPFault(gfn: gfn, errorCode: errorCode)
-        return try tdpPageFault(&fault, gpa: gpa, root: root, vcpuID: vcpuID)
+        return try tdpPageFault(&fault, gpa: gpa, root: root, vcpuID: vcpuID, stat: stat)
     }
 
     private func tdpPageFault(_ fault: inout TDPFault, gpa: GuestPhysicalAddress, root: TDPRoot,
-                              vcpuID: Int) throws(TDPMMUError) -> PageFaultResult {
+                              vcpuID: Int, stat: VCPUStat) throws(TDPMMUError) -> PageFaultResult {
         let gfn = fault.gfn, errorCode = fault.errorCode
         fault.lendSlot(lentSlotMetadata(containing: gfn))
         // page_fault_handle_page_track: a write to a write-tracked gfn that is mapped goes to the
@@ -189,7 +191,7 @@ extension TDPMMU {
            let result = subPageWriteFault(fault, root: root, protection: protection) {
             return result
         }
-        if let fixed = fastPageFault(fault, gpa: gpa, root: root, vcpuID: vcpuID) { return fixed }
+        if let fixed = fastPageFault(fault, gpa: gpa, root: root, vcpuID: vcpuID, stat: stat) { return fixed }
         if let slot = fault.withSlot({ $0?.slot }) {
             // A write to a read-only memslot is MMIO to the VMM (KVM_PFN_ERR_RO_FAULT).
             if fault.isWrite && slot.isReadOnly { return .emulate }
@@ -203,7 +205,7 @@ extension TDPMMU {
         }
         // is_page_fault_stale: the root was invalidated while this vCPU still used it.
         if root.isInvalid { return .retry }
-        return try map(&fault, root: root)
+        return try map(&fault, root: root, stat: stat)
     }
 
     // MARK: Fast page fault
@@ -229,7 +231,8 @@ extension TDPMMU {
     /// write-protected for dirty logging (MMU-writable) or access-tracked. Nil when the slow path
     /// must run (`RET_PF_INVALID`). KVM runs this without mmu_lock, under RCU; here the caller holds
     /// the lock for read, which keeps the tables alive the same way and excludes nothing it races.
-    private func fastPageFault(_ fault: TDPFault, gpa: GuestPhysicalAddress, root: TDPRoot, vcpuID: Int) -> PageFaultResult? {
+    private func fastPageFault(_ fault: TDPFault, gpa: GuestPhysicalAddress, root: TDPRoot, vcpuID: Int,
+                               stat: VCPUStat) -> PageFaultResult? {
         guard canBeFast(fault) else { return nil }
         var result: PageFaultResult?
         var attempts = 0
@@ -273,7 +276,7 @@ extension TDPMMU {
         events.record(.fastPageFault(vcpuID: vcpuID, address: gpa.rawValue, errorCode: fault.errorCode, oldSPTE: old,
                                      newSPTE: lastSlot?.load() ?? new, spurious: result == .spurious,
                                      fixed: result == .fixed))
-        if result != nil { TDPCounters.increment(counters.pfFast) }
+        if result != nil { stat.increment(.pfFast) }
         return result
     }
 
@@ -329,7 +332,7 @@ extension TDPMMU {
 
     /// `kvm_tdp_mmu_map`: walks down to the goal level, linking new tables where there are none and
     /// splitting a huge leaf in the way, then installs the leaf.
-    private func map(_ fault: inout TDPFault, root: TDPRoot) throws(TDPMMUError) -> PageFaultResult {
+    private func map(_ fault: inout TDPFault, root: TDPRoot, stat: VCPUStat) throws(TDPMMUError) -> PageFaultResult {
         hugepageAdjust(&fault)
         events.record(.kvmMMUSPTERequested(gfn: GuestFrameNumber(fault.gfn),
                                            pfn: HostFrameNumber(fault.pfn | (fault.gfn & (pagesPerHugePage(fault.goalLevel) - 1))),
@@ -340,7 +343,7 @@ extension TDPMMU {
             if configuration.nxHugePages { disallowedHugepageAdjust(&fault, iterator.oldSPTE, level: iterator.level) }
             // Another thread owns the entry for now.
             if iterator.oldSPTE.isFrozen { return .retry }
-            if iterator.level == fault.goalLevel { return mapTargetLevel(&iterator, fault, root: root) }
+            if iterator.level == fault.goalLevel { return mapTargetLevel(&iterator, fault, root: root, stat: stat) }
             let old = iterator.oldSPTE
             if old.isShadowPresent && !old.isLarge {
                 iterator.next()
@@ -364,7 +367,8 @@ extension TDPMMU {
     }
 
     /// `tdp_mmu_map_handle_target_level`.
-    private func mapTargetLevel(_ iterator: inout TDPIterator, _ fault: TDPFault, root: TDPRoot) -> PageFaultResult {
+    private func mapTargetLevel(_ iterator: inout TDPIterator, _ fault: TDPFault, root: TDPRoot,
+                                stat: VCPUStat) -> PageFaultResult {
         let old = iterator.oldSPTE, level = iterator.level
         var new: SPTE
         var writeProtected = false
@@ -396,7 +400,7 @@ extension TDPMMU {
         // A write that had to stay write-protected needs the emulator, or it faults forever.
         if writeProtected && fault.isWrite { result = .emulate }
         if new.isMMIO(masks) {
-            TDPCounters.increment(counters.pfMMIOSPTECreated)
+            stat.increment(.pfMMIOSPTECreated)
             events.record(.markMMIOSPTE(gfn: GuestFrameNumber(iterator.gfn), access: new.mmioAccess(masks),
                                         generation: new.mmioGeneration))
             return .emulate

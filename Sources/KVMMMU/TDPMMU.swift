@@ -326,7 +326,8 @@ public struct TDPMapping: Equatable, Sendable {
     public var gfn: UInt64
 }
 
-/// The counters the TDP MMU keeps, atomically (faults update them concurrently).
+/// The VM-wide counters the TDP MMU keeps, atomically (faults update them concurrently); the
+/// per-vCPU fault counters are in `VCPUFaultStats`.
 final class TDPCounters: Sendable {
     let pages4K = Atomic<Int64>(0)
     let pages2M = Atomic<Int64>(0)
@@ -335,12 +336,6 @@ final class TDPCounters: Sendable {
     let pageTables = Atomic<Int64>(0)
     /// Frames holding TDP tables, roots and tables waiting to be freed included (for the auditor).
     let liveTables = Atomic<Int64>(0)
-    let pfTaken = Atomic<UInt64>(0)
-    let pfFixed = Atomic<UInt64>(0)
-    let pfEmulate = Atomic<UInt64>(0)
-    let pfSpurious = Atomic<UInt64>(0)
-    let pfFast = Atomic<UInt64>(0)
-    let pfMMIOSPTECreated = Atomic<UInt64>(0)
     let remoteTLBFlush = Atomic<UInt64>(0)
     let remoteTLBFlushRequests = Atomic<UInt64>(0)
     /// Compare-and-exchanges that lost a race (not a KVM counter: how much the threads contended).
@@ -356,8 +351,6 @@ final class TDPCounters: Sendable {
         }
     }
 
-    @inline(__always)
-    static func increment(_ counter: borrowing Atomic<UInt64>) { counter.add(1, ordering: .relaxed) }
 }
 
 /// KVM's TDP MMU for one VM. See the top of this file for the API, locking and freeing rules.
@@ -403,6 +396,8 @@ public final class TDPMMU: @unchecked Sendable {
 
     let records: TDPPageRecords
     let counters = TDPCounters()
+    /// Every vCPU's `vcpu->stat` fault counters.
+    let vcpuStats = VCPUFaultStats()
     /// `tdp_mmu_pages_lock`: the root list, the NX huge-page list, the queue of tables to free.
     let pagesLock = LockedValue(PagesState())
     /// Tables waiting to be freed (read without the mutex, to skip an empty queue cheaply).
@@ -481,12 +476,7 @@ public final class TDPMMU: @unchecked Sendable {
         stats.pages2M = UInt64(max(0, counters.pages2M.load(ordering: .relaxed)))
         stats.pages1G = UInt64(max(0, counters.pages1G.load(ordering: .relaxed)))
         stats.nxLpageSplits = UInt64(max(0, counters.nxLpageSplits.load(ordering: .relaxed)))
-        stats.pfTaken = counters.pfTaken.load(ordering: .relaxed)
-        stats.pfFixed = counters.pfFixed.load(ordering: .relaxed)
-        stats.pfEmulate = counters.pfEmulate.load(ordering: .relaxed)
-        stats.pfSpurious = counters.pfSpurious.load(ordering: .relaxed)
-        stats.pfFast = counters.pfFast.load(ordering: .relaxed)
-        stats.pfMMIOSPTECreated = counters.pfMMIOSPTECreated.load(ordering: .relaxed)
+        vcpuStats.addTotals(to: &stats)
         stats.remoteTLBFlush = counters.remoteTLBFlush.load(ordering: .relaxed)
         stats.remoteTLBFlushRequests = counters.remoteTLBFlushRequests.load(ordering: .relaxed)
         return stats

@@ -106,14 +106,16 @@ extension VCPU {
             } catch {
                 throw .model("\(error)")
             }
-            guard let root = state.root else { continue }
+            // Lent, as the exit path lends it: a retain of the root every vCPU shares would be a
+            // write to its cache line, which the vCPUs prefaulting side by side pass back and forth.
+            guard let root = state.lentRoot else { continue }
             let result: TDPPreFaultResult
-            do {
-                result = try state.tdp.preFault(at: gpa, root: root, vcpuID: id)
-            } catch .addressBeyondRoot {
-                throw .noMemslot(gpa)
-            } catch {
-                throw .model("\(error)")
+            switch root._withUnsafeGuaranteedRef({ root in
+                Result { () throws(TDPMMUError) in try state.tdp.preFault(at: gpa, root: root, vcpuID: id) }
+            }) {
+            case .success(let settled): result = settled
+            case .failure(.addressBeyondRoot): throw .noMemslot(gpa)
+            case .failure(let error): throw .model("\(error)")
             }
             if let bytes = result.mappedBytes { return bytes }
             if result == .noMemslot { throw .noMemslot(gpa) }
