@@ -284,11 +284,19 @@ extension VirtualMachine {
     /// whose bits have not been cleared (manual protection), in ascending order. Get-and-reset
     /// write-protects the pages it reports in the same step and flushes the TLBs if it did.
     public func getDirtyLog(slot id: Int) throws(VirtualMachineError) -> [GuestFrameNumber] {
+        let (bitmap, base) = try getDirtyLogBitmap(slot: id)
+        return Self.frames(in: bitmap, base: base.rawValue)
+    }
+
+    /// KVM_GET_DIRTY_LOG as the ioctl returns it: the slot's dirty bitmap (bit `i` of word `w` is
+    /// page `64 * w + i` of the slot), with the slot's first gfn; otherwise as `getDirtyLog`. A
+    /// VMM migrating a large slot hands this bitmap back to KVM_CLEAR_DIRTY_LOG as it is.
+    public func getDirtyLogBitmap(slot id: Int) throws(VirtualMachineError) -> (bitmap: [UInt64], base: GuestFrameNumber) {
         return try withSlotsLock { () throws(VirtualMachineError) in
             guard let slot = memory.slot(id: id) else { throw .memslot("there is no memslot \(id)") }
             if let tdp {
                 do {
-                    return Self.frames(in: try tdp.getDirtyLog(slot: id), base: slot.baseFrame.rawValue)
+                    return (try tdp.getDirtyLog(slot: id), slot.baseFrame)
                 } catch {
                     throw .memslot("\(error)")
                 }
@@ -311,7 +319,7 @@ extension VirtualMachine {
                 }
                 return bitmap
             }
-            return Self.frames(in: bitmap, base: slot.baseFrame.rawValue)
+            return (bitmap, slot.baseFrame)
         }
     }
 
@@ -416,6 +424,7 @@ extension VirtualMachine {
 
     static func frames(in bitmap: [UInt64], base: UInt64) -> [GuestFrameNumber] {
         var frames: [GuestFrameNumber] = []
+        frames.reserveCapacity(bitmap.reduce(0) { $0 + $1.nonzeroBitCount })
         for (word, mask) in bitmap.enumerated() {
             var bits = mask
             while bits != 0 {

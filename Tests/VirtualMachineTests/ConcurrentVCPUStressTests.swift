@@ -297,12 +297,17 @@ final class Collector: @unchecked Sendable {
 
     func round(clock: borrowing Atomic<UInt64>) throws {
         rounds += 1
-        let frames = try vm.getDirtyLog(slot: 0)
-        if manual, !frames.isEmpty {
-            let pages = ConcurrentVCPUStressTests.slot0Size >> 12
-            var bitmap = [UInt64](repeating: 0, count: Int((pages + 63) / 64))
-            for frame in frames { bitmap[Int(frame.rawValue / 64)] |= 1 << (frame.rawValue % 64) }
-            try vm.clearDirtyLog(slot: 0, firstPage: 0, bitmap: bitmap)
+        let frames: [GuestFrameNumber]
+        if manual {
+            // As a migrating VMM does: KVM_GET_DIRTY_LOG's bitmap handed back to KVM_CLEAR_DIRTY_LOG.
+            let (bitmap, base) = try vm.getDirtyLogBitmap(slot: 0)
+            #expect(bitmap.count == Int(((ConcurrentVCPUStressTests.slot0Size >> 12) + 63) / 64))
+            frames = bitmap.enumerated().flatMap { word, mask in
+                (0..<64).filter { mask >> UInt64($0) & 1 != 0 }.map { GuestFrameNumber(base.rawValue + UInt64(word * 64 + $0)) }
+            }
+            if !frames.isEmpty { try vm.clearDirtyLog(slot: 0, firstPage: 0, bitmap: bitmap) }
+        } else {
+            frames = try vm.getDirtyLog(slot: 0)
         }
         // Every write completed before this ticket is in guest memory for the copies below.
         let ticket = clock.add(1, ordering: .sequentiallyConsistent).newValue

@@ -223,12 +223,9 @@ public func writeEveryPage(_ vcpu: VCPU, _ targets: [GuestVirtualAddress]) -> In
 /// those pages again). Returns the pages the log named.
 @inline(never)
 public func collectAndClearDirtyLog(_ vm: VirtualMachine) -> Int {
-    let frames = try! vm.getDirtyLog(slot: 0)
-    let pages = vm.memory.slot(id: 0)!.pageCount
-    var bitmap = [UInt64](repeating: 0, count: Int((pages + 63) / 64))
-    for frame in frames { bitmap[Int(frame.rawValue / 64)] |= 1 << (frame.rawValue % 64) }
+    let (bitmap, _) = try! vm.getDirtyLogBitmap(slot: 0)
     try! vm.clearDirtyLog(slot: 0, firstPage: 0, bitmap: bitmap)
-    return frames.count
+    return bitmap.reduce(0) { $0 + $1.nonzeroBitCount }
 }
 
 /// The first `count` targets of a TDP fixture at KVM's fault handler alone (the `kvm-tdp-fault-4k`
