@@ -350,7 +350,6 @@ final class TDPCounters: Sendable {
         default: preconditionFailure("KVM maps pages only at levels 1-3")
         }
     }
-
 }
 
 /// KVM's TDP MMU for one VM. See the top of this file for the API, locking and freeing rules.

@@ -558,7 +558,10 @@ extension PageWalker {
     // The generic level loop with the generic walk's faults, restarts and A/D updates, over the
     // 64-bit format only, ending in the leaf instead of a `Translation`. The fault handling is the
     // generic walk's, written out again: shared through a helper, it cost 47 instructions a TDP
-    // fault and, in the generic walk, 72 a shadow fault (callgrind).
+    // fault and, in the generic walk, 72 a shadow fault (callgrind). Tried again with two
+    // `@inline(__always)` helpers (the stop's fault, the leaf's refusal): the release build kept
+    // the refusal check out of line and copied the path into it, +281 instructions a TDP fault
+    // (-182 a shadow fault); taking the path `borrowing` crashed the Swift 6.3.1 compiler.
     @inlinable @inline(__always)
     func translateLongMode<Memory: PhysicalMemory, Sink: WalkFaultSink<WalkFault>>(
         _ address: GuestVirtualAddress, _ access: Access, in memory: Memory, table: UInt64, level: Int,
